@@ -1,0 +1,43 @@
+# The two commands a newcomer runs (as root, on Debian/Ubuntu): `make demo`, `make test`.
+# Each sets up what is missing first; re-running is quick when nothing changed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all demo test lint typecheck unit setup system-deps clean
+
+all: test
+
+system-deps:
+	@tools/install-system-deps
+
+$(PY):
+	@$(MAKE) --no-print-directory system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+setup: system-deps $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+demo: setup
+	$(VENV)/bin/ipsecmgr lab demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""IpsecMgr: the gateway daemon, its CLI, control API, tracing and the netns lab."""

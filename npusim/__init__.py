@@ -1,0 +1,1 @@
+"""NPUSIM: ACL classification, crypto-map verdicts and the SA-flow table."""
