@@ -1,0 +1,299 @@
+"""``ipsecmgr run``: the gateway daemon (the only adapter between the pure
+engines and the kernel).
+
+One asyncio loop in one process: readers on the TUN fds, the raw ESP sockets
+and the IKE UDP sockets; one timer re-armed to the IKE engine's next
+deadline; the control socket for ``show``/``clear``. Start-up cleans what a
+crash may have left (our TUNs, rules, the routing table) before creating
+anything; SIGTERM sends DELETE to every peer and removes it all again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import esp
+import npusim
+from ipsecmgr import config as cfg
+from ipsecmgr import sockets
+from ipsecmgr.control import ControlServer
+from ipsecmgr.datapath import Datapath
+from ipsecmgr.manager import Address, Manager
+from ipsecmgr.routing import Routing, TunRoute
+from ipsecmgr.tun import Tun
+
+log = logging.getLogger("ipsecmgr")
+
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+
+
+def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
+    return {name: npusim.parse_acl(name, list(a.rules)) for name, a in config.access_lists.items()}
+
+
+def validate_acl(name: str, rules: list[str]) -> list[str]:
+    """check-config hook: npusim's parser is the one authority on ACL syntax."""
+    try:
+        npusim.parse_acl(name, rules)
+    except npusim.AclSyntaxError as exc:
+        return [str(exc)]
+    return []
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+class Gateway:
+    """Everything the daemon owns, created in :meth:`start`, removed in :meth:`stop`."""
+
+    def __init__(self, config: cfg.Config, *, routing: Routing | None = None) -> None:
+        self.config = config
+        self.acls = parse_acls(config)
+        self.classifier = npusim.Classifier(
+            [
+                npusim.CryptoMap(name, self.acls[m.match_address], (str(m.peer),))
+                for name, m in config.crypto_maps.items()
+            ]
+        )
+        self.saflow = npusim.SaFlowTable()
+        self.routing = routing or Routing()
+        self.tuns: list[Tun] = []
+        self.esp_socks: dict[int, socket.socket] = {}
+        self.bypass_socks: dict[int, socket.socket] = {}
+        self.ike_socks: dict[tuple[str, int], socket.socket] = {}
+        self.datapath = Datapath(
+            self.classifier, self.saflow, self.esp_socks, self.bypass_socks, self._on_no_sa
+        )
+        self.manager = Manager(config, self.acls, self.datapath, self.saflow, self._send_ike)
+        self.manager.esp_socket_for = self._esp_socket_for
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.counters: dict[str, int] = {}
+        self.started_at = time.time()
+
+    # -- time ----------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.loop.time() if self.loop is not None else time.monotonic()
+
+    # -- set-up and tear-down ---------------------------------------------------
+
+    def cleanup_stale(self) -> None:
+        """Remove what a killed daemon left: rules, routes and our TUN names."""
+        self.routing.remove_rules()
+        self.routing.flush_table()
+        for t in self.config.tuns:
+            if self.routing.link_exists(t.name):
+                log.info("removing stale TUN %s", t.name)
+                self.routing.delete_link(t.name)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.cleanup_stale()
+        mark = self.routing.mark
+        families = {_family(str(a)) for a in self.config.gateway.local_addresses}
+        for fam in families:
+            self.esp_socks[fam] = sockets.esp_socket(fam, mark)
+            self.bypass_socks[fam] = sockets.bypass_socket(fam, mark)
+            loop.add_reader(self.esp_socks[fam], self.datapath.on_esp_readable, fam)
+        for addr in self.config.gateway.local_addresses:
+            fam = _family(str(addr))
+            for port in (self.config.gateway.ike_port, self.config.gateway.natt_port):
+                sock = sockets.udp_socket(fam, str(addr), port, mark)
+                self.ike_socks[(str(addr), port)] = sock
+                loop.add_reader(sock, self._on_udp_readable, sock, (str(addr), port))
+        self.routing.install_rules()
+        for t in self.config.tuns:
+            tun = Tun(t.name, t.mtu)
+            self.tuns.append(tun)
+            for a in t.addresses:
+                self.routing.add_address(tun.name, str(a))
+            self.routing.add_tun_routes(tun.name, self._routes_for(t))
+            for name in t.crypto_maps:
+                self.datapath.tun_for_map[name] = tun.fd
+            loop.add_reader(tun.fd, self.datapath.on_tun_readable, tun.fd)
+        log.info(
+            "gateway up: %d TUN(s), %d crypto map(s), IKE on %s",
+            len(self.tuns),
+            len(self.config.crypto_maps),
+            ", ".join(f"{a}:{p}" for a, p in self.ike_socks),
+        )
+
+    def _routes_for(self, t: cfg.TunInterface) -> list[TunRoute]:
+        """Routes into the TUN with the source address the kernel should use:
+        ``src_ip`` for destinations a tunnel-mode crypto map protects, our own
+        outer address for the rest (those may be bypassed in clear, step 3b)."""
+        routes = []
+        for prefix in t.routes:
+            src: str | None = None
+            for name in t.crypto_maps:
+                m = self.config.crypto_maps[name]
+                if m.mode == "tunnel" and m.src_ip is not None and m.src_ip.version == prefix.version:
+                    src = str(m.src_ip)
+                    break
+            if src is None:
+                src = next(
+                    (str(a) for a in self.config.gateway.local_addresses if a.version == prefix.version),
+                    None,
+                )
+            routes.append(TunRoute(str(prefix), src))
+        return routes
+
+    def stop(self) -> None:
+        """SIGTERM: DELETE to every peer, then remove TUNs, routes and rules."""
+        with contextlib.suppress(Exception):
+            self.manager.clear(self.now())
+        if self._timer is not None:
+            self._timer.cancel()
+        for sock in (*self.esp_socks.values(), *self.ike_socks.values()):
+            if self.loop is not None:
+                self.loop.remove_reader(sock)
+            sock.close()
+        for sock in self.bypass_socks.values():
+            sock.close()
+        for tun in self.tuns:
+            if self.loop is not None:
+                self.loop.remove_reader(tun.fd)
+            tun.close()
+        self.tuns.clear()
+        self.routing.remove_rules()
+        self.routing.flush_table()
+        self.routing.close()
+
+    # -- data path glue ----------------------------------------------------------------
+
+    def _on_no_sa(self, name: str, packet: bytes) -> None:
+        self.manager.on_no_sa(name, packet, self.now())
+        self._rearm()
+
+    def _esp_socket_for(self, peer: Address, nat_t: bool) -> tuple[socket.socket, Address]:
+        fam = _family(peer[0])
+        if nat_t:
+            local = next(k for k in self.ike_socks if k[1] == self.config.gateway.natt_port and _family(k[0]) == fam)
+            return self.ike_socks[local], (peer[0], peer[1])
+        return self.esp_socks[fam], (peer[0], 0)
+
+    # -- IKE glue -------------------------------------------------------------------------
+
+    def _on_udp_readable(self, sock: socket.socket, local: Address) -> None:
+        natt = local[1] == self.config.gateway.natt_port
+        for _ in range(32):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._bump("udp_recv_errors")
+                break
+            peer = (addr[0], addr[1])
+            if natt:
+                kind = esp.classify_udp4500(data)
+                if kind == "keepalive":
+                    self._bump("natt_keepalives_received")
+                    continue
+                if kind == "esp":
+                    fam = _family(peer[0])
+                    self.datapath.handle_inbound(data, socket.inet_pton(fam, peer[0]), b"", fam)
+                    continue
+                if kind != "ike":
+                    self._bump("udp4500_malformed")
+                    continue
+            self.manager.on_ike_datagram(data, local, peer, self.now())
+        self._rearm()
+
+    def _send_ike(self, data: bytes, peer: Address) -> None:
+        fam = _family(peer[0])
+        port = self.config.gateway.natt_port if data[:4] == NON_ESP_MARKER else self.config.gateway.ike_port
+        sock = next(
+            (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam), None
+        )
+        if sock is None:
+            self._bump("ike_no_socket")
+            return
+        try:
+            sock.sendto(data, peer)
+        except OSError as exc:
+            self._bump("ike_send_errors")
+            log.debug("IKE send to %s failed: %s", peer, exc)
+
+    def _rearm(self) -> None:
+        if self.loop is None:
+            return
+        deadline = self.manager.next_deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.manager.on_timer(self.now())
+        self._rearm()
+
+    def _bump(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # -- control API -------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "show-crypto-map": lambda req: self.manager.show_crypto_map(),
+            "show-ikesa": lambda req: self.manager.show_ikesa(self.now()),
+            "show-ipsec": lambda req: self.manager.show_ipsec(self.now()),
+            "show-statistics": lambda req: self.statistics(),
+            "clear": lambda req: {"cleared": self._clear(req.get("peer"))},
+        }
+
+    def _clear(self, peer: str | None) -> int:
+        n = self.manager.clear(self.now(), peer)
+        self._rearm()
+        return n
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "datapath": dict(self.datapath.counters),
+            "classifier": self.classifier.counters,
+            "saflow": self.saflow.counters,
+            "ike": dict(self.manager.endpoint.counters),
+            "gateway": dict(self.counters),
+            "crypto_maps": {n: dict(s.counters) for n, s in self.manager.maps.items()},
+        }
+
+
+async def serve(config: cfg.Config) -> int:
+    loop = asyncio.get_running_loop()
+    gw = Gateway(config)
+    stop = asyncio.Event()
+    gw.start(loop)
+    control = ControlServer(Path(config.gateway.control_socket), gw.handlers())
+    try:
+        await control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
+    finally:
+        gw.stop()
+        await control.close()
+    return 0
+
+
+def run(config_path: str) -> int:
+    config = cfg.load_config(config_path, validate_acl=validate_acl)
+    for w in config.warnings:
+        log.warning("%s", w)
+    return asyncio.run(serve(config))
