@@ -46,7 +46,15 @@ from .errors import (
     UnknownSpiError,
 )
 from .replay import ReplayWindow
-from .sa import ICV_LEN, IV_LEN, MIN_PACKET_LEN, NEXT_HEADER_DUMMY, InboundSA, OutboundSA
+from .sa import (
+    ICV_LEN,
+    IV_LEN,
+    MIN_PACKET_LEN,
+    NEXT_HEADER_DUMMY,
+    InboundSA,
+    OutboundSA,
+    SaOptions,
+)
 
 __all__ = [
     "DROP_REASONS",
@@ -66,6 +74,7 @@ __all__ = [
     "ReplayError",
     "ReplayWindow",
     "SaCounters",
+    "SaOptions",
     "SequenceExhausted",
     "TruncatedError",
     "UnknownSpiError",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import TypedDict, Unpack
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,6 +46,7 @@ __all__ = [
     "NEXT_HEADER_DUMMY",
     "InboundSA",
     "OutboundSA",
+    "SaOptions",
 ]
 
 SALT_LEN = 4  # RFC 4106 §8.1: KEYMAT = AES key ‖ 4-byte salt
@@ -89,6 +91,28 @@ def _split_keymat(key: bytes) -> tuple[AESGCM, bytes]:
     return AESGCM(bytes(key[:-SALT_LEN])), bytes(key[-SALT_LEN:])
 
 
+class SaOptions(TypedDict, total=False):
+    """Keyword arguments both SA directions take.
+
+    ``mode``: "tunnel" or "transport" (kept for the daemon; the wire format is the
+    same). ``esn``: 64-bit extended sequence numbers (RFC 4303 §2.2.1).
+    ``soft_*``/``hard_*``: lifetimes in packets, payload bytes and seconds since
+    ``created`` (caller's clock). ``soft_seq``: sequence number at which to report
+    soft expiry (default 2^32 - 2^20, or 2^64 - 2^32 with ESN).
+    """
+
+    mode: str
+    esn: bool
+    soft_packets: int | None
+    hard_packets: int | None
+    soft_bytes: int | None
+    hard_bytes: int | None
+    soft_seconds: float | None
+    hard_seconds: float | None
+    soft_seq: int | None
+    created: float
+
+
 class _SecurityAssociation:
     """What outbound and inbound SAs share: identity, key, counters, lifetimes."""
 
@@ -111,16 +135,16 @@ class _SecurityAssociation:
         spi: int,
         key: bytes,
         *,
-        mode: str,
-        esn: bool,
-        soft_packets: int | None,
-        hard_packets: int | None,
-        soft_bytes: int | None,
-        hard_bytes: int | None,
-        soft_seconds: float | None,
-        hard_seconds: float | None,
-        soft_seq: int | None,
-        created: float,
+        mode: str = "tunnel",
+        esn: bool = False,
+        soft_packets: int | None = None,
+        hard_packets: int | None = None,
+        soft_bytes: int | None = None,
+        hard_bytes: int | None = None,
+        soft_seconds: float | None = None,
+        hard_seconds: float | None = None,
+        soft_seq: int | None = None,
+        created: float = 0.0,
     ) -> None:
         if not 0 < spi <= _M32:
             # RFC 4303 §2.1: SPI 0 is reserved for local use and never sent.
@@ -170,38 +194,9 @@ class OutboundSA(_SecurityAssociation):
     Built per SA by :func:`_build_encapsulate`.
     """
 
-    def __init__(
-        self,
-        spi: int,
-        key: bytes,
-        *,
-        mode: str = "tunnel",
-        esn: bool = False,
-        soft_packets: int | None = None,
-        hard_packets: int | None = None,
-        soft_bytes: int | None = None,
-        hard_bytes: int | None = None,
-        soft_seconds: float | None = None,
-        hard_seconds: float | None = None,
-        soft_seq: int | None = None,
-        created: float = 0.0,
-        seq: int = 1,
-    ) -> None:
+    def __init__(self, spi: int, key: bytes, *, seq: int = 1, **options: Unpack[SaOptions]) -> None:
         """``seq`` is the next sequence number to send (RFC 4303 §3.3.3: starts at 1)."""
-        super().__init__(
-            spi,
-            key,
-            mode=mode,
-            esn=esn,
-            soft_packets=soft_packets,
-            hard_packets=hard_packets,
-            soft_bytes=soft_bytes,
-            hard_bytes=hard_bytes,
-            soft_seconds=soft_seconds,
-            hard_seconds=hard_seconds,
-            soft_seq=soft_seq,
-            created=created,
-        )
+        super().__init__(spi, key, **options)
         if not 1 <= seq <= self._last_seq + 1:
             raise ValueError(f"next sequence number {seq} out of range")
         self.next_seq = seq
@@ -253,36 +248,10 @@ class InboundSA(_SecurityAssociation):
     """
 
     def __init__(
-        self,
-        spi: int,
-        key: bytes,
-        *,
-        mode: str = "tunnel",
-        esn: bool = False,
-        replay_window: int = 128,
-        soft_packets: int | None = None,
-        hard_packets: int | None = None,
-        soft_bytes: int | None = None,
-        hard_bytes: int | None = None,
-        soft_seconds: float | None = None,
-        hard_seconds: float | None = None,
-        soft_seq: int | None = None,
-        created: float = 0.0,
+        self, spi: int, key: bytes, *, replay_window: int = 128, **options: Unpack[SaOptions]
     ) -> None:
-        super().__init__(
-            spi,
-            key,
-            mode=mode,
-            esn=esn,
-            soft_packets=soft_packets,
-            hard_packets=hard_packets,
-            soft_bytes=soft_bytes,
-            hard_bytes=hard_bytes,
-            soft_seconds=soft_seconds,
-            hard_seconds=hard_seconds,
-            soft_seq=soft_seq,
-            created=created,
-        )
+        """``replay_window``: anti-replay window size, 32..65536 packets."""
+        super().__init__(spi, key, **options)
         self.window = ReplayWindow(replay_window, esn=self.esn)
         self.decapsulate = _build_decapsulate(self)
 
