@@ -94,7 +94,7 @@ class IkeEndpoint:
         self.cookies = CookieJar(rng, cookie_rotation)
         self.sas: list[IkeSA] = []
         self._by_spi: dict[bytes, IkeSA] = {}
-        self._half_open: dict[tuple[bytes, Address], IkeSA] = {}
+        self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
@@ -136,7 +136,7 @@ class IkeEndpoint:
         ours = hdr.spi_r if hdr.flags & HeaderFlag.INITIATOR else hdr.spi_i
         sa = self._by_spi.get(ours)
         if sa is None and hdr.exchange == ExchangeType.IKE_SA_INIT and hdr.spi_r == ZERO_SPI:
-            sa = self._half_open.get((hdr.spi_i, addr))
+            sa = self._by_init.get((hdr.spi_i, addr))
             if sa is None and not hdr.flags & HeaderFlag.RESPONSE and hdr.msg_id == 0:
                 self._new_responder(data, body, addr, now, local_addr)
                 self._collect()
@@ -191,7 +191,7 @@ class IkeEndpoint:
         self._out.extend(sa.datagrams_to_send(now))
         if not sa.dead:
             self.sas.append(sa)
-            self._half_open[(sa.ch.spi_i, addr)] = sa
+            self._by_init[(sa.ch.spi_i, addr)] = sa
         else:
             self._count("refused_init")
             while (e := sa.next_event()) is not None:
@@ -235,6 +235,6 @@ class IkeEndpoint:
                     by_spi[spi] = sa
         self.sas = alive
         self._by_spi = by_spi
-        self._half_open = {
-            k: s for k, s in self._half_open.items() if s in alive and s.state == State.INIT_DONE
-        }
+        # §2.1: IKE_SA_INIT retransmissions (SPIr still 0) find their SA by (SPIi, address)
+        live = set(map(id, alive))
+        self._by_init = {k: s for k, s in self._by_init.items() if id(s) in live}

@@ -367,6 +367,15 @@ class IkeSA:
                 and hdr.is_response
             ):
                 return c
+            # A retransmitted IKE_SA_INIT request still has SPIr = 0: the cache answers it
+            if (
+                c is self.ch
+                and not self.initiator
+                and hdr.exchange == ExchangeType.IKE_SA_INIT
+                and hdr.spi_r == b"\x00" * 8
+                and not hdr.is_response
+            ):
+                return c
         return None
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:

@@ -681,7 +681,12 @@ class _ChildTask(Task):
         self.ke_retried = False
 
     def _handle_invalid_ke(self, sa: IkeSA, p: list[Payload], now: float) -> bool:
+        """Retry once with the group the responder asks for; raise on any other error."""
         n = find_notify(p, NotifyType.INVALID_KE_PAYLOAD)
+        if n is None:
+            err = _error_notify(p)
+            if err is not None:
+                raise ProtocolError(err.notify_type, "refused by peer")
         if n is None or self.ke_retried or self.offer is None or len(n.data) != 2:
             return False
         group = int.from_bytes(n.data, "big")
@@ -1005,7 +1010,7 @@ def _respond_informational(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> 
             if child is None:
                 continue
             del sa.children[child.child_id]
-            reason = "rekeyed" if child.state == "rekeyed" else "deleted-by-peer"
+            reason = "rekeyed" if child.state in ("rekeyed", "rekeying") else "deleted-by-peer"
             sa.emit(
                 ev.ChildSaDeleted(
                     sa.name, child.child_id, child.inbound_spi, child.outbound_spi, reason

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from ike.config import IkeConfig, Identity
+from ike.config import Identity, IkeConfig
 from ike.endpoint import IkeEndpoint
 from ike.events import IkeEvent
 from ike.sa import IkeSA
