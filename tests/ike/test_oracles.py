@@ -114,7 +114,7 @@ def test_scapy_reads_our_fields() -> None:
     auth = IKEv2(_inner_as_plain(p, "i>r", p.wire[2][2]))
     assert auth.exch_type == 35 and auth.id == 1
     assert _names(auth)[1:5] == ["IKEv2_IDi", "IKEv2_Notify", "IKEv2_IDr", "IKEv2_AUTH"]
-    assert auth["IKEv2_IDi"].IDtype == 1 and auth["IKEv2_IDi"].ID == I_ADDR[0]
+    assert auth["IKEv2_IDi"].IDtype == 1 and I_ADDR[0] == auth["IKEv2_IDi"].ID
     assert auth["IKEv2_AUTH"].auth_type == 2 and len(auth["IKEv2_AUTH"].load) == 32
     ts = auth["IKEv2_TSi"].traffic_selector[0]
     assert ts.starting_address_v4 == I_ADDR[0] and ts.ending_address_v4 == I_ADDR[0]
