@@ -194,6 +194,7 @@ class IkeEndpoint:
             self._by_init[(sa.ch.spi_i, addr)] = sa
         else:
             self._count("refused_init")
+            self._fold(sa)
             while (e := sa.next_event()) is not None:
                 self._events.append(e)
 
@@ -219,6 +220,11 @@ class IkeEndpoint:
         self._collect()
         return self._events.popleft() if self._events else None
 
+    def _fold(self, sa: IkeSA) -> None:
+        """Keep the counters of an SA that goes away (``sa_`` prefix)."""
+        for k, v in sa.counters.items():
+            self.counters["sa_" + k] = self.counters.get("sa_" + k, 0) + v
+
     def _collect(self) -> None:
         """Pull datagrams and events from every SA, re-index SPIs, drop dead SAs."""
         by_spi: dict[bytes, IkeSA] = {}
@@ -228,6 +234,7 @@ class IkeEndpoint:
             while (e := sa.next_event()) is not None:
                 self._events.append(e)
             if sa.dead:
+                self._fold(sa)
                 continue
             alive.append(sa)
             for spi in sa.local_spis():
