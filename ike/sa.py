@@ -58,7 +58,7 @@ from .payloads import (
     parse_chain,
     parse_header,
 )
-from .state import NAT_T_PORT, Address, Channel, ChildSA, Inbound, Pending, State
+from .state import Address, Channel, ChildSA, Inbound, Pending, State
 
 __all__ = ["Address", "ChildSA", "IkeSA", "State"]
 
@@ -391,7 +391,8 @@ class IkeSA:
             self.count("internal_error")
 
     def _receive(self, data: bytes, addr: Address, now: float) -> None:
-        if data[:4] == NON_ESP_MARKER:
+        marked = data[:4] == NON_ESP_MARKER
+        if marked:
             data = data[4:]
         hdr = parse_header(data)
         ch = self.channel_for(hdr)
@@ -404,7 +405,7 @@ class IkeSA:
         if hdr.is_response:
             self._receive_response(ch, hdr, data, addr, now)
         else:
-            self._receive_request(ch, hdr, data, addr, now)
+            self._receive_request(ch, hdr, data, addr, now, marked)
 
     def _decode(self, ch: Channel, hdr: Header, data: bytes) -> list[Payload]:
         payloads, sk = parse_chain(Buffer(data, IKE_HEADER_LEN), hdr.next_payload)
@@ -449,7 +450,7 @@ class IkeSA:
         self._start_next(now)
 
     def _receive_request(
-        self, ch: Channel, hdr: Header, data: bytes, addr: Address, now: float
+        self, ch: Channel, hdr: Header, data: bytes, addr: Address, now: float, marked: bool
     ) -> None:
         if ch.cached is not None and hdr.msg_id == ch.cached[0] and hdr.msg_id == ch.peer_id - 1:
             # §2.1: a retransmitted request gets the same response, not reprocessed
@@ -472,8 +473,10 @@ class IkeSA:
             # Integrity was fine but the content is not: answer INVALID_SYNTAX (§2.21.2)
             payloads = None
         ch.peer_id += 1
-        if self.nat_t or addr[1] == NAT_T_PORT:
-            self.peer_addr = addr  # §2.23: follow the NAT mapping of authenticated requests
+        if marked or self.nat_t:
+            # §2.23: after the float, answer (and later send) to where requests come from
+            self.nat_t = True
+            self.peer_addr = addr
         self.count("requests")
         crit = _unsupported_critical(payloads or [])
         try:

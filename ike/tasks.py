@@ -65,7 +65,7 @@ from .proposals import (
     select_ike,
     suite_payload,
 )
-from .state import Channel, ChildSA, Inbound, State, nat_hash
+from .state import NAT_T_PORT, Channel, ChildSA, Inbound, State, nat_hash
 
 if TYPE_CHECKING:
     from .sa import IkeSA
@@ -275,8 +275,8 @@ class IkeInit(Task):
         if sa.nat_detected_local or sa.nat_detected_remote or sa.config.fake_nat:
             # §2.23: both sides move to UDP 4500 once a NAT is detected
             sa.nat_t = True
-            sa.peer_addr = (sa.peer_addr[0], 4500)
-            sa.local_addr = (sa.local_addr[0], 4500)
+            sa.peer_addr = (sa.peer_addr[0], NAT_T_PORT)
+            sa.local_addr = (sa.local_addr[0], NAT_T_PORT)
         sa.state = State.INIT_DONE
         sa.queue_task(IkeAuth(), now, front=True)
 

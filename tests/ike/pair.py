@@ -43,6 +43,8 @@ class Pair:
         self.i_events: list[IkeEvent] = []
         self.r_events: list[IkeEvent] = []
         self.i_src = I_ADDR  # what the responder sees as the initiator's address (NAT tests)
+        self.i_src_4500 = (I_ADDR[0], 4500)  # ... once the initiator has floated to 4500
+        self.dest: list[tuple[str, int]] = []  # destination of each datagram in ``wire``
         self._seq = 0
 
     @property
@@ -64,14 +66,17 @@ class Pair:
             out_r = self.ep.datagrams_to_send(self.now)
             if not out_i and not out_r:
                 break
-            for data, _ in out_i:
+            src = self.i_src if self.i.local_addr[1] != 4500 else self.i_src_4500
+            for data, dst in out_i:
                 self.wire.append(("i>r", self.now, data))
+                self.dest.append(dst)
                 self._seq += 1
                 for d in flt("i>r", self._seq, data) if flt else [data]:
-                    self.ep.receive_datagram(d, self.i_src, self.now)
+                    self.ep.receive_datagram(d, src, self.now)
                     moved += 1
-            for data, _ in out_r:
+            for data, dst in out_r:
                 self.wire.append(("r>i", self.now, data))
+                self.dest.append(dst)
                 self._seq += 1
                 for d in flt("r>i", self._seq, data) if flt else [data]:
                     self.i.receive_datagram(d, R_ADDR, self.now)
