@@ -56,6 +56,10 @@ def test_two_charons_build_a_tunnel_and_carry_ping(netns: NetnsPool, tmp_path: P
         packets_out = [int(n) for n in re.findall(r"packets-out=(\d+)", sas)]
         assert sum(packets_in) >= 3 and sum(packets_out) >= 3
         assert "192.0.2.0/24" in init.list_sas()
+        # a crash (SIGKILL) leaves charon's policy rule behind; stop() removes it
+        killed = init.pid
+        init.stop(kill=True)
+        assert killed is not None and not _alive(killed) and init.pid is None
     finally:
         pids = [p for p in (init.pid, resp.pid) if p]
         init.stop()

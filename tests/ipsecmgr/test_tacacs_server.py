@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -193,3 +195,54 @@ def test_pap_with_minor_version_zero_is_an_error(server: tuple[TacacsServer, str
         _, body = _recv_packet(s)
     assert t.AuthenReply.decode(body).status == t.AUTHEN_STATUS_ERROR
     assert _last(srv).result == "ERROR"
+
+
+# ---- tacacs_plus quirks the wrapper works around (see ipsecmgr.lab.tacacs_client)
+
+
+def test_raw_tacacs_plus_mangles_utf8_passwords_wrapper_does_not(
+    server: tuple[TacacsServer, str, int],
+) -> None:
+    _, host, port = server
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # tacacs_plus encodes str as Latin-1: 'ä' goes out as 0xe4, not UTF-8 0xc3 0xa4
+    raw = TACACSClient(host, port, SECRET.decode(), timeout=5, family=fam)
+    assert raw.authenticate("alice", PASSWORD, authen_type=TAC_PLUS_AUTHEN_TYPE_PAP).invalid
+    with pytest.raises(UnicodeEncodeError):
+        TACACSClient(host, port, SECRET.decode(), timeout=5, family=fam).authenticate(
+            "alice", "密码", authen_type=TAC_PLUS_AUTHEN_TYPE_PAP
+        )
+    ok = query(host, Secret(SECRET), "alice", password=Secret(PASSWORD.encode()), port=port)
+    assert ok["ok"]
+
+
+def test_wrapper_keeps_the_pap_password_out_of_debug_logs(
+    server: tuple[TacacsServer, str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, host, port = server
+    with caplog.at_level(logging.DEBUG):
+        query(host, Secret(SECRET), "alice", password=Secret(PASSWORD.encode()), port=port)
+    assert PASSWORD not in caplog.text and PASSWORD.encode("latin-1").hex() not in caplog.text
+
+
+def test_wrapper_does_not_hang_when_the_server_closes_mid_body() -> None:
+    # A "server" that sends a header announcing 100 bytes, then 3, then closes.
+    # tacacs_plus's own send() loops forever on recv() == b"" here.
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            data = b""
+            while len(data) < 12 or len(data) < 12 + int.from_bytes(data[8:12], "big"):
+                data += conn.recv(4096)  # read the whole request so close() sends FIN, not RST
+            hdr = data[:12]
+            conn.sendall(hdr[:2] + b"\x02\x00" + hdr[4:8] + (100).to_bytes(4, "big") + b"abc")
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    with pytest.raises(TacacsClientError, match="closed the connection"):
+        query("127.0.0.1", Secret(SECRET), "alice", password=Secret(b"x"), port=port, timeout=5)
+    th.join(5)
+    lsock.close()
