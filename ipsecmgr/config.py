@@ -836,3 +836,13 @@ def _guess_id_type(value: str) -> str:
         return f"ipv{ipaddress.ip_address(value).version}"
     except ValueError:
         return "email" if "@" in value else "fqdn"
+
+
+def format_diagnosis(path: str | Path, d: ConfigDiagnosis) -> str:
+    """``ipsecmgr check-config`` output: errors, then warnings, then a verdict line."""
+    lines = [f"error: {e}" for e in d.errors] + [f"warning: {w}" for w in d.warnings]
+    if d.errors:
+        lines.append(f"{path}: {len(d.errors)} error(s), {len(d.warnings)} warning(s)")
+    else:
+        lines.append(f"{path}: OK ({len(d.warnings)} warning(s))")
+    return "\n".join(lines)

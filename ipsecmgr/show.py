@@ -19,8 +19,12 @@ No key material is part of the snapshot schema: SPIs and counters only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
+
+from ipsecmgr.config import Config
+from ipsecmgr.control import ControlError, request
 
 
 class CryptoMapState(TypedDict):
@@ -299,3 +303,65 @@ def render(command: str, snap: Snapshot, *, as_json: bool = False) -> str:
         part: Any = snap[key]  # type: ignore[literal-required]
         return json.dumps(part, indent=2, sort_keys=True)
     return fmt(snap)
+
+
+# ---------------------------------------------------------------- daemon and CLI glue
+
+
+def crypto_map_states(cfg: Config, status: Mapping[str, str] | None = None) -> list[CryptoMapState]:
+    """The ``crypto_maps`` part of a snapshot, from the config (``status``: map -> up/down/...)."""
+    status = status or {}
+    tun_of = {m: tun.name for tun in cfg.tuns for m in tun.crypto_maps}
+    out: list[CryptoMapState] = []
+    for name, cm in cfg.crypto_maps.items():
+        acl = cfg.access_lists.get(cm.match_address)
+        out.append(
+            {
+                "name": name,
+                "type": f"ikev2-ipv{cm.peer.version}",
+                "peer": str(cm.peer),
+                "local_address": str(cm.local_address),
+                "match_address": cm.match_address,
+                "acl_rules": list(acl.rules) if acl else [],
+                "mode": cm.mode,
+                "role": cm.role,
+                "ike_transform_sets": list(cm.ike_transform_sets),
+                "ipsec_transform_sets": list(cm.ipsec_transform_sets),
+                "tun": tun_of.get(name),
+                "src_ip": str(cm.src_ip) if cm.src_ip is not None else None,
+                "status": status.get(name, "down"),
+                "local_id": str(cm.local_id),
+                "remote_id": str(cm.remote_id),
+            }
+        )
+    return out
+
+
+def empty_snapshot(cfg: Config, *, now: float, hostname: str, uptime: float) -> Snapshot:
+    """A snapshot with the configured maps and no SAs (the daemon fills in the rest)."""
+    return {
+        "time": now,
+        "hostname": hostname,
+        "uptime": uptime,
+        "crypto_maps": crypto_map_states(cfg),
+        "ike_sas": [],
+        "child_sas": [],
+        "statistics": {"ike": {}, "esp": {}, "classifier": {}, "tun": {}},
+    }
+
+
+def show(
+    socket_path: Path | str, command: str, *, as_json: bool = False, timeout: float = 5.0
+) -> str:
+    """``ipsecmgr show <command> [--json]``: ask the daemon for its snapshot and render it.
+
+    Raises :class:`ipsecmgr.control.ControlError` if the daemon is unreachable or
+    answers with an error, ``ValueError`` for an unknown show command.
+    """
+    if " ".join(command.split()) not in _VIEWS:
+        raise ValueError(f"unknown show command {command!r} (known: {', '.join(_VIEWS)})")
+    response = request(socket_path, {"command": "snapshot"}, timeout=timeout)
+    if not response.get("ok"):
+        raise ControlError(f"daemon: {response.get('error', 'no error given')}")
+    snap: Snapshot = response["result"]
+    return render(command, snap, as_json=as_json)

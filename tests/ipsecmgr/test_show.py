@@ -4,11 +4,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
-from ipsecmgr.show import SHOW_COMMANDS, Snapshot, render, table
+from ipsecmgr.config import diagnose_config, format_diagnosis, load_config
+from ipsecmgr.control import ControlError, ControlServer
+from ipsecmgr.show import SHOW_COMMANDS, Snapshot, empty_snapshot, render, show, table
 
 NOW = 1_700_000_000.0
 
@@ -115,3 +119,47 @@ def test_json_is_the_snapshot_part() -> None:
 
 def test_table_helper() -> None:
     assert table(("a", "bb"), [("xyz", None)]) == "a   bb\n--- --\nxyz -"
+
+
+def test_snapshot_from_config_and_show_over_the_socket(tmp_path: Path) -> None:
+    psk = tmp_path / "psk"
+    psk.write_bytes(b"k")
+    psk.chmod(0o600)
+    example = Path(__file__).parent.parent.parent / "examples" / "tunnel-mode.toml"
+    text = example.read_text().replace('"/etc/ipsecmgr/psk-foo-local"', f'"{psk}"')
+    (tmp_path / "c.toml").write_text(text.replace('"/etc/ipsecmgr/psk-foo-remote"', f'"{psk}"'))
+    cfg = load_config(tmp_path / "c.toml")
+    snap = empty_snapshot(cfg, now=NOW, hostname="h", uptime=5)
+    (m,) = snap["crypto_maps"]
+    assert (m["tun"], m["src_ip"], m["type"], m["status"]) == (
+        "tun-foo", "198.51.100.225", "ikev2-ipv4", "down",
+    )  # fmt: skip
+    assert m["acl_rules"] == ["permit ip 198.51.100.225 0.0.0.0 203.0.113.49 0.0.0.0"]
+    sock = tmp_path / "ctl" / "c.sock"
+
+    async def main() -> tuple[str, str]:
+        async with ControlServer(sock, {"snapshot": lambda req: snap}):
+            text = await asyncio.to_thread(show, sock, "crypto map")
+            js = await asyncio.to_thread(show, sock, "crypto statistics", as_json=True)
+            return text, js
+
+    text_out, json_out = asyncio.run(main())
+    assert text_out == render("crypto map", snap) and "Status               : Down" in text_out
+    assert json.loads(json_out) == snap["statistics"]
+    with pytest.raises(ControlError, match="is the daemon running"):
+        show(sock, "crypto map")
+
+
+def test_check_config_output(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(
+        '[gateway]\nlocal_addresses = ["198.51.100.1"]\n[access_list.a]\nrules = ["permit ip any any"]\n'
+    )
+    assert format_diagnosis(p, diagnose_config(p)) == (
+        f"warning: access_list.a: not used by any crypto map\n{p}: OK (1 warning(s))"
+    )
+    p.write_text("[gateway]\nlocal_addresses = []\n")
+    assert format_diagnosis(p, diagnose_config(p)) == (
+        "error: gateway.local_addresses: empty: at least one address is needed\n"
+        f"{p}: 1 error(s), 0 warning(s)"
+    )
