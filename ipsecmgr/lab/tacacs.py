@@ -210,6 +210,48 @@ def _check8(*fields: bytes) -> None:
         raise ValueError("user, port and rem_addr are at most 255 bytes")
 
 
+# Authentication CONTINUE (§5.3) and accounting REPLY (§7.2) share a layout:
+# msg_len(2), data_len(2), one octet (flags / status), msg, data.
+
+
+def _pack_two_fields(msg: bytes, data: bytes, octet: int) -> bytes:
+    return struct.pack("!HHB", len(msg), len(data), octet) + msg + data
+
+
+def _unpack_two_fields(body: bytes, what: str) -> tuple[bytes, bytes, int]:
+    r = _Reader(body, what)
+    ml, dl, octet = r.u16(), r.u16(), r.u8()
+    msg, data = r.take(ml), r.take(dl)
+    r.end()
+    return msg, data, octet
+
+
+# Authorization REQUEST (§6.1) and accounting REQUEST (§7.1) share one layout
+# after their leading octets: user_len, port_len, rem_addr_len, arg_cnt,
+# arg_N_len..., user, port, rem_addr, args.
+
+
+def _pack_request(
+    head: tuple[int, ...], user: bytes, port: bytes, rem_addr: bytes, args: tuple[bytes, ...]
+) -> bytes:
+    _check8(user, port, rem_addr)
+    lens = bytes((*head, len(user), len(port), len(rem_addr), len(args)))
+    return lens + _args_pack(args) + user + port + rem_addr + b"".join(args)
+
+
+def _unpack_request(
+    body: bytes, what: str, n_head: int
+) -> tuple[bytes, bytes, bytes, bytes, tuple[bytes, ...]]:
+    r = _Reader(body, what)
+    head = r.take(n_head)
+    ul, pl, rl, n = r.take(4)
+    lens = r.take(n)
+    user, port, rem = r.take(ul), r.take(pl), r.take(rl)
+    args = tuple(r.take(x) for x in lens)
+    r.end()
+    return head, user, port, rem, args
+
+
 @dataclass(frozen=True)
 class AuthenStart:
     """§5.1. ``data`` carries the PAP password or the CHAP response: never printed."""
@@ -273,19 +315,12 @@ class AuthenContinue:
     flags: int = 0
 
     def encode(self) -> bytes:
-        return (
-            struct.pack("!HHB", len(self.user_msg), len(self.data), self.flags)
-            + self.user_msg
-            + self.data
-        )
+        return _pack_two_fields(self.user_msg, self.data, self.flags)
 
     @classmethod
     def decode(cls, body: bytes) -> AuthenContinue:
-        r = _Reader(body, "authentication CONTINUE")
-        ml, dl, flags = r.u16(), r.u16(), r.u8()
-        out = cls(r.take(ml), r.take(dl), flags)
-        r.end()
-        return out
+        user_msg, data, flags = _unpack_two_fields(body, "authentication CONTINUE")
+        return cls(user_msg, data, flags)
 
 
 @dataclass(frozen=True)
@@ -302,28 +337,14 @@ class AuthorRequest:
     args: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
-        _check8(self.user, self.port, self.rem_addr)
-        head = bytes(
-            (self.authen_method, self.priv_lvl, self.authen_type, self.authen_service,
-             len(self.user), len(self.port), len(self.rem_addr), len(self.args))
-        )  # fmt: skip
-        return (
-            head
-            + _args_pack(self.args)
-            + self.user
-            + self.port
-            + self.rem_addr
-            + b"".join(self.args)
-        )
+        head = (self.authen_method, self.priv_lvl, self.authen_type, self.authen_service)
+        return _pack_request(head, self.user, self.port, self.rem_addr, self.args)
 
     @classmethod
     def decode(cls, body: bytes) -> AuthorRequest:
-        r = _Reader(body, "authorization REQUEST")
-        meth, priv, atype, svc, ul, pl, rl, n = r.take(8)
-        lens = r.take(n)
-        user, port, rem = r.take(ul), r.take(pl), r.take(rl)
-        args = tuple(r.take(x) for x in lens)
-        r.end()
+        (meth, priv, atype, svc), user, port, rem, args = _unpack_request(
+            body, "authorization REQUEST", 4
+        )
         return cls(meth, priv, atype, svc, user, port, rem, args)
 
 
@@ -372,28 +393,20 @@ class AcctRequest:
     args: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
-        _check8(self.user, self.port, self.rem_addr)
-        head = bytes(
-            (self.flags, self.authen_method, self.priv_lvl, self.authen_type, self.authen_service,
-             len(self.user), len(self.port), len(self.rem_addr), len(self.args))
-        )  # fmt: skip
-        return (
-            head
-            + _args_pack(self.args)
-            + self.user
-            + self.port
-            + self.rem_addr
-            + b"".join(self.args)
+        head = (
+            self.flags,
+            self.authen_method,
+            self.priv_lvl,
+            self.authen_type,
+            self.authen_service,
         )
+        return _pack_request(head, self.user, self.port, self.rem_addr, self.args)
 
     @classmethod
     def decode(cls, body: bytes) -> AcctRequest:
-        r = _Reader(body, "accounting REQUEST")
-        flags, meth, priv, atype, svc, ul, pl, rl, n = r.take(9)
-        lens = r.take(n)
-        user, port, rem = r.take(ul), r.take(pl), r.take(rl)
-        args = tuple(r.take(x) for x in lens)
-        r.end()
+        (flags, meth, priv, atype, svc), user, port, rem, args = _unpack_request(
+            body, "accounting REQUEST", 5
+        )
         return cls(flags, meth, priv, atype, svc, user, port, rem, args)
 
 
@@ -406,16 +419,9 @@ class AcctReply:
     data: bytes = b""
 
     def encode(self) -> bytes:
-        return (
-            struct.pack("!HHB", len(self.server_msg), len(self.data), self.status)
-            + self.server_msg
-            + self.data
-        )
+        return _pack_two_fields(self.server_msg, self.data, self.status)
 
     @classmethod
     def decode(cls, body: bytes) -> AcctReply:
-        r = _Reader(body, "accounting REPLY")
-        ml, dl, status = r.u16(), r.u16(), r.u8()
-        out = cls(status, r.take(ml), r.take(dl))
-        r.end()
-        return out
+        server_msg, data, status = _unpack_two_fields(body, "accounting REPLY")
+        return cls(status, server_msg, data)
