@@ -688,10 +688,18 @@ class _Parser:
             self.err(f"{path}.match_address", f"no access_list named {acl!r}")
 
         ike_sets = self.str_list(t, "ike_transform_sets", path) or ("default",)
+        if t.get("ike_transform_sets") == []:
+            self.err(
+                f"{path}.ike_transform_sets", "empty: name at least one (or leave the key out)"
+            )
         for i, s in enumerate(ike_sets):
             if s not in ikes and s not in self.declared_ike:
                 self.err(f"{path}.ike_transform_sets[{i}]", f"no ike_transform_set named {s!r}")
         ipsec_sets = self.str_list(t, "ipsec_transform_sets", path) or ("default",)
+        if t.get("ipsec_transform_sets") == []:
+            self.err(
+                f"{path}.ipsec_transform_sets", "empty: name at least one (or leave the key out)"
+            )
         for i, s in enumerate(ipsec_sets):
             if s not in ipsecs and s not in self.declared_ipsec:
                 self.err(f"{path}.ipsec_transform_sets[{i}]", f"no ipsec_transform_set named {s!r}")
@@ -787,6 +795,7 @@ class _Parser:
             return []
         out: list[TunInterface] = []
         seen: dict[str, str] = {}
+        bound_to: dict[str, str] = {}
         for path, key_name, t in entries:
             allowed = ("addresses", "mtu", "crypto_maps", "routes")
             self.keys(t, path, allowed if key_name else ("name", *allowed))
@@ -826,6 +835,13 @@ class _Parser:
             for i, m in enumerate(maps):
                 if m not in map_names:
                     self.err(f"{path}.crypto_maps[{i}]", f"no crypto_map named {m!r}")
+                elif m in bound_to:
+                    # One TUN per crypto map: decrypted packets need one way back.
+                    self.err(
+                        f"{path}.crypto_maps[{i}]", f"{m!r} is already bound to tun {bound_to[m]!r}"
+                    )
+                else:
+                    bound_to[m] = name
             if len(self.errors) == n:
                 out.append(TunInterface(name, tuple(addrs), mtu, maps, tuple(routes)))
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -292,4 +293,25 @@ def test_missing_gateway_and_required_keys(tmp_path: Path) -> None:
         "crypto_map.x.src_ip: missing: tunnel mode needs src_ip "
         "(the inner source address of the protected traffic)",
         "gateway: missing (required: local_addresses)",
+    ]
+
+
+def test_map_bound_twice_and_empty_transform_list(tmp_path: Path, psk_file: Path) -> None:
+    text = BASE.format(psk=psk_file, extra_map="", extra="")
+    text = text.replace('ike_transform_sets = ["ikesa-foo"]', "ike_transform_sets = []")
+    text += '\n[[tun]]\nname = "tun-bar"\ncrypto_maps = ["foo"]\n'
+    (tmp_path / "gw.toml").write_text(text)
+    assert sorted(check_config(tmp_path / "gw.toml")) == [
+        "crypto_map.foo.ike_transform_sets: empty: name at least one (or leave the key out)",
+        "tun[1].crypto_maps[0]: 'foo' is already bound to tun 'tun-foo'",
+    ]
+
+
+@pytest.mark.root  # chown
+def test_secret_file_owned_by_someone_else_warns(tmp_path: Path, psk_file: Path) -> None:
+    os.chown(psk_file, 4242, -1)
+    d = diagnose_config(write(tmp_path, psk_file))
+    assert d.errors == [] and d.warnings == [
+        f"crypto_map.foo.local_psk.file: {psk_file} is owned by uid 4242, "
+        "neither root nor this user"
     ]
