@@ -31,17 +31,19 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipsecmgr.netns import Netns
-from ipsecmgr.secret import Secret
+from ipsecmgr.netns import Netns, NetnsPool
+from ipsecmgr.secret import Secret, SecretError, read_secret_file
 
 CHARON = "/usr/lib/ipsec/charon"
 PLUGINS = (
@@ -60,6 +62,16 @@ mount --bind "$d/run" "$r/run" || exit 1
 export STRONGSWAN_CONF="$d/strongswan.conf"
 if [ -n "$r" ]; then exec chroot "$r" "$3"; else exec "$3"; fi
 """
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("State:")), "Z")
+    return state != "Z"
 
 
 class StrongSwanError(RuntimeError):
@@ -108,7 +120,24 @@ class StrongSwanPeer:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+        """Our charon's PID: the process we started, or (from another process, e.g.
+        the command line) the one the pid file names, if it is really ours."""
+        if self.proc is not None:
+            return self.proc.pid if self.proc.poll() is None else None
+        return self.find_pid()
+
+    def find_pid(self) -> int | None:
+        """PID from ``run/charon.pid``, checked: comm is charon, environment names our config."""
+        try:
+            pid = int((self.state_dir / "run" / "charon.pid").read_text().strip())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        want = f"STRONGSWAN_CONF={self.state_dir}/strongswan.conf".encode()
+        if comm != "charon" or want not in environ or not _alive(pid):
+            return None
+        return pid
 
     # ------------------------------------------------------------ config
 
@@ -248,19 +277,130 @@ secrets {{ ike-psk {{ secret = 0x{psk.reveal().hex()} }} }}
 
     def stop(self, *, kill: bool = False, grace: float = 5.0) -> None:
         """SIGTERM (or SIGKILL, a crash for DPD tests) our charon by PID, then clean up."""
+        sig = signal.SIGKILL if kill else signal.SIGTERM
         p = self.proc
         if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                os.kill(p.pid, sig)
             try:
                 p.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
+        elif p is None and (pid := self.find_pid()) is not None:
+            # Started by another process (the command line): not our child, so
+            # poll /proc until it is gone (its parent, init, reaps it).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         # A killed charon leaves its policy rule to table 220 behind (its TUN goes away).
         for fam in ("-4", "-6"):
             subprocess.run(["ip", "-n", self.ns.name, fam, "rule", "del", "table", "220"],
                            capture_output=True, check=False)  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "run" / "charon.pid").unlink()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def state_dir_for(netns: str) -> Path:
+    """``${STRONGSWAN_PEER_DIR:-${TMPDIR:-/tmp}/strongswan-peer}/NETNS``, as the shell launcher."""
+    base = os.environ.get("STRONGSWAN_PEER_DIR") or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), "strongswan-peer"
+    )
+    return Path(base) / netns
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ipsecmgr.lab.strongswan",
+        description="run an isolated strongSwan charon (IKEv2 PSK, kernel-libipsec) in a netns",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("start")
+    st.add_argument("netns")
+    st.add_argument("--local", required=True)
+    st.add_argument("--remote", required=True)
+    st.add_argument("--psk-file", type=Path, required=True)
+    d = PeerOptions()
+    for opt in ("ike", "esp", "mode", "local_ts", "remote_ts", "local_id", "remote_id",
+                "dpd_delay", "dpd_action", "ike_rekey", "esp_rekey"):  # fmt: skip
+        st.add_argument("--" + opt.replace("_", "-"), dest=opt, default=getattr(d, opt))
+    st.add_argument("--retransmit-tries", type=int, default=d.retransmit_tries)
+    st.add_argument("--retransmit-timeout", type=float, default=d.retransmit_timeout)
+    st.add_argument("--retransmit-base", type=float, default=d.retransmit_base)
+    st.add_argument("--charon-opt", action="append", default=[])
+    st.add_argument("--conn-opt", action="append", default=[])
+    st.add_argument("--raw-esp", action="store_true")
+    st.add_argument("--root", type=Path)
+    st.add_argument("--initiate", action="store_true")
+    sp = sub.add_parser("stop")
+    sp.add_argument("netns")
+    sp.add_argument("--kill", action="store_true", help="SIGKILL (a crash, for DPD tests)")
+    for name in ("status", "initiate", "dir"):
+        sub.add_parser(name).add_argument("netns")
+    sw = sub.add_parser("swanctl")
+    sw.add_argument("netns")
+    sw.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The shell launcher's commands: start, stop, status, initiate, swanctl, dir."""
+    a = _parser().parse_args(argv)
+    if not Path("/run/netns", a.netns).exists():
+        print(f"strongswan: netns {a.netns} does not exist", file=sys.stderr)
+        return 1
+    # A throwaway pool: charon must outlive this command, which only records its PID file.
+    peer = StrongSwanPeer(Netns(a.netns, NetnsPool()), state_dir_for(a.netns))
+    try:
+        if a.cmd == "start":
+            psk, warnings = read_secret_file(a.psk_file)
+            for w in warnings:
+                print(f"strongswan: warning: {w}", file=sys.stderr)
+            opts = PeerOptions(
+                ike=a.ike, esp=a.esp, mode=a.mode, local_ts=a.local_ts, remote_ts=a.remote_ts,
+                local_id=a.local_id, remote_id=a.remote_id, dpd_delay=a.dpd_delay,
+                dpd_action=a.dpd_action, ike_rekey=a.ike_rekey, esp_rekey=a.esp_rekey,
+                retransmit_tries=a.retransmit_tries, retransmit_timeout=a.retransmit_timeout,
+                retransmit_base=a.retransmit_base, charon_opts=a.charon_opt,
+                conn_opts=a.conn_opt, raw_esp=a.raw_esp, root=a.root,
+            )  # fmt: skip
+            if peer.find_pid() is not None:
+                raise StrongSwanError(
+                    f"a charon already runs for {a.netns} (pid {peer.find_pid()})"
+                )
+            peer.start(local=a.local, remote=a.remote, psk=psk, options=opts)
+            print(f"charon for {a.netns}: pid {peer.pid}, state {peer.state_dir}")
+            if a.initiate:
+                peer.initiate()
+                print("tunnel up")
+        elif a.cmd == "stop":
+            peer.stop(kill=a.kill)
+        elif a.cmd == "status":
+            print(peer.list_sas(), end="")
+        elif a.cmd == "initiate":
+            peer.initiate()
+            print("tunnel up")
+        elif a.cmd == "swanctl":
+            r = peer.swanctl(*a.args, check=False)
+            print(r.stdout, end="")
+            print(r.stderr, end="", file=sys.stderr)
+            return r.returncode
+        else:
+            print(peer.state_dir)
+    except (StrongSwanError, SecretError) as e:
+        print(f"strongswan: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,3 +69,38 @@ def test_two_charons_build_a_tunnel_and_carry_ping(netns: NetnsPool, tmp_path: P
         rules = subprocess.run(["ip", "-n", ns.name, "rule"], capture_output=True, text=True)
         assert "lookup 220" not in rules.stdout
     assert not (tmp_path / "a" / "run" / "charon.pid").exists()
+
+
+@pytest.mark.root
+def test_command_line_start_status_stop(netns: NetnsPool, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from ipsecmgr.lab.topology import python_env
+
+    ns = netns.add("swc")
+    netns.link(ns, netns.add("swd"), ["198.51.100.1/24"], ["198.51.100.2/24"])
+    psk = tmp_path / "psk"
+    psk.write_bytes(b"cli-psk\n")
+    psk.chmod(0o600)
+    env = python_env({"STRONGSWAN_PEER_DIR": str(tmp_path / "sw")})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ipsecmgr.lab.strongswan", *args], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    r = cli("start", ns.name, "--local", "198.51.100.1", "--remote", "198.51.100.2",
+            "--psk-file", str(psk), "--ike", "aes128gcm16-prfsha256-ecp256")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    state = Path(cli("dir", ns.name).stdout.strip())
+    assert state == tmp_path / "sw" / ns.name
+    pid = int((state / "run" / "charon.pid").read_text())
+    assert f"pid {pid}" in r.stdout and _alive(pid)
+    assert "aes128gcm16-prfsha256-ecp256" in (state / "swanctl.conf").read_text()
+    assert b"cli-psk".hex() in (state / "swanctl.conf").read_text()  # one newline stripped
+    assert cli("status", ns.name).returncode == 0
+    again = cli("start", ns.name, "--local", "198.51.100.1", "--remote", "198.51.100.2",
+                "--psk-file", str(psk))  # fmt: skip
+    assert again.returncode == 1 and "already runs" in again.stderr
+    assert cli("stop", ns.name).returncode == 0
+    assert not _alive(pid) and not os.path.exists(state / "run" / "charon.pid")
