@@ -64,7 +64,7 @@ if [ -n "$r" ]; then exec chroot "$r" "$3"; else exec "$3"; fi
 """
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if ``pid`` runs and is not a zombie."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -135,7 +135,7 @@ class StrongSwanPeer:
         except (OSError, ValueError):
             return None
         want = f"STRONGSWAN_CONF={self.state_dir}/strongswan.conf".encode()
-        if comm != "charon" or want not in environ or not _alive(pid):
+        if comm != "charon" or want not in environ or not pid_alive(pid):
             return None
         return pid
 
@@ -294,9 +294,9 @@ secrets {{ ike-psk {{ secret = 0x{psk.reveal().hex()} }} }}
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             deadline = time.monotonic() + grace
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         # A killed charon leaves its policy rule to table 220 behind (its TUN goes away).

@@ -8,19 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ipsecmgr.lab.strongswan import PeerOptions, StrongSwanPeer
+from ipsecmgr.lab.strongswan import PeerOptions, StrongSwanPeer, pid_alive
 from ipsecmgr.netns import NetnsPool
 from ipsecmgr.secret import Secret
 
 PSK = Secret(b"strongswan-test-psk\x00\xff")  # non-printable bytes: the hex encoding matters
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return not re.search(r"^State:\s*Z", state, re.M)
 
 
 @pytest.mark.root
@@ -59,12 +51,12 @@ def test_two_charons_build_a_tunnel_and_carry_ping(netns: NetnsPool, tmp_path: P
         # a crash (SIGKILL) leaves charon's policy rule behind; stop() removes it
         killed = init.pid
         init.stop(kill=True)
-        assert killed is not None and not _alive(killed) and init.pid is None
+        assert killed is not None and not pid_alive(killed) and init.pid is None
     finally:
         pids = [p for p in (init.pid, resp.pid) if p]
         init.stop()
         resp.stop()
-    assert pids and not any(_alive(p) for p in pids)
+    assert pids and not any(pid_alive(p) for p in pids)
     for ns in (a, b):
         rules = subprocess.run(["ip", "-n", ns.name, "rule"], capture_output=True, text=True)
         assert "lookup 220" not in rules.stdout
@@ -95,7 +87,7 @@ def test_command_line_start_status_stop(netns: NetnsPool, tmp_path: Path) -> Non
     state = Path(cli("dir", ns.name).stdout.strip())
     assert state == tmp_path / "sw" / ns.name
     pid = int((state / "run" / "charon.pid").read_text())
-    assert f"pid {pid}" in r.stdout and _alive(pid)
+    assert f"pid {pid}" in r.stdout and pid_alive(pid)
     assert "aes128gcm16-prfsha256-ecp256" in (state / "swanctl.conf").read_text()
     assert b"cli-psk".hex() in (state / "swanctl.conf").read_text()  # one newline stripped
     assert cli("status", ns.name).returncode == 0
@@ -103,4 +95,4 @@ def test_command_line_start_status_stop(netns: NetnsPool, tmp_path: Path) -> Non
                 "--psk-file", str(psk))  # fmt: skip
     assert again.returncode == 1 and "already runs" in again.stderr
     assert cli("stop", ns.name).returncode == 0
-    assert not _alive(pid) and not os.path.exists(state / "run" / "charon.pid")
+    assert not pid_alive(pid) and not os.path.exists(state / "run" / "charon.pid")
