@@ -612,6 +612,19 @@ class _Parser:
             return None
         return Identity(typ, value)
 
+    def set_refs(
+        self, t: Mapping[str, Any], kind: str, path: str, known: set[str]
+    ) -> tuple[str, ...]:
+        """A crypto map's ``<kind>s`` list: names that exist; absent means ("default",)."""
+        key = f"{kind}s"
+        names = self.str_list(t, key, path) or ("default",)
+        if t.get(key) == []:
+            self.err(f"{path}.{key}", "empty: name at least one (or leave the key out)")
+        for i, name in enumerate(names):
+            if name not in known:
+                self.err(f"{path}.{key}[{i}]", f"no {kind} named {name!r}")
+        return names
+
     def psk(self, v: Any, path: str) -> Secret | None:
         if isinstance(v, str):
             # Do not echo the value: it is probably the key.
@@ -687,22 +700,10 @@ class _Parser:
         elif acl is not None and acl not in acl_names:
             self.err(f"{path}.match_address", f"no access_list named {acl!r}")
 
-        ike_sets = self.str_list(t, "ike_transform_sets", path) or ("default",)
-        if t.get("ike_transform_sets") == []:
-            self.err(
-                f"{path}.ike_transform_sets", "empty: name at least one (or leave the key out)"
-            )
-        for i, s in enumerate(ike_sets):
-            if s not in ikes and s not in self.declared_ike:
-                self.err(f"{path}.ike_transform_sets[{i}]", f"no ike_transform_set named {s!r}")
-        ipsec_sets = self.str_list(t, "ipsec_transform_sets", path) or ("default",)
-        if t.get("ipsec_transform_sets") == []:
-            self.err(
-                f"{path}.ipsec_transform_sets", "empty: name at least one (or leave the key out)"
-            )
-        for i, s in enumerate(ipsec_sets):
-            if s not in ipsecs and s not in self.declared_ipsec:
-                self.err(f"{path}.ipsec_transform_sets[{i}]", f"no ipsec_transform_set named {s!r}")
+        ike_sets = self.set_refs(t, "ike_transform_set", path, set(ikes) | self.declared_ike)
+        ipsec_sets = self.set_refs(
+            t, "ipsec_transform_set", path, set(ipsecs) | self.declared_ipsec
+        )
         modes = {ipsecs[s].mode if s in ipsecs else "tunnel" for s in ipsec_sets}
         if len(modes) > 1:
             self.err(
