@@ -9,8 +9,11 @@ protected too); the bypass server matches no rule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from ipsecmgr.lab.strongswan import PeerOptions
 from ipsecmgr.lab.topology import LabAddresses
 
 
@@ -99,3 +102,45 @@ def lab_gateway_config(
     if control_socket is not None:
         lines.append(f"control_socket = {_q(control_socket)}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class StrongSwanArgs:
+    """Arguments for :meth:`StrongSwanPeer.start` that mirror :func:`lab_gateway_config`."""
+
+    local: str
+    remote: str
+    options: PeerOptions
+
+
+def lab_strongswan_args(
+    addresses: LabAddresses, side: str, *, family: int = 4, **options: Any
+) -> StrongSwanArgs:
+    """strongSwan in place of our gateway on ``side``, with the same selectors and algorithms.
+
+    libipsec has no transport mode, so in the transport lab the Child SA is a
+    tunnel between the two host addresses (the same packets are protected). In
+    the tunnel lab the server side's selector is the server LAN, not the
+    server's /32 (see below); the ACL of :func:`lab_gateway_config` is narrower.
+    """
+    a = addresses
+    v6 = family == 6
+    bits = "/128" if v6 else "/32"
+    client_wan = a.client_wan6 if v6 else a.client_wan4
+    gw_wan = a.gw_wan6 if v6 else a.gw_wan4
+    server = a.server6 if v6 else a.server4
+    src = (a.src_ip6 if v6 else a.src_ip4) if a.mode == "tunnel" else client_wan
+    # kernel-libipsec installs its route with a local source address taken from
+    # the local selector; gw owns no address in server/32, but one in the LAN.
+    lan = (a.lan6 if v6 else a.lan4) if a.mode == "tunnel" else None
+    far = lan or f"{server}{bits}"
+    if side == "client":
+        local, remote, lts, rts = client_wan, gw_wan, f"{src}{bits}", far
+    elif side == "gw":
+        local, remote, lts, rts = gw_wan, client_wan, far, f"{src}{bits}"
+    else:
+        raise ValueError("side must be 'client' or 'gw'")
+    opts = PeerOptions(
+        ike="aes256gcm16-prfsha256-modp2048", esp="aes256gcm16", local_ts=lts, remote_ts=rts
+    )
+    return StrongSwanArgs(local, remote, replace(opts, **options))
