@@ -1,0 +1,373 @@
+"""ESP Security Associations with AES-GCM-16 (RFC 4303 + RFC 4106).
+
+Wire format produced and consumed here (no outer IP or UDP header)::
+
+    0        4        8                16                          -16
+    | SPI    | Seq    | IV (8 bytes)   | AES-GCM ciphertext of       | ICV (16) |
+    |        | low 32 |                | payload|pad|padlen|nexthdr  |          |
+
+* nonce = salt (last 4 bytes of the keying material) ‖ IV (RFC 4106 §4)
+* AAD = SPI ‖ Seq, or with ESN SPI ‖ Seq high 32 ‖ Seq low 32 (RFC 4106 §5)
+* we send IV = the 64-bit sequence number: unique per key, which is all RFC 4106 §3.1
+  asks; on input the IV is whatever the packet carries.
+
+Hot path notes (measure with tools/bench/esp.py): one AESGCM object per SA, built
+once; precompiled structs; trailers (padding ‖ Pad Length ‖ Next Header) precomputed
+for every (next header, pad length) pair; the per-packet functions are closures
+(see _build_encapsulate). Per packet, encapsulate makes two payload-sized copies
+(payload ‖ trailer for AESGCM, header ‖ sealed for the wire) and decapsulate two
+(the ciphertext slice AESGCM needs, the payload without its trailer): the
+one-shot AESGCM API takes and returns whole buffers, and its ``*_into`` variants
+measured slower here. In-order packets take a fast path through the replay window.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TypedDict, Unpack
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .counters import Lifetime, LifetimeStatus, SaCounters
+from .errors import (
+    DummyPacket,
+    EspError,
+    IntegrityError,
+    MalformedError,
+    PadError,
+    SequenceExhausted,
+    TruncatedError,
+    UnknownSpiError,
+)
+from .replay import ReplayWindow
+
+__all__ = [
+    "ICV_LEN",
+    "IV_LEN",
+    "MIN_PACKET_LEN",
+    "NEXT_HEADER_DUMMY",
+    "InboundSA",
+    "OutboundSA",
+    "SaOptions",
+]
+
+SALT_LEN = 4  # RFC 4106 §8.1: KEYMAT = AES key ‖ 4-byte salt
+IV_LEN = 8  # RFC 4106 §3.1
+ICV_LEN = 16  # ENCR_AES_GCM_16
+HEADER_LEN = 8  # SPI + sequence number
+# SPI, Seq, IV, Pad Length, Next Header, ICV: the smallest packet that can carry
+# anything (an empty payload with no padding).
+MIN_PACKET_LEN = HEADER_LEN + IV_LEN + 2 + ICV_LEN
+NEXT_HEADER_DUMMY = 59  # RFC 4303 §2.6 ("no next header")
+KEYMAT_LENGTHS = (20, 36)  # AES-128 and AES-256, each + salt
+MODES = ("tunnel", "transport")
+
+_M32 = 0xFFFFFFFF
+_LAST_SEQ_32 = (1 << 32) - 1
+_LAST_SEQ_64 = (1 << 64) - 1
+# Soft thresholds: leave the daemon 2^20 (2^32 with ESN) packets to finish a rekey.
+DEFAULT_SOFT_SEQ_32 = (1 << 32) - (1 << 20)
+DEFAULT_SOFT_SEQ_64 = (1 << 64) - (1 << 32)
+
+_HEADER = struct.Struct(">IIQ")  # SPI, seq low 32, IV = full 64-bit seq
+_SPI_SEQ = struct.Struct(">II")
+_AAD_ESN = struct.Struct(">III")  # RFC 4106 §5: SPI, seq high 32, seq low 32
+_NONCE = struct.Struct(">IQ")  # salt (as int), IV
+_HEAD = struct.Struct(">II8s")  # SPI, seq low 32, IV as received
+
+# RFC 4303 §2.4: padding bytes are 1, 2, 3, ...; _PADS[n] is the n-byte padding.
+_PADS: tuple[bytes, ...] = tuple(bytes(range(1, n + 1)) for n in range(256))
+# _TRAILERS[next_header][pad_length] = padding ‖ Pad Length ‖ Next Header. GCM needs no
+# block alignment, so we pad only to put the trailer at a 4-byte boundary (0..3 bytes).
+_TRAILERS: dict[int, tuple[bytes, ...]] = {
+    nh: tuple(_PADS[p] + bytes((p, nh)) for p in range(4)) for nh in range(256)
+}
+
+
+def _split_keymat(key: bytes) -> tuple[AESGCM, bytes]:
+    if not isinstance(key, bytes | bytearray) or len(key) not in KEYMAT_LENGTHS:
+        raise ValueError(
+            "ESP AES-GCM keying material must be a 16- or 32-byte AES key followed by a "
+            "4-byte salt (20 or 36 bytes)"
+        )
+    return AESGCM(bytes(key[:-SALT_LEN])), bytes(key[-SALT_LEN:])
+
+
+class SaOptions(TypedDict, total=False):
+    """Keyword arguments both SA directions take.
+
+    ``mode``: "tunnel" or "transport" (kept for the daemon; the wire format is the
+    same). ``esn``: 64-bit extended sequence numbers (RFC 4303 §2.2.1).
+    ``soft_*``/``hard_*``: lifetimes in packets, payload bytes and seconds since
+    ``created`` (caller's clock). ``soft_seq``: sequence number at which to report
+    soft expiry (default 2^32 - 2^20, or 2^64 - 2^32 with ESN).
+    """
+
+    mode: str
+    esn: bool
+    soft_packets: int | None
+    hard_packets: int | None
+    soft_bytes: int | None
+    hard_bytes: int | None
+    soft_seconds: float | None
+    hard_seconds: float | None
+    soft_seq: int | None
+    created: float
+
+
+class _SecurityAssociation:
+    """What outbound and inbound SAs share: identity, key, counters, lifetimes."""
+
+    __slots__ = (
+        "_aead",
+        "_last_seq",
+        "_salt",
+        "counters",
+        "created",
+        "esn",
+        "key_bits",
+        "lifetime",
+        "mode",
+        "soft_seq",
+        "spi",
+    )
+
+    def __init__(
+        self,
+        spi: int,
+        key: bytes,
+        *,
+        mode: str = "tunnel",
+        esn: bool = False,
+        soft_packets: int | None = None,
+        hard_packets: int | None = None,
+        soft_bytes: int | None = None,
+        hard_bytes: int | None = None,
+        soft_seconds: float | None = None,
+        hard_seconds: float | None = None,
+        soft_seq: int | None = None,
+        created: float = 0.0,
+    ) -> None:
+        if not 0 < spi <= _M32:
+            # RFC 4303 §2.1: SPI 0 is reserved for local use and never sent.
+            raise ValueError(f"SPI must be 1..2^32-1, got {spi}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'tunnel' or 'transport', got {mode!r}")
+        self._aead, self._salt = _split_keymat(key)
+        self.key_bits = (len(key) - SALT_LEN) * 8
+        self.spi = spi
+        self.mode = mode
+        self.esn = bool(esn)
+        self._last_seq = _LAST_SEQ_64 if esn else _LAST_SEQ_32
+        if soft_seq is None:
+            soft_seq = DEFAULT_SOFT_SEQ_64 if esn else DEFAULT_SOFT_SEQ_32
+        self.soft_seq = soft_seq
+        self.lifetime = Lifetime(
+            soft_packets, hard_packets, soft_bytes, hard_bytes, soft_seconds, hard_seconds
+        )
+        self.created = created
+        self.counters = SaCounters()
+
+    def _status(self, now: float, seq: int) -> LifetimeStatus:
+        return self.lifetime.status(
+            self.counters, now - self.created, seq, self.soft_seq, self._last_seq
+        )
+
+    def __repr__(self) -> str:
+        # Never the key or salt (STYLE: secrets stay out of repr and logs).
+        return (
+            f"{type(self).__name__}(spi=0x{self.spi:08x}, mode={self.mode!r}, "
+            f"esn={self.esn}, aes={self.key_bits})"
+        )
+
+
+class OutboundSA(_SecurityAssociation):
+    """Sending side: :meth:`encapsulate` turns a payload into an ESP packet."""
+
+    __slots__ = ("encapsulate", "next_seq")
+
+    encapsulate: Callable[[bytes, int], bytes]
+    """``encapsulate(payload, next_header) -> bytes``: SPI ‖ Seq ‖ IV ‖ ciphertext ‖ ICV.
+
+    Tunnel mode: ``payload`` is the inner IP packet, ``next_header`` 4 or 41.
+    Transport mode: the upper-layer segment and its protocol number.
+    Raises :class:`SequenceExhausted` once the last sequence number was used, and
+    ``ValueError`` for a next header outside 0..255 (a caller bug, not a packet).
+    Built per SA by :func:`_build_encapsulate`.
+    """
+
+    def __init__(self, spi: int, key: bytes, *, seq: int = 1, **options: Unpack[SaOptions]) -> None:
+        """``seq`` is the next sequence number to send (RFC 4303 §3.3.3: starts at 1)."""
+        super().__init__(spi, key, **options)
+        if not 1 <= seq <= self._last_seq + 1:
+            raise ValueError(f"next sequence number {seq} out of range")
+        self.next_seq = seq
+        self.encapsulate = _build_encapsulate(self)
+
+    def _encapsulate_with_iv(self, payload: bytes, next_header: int, iv: bytes) -> bytes:
+        """:meth:`encapsulate` with a caller-chosen IV, for known-answer tests only.
+
+        Published vectors use IVs unrelated to the sequence number. Reusing an IV under
+        one key breaks GCM completely, which is why the data path never takes one.
+        """
+        seq = self.next_seq
+        if seq > self._last_seq:
+            raise SequenceExhausted(f"SPI 0x{self.spi:08x}: sequence numbers exhausted")
+        if len(iv) != IV_LEN:
+            raise ValueError("IV must be 8 bytes")
+        self.next_seq = seq + 1
+        trailer = _TRAILERS[next_header][(-2 - len(payload)) & 3]
+        if self.esn:
+            aad = _AAD_ESN.pack(self.spi, seq >> 32, seq & _M32)
+        else:
+            aad = _SPI_SEQ.pack(self.spi, seq)
+        header = _SPI_SEQ.pack(self.spi, seq & _M32) + iv
+        sealed = self._aead.encrypt(self._salt + iv, payload + trailer, aad)
+        self.counters.packets += 1
+        self.counters.bytes += len(payload)
+        return header + sealed
+
+    def status(self, now: float) -> LifetimeStatus:
+        """Soft/hard expiry by packets, bytes, seconds since ``created``, and sequence.
+
+        Sequence: soft once the last sent number reaches ``soft_seq``; hard once the
+        last possible number (2^32-1, or 2^64-1 with ESN) was sent.
+        """
+        return self._status(now, self.next_seq - 1)
+
+
+class InboundSA(_SecurityAssociation):
+    """Receiving side: :meth:`decapsulate` checks and opens an ESP packet."""
+
+    __slots__ = ("decapsulate", "window")
+
+    decapsulate: Callable[[bytes], tuple[bytes, int]]
+    """``decapsulate(esp_packet) -> (payload, next_header)`` or an :class:`EspError`.
+
+    Nothing else escapes: whatever the bytes, the caller sees a payload or a typed
+    error whose drop counter has already been bumped. Built per SA by
+    :func:`_build_decapsulate`.
+    """
+
+    def __init__(
+        self, spi: int, key: bytes, *, replay_window: int = 128, **options: Unpack[SaOptions]
+    ) -> None:
+        """``replay_window``: anti-replay window size, 32..65536 packets."""
+        super().__init__(spi, key, **options)
+        self.window = ReplayWindow(replay_window, esn=self.esn)
+        self.decapsulate = _build_decapsulate(self)
+
+    def status(self, now: float) -> LifetimeStatus:
+        """Soft/hard expiry by packets, bytes, seconds and the highest sequence seen."""
+        return self._status(now, self.window.top)
+
+
+# The two per-packet functions are closures built once per SA: everything constant
+# for the SA's life (SPI, salt, the bound AESGCM method, structs, tables) is a
+# closure cell, which Python reads faster than an attribute. State that others
+# read (next_seq, the window, counters) stays on objects. Measured with
+# tools/bench/esp.py: about 0.1 µs per packet less than the same code as methods.
+
+
+def _build_encapsulate(sa: OutboundSA) -> Callable[[bytes, int], bytes]:
+    spi = sa.spi
+    esn = sa.esn
+    last_seq = sa._last_seq
+    counters = sa.counters
+    encrypt = sa._aead.encrypt
+    salt = int.from_bytes(sa._salt, "big")
+    pack_header = _HEADER.pack
+    pack_nonce = _NONCE.pack
+    pack_aad_esn = _AAD_ESN.pack
+    trailers = _TRAILERS
+
+    def encapsulate(payload: bytes, next_header: int) -> bytes:
+        seq = sa.next_seq
+        if seq > last_seq:
+            # RFC 4303 §3.3.3: the counter MUST NOT cycle; only a new SA may send.
+            counters.drops["seq_exhausted"] += 1
+            raise SequenceExhausted(f"SPI 0x{spi:08x}: sequence numbers exhausted")
+        sa.next_seq = seq + 1
+        n = len(payload)
+        try:
+            trailer = trailers[next_header][(-2 - n) & 3]
+        except KeyError:
+            raise ValueError(f"next header must be 0..255, got {next_header!r}") from None
+        if esn:
+            header = pack_header(spi, seq & _M32, seq)
+            aad = pack_aad_esn(spi, seq >> 32, seq & _M32)
+        else:
+            header = pack_header(spi, seq, seq)
+            aad = header[:8]
+        # IV = the 64-bit sequence number, nonce = salt ‖ IV (RFC 4106 §3.1, §4)
+        sealed = encrypt(pack_nonce(salt, seq), payload + trailer, aad)
+        counters.packets += 1
+        counters.bytes += n
+        return header + sealed
+
+    return encapsulate
+
+
+def _build_decapsulate(sa: InboundSA) -> Callable[[bytes], tuple[bytes, int]]:
+    own_spi = sa.spi
+    esn = sa.esn
+    window = sa.window
+    counters = sa.counters
+    drops = counters.drops
+    decrypt = sa._aead.decrypt
+    salt = sa._salt
+    unpack_head = _HEAD.unpack_from
+    pack_aad_esn = _AAD_ESN.pack
+    pads = _PADS
+
+    def decapsulate(esp_packet: bytes) -> tuple[bytes, int]:
+        try:
+            if len(esp_packet) < MIN_PACKET_LEN:
+                raise TruncatedError(f"{len(esp_packet)} bytes")
+            spi, seq_low, iv = unpack_head(esp_packet)
+            if spi != own_spi:
+                raise UnknownSpiError(f"SPI 0x{spi:08x}")
+            top = window.top
+            # RFC 4303 §3.4.3: check the window before decrypting ...
+            if esn:
+                seq = window.check(seq_low)
+                aad = pack_aad_esn(spi, seq >> 32, seq_low)
+            else:
+                # right of the window (the usual case) needs no bitmap lookup
+                seq = seq_low if seq_low > top else window.check(seq_low)
+                aad = esp_packet[:8]
+            try:
+                plain = decrypt(salt + iv, esp_packet[16:], aad)
+            except InvalidTag:
+                # With ESN this also covers a wrong guess of the high bits (A2.3).
+                raise IntegrityError(f"seq {seq}") from None
+            # ... and move it only for authentic packets. Authentic but malformed
+            # packets (bad padding, dummies) still consume their sequence number.
+            if seq == top + 1 and not window.missing:
+                window.top = seq  # in order, no gaps: nothing to record
+            else:
+                window.accept(seq)
+            pad_len = plain[-2]
+            end = -2 - pad_len
+            # RFC 4303 §2.4: the receiver SHOULD check the padding values (1, 2, ...).
+            if pad_len and plain[end:-2] != pads[pad_len]:
+                if pad_len > len(plain) - 2:
+                    raise MalformedError(f"pad length {pad_len} exceeds the payload")
+                raise PadError(f"seq {seq}")
+            next_header = plain[-1]
+            if next_header == NEXT_HEADER_DUMMY:
+                raise DummyPacket(f"seq {seq}")
+            payload = plain[:end]
+            counters.packets += 1
+            counters.bytes += len(payload)
+            return payload, next_header
+        except EspError as err:
+            drops[err.counter] = drops.get(err.counter, 0) + 1
+            raise
+        except Exception as exc:  # anything else from hostile bytes becomes "malformed"
+            drops["malformed"] += 1
+            raise MalformedError(f"{type(exc).__name__}: {exc}") from exc
+
+    return decapsulate

@@ -1,0 +1,247 @@
+"""Many IKE SAs behind one pair of UDP sockets: routing by SPI, responders, COOKIEs.
+
+``IkeEndpoint`` is what the daemon drives: it owns every :class:`IkeSA`,
+creates responders for new IKE_SA_INIT requests (after the COOKIE check of
+§2.6 once too many SAs are half-open), routes later datagrams by our SPI and
+merges the SAs' datagrams, timers and events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from .buffer import DecodeError
+from .config import IkeConfig
+from .constants import NON_ESP_MARKER, ExchangeType, HeaderFlag, NotifyType
+from .events import IkeEvent
+from .payloads import (
+    NoncePayload,
+    NotifyPayload,
+    build_plain_message,
+    find,
+    parse_header,
+    parse_message,
+)
+from .sa import Address, IkeSA, State
+
+ZERO_SPI = b"\x00" * 8
+ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
+
+
+class CookieJar:
+    """Stateless COOKIEs (§2.6): Cookie = VersionIDofSecret | Hash(Ni | IPi | SPIi | secret).
+
+    The secret is replaced every ``rotation`` seconds; cookies made with the
+    previous secret stay valid for one more period.
+    """
+
+    def __init__(self, rng: Callable[[int], bytes], rotation: float = 300.0) -> None:
+        self._rng = rng
+        self.rotation = rotation
+        self._version = 0
+        self._secrets: dict[int, bytes] = {}
+        self._rotated_at: float | None = None
+
+    def _rotate(self, now: float) -> None:
+        if self._rotated_at is None or now - self._rotated_at >= self.rotation:
+            self._version = (self._version + 1) & 0xFFFFFFFF
+            self._secrets = {
+                self._version: self._rng(32),
+                **{k: v for k, v in self._secrets.items() if k == self._version - 1},
+            }
+            self._rotated_at = now
+
+    def _make(self, version: int, ni: bytes, ip: str, spi_i: bytes) -> bytes | None:
+        secret = self._secrets.get(version)
+        if secret is None:
+            return None
+        digest = hashlib.sha256(ni + ipaddress.ip_address(ip).packed + spi_i + secret).digest()
+        return version.to_bytes(4, "big") + digest
+
+    def make(self, ni: bytes, ip: str, spi_i: bytes, now: float) -> bytes:
+        self._rotate(now)
+        cookie = self._make(self._version, ni, ip, spi_i)
+        assert cookie is not None
+        return cookie
+
+    def check(self, cookie: bytes, ni: bytes, ip: str, spi_i: bytes, now: float) -> bool:
+        self._rotate(now)
+        if len(cookie) != 36:
+            return False
+        want = self._make(int.from_bytes(cookie[:4], "big"), ni, ip, spi_i)
+        return want is not None and hmac.compare_digest(want, cookie)
+
+
+class IkeEndpoint:
+    """Owns IKE SAs; the daemon's single entry point to the IKE engine."""
+
+    def __init__(
+        self,
+        configs: Sequence[IkeConfig] = (),
+        *,
+        rng: Callable[[int], bytes] = os.urandom,
+        find_config: ConfigLookup | None = None,
+        cookie_rotation: float = 300.0,
+    ) -> None:
+        self.configs = list(configs)
+        self.rng = rng
+        self._find_config = find_config
+        self.cookies = CookieJar(rng, cookie_rotation)
+        self.sas: list[IkeSA] = []
+        self._by_spi: dict[bytes, IkeSA] = {}
+        self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: deque[IkeEvent] = deque()
+        self.counters: dict[str, int] = {}
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    def config_for(self, addr: Address, local: Address | None) -> IkeConfig | None:
+        if self._find_config is not None:
+            return self._find_config(addr, local)
+        for c in self.configs:
+            if ipaddress.ip_address(c.peer_addr[0]) == ipaddress.ip_address(addr[0]):
+                return c
+        return None
+
+    # --- commands ------------------------------------------------------------
+
+    def initiate(self, config: IkeConfig, now: float) -> IkeSA:
+        sa = IkeSA(config, True, self.rng)
+        self.sas.append(sa)
+        sa.initiate(now)
+        self._collect()
+        return sa
+
+    def find_sa(self, name: str) -> IkeSA | None:
+        return next((s for s in self.sas if s.name == name), None)
+
+    # --- input -----------------------------------------------------------------
+
+    def receive_datagram(
+        self, data: bytes, addr: Address, now: float, local_addr: Address | None = None
+    ) -> None:
+        try:
+            body = data[4:] if data[:4] == NON_ESP_MARKER else data
+            hdr = parse_header(body)
+        except DecodeError:
+            self._count("malformed")
+            return
+        ours = hdr.spi_r if hdr.flags & HeaderFlag.INITIATOR else hdr.spi_i
+        sa = self._by_spi.get(ours)
+        if sa is None and hdr.exchange == ExchangeType.IKE_SA_INIT and hdr.spi_r == ZERO_SPI:
+            sa = self._by_init.get((hdr.spi_i, addr))
+            if sa is None and not hdr.flags & HeaderFlag.RESPONSE and hdr.msg_id == 0:
+                self._new_responder(data, body, addr, now, local_addr)
+                self._collect()
+                return
+        if sa is None:
+            self._count("unknown_spi")
+            return
+        sa.receive_datagram(data, addr, now)
+        self._collect()
+
+    def _new_responder(
+        self, data: bytes, body: bytes, addr: Address, now: float, local: Address | None
+    ) -> None:
+        cfg = self.config_for(addr, local)
+        if cfg is None:
+            self._count("no_config")
+            return
+        half_open = sum(1 for s in self.sas if not s.initiator and s.state == State.INIT_DONE)
+        if half_open >= cfg.cookie_threshold:
+            try:
+                _, payloads, _ = parse_message(body)
+            except DecodeError:
+                self._count("malformed")
+                return
+            nonce = find(payloads, NoncePayload)
+            if nonce is None:
+                self._count("malformed")
+                return
+            first = payloads[0] if payloads else None
+            ok = (
+                isinstance(first, NotifyPayload)
+                and first.notify_type == NotifyType.COOKIE
+                and self.cookies.check(first.data, nonce.nonce, addr[0], body[:8], now)
+            )
+            if not ok:
+                # §2.6: answer statelessly with a COOKIE to echo
+                cookie = self.cookies.make(nonce.nonce, addr[0], body[:8], now)
+                pkt = build_plain_message(
+                    body[:8],
+                    ZERO_SPI,
+                    ExchangeType.IKE_SA_INIT,
+                    HeaderFlag.RESPONSE,
+                    0,
+                    [NotifyPayload(NotifyType.COOKIE, cookie)],
+                )
+                marker = NON_ESP_MARKER if data[:4] == NON_ESP_MARKER else b""
+                self._out.append((marker + pkt, addr))
+                self._count("cookie_sent")
+                return
+            self._count("cookie_accepted")
+        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local)
+        self._out.extend(sa.datagrams_to_send(now))
+        if not sa.dead:
+            self.sas.append(sa)
+            self._by_init[(sa.ch.spi_i, addr)] = sa
+        else:
+            self._count("refused_init")
+            self._fold(sa)
+            while (e := sa.next_event()) is not None:
+                self._events.append(e)
+
+    def handle_timer(self, now: float) -> None:
+        for sa in list(self.sas):
+            t = sa.get_timer()
+            if t is not None and t <= now:
+                sa.handle_timer(now)
+        self._collect()
+
+    # --- outputs ---------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        self._collect()
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (sa.get_timer() for sa in self.sas) if t is not None]
+        return min(times) if times else None
+
+    def next_event(self) -> IkeEvent | None:
+        self._collect()
+        return self._events.popleft() if self._events else None
+
+    def _fold(self, sa: IkeSA) -> None:
+        """Keep the counters of an SA that goes away (``sa_`` prefix)."""
+        for k, v in sa.counters.items():
+            self.counters["sa_" + k] = self.counters.get("sa_" + k, 0) + v
+
+    def _collect(self) -> None:
+        """Pull datagrams and events from every SA, re-index SPIs, drop dead SAs."""
+        by_spi: dict[bytes, IkeSA] = {}
+        alive: list[IkeSA] = []
+        for sa in self.sas:
+            self._out.extend(sa.datagrams_to_send(0.0))
+            while (e := sa.next_event()) is not None:
+                self._events.append(e)
+            if sa.dead:
+                self._fold(sa)
+                continue
+            alive.append(sa)
+            for spi in sa.local_spis():
+                if spi and spi != ZERO_SPI:
+                    by_spi[spi] = sa
+        self.sas = alive
+        self._by_spi = by_spi
+        # §2.1: IKE_SA_INIT retransmissions (SPIr still 0) find their SA by (SPIi, address)
+        live = set(map(id, alive))
+        self._by_init = {k: s for k, s in self._by_init.items() if id(s) in live}

@@ -1,0 +1,513 @@
+"""One IKE SA as a sans-I/O state machine (RFC 7296).
+
+Theory of operation
+-------------------
+Three kinds of input drive an :class:`IkeSA`: commands (``initiate``,
+``rekey_child``, ...), ``receive_datagram(data, addr, now)`` and
+``handle_timer(now)``. Output is pulled: ``datagrams_to_send(now)``,
+``next_event()`` and ``get_timer()``. Nothing here reads a clock or opens a
+socket.
+
+Every exchange is a *task* (``ike.tasks``, after strongSwan's libcharon): the
+initiator side ``build``s a request and ``process``es the response; the
+responder side is a handler chosen from ``RESPONDERS`` by exchange type and
+SA state. One request is in flight per IKE SA (window size 1, §2.3); later
+tasks wait in a queue. The last response is cached and re-sent when the peer
+retransmits its request (§2.1).
+
+Wire state (SPIs, keys, message IDs, the request in flight, the response
+cache) lives in a :class:`Channel`. An IKE rekey (§2.18) builds a new channel
+and swaps it in; the old one lives on only to carry its DELETE exchange.
+
+Bad input never escapes: a datagram that does not parse, fails its integrity
+check, carries the wrong message ID or arrives in the wrong state is dropped
+and counted in ``counters`` (§2.21); a well-protected request we must refuse
+gets an error NOTIFY from the responder handler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+
+from . import events as ev
+from . import tasks as _t
+from .buffer import Buffer, DecodeError
+from .config import IkeConfig
+from .constants import (
+    IKE_HEADER_LEN,
+    NON_ESP_MARKER,
+    ExchangeType,
+    HeaderFlag,
+    NotifyType,
+    PayloadType,
+    notify_name,
+)
+from .crypto import CryptoError
+from .errors import ProtocolError
+from .payloads import (
+    KNOWN_PAYLOADS,
+    Header,
+    NotifyPayload,
+    Payload,
+    UnknownPayload,
+    build_chain,
+    build_header,
+    build_plain_message,
+    parse_chain,
+    parse_header,
+)
+from .state import Address, Channel, ChildSA, Inbound, Pending, State
+
+__all__ = ["Address", "ChildSA", "IkeSA", "State"]
+
+
+class IkeSA:
+    """A sans-I/O IKEv2 SA with PSK authentication. See ``ike/__init__.py``."""
+
+    def __init__(
+        self,
+        config: IkeConfig,
+        initiator: bool,
+        rng: Callable[[int], bytes] = os.urandom,
+        name: str | None = None,
+    ) -> None:
+        self.config = config
+        self.rng = rng
+        self.initiator = initiator  # original initiator of the first IKE SA
+        self.state = State.NEW
+        self.peer_addr: Address = config.peer_addr
+        self.local_addr: Address = config.local_addr
+        self.nat_t = False  # floated to UDP 4500 (§2.23): datagrams carry the non-ESP marker
+        self.nat_detected_local = False
+        self.nat_detected_remote = False
+        self.children: dict[int, ChildSA] = {}
+        self.counters: dict[str, int] = {}
+        self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
+        self.old_ch: Channel | None = None  # the rekeyed-away IKE SA, until deleted
+        self.name = name or f"{config.name or 'ike'}-{self.ch.spi_i.hex()}"
+        # IKE_SA_INIT material kept for AUTH (§2.15)
+        self.ni = b""
+        self.nr = b""
+        self.init_request = b""
+        self.init_response = b""
+        self.half_open_deadline: float | None = None
+        self._queue: deque[_t.Task] = deque()
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: deque[ev.IkeEvent] = deque()
+        self._next_child = 1
+        self._switch_after_response: Callable[[], None] | None = None
+
+    @classmethod
+    def respond_to(
+        cls,
+        config: IkeConfig,
+        data: bytes,
+        addr: Address,
+        now: float,
+        rng: Callable[[int], bytes] = os.urandom,
+        local_addr: Address | None = None,
+    ) -> IkeSA:
+        """A responder for the IKE_SA_INIT request ``data`` from ``addr``.
+
+        Check ``sa.dead`` afterwards: a refused request (NO_PROPOSAL_CHOSEN,
+        INVALID_KE_PAYLOAD, a malformed message) leaves only the answer in
+        ``datagrams_to_send`` and no state (§1.2).
+        """
+        body = data[4:] if data[:4] == NON_ESP_MARKER else data
+        spi_i = body[:8]
+        sa = cls(config, False, rng, name=f"{config.name or 'ike'}-{spi_i.hex()}")
+        sa.ch.spi_i = spi_i
+        if local_addr is not None:
+            sa.local_addr = local_addr
+        if data[:4] == NON_ESP_MARKER:
+            sa.nat_t = True
+        sa.receive_datagram(data, addr, now)
+        if sa.state == State.NEW:
+            sa.state = State.DEAD  # nothing usable arrived
+        return sa
+
+    # --- small helpers used by tasks ---------------------------------------
+
+    def _new_spi(self) -> bytes:
+        while True:
+            spi = self.rng(8)
+            if spi != b"\x00" * 8:
+                return spi
+
+    def new_child_spi(self) -> int:
+        # RFC 4303 §2.1: SPIs 1-255 are reserved
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi > 255 and all(c.inbound_spi != spi for c in self.children.values()):
+                return spi
+
+    def new_child_id(self) -> int:
+        n = self._next_child
+        self._next_child += 1
+        return n
+
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    def emit(self, event: ev.IkeEvent) -> None:
+        self._events.append(event)
+
+    def local_spis(self) -> list[bytes]:
+        spis = [self.ch.local_spi]
+        if self.old_ch is not None:
+            spis.append(self.old_ch.local_spi)
+        return spis
+
+    @property
+    def established(self) -> bool:
+        return self.state == State.ESTABLISHED
+
+    @property
+    def dead(self) -> bool:
+        return self.state == State.DEAD
+
+    def die(self, reason: str) -> None:
+        """Tear down locally: one IkeSaDeleted covers every Child SA."""
+        if self.state == State.DEAD:
+            return
+        was_up = self.state in (State.ESTABLISHED, State.DELETING)
+        self.state = State.DEAD
+        self.ch.pending = None
+        self._queue.clear()
+        if was_up or self.initiator:
+            self.emit(ev.IkeSaDeleted(self.name, reason, sorted(self.children)))
+        self.children.clear()
+
+    # --- commands --------------------------------------------------------------
+
+    def initiate(self, now: float) -> None:
+        """Start IKE_SA_INIT + IKE_AUTH (with the first Child SA)."""
+        if not self.initiator or self.state != State.NEW:
+            raise RuntimeError("initiate() only once, on an initiator")
+        self.queue_task(_t.IkeInit(self), now)
+
+    def rekey_child(self, child_id: int, now: float) -> None:
+        if child_id in self.children:
+            self.queue_task(_t.ChildRekey(child_id), now)
+
+    def create_child(self, now: float) -> None:
+        """An additional Child SA with the configured selectors (CREATE_CHILD_SA)."""
+        self.queue_task(_t.ChildCreate(), now)
+
+    def rekey_ike(self, now: float) -> None:
+        self.queue_task(_t.IkeRekey(), now)
+
+    def liveness_check(self, now: float) -> None:
+        """An empty INFORMATIONAL request (§2.4); no answer after retries → PeerDead."""
+        self.queue_task(_t.Liveness(), now)
+
+    def delete_child(self, child_id: int, now: float) -> None:
+        if child_id in self.children:
+            self.queue_task(_t.ChildDelete(child_id), now)
+
+    def delete(self, now: float) -> None:
+        """Delete the IKE SA (and so every Child SA) with an INFORMATIONAL DELETE."""
+        if self.state in (State.NEW, State.INIT_SENT, State.INIT_DONE):
+            self.die("deleted")
+            return
+        if self.state == State.ESTABLISHED:
+            self._queue.clear()
+            self.queue_task(_t.IkeDelete(), now, front=True)
+
+    def export_keys(self) -> dict[str, str]:
+        """The IKE SA keys for Wireshark's ikev2_decryption_table (hex strings).
+
+        The only place IKE keys leave the engine; meant for debugging captures.
+        """
+        ch = self.ch
+        if ch.keys is None or ch.suite is None:
+            raise RuntimeError("no keys yet")
+        encr, integ = _t.wireshark_names(ch.suite)
+        return {
+            "spi_i": ch.spi_i.hex(),
+            "spi_r": ch.spi_r.hex(),
+            "sk_ei": ch.keys.sk_ei.hex(),
+            "sk_er": ch.keys.sk_er.hex(),
+            "sk_ai": ch.keys.sk_ai.hex(),
+            "sk_ar": ch.keys.sk_ar.hex(),
+            "encryption": encr,
+            "integrity": integ,
+        }
+
+    # --- outputs ------------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> ev.IkeEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        times = [c.pending.deadline for c in (self.ch, self.old_ch) if c and c.pending]
+        if self.half_open_deadline is not None:
+            times.append(self.half_open_deadline)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.state == State.DEAD:
+            return
+        if self.half_open_deadline is not None and now >= self.half_open_deadline:
+            # A responder that never saw IKE_AUTH forgets the half-open SA
+            self.count("half_open_expired")
+            self.half_open_deadline = None
+            self.die("half-open timeout")
+            return
+        for c in (self.old_ch, self.ch):
+            p = c.pending if c else None
+            if c is None or p is None or now < p.deadline:
+                continue
+            if p.tries < self.config.retransmit_tries:
+                p.tries += 1
+                # §2.1: exponential back-off
+                p.deadline = now + self.config.retransmit_timeout * (2**p.tries)
+                self.count("retransmitted")
+                self._send(p.packet)
+            elif c is self.old_ch:
+                self.old_ch = None  # the peer never confirmed the old SA's deletion
+            else:
+                self.count("gave_up")
+                if self.state in (State.ESTABLISHED, State.DELETING):
+                    if not isinstance(p.task, _t.IkeDelete):
+                        self.emit(ev.PeerDead(self.name))
+                    self.die("peer-dead" if self.state != State.DELETING else "deleted")
+                else:
+                    self.emit(ev.PeerDead(self.name))
+                    self.die("peer-dead")
+
+    # --- task queue -------------------------------------------------------------------
+
+    def queue_task(self, task: _t.Task, now: float, front: bool = False) -> None:
+        if self.state == State.DEAD:
+            return
+        if front:
+            self._queue.appendleft(task)
+        else:
+            self._queue.append(task)
+        self._start_next(now)
+
+    def retry_task(self, task: _t.Task, now: float) -> None:
+        """Send ``task`` again with the same message ID (COOKIE, INVALID_KE, §1.2/§2.6)."""
+        self.ch.next_id -= 1
+        self._queue.appendleft(task)
+
+    def _start_next(self, now: float) -> None:
+        ch = self.ch
+        while ch.pending is None and self._queue and self.state != State.DEAD:
+            task = self._queue[0]
+            if not task.ready(self):
+                return
+            self._queue.popleft()
+            payloads = task.build(self, now)
+            if payloads is None:
+                continue
+            msg_id = ch.next_id
+            ch.next_id += 1
+            pkt = self.encode(ch, task.exchange, False, msg_id, payloads)
+            task.sent(self, pkt)
+            ch.pending = Pending(task, msg_id, pkt, 0, now + self.config.retransmit_timeout)
+            self._send(pkt)
+
+    def send_on(self, ch: Channel, task: _t.Task, now: float) -> None:
+        """Send a one-off request on ``ch`` (the old IKE SA's DELETE after a rekey)."""
+        payloads = task.build(self, now) or []
+        msg_id = ch.next_id
+        ch.next_id += 1
+        pkt = self.encode(ch, task.exchange, False, msg_id, payloads)
+        ch.pending = Pending(task, msg_id, pkt, 0, now + self.config.retransmit_timeout)
+        self._send(pkt)
+
+    # --- encoding -----------------------------------------------------------------------
+
+    def encode(
+        self, ch: Channel, exchange: int, response: bool, msg_id: int, payloads: list[Payload]
+    ) -> bytes:
+        flags = (HeaderFlag.INITIATOR if ch.initiator else 0) | (
+            HeaderFlag.RESPONSE if response else 0
+        )
+        if exchange == ExchangeType.IKE_SA_INIT:
+            return build_plain_message(ch.spi_i, ch.spi_r, exchange, flags, msg_id, payloads)
+        if ch.out is None:
+            raise RuntimeError("no keys to protect the message")
+        inner = build_chain(payloads)
+        first = payloads[0].type if payloads else PayloadType.NONE
+
+        def prefix(total: int) -> bytes:
+            hdr = build_header(ch.spi_i, ch.spi_r, PayloadType.SK, exchange, flags, msg_id, total)
+            sk_len = max(total - IKE_HEADER_LEN, 0)
+            return hdr + bytes([first, 0]) + sk_len.to_bytes(2, "big")
+
+        return ch.out.seal(inner, prefix)
+
+    def _send(self, pkt: bytes) -> None:
+        # RFC 3948 §2.2: IKE on port 4500 is preceded by the non-ESP marker
+        self._out.append((NON_ESP_MARKER + pkt if self.nat_t else pkt, self.peer_addr))
+
+    # --- input ---------------------------------------------------------------------------
+
+    def channel_for(self, hdr: Header) -> Channel | None:
+        for c in (self.ch, self.old_ch):
+            if c is None or hdr.spi_i != c.spi_i:
+                continue
+            if hdr.spi_r == c.spi_r:
+                return c
+            # The IKE_SA_INIT response brings the responder's SPI (or none, with
+            # COOKIE / INVALID_KE_PAYLOAD)
+            if (
+                c is self.ch
+                and hdr.exchange == ExchangeType.IKE_SA_INIT
+                and self.state == State.INIT_SENT
+                and hdr.is_response
+            ):
+                return c
+            # A retransmitted IKE_SA_INIT request still has SPIr = 0: the cache answers it
+            if (
+                c is self.ch
+                and not self.initiator
+                and hdr.exchange == ExchangeType.IKE_SA_INIT
+                and hdr.spi_r == b"\x00" * 8
+                and not hdr.is_response
+            ):
+                return c
+        return None
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Feed one UDP payload (with or without the non-ESP marker) from ``addr``."""
+        if self.state == State.DEAD:
+            self.count("dropped_dead")
+            return
+        try:
+            self._receive(data, addr, now)
+        except (DecodeError, CryptoError, ProtocolError) as exc:
+            self.count("dropped_" + type(exc).__name__)
+        except Exception:
+            self.count("internal_error")
+
+    def _receive(self, data: bytes, addr: Address, now: float) -> None:
+        marked = data[:4] == NON_ESP_MARKER
+        if marked:
+            data = data[4:]
+        hdr = parse_header(data)
+        ch = self.channel_for(hdr)
+        if ch is None:
+            self.count("unknown_spi")
+            return
+        if hdr.from_initiator == ch.initiator:
+            self.count("bad_initiator_flag")  # our own I flag reflected: not from the peer
+            return
+        if hdr.is_response:
+            self._receive_response(ch, hdr, data, addr, now)
+        else:
+            self._receive_request(ch, hdr, data, addr, now, marked)
+
+    def _decode(self, ch: Channel, hdr: Header, data: bytes) -> list[Payload]:
+        payloads, sk = parse_chain(Buffer(data, IKE_HEADER_LEN), hdr.next_payload)
+        if hdr.exchange == ExchangeType.IKE_SA_INIT:
+            if sk is not None:
+                raise DecodeError("SK payload in IKE_SA_INIT")
+            return payloads
+        if sk is None or payloads or ch.inb is None:
+            raise DecodeError("exchange must be protected by a single SK payload")
+        try:
+            inner = ch.inb.open(data, sk.offset)
+        except CryptoError:
+            self.count("integrity_failed")
+            raise
+        self.count("decrypted")
+        inner_payloads, nested = parse_chain(Buffer(inner), sk.first_inner)
+        if nested is not None:
+            raise DecodeError("nested SK payload")
+        return inner_payloads
+
+    def _receive_response(
+        self, ch: Channel, hdr: Header, data: bytes, addr: Address, now: float
+    ) -> None:
+        p = ch.pending
+        if p is None or hdr.msg_id != p.msg_id or hdr.exchange != p.task.exchange:
+            self.count("unexpected_response")
+            return
+        payloads = self._decode(ch, hdr, data)
+        ch.pending = None
+        self.count("responses")
+        msg = Inbound(hdr, payloads, data, addr)
+        crit = _unsupported_critical(payloads)
+        try:
+            if crit is not None:
+                raise ProtocolError(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, f"type {crit}")
+            p.task.process(self, msg, now)
+        except ProtocolError as exc:
+            p.task.fail(self, exc, now)
+        if self._switch_after_response is not None:
+            self._switch_after_response()
+            self._switch_after_response = None
+        self._start_next(now)
+
+    def _receive_request(
+        self, ch: Channel, hdr: Header, data: bytes, addr: Address, now: float, marked: bool
+    ) -> None:
+        if ch.cached is not None and hdr.msg_id == ch.cached[0] and hdr.msg_id == ch.peer_id - 1:
+            # §2.1: a retransmitted request gets the same response, not reprocessed
+            self.count("retransmit_answered")
+            if hdr.exchange == ch.cached[1]:
+                self._send(ch.cached[2])
+            return
+        if hdr.msg_id != ch.peer_id:
+            self.count("bad_msg_id")
+            return
+        handler = _t.RESPONDERS.get((hdr.exchange, self.state if ch is self.ch else "old"))
+        if handler is None:
+            self.count("unexpected_request")
+            return
+        try:
+            payloads = self._decode(ch, hdr, data)
+        except DecodeError:
+            if hdr.exchange == ExchangeType.IKE_SA_INIT or ch.inb is None:
+                raise
+            # Integrity was fine but the content is not: answer INVALID_SYNTAX (§2.21.2)
+            payloads = None
+        ch.peer_id += 1
+        if marked or self.nat_t:
+            # §2.23: after the float, answer (and later send) to where requests come from
+            self.nat_t = True
+            self.peer_addr = addr
+        self.count("requests")
+        crit = _unsupported_critical(payloads or [])
+        try:
+            if payloads is None:
+                raise ProtocolError(NotifyType.INVALID_SYNTAX, "undecodable payloads")
+            if crit is not None:
+                raise ProtocolError(
+                    NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, f"type {crit}", bytes([crit])
+                )
+            answer = handler(self, ch, Inbound(hdr, payloads, data, addr), now)
+        except ProtocolError as exc:
+            answer = [NotifyPayload(exc.notify, exc.data)]
+            self.count("sent_" + notify_name(exc.notify))
+            _t.responder_failed(self, hdr.exchange, exc)
+        if self.state == State.DEAD and hdr.exchange == ExchangeType.IKE_SA_INIT:
+            # stateless refusal (§2.6, §1.2): no responder SPI
+            ch.spi_r = b"\x00" * 8
+        pkt = self.encode(ch, hdr.exchange, True, hdr.msg_id, answer)
+        ch.cached = (hdr.msg_id, hdr.exchange, pkt)
+        if hdr.exchange == ExchangeType.IKE_SA_INIT and self.state == State.INIT_DONE:
+            self.init_response = pkt
+        self._send(pkt)
+        if self._switch_after_response is not None:
+            self._switch_after_response()
+            self._switch_after_response = None
+        self._start_next(now)
+
+
+def _unsupported_critical(payloads: list[Payload]) -> int | None:
+    """§2.5: an unknown payload with the critical bit set rejects the message."""
+    for p in payloads:
+        if isinstance(p, UnknownPayload) and p.critical and p.type not in KNOWN_PAYLOADS:
+            return p.type
+    return None

@@ -1,0 +1,104 @@
+"""Plain state records shared by the SA machinery and the tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .crypto import IkeKeys, IkeSuite, Prf, SkCipher
+from .payloads import Header, Payload, TrafficSelector
+
+if TYPE_CHECKING:
+    from .tasks import Task
+
+Address = tuple[str, int]
+
+NAT_T_PORT = 4500
+
+
+def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
+    """§2.23: SHA-1(SPIi | SPIr | IP | Port)."""
+    ip = ipaddress.ip_address(addr[0]).packed
+    return hashlib.sha1(spi_i + spi_r + ip + addr[1].to_bytes(2, "big")).digest()
+
+
+@dataclass
+class ChildSA:
+    child_id: int
+    inbound_spi: int
+    outbound_spi: int
+    inbound_key: bytes = field(repr=False)
+    outbound_key: bytes = field(repr=False)
+    mode: str
+    esn: bool
+    key_bits: int
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    installed_at: float
+    state: str = "installed"  # installed | rekeying | rekeyed | deleting
+
+
+@dataclass
+class Pending:
+    """The request in flight on a channel (§2.1)."""
+
+    task: Task
+    msg_id: int
+    packet: bytes
+    tries: int
+    deadline: float
+
+
+@dataclass(repr=False)
+class Channel:
+    """One IKE SA on the wire: SPIs, keys, message IDs, retransmission state."""
+
+    spi_i: bytes
+    spi_r: bytes
+    initiator: bool  # we are the original initiator of *this* IKE SA (I flag)
+    suite: IkeSuite | None = None
+    prf: Prf | None = None
+    keys: IkeKeys | None = None
+    out: SkCipher | None = None
+    inb: SkCipher | None = None
+    next_id: int = 0  # next request message ID we send
+    peer_id: int = 0  # next request message ID we expect
+    pending: Pending | None = None
+    cached: tuple[int, int, bytes] | None = None  # (msg_id, exchange, response bytes)
+
+    def __repr__(self) -> str:
+        return f"Channel({self.spi_i.hex()}/{self.spi_r.hex()})"
+
+    @property
+    def local_spi(self) -> bytes:
+        return self.spi_i if self.initiator else self.spi_r
+
+    def install_keys(self, suite: IkeSuite, prf: Prf, keys: IkeKeys) -> None:
+        self.suite, self.prf, self.keys = suite, prf, keys
+        ours_e, ours_a = (keys.sk_ei, keys.sk_ai) if self.initiator else (keys.sk_er, keys.sk_ar)
+        theirs_e, theirs_a = (
+            (keys.sk_er, keys.sk_ar) if self.initiator else (keys.sk_ei, keys.sk_ai)
+        )
+        self.out = SkCipher(suite.encr, ours_e, suite.integ, ours_a)
+        self.inb = SkCipher(suite.encr, theirs_e, suite.integ, theirs_a)
+
+
+@dataclass
+class Inbound:
+    """A decoded message handed to tasks and responder handlers."""
+
+    header: Header
+    payloads: list[Payload]
+    raw: bytes
+    addr: Address
+
+
+class State:
+    NEW = "new"
+    INIT_SENT = "init-sent"
+    INIT_DONE = "init-done"  # IKE_SA_INIT done, IKE_AUTH not yet
+    ESTABLISHED = "established"
+    DELETING = "deleting"
+    DEAD = "dead"

@@ -1,0 +1,865 @@
+"""Gateway configuration: TOML in, frozen dataclasses out.
+
+The concepts are those of the StarOS reference (``ip access-list``,
+``ikev2-ikesa transform-set``, ``ipsec transform-set``, ``crypto map``,
+``interface ... crypto-map``); the syntax is TOML, read with stdlib
+``tomllib``. Example (see ``examples/`` for complete, commented files)::
+
+    [access_list.foo]
+    rules = ["permit ip host 192.0.2.1 host 203.0.113.49"]
+
+    [ike_transform_set.ikesa-foo]
+    dh_group = 14
+
+    [ipsec_transform_set.B-foo]
+    mode = "tunnel"
+
+    [crypto_map.foo]
+    peer = "198.51.100.2"
+    match_address = "foo"
+    local_psk = { file = "/etc/ipsecmgr/psk-foo" }
+    ike_transform_sets = ["ikesa-foo"]
+    ipsec_transform_sets = ["B-foo"]
+    src_ip = "192.0.2.1"
+
+    [tun.tun-foo]
+    addresses = ["192.0.2.1/32"]
+    crypto_maps = ["foo"]
+
+    [gateway]
+    local_addresses = ["198.51.100.1"]
+    management_interface = "eth0"
+
+Validation collects every error, each naming the exact key path and saying
+what was expected (``crypto_map.foo.peer: '209.165.300.1' is not an IP
+address``). Unknown keys are errors: a typo (``retransmision_timeout``) must
+not silently fall back to a default. PSKs are read while loading (from a file
+or the environment, see :mod:`ipsecmgr.secret`) so a missing key file is
+reported by ``check-config``, not at the first IKE exchange.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+#: Hook for ACL rule validation (npusim's parser): ``(acl_name, rules) -> errors``.
+#: Each error should name the rule; it is reported under ``access_list.NAME.rules``.
+AclValidator = Callable[[str, list[str]], list[str]]
+
+IKE_ENCRYPTIONS = ("aes-gcm-128", "aes-gcm-256", "aes-cbc-256")
+PRFS = ("sha256", "sha384", "sha512")
+INTEGRITIES = ("sha256", "sha384", "sha512")
+DH_GROUPS = (14, 19, 20, 31)
+ESP_ENCRYPTIONS = ("aes-gcm-128", "aes-gcm-256")
+MODES = ("tunnel", "transport")
+REKEY_POLICIES = ("keepalive", "lazy")
+FIRST_PACKET = ("drop", "queue")
+ENCAPSULATIONS = ("auto", "always", "never")
+ID_TYPES = ("ipv4", "ipv6", "fqdn", "email")
+ROLES = ("initiator", "responder")
+DEFAULT_CONTROL_SOCKET = Path("/run/ipsecmgr/control.sock")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid. ``errors`` lists every problem found."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ---------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class AccessList:
+    """``ip access-list NAME``: the rule strings, parsed by npusim."""
+
+    name: str
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IkeTransformSet:
+    """``ikev2-ikesa transform-set NAME``: one IKE SA proposal."""
+
+    name: str
+    encryption: str = "aes-gcm-256"
+    prf: str = "sha256"
+    integrity: str | None = None  # only with aes-cbc-*; AEAD carries its own
+    dh_group: int = 14
+    lifetime: int = 86400  # seconds until the IKE SA is rekeyed
+
+
+@dataclass(frozen=True)
+class IpsecTransformSet:
+    """``ipsec transform-set NAME``: one Child SA proposal and its lifetimes."""
+
+    name: str
+    esp: str = "aes-gcm-256"
+    esn: bool = False
+    pfs_group: int | None = None
+    mode: str = "tunnel"
+    lifetime_seconds: int = 3600
+    lifetime_bytes: int | None = None
+    lifetime_packets: int | None = None
+    rekey: str = "keepalive"  # keepalive: rekey before expiry even when idle
+
+
+@dataclass(frozen=True)
+class Identity:
+    """IKE identification (RFC 7296 §3.5): ID type and value."""
+
+    type: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.value}"
+
+
+@dataclass(frozen=True)
+class Dpd:
+    """Liveness checks (RFC 7296 §2.4); ``interval = 0`` disables them."""
+
+    interval: float = 30.0
+    timeout: float = 10.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class CryptoMap:
+    """``crypto map NAME ikev2-ipv4``: which traffic is protected, with whom, how."""
+
+    name: str
+    peer: IPAddress
+    local_address: IPAddress
+    match_address: str
+    local_id: Identity
+    remote_id: Identity
+    local_psk: Secret = field(repr=False)
+    remote_psk: Secret = field(repr=False)
+    ike_transform_sets: tuple[str, ...]
+    ipsec_transform_sets: tuple[str, ...]
+    mode: str
+    src_ip: IPAddress | None = None
+    role: str = "initiator"
+    retransmission_timeout_ms: int = 2000
+    max_retransmission: int = 3
+    dpd: Dpd = field(default_factory=Dpd)
+    first_packet: str = "drop"
+    queue_size: int = 8
+    encapsulation: str = "auto"
+    initial_contact: bool = True
+
+
+@dataclass(frozen=True)
+class TunInterface:
+    """A TUN device: the kernel routes protected destinations into it."""
+
+    name: str
+    addresses: tuple[IPInterface, ...]
+    mtu: int = 1400
+    crypto_maps: tuple[str, ...] = ()
+    routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """Host-wide settings: where IKE/ESP is sent from, and the control socket."""
+
+    local_addresses: tuple[IPAddress, ...]
+    management_interface: str | None = None
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    ike_port: int = 500
+    natt_port: int = 4500
+
+
+@dataclass(frozen=True)
+class Config:
+    access_lists: Mapping[str, AccessList]
+    ike_transform_sets: Mapping[str, IkeTransformSet]
+    ipsec_transform_sets: Mapping[str, IpsecTransformSet]
+    crypto_maps: Mapping[str, CryptoMap]
+    tuns: tuple[TunInterface, ...]
+    gateway: Gateway
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConfigDiagnosis:
+    """What ``check-config`` reports: the config if valid, all errors and warnings."""
+
+    config: Config | None
+    errors: list[str]
+    warnings: list[str]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def load_config(
+    path: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    validate_acl: AclValidator | None = None,
+) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` listing every error."""
+    d = diagnose_config(path, environ=environ, validate_acl=validate_acl)
+    if d.config is None:
+        raise ConfigError(d.errors)
+    return d.config
+
+
+def check_config(
+    path: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    validate_acl: AclValidator | None = None,
+) -> list[str]:
+    """All errors of a config file (empty list: valid). Warnings: :func:`diagnose_config`."""
+    return diagnose_config(path, environ=environ, validate_acl=validate_acl).errors
+
+
+def diagnose_config(
+    path: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    validate_acl: AclValidator | None = None,
+) -> ConfigDiagnosis:
+    """Read a config file and return the config (or None), its errors and warnings."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        return ConfigDiagnosis(None, [f"{path}: cannot read: {e.strerror or e}"], [])
+    except tomllib.TOMLDecodeError as e:
+        return ConfigDiagnosis(None, [f"{path}: not valid TOML: {e}"], [])
+    return parse_config(data, base_dir=path.parent, environ=environ, validate_acl=validate_acl)
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path = Path("."),
+    environ: Mapping[str, str] | None = None,
+    validate_acl: AclValidator | None = None,
+) -> ConfigDiagnosis:
+    """Validate an already parsed TOML document (see :func:`diagnose_config`)."""
+    p = _Parser(base_dir, environ, validate_acl)
+    cfg = p.parse(data)
+    return ConfigDiagnosis(cfg if not p.errors else None, p.errors, p.warnings)
+
+
+# ---------------------------------------------------------------- parser
+
+_MISSING = object()
+
+
+def _tname(v: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+class _Parser:
+    def __init__(
+        self,
+        base_dir: Path,
+        environ: Mapping[str, str] | None,
+        validate_acl: AclValidator | None,
+    ) -> None:
+        self.base_dir = base_dir
+        self.environ = environ
+        self.validate_acl = validate_acl
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        # Names declared, valid or not: a reference to an invalid set is not a
+        # second error (the set's own error says what to fix).
+        self.declared_ike: set[str] = set()
+        self.declared_ipsec: set[str] = set()
+
+    def err(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    # --- typed getters: report and return None (or the default) on error
+
+    def table(self, v: object, path: str) -> dict[str, Any] | None:
+        if not isinstance(v, dict):
+            self.err(path, f"expected a table, got {_tname(v)}")
+            return None
+        return v
+
+    def keys(self, t: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
+        for k in t:
+            if k not in allowed:
+                self.err(f"{path}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
+
+    def required(self, t: Mapping[str, Any], key: str, path: str) -> Any:
+        if key not in t:
+            self.err(f"{path}.{key}", "missing (required)")
+            return _MISSING
+        return t[key]
+
+    def string(self, t: Mapping[str, Any], key: str, path: str, default: Any = None) -> Any:
+        v = t.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, str) or not v:
+            self.err(f"{path}.{key}", f"expected a non-empty string, got {v!r}")
+            return default
+        return v
+
+    def choice(
+        self, t: Mapping[str, Any], key: str, path: str, choices: tuple[Any, ...], default: Any
+    ) -> Any:
+        v = t.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if isinstance(v, bool) or v not in choices:
+            shown = " | ".join(repr(c) for c in choices)
+            self.err(f"{path}.{key}", f"{v!r} is not one of {shown}")
+            return default
+        return v
+
+    def integer(
+        self,
+        t: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: Any,
+        *,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> Any:
+        v = t.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.err(f"{path}.{key}", f"expected an integer, got {_tname(v)} {v!r}")
+            return default
+        if v < lo or (hi is not None and v > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            self.err(f"{path}.{key}", f"{v} is out of range (expected {rng})")
+            return default
+        return v
+
+    def number(self, t: Mapping[str, Any], key: str, path: str, default: float) -> float:
+        v = t.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            self.err(f"{path}.{key}", f"expected a non-negative number, got {v!r}")
+            return default
+        return float(v)
+
+    def boolean(self, t: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        v = t.get(key, _MISSING)
+        if v is _MISSING:
+            return default
+        if not isinstance(v, bool):
+            self.err(f"{path}.{key}", f"expected true or false, got {v!r}")
+            return default
+        return v
+
+    def str_list(
+        self, t: Mapping[str, Any], key: str, path: str, *, required: bool = False
+    ) -> tuple[str, ...] | None:
+        v = t.get(key, _MISSING)
+        if v is _MISSING:
+            if required:
+                self.err(f"{path}.{key}", "missing (required)")
+                return None
+            return ()
+        if not isinstance(v, list):
+            self.err(f"{path}.{key}", f"expected a list of strings, got {_tname(v)}")
+            return None
+        ok = True
+        for i, item in enumerate(v):
+            if not isinstance(item, str) or not item.strip():
+                self.err(f"{path}.{key}[{i}]", f"expected a non-empty string, got {item!r}")
+                ok = False
+        return tuple(v) if ok else None
+
+    def address(self, v: Any, path: str) -> IPAddress | None:
+        if not isinstance(v, str):
+            self.err(path, f"expected an IP address string, got {_tname(v)}")
+            return None
+        try:
+            return ipaddress.ip_address(v)
+        except ValueError:
+            self.err(path, f"{v!r} is not an IP address")
+            return None
+
+    def named_section(self, data: Mapping[str, Any], key: str) -> dict[str, dict[str, Any]]:
+        """``[key.NAME]`` tables, each validated to be a table."""
+        v = data.get(key, {})
+        top = self.table(v, key)
+        out: dict[str, dict[str, Any]] = {}
+        for name, body in (top or {}).items():
+            t = self.table(body, f"{key}.{name}")
+            if t is not None:
+                out[name] = t
+        return out
+
+    # --- sections
+
+    def parse(self, data: Mapping[str, Any]) -> Config | None:
+        self.keys(
+            data,
+            "<top level>",
+            (
+                "access_list",
+                "ike_transform_set",
+                "ipsec_transform_set",
+                "crypto_map",
+                "tun",
+                "gateway",
+            ),
+        )
+        # Top-level unknown keys are reported without the "<top level>." prefix.
+        self.errors = [e.replace("<top level>.", "", 1) for e in self.errors]
+        sections = {
+            k: self.named_section(data, k)
+            for k in ("access_list", "ike_transform_set", "ipsec_transform_set", "crypto_map")
+        }
+        self.declared_ike = set(sections["ike_transform_set"])
+        self.declared_ipsec = set(sections["ipsec_transform_set"])
+        acls: dict[str, AccessList] = {}
+        for n, t in sections["access_list"].items():
+            if (acl := self.acl(n, t)) is not None:
+                acls[n] = acl
+        ikes: dict[str, IkeTransformSet] = {}
+        for n, t in sections["ike_transform_set"].items():
+            if (ike := self.ike_set(n, t)) is not None:
+                ikes[n] = ike
+        ipsecs: dict[str, IpsecTransformSet] = {}
+        for n, t in sections["ipsec_transform_set"].items():
+            if (ips := self.ipsec_set(n, t)) is not None:
+                ipsecs[n] = ips
+        # A crypto map without transform-set lists uses "default" (the dataclass
+        # defaults); a [..._transform_set.default] table overrides it.
+        ikes.setdefault("default", IkeTransformSet("default"))
+        ipsecs.setdefault("default", IpsecTransformSet("default"))
+        gw = self.gateway(data.get("gateway", _MISSING))
+        maps: dict[str, CryptoMap] = {}
+        for n, t in sections["crypto_map"].items():
+            cm = self.crypto_map(n, t, acls, ikes, ipsecs, gw, set(sections["access_list"]))
+            if cm is not None:
+                maps[n] = cm
+        tuns = self.tuns(data.get("tun", _MISSING), set(sections["crypto_map"]))
+        bound = {m for tun in tuns for m in tun.crypto_maps}
+        for n in maps:
+            if n not in bound:
+                self.warnings.append(
+                    f"crypto_map.{n}: not bound to any tun (its traffic never reaches it)"
+                )
+        for n in acls:
+            if not any(cm.match_address == n for cm in maps.values()):
+                self.warnings.append(f"access_list.{n}: not used by any crypto map")
+        if self.errors or gw is None:
+            return None
+        return Config(acls, ikes, ipsecs, maps, tuple(tuns), gw, tuple(self.warnings))
+
+    def acl(self, name: str, t: dict[str, Any]) -> AccessList | None:
+        path = f"access_list.{name}"
+        self.keys(t, path, ("rules",))
+        rules = self.str_list(t, "rules", path, required=True)
+        if rules is None:
+            return None
+        if not rules:
+            self.err(f"{path}.rules", "empty: an access list needs at least one rule")
+            return None
+        if self.validate_acl is not None:
+            problems = self.validate_acl(name, list(rules))
+            for msg in problems:
+                self.err(f"{path}.rules", msg)
+            if problems:
+                return None
+        return AccessList(name, rules)
+
+    def ike_set(self, name: str, t: dict[str, Any]) -> IkeTransformSet | None:
+        path = f"ike_transform_set.{name}"
+        self.keys(t, path, ("encryption", "prf", "integrity", "dh_group", "lifetime"))
+        n = len(self.errors)
+        enc = self.choice(t, "encryption", path, IKE_ENCRYPTIONS, "aes-gcm-256")
+        prf = self.choice(t, "prf", path, PRFS, "sha256")
+        integ = self.choice(t, "integrity", path, INTEGRITIES, None)
+        group = self.choice(t, "dh_group", path, DH_GROUPS, 14)
+        life = self.integer(t, "lifetime", path, 86400, lo=60)
+        if enc.startswith("aes-cbc") and integ is None and "integrity" not in t:
+            self.err(
+                f"{path}.integrity",
+                f"required with encryption {enc!r} (one of {', '.join(INTEGRITIES)})",
+            )
+        if enc.startswith("aes-gcm") and integ is not None:
+            self.err(f"{path}.integrity", f"must not be set with AEAD encryption {enc!r}")
+        if len(self.errors) > n:
+            return None
+        return IkeTransformSet(name, enc, prf, integ, group, life)
+
+    def ipsec_set(self, name: str, t: dict[str, Any]) -> IpsecTransformSet | None:
+        path = f"ipsec_transform_set.{name}"
+        self.keys(
+            t,
+            path,
+            (
+                "esp",
+                "esn",
+                "pfs",
+                "mode",
+                "lifetime_seconds",
+                "lifetime_bytes",
+                "lifetime_packets",
+                "rekey",
+            ),
+        )
+        n = len(self.errors)
+        esp = self.choice(t, "esp", path, ESP_ENCRYPTIONS, "aes-gcm-256")
+        esn = self.boolean(t, "esn", path, False)
+        pfs_raw = t.get("pfs", "none")
+        pfs: int | None = None
+        if pfs_raw != "none":
+            if isinstance(pfs_raw, bool) or pfs_raw not in DH_GROUPS:
+                self.err(
+                    f"{path}.pfs",
+                    f"{pfs_raw!r} is not 'none' or a DH group ({', '.join(map(str, DH_GROUPS))})",
+                )
+            else:
+                pfs = int(pfs_raw)
+        mode = self.choice(t, "mode", path, MODES, "tunnel")
+        secs = self.integer(t, "lifetime_seconds", path, 3600, lo=60)
+        nbytes = self.integer(t, "lifetime_bytes", path, None, lo=1)
+        npkts = self.integer(t, "lifetime_packets", path, None, lo=1)
+        rekey = self.choice(t, "rekey", path, REKEY_POLICIES, "keepalive")
+        if len(self.errors) > n:
+            return None
+        return IpsecTransformSet(name, esp, esn, pfs, mode, secs, nbytes, npkts, rekey)
+
+    def gateway(self, v: Any) -> Gateway | None:
+        if v is _MISSING:
+            self.err("gateway", "missing (required: local_addresses)")
+            return None
+        t = self.table(v, "gateway")
+        if t is None:
+            return None
+        path = "gateway"
+        self.keys(
+            t,
+            path,
+            ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port"),
+        )
+        n = len(self.errors)
+        raw = self.str_list(t, "local_addresses", path, required=True) or ()
+        addrs = [self.address(a, f"{path}.local_addresses[{i}]") for i, a in enumerate(raw)]
+        if raw == () and "local_addresses" in t:
+            self.err(f"{path}.local_addresses", "empty: at least one address is needed")
+        mgmt = self.string(t, "management_interface", path)
+        sock = self.string(t, "control_socket", path, str(DEFAULT_CONTROL_SOCKET))
+        if not Path(sock).is_absolute():
+            self.err(f"{path}.control_socket", f"{sock!r} is not an absolute path")
+        ike_port = self.integer(t, "ike_port", path, 500, lo=1, hi=65535)
+        natt_port = self.integer(t, "natt_port", path, 4500, lo=1, hi=65535)
+        if len(self.errors) > n:
+            return None
+        return Gateway(
+            tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port
+        )
+
+    def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:
+        if v is _MISSING:
+            return Identity("ipv4" if default.version == 4 else "ipv6", str(default))
+        if isinstance(v, str):
+            t: dict[str, Any] | None = {"value": v}
+        else:
+            t = self.table(v, path)
+        if t is None:
+            return None
+        self.keys(t, path, ("type", "value"))
+        value = self.string(t, "value", path)
+        if value is None:
+            if "value" not in t:
+                self.err(f"{path}.value", "missing (required)")
+            return None
+        guessed = _guess_id_type(value)
+        typ = self.choice(t, "type", path, ID_TYPES, guessed)
+        if typ in ("ipv4", "ipv6"):
+            try:
+                ip = ipaddress.ip_address(value)
+            except ValueError:
+                self.err(f"{path}.value", f"{value!r} is not an IP address (type {typ})")
+                return None
+            if f"ipv{ip.version}" != typ:
+                self.err(f"{path}.value", f"{value!r} is not an {typ} address")
+                return None
+        elif typ == "email" and "@" not in value:
+            self.err(f"{path}.value", f"{value!r} is not an email address (type email)")
+            return None
+        return Identity(typ, value)
+
+    def set_refs(
+        self, t: Mapping[str, Any], kind: str, path: str, known: set[str]
+    ) -> tuple[str, ...]:
+        """A crypto map's ``<kind>s`` list: names that exist; absent means ("default",)."""
+        key = f"{kind}s"
+        names = self.str_list(t, key, path) or ("default",)
+        if t.get(key) == []:
+            self.err(f"{path}.{key}", "empty: name at least one (or leave the key out)")
+        for i, name in enumerate(names):
+            if name not in known:
+                self.err(f"{path}.{key}[{i}]", f"no {kind} named {name!r}")
+        return names
+
+    def psk(self, v: Any, path: str) -> Secret | None:
+        if isinstance(v, str):
+            # Do not echo the value: it is probably the key.
+            self.err(path, 'inline keys are not allowed; use { file = "/path" } or { env = "VAR" }')
+            return None
+        t = self.table(v, path)
+        if t is None:
+            return None
+        self.keys(t, path, ("file", "env"))
+        f = self.string(t, "file", path)
+        e = self.string(t, "env", path)
+        if (f is None) == (e is None):
+            self.err(path, 'give exactly one of file = "/path" or env = "VAR"')
+            return None
+        src = SecretSource(file=(self.base_dir / f) if f else None, env=e)
+        try:
+            secret, warnings = load_secret(src, self.environ)
+        except SecretError as exc:
+            self.err(f"{path}.{'file' if f else 'env'}", str(exc))
+            return None
+        self.warnings.extend(f"{path}.file: {w}" for w in warnings)
+        return secret
+
+    def crypto_map(
+        self,
+        name: str,
+        t: dict[str, Any],
+        acls: Mapping[str, AccessList],
+        ikes: Mapping[str, IkeTransformSet],
+        ipsecs: Mapping[str, IpsecTransformSet],
+        gw: Gateway | None,
+        acl_names: set[str],
+    ) -> CryptoMap | None:
+        path = f"crypto_map.{name}"
+        self.keys(
+            t,
+            path,
+            (
+                "peer", "local_address", "match_address", "local_id", "remote_id",
+                "local_psk", "remote_psk", "ike_transform_sets", "ipsec_transform_sets",
+                "src_ip", "role", "retransmission_timeout", "max_retransmission", "dpd",
+                "first_packet", "queue_size", "encapsulation", "initial_contact",
+            ),
+        )  # fmt: skip
+        n = len(self.errors)
+        peer_raw = self.required(t, "peer", path)
+        peer = self.address(peer_raw, f"{path}.peer") if peer_raw is not _MISSING else None
+
+        local: IPAddress | None = None
+        if "local_address" in t:
+            local = self.address(t["local_address"], f"{path}.local_address")
+            if local is not None and gw is not None and local not in gw.local_addresses:
+                self.err(f"{path}.local_address", f"{local} is not one of gateway.local_addresses")
+        elif peer is not None and gw is not None:
+            same = [a for a in gw.local_addresses if a.version == peer.version]
+            if same:
+                local = same[0]
+        if peer is not None and gw is not None and local is None and "local_address" not in t:
+            self.err(
+                f"{path}.peer",
+                f"IPv{peer.version} peer, but gateway.local_addresses has no "
+                f"IPv{peer.version} address",
+            )
+        if peer is not None and local is not None and peer.version != local.version:
+            self.err(
+                f"{path}.peer",
+                f"IPv{peer.version} peer but local address {local} is IPv{local.version}",
+            )
+
+        acl = self.string(t, "match_address", path)
+        if acl is None and "match_address" not in t:
+            self.err(f"{path}.match_address", "missing (required: the name of an access_list)")
+        elif acl is not None and acl not in acl_names:
+            self.err(f"{path}.match_address", f"no access_list named {acl!r}")
+
+        ike_sets = self.set_refs(t, "ike_transform_set", path, set(ikes) | self.declared_ike)
+        ipsec_sets = self.set_refs(
+            t, "ipsec_transform_set", path, set(ipsecs) | self.declared_ipsec
+        )
+        modes = {ipsecs[s].mode if s in ipsecs else "tunnel" for s in ipsec_sets}
+        if len(modes) > 1:
+            self.err(
+                f"{path}.ipsec_transform_sets",
+                "mixes tunnel and transport mode; use one mode per crypto map",
+            )
+        mode = modes.pop() if len(modes) == 1 else "tunnel"
+
+        role = self.choice(t, "role", path, ROLES, "initiator")
+        src_ip: IPAddress | None = None
+        if "src_ip" in t:
+            src_ip = self.address(t["src_ip"], f"{path}.src_ip")
+            if src_ip is not None and peer is not None and src_ip.version != peer.version:
+                # Reference limitation: the inner family follows the tunnel endpoints.
+                self.warnings.append(
+                    f"{path}.src_ip: IPv{src_ip.version} inside an IPv{peer.version} tunnel"
+                )
+            if mode == "transport":
+                self.warnings.append(
+                    f"{path}.src_ip: ignored in transport mode (the local address is the source)"
+                )
+        elif mode == "tunnel" and role == "initiator":
+            self.err(
+                f"{path}.src_ip",
+                "missing: tunnel mode needs src_ip "
+                "(the inner source address of the protected traffic)",
+            )
+
+        local_psk_raw = self.required(t, "local_psk", path)
+        local_psk = (
+            self.psk(local_psk_raw, f"{path}.local_psk") if local_psk_raw is not _MISSING else None
+        )
+        remote_psk = (
+            self.psk(t["remote_psk"], f"{path}.remote_psk") if "remote_psk" in t else local_psk
+        )
+        local_id = (
+            self.identity(t.get("local_id", _MISSING), f"{path}.local_id", local) if local else None
+        )
+        remote_id = (
+            self.identity(t.get("remote_id", _MISSING), f"{path}.remote_id", peer) if peer else None
+        )
+
+        rto = self.integer(t, "retransmission_timeout", path, 2000, lo=100, hi=600_000)
+        maxr = self.integer(t, "max_retransmission", path, 3, lo=0, hi=20)
+        dpd = Dpd()
+        if "dpd" in t:
+            dt = self.table(t["dpd"], f"{path}.dpd")
+            if dt is not None:
+                self.keys(dt, f"{path}.dpd", ("interval", "timeout", "retries"))
+                dpd = Dpd(
+                    self.number(dt, "interval", f"{path}.dpd", 30.0),
+                    self.number(dt, "timeout", f"{path}.dpd", 10.0),
+                    self.integer(dt, "retries", f"{path}.dpd", 3, lo=0, hi=20),
+                )
+        first = self.choice(t, "first_packet", path, FIRST_PACKET, "drop")
+        qsize = self.integer(t, "queue_size", path, 8, lo=1, hi=1024)
+        if "queue_size" in t and first != "queue":
+            self.warnings.append(f'{path}.queue_size: ignored unless first_packet = "queue"')
+        encap = self.choice(t, "encapsulation", path, ENCAPSULATIONS, "auto")
+        ic = self.boolean(t, "initial_contact", path, True)
+        if len(self.errors) > n:
+            return None
+        assert peer is not None and local is not None and acl is not None
+        assert local_psk is not None and remote_psk is not None
+        assert local_id is not None and remote_id is not None
+        return CryptoMap(
+            name=name, peer=peer, local_address=local, match_address=acl,
+            local_id=local_id, remote_id=remote_id, local_psk=local_psk, remote_psk=remote_psk,
+            ike_transform_sets=ike_sets, ipsec_transform_sets=ipsec_sets, mode=mode,
+            src_ip=src_ip, role=role, retransmission_timeout_ms=rto, max_retransmission=maxr,
+            dpd=dpd, first_packet=first, queue_size=qsize, encapsulation=encap, initial_contact=ic,
+        )  # fmt: skip
+
+    def tuns(self, v: Any, map_names: set[str]) -> list[TunInterface]:
+        entries: list[tuple[str, str | None, dict[str, Any]]] = []
+        if v is _MISSING:
+            return []
+        if isinstance(v, list):
+            for i, body in enumerate(v):
+                t = self.table(body, f"tun[{i}]")
+                if t is not None:
+                    entries.append((f"tun[{i}]", None, t))
+        elif isinstance(v, dict):
+            for name, body in v.items():
+                t = self.table(body, f"tun.{name}")
+                if t is not None:
+                    entries.append((f"tun.{name}", name, t))
+        else:
+            self.err("tun", f"expected [tun.NAME] tables or [[tun]] entries, got {_tname(v)}")
+            return []
+        out: list[TunInterface] = []
+        seen: dict[str, str] = {}
+        bound_to: dict[str, str] = {}
+        for path, key_name, t in entries:
+            allowed = ("addresses", "mtu", "crypto_maps", "routes")
+            self.keys(t, path, allowed if key_name else ("name", *allowed))
+            n = len(self.errors)
+            name = key_name or self.string(t, "name", path)
+            if name is None:
+                if "name" not in t:
+                    self.err(f"{path}.name", "missing (required in [[tun]] entries)")
+                continue
+            if len(name) > 15:
+                self.err(
+                    path if key_name else f"{path}.name",
+                    f"interface name {name!r} is longer than 15 characters",
+                )
+            if name in seen:
+                self.err(path, f"tun {name!r} is defined twice (also at {seen[name]})")
+            seen[name] = path
+            addrs: list[IPInterface] = []
+            for i, a in enumerate(self.str_list(t, "addresses", path) or ()):
+                try:
+                    addrs.append(ipaddress.ip_interface(a))
+                except ValueError:
+                    self.err(
+                        f"{path}.addresses[{i}]",
+                        f"{a!r} is not an address with prefix (e.g. 192.0.2.1/32)",
+                    )
+            routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+            for i, r in enumerate(self.str_list(t, "routes", path) or ()):
+                try:
+                    routes.append(ipaddress.ip_network(r))
+                except ValueError:
+                    self.err(
+                        f"{path}.routes[{i}]", f"{r!r} is not a network (e.g. 203.0.113.49/32)"
+                    )
+            mtu = self.integer(t, "mtu", path, 1400, lo=576, hi=65535)
+            maps = self.str_list(t, "crypto_maps", path) or ()
+            for i, m in enumerate(maps):
+                if m not in map_names:
+                    self.err(f"{path}.crypto_maps[{i}]", f"no crypto_map named {m!r}")
+                elif m in bound_to:
+                    # One TUN per crypto map: decrypted packets need one way back.
+                    self.err(
+                        f"{path}.crypto_maps[{i}]", f"{m!r} is already bound to tun {bound_to[m]!r}"
+                    )
+                else:
+                    bound_to[m] = name
+            if len(self.errors) == n:
+                out.append(TunInterface(name, tuple(addrs), mtu, maps, tuple(routes)))
+        return out
+
+
+def _guess_id_type(value: str) -> str:
+    try:
+        return f"ipv{ipaddress.ip_address(value).version}"
+    except ValueError:
+        return "email" if "@" in value else "fqdn"
+
+
+def format_diagnosis(path: str | Path, d: ConfigDiagnosis) -> str:
+    """``ipsecmgr check-config`` output: errors, then warnings, then a verdict line."""
+    lines = [f"error: {e}" for e in d.errors] + [f"warning: {w}" for w in d.warnings]
+    if d.errors:
+        lines.append(f"{path}: {len(d.errors)} error(s), {len(d.warnings)} warning(s)")
+    else:
+        lines.append(f"{path}: OK ({len(d.warnings)} warning(s))")
+    return "\n".join(lines)

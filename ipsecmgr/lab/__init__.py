@@ -1,0 +1,1 @@
+"""The network-namespace lab: topology, a TACACS+ server and client, a strongSwan peer."""

@@ -1,0 +1,282 @@
+"""Outbound classification: which crypto map, if any, protects a packet.
+
+This is the reference's step 3: IpsecMgr hands every packet read from the TUN
+to NPUSIM, which answers
+
+* ``Protect(crypto_map, rule)``: a crypto map's ACL permits it (step 3a);
+* ``BYPASS``: no crypto map protects it, send it in clear (step 3b);
+* ``Drop(reason)``: it cannot be classified (malformed, not IP).
+
+Semantics (Cisco crypto maps; RFC 4301 §4.4.1 SPD ordering):
+
+* Crypto maps are consulted in the order given.  Within a map's ACL the first
+  matching line decides.  ``permit`` protects the packet with that map.
+  ``deny`` means "not via this map": evaluation continues with the next map
+  (a Cisco crypto ACL deny does not block traffic, it only exempts it from
+  that map).  The end of an ACL is an implicit "no match" and also moves on.
+  When no map protects the packet, it bypasses.
+* IKE (UDP 500/4500) and ESP (protocol 50) to or from a configured peer always
+  bypass, so that a broad ACL cannot swallow the tunnel's own control traffic
+  (RFC 4301 §5.2 and §4.5.1 make the same exemption for IKE).  Only packets
+  whose ports are visible qualify: a non-first UDP fragment to a peer is
+  classified like any other packet, so protected traffic never leaks in clear.
+* Non-first fragments (RFC 4301 §7, ports OPAQUE) match only rules without port
+  conditions.  A packet whose TCP/UDP header is cut short is dropped if a rule
+  that would need its ports could decide it, and classified otherwise.
+
+Matching is a tuple-space search (the scheme Open vSwitch uses): rules are
+grouped by (family, source mask, destination mask, exact protocol?, exact
+destination port?), and each group is a dict from the masked header fields
+to the rule indices that have them.  A lookup costs one dict probe per group,
+not one test per rule, and groups are visited in the order of their lowest
+rule index so that the search stops as soon as no group can beat the best
+match found.  Sets of many host or prefix rules that share a few masks are
+therefore nearly as cheap as small ones; a set with hundreds of distinct
+wildcard masks degrades towards a linear scan (each mask is a group).
+
+Rule indices are global across maps (map order, then line order).  The "deny
+moves on to the next map" rule is a search with a floor: after a deny in map
+*m* the search repeats for indices at or beyond the first rule of map *m + 1*.
+
+Counters: ``counters[map_name]`` has ``protect`` and ``deny`` (a deny line of
+that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
+``drop`` and one entry per drop reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Final
+
+from npusim.acl import ANY_FAMILY, Acl, Rule, in_ranges
+from npusim.counters import GLOBAL
+from npusim.packet import (
+    ALL_DROP_REASONS,
+    DROP_TRUNCATED_L4,
+    PORTS_OK,
+    PORTS_TRUNCATED,
+    PROTO_ESP,
+    PROTO_UDP,
+    parse_selectors,
+)
+
+_IKE_PORTS: Final = frozenset((500, 4500))  # RFC 7296 §2, RFC 3948 §2
+_CONTROL_PROTOCOLS: Final = frozenset((PROTO_UDP, PROTO_ESP))
+
+
+@dataclass(frozen=True, eq=False)
+class CryptoMap:
+    """A crypto map as the classifier sees it: a name, its ACL, its peers."""
+
+    name: str
+    acl: Acl = field(repr=False)
+    peers: Sequence[str] = ()
+
+
+class Bypass:
+    """Send in clear (reference step 3b).  Use the singleton :data:`BYPASS`."""
+
+    __slots__ = ()
+    kind: ClassVar[str] = "bypass"
+
+    def __repr__(self) -> str:
+        return "BYPASS"
+
+
+BYPASS: Final = Bypass()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Protect:
+    """Protect with ``crypto_map``; ``rule`` is the ACL line that decided."""
+
+    crypto_map: CryptoMap
+    rule: Rule
+    kind: ClassVar[str] = "protect"
+
+    def __repr__(self) -> str:
+        return f"Protect({self.crypto_map.name}, {self.rule.where})"
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Do not forward; ``reason`` is a constant string and a counter name."""
+
+    reason: str
+    kind: ClassVar[str] = "drop"
+
+
+Verdict = Bypass | Protect | Drop
+
+_DROPS: Final = {reason: Drop(reason) for reason in ALL_DROP_REASONS}
+
+# One candidate in a group's bucket: (global rule index, source port ranges,
+# destination port ranges still to check; None = nothing to check).
+_Candidate = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
+# A group: (lowest index, highest index, src mask, dst mask, exact protocol?,
+# exact destination port?, bucket dict).
+_Group = tuple[int, int, int, int, bool, bool, dict[tuple[int, int, int, int], list[_Candidate]]]
+
+# What the rules of one group share: (src mask, dst mask, exact protocol?,
+# exact destination port?).
+_Shape = tuple[int, int, bool, bool]
+
+_NO_MATCH: Final = 1 << 62
+
+
+class Classifier:
+    """Compiled crypto-map set; :meth:`classify` is the per-packet call."""
+
+    def __init__(self, crypto_maps: Sequence[CryptoMap]) -> None:
+        names = [m.name for m in crypto_maps]
+        if GLOBAL in names:
+            raise ValueError(f"crypto map name {GLOBAL!r} is reserved for global counters")
+        if len(set(names)) != len(names):
+            raise ValueError("crypto map names must be unique")
+        self.crypto_maps: tuple[CryptoMap, ...] = tuple(crypto_maps)
+        self.counters: dict[str, dict[str, int]] = {
+            m.name: {"protect": 0, "deny": 0} for m in self.crypto_maps
+        }
+        self.counters[GLOBAL] = self._global = dict.fromkeys(
+            ("bypass", "bypass_ike_esp", "drop", *ALL_DROP_REASONS), 0
+        )
+        # Per global rule index: (rule, Protect verdict or None for deny,
+        # counter dict of its map, first index of the next map).
+        self._entries: list[tuple[Rule, Protect | None, dict[str, int], int]] = []
+        for cmap in self.crypto_maps:
+            end = len(self._entries) + len(cmap.acl.rules)
+            counters = self.counters[cmap.name]
+            for rule in cmap.acl.rules:
+                verdict = Protect(cmap, rule) if rule.permit else None
+                self._entries.append((rule, verdict, counters, end))
+        self._groups: dict[int, list[_Group]] = {4: self._build(4), 6: self._build(6)}
+        self._peers: dict[int, frozenset[int]] = {4: frozenset(), 6: frozenset()}
+        peers: dict[int, set[int]] = {4: set(), 6: set()}
+        for cmap in self.crypto_maps:
+            for peer in cmap.peers:
+                ip = ipaddress.ip_address(peer)
+                peers[ip.version].add(int(ip))
+        self._peers = {v: frozenset(s) for v, s in peers.items()}
+
+    def _build(self, version: int) -> list[_Group]:
+        buckets: dict[_Shape, dict[tuple[int, int, int, int], list[_Candidate]]] = {}
+        bounds: dict[_Shape, list[int]] = {}
+        for index, (rule, _, _, _) in enumerate(self._entries):
+            if rule.version not in (ANY_FAMILY, version):
+                continue
+            dport_exact = (
+                rule.dst_ports is not None
+                and len(rule.dst_ports) == 1
+                and (rule.dst_ports[0][0] == rule.dst_ports[0][1])
+            )
+            shape = (rule.src_mask, rule.dst_mask, rule.protocol >= 0, dport_exact)
+            key = (
+                rule.src,
+                rule.dst,
+                rule.protocol,
+                rule.dst_ports[0][0] if rule.dst_ports is not None and dport_exact else -1,
+            )
+            cand: _Candidate = (index, rule.src_ports, None if dport_exact else rule.dst_ports)
+            buckets.setdefault(shape, {}).setdefault(key, []).append(cand)
+            lo_hi = bounds.setdefault(shape, [index, index])
+            lo_hi[1] = index
+        groups: list[_Group] = [
+            (bounds[s][0], bounds[s][1], s[0], s[1], s[2], s[3], table)
+            for s, table in buckets.items()
+        ]
+        groups.sort(key=lambda g: g[0])
+        return groups
+
+    def classify(self, packet: bytes | bytearray | memoryview) -> Verdict:
+        """Verdict for one outbound IP packet (as read from the TUN)."""
+        sel = parse_selectors(packet)
+        if isinstance(sel, str):
+            g = self._global
+            g["drop"] += 1
+            g[sel] += 1
+            return _DROPS[sel]
+        version, proto, src, dst, sport, dport, pstate = sel
+        if proto in _CONTROL_PROTOCOLS and self._is_control(
+            version, proto, src, dst, sport, dport, pstate
+        ):
+            self._global["bypass_ike_esp"] += 1
+            return BYPASS
+        entries = self._entries
+        floor = 0
+        while True:
+            if pstate == PORTS_TRUNCATED:
+                index = self._scan(version, proto, src, dst, floor)
+                if index < 0:
+                    self._global["drop"] += 1
+                    self._global[DROP_TRUNCATED_L4] += 1
+                    return _DROPS[DROP_TRUNCATED_L4]
+            else:
+                index = self._search(version, proto, src, dst, sport, dport, pstate, floor)
+            if index == _NO_MATCH:
+                self._global["bypass"] += 1
+                return BYPASS
+            _, verdict, counters, floor = entries[index]
+            if verdict is not None:
+                counters["protect"] += 1
+                return verdict
+            counters["deny"] += 1
+
+    def _is_control(
+        self, version: int, proto: int, src: int, dst: int, sport: int, dport: int, pstate: int
+    ) -> bool:
+        peers = self._peers[version]
+        if src not in peers and dst not in peers:
+            return False
+        if proto == PROTO_ESP:
+            return True
+        return pstate == PORTS_OK and (sport in _IKE_PORTS or dport in _IKE_PORTS)
+
+    def _search(
+        self,
+        version: int,
+        proto: int,
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        pstate: int,
+        floor: int,
+    ) -> int:
+        """Lowest rule index >= floor that matches, or _NO_MATCH."""
+        best = _NO_MATCH
+        ports = pstate == PORTS_OK
+        for lo, hi, sm, dm, pe, de, table in self._groups[version]:
+            if lo >= best:
+                break  # groups are sorted by lowest index: none can do better
+            if hi < floor or (de and not ports):
+                continue
+            cands = table.get((src & sm, dst & dm, proto if pe else -1, dport if de else -1))
+            if cands is None:
+                continue
+            for index, sr, dr in cands:
+                if index >= best:
+                    break
+                if index < floor:
+                    continue
+                if sr is not None and not (ports and in_ranges(sport, sr)):
+                    continue
+                if dr is not None and not (ports and in_ranges(dport, dr)):
+                    continue
+                best = index
+                break
+        return best
+
+    def _scan(self, version: int, proto: int, src: int, dst: int, floor: int) -> int:
+        """Linear search for a packet whose ports were cut off.
+
+        Returns the first index >= floor whose rule matches without needing
+        ports, _NO_MATCH, or -1 when a rule needing the missing ports comes
+        first (the packet cannot be classified: RFC 4301 §5.1 discards it).
+        """
+        for index in range(floor, len(self._entries)):
+            rule = self._entries[index][0]
+            if rule.matches_addresses(version, proto, src, dst):
+                return -1 if rule.needs_ports else index
+        return _NO_MATCH

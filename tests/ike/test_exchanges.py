@@ -1,0 +1,228 @@
+"""INFORMATIONAL (liveness, DELETE) and CREATE_CHILD_SA (new Child, rekeys, collisions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ike.constants import DhGroup
+from ike.crypto import get_prf, skeyseed_rekey
+from ike.events import (
+    ChildSaDeleted,
+    ChildSaInstalled,
+    ChildSaRekeyed,
+    ExchangeFailed,
+    IkeSaDeleted,
+    IkeSaRekeyed,
+)
+from ike.sa import State
+
+from .pair import Pair, configs
+
+
+def up(**kw: object) -> Pair:
+    p = Pair(*configs(**kw))
+    p.handshake()
+    assert p.i.established and p.r.established
+    return p
+
+
+def test_liveness_empty_informational() -> None:
+    p = up()
+    p.i.liveness_check(p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1
+    req, resp = p.wire[-2][2], p.wire[-1][2]
+    assert req[18] == resp[18] == 37  # INFORMATIONAL
+    assert req[16] == 46 and req[28] == 0  # SK payload whose first inner payload is "none"
+    p.r.liveness_check(p.now)  # the responder may probe too (its own message IDs)
+    p.roundtrip()
+    assert p.r.counters["liveness_ok"] == 1 and p.r.ch.next_id == 1 and p.i.ch.peer_id == 1
+
+
+@pytest.mark.parametrize("by", ["i", "r"])
+def test_delete_child(by: str) -> None:
+    p = up()
+    sa = p.i if by == "i" else p.r
+    sa.delete_child(1, p.now)
+    p.roundtrip()
+    assert not p.i.children and not p.r.children
+    (di,) = p.events_of("i", ChildSaDeleted)
+    (dr,) = p.events_of("r", ChildSaDeleted)
+    assert (di.inbound_spi, di.outbound_spi) == (dr.outbound_spi, dr.inbound_spi)
+    assert p.i.established and p.r.established
+
+
+@pytest.mark.parametrize("by", ["i", "r"])
+def test_delete_ike_sa(by: str) -> None:
+    p = up()
+    (p.i if by == "i" else p.r).delete(p.now)
+    p.roundtrip()
+    assert p.i.dead and not p.ep.sas
+    (di,) = p.events_of("i", IkeSaDeleted)
+    (dr,) = p.events_of("r", IkeSaDeleted)
+    assert {di.reason, dr.reason} == {"deleted", "deleted-by-peer"}
+    assert di.child_ids == dr.child_ids == [1]
+
+
+def test_crossing_child_deletes() -> None:
+    p = up()
+    p.i.delete_child(1, p.now)
+    p.r.delete_child(1, p.now)
+    p.roundtrip()
+    assert not p.i.children and not p.r.children
+    assert len(p.events_of("i", ChildSaDeleted)) == len(p.events_of("r", ChildSaDeleted)) == 1
+
+
+@pytest.mark.parametrize("pfs", [None, DhGroup.ECP_256])
+def test_create_additional_child(pfs: DhGroup | None) -> None:
+    p = up(pfs_group=pfs)
+    p.i.create_child(p.now)
+    p.roundtrip()
+    ci = p.events_of("i", ChildSaInstalled)
+    cr = p.events_of("r", ChildSaInstalled)
+    assert len(ci) == len(cr) == 2
+    assert ci[1].inbound_key == cr[1].outbound_key and ci[1].outbound_key == cr[1].inbound_key
+    assert ci[1].inbound_key != ci[0].inbound_key
+    has_ke = 34 in _inner_types(p, -2)
+    assert has_ke == (pfs is not None)
+
+
+def _inner_types(p: Pair, idx: int) -> list[int]:
+    """Inner payload types of a sent message, decrypted with the sender's keys."""
+    from ike.buffer import Buffer
+    from ike.payloads import parse_chain, parse_message
+
+    who, _, data = p.wire[idx]
+    _, _, sk = parse_message(data)
+    assert sk is not None
+    receiver = p.r if who == "i>r" else p.i
+    inner = receiver.ch.inb.open(data, sk.offset)  # type: ignore[union-attr]
+    payloads, _ = parse_chain(Buffer(inner), sk.first_inner)
+    return [x.type for x in payloads]
+
+
+@pytest.mark.parametrize("pfs", [None, DhGroup.CURVE25519, DhGroup.MODP_2048])
+@pytest.mark.parametrize("by", ["i", "r"])
+def test_child_rekey_make_before_break(pfs: DhGroup | None, by: str) -> None:
+    p = up(pfs_group=pfs)
+    a, b = (p.i, p.r) if by == "i" else (p.r, p.i)
+    a.rekey_child(1, p.now)
+    p.roundtrip()
+    ci = p.events_of("i", ChildSaInstalled)
+    cr = p.events_of("r", ChildSaInstalled)
+    assert len(ci) == len(cr) == 2
+    assert ci[1].rekeyed_from == cr[1].rekeyed_from == 1
+    assert ci[1].inbound_key == cr[1].outbound_key
+    assert ci[1].local_ts == ci[0].local_ts
+    assert p.events_of("i", ChildSaRekeyed)[0].new_child_id == 2
+    # the old SA is deleted after the new one is in place, on both sides
+    assert [d.child_id for d in p.events_of("i", ChildSaDeleted)] == [1]
+    assert [d.child_id for d in p.events_of("r", ChildSaDeleted)] == [1]
+    assert {
+        d.reason for d in p.events_of("i", ChildSaDeleted) + p.events_of("r", ChildSaDeleted)
+    } == {"rekeyed"}
+    assert list(a.children) == list(b.children) == [2]
+    assert 41 in _inner_types(p, -4)  # N(REKEY_SA)
+
+
+def test_child_rekey_collision_lowest_nonce_loses() -> None:
+    """§2.8.1: both rekey child 1 at once; the SA with the lowest nonce is closed by its creator."""
+    p = up()
+    p.i.rekey_child(1, p.now)
+    p.r.rekey_child(1, p.now)
+    p.roundtrip()
+    assert (
+        p.i.counters.get("rekey_collision_lost", 0) + p.r.counters.get("rekey_collision_lost", 0)
+        == 1
+    )
+    assert (
+        p.i.counters.get("rekey_collision_won", 0) + p.r.counters.get("rekey_collision_won", 0) == 1
+    )
+    # exactly one new Child SA survives, the same pair on both sides, and the old one is gone
+    assert len(p.i.children) == len(p.r.children) == 1
+    (ci,) = p.i.children.values()
+    (cr,) = p.r.children.values()
+    assert (ci.inbound_spi, ci.outbound_spi) == (cr.outbound_spi, cr.inbound_spi)
+    assert ci.inbound_key == cr.outbound_key
+    assert 1 not in p.i.children and 1 not in p.r.children
+
+
+@pytest.mark.parametrize("by", ["i", "r"])
+def test_ike_rekey_moves_children(by: str) -> None:
+    p = up()
+    a = p.i if by == "i" else p.r
+    old_keys = p.i.ch.keys
+    old_spis = (p.i.ch.spi_i, p.i.ch.spi_r)
+    a.rekey_ike(p.now)
+    p.roundtrip()
+    (ri,) = p.events_of("i", IkeSaRekeyed)
+    (rr,) = p.events_of("r", IkeSaRekeyed)
+    assert (ri.old_spi_i, ri.old_spi_r) == old_spis
+    assert (ri.spi_i, ri.spi_r) == (rr.spi_i, rr.spi_r) != old_spis
+    assert vars(p.i.ch.keys) == vars(p.r.ch.keys) != vars(old_keys)
+    # the rekey initiator is the new IKE SA's initiator (§2.18)
+    assert a.ch.initiator and not (p.r if a is p.i else p.i).ch.initiator
+    assert p.i.old_ch is None and p.r.old_ch is None  # old SA deleted
+    assert 1 in p.i.children and 1 in p.r.children
+    assert not p.events_of("i", IkeSaDeleted) and not p.events_of("r", IkeSaDeleted)
+    # the new SA works: message IDs restart at 0, liveness and a Child rekey succeed
+    p.i.liveness_check(p.now)
+    p.roundtrip()
+    p.r.rekey_child(1, p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1 and list(p.i.children) == [2]
+    assert p.ep.find_sa(p.r.name) is p.r
+
+
+def test_ike_rekey_skeyseed_uses_old_sk_d() -> None:
+    """§2.18 checked from outside: recompute the new SK_d from the old one and the wire."""
+    from ike.buffer import Buffer
+    from ike.payloads import KEPayload, NoncePayload, find, parse_chain, parse_message
+
+    p = up()
+    old = p.i.ch
+    assert old.keys is not None and old.prf is not None and old.inb is not None
+    p.i.rekey_ike(p.now)
+    task = p.i.ch.pending.task  # type: ignore[union-attr]
+    p.roundtrip()
+    new = p.i.ch
+    assert new.keys is not None and new.suite is not None
+    # the answer was protected with the old keys: open it with them
+    data = next(d for who, _, d in p.wire if who == "r>i" and d[18] == 36)
+    _, _, sk = parse_message(data)
+    assert sk is not None
+    inner, _ = parse_chain(Buffer(old.inb.open(data, sk.offset)), sk.first_inner)
+    nr = find(inner, NoncePayload)
+    ke = find(inner, KEPayload)
+    assert nr is not None and ke is not None
+    g_ir = task.dh.shared_secret(ke.data)
+    seed = skeyseed_rekey(old.prf, old.keys.sk_d, g_ir, task.ni, nr.nonce)
+    prf = get_prf(new.suite.prf)
+    assert prf.plus(seed, task.ni + nr.nonce + new.spi_i + new.spi_r, prf.size) == new.keys.sk_d
+
+
+def test_rekey_of_unknown_child_is_refused() -> None:
+    p = up()
+    p.i.children[1].inbound_spi ^= 0xFFFF  # the responder no longer knows this SPI
+    p.i.rekey_child(1, p.now)
+    p.roundtrip()
+    assert p.events_of("i", ExchangeFailed)[0].notify == "CHILD_SA_NOT_FOUND"
+    assert p.i.established and p.i.children[1].state == "installed"
+
+
+def test_commands_before_establishment_wait() -> None:
+    p = Pair(*configs())
+    p.i.initiate(0)
+    p.i.liveness_check(0)  # queued behind IKE_AUTH
+    p.roundtrip()
+    assert p.i.state == State.ESTABLISHED and p.i.counters["liveness_ok"] == 1
+
+
+def test_child_pfs_group_mismatch() -> None:
+    """One PFS group per side: a different group is not a proposal we accept (§2.7)."""
+    p = up(i_pfs_group=DhGroup.ECP_256, r_pfs_group=DhGroup.CURVE25519)
+    p.i.create_child(p.now)
+    p.roundtrip()
+    assert len(p.i.children) == len(p.r.children) == 1
+    assert p.events_of("i", ExchangeFailed)[0].notify == "NO_PROPOSAL_CHOSEN"
+    assert p.i.established and p.r.established

@@ -1,0 +1,104 @@
+"""Retransmission (§2.1), the response cache, loss, duplication, reordering, give-up."""
+
+from __future__ import annotations
+
+from ike.events import ChildSaInstalled, IkeSaDeleted, IkeSaEstablished, PeerDead
+
+from .pair import Pair, configs, drop_nth
+
+
+def test_lost_ike_auth_request_is_retransmitted_after_2s() -> None:
+    p = Pair(*configs())
+    p.handshake(drop_nth(3))  # 1: INIT req, 2: INIT resp, 3: AUTH req (lost)
+    assert not p.i.established
+    assert p.i.get_timer() == 2.0
+    p.advance(2.0)
+    assert p.i.established and p.r.established
+    assert p.i.counters["retransmitted"] == 1
+    assert len(p.events_of("i", ChildSaInstalled)) == 1
+
+
+def test_lost_response_answered_from_cache() -> None:
+    p = Pair(*configs())
+    p.handshake(drop_nth(4))  # the IKE_AUTH response is lost
+    assert p.r.established and not p.i.established
+    p.advance(2.0)
+    assert p.i.established
+    assert p.r.counters["retransmit_answered"] == 1
+    # the responder did not process the request twice
+    assert len(p.events_of("r", ChildSaInstalled)) == 1
+    assert len(p.events_of("r", IkeSaEstablished)) == 1
+    resp = [d for who, _, d in p.wire if who == "r>i"]
+    assert resp[1] == resp[2]  # byte-identical cached answer
+
+
+def test_lost_init_response() -> None:
+    p = Pair(*configs())
+    p.handshake(drop_nth(2))
+    p.advance(2.0)
+    assert p.i.established and p.r.established
+    assert len(p.ep.sas) == 1  # the retransmitted IKE_SA_INIT reached the same half-open SA
+
+
+def test_everything_duplicated() -> None:
+    p = Pair(*configs())
+    p.handshake(lambda d, n, data: [data, data])
+    assert p.i.established and p.r.established
+    assert p.r.counters["retransmit_answered"] >= 2
+    assert p.i.counters["unexpected_response"] >= 1
+    assert len(p.events_of("i", ChildSaInstalled)) == len(p.events_of("r", ChildSaInstalled)) == 1
+    p.i.liveness_check(p.now)
+    p.roundtrip(lambda d, n, data: [data, data])
+    assert p.i.counters["liveness_ok"] == 1
+
+
+def test_reordered_stale_messages_are_ignored() -> None:
+    p = Pair(*configs())
+    p.handshake()
+    old = [d for who, _, d in p.wire if who == "i>r"]
+    # replay the old IKE_SA_INIT and IKE_AUTH requests out of order
+    for d in reversed(old):
+        p.ep.receive_datagram(d, p.i_src, p.now)
+    p.roundtrip()
+    assert p.r.established and len(p.ep.sas) == 1
+    # the IKE_AUTH request (msg 1) is the cached one: answered again, never reprocessed
+    assert p.r.counters["retransmit_answered"] == 1
+    assert len(p.events_of("r", IkeSaEstablished)) == 1
+
+
+def test_gives_up_after_configured_retransmissions() -> None:
+    p = Pair(*configs())
+    p.handshake()
+    p.i.liveness_check(p.now)
+    p.roundtrip(lambda d, n, data: [])  # the peer is gone
+    p.advance(100.0, lambda d, n, data: [])
+    sends = [t for who, t, d in p.wire if who == "i>r" and t >= 0 and len(d) < 100]
+    # §2.1: first send, then 2, 4, 8 s later (timeout 2.0, 3 retries), give up 16 s after that
+    assert sends == [0.0, 2.0, 6.0, 14.0]
+    assert p.events_of("i", PeerDead)
+    (d,) = p.events_of("i", IkeSaDeleted)
+    assert d.reason == "peer-dead" and d.child_ids == [1]
+    assert p.i.dead and p.i.get_timer() is None
+
+
+def test_custom_retransmit_settings_and_give_up_time() -> None:
+    p = Pair(*configs(retransmit_timeout=0.5, retransmit_tries=2))
+    p.i.initiate(0.0)
+    p.roundtrip(lambda d, n, data: [])
+    times = []
+    while (t := p.i.get_timer()) is not None:
+        times.append(t)
+        p.now = t
+        p.i.handle_timer(t)
+        p.roundtrip(lambda d, n, data: [])
+    assert times == [0.5, 1.5, 3.5]  # resend at 0.5 and 1.5, give up at 3.5
+    assert p.events_of("i", PeerDead) and p.i.dead
+
+
+def test_responder_forgets_half_open_sa() -> None:
+    p = Pair(*configs(half_open_timeout=10.0))
+    p.handshake(lambda d, n, data: [] if n >= 3 else [data])
+    assert len(p.ep.sas) == 1
+    p.advance(10.0, lambda d, n, data: [])
+    assert not p.ep.sas
+    assert not p.events_of("r", IkeSaDeleted)  # it never existed for the daemon
