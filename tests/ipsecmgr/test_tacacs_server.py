@@ -246,3 +246,13 @@ def test_wrapper_does_not_hang_when_the_server_closes_mid_body() -> None:
         query("127.0.0.1", Secret(SECRET), "alice", password=Secret(b"x"), port=port, timeout=5)
     th.join(5)
     lsock.close()
+
+
+def test_idle_connection_is_closed() -> None:
+    srv = TacacsServer(SECRET, _users(), idle_timeout=0.2)
+    with (
+        ThreadedTacacsServer(srv, ["127.0.0.1"]) as running,
+        _connect("127.0.0.1", running.port_for("127.0.0.1")) as s,
+    ):
+        assert s.recv(100) == b""  # closed by the server, not by our 5 s timeout
+    assert [(x.kind, x.result) for x in srv.transactions] == [("error", "idle for 0.2 s")]
