@@ -7,13 +7,16 @@ UDP payload on port 4500 can be (RFC 3948 §2.2):
 * an IKE message: the 4-byte non-ESP marker (all zero) and then the IKE header;
 * an ESP packet, as is: its first 4 bytes are the SPI, which is never 0
   (RFC 4303 §2.1), so it cannot be mistaken for the marker.
+
+Anything else (empty, or 1 to 3 bytes other than 0xFF) is classified "esp" and
+left to ESP processing to reject as truncated.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from .errors import MalformedError, TruncatedError
+from .errors import MalformedError
 
 __all__ = [
     "NAT_KEEPALIVE",
@@ -38,16 +41,16 @@ UdpKind = Literal["ike", "esp", "keepalive"]
 def classify_udp4500(payload: bytes) -> UdpKind:
     """Say what a UDP payload received on port 4500 is, without copying it.
 
-    Raises :class:`TruncatedError` for payloads that can be none of the three
-    (empty, or 1 to 3 bytes other than a keepalive).
+    Total: never raises, so the daemon may call it on anything a socket returns.
+    RFC 3948 §2.2 tells the kinds apart by the marker alone, so whatever is neither
+    a keepalive nor marked IKE goes to ESP processing, which rejects what is too
+    short (``InboundSA.decapsulate`` raises :class:`TruncatedError`).
     """
-    if len(payload) >= 4:
-        if payload[:4] == NON_ESP_MARKER:
-            return "ike"
-        return "esp"
+    if payload[:4] == NON_ESP_MARKER:
+        return "ike"
     if payload == NAT_KEEPALIVE:
         return "keepalive"
-    raise TruncatedError(f"{len(payload)}-byte UDP payload on port {NAT_T_PORT}")
+    return "esp"
 
 
 def strip_non_esp_marker(payload: bytes) -> bytes:

@@ -45,6 +45,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
@@ -264,6 +265,9 @@ def parse_config(
 # ---------------------------------------------------------------- parser
 
 _MISSING = object()
+_SECTIONS = (
+    "access_list", "ike_transform_set", "ipsec_transform_set", "crypto_map", "tun", "gateway",
+)  # fmt: skip
 
 
 def _tname(v: object) -> str:
@@ -308,7 +312,9 @@ class _Parser:
     def keys(self, t: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
         for k in t:
             if k not in allowed:
-                self.err(f"{path}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
+                self.err(
+                    f"{path}.{k}" if path else k, f"unknown key (allowed: {', '.join(allowed)})"
+                )
 
     def required(self, t: Mapping[str, Any], key: str, path: str) -> Any:
         if key not in t:
@@ -420,20 +426,7 @@ class _Parser:
     # --- sections
 
     def parse(self, data: Mapping[str, Any]) -> Config | None:
-        self.keys(
-            data,
-            "<top level>",
-            (
-                "access_list",
-                "ike_transform_set",
-                "ipsec_transform_set",
-                "crypto_map",
-                "tun",
-                "gateway",
-            ),
-        )
-        # Top-level unknown keys are reported without the "<top level>." prefix.
-        self.errors = [e.replace("<top level>.", "", 1) for e in self.errors]
+        self.keys(data, "", _SECTIONS)
         sections = {
             k: self.named_section(data, k)
             for k in ("access_list", "ike_transform_set", "ipsec_transform_set", "crypto_map")
@@ -474,7 +467,10 @@ class _Parser:
                 self.warnings.append(f"access_list.{n}: not used by any crypto map")
         if self.errors or gw is None:
             return None
-        return Config(acls, ikes, ipsecs, maps, tuple(tuns), gw, tuple(self.warnings))
+        return Config(
+            MappingProxyType(acls), MappingProxyType(ikes), MappingProxyType(ipsecs),
+            MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings),
+        )  # fmt: skip
 
     def acl(self, name: str, t: dict[str, Any]) -> AccessList | None:
         path = f"access_list.{name}"

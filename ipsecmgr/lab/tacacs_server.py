@@ -92,6 +92,9 @@ class _Session:
     authen_type: int = t.AUTHEN_TYPE_ASCII
 
 
+MAX_SESSIONS = 64  # concurrent sessions on one single-connect connection
+
+
 class _Close(Exception):
     """End this connection (the reason is recorded as an "error" transaction)."""
 
@@ -104,7 +107,10 @@ class TacacsServer:
         secret: bytes | Secret | None,
         users: Mapping[str, User],
         on_transaction: Callable[[Transaction], None] | None = None,
+        *,
+        idle_timeout: float = 30.0,
     ) -> None:
+        self.idle_timeout = idle_timeout
         self._key = secret.reveal() if isinstance(secret, Secret) else secret
         self.users = dict(users)
         self.transactions: list[Transaction] = []
@@ -147,15 +153,23 @@ class TacacsServer:
         try:
             while True:
                 try:
-                    raw = await reader.readexactly(t.HEADER_LEN)
+                    # A silent client must not hold a connection (and a task) forever.
+                    async with asyncio.timeout(self.idle_timeout):
+                        raw = await reader.readexactly(t.HEADER_LEN)
                 except asyncio.IncompleteReadError as e:
                     if e.partial:
                         raise _Close("truncated header") from None
                     return  # clean close by the client
+                except TimeoutError:
+                    raise _Close(f"idle for {self.idle_timeout:g} s") from None
                 header = t.Header.unpack(raw)
                 if header.length > t.MAX_BODY:
                     raise _Close(f"body length {header.length} too large")
-                wire = await reader.readexactly(header.length)
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        wire = await reader.readexactly(header.length)
+                except TimeoutError:
+                    raise _Close("body did not arrive") from None
                 if first:
                     # RFC 8907 §4.3: single-connection mode is offered by the
                     # client in its first packet and accepted by echoing the flag.
@@ -197,7 +211,11 @@ class TacacsServer:
         if sess is None:
             if header.seq_no != 1:
                 raise _Close(f"session {header.session_id:#x} starts with seq_no {header.seq_no}")
+            if len(sessions) >= MAX_SESSIONS:
+                raise _Close(f"more than {MAX_SESSIONS} sessions on one connection")
             sess = sessions[header.session_id] = _Session(1, header.version)
+        if header.version != sess.version:
+            raise _Close(f"version {header.version:#x} changed within the session")
         if header.seq_no != sess.next_seq:
             raise _Close(f"seq_no {header.seq_no}, expected {sess.next_seq}")
         if header.seq_no >= 255:

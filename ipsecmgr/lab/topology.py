@@ -24,8 +24,10 @@ interface) and no ACL matches it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -201,8 +203,9 @@ class Lab:
         return self.ns("wan")
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able description: namespaces, interfaces, addresses."""
+        """JSON-able description: namespaces, interfaces, addresses (see :func:`teardown`)."""
         return {
+            "tag": self.pool.tag,
             "mode": self.mode,
             "namespaces": {r: self.ns(r).name for r in ROLES if r in self._ns or r == "server"},
             "interfaces": dict(self.interfaces),
@@ -267,6 +270,35 @@ class Lab:
         if self._own_pool:
             self.pool.close()
             self._ns.clear()
+
+    # ------------------------------------------------------------ impairment
+
+    def set_loss(self, role: str, percent: int, *, ifname: str | None = None) -> None:
+        """Drop ``percent`` % of the packets ``role`` sends on its WAN link (0 removes it).
+
+        This kernel has no netem; nftables' ``numgen random`` does the same for
+        loss (DESIGN: loss injection). Applies to IPv4 and IPv6 alike.
+        """
+        if not 0 <= percent <= 100:
+            raise ValueError("percent must be 0..100")
+        ns = self.ns(role)
+        ifname = ifname or self.interfaces[f"{role}.wan"]
+        ns.run(["nft", "delete", "table", "inet", "ipsm_lab_loss"], check=False)
+        if percent == 0:
+            return
+        # numgen yields 0..99, so "< 100" is out of its range: 100 % is a plain drop.
+        match = "" if percent == 100 else f"numgen random mod 100 < {percent} "
+        rule = f'oifname "{ifname}" {match}drop'
+        rules = (
+            "table inet ipsm_lab_loss {\n"
+            f"  chain lab_out {{ type filter hook output priority 0; {rule}; }}\n"
+            f"  chain lab_forward {{ type filter hook forward priority 0; {rule}; }}\n"
+            "}\n"
+        )
+        proc = subprocess.run(ns.argv(["nft", "-f", "-"]), input=rules, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"nft in {ns.name}: {proc.stderr.strip()}")
 
     # ------------------------------------------------------------ TACACS+
 
@@ -334,6 +366,34 @@ class Lab:
         result: dict[str, Any] = json.loads(lines[-1])
         result["exit_code"] = proc.returncode
         return result
+
+
+def teardown(description: Mapping[str, Any]) -> list[str]:
+    """Remove a lab that outlived its process (``ipsecmgr lab down``), from :meth:`Lab.describe`.
+
+    Only namespaces named ``<tag>-<role>`` by the description are touched: the
+    processes still running in them are killed by PID, then they are deleted.
+    Returns the names removed.
+    """
+    tag = str(description["tag"])
+    existing = set(
+        line.split()[0]
+        for line in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True
+        ).stdout.splitlines()
+        if line.strip()
+    )
+    removed: list[str] = []
+    for name in sorted(set(description["namespaces"].values())):
+        if not name.startswith(f"{tag}-") or name not in existing:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        removed.append(name)
+    return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

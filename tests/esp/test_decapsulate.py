@@ -6,11 +6,13 @@ like), so an authentic packet can carry a trailer OutboundSA would never build.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 import esp
 
-from .conftest import Seal
+Seal = Callable[..., bytes]  # the ``seal`` fixture from conftest.py
 
 KEY = bytes(range(0x20, 0x30)) + b"salt"
 SPI = 0x0BADCAFE

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scapy.layers.inet import UDP
 from scapy.layers.ipsec import ESP, NAT_KEEPALIVE, NON_ESP
 
@@ -37,11 +39,17 @@ def test_demux(payload: bytes, kind: str, inner: bytes) -> None:
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00", b"\xfe", b"\xff\xff", b"\x00\x00\x00"])
-def test_demux_junk_is_truncated(payload: bytes) -> None:
+def test_demux_junk_goes_to_esp_which_calls_it_truncated(payload: bytes) -> None:
+    """Never an exception from the demux (the daemon calls it on raw input)."""
+    assert udp_encap.classify_udp4500(payload) == "esp"
+    assert udp_encap.decode(payload) == ("esp", payload)
     with pytest.raises(esp.TruncatedError):
-        udp_encap.classify_udp4500(payload)
-    with pytest.raises(esp.EspError):
-        udp_encap.decode(payload)
+        esp.InboundSA(0xC0DE0042, bytes(20)).decapsulate(payload)
+
+
+def test_marker_prefix_shorter_than_four_bytes_is_not_ike() -> None:
+    assert udp_encap.classify_udp4500(b"\x00\x00\x00") == "esp"
+    assert udp_encap.classify_udp4500(b"\x00\x00\x00\x00\x00") == "ike"
 
 
 def test_encode_ike_and_strip_marker() -> None:
@@ -72,3 +80,15 @@ def test_scapy_agrees_on_the_demux() -> None:
         datagram = UDP(bytes(UDP(sport=4500, dport=4500) / payload))
         assert datagram.haslayer(layer)
         assert udp_encap.classify_udp4500(payload) == names[layer]
+
+
+@given(st.binary(max_size=64))
+def test_demux_is_total_and_consistent(payload: bytes) -> None:
+    kind, inner = udp_encap.decode(payload)
+    assert kind == udp_encap.classify_udp4500(payload)
+    if kind == "ike":
+        assert payload == udp_encap.encode_ike_in_udp(inner)
+    elif kind == "keepalive":
+        assert payload == b"\xff"
+    else:
+        assert inner == payload

@@ -315,3 +315,15 @@ def test_secret_file_owned_by_someone_else_warns(tmp_path: Path, psk_file: Path)
         f"crypto_map.foo.local_psk.file: {psk_file} is owned by uid 4242, "
         "neither root nor this user"
     ]
+
+
+def test_unknown_top_level_section_and_immutability(tmp_path: Path, psk_file: Path) -> None:
+    text = BASE.format(psk=psk_file, extra_map="", extra="") + "\n[crypto_maps.x]\npeer = 1\n"
+    (tmp_path / "gw.toml").write_text(text)
+    assert check_config(tmp_path / "gw.toml") == [
+        "crypto_maps: unknown key (allowed: access_list, ike_transform_set, "
+        "ipsec_transform_set, crypto_map, tun, gateway)"
+    ]
+    cfg = load_config(write(tmp_path, psk_file))
+    with pytest.raises(TypeError):
+        cfg.crypto_maps["evil"] = cfg.crypto_maps["foo"]  # type: ignore[index]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ipsecmgr.lab.topology import Lab, LabAddresses
+from ipsecmgr.lab.topology import Lab, LabAddresses, teardown
 
 SECRET = b"lab-secret-0123"
 
@@ -99,3 +99,33 @@ def test_transport_lab_server_is_the_responder(tmp_path: Path) -> None:
         assert srv.transactions()[0]["method"] == "STOP"
         names = set(lab.describe()["namespaces"].values())
     assert len(names) == 4 and not names & _netns_names()
+
+
+@pytest.mark.root
+def test_loss_injection_and_teardown_from_description() -> None:
+    lab = Lab("tunnel").build()
+    try:
+        a = lab.addresses
+        lab.set_loss("client", 100)
+        assert (
+            lab.client.run(["ping", "-c2", "-i0.2", "-W1", a.gw_wan4], check=False).returncode != 0
+        )
+        assert lab.client.run(["ping", "-c1", "-W1", a.gw_wan6], check=False).returncode != 0
+        lab.set_loss("client", 30)
+        ruleset = lab.client.run(["nft", "list", "table", "inet", "ipsm_lab_loss"]).stdout
+        assert ruleset.count("numgen random mod 100 < 30 drop") == 2  # output and forward
+        lab.set_loss("client", 0)
+        lab.client.run(["ping", "-c1", "-W2", a.gw_wan4])
+        # forwarded traffic too: gw drops all it sends towards the WAN
+        lab.set_loss("gw", 100)
+        assert lab.client.run(["ping", "-c1", "-W1", "-I", str(a.src_ip4), a.server4],
+                              check=False).returncode != 0  # fmt: skip
+        desc = json.loads(json.dumps(lab.describe()))  # as the CLI would store it
+        sleeper = lab.server.popen(["sleep", "300"])
+        removed = teardown(desc)
+        assert sorted(removed) == sorted(set(desc["namespaces"].values()))
+        assert not set(removed) & _netns_names()
+        assert sleeper.wait(timeout=10) is not None
+        assert teardown(desc) == []  # idempotent
+    finally:
+        lab.close()

@@ -246,3 +246,35 @@ def test_wrapper_does_not_hang_when_the_server_closes_mid_body() -> None:
         query("127.0.0.1", Secret(SECRET), "alice", password=Secret(b"x"), port=port, timeout=5)
     th.join(5)
     lsock.close()
+
+
+def test_idle_connection_is_closed() -> None:
+    srv = TacacsServer(SECRET, _users(), idle_timeout=0.2)
+    with (
+        ThreadedTacacsServer(srv, ["127.0.0.1"]) as running,
+        _connect("127.0.0.1", running.port_for("127.0.0.1")) as s,
+    ):
+        assert s.recv(100) == b""  # closed by the server, not by our 5 s timeout
+    assert [(x.kind, x.result) for x in srv.transactions] == [("error", "idle for 0.2 s")]
+
+
+def test_unobfuscated_mode_needs_the_unencrypted_flag() -> None:
+    srv = TacacsServer(None, _users())
+    start = t.AuthenStart(t.AUTHEN_LOGIN, 1, t.AUTHEN_TYPE_PAP, t.AUTHEN_SVC_LOGIN, b"bob", b"",
+                          b"", b"bobpw")  # fmt: skip
+    with ThreadedTacacsServer(srv, ["127.0.0.1"]) as running:
+        port = running.port_for("127.0.0.1")
+        with _connect("127.0.0.1", port) as s:
+            s.sendall(t.encode_packet(version=t.VERSION_ONE, type=t.AUTHEN, seq_no=1,
+                                      session_id=9, body=start.encode(), key=None))  # fmt: skip
+            head = s.recv(12)
+            h = t.Header.unpack(head)
+            assert h.flags & t.FLAG_UNENCRYPTED
+            assert t.AuthenReply.decode(s.recv(h.length)).status == t.AUTHEN_STATUS_PASS
+        with _connect("127.0.0.1", port) as s:  # obfuscated, but no key configured: closed
+            s.sendall(t.encode_packet(version=t.VERSION_ONE, type=t.AUTHEN, seq_no=1,
+                                      session_id=9, body=start.encode(), key=b"k"))  # fmt: skip
+            assert s.recv(100) == b""
+    assert [x.result for x in srv.transactions] == [
+        "PASS", "body: obfuscated but no shared secret is configured",
+    ]  # fmt: skip
