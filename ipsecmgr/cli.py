@@ -1,30 +1,165 @@
-"""The ``ipsecmgr`` command line."""
+"""The ``ipsecmgr`` command line.
+
+    ipsecmgr run --config FILE [-v|-vv]        the gateway daemon (root)
+    ipsecmgr check-config FILE                 validate without touching the system
+    ipsecmgr show crypto map [--json]          and the reference's other show commands
+    ipsecmgr clear crypto sa [--peer ADDR]     DELETE SAs (all, or one peer's)
+    ipsecmgr lab demo                          the netns lab: a TACACS+ login through the tunnel
+    ipsecmgr esp-demo                          one SYN through ESP, dissected by scapy (no root)
+
+Pre-shared keys are never taken from the command line: the configuration
+names a file or an environment variable for each.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from ipsecmgr.config import DEFAULT_CONTROL_SOCKET
+
+SHOW_HELP = """\
+show commands (as in the StarOS reference):
+  crypto map
+  crypto ikev2-ikesa security-associations [summary]
+  crypto ipsec security-associations [summary]
+  crypto statistics
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipsecmgr",
-        description="Userspace IPsec gateway for TACACS+ (IKEv2 PSK, ESP AES-GCM).",
+        description="Userspace IPsec gateway for TACACS+ (IKEv2 PSK, ESP AES-GCM, NAT-T).",
+        epilog="Run 'ipsecmgr COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    lab = sub.add_parser("lab", help="network-namespace lab (demo, up, down)")
-    lab.add_argument("action", choices=["demo"], help="demo: run the built-in demonstration")
+
+    run = sub.add_parser("run", help="run the gateway daemon (as root)")
+    run.add_argument("--config", "-c", required=True, type=Path, help="TOML configuration file")
+    run.add_argument(
+        "-v", "--verbose", action="count", default=0, help="-v: IKE exchanges, -vv: debug"
+    )
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", type=Path)
+
+    for name, helptext in (("show", "show state of a running daemon"), ("clear", "clear SAs")):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            epilog=SHOW_HELP if name == "show" else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "words", nargs="+", help="e.g. 'crypto map'" if name == "show" else "crypto sa"
+        )
+        p.add_argument(
+            "--socket", type=Path, default=DEFAULT_CONTROL_SOCKET, help="daemon control socket"
+        )
+        if name == "show":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            p.add_argument("--peer", help="only the SAs with this peer address")
+
+    lab = sub.add_parser("lab", help="network-namespace lab (root)")
+    lab.add_argument("action", choices=["demo"], help="demo: build, run a TACACS+ login, tear down")
+    lab.add_argument("--mode", choices=["tunnel", "transport"], default="tunnel")
+    lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
+
+    sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
     return parser
+
+
+def _cmd_check_config(path: Path) -> int:
+    from ipsecmgr.config import diagnose_config
+    from ipsecmgr.daemon import validate_acl
+
+    diag = diagnose_config(path, validate_acl=validate_acl)
+    for w in diag.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in diag.errors:
+        print(f"error: {e}", file=sys.stderr)
+    if diag.errors:
+        print(f"{path}: {len(diag.errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    return 0
+
+
+def _cmd_show(words: Sequence[str], socket_path: Path, as_json: bool) -> int:
+    from ipsecmgr.control import ControlError
+    from ipsecmgr.show import show
+
+    try:
+        print(show(socket_path, " ".join(words), as_json=as_json))
+    except ValueError as exc:
+        print(f"ipsecmgr show: {exc}", file=sys.stderr)
+        return 2
+    except ControlError as exc:
+        print(f"ipsecmgr show: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_clear(words: Sequence[str], socket_path: Path, peer: str | None) -> int:
+    from ipsecmgr.control import ControlError, request
+
+    if " ".join(words) != "crypto sa":
+        print("ipsecmgr clear: only 'clear crypto sa [--peer ADDR]' exists", file=sys.stderr)
+        return 2
+    try:
+        response = request(socket_path, {"command": "clear", "peer": peer})
+    except ControlError as exc:
+        print(f"ipsecmgr clear: {exc}", file=sys.stderr)
+        return 1
+    if not response.get("ok"):
+        print(f"ipsecmgr clear: {response.get('error')}", file=sys.stderr)
+        return 1
+    print(f"deleted {response['result']['cleared']} IKE SA(s)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "lab" and args.action == "demo":
-        from ipsecmgr.demo import run_demo
+    if args.command == "run":
+        from ipsecmgr.config import ConfigError
+        from ipsecmgr.control import ControlError
+        from ipsecmgr.daemon import run
 
-        return run_demo()
+        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+        )
+        try:
+            return run(str(args.config))
+        except ConfigError as exc:
+            print(f"ipsecmgr: {exc}", file=sys.stderr)
+            return 1
+        except ControlError as exc:
+            print(f"ipsecmgr: control socket: {exc}", file=sys.stderr)
+            return 1
+        except PermissionError as exc:
+            print(f"ipsecmgr: {exc} (the daemon needs root)", file=sys.stderr)
+            return 1
+    if args.command == "check-config":
+        return _cmd_check_config(args.config)
+    if args.command == "show":
+        return _cmd_show(args.words, args.socket, args.json)
+    if args.command == "clear":
+        return _cmd_clear(args.words, args.socket, args.peer)
+    if args.command == "lab":
+        from ipsecmgr.lab.demo import run_lab_demo
+
+        return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
+    if args.command == "esp-demo":
+        from ipsecmgr.demo import run_esp_demo
+
+        return run_esp_demo()
     parser.print_help()
     return 2
 

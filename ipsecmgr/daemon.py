@@ -11,7 +11,6 @@ anything; SIGTERM sends DELETE to every peer and removes it all again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import signal
@@ -21,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import esp
 import npusim
+from esp.udp_encap import classify_udp4500
 from ipsecmgr import config as cfg
-from ipsecmgr import sockets
+from ipsecmgr import show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
@@ -47,6 +46,15 @@ def validate_acl(name: str, rules: list[str]) -> list[str]:
     except npusim.AclSyntaxError as exc:
         return [str(exc)]
     return []
+
+
+def _acl_protects(acl: npusim.Acl, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether some permit line of ``acl`` can match a destination in ``prefix``."""
+    net = int(prefix.network_address)
+    return any(
+        r.permit and r.version in (prefix.version, 0) and (net & r.dst_mask) == r.dst
+        for r in acl.rules
+    )
 
 
 def _family(address: str) -> int:
@@ -97,21 +105,19 @@ class Gateway:
                 log.info("removing stale TUN %s", t.name)
                 self.routing.delete_link(t.name)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def setup(self) -> None:
+        """Sockets, TUNs, routes and rules. Runs before the event loop starts:
+        pyroute2's synchronous API drives an asyncio loop of its own."""
         self.cleanup_stale()
         mark = self.routing.mark
         families = {_family(str(a)) for a in self.config.gateway.local_addresses}
         for fam in families:
             self.esp_socks[fam] = sockets.esp_socket(fam, mark)
             self.bypass_socks[fam] = sockets.bypass_socket(fam, mark)
-            loop.add_reader(self.esp_socks[fam], self.datapath.on_esp_readable, fam)
         for addr in self.config.gateway.local_addresses:
             fam = _family(str(addr))
             for port in (self.config.gateway.ike_port, self.config.gateway.natt_port):
-                sock = sockets.udp_socket(fam, str(addr), port, mark)
-                self.ike_socks[(str(addr), port)] = sock
-                loop.add_reader(sock, self._on_udp_readable, sock, (str(addr), port))
+                self.ike_socks[(str(addr), port)] = sockets.udp_socket(fam, str(addr), port, mark)
         self.routing.install_rules()
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu)
@@ -121,6 +127,15 @@ class Gateway:
             self.routing.add_tun_routes(tun.name, self._routes_for(t))
             for name in t.crypto_maps:
                 self.datapath.tun_for_map[name] = tun.fd
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Register the readers with the running loop."""
+        self.loop = loop
+        for fam, sock in self.esp_socks.items():
+            loop.add_reader(sock, self.datapath.on_esp_readable, fam)
+        for local, sock in self.ike_socks.items():
+            loop.add_reader(sock, self._on_udp_readable, sock, local)
+        for tun in self.tuns:
             loop.add_reader(tun.fd, self.datapath.on_tun_readable, tun.fd)
         log.info(
             "gateway up: %d TUN(s), %d crypto map(s), IKE on %s",
@@ -138,32 +153,51 @@ class Gateway:
             src: str | None = None
             for name in t.crypto_maps:
                 m = self.config.crypto_maps[name]
-                if m.mode == "tunnel" and m.src_ip is not None and m.src_ip.version == prefix.version:
+                if (
+                    m.mode == "tunnel"
+                    and m.src_ip is not None
+                    and m.src_ip.version == prefix.version
+                    and _acl_protects(self.acls[m.match_address], prefix)
+                ):
                     src = str(m.src_ip)
                     break
             if src is None:
                 src = next(
-                    (str(a) for a in self.config.gateway.local_addresses if a.version == prefix.version),
+                    (
+                        str(a)
+                        for a in self.config.gateway.local_addresses
+                        if a.version == prefix.version
+                    ),
                     None,
                 )
             routes.append(TunRoute(str(prefix), src))
         return routes
 
-    def stop(self) -> None:
-        """SIGTERM: DELETE to every peer, then remove TUNs, routes and rules."""
-        with contextlib.suppress(Exception):
+    def detach(self) -> None:
+        """Leaving the loop: DELETE to every peer (RFC 7296 §1.4.1), stop reading."""
+        try:
             self.manager.clear(self.now())
+        except Exception:  # shutting down must finish whatever the state
+            log.exception("sending DELETE on shutdown failed")
         if self._timer is not None:
             self._timer.cancel()
-        for sock in (*self.esp_socks.values(), *self.ike_socks.values()):
-            if self.loop is not None:
+            self._timer = None
+        if self.loop is not None:
+            for sock in (*self.esp_socks.values(), *self.ike_socks.values()):
                 self.loop.remove_reader(sock)
-            sock.close()
-        for sock in self.bypass_socks.values():
+            for tun in self.tuns:
+                self.loop.remove_reader(tun.fd)
+        self.loop = None
+
+    def teardown(self) -> None:
+        """Remove TUNs, routes and rules, close the sockets (after the loop ended)."""
+        for sock in (
+            *self.esp_socks.values(),
+            *self.ike_socks.values(),
+            *self.bypass_socks.values(),
+        ):
             sock.close()
         for tun in self.tuns:
-            if self.loop is not None:
-                self.loop.remove_reader(tun.fd)
             tun.close()
         self.tuns.clear()
         self.routing.remove_rules()
@@ -179,7 +213,11 @@ class Gateway:
     def _esp_socket_for(self, peer: Address, nat_t: bool) -> tuple[socket.socket, Address]:
         fam = _family(peer[0])
         if nat_t:
-            local = next(k for k in self.ike_socks if k[1] == self.config.gateway.natt_port and _family(k[0]) == fam)
+            local = next(
+                k
+                for k in self.ike_socks
+                if k[1] == self.config.gateway.natt_port and _family(k[0]) == fam
+            )
             return self.ike_socks[local], (peer[0], peer[1])
         return self.esp_socks[fam], (peer[0], 0)
 
@@ -197,7 +235,7 @@ class Gateway:
                 break
             peer = (addr[0], addr[1])
             if natt:
-                kind = esp.classify_udp4500(data)
+                kind = classify_udp4500(data)
                 if kind == "keepalive":
                     self._bump("natt_keepalives_received")
                     continue
@@ -205,15 +243,16 @@ class Gateway:
                     fam = _family(peer[0])
                     self.datapath.handle_inbound(data, socket.inet_pton(fam, peer[0]), b"", fam)
                     continue
-                if kind != "ike":
-                    self._bump("udp4500_malformed")
-                    continue
             self.manager.on_ike_datagram(data, local, peer, self.now())
         self._rearm()
 
     def _send_ike(self, data: bytes, peer: Address) -> None:
         fam = _family(peer[0])
-        port = self.config.gateway.natt_port if data[:4] == NON_ESP_MARKER else self.config.gateway.ike_port
+        port = (
+            self.config.gateway.natt_port
+            if data[:4] == NON_ESP_MARKER
+            else self.config.gateway.ike_port
+        )
         sock = next(
             (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam), None
         )
@@ -250,11 +289,20 @@ class Gateway:
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
-            "show-crypto-map": lambda req: self.manager.show_crypto_map(),
-            "show-ikesa": lambda req: self.manager.show_ikesa(self.now()),
-            "show-ipsec": lambda req: self.manager.show_ipsec(self.now()),
-            "show-statistics": lambda req: self.statistics(),
+            "snapshot": lambda req: self.snapshot(),
             "clear": lambda req: {"cleared": self._clear(req.get("peer"))},
+        }
+
+    def snapshot(self) -> show.Snapshot:
+        now, wall = self.now(), time.time()
+        return {
+            "time": wall,
+            "hostname": socket.gethostname(),
+            "uptime": wall - self.started_at,
+            "crypto_maps": show.crypto_map_states(self.config, self.manager.map_status()),
+            "ike_sas": self.manager.ike_sa_states(now, wall),
+            "child_sas": self.manager.child_sa_states(now, wall),
+            "statistics": self.statistics(),
         }
 
     def _clear(self, peer: str | None) -> int:
@@ -262,23 +310,36 @@ class Gateway:
         self._rearm()
         return n
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> show.Statistics:
+        """Flat counter groups: ``group[name]``, per-map counters as ``map/name``."""
+        ike_counters = dict(self.manager.endpoint.counters)
+        for sa in self.manager.endpoint.sas:
+            for k, v in sa.counters.items():
+                ike_counters[k] = ike_counters.get(k, 0) + v
+        for name, state in self.manager.maps.items():
+            for k, v in state.counters.items():
+                ike_counters[f"{name}/{k}"] = v
+        classifier = _flatten(self.classifier.counters)
+        classifier.update(_flatten(self.saflow.counters))
+        dp = self.datapath.counters
         return {
-            "datapath": dict(self.datapath.counters),
-            "classifier": self.classifier.counters,
-            "saflow": self.saflow.counters,
-            "ike": dict(self.manager.endpoint.counters),
-            "gateway": dict(self.counters),
-            "crypto_maps": {n: dict(s.counters) for n, s in self.manager.maps.items()},
+            "ike": ike_counters,
+            "esp": {k: v for k, v in dp.items() if not k.startswith(("tun_", "bypass_"))},
+            "classifier": classifier,
+            "tun": {k: v for k, v in dp.items() if k.startswith(("tun_", "bypass_"))}
+            | dict(self.counters),
         }
 
 
-async def serve(config: cfg.Config) -> int:
+def _flatten(groups: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {f"{g}/{k}": v for g, counters in groups.items() for k, v in counters.items()}
+
+
+async def serve(gw: Gateway) -> int:
     loop = asyncio.get_running_loop()
-    gw = Gateway(config)
     stop = asyncio.Event()
-    gw.start(loop)
-    control = ControlServer(Path(config.gateway.control_socket), gw.handlers())
+    gw.attach(loop)
+    control = ControlServer(Path(gw.config.gateway.control_socket), gw.handlers())
     try:
         await control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -287,7 +348,7 @@ async def serve(config: cfg.Config) -> int:
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
     finally:
-        gw.stop()
+        gw.detach()
         await control.close()
     return 0
 
@@ -296,4 +357,9 @@ def run(config_path: str) -> int:
     config = cfg.load_config(config_path, validate_acl=validate_acl)
     for w in config.warnings:
         log.warning("%s", w)
-    return asyncio.run(serve(config))
+    gw = Gateway(config)
+    try:
+        gw.setup()
+        return asyncio.run(serve(gw))
+    finally:
+        gw.teardown()

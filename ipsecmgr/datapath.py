@@ -67,7 +67,7 @@ def ipv4_checksum(header: bytes) -> int:
     total = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def build_ip_header(family: int, src: bytes, dst: bytes, proto: int, payload_len: int) -> bytes:
@@ -122,30 +122,40 @@ class Datapath:
             except OSError:
                 _bump(self.counters, "tun_read_errors")
                 return
+            tr = self.trace
+            if tr is not None:
+                tr("2", "tun_read", packet)
             self.handle_outbound(packet, classify(packet))
 
     def handle_outbound(self, packet: bytes, verdict: Any) -> None:
+        tr = self.trace
         if isinstance(verdict, npusim.Protect):
             name = verdict.crypto_map.name
+            if tr is not None:
+                tr("3a", "acl_match", packet, crypto_map=name, rule=verdict.rule.where)
             binding = self.outbound.get(name)
             if binding is None:
                 self.on_no_sa(name, packet)  # steps 4–5
                 return
             self.send_protected(binding, packet)
         elif verdict is npusim.BYPASS:
+            if tr is not None:
+                tr("3b", "bypass", packet)
             self.send_bypass(packet)
         else:
+            if tr is not None:
+                tr("3", "classify_drop", packet, reason=verdict.reason)
             _bump(self.counters, "classify_drops")
 
     def send_protected(self, binding: OutboundBinding, packet: bytes) -> None:
         """Step 7: encrypt and send."""
+        sa = binding.sa
         try:
             if binding.mode == "tunnel":
-                nh = 4 if packet[0] >> 4 == 4 else 41
-                data = binding.sa.encapsulate(packet, nh)
+                data = sa.encapsulate(packet, 4 if packet[0] >> 4 == 4 else 41)
             else:
                 hlen, proto, _src, _dst = ip_header_length(packet)
-                data = binding.sa.encapsulate(packet[hlen:], proto)
+                data = sa.encapsulate(packet[hlen:], proto)
         except esp.EspError as exc:
             _bump(self.counters, "out_" + exc.counter)
             return
@@ -154,12 +164,22 @@ class Datapath:
         except OSError:
             _bump(self.counters, "esp_send_errors")
             return
+        tr = self.trace
+        if tr is not None:
+            tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
+               peer=binding.peer)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
 
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
+        version = packet[0] >> 4
+        # The TUN also carries the kernel's own link-local chatter (IPv6 router
+        # solicitations, MLD, multicast): it is not ours to forward anywhere.
+        if (version == 6 and packet[24] in (0xFE, 0xFF)) or (version == 4 and packet[16] >= 224):
+            _bump(self.counters, "tun_local_ignored")
+            return
         try:
-            if packet[0] >> 4 == 4:
+            if version == 4:
                 self.bypass_sockets[socket.AF_INET].sendto(
                     packet, (socket.inet_ntoa(packet[16:20]), 0)
                 )
@@ -167,7 +187,7 @@ class Datapath:
                 self.bypass_sockets[socket.AF_INET6].sendto(
                     packet, (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0)
                 )
-        except (OSError, KeyError, IndexError):
+        except (OSError, KeyError, IndexError, ValueError):
             _bump(self.counters, "bypass_send_errors")
             return
         _bump(self.counters, "bypass_packets")
@@ -187,42 +207,62 @@ class Datapath:
             if family == socket.AF_INET:
                 # Raw IPv4 sockets hand us the outer header; IPv6 ones do not.
                 hlen = (data[0] & 0x0F) * 4
-                src, dst = data[12:16], data[16:20]
-                self.handle_inbound(data[hlen:], src, dst, family)
+                self.handle_inbound(data[hlen:], data[12:16], data[16:20], family)
             else:
                 src = socket.inet_pton(socket.AF_INET6, addr[0])
                 self.handle_inbound(data, src, b"", family)
 
     def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> None:
-        """Steps 9–12 for one ESP packet (raw, or the payload of ESP-in-UDP)."""
+        """Steps 8–12 for one ESP packet (raw, or the payload of ESP-in-UDP)."""
+        tr = self.trace
+        if tr is not None:
+            tr("8", "esp_received", None, wire=data, src=src)
         if len(data) < 8:
             _bump(self.counters, "esp_truncated")
+            if tr is not None:
+                tr("9", "esp_drop", None, reason="truncated")
             return
-        spi = int.from_bytes(data[:4], "big")
-        flow = self.saflow.lookup(spi)  # step 9
+        flow = self.saflow.lookup(int.from_bytes(data[:4], "big"))  # step 9
         if flow is None:
             _bump(self.counters, "esp_unknown_spi")
+            if tr is not None:
+                tr("9", "esp_drop", None, reason="unknown SPI", spi=int.from_bytes(data[:4], "big"))
             return
-        sa = flow.sa
+        sa: esp.InboundSA = flow.sa  # type: ignore[assignment]
         try:
             payload, nh = sa.decapsulate(data)  # step 10
         except esp.EspError as exc:
             _bump(self.counters, "in_" + exc.counter)
+            if tr is not None:
+                tr(
+                    "10",
+                    "esp_drop",
+                    None,
+                    reason=exc.counter,
+                    spi=sa.spi,
+                    crypto_map=flow.crypto_map,
+                )
             return
         if sa.mode == "tunnel":
             if nh not in (4, 41) or not self.saflow.check_inbound(flow, payload):
                 _bump(self.counters, "policy_drops")
+                if tr is not None:
+                    tr("10", "policy_drop", payload, spi=sa.spi, crypto_map=flow.crypto_map)
                 return
             packet = payload
         else:
             if not dst:
                 dst = self.transport_local.get(src) or self._learn_local(family, src)
             packet = build_ip_header(family, src, dst, nh, len(payload)) + payload
+        if tr is not None:
+            tr("10", "decrypted", packet, spi=sa.spi, crypto_map=flow.crypto_map)
         try:
             os.write(self.tun_for_map[flow.crypto_map], packet)  # step 12
         except (OSError, KeyError):
             _bump(self.counters, "tun_write_errors")
             return
+        if tr is not None:
+            tr("12", "tun_write", packet)
         _bump(self.counters, "esp_in_packets")
 
     def _learn_local(self, family: int, peer: bytes) -> bytes:

@@ -22,6 +22,7 @@ import ike
 import npusim
 from ike import events as ev
 from ipsecmgr import config as cfg
+from ipsecmgr import show
 from ipsecmgr.datapath import Datapath, OutboundBinding
 
 log = logging.getLogger("ipsecmgr.ike")
@@ -53,6 +54,21 @@ _ID_TYPE = {
 }
 
 
+_IKE_STATE = {
+    "new": "CONNECTING",
+    "init-sent": "CONNECTING",
+    "init-done": "CONNECTING",
+    "established": "ESTABLISHED",
+    "deleting": "DELETING",
+    "dead": "DELETING",
+}
+_MAP_STATUS = {"idle": "down", "established": "up", "connecting": "connecting"}
+
+
+def _encr_name(encr: int, bits: int) -> str:
+    return f"AES-GCM-16-{bits}" if encr == ike.EncrId.AES_GCM_16 else f"AES-CBC-{bits}"
+
+
 @dataclass
 class ChildRecord:
     child_id: int
@@ -62,6 +78,8 @@ class ChildRecord:
     installed_at: float
     local_ts: list[str]
     remote_ts: list[str]
+    esn: bool
+    key_bits: int
 
 
 @dataclass
@@ -111,7 +129,9 @@ def _rule_range(value: int, mask: int, version: int) -> tuple[int, int] | None:
     return value & mask, (value & mask) | host_bits
 
 
-def selectors_from_acl(acl: npusim.Acl) -> tuple[list[ike.TrafficSelector], list[ike.TrafficSelector]]:
+def selectors_from_acl(
+    acl: npusim.Acl,
+) -> tuple[list[ike.TrafficSelector], list[ike.TrafficSelector]]:
     """Traffic selectors from an ACL's permit lines, as Cisco proxy identities.
 
     The source of a permit line is our side (TSi when we initiate), the
@@ -130,11 +150,18 @@ def selectors_from_acl(acl: npusim.Acl) -> tuple[list[ike.TrafficSelector], list
                 (rule.src, rule.src_mask, rule.src_ports, local),
                 (rule.dst, rule.dst_mask, rule.dst_ports, remote),
             ):
-                rng = _rule_range(value, mask, version) or (0, (1 << (32 if version == 4 else 128)) - 1)
+                rng = _rule_range(value, mask, version) or (
+                    0,
+                    (1 << (32 if version == 4 else 128)) - 1,
+                )
                 lo, hi = (0, 65535) if not ports or len(ports) != 1 else ports[0]
                 sel = ike.TrafficSelector(
-                    ipaddress.ip_address(rng[0]) if version == 6 or rng[1] > 0xFFFFFFFF else ipaddress.IPv4Address(rng[0]),
-                    ipaddress.IPv6Address(rng[1]) if version == 6 else ipaddress.IPv4Address(rng[1]),
+                    ipaddress.ip_address(rng[0])
+                    if version == 6 or rng[1] > 0xFFFFFFFF
+                    else ipaddress.IPv4Address(rng[0]),
+                    ipaddress.IPv6Address(rng[1])
+                    if version == 6
+                    else ipaddress.IPv4Address(rng[1]),
                     proto,
                     lo,
                     hi,
@@ -263,7 +290,9 @@ class Manager:
             state.status = "established"
             state.last_error = ""
             state.established_at = now
-            log.info("crypto map %s: IKE SA up with %s (%s)", name, state.cmap.peer, event.algorithms)
+            log.info(
+                "crypto map %s: IKE SA up with %s (%s)", name, state.cmap.peer, event.algorithms
+            )
         elif isinstance(event, ev.ChildSaInstalled):
             self._install_child(state, event, now)
         elif isinstance(event, ev.ChildSaDeleted):
@@ -296,7 +325,9 @@ class Manager:
             log.info("crypto map %s: INITIAL_CONTACT from %s", name, event.remote_id)
 
     def _install_child(self, state: MapState, event: ev.ChildSaInstalled, now: float) -> None:
-        inbound = esp.InboundSA(event.inbound_spi, event.inbound_key, mode=event.mode, esn=event.esn)
+        inbound = esp.InboundSA(
+            event.inbound_spi, event.inbound_key, mode=event.mode, esn=event.esn
+        )
         outbound = esp.OutboundSA(
             event.outbound_spi, event.outbound_key, mode=event.mode, esn=event.esn
         )
@@ -316,6 +347,8 @@ class Manager:
             now,
             [str(t) for t in event.local_ts],
             [str(t) for t in event.remote_ts],
+            event.esn,
+            event.key_bits,
         )
         state.bump("child_sa_installed")
         log.info(
@@ -374,5 +407,73 @@ class Manager:
         self.pump(now)
         return n
 
-    def snapshot(self) -> dict[str, Any]:
-        return {name: {"status": s.status, "last_error": s.last_error} for name, s in self.maps.items()}
+    # -- show -----------------------------------------------------------------------
+
+    def ike_sa_states(self, now: float, wall: float) -> list[show.IkeSaState]:
+        """The ``ike_sas`` part of a snapshot. ``wall - now`` turns the loop's
+        monotonic times into epoch seconds for display."""
+        out: list[show.IkeSaState] = []
+        for sa in self.endpoint.sas:
+            state = self.maps.get(sa.name.rsplit("-", 1)[0])
+            suite = sa.ch.suite
+            established = state.established_at if state and state.ike_sa is sa else None
+            out.append(
+                {
+                    "crypto_map": state.cmap.name if state else "?",
+                    "local": f"{sa.local_addr[0]}:{sa.local_addr[1]}",
+                    "remote": f"{sa.peer_addr[0]}:{sa.peer_addr[1]}",
+                    "spi_i": sa.ch.spi_i.hex(),
+                    "spi_r": sa.ch.spi_r.hex(),
+                    "role": "initiator" if sa.ch.initiator else "responder",
+                    "state": _IKE_STATE.get(sa.state, sa.state.upper()),
+                    "encryption": _encr_name(suite.encr, suite.key_bits) if suite else "-",
+                    "prf": ike.PrfId(suite.prf).name if suite else "-",
+                    "integrity": ike.IntegId(suite.integ).name if suite and suite.integ else None,
+                    "dh_group": int(suite.dh) if suite else 0,
+                    "nat_t": sa.nat_t,
+                    "established_at": established + (wall - now) if established else None,
+                    "expires_at": None,
+                    "child_sas": len(sa.children),
+                    "local_id": str(sa.config.local_id),
+                    "remote_id": str(sa.config.remote_id),
+                    "retransmissions": sa.counters.get("retransmitted", 0),
+                }
+            )
+        return out
+
+    def child_sa_states(self, now: float, wall: float) -> list[show.ChildSaState]:
+        out: list[show.ChildSaState] = []
+        for name, state in self.maps.items():
+            ike_sa = state.ike_sa
+            for rec in state.children.values():
+                ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
+                binding = self.datapath.outbound.get(name)
+                out.append(
+                    {
+                        "crypto_map": name,
+                        "ike_spi_i": ike_sa.ch.spi_i.hex() if ike_sa else "",
+                        "mode": rec.mode,
+                        "state": "INSTALLED"
+                        if binding and binding.sa is rec.outbound
+                        else "REKEYED",
+                        "spi_in": f"{rec.inbound.spi:08x}",
+                        "spi_out": f"{rec.outbound.spi:08x}",
+                        "local_ts": rec.local_ts,
+                        "remote_ts": rec.remote_ts,
+                        "encryption": f"AES-GCM-16-{rec.key_bits}",
+                        "esn": rec.esn,
+                        "encap": bool(binding and binding.peer[1] != 0),
+                        "pfs_group": ts.pfs_group,
+                        "bytes_in": rec.inbound.counters.bytes,
+                        "bytes_out": rec.outbound.counters.bytes,
+                        "packets_in": rec.inbound.counters.packets,
+                        "packets_out": rec.outbound.counters.packets,
+                        "replay_window": rec.inbound.window.size,
+                        "established_at": rec.installed_at + (wall - now),
+                        "expires_at": None,
+                    }
+                )
+        return out
+
+    def map_status(self) -> dict[str, str]:
+        return {name: _MAP_STATUS.get(s.status, s.status) for name, s in self.maps.items()}
