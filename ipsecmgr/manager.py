@@ -92,7 +92,8 @@ class MapState:
     ike_sa: ike.IkeSA | None = None
     status: str = "idle"  # idle, connecting, established, failed, dead
     last_error: str = ""
-    children: dict[int, ChildRecord] = field(default_factory=dict)
+    # Keyed by (IKE SA name, child id): child ids are only unique per IKE SA.
+    children: dict[tuple[str, int], ChildRecord] = field(default_factory=dict)
     queue: deque[bytes] = field(default_factory=deque)
     counters: dict[str, int] = field(default_factory=dict)
     established_at: float | None = None
@@ -296,14 +297,15 @@ class Manager:
         elif isinstance(event, ev.ChildSaInstalled):
             self._install_child(state, event, now)
         elif isinstance(event, ev.ChildSaDeleted):
-            self._remove_child(state, event.child_id)
+            self._remove_child(state, (event.ike_sa, event.child_id))
             log.info("crypto map %s: Child SA %d deleted (%s)", name, event.child_id, event.reason)
         elif isinstance(event, ev.IkeSaDeleted):
-            for child_id in list(state.children):
-                self._remove_child(state, child_id)
-            if state.status != "failed":
-                state.status = "dead" if event.reason == "peer-dead" else "idle"
-            state.ike_sa = None
+            for key in [k for k in state.children if k[0] == event.ike_sa]:
+                self._remove_child(state, key)
+            if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
+                if state.status != "failed":
+                    state.status = "dead" if event.reason == "peer-dead" else "idle"
+                state.ike_sa = None
             log.info("crypto map %s: IKE SA deleted (%s)", name, event.reason)
         elif isinstance(event, ev.PeerDead):
             state.bump("peer_dead")
@@ -339,7 +341,7 @@ class Manager:
             state.cmap.name,
         )
         self.datapath.outbound[state.cmap.name] = self._binding(state, event.ike_sa, outbound)
-        state.children[event.child_id] = ChildRecord(
+        state.children[(event.ike_sa, event.child_id)] = ChildRecord(
             event.child_id,
             inbound,
             outbound,
@@ -364,8 +366,8 @@ class Manager:
             self.datapath.send_protected(binding, state.queue.popleft())
             state.bump("queued_sent")
 
-    def _remove_child(self, state: MapState, child_id: int) -> None:
-        record = state.children.pop(child_id, None)
+    def _remove_child(self, state: MapState, key: tuple[str, int]) -> None:
+        record = state.children.pop(key, None)
         if record is None:
             return
         self.saflow.remove(record.inbound.spi)
@@ -373,9 +375,11 @@ class Manager:
         if binding is not None and binding.sa is record.outbound:
             del self.datapath.outbound[state.cmap.name]
             # A newer child of the same map takes over sending, if any.
-            for newer in state.children.values():
+            # The most recently installed child of the same map takes over sending.
+            if state.children:
+                (ike_name, _), newer = list(state.children.items())[-1]
                 self.datapath.outbound[state.cmap.name] = self._binding(
-                    state, state.ike_sa.name if state.ike_sa else "", newer.outbound
+                    state, ike_name, newer.outbound
                 )
 
     def _binding(self, state: MapState, ike_name: str, outbound: esp.OutboundSA) -> OutboundBinding:
