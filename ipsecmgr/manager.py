@@ -244,7 +244,11 @@ class Manager:
                 state.bump("queue_overflow_drops")
         else:
             state.bump("first_packet_drops")
-        if state.ike_sa is None or state.ike_sa.dead:
+        if state.cmap.role == "responder":
+            # A responder waits for its peer to build the tunnel (e.g. the
+            # TACACS+ server side: replies only follow a client's request).
+            state.bump("no_sa_waiting_for_peer")
+        elif state.ike_sa is None or state.ike_sa.dead:
             self.initiate(state, now)
 
     def initiate(self, state: MapState, now: float) -> None:
