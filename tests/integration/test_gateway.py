@@ -333,3 +333,98 @@ def test_check_config_accepts_examples_and_names_the_bad_key(tmp_path: Path) -> 
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 1
     assert "crypto_map.foo.peer" in out.stderr
+
+
+def _two_map_client_config(env: Env) -> str:
+    a = env.lab.addresses
+    psk = env.gws.psk_file
+    return f"""
+[access_list.behind-gw]
+rules = ["permit ip host {a.src_ip4} host {a.server4}"]
+[access_list.second-server]
+rules = ["permit tcp host {a.client_wan4} host {a.bypass4}"]
+[ike_transform_set.ike]
+dh_group = 19
+[ipsec_transform_set.tun]
+mode = "tunnel"
+[ipsec_transform_set.tr]
+mode = "transport"
+esp = "aes-gcm-128"
+[crypto_map.tunnel-map]
+peer = "{a.gw_wan4}"
+match_address = "behind-gw"
+local_psk = {{ file = "{psk}" }}
+ike_transform_sets = ["ike"]
+ipsec_transform_sets = ["tun"]
+src_ip = "{a.src_ip4}"
+[crypto_map.transport-map]
+peer = "{a.bypass4}"
+match_address = "second-server"
+local_psk = {{ file = "{psk}" }}
+ike_transform_sets = ["ike"]
+ipsec_transform_sets = ["tr"]
+[tun.ipsm0]
+addresses = []
+routes = ["{a.server4}/32"]
+crypto_maps = ["tunnel-map"]
+[tun.ipsm1]
+addresses = []
+routes = ["{a.bypass4}/32"]
+crypto_maps = ["transport-map"]
+[gateway]
+local_addresses = ["{a.client_wan4}"]
+management_interface = "{env.lab.interfaces["client.wan"]}"
+control_socket = "{env.gws.dir / "client.sock"}"
+"""
+
+
+def _transport_responder_config(env: Env) -> str:
+    a = env.lab.addresses
+    return f"""
+[access_list.back]
+rules = ["permit tcp host {a.bypass4} host {a.client_wan4}"]
+[ike_transform_set.ike]
+dh_group = 19
+[ipsec_transform_set.tr]
+mode = "transport"
+esp = "aes-gcm-128"
+[crypto_map.from-client]
+peer = "{a.client_wan4}"
+match_address = "back"
+local_psk = {{ file = "{env.gws.psk_file}" }}
+ike_transform_sets = ["ike"]
+ipsec_transform_sets = ["tr"]
+role = "responder"
+[tun.ipsm0]
+addresses = []
+routes = ["{a.client_wan4}/32"]
+crypto_maps = ["from-client"]
+[gateway]
+local_addresses = ["{a.bypass4}"]
+management_interface = "{env.lab.interfaces["bypass.wan"]}"
+control_socket = "{env.gws.dir / "bypass.sock"}"
+"""
+
+
+def test_two_crypto_maps_two_peers_tunnel_and_transport_in_one_daemon(tunnel4: Env) -> None:
+    """Two TACACS+ servers, each behind its own peer: one tunnel-mode map via the
+    responder gateway, one transport-mode map straight to the second server."""
+    env = tunnel4
+    server, second = env.start_server("server"), env.start_server("bypass")
+    env.gws.start("gw", dh_group=19)
+    conf = env.gws.dir / "bypass.toml"
+    conf.write_text(_transport_responder_config(env))
+    env.gws.start("bypass", config=conf)
+    conf = env.gws.dir / "client-two-maps.toml"
+    conf.write_text(_two_map_client_config(env))
+    client = env.gws.start("client", config=conf)
+    a = env.lab.addresses
+    assert env.login()["status"] == "PASS"
+    assert env.login(server=a.bypass4)["status"] == "PASS"
+    assert server.transactions()[0]["peer"] == a.src_ip4
+    assert second.transactions()[0]["peer"] == a.client_wan4
+    sas = {s["crypto_map"]: s for s in client.snapshot()["child_sas"]}
+    assert sas["tunnel-map"]["mode"] == "tunnel" and sas["transport-map"]["mode"] == "transport"
+    assert sas["tunnel-map"]["packets_in"] > 0 and sas["transport-map"]["packets_in"] > 0
+    assert client.counter("ike", "tunnel-map/first_packet_drops") == 1
+    assert client.counter("ike", "transport-map/first_packet_drops") == 1
