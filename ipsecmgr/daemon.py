@@ -57,6 +57,24 @@ def _acl_protects(acl: npusim.Acl, prefix: ipaddress.IPv4Network | ipaddress.IPv
     )
 
 
+def _tun_layout(config: cfg.Config) -> object:
+    return sorted((t.name, t.addresses, t.mtu, t.routes) for t in config.tuns)
+
+
+def _map_definition(config: cfg.Config, name: str) -> object:
+    """Everything that shapes a crypto map's SAs; equal means keep them."""
+    m = config.crypto_maps.get(name)
+    if m is None:
+        return None
+    return (
+        m,
+        config.access_lists[m.match_address],
+        [config.ike_transform_sets[t] for t in m.ike_transform_sets],
+        [config.ipsec_transform_sets[t] for t in m.ipsec_transform_sets],
+        [t.name for t in config.tuns if name in t.crypto_maps],
+    )
+
+
 def _family(address: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
@@ -204,6 +222,34 @@ class Gateway:
         self.routing.flush_table()
         self.routing.close()
 
+    def reload(self, config: cfg.Config) -> None:
+        """SIGHUP: apply a new configuration, keeping the SAs of crypto maps
+        whose definition (map, ACL, transform sets, TUN) did not change."""
+        if _tun_layout(config) != _tun_layout(self.config) or (
+            config.gateway != self.config.gateway
+        ):
+            log.warning("reload: TUN or gateway settings changed; they need a restart")
+            return
+        acls = parse_acls(config)
+        keep = {
+            name
+            for name, m in config.crypto_maps.items()
+            if _map_definition(config, name) == _map_definition(self.config, name)
+        }
+        self.acls = acls
+        self.config = config
+        self.classifier = npusim.Classifier(
+            [
+                npusim.CryptoMap(name, acls[m.match_address], (str(m.peer),))
+                for name, m in config.crypto_maps.items()
+            ]
+        )
+        self.datapath.classifier = self.classifier
+        self.manager.reconfigure(config, acls, keep, self.now())
+        self._rearm()
+        changed = sorted(set(config.crypto_maps) - keep)
+        log.info("reloaded: kept %s, rebuilt %s", sorted(keep) or "none", changed or "none")
+
     # -- data path glue ----------------------------------------------------------------
 
     def _on_no_sa(self, name: str, packet: bytes) -> None:
@@ -335,7 +381,7 @@ def _flatten(groups: dict[str, dict[str, int]]) -> dict[str, int]:
     return {f"{g}/{k}": v for g, counters in groups.items() for k, v in counters.items()}
 
 
-async def serve(gw: Gateway) -> int:
+async def serve(gw: Gateway, config_path: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     gw.attach(loop)
@@ -344,6 +390,7 @@ async def serve(gw: Gateway) -> int:
         await control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path)
         print("ready", flush=True)
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
@@ -353,6 +400,17 @@ async def serve(gw: Gateway) -> int:
     return 0
 
 
+def _reload(gw: Gateway, config_path: str) -> None:
+    try:
+        config = cfg.load_config(config_path, validate_acl=validate_acl)
+    except cfg.ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    for w in config.warnings:
+        log.warning("%s", w)
+    gw.reload(config)
+
+
 def run(config_path: str) -> int:
     config = cfg.load_config(config_path, validate_acl=validate_acl)
     for w in config.warnings:
@@ -360,6 +418,6 @@ def run(config_path: str) -> int:
     gw = Gateway(config)
     try:
         gw.setup()
-        return asyncio.run(serve(gw))
+        return asyncio.run(serve(gw, config_path))
     finally:
         gw.teardown()

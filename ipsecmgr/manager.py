@@ -232,6 +232,39 @@ class Manager:
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None
 
+    def reconfigure(
+        self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
+    ) -> None:
+        """SIGHUP: maps in ``keep`` keep their SAs; the others are deleted
+        (DELETE sent to the peer) and rebuilt from the new configuration."""
+        old = self.maps
+        self.config = config
+        self.maps = {}
+        for name, cmap in config.crypto_maps.items():
+            acl = acls[cmap.match_address]
+            if name in keep and name in old:
+                state = old[name]
+                state.cmap = cmap
+                state.npu_map = npusim.CryptoMap(name, acl, (str(cmap.peer),))
+                self.maps[name] = state
+            else:
+                npu = npusim.CryptoMap(name, acl, (str(cmap.peer),))
+                self.maps[name] = MapState(cmap, npu, build_ike_config(config, cmap, acl))
+        for name, state in old.items():
+            if self.maps.get(name) is state:
+                continue
+            for sa in list(self.endpoint.sas):
+                if sa.config is state.ike_config:
+                    sa.delete(now)
+            for key in list(state.children):
+                self._remove_child(state, key)
+            self.datapath.outbound.pop(name, None)
+            log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
+        # Responders are matched against the new configs from now on; the IKE
+        # SAs of kept maps keep the config object they were built with.
+        self.endpoint.configs = [m.ike_config for m in self.maps.values()]
+        self.pump(now)
+
     # -- steps 4 and 5 ------------------------------------------------------------
 
     def on_no_sa(self, name: str, packet: bytes, now: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -428,3 +429,35 @@ def test_two_crypto_maps_two_peers_tunnel_and_transport_in_one_daemon(tunnel4: E
     assert sas["tunnel-map"]["packets_in"] > 0 and sas["transport-map"]["packets_in"] > 0
     assert client.counter("ike", "tunnel-map/first_packet_drops") == 1
     assert client.counter("ike", "transport-map/first_packet_drops") == 1
+
+
+def test_sighup_keeps_unchanged_maps_rebuilds_changed_refuses_broken(tunnel4: Env) -> None:
+    env = tunnel4
+    env.start_server()
+    env.gws.start_both()
+    assert env.login()["status"] == "PASS"
+    client = env.gws["client"]
+    spis = [s["spi_in"] for s in client.snapshot()["child_sas"]]
+    assert len(spis) == 1
+
+    def hup_and_wait(marker: str) -> None:
+        n = client.log.count(marker)
+        client.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while client.log.count(marker) == n:
+            assert time.monotonic() < deadline, client.log[-2000:]
+
+    hup_and_wait("reloaded:")  # same file: the SA stays
+    assert [s["spi_in"] for s in client.snapshot()["child_sas"]] == spis
+    original = client.config.read_text()
+    client.config.write_text(original + "\n[broken\n")
+    hup_and_wait("reload refused")
+    assert [s["spi_in"] for s in client.snapshot()["child_sas"]] == spis
+    # A changed crypto map: its SAs are deleted (the peer is told) and rebuilt.
+    client.config.write_text(original.replace('first_packet = "drop"', 'first_packet = "queue"'))
+    hup_and_wait("reloaded:")
+    assert client.snapshot()["child_sas"] == []
+    assert env.login()["status"] == "PASS"
+    new = [s["spi_in"] for s in client.snapshot()["child_sas"]]
+    assert len(new) == 1 and new != spis
+    assert client.counter("ike", "tacacs/first_packet_queued") == 1
