@@ -1,0 +1,298 @@
+"""Our gateway pair against a strongSwan pair, on the same lab, in the same run.
+
+Run (root): /work/main/.venv/bin/python tools/bench/tunnel.py [--seconds 10] [--runs 3]
+            [--rtt-count 1000] [--quick] [--json]
+
+One :class:`ipsecmgr.lab.topology.Lab` (tunnel mode) is built, and on it, one
+after the other:
+
+- clear text: no gateway, the lab's routes forward in clear (context only);
+- ours: ``ipsecmgr run`` on the client host (initiator) and on the gw
+  (responder), via :class:`ipsecmgr.lab.gateways.LabGateways`;
+- strongSwan: charon with ``kernel-libipsec`` (userspace ESP, TUN ``ipsec0``)
+  on the same two namespaces, via :class:`ipsecmgr.lab.strongswan.StrongSwanPeer`.
+
+Both tunnels carry ESP AES-GCM-256 (aes256gcm16) over a TUN of MTU 1400; the
+run checks both (the SA's algorithm and the TUN's MTU) before measuring. One
+difference remains: bookworm's strongSwan 5.9.8 sends ESP inside UDP 4500
+(it fakes a NAT), ours sends raw IP protocol 50.
+
+For each: iperf3 TCP from the client (bound to src_ip 192.0.2.1, so the packets
+go through the tunnel) to the TACACS+ server's address 203.0.113.49, ``--runs``
+times ``--seconds`` s, median; UDP round trips (tools/bench/udp_echo.py), median
+and p90; and per gateway process the CPU time (utime + stime, all threads) spent
+during the TCP runs divided by the ESP packets it handled (in + out) in them.
+
+The targets of the issues (TCP >= 3x strongSwan, RTT <= 0.6x strongSwan) are
+printed as met / not met; they are information, and the exit code is 0 either
+way. Exit 2 means setup failed (nothing was measured), 130 an interrupt.
+Everything (namespaces, daemons, iperf3, echo server) is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from _lab import (
+    BenchError,
+    cpu_seconds,
+    iperf3_tcp,
+    link_mtu,
+    ping_until_up,
+    udp_echo_server,
+    udp_rtt,
+)
+
+from ipsecmgr.lab.configs import lab_strongswan_args
+from ipsecmgr.lab.gateways import GatewayError, LabGateways
+from ipsecmgr.lab.strongswan import StrongSwanError, StrongSwanPeer
+from ipsecmgr.lab.topology import Lab
+from ipsecmgr.netns import NetnsError
+from ipsecmgr.secret import Secret
+
+SIDES = ("client", "gw")  # initiator host, responder gateway
+TUN_MTU = 1400
+OUR_TUN = "ipsm0"
+SW_TUN = "ipsec0"
+TCP_TARGET = 3.0  # ours / strongSwan, at least
+RTT_TARGET = 0.6  # ours / strongSwan, at most
+
+
+class Measure:
+    """What one tunnel needs to be measured: its processes and their ESP counters."""
+
+    def __init__(self, pids: dict[str, int], esp_packets: Callable[[str], int]) -> None:
+        self.pids = pids
+        self.esp_packets = esp_packets
+
+
+def measure(lab: Lab, args: argparse.Namespace, gateways: Measure | None) -> dict[str, Any]:
+    """TCP runs (with CPU and ESP packet deltas per gateway), then UDP round trips."""
+    before: dict[str, tuple[float, int]] = {}
+    if gateways is not None:
+        before = {s: (cpu_seconds(p), gateways.esp_packets(s)) for s, p in gateways.pids.items()}
+    runs = [iperf3_tcp(lab, args.seconds) for _ in range(args.runs)]
+    result: dict[str, Any] = {"tcp_mbps": statistics.median(runs), "tcp_runs_mbps": runs}
+    if gateways is not None:
+        cpu: dict[str, Any] = {}
+        for side, pid in gateways.pids.items():
+            cpu_s = cpu_seconds(pid) - before[side][0]
+            packets = gateways.esp_packets(side) - before[side][1]
+            cpu[side] = {
+                "cpu_s": cpu_s,
+                "esp_packets": packets,
+                "us_per_packet": cpu_s * 1e6 / packets if packets else None,
+            }
+        result["cpu"] = cpu
+    rtt = udp_rtt(lab, args.rtt_count, max_seconds=args.rtt_max_seconds)
+    result["rtt"] = rtt
+    return result
+
+
+def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    (work / "ours").mkdir()
+    with LabGateways(lab, work / "ours") as gws:
+        gws.start_both(verbose=0)
+        ping_until_up(lab)
+        child = gws["client"].snapshot()["child_sas"]
+        encryption = sorted({c["encryption"] for c in child})
+        if encryption != ["AES-GCM-16-256"]:
+            raise BenchError(f"our Child SA is not AES-GCM-256: {encryption}")
+        mtu = {side: link_mtu(lab.ns(side), OUR_TUN) for side in SIDES}
+        if set(mtu.values()) != {TUN_MTU}:
+            raise BenchError(f"our TUN MTU is not {TUN_MTU}: {mtu}")
+
+        def esp_packets(side: str) -> int:
+            stats = gws[side].snapshot()["statistics"]["esp"]
+            return int(stats.get("esp_out_packets", 0)) + int(stats.get("esp_in_packets", 0))
+
+        pids = {side: gws[side].proc.pid for side in SIDES}
+        result = measure(lab, args, Measure(pids, esp_packets))
+        result["tun_mtu"] = mtu
+        result["esp"] = encryption[0]
+        result["encap"] = "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)"
+        return result
+
+
+def _sw_esp_packets(peer: StrongSwanPeer) -> int:
+    sas = peer.swanctl("--list-sas", "--raw").stdout
+    return sum(int(n) for n in re.findall(r"packets-(?:in|out)=(\d+)", sas))
+
+
+def bench_strongswan(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    psk = Secret(b"bench-strongswan-psk")
+    peers: dict[str, StrongSwanPeer] = {}
+    with contextlib.ExitStack() as stack:
+        for side in ("gw", "client"):  # the responder first, then the initiator
+            sw = lab_strongswan_args(lab.addresses, side)
+            peer = StrongSwanPeer(lab.ns(side), work / f"sw-{side}")
+            stack.callback(peer.stop)
+            peer.start(local=sw.local, remote=sw.remote, psk=psk, options=sw.options,
+                       initiate=side == "client")  # fmt: skip
+            peers[side] = peer
+        ping_until_up(lab)
+        raw = peers["client"].swanctl("--list-sas", "--raw").stdout
+        algs = sorted(set(re.findall(r"encr-alg=(\w+) encr-keysize=(\d+)", raw)))
+        mtu = {side: link_mtu(lab.ns(side), SW_TUN) for side in SIDES}
+        if set(mtu.values()) != {TUN_MTU}:
+            raise BenchError(f"strongSwan's TUN MTU is not {TUN_MTU}: {mtu}")
+        if ("AES_GCM_16", "256") not in algs:
+            raise BenchError(f"strongSwan's SAs are not AES-GCM-256: {algs}")
+        pids: dict[str, int] = {}
+        for side, peer in peers.items():
+            pid = peer.pid
+            if pid is None:
+                raise BenchError(f"strongSwan on {side} is not running")
+            pids[side] = pid
+        result = measure(lab, args, Measure(pids, lambda side: _sw_esp_packets(peers[side])))
+        result["tun_mtu"] = mtu
+        result["esp"] = "AES-GCM-16-256"
+        result["encap"] = "ESP-in-UDP 4500" if "encap=yes" in raw else "ESP (IP protocol 50)"
+        return result
+
+
+def _ratio(ours: float | None, ref: float | None) -> float | None:
+    return ours / ref if ours is not None and ref else None
+
+
+def summarise(res: dict[str, Any]) -> None:
+    """Ratios (ours / strongSwan) and the issues' targets, added to ``res``."""
+    o, s = res["ours"], res["strongswan"]
+    res["ratios"] = {
+        "tcp": _ratio(o["tcp_mbps"], s["tcp_mbps"]),
+        "rtt_median": _ratio(o["rtt"].get("median_us"), s["rtt"].get("median_us")),
+        "rtt_p90": _ratio(o["rtt"].get("p90_us"), s["rtt"].get("p90_us")),
+    }
+    for side in SIDES:
+        res["ratios"][f"cpu_{side}"] = _ratio(
+            o["cpu"][side]["us_per_packet"], s["cpu"][side]["us_per_packet"]
+        )
+    tcp, rtt = res["ratios"]["tcp"], res["ratios"]["rtt_median"]
+    res["targets"] = [
+        {"target": f"TCP throughput >= {TCP_TARGET:g}x strongSwan", "ratio": tcp,
+         "met": tcp is not None and tcp >= TCP_TARGET},
+        {"target": f"UDP RTT median <= {RTT_TARGET:g}x strongSwan", "ratio": rtt,
+         "met": rtt is not None and rtt <= RTT_TARGET},
+    ]  # fmt: skip
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render(res: dict[str, Any]) -> str:
+    o, s, c = res["ours"], res["strongswan"], res["clear"]
+    cfg = res["config"]
+    lines = [
+        f"tunnel benchmark: lab tunnel mode, ESP {o['esp']}, TUN MTU {TUN_MTU}; "
+        f"TCP {cfg['seconds']:g} s x {cfg['runs']} (median); {cfg['rtt_count']} UDP round trips "
+        f"of {o['rtt']['size']} B",
+        f"ours: {o['encap']}; strongSwan (kernel-libipsec, userspace ESP): {s['encap']}",
+        "",
+        f"{'metric':<42} {'ours':>10} {'strongSwan':>11} {'ratio':>7} {'clear text':>11}",
+    ]
+
+    def row(name: str, ours: float | None, ref: float | None, clear: float | None = None,
+            digits: int = 1) -> None:  # fmt: skip
+        r = _ratio(ours, ref)
+        lines.append(
+            f"{name:<42} {_fmt(ours, digits):>10} {_fmt(ref, digits):>11} "
+            f"{_fmt(r, 2) + 'x' if r is not None else '-':>7} {_fmt(clear, digits):>11}"
+        )
+
+    row("TCP throughput, Mbit/s", o["tcp_mbps"], s["tcp_mbps"], c["tcp_mbps"])
+    row("UDP RTT median, us", o["rtt"].get("median_us"), s["rtt"].get("median_us"),
+        c["rtt"].get("median_us"))  # fmt: skip
+    row("UDP RTT p90, us", o["rtt"].get("p90_us"), s["rtt"].get("p90_us"), c["rtt"].get("p90_us"))
+    for side, label in (("client", "initiator (client)"), ("gw", "responder (gw)")):
+        row(f"CPU us per ESP packet, {label}", o["cpu"][side]["us_per_packet"],
+            s["cpu"][side]["us_per_packet"], digits=2)  # fmt: skip
+    row("UDP round trips lost", o["rtt"]["lost"], s["rtt"]["lost"], c["rtt"]["lost"], digits=0)
+    lines.append("")
+    for who, r in (("ours", o), ("strongSwan", s), ("clear text", c)):
+        runs = ", ".join(f"{x:.0f}" for x in r["tcp_runs_mbps"])
+        extra = ""
+        if "cpu" in r:
+            extra = "; ESP packets in TCP runs: " + ", ".join(
+                f"{side} {r['cpu'][side]['esp_packets']} ({r['cpu'][side]['cpu_s']:.2f} s CPU)"
+                for side in SIDES
+            )
+        lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
+    lines.append("")
+    for t in res["targets"]:
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        lines.append(f"target: {t['target']}: {ratio}  {'met' if t['met'] else 'NOT met'}")
+    lines.append(f"(total {res['elapsed_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.monotonic()
+    res: dict[str, Any] = {
+        "config": {"seconds": args.seconds, "runs": args.runs, "rtt_count": args.rtt_count,
+                   "tun_mtu": TUN_MTU, "esp": "aes256gcm16"},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-") as tmp, Lab("tunnel") as lab:
+        work = Path(tmp)
+        with udp_echo_server(lab):
+            _progress(args, "clear text")
+            res["clear"] = measure(lab, args, None)
+            _progress(args, "ours")
+            res["ours"] = bench_ours(lab, args, work)
+            _progress(args, "strongSwan")
+            res["strongswan"] = bench_strongswan(lab, args, work)
+    summarise(res)
+    res["elapsed_s"] = time.monotonic() - t0
+    return res
+
+
+def _progress(args: argparse.Namespace, what: str) -> None:
+    if not args.json:
+        print(f"measuring {what} ...", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10.0, help="length of one iperf3 run")
+    p.add_argument("--runs", type=int, default=3, help="iperf3 runs per tunnel (median)")
+    p.add_argument("--rtt-count", type=int, default=1000, help="UDP round trips per tunnel")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s, 1 run, 100 round trips")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seconds, a.runs, a.rtt_count = 2.0, 1, 100
+    if not (0 < a.seconds <= 60 and 1 <= a.runs <= 10 and 1 <= a.rtt_count <= 100_000):
+        p.error("--seconds must be in (0, 60], --runs in 1..10, --rtt-count in 1..100000")
+    # Round trips take ~0.1-1 ms each; a lost one costs 1 s. Bound the whole series.
+    a.rtt_max_seconds = min(60.0, 5.0 + a.rtt_count * 0.01)
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print("interrupted: lab, gateways and tools removed", file=sys.stderr)
+        return 130
+    except (BenchError, GatewayError, StrongSwanError, NetnsError, TimeoutError) as exc:
+        print(f"tunnel benchmark: setup failed: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
