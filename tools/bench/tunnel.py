@@ -33,8 +33,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import os
+import pstats
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -78,13 +82,15 @@ class Measure:
         self.esp_packets = esp_packets
 
 
-def measure(lab: Lab, args: argparse.Namespace, gateways: Measure | None) -> dict[str, Any]:
+def measure(
+    lab: Lab, args: argparse.Namespace, gateways: Measure | None, runs: int | None = None
+) -> dict[str, Any]:
     """TCP runs (with CPU and ESP packet deltas per gateway), then UDP round trips."""
     before: dict[str, tuple[float, int]] = {}
     if gateways is not None:
         before = {s: (cpu_seconds(p), gateways.esp_packets(s)) for s, p in gateways.pids.items()}
-    runs = [iperf3_tcp(lab, args.seconds) for _ in range(args.runs)]
-    result: dict[str, Any] = {"tcp_mbps": statistics.median(runs), "tcp_runs_mbps": runs}
+    tcp = [iperf3_tcp(lab, args.seconds) for _ in range(runs or args.runs)]
+    result: dict[str, Any] = {"tcp_mbps": statistics.median(tcp), "tcp_runs_mbps": tcp}
     if gateways is not None:
         cpu: dict[str, Any] = {}
         for side, pid in gateways.pids.items():
@@ -103,8 +109,12 @@ def measure(lab: Lab, args: argparse.Namespace, gateways: Measure | None) -> dic
 
 def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     (work / "ours").mkdir()
+    if args.profile:
+        # ipsecmgr.cli writes cProfile stats to IPSECMGR_PROFILE.<pid> when the daemon exits.
+        os.environ["IPSECMGR_PROFILE"] = str(args.profile / "ipsecmgr.prof")
     with LabGateways(lab, work / "ours") as gws:
         gws.start_both(verbose=0)
+        os.environ.pop("IPSECMGR_PROFILE", None)
         ping_until_up(lab)
         child = gws["client"].snapshot()["child_sas"]
         encryption = sorted({c["encryption"] for c in child})
@@ -123,7 +133,11 @@ def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]
         result["tun_mtu"] = mtu
         result["esp"] = encryption[0]
         result["encap"] = "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)"
-        return result
+    if args.profile:
+        result["profiles"] = {
+            side: str(args.profile / f"ipsecmgr.prof.{pid}") for side, pid in pids.items()
+        }
+    return result
 
 
 def _sw_esp_packets(peer: StrongSwanPeer) -> int:
@@ -234,7 +248,10 @@ def render(res: dict[str, Any]) -> str:
     for t in res["targets"]:
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
         lines.append(f"target: {t['target']}: {ratio}  {'met' if t['met'] else 'NOT met'}")
-    lines.append(f"(total {res['elapsed_s']:.0f} s)")
+    load = " ".join(f"{x:.2f}" for x in res["loadavg"])
+    lines.append(f"(total {res['elapsed_s']:.0f} s; {os.cpu_count()} CPUs, load average {load})")
+    if "profiles" in o:
+        lines.append("(ours ran under cProfile: its figures are slowed down and not comparable)")
     return "\n".join(lines)
 
 
@@ -246,15 +263,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-") as tmp, Lab("tunnel") as lab:
         work = Path(tmp)
+        res["config"]["lab"] = lab.pool.tag
+        _progress(args, f"lab {lab.pool.tag} up")
         with udp_echo_server(lab):
             _progress(args, "clear text")
-            res["clear"] = measure(lab, args, None)
+            # Context only, and ~50x faster than either tunnel: one run is enough.
+            res["clear"] = measure(lab, args, None, runs=1)
             _progress(args, "ours")
             res["ours"] = bench_ours(lab, args, work)
             _progress(args, "strongSwan")
             res["strongswan"] = bench_strongswan(lab, args, work)
     summarise(res)
     res["elapsed_s"] = time.monotonic() - t0
+    # Everything shares these cores: a busy machine lowers every figure (see the docs).
+    res["loadavg"] = list(os.getloadavg())
     return res
 
 
@@ -270,6 +292,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rtt-count", type=int, default=1000, help="UDP round trips per tunnel")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s, 1 run, 100 round trips")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run our daemons under cProfile, write the stats to DIR and print the top "
+        "functions (slows ours down: its figures are then not comparable)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.runs, a.rtt_count = 2.0, 1, 100
@@ -280,8 +309,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def print_profiles(res: dict[str, Any], top: int = 25) -> None:
+    """The hottest functions of each of our daemons, by own time (tottime)."""
+    for side, path in res["ours"].get("profiles", {}).items():
+        print(f"\n== cProfile of our {side} gateway ({path}), top {top} by own time")
+        out = io.StringIO()
+        pstats.Stats(path, stream=out).sort_stats("tottime").print_stats(top)
+        print(out.getvalue().strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Ctrl-C, and SIGTERM too, unwind through the context managers that remove everything
+    # (also when started in the background, where a shell leaves SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     try:
         res = run(args)
     except KeyboardInterrupt:
@@ -291,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunnel benchmark: setup failed: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=2) if args.json else render(res))
+    if args.profile and not args.json:
+        print_profiles(res)
     return 0
 
 
