@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,19 +75,20 @@ TCP_TARGET = 3.0  # ours / strongSwan, at least
 RTT_TARGET = 0.6  # ours / strongSwan, at most
 
 
+@dataclass
 class Measure:
-    """What one tunnel needs to be measured: its processes and their ESP counters."""
+    """What one tunnel needs to be measured: its gateway processes by side, and a
+    reader of each side's ESP packet counters, (in, out)."""
 
-    def __init__(self, pids: dict[str, int], esp_packets: Callable[[str], int]) -> None:
-        self.pids = pids
-        self.esp_packets = esp_packets
+    pids: dict[str, int]
+    esp_packets: Callable[[str], tuple[int, int]]
 
 
 def measure(
     lab: Lab, args: argparse.Namespace, gateways: Measure | None, runs: int | None = None
 ) -> dict[str, Any]:
     """TCP runs (with CPU and ESP packet deltas per gateway), then UDP round trips."""
-    before: dict[str, tuple[float, int]] = {}
+    before: dict[str, tuple[float, tuple[int, int]]] = {}
     if gateways is not None:
         before = {s: (cpu_seconds(p), gateways.esp_packets(s)) for s, p in gateways.pids.items()}
     tcp = [iperf3_tcp(lab, args.seconds) for _ in range(runs or args.runs)]
@@ -95,10 +97,14 @@ def measure(
         cpu: dict[str, Any] = {}
         for side, pid in gateways.pids.items():
             cpu_s = cpu_seconds(pid) - before[side][0]
-            packets = gateways.esp_packets(side) - before[side][1]
+            after = gateways.esp_packets(side)
+            pin, pout = (after[i] - before[side][1][i] for i in (0, 1))
+            packets = pin + pout
             cpu[side] = {
                 "cpu_s": cpu_s,
                 "esp_packets": packets,
+                "esp_packets_in": pin,
+                "esp_packets_out": pout,
                 "us_per_packet": cpu_s * 1e6 / packets if packets else None,
             }
         result["cpu"] = cpu
@@ -124,9 +130,9 @@ def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]
         if set(mtu.values()) != {TUN_MTU}:
             raise BenchError(f"our TUN MTU is not {TUN_MTU}: {mtu}")
 
-        def esp_packets(side: str) -> int:
+        def esp_packets(side: str) -> tuple[int, int]:
             stats = gws[side].snapshot()["statistics"]["esp"]
-            return int(stats.get("esp_out_packets", 0)) + int(stats.get("esp_in_packets", 0))
+            return int(stats.get("esp_in_packets", 0)), int(stats.get("esp_out_packets", 0))
 
         pids = {side: gws[side].proc.pid for side in SIDES}
         result = measure(lab, args, Measure(pids, esp_packets))
@@ -140,9 +146,13 @@ def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]
     return result
 
 
-def _sw_esp_packets(peer: StrongSwanPeer) -> int:
+def _sw_esp_packets(peer: StrongSwanPeer) -> tuple[int, int]:
+    """(in, out) over all Child SAs, as tests/ipsecmgr/test_lab_strongswan.py counts them."""
     sas = peer.swanctl("--list-sas", "--raw").stdout
-    return sum(int(n) for n in re.findall(r"packets-(?:in|out)=(\d+)", sas))
+    return (
+        sum(int(n) for n in re.findall(r"packets-in=(\d+)", sas)),
+        sum(int(n) for n in re.findall(r"packets-out=(\d+)", sas)),
+    )
 
 
 def bench_strongswan(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -240,7 +250,8 @@ def render(res: dict[str, Any]) -> str:
         extra = ""
         if "cpu" in r:
             extra = "; ESP packets in TCP runs: " + ", ".join(
-                f"{side} {r['cpu'][side]['esp_packets']} ({r['cpu'][side]['cpu_s']:.2f} s CPU)"
+                f"{side} {r['cpu'][side]['esp_packets_in']} in + "
+                f"{r['cpu'][side]['esp_packets_out']} out ({r['cpu'][side]['cpu_s']:.2f} s CPU)"
                 for side in SIDES
             )
         lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
