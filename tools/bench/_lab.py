@@ -32,13 +32,13 @@ class BenchError(RuntimeError):
     """Setup failed (a tunnel did not come up, a tool did not start): the run is void."""
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds, from /proc/PID/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), in seconds, from /proc/PID/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # proc(5): the command name (field 2) may hold spaces; count fields after ")".
     # Field 3 (state) is index 0 there, so utime (14) and stime (15) are 11 and 12.
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def stop_pid(proc: subprocess.Popen[str], grace: float = 3.0) -> None:

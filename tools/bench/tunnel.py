@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from _lab import (
     BenchError,
-    cpu_seconds,
+    cpu_times,
     iperf3_tcp,
     link_mtu,
     ping_until_up,
@@ -88,20 +88,23 @@ def measure(
     lab: Lab, args: argparse.Namespace, gateways: Measure | None, runs: int | None = None
 ) -> dict[str, Any]:
     """TCP runs (with CPU and ESP packet deltas per gateway), then UDP round trips."""
-    before: dict[str, tuple[float, tuple[int, int]]] = {}
+    before: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
     if gateways is not None:
-        before = {s: (cpu_seconds(p), gateways.esp_packets(s)) for s, p in gateways.pids.items()}
+        before = {s: (cpu_times(p), gateways.esp_packets(s)) for s, p in gateways.pids.items()}
     tcp = [iperf3_tcp(lab, args.seconds) for _ in range(runs or args.runs)]
     result: dict[str, Any] = {"tcp_mbps": statistics.median(tcp), "tcp_runs_mbps": tcp}
     if gateways is not None:
         cpu: dict[str, Any] = {}
         for side, pid in gateways.pids.items():
-            cpu_s = cpu_seconds(pid) - before[side][0]
+            user, system = (t1 - t0 for t1, t0 in zip(cpu_times(pid), before[side][0], strict=True))
+            cpu_s = user + system
             after = gateways.esp_packets(side)
             pin, pout = (after[i] - before[side][1][i] for i in (0, 1))
             packets = pin + pout
             cpu[side] = {
                 "cpu_s": cpu_s,
+                "user_s": user,
+                "system_s": system,
                 "esp_packets": packets,
                 "esp_packets_in": pin,
                 "esp_packets_out": pout,
@@ -251,7 +254,8 @@ def render(res: dict[str, Any]) -> str:
         if "cpu" in r:
             extra = "; ESP packets in TCP runs: " + ", ".join(
                 f"{side} {r['cpu'][side]['esp_packets_in']} in + "
-                f"{r['cpu'][side]['esp_packets_out']} out ({r['cpu'][side]['cpu_s']:.2f} s CPU)"
+                f"{r['cpu'][side]['esp_packets_out']} out ({r['cpu'][side]['cpu_s']:.2f} s CPU, "
+                f"{r['cpu'][side]['system_s'] / r['cpu'][side]['cpu_s']:.0%} in the kernel)"
                 for side in SIDES
             )
         lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
