@@ -120,11 +120,12 @@ def udp_echo_server(lab: Lab) -> Iterator[LabProcess]:
 
 
 def udp_rtt(lab: Lab, count: int, max_seconds: float) -> dict[str, Any]:
-    """``count`` UDP round trips client (src_ip) → server; the echo client's JSON result."""
+    """``count`` UDP round trips client (src_ip) → server; the echo client's JSON result
+    (with ``samples_us``, every round trip)."""
     a = lab.addresses
     assert a.src_ip4 is not None
     cmd = [sys.executable, str(UDP_ECHO), "client", "--server", a.server4, "--bind", a.src_ip4,
-           "--count", str(count), "--max-seconds", f"{max_seconds:g}"]  # fmt: skip
+           "--count", str(count), "--max-seconds", f"{max_seconds:g}", "--samples"]  # fmt: skip
     proc = subprocess.run(lab.client.argv(cmd), capture_output=True, text=True, check=False,
                           timeout=max_seconds + 30, env=python_env())  # fmt: skip
     lines = proc.stdout.strip().splitlines()

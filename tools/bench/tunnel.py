@@ -1,10 +1,10 @@
 """Our gateway pair against a strongSwan pair, on the same lab, in the same run.
 
 Run (root): /work/main/.venv/bin/python tools/bench/tunnel.py [--seconds 10] [--runs 3]
-            [--rtt-count 1000] [--quick] [--json]
+            [--rtt-count 1000] [--quick] [--json] [--profile DIR]
 
-One :class:`ipsecmgr.lab.topology.Lab` (tunnel mode) is built, and on it, one
-after the other:
+One :class:`ipsecmgr.lab.topology.Lab` (tunnel mode) is built, and on it three
+paths are measured from the client namespace to the server namespace:
 
 - clear text: no gateway, the lab's routes forward in clear (context only);
 - ours: ``ipsecmgr run`` on the client host (initiator) and on the gw
@@ -12,16 +12,22 @@ after the other:
 - strongSwan: charon with ``kernel-libipsec`` (userspace ESP, TUN ``ipsec0``)
   on the same two namespaces, via :class:`ipsecmgr.lab.strongswan.StrongSwanPeer`.
 
-Both tunnels carry ESP AES-GCM-256 (aes256gcm16) over a TUN of MTU 1400; the
-run checks both (the SA's algorithm and the TUN's MTU) before measuring. One
+Both tunnels carry ESP AES-GCM-256 (aes256gcm16) over a TUN of MTU 1400; each
+round checks both (the SA's algorithm and the TUN's MTU) before measuring. One
 difference remains: bookworm's strongSwan 5.9.8 sends ESP inside UDP 4500
 (it fakes a NAT), ours sends raw IP protocol 50.
 
-For each: iperf3 TCP from the client (bound to src_ip 192.0.2.1, so the packets
-go through the tunnel) to the TACACS+ server's address 203.0.113.49, ``--runs``
-times ``--seconds`` s, median; UDP round trips (tools/bench/udp_echo.py), median
-and p90; and per gateway process the CPU time (utime + stime, all threads) spent
-during the TCP runs divided by the ESP packets it handled (in + out) in them.
+The run is ``--runs`` rounds. In each round ours and strongSwan (alternating
+which goes first) are set up, measured and torn down in turn, so that a busy
+spell of this shared machine does not fall on one of them only; clear text is
+measured once, in the first round. A round on a tunnel is: one iperf3 TCP run of
+``--seconds`` s from the client (bound to src_ip 192.0.2.1, so the packets go
+through the tunnel) to the TACACS+ server's address 203.0.113.49, with each
+gateway process's CPU time (utime + stime, all threads) and ESP packet counters
+(in + out) read before and after it; then its share of ``--rtt-count`` UDP round
+trips (tools/bench/udp_echo.py). Reported: the median TCP throughput, the median
+and p90 of all round trips pooled, and per gateway the CPU µs per ESP packet
+summed over the rounds.
 
 The targets of the issues (TCP >= 3x strongSwan, RTT <= 0.6x strongSwan) are
 printed as met / not met; they are information, and the exit code is 0 either
@@ -43,8 +49,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +65,7 @@ from _lab import (
     udp_echo_server,
     udp_rtt,
 )
+from udp_echo import percentile
 
 from ipsecmgr.lab.configs import lab_strongswan_args
 from ipsecmgr.lab.gateways import GatewayError, LabGateways
@@ -76,54 +83,99 @@ RTT_TARGET = 0.6  # ours / strongSwan, at most
 
 
 @dataclass
-class Measure:
-    """What one tunnel needs to be measured: its gateway processes by side, and a
-    reader of each side's ESP packet counters, (in, out)."""
+class Setup:
+    """A path that is up and carries traffic: what measuring one round on it needs."""
 
-    pids: dict[str, int]
-    esp_packets: Callable[[str], tuple[int, int]]
+    pids: dict[str, int]  # gateway process by side; empty for clear text
+    esp_packets: Callable[[str], tuple[int, int]] | None  # (in, out) of a side's ESP SAs
+    info: dict[str, Any]  # esp, tun_mtu, encap, profiles: checked facts, reported as is
 
 
-def measure(
-    lab: Lab, args: argparse.Namespace, gateways: Measure | None, runs: int | None = None
-) -> dict[str, Any]:
-    """TCP runs (with CPU and ESP packet deltas per gateway), then UDP round trips."""
-    before: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
-    if gateways is not None:
-        before = {s: (cpu_times(p), gateways.esp_packets(s)) for s, p in gateways.pids.items()}
-    tcp = [iperf3_tcp(lab, args.seconds) for _ in range(runs or args.runs)]
-    result: dict[str, Any] = {"tcp_mbps": statistics.median(tcp), "tcp_runs_mbps": tcp}
-    if gateways is not None:
-        cpu: dict[str, Any] = {}
-        for side, pid in gateways.pids.items():
-            user, system = (t1 - t0 for t1, t0 in zip(cpu_times(pid), before[side][0], strict=True))
-            cpu_s = user + system
-            after = gateways.esp_packets(side)
-            pin, pout = (after[i] - before[side][1][i] for i in (0, 1))
-            packets = pin + pout
-            cpu[side] = {
+@dataclass
+class Samples:
+    """Everything measured on one path, summed or pooled over its rounds."""
+
+    tcp_mbps: list[float] = field(default_factory=list)
+    rtt_us: list[float] = field(default_factory=list)
+    rtt_lost: int = 0
+    rtt_size: int = 0
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> sums
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def one_round(lab: Lab, args: argparse.Namespace, setup: Setup, rtt_count: int,
+              out: Samples) -> None:  # fmt: skip
+    """One TCP run (with each gateway's CPU time and ESP packets over it), then round trips."""
+    before = {s: (cpu_times(p), setup.esp_packets(s)) for s, p in setup.pids.items()
+              if setup.esp_packets}  # fmt: skip
+    out.tcp_mbps.append(iperf3_tcp(lab, args.seconds))
+    for side, pid in setup.pids.items():
+        assert setup.esp_packets is not None
+        (user0, sys0), (in0, out0) = before[side]
+        (user1, sys1), (in1, out1) = cpu_times(pid), setup.esp_packets(side)
+        sums = out.cpu.setdefault(side, dict.fromkeys(("user_s", "system_s", "in", "out"), 0.0))
+        for key, delta in (("user_s", user1 - user0), ("system_s", sys1 - sys0),
+                           ("in", in1 - in0), ("out", out1 - out0)):  # fmt: skip
+            sums[key] += delta
+    rtt = udp_rtt(lab, rtt_count, max_seconds=args.rtt_max_seconds)
+    out.rtt_us += rtt["samples_us"]
+    out.rtt_lost += rtt["lost"]
+    out.rtt_size = rtt["size"]
+    for key, value in setup.info.items():
+        if key == "profiles":
+            for side, path in value.items():
+                out.info.setdefault("profiles", {}).setdefault(side, []).append(path)
+        else:
+            out.info[key] = value
+
+
+def summary(s: Samples) -> dict[str, Any]:
+    rtts = sorted(s.rtt_us)
+    result: dict[str, Any] = {
+        "tcp_mbps": statistics.median(s.tcp_mbps),
+        "tcp_runs_mbps": s.tcp_mbps,
+        "rtt": {"count": len(rtts) + s.rtt_lost, "received": len(rtts), "lost": s.rtt_lost,
+                "size": s.rtt_size},
+        **s.info,
+    }  # fmt: skip
+    if rtts:
+        result["rtt"].update(median_us=statistics.median(rtts), p90_us=percentile(rtts, 90),
+                             min_us=rtts[0], max_us=rtts[-1])  # fmt: skip
+    if s.cpu:
+        result["cpu"] = {}
+        for side, c in s.cpu.items():
+            cpu_s, packets = c["user_s"] + c["system_s"], int(c["in"] + c["out"])
+            result["cpu"][side] = {
                 "cpu_s": cpu_s,
-                "user_s": user,
-                "system_s": system,
+                "user_s": c["user_s"],
+                "system_s": c["system_s"],
                 "esp_packets": packets,
-                "esp_packets_in": pin,
-                "esp_packets_out": pout,
+                "esp_packets_in": int(c["in"]),
+                "esp_packets_out": int(c["out"]),
                 "us_per_packet": cpu_s * 1e6 / packets if packets else None,
             }
-        result["cpu"] = cpu
-    rtt = udp_rtt(lab, args.rtt_count, max_seconds=args.rtt_max_seconds)
-    result["rtt"] = rtt
     return result
 
 
-def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    (work / "ours").mkdir()
-    if args.profile:
+@contextlib.contextmanager
+def clear_path(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """No gateway: the lab's own routes forward in clear."""
+    yield Setup({}, None, {"encap": "clear text"})
+
+
+@contextlib.contextmanager
+def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """``ipsecmgr run`` on both sides, the tunnel up (checked: AES-GCM-256, TUN MTU 1400)."""
+    (work / tag).mkdir()
+    prof = args.profile / f"ipsecmgr-{tag}.prof" if args.profile else None
+    if prof:
         # ipsecmgr.cli writes cProfile stats to IPSECMGR_PROFILE.<pid> when the daemon exits.
-        os.environ["IPSECMGR_PROFILE"] = str(args.profile / "ipsecmgr.prof")
-    with LabGateways(lab, work / "ours") as gws:
-        gws.start_both(verbose=0)
-        os.environ.pop("IPSECMGR_PROFILE", None)
+        os.environ["IPSECMGR_PROFILE"] = str(prof)
+    with LabGateways(lab, work / tag) as gws:
+        try:
+            gws.start_both(verbose=0)
+        finally:
+            os.environ.pop("IPSECMGR_PROFILE", None)
         ping_until_up(lab)
         child = gws["client"].snapshot()["child_sas"]
         encryption = sorted({c["encryption"] for c in child})
@@ -138,15 +190,15 @@ def bench_ours(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]
             return int(stats.get("esp_in_packets", 0)), int(stats.get("esp_out_packets", 0))
 
         pids = {side: gws[side].proc.pid for side in SIDES}
-        result = measure(lab, args, Measure(pids, esp_packets))
-        result["tun_mtu"] = mtu
-        result["esp"] = encryption[0]
-        result["encap"] = "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)"
-    if args.profile:
-        result["profiles"] = {
-            side: str(args.profile / f"ipsecmgr.prof.{pid}") for side, pid in pids.items()
+        info: dict[str, Any] = {
+            "esp": encryption[0],
+            "tun_mtu": mtu,
+            "encap": "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)",
         }
-    return result
+        if prof:
+            # written when the daemons exit, at the end of this block
+            info["profiles"] = {side: f"{prof}.{pid}" for side, pid in pids.items()}
+        yield Setup(pids, esp_packets, info)
 
 
 def _sw_esp_packets(peer: StrongSwanPeer) -> tuple[int, int]:
@@ -158,13 +210,15 @@ def _sw_esp_packets(peer: StrongSwanPeer) -> tuple[int, int]:
     )
 
 
-def bench_strongswan(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def strongswan_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """charon (kernel-libipsec) on both sides, the tunnel up (same checks as ours)."""
     psk = Secret(b"bench-strongswan-psk")
     peers: dict[str, StrongSwanPeer] = {}
     with contextlib.ExitStack() as stack:
         for side in ("gw", "client"):  # the responder first, then the initiator
             sw = lab_strongswan_args(lab.addresses, side)
-            peer = StrongSwanPeer(lab.ns(side), work / f"sw-{side}")
+            peer = StrongSwanPeer(lab.ns(side), work / f"{tag}-{side}")
             stack.callback(peer.stop)
             peer.start(local=sw.local, remote=sw.remote, psk=psk, options=sw.options,
                        initiate=side == "client")  # fmt: skip
@@ -172,22 +226,31 @@ def bench_strongswan(lab: Lab, args: argparse.Namespace, work: Path) -> dict[str
         ping_until_up(lab)
         raw = peers["client"].swanctl("--list-sas", "--raw").stdout
         algs = sorted(set(re.findall(r"encr-alg=(\w+) encr-keysize=(\d+)", raw)))
+        if ("AES_GCM_16", "256") not in algs:
+            raise BenchError(f"strongSwan's SAs are not AES-GCM-256: {algs}")
         mtu = {side: link_mtu(lab.ns(side), SW_TUN) for side in SIDES}
         if set(mtu.values()) != {TUN_MTU}:
             raise BenchError(f"strongSwan's TUN MTU is not {TUN_MTU}: {mtu}")
-        if ("AES_GCM_16", "256") not in algs:
-            raise BenchError(f"strongSwan's SAs are not AES-GCM-256: {algs}")
         pids: dict[str, int] = {}
         for side, peer in peers.items():
             pid = peer.pid
             if pid is None:
                 raise BenchError(f"strongSwan on {side} is not running")
             pids[side] = pid
-        result = measure(lab, args, Measure(pids, lambda side: _sw_esp_packets(peers[side])))
-        result["tun_mtu"] = mtu
-        result["esp"] = "AES-GCM-16-256"
-        result["encap"] = "ESP-in-UDP 4500" if "encap=yes" in raw else "ESP (IP protocol 50)"
-        return result
+        info = {
+            "esp": "AES-GCM-16-256",
+            "tun_mtu": mtu,
+            "encap": "ESP-in-UDP 4500" if "encap=yes" in raw else "ESP (IP protocol 50)",
+        }
+        yield Setup(pids, lambda side: _sw_esp_packets(peers[side]), info)
+
+
+PathSetup = Callable[[Lab, argparse.Namespace, Path, str], contextlib.AbstractContextManager[Setup]]
+PATHS: dict[str, PathSetup] = {
+    "clear": clear_path,
+    "ours": our_tunnel,
+    "strongswan": strongswan_tunnel,
+}
 
 
 def _ratio(ours: float | None, ref: float | None) -> float | None:
@@ -224,8 +287,8 @@ def render(res: dict[str, Any]) -> str:
     cfg = res["config"]
     lines = [
         f"tunnel benchmark: lab tunnel mode, ESP {o['esp']}, TUN MTU {TUN_MTU}; "
-        f"TCP {cfg['seconds']:g} s x {cfg['runs']} (median); {cfg['rtt_count']} UDP round trips "
-        f"of {o['rtt']['size']} B",
+        f"TCP {cfg['seconds']:g} s x {cfg['runs']} rounds (median), ours and strongSwan "
+        f"alternating; {cfg['rtt_count']} UDP round trips of {o['rtt']['size']} B",
         f"ours: {o['encap']}; strongSwan (kernel-libipsec, userspace ESP): {s['encap']}",
         "",
         f"{'metric':<42} {'ours':>10} {'strongSwan':>11} {'ratio':>7} {'clear text':>11}",
@@ -280,14 +343,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         res["config"]["lab"] = lab.pool.tag
         _progress(args, f"lab {lab.pool.tag} up")
+        samples = {name: Samples() for name in PATHS}
+        # The round trips are spread over the rounds (the first rounds get the remainder).
+        rtt_counts = [args.rtt_count // args.runs + (r < args.rtt_count % args.runs)
+                      for r in range(args.runs)]  # fmt: skip
         with udp_echo_server(lab):
-            _progress(args, "clear text")
-            # Context only, and ~50x faster than either tunnel: one run is enough.
-            res["clear"] = measure(lab, args, None, runs=1)
-            _progress(args, "ours")
-            res["ours"] = bench_ours(lab, args, work)
-            _progress(args, "strongSwan")
-            res["strongswan"] = bench_strongswan(lab, args, work)
+            for r in range(args.runs):
+                # Ours and strongSwan alternate, round by round, so that a busy spell of
+                # this shared machine does not fall on one of them only.
+                order = ["ours", "strongswan"] if r % 2 == 0 else ["strongswan", "ours"]
+                if r == 0:
+                    # Context only, ~50x faster than either tunnel: one round is enough.
+                    order.insert(0, "clear")
+                for name in order:
+                    _progress(args, f"round {r + 1}/{args.runs}: {name}")
+                    count = args.rtt_count if name == "clear" else rtt_counts[r]
+                    with PATHS[name](lab, args, work, f"{name}{r}") as setup:
+                        one_round(lab, args, setup, count, samples[name])
+        for name, smp in samples.items():
+            res[name] = summary(smp)
     summarise(res)
     res["elapsed_s"] = time.monotonic() - t0
     # Everything shares these cores: a busy machine lowers every figure (see the docs).
@@ -303,7 +377,8 @@ def _progress(args: argparse.Namespace, what: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="length of one iperf3 run")
-    p.add_argument("--runs", type=int, default=3, help="iperf3 runs per tunnel (median)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="rounds: one iperf3 run per tunnel each (median)")  # fmt: skip
     p.add_argument("--rtt-count", type=int, default=1000, help="UDP round trips per tunnel")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s, 1 run, 100 round trips")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -330,10 +405,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def print_profiles(res: dict[str, Any], top: int = 25) -> None:
     """The hottest functions of each of our daemons, by own time (tottime)."""
-    for side, path in res["ours"].get("profiles", {}).items():
-        print(f"\n== cProfile of our {side} gateway ({path}), top {top} by own time")
+    for side, paths in res["ours"].get("profiles", {}).items():
+        print(f"\n== cProfile of our {side} gateway ({', '.join(paths)}), top {top} by own time")
         out = io.StringIO()
-        pstats.Stats(path, stream=out).sort_stats("tottime").print_stats(top)
+        pstats.Stats(*paths, stream=out).sort_stats("tottime").print_stats(top)
         print(out.getvalue().strip())
 
 

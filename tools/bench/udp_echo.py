@@ -9,7 +9,8 @@ caller waits for, no sleeping) and echoes every datagram back until it is killed
 or ``--max-seconds`` have passed. The client sends one datagram, waits for its echo
 (1 s at most), and repeats: ``count`` round trips after ``warmup`` unmeasured ones,
 never longer than ``--max-seconds`` in all. It prints one JSON line with the median,
-p90, min and max round-trip time in µs and how many were lost. Each datagram
+p90, min and max round-trip time in µs and how many were lost (with
+``--samples``, every round trip too, in the order measured). Each datagram
 carries its sequence number, so a late echo of an earlier one is not taken for the
 current one.
 """
@@ -54,7 +55,14 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def ping(
-    server: str, port: int, bind: str | None, count: int, warmup: int, size: int, max_seconds: float
+    server: str,
+    port: int,
+    bind: str | None,
+    count: int,
+    warmup: int,
+    size: int,
+    max_seconds: float,
+    samples: bool = False,
 ) -> dict[str, object]:
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -89,8 +97,9 @@ def ping(
             rtts.append((t1 - t0) / 1000)
         else:
             lost += 1
+    result: dict[str, object] = {"samples_us": [round(x, 1) for x in rtts]} if samples else {}
     rtts.sort()
-    result: dict[str, object] = {
+    result |= {
         "count": len(rtts) + lost,
         "received": len(rtts),
         "lost": lost,
@@ -121,10 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--warmup", type=int, default=10)
     c.add_argument("--size", type=int, default=32)
     c.add_argument("--max-seconds", type=float, default=30.0)
+    c.add_argument("--samples", action="store_true", help="also print every round trip, µs")
     a = p.parse_args(argv)
     if a.cmd == "server":
         return serve(a.bind, a.port, a.max_seconds)
-    result = ping(a.server, a.port, a.bind, a.count, a.warmup, a.size, a.max_seconds)
+    result = ping(a.server, a.port, a.bind, a.count, a.warmup, a.size, a.max_seconds, a.samples)
     print(json.dumps(result), flush=True)
     return 0 if result["received"] else 1
 
