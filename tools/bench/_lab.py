@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -44,13 +43,11 @@ def cpu_times(pid: int) -> tuple[float, float]:
 def stop_pid(proc: subprocess.Popen[str], grace: float = 3.0) -> None:
     """SIGTERM this process (by PID), SIGKILL it if it is still there after ``grace``."""
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
+        proc.terminate()  # Popen signals its own PID, and ignores one already gone
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait(timeout=5)
 
 
