@@ -93,7 +93,10 @@ class IkeConfig:
     mode: str = "tunnel"  # or "transport" (USE_TRANSPORT_MODE, §1.3.1)
     retransmit_timeout: float = 2.0  # §2.1: first timeout, doubled at every retry
     retransmit_tries: int = 3  # retransmissions after the first send, then give up
-    ike_lifetime: float = 86400.0  # seconds; rekey is the daemon's call (events + commands)
+    # Lifetimes in seconds (0 = none). The engine rekeys at a soft share of them
+    # (REKEY_SHARE: the original initiator a little earlier than the responder, so
+    # the two rarely collide) and deletes a Child SA that reaches its hard lifetime.
+    ike_lifetime: float = 86400.0
     child_lifetime: float = 3600.0
     initial_contact: bool = True  # §2.4: on the first IKE SA to this peer
     fake_nat: bool = False  # strongSwan encap=yes: send a bogus NAT_DETECTION_SOURCE_IP

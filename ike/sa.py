@@ -63,6 +63,10 @@ from .state import Address, Channel, ChildSA, Inbound, Pending, State
 __all__ = ["Address", "ChildSA", "IkeSA", "State"]
 
 
+# Share of a lifetime after which we rekey: (original initiator, original responder)
+REKEY_SHARE = (0.90, 0.93)
+
+
 class IkeSA:
     """A sans-I/O IKEv2 SA with PSK authentication. See ``ike/__init__.py``."""
 
@@ -93,6 +97,7 @@ class IkeSA:
         self.init_request = b""
         self.init_response = b""
         self.half_open_deadline: float | None = None
+        self.ike_rekey_at: float | None = None
         self._queue: deque[_t.Task] = deque()
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[ev.IkeEvent] = deque()
@@ -245,15 +250,47 @@ class IkeSA:
     def next_event(self) -> ev.IkeEvent | None:
         return self._events.popleft() if self._events else None
 
+    def rekey_time(self, now: float, lifetime: float) -> float | None:
+        """When to rekey something created at ``now`` with ``lifetime`` (None: never)."""
+        if lifetime <= 0:
+            return None
+        return now + lifetime * REKEY_SHARE[0 if self.initiator else 1]
+
     def get_timer(self) -> float | None:
+        if self.state == State.DEAD:
+            return None
         times = [c.pending.deadline for c in (self.ch, self.old_ch) if c and c.pending]
         if self.half_open_deadline is not None:
             times.append(self.half_open_deadline)
+        if self.state == State.ESTABLISHED:
+            if self.ike_rekey_at is not None:
+                times.append(self.ike_rekey_at)
+            for c in self.children.values():
+                times += [t for t in (c.rekey_at, c.expire_at) if t is not None]
         return min(times) if times else None
+
+    def _lifetimes(self, now: float) -> None:
+        if self.state != State.ESTABLISHED:
+            return
+        if self.ike_rekey_at is not None and now >= self.ike_rekey_at:
+            self.ike_rekey_at = None
+            self.count("ike_rekey_by_lifetime")
+            self.rekey_ike(now)
+        for c in list(self.children.values()):
+            if c.expire_at is not None and now >= c.expire_at:
+                c.expire_at = c.rekey_at = None
+                self.count("child_expired")
+                self.delete_child(c.child_id, now)
+            elif c.rekey_at is not None and now >= c.rekey_at:
+                c.rekey_at = None
+                if c.state == "installed":
+                    self.count("child_rekey_by_lifetime")
+                    self.rekey_child(c.child_id, now)
 
     def handle_timer(self, now: float) -> None:
         if self.state == State.DEAD:
             return
+        self._lifetimes(now)
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             # A responder that never saw IKE_AUTH forgets the half-open SA
             self.count("half_open_expired")

@@ -38,6 +38,8 @@ class ChildSA:
     remote_ts: list[TrafficSelector]
     installed_at: float
     state: str = "installed"  # installed | rekeying | rekeyed | deleting
+    rekey_at: float | None = None  # soft lifetime: we start a rekey (§2.8)
+    expire_at: float | None = None  # hard lifetime: we delete it
 
 
 @dataclass

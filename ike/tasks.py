@@ -406,6 +406,9 @@ def _install(
         list(remote_ts),
         now,
     )
+    child.rekey_at = sa.rekey_time(now, sa.config.child_lifetime)
+    if sa.config.child_lifetime > 0:
+        child.expire_at = now + sa.config.child_lifetime
     sa.children[child.child_id] = child
     sa.emit(
         ev.ChildSaInstalled(
@@ -582,6 +585,7 @@ def _established(sa: IkeSA, now: float) -> None:
     assert ch.suite is not None
     sa.state = State.ESTABLISHED
     sa.half_open_deadline = None
+    sa.ike_rekey_at = sa.rekey_time(now, sa.config.ike_lifetime)
     sa.emit(
         ev.IkeSaEstablished(
             sa.name,
@@ -834,6 +838,7 @@ def _switch_channel(sa: IkeSA, new: Channel, now: float, we_delete_old: bool) ->
     """Child SAs move to the new IKE SA; the old one only carries its DELETE (§2.18)."""
     old = sa.ch
     sa.old_ch, sa.ch = old, new
+    sa.ike_rekey_at = sa.rekey_time(now, sa.config.ike_lifetime)
     sa.emit(ev.IkeSaRekeyed(sa.name, old.spi_i, old.spi_r, new.spi_i, new.spi_r))
     if we_delete_old:
         sa.send_on(old, _OldIkeDelete(), now)

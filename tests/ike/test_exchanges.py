@@ -226,3 +226,26 @@ def test_child_pfs_group_mismatch() -> None:
     assert len(p.i.children) == len(p.r.children) == 1
     assert p.events_of("i", ExchangeFailed)[0].notify == "NO_PROPOSAL_CHOSEN"
     assert p.i.established and p.r.established
+
+
+def test_lifetimes_drive_rekeys() -> None:
+    """Soft lifetimes: the original initiator rekeys at 90 %, before the responder (93 %)."""
+    p = up(child_lifetime=100.0, ike_lifetime=1000.0)
+    p.advance(89.0)
+    assert list(p.i.children) == [1]
+    p.advance(90.0)
+    assert p.i.counters["child_rekey_by_lifetime"] == 1
+    assert "child_rekey_by_lifetime" not in p.r.counters  # its copy was replaced first
+    assert list(p.i.children) == list(p.r.children) == [2]
+    p.advance(900.0)
+    assert p.i.counters["ike_rekey_by_lifetime"] == 1 and len(p.events_of("r", IkeSaRekeyed)) == 1
+    assert p.i.established and p.r.established and p.i.old_ch is None
+
+
+def test_hard_child_lifetime_deletes() -> None:
+    p = up(i_child_lifetime=0.0, r_child_lifetime=50.0, ike_lifetime=0.0)
+    p.r.children[1].rekey_at = None  # no rekey: let it run into the hard limit
+    p.advance(50.0)
+    assert p.r.counters["child_expired"] == 1
+    assert not p.i.children and not p.r.children
+    assert p.i.get_timer() is None
