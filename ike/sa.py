@@ -361,6 +361,12 @@ class IkeSA:
         ch.pending = Pending(task, msg_id, pkt, 0, now + self.config.retransmit_timeout)
         self._send(pkt)
 
+    def send_once(self, exchange: int, payloads: list[Payload]) -> None:
+        """A request that expects no answer and is never retransmitted."""
+        msg_id = self.ch.next_id
+        self.ch.next_id += 1
+        self._send(self.encode(self.ch, exchange, False, msg_id, payloads))
+
     # --- encoding -----------------------------------------------------------------------
 
     def encode(

@@ -626,6 +626,7 @@ class IkeAuth(Task):
             raise ProtocolError(err.notify_type if err else NotifyType.INVALID_SYNTAX, "no AUTH")
         why = _check_peer(sa, idr, auth)
         if why is not None:
+            self.we_refused = True
             raise ProtocolError(NotifyType.AUTHENTICATION_FAILED, why)
         _established(sa, now)
         try:
@@ -634,8 +635,15 @@ class IkeAuth(Task):
             # §1.2: a refused Child SA leaves the IKE SA up
             sa.emit(ev.ExchangeFailed(sa.name, "IKE_AUTH", exc.notify.name, True))
 
+    we_refused = False
+
     def fail(self, sa: IkeSA, exc: ProtocolError, now: float) -> None:
         if exc.notify == NotifyType.AUTHENTICATION_FAILED:
+            if self.we_refused:
+                # §2.21.2: the initiator MAY tell the responder in a separate
+                # INFORMATIONAL; sent once, no answer awaited
+                note: list[Payload] = [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+                sa.send_once(ExchangeType.INFORMATIONAL, note)
             sa.emit(ev.AuthenticationFailed(sa.name, exc.detail))
             sa.die("auth-failed")
         else:
@@ -761,7 +769,14 @@ class ChildRekey(_ChildTask):
         old = sa.children.get(self.child_id)
         if old is not None and old.state == "rekeying":
             old.state = "installed"
+            if exc.notify == NotifyType.TEMPORARY_FAILURE:
+                old.rekey_at = _retry_later(sa, now)  # §2.25: retry after a while
         super().fail(sa, exc, now)
+
+
+def _retry_later(sa: IkeSA, now: float) -> float:
+    """2-5 s from now, randomised so that two peers that collided do not collide again."""
+    return now + 2.0 + sa.rng(1)[0] / 85.0
 
 
 class IkeRekey(Task):
@@ -812,6 +827,11 @@ class IkeRekey(Task):
             raise ProtocolError(NotifyType.INVALID_SYNTAX, str(exc)) from exc
         new = _rekeyed_channel(sa, suite, g_ir, self.ni, nr, self.spi, spi_r, initiator=True)
         _switch_channel(sa, new, now, we_delete_old=True)
+
+    def fail(self, sa: IkeSA, exc: ProtocolError, now: float) -> None:
+        if exc.notify == NotifyType.TEMPORARY_FAILURE:
+            sa.ike_rekey_at = _retry_later(sa, now)  # §2.25: e.g. a simultaneous IKE rekey
+        super().fail(sa, exc, now)
 
 
 def _rekeyed_channel(

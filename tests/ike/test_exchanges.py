@@ -7,6 +7,7 @@ import pytest
 from ike.constants import DhGroup
 from ike.crypto import get_prf, skeyseed_rekey
 from ike.events import (
+    AuthenticationFailed,
     ChildSaDeleted,
     ChildSaInstalled,
     ChildSaRekeyed,
@@ -249,3 +250,32 @@ def test_hard_child_lifetime_deletes() -> None:
     assert p.r.counters["child_expired"] == 1
     assert not p.i.children and not p.r.children
     assert p.i.get_timer() is None
+
+
+def test_simultaneous_ike_rekey_resolves_by_retry() -> None:
+    """Both start an IKE rekey: each refuses the other (TEMPORARY_FAILURE), retries later."""
+    p = up()
+    p.i.rekey_ike(p.now)
+    p.r.rekey_ike(p.now)
+    p.roundtrip()
+    assert p.events_of("i", ExchangeFailed)[0].notify == "TEMPORARY_FAILURE"
+    assert p.events_of("r", ExchangeFailed)[0].notify == "TEMPORARY_FAILURE"
+    assert p.i.ike_rekey_at is not None and p.r.ike_rekey_at is not None
+    assert 2.0 <= p.i.ike_rekey_at <= 5.0
+    p.advance(6.0)
+    rekeys = p.events_of("i", IkeSaRekeyed)
+    assert len(rekeys) >= 1 and len(p.events_of("r", IkeSaRekeyed)) == len(rekeys)
+    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert p.i.established and p.r.established and 1 in p.i.children
+
+
+def test_initiator_reports_bad_responder_auth() -> None:
+    """§2.21.2: a failing responder AUTH is told to the responder in an INFORMATIONAL."""
+    p = Pair(*configs(i_remote_psk=b"not what the responder uses"))
+    p.handshake()
+    assert p.i.dead and p.events_of("i", AuthenticationFailed)
+    assert not p.ep.sas  # the responder dropped its SA when told
+    assert p.events_of("r", AuthenticationFailed)
+    sent = [d for who, _, d in p.wire if who == "i>r"]
+    assert sent[-1][18] == 37 and int.from_bytes(sent[-1][20:24], "big") == 2
+    assert p.i.counters.get("dropped_dead", 0) == 1  # its empty answer found nobody
