@@ -90,6 +90,7 @@ class IkeSA:
         self.counters: dict[str, int] = {}
         self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
         self.old_ch: Channel | None = None  # the rekeyed-away IKE SA, until deleted
+        self.xch: Channel | None = None  # the channel of the exchange being processed
         self.name = name or f"{config.name or 'ike'}-{self.ch.spi_i.hex()}"
         # IKE_SA_INIT material kept for AUTH (§2.15)
         self.ni = b""
@@ -481,12 +482,15 @@ class IkeSA:
         self.count("responses")
         msg = Inbound(hdr, payloads, data, addr)
         crit = _unsupported_critical(payloads)
+        self.xch = ch
         try:
             if crit is not None:
                 raise ProtocolError(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, f"type {crit}")
             p.task.process(self, msg, now)
         except ProtocolError as exc:
             p.task.fail(self, exc, now)
+        finally:
+            self.xch = None
         if self._switch_after_response is not None:
             self._switch_after_response()
             self._switch_after_response = None
@@ -522,6 +526,7 @@ class IkeSA:
             self.peer_addr = addr
         self.count("requests")
         crit = _unsupported_critical(payloads or [])
+        self.xch = ch
         try:
             if payloads is None:
                 raise ProtocolError(NotifyType.INVALID_SYNTAX, "undecodable payloads")
@@ -534,6 +539,8 @@ class IkeSA:
             answer = [NotifyPayload(exc.notify, exc.data)]
             self.count("sent_" + notify_name(exc.notify))
             _t.responder_failed(self, hdr.exchange, exc)
+        finally:
+            self.xch = None
         if self.state == State.DEAD and hdr.exchange == ExchangeType.IKE_SA_INIT:
             # stateless refusal (§2.6, §1.2): no responder SPI
             ch.spi_r = b"\x00" * 8

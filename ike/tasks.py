@@ -386,8 +386,12 @@ def _install(
     now: float,
     rekeyed_from: int | None,
 ) -> ChildSA:
-    """§2.17: KEYMAT = prf+(SK_d, [g^ir |] Ni | Nr); i→r keys first, then r→i."""
-    ch = sa.ch
+    """§2.17: KEYMAT = prf+(SK_d, [g^ir |] Ni | Nr); i→r keys first, then r→i.
+
+    SK_d is that of the IKE SA the exchange ran on, which is the old one when
+    the exchange crossed an IKE rekey.
+    """
+    ch = sa.xch or sa.ch
     assert ch.prf is not None and ch.keys is not None
     n = encr_key_size(chosen.encr, chosen.key_bits)
     km = child_keymat(ch.prf, ch.keys.sk_d, ni, nr, 2 * n, g_ir)
@@ -1053,7 +1057,12 @@ def _respond_old(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
     if any(isinstance(d, DeletePayload) and d.protocol == ProtocolId.IKE for d in msg.payloads):
 
         def drop() -> None:
+            old = sa.old_ch
             sa.old_ch = None
+            if old is not None and old.pending is not None:
+                # our request on the old SA will never be answered: redo it on the new one
+                sa.count("requeued_from_old_sa")
+                sa.queue_task(old.pending.task, now, front=True)
 
         sa._switch_after_response = drop
     return []

@@ -279,3 +279,40 @@ def test_initiator_reports_bad_responder_auth() -> None:
     sent = [d for who, _, d in p.wire if who == "i>r"]
     assert sent[-1][18] == 37 and int.from_bytes(sent[-1][20:24], "big") == 2
     assert p.i.counters.get("dropped_dead", 0) == 1  # its empty answer found nobody
+
+
+@pytest.mark.parametrize("order", ["child-first", "ike-first"])
+def test_child_rekey_crossing_an_ike_rekey(order: str) -> None:
+    """A Child rekey runs on the old IKE SA while the peer rekeys the IKE SA: KEYMAT
+    comes from the SK_d of the IKE SA the exchange ran on (§2.17)."""
+    p = up()
+    if order == "child-first":
+        p.i.rekey_child(1, p.now)
+        p.r.rekey_ike(p.now)
+    else:
+        p.r.rekey_ike(p.now)
+        p.i.rekey_child(1, p.now)
+    p.roundtrip()
+    assert len(p.events_of("i", IkeSaRekeyed)) == len(p.events_of("r", IkeSaRekeyed)) == 1
+    assert list(p.i.children) == list(p.r.children) == [2]
+    ci, cr = p.i.children[2], p.r.children[2]
+    assert ci.inbound_key == cr.outbound_key and ci.outbound_key == cr.inbound_key
+    assert p.i.old_ch is None and p.r.old_ch is None
+
+
+def test_request_left_on_the_old_ike_sa_is_redone_on_the_new_one() -> None:
+    p = up()
+    p.i.liveness_check(p.now)
+    p.r.rekey_ike(p.now)
+    dropped: list[int] = []
+
+    def lose_first_informational_answer(direction: str, n: int, data: bytes) -> list[bytes]:
+        if direction == "r>i" and data[18] == 37 and data[19] & 0x20 and not dropped:
+            dropped.append(n)
+            return []
+        return [data]
+
+    p.roundtrip(lose_first_informational_answer)
+    assert dropped and p.i.counters["requeued_from_old_sa"] == 1
+    assert p.i.counters["liveness_ok"] == 1 and p.i.old_ch is None
+    assert p.i.ch.pending is None and p.r.ch.pending is None
