@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from .buffer import DecodeError
 from .config import IkeConfig
 from .constants import NON_ESP_MARKER, ExchangeType, HeaderFlag, NotifyType
-from .events import IkeEvent
+from .events import IkeEvent, InitialContactReceived
 from .payloads import (
     NoncePayload,
     NotifyPayload,
@@ -112,8 +112,12 @@ class IkeEndpoint:
 
     # --- commands ------------------------------------------------------------
 
+    def _spi_taken(self, spi: int) -> bool:
+        return any(c.inbound_spi == spi for s in self.sas for c in s.children.values())
+
     def initiate(self, config: IkeConfig, now: float) -> IkeSA:
         sa = IkeSA(config, True, self.rng)
+        sa.spi_taken = self._spi_taken
         self.sas.append(sa)
         sa.initiate(now)
         self._collect()
@@ -188,6 +192,7 @@ class IkeEndpoint:
                 return
             self._count("cookie_accepted")
         sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local)
+        sa.spi_taken = self._spi_taken
         self._out.extend(sa.datagrams_to_send(now))
         if not sa.dead:
             self.sas.append(sa)
@@ -220,6 +225,20 @@ class IkeEndpoint:
         self._collect()
         return self._events.popleft() if self._events else None
 
+    def _initial_contact(self, new: IkeSA) -> None:
+        """§2.4: the peer restarted; every other IKE SA with it is stale."""
+        for sa in self.sas:
+            if (
+                sa is not new
+                and not sa.dead
+                and sa.config.remote_id == new.config.remote_id
+                and sa.peer_addr[0] == new.peer_addr[0]
+            ):
+                self._count("replaced_by_initial_contact")
+                sa.abandon("replaced (INITIAL_CONTACT)")
+                while (e := sa.next_event()) is not None:
+                    self._events.append(e)
+
     def _fold(self, sa: IkeSA) -> None:
         """Keep the counters of an SA that goes away (``sa_`` prefix)."""
         for k, v in sa.counters.items():
@@ -229,10 +248,12 @@ class IkeEndpoint:
         """Pull datagrams and events from every SA, re-index SPIs, drop dead SAs."""
         by_spi: dict[bytes, IkeSA] = {}
         alive: list[IkeSA] = []
-        for sa in self.sas:
+        for sa in list(self.sas):
             self._out.extend(sa.datagrams_to_send(0.0))
             while (e := sa.next_event()) is not None:
                 self._events.append(e)
+                if isinstance(e, InitialContactReceived):
+                    self._initial_contact(sa)
             if sa.dead:
                 self._fold(sa)
                 continue

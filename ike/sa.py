@@ -104,6 +104,8 @@ class IkeSA:
         self._events: deque[ev.IkeEvent] = deque()
         self._next_child = 1
         self._switch_after_response: Callable[[], None] | None = None
+        # Set by IkeEndpoint: is an inbound Child SPI already used by another SA?
+        self.spi_taken: Callable[[int], bool] = lambda spi: False
 
     @classmethod
     def respond_to(
@@ -146,7 +148,11 @@ class IkeSA:
         # RFC 4303 §2.1: SPIs 1-255 are reserved
         while True:
             spi = int.from_bytes(self.rng(4), "big")
-            if spi > 255 and all(c.inbound_spi != spi for c in self.children.values()):
+            if (
+                spi > 255
+                and all(c.inbound_spi != spi for c in self.children.values())
+                and not self.spi_taken(spi)
+            ):
                 return spi
 
     def new_child_id(self) -> int:
@@ -173,6 +179,10 @@ class IkeSA:
     @property
     def dead(self) -> bool:
         return self.state == State.DEAD
+
+    def abandon(self, reason: str) -> None:
+        """Forget this IKE SA without telling the peer (e.g. after INITIAL_CONTACT, §2.4)."""
+        self.die(reason)
 
     def die(self, reason: str) -> None:
         """Tear down locally: one IkeSaDeleted covers every Child SA."""
