@@ -87,6 +87,7 @@ class IkeEndpoint:
         rng: Callable[[int], bytes] = os.urandom,
         find_config: ConfigLookup | None = None,
         cookie_rotation: float = 300.0,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.configs = list(configs)
         self.rng = rng
@@ -98,6 +99,7 @@ class IkeEndpoint:
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
+        self.log = log  # handed to every IkeSA: one line per IKE message
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -118,6 +120,7 @@ class IkeEndpoint:
     def initiate(self, config: IkeConfig, now: float) -> IkeSA:
         sa = IkeSA(config, True, self.rng)
         sa.spi_taken = self._spi_taken
+        sa.log = self.log
         self.sas.append(sa)
         sa.initiate(now)
         self._collect()
@@ -191,7 +194,7 @@ class IkeEndpoint:
                 self._count("cookie_sent")
                 return
             self._count("cookie_accepted")
-        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local)
+        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log)
         sa.spi_taken = self._spi_taken
         self._out.extend(sa.datagrams_to_send(now))
         if not sa.dead:

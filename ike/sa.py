@@ -57,6 +57,7 @@ from .payloads import (
     build_plain_message,
     parse_chain,
     parse_header,
+    summarize,
 )
 from .state import Address, Channel, ChildSA, Inbound, Pending, State
 
@@ -104,6 +105,8 @@ class IkeSA:
         self._events: deque[ev.IkeEvent] = deque()
         self._next_child = 1
         self._switch_after_response: Callable[[], None] | None = None
+        # One readable line per message sent or received (no secrets), or None
+        self.log: Callable[[str], None] | None = None
         # Set by IkeEndpoint: is an inbound Child SPI already used by another SA?
         self.spi_taken: Callable[[int], bool] = lambda spi: False
 
@@ -116,6 +119,7 @@ class IkeSA:
         now: float,
         rng: Callable[[int], bytes] = os.urandom,
         local_addr: Address | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> IkeSA:
         """A responder for the IKE_SA_INIT request ``data`` from ``addr``.
 
@@ -127,6 +131,7 @@ class IkeSA:
         spi_i = body[:8]
         sa = cls(config, False, rng, name=f"{config.name or 'ike'}-{spi_i.hex()}")
         sa.ch.spi_i = spi_i
+        sa.log = log
         if local_addr is not None:
             sa.local_addr = local_addr
         if data[:4] == NON_ESP_MARKER:
@@ -386,6 +391,8 @@ class IkeSA:
         flags = (HeaderFlag.INITIATOR if ch.initiator else 0) | (
             HeaderFlag.RESPONSE if response else 0
         )
+        if self.log is not None:
+            self._log("sending", exchange, response, msg_id, payloads, self.peer_addr)
         if exchange == ExchangeType.IKE_SA_INIT:
             return build_plain_message(ch.spi_i, ch.spi_r, exchange, flags, msg_id, payloads)
         if ch.out is None:
@@ -399,6 +406,27 @@ class IkeSA:
             return hdr + bytes([first, 0]) + sk_len.to_bytes(2, "big")
 
         return ch.out.seal(inner, prefix)
+
+    def _log(
+        self,
+        verb: str,
+        exchange: int,
+        response: bool,
+        msg_id: int,
+        payloads: list[Payload],
+        addr: Address,
+    ) -> None:
+        assert self.log is not None
+        try:
+            name = ExchangeType(exchange).name
+        except ValueError:
+            name = f"EXCHANGE_{exchange}"
+        kind = "response" if response else "request"
+        where = "to" if verb == "sending" else "from"
+        self.log(
+            f"{self.name}: {verb} {name} {kind} {msg_id} [ {summarize(payloads)} ] "
+            f"{where} {addr[0]}[{addr[1]}]"
+        )
 
     def _send(self, pkt: bytes) -> None:
         # RFC 3948 §2.2: IKE on port 4500 is preceded by the non-ESP marker
@@ -488,6 +516,8 @@ class IkeSA:
             self.count("unexpected_response")
             return
         payloads = self._decode(ch, hdr, data)
+        if self.log is not None:
+            self._log("received", hdr.exchange, True, hdr.msg_id, payloads, addr)
         ch.pending = None
         self.count("responses")
         msg = Inbound(hdr, payloads, data, addr)
@@ -530,6 +560,8 @@ class IkeSA:
             # Integrity was fine but the content is not: answer INVALID_SYNTAX (§2.21.2)
             payloads = None
         ch.peer_id += 1
+        if self.log is not None:
+            self._log("received", hdr.exchange, False, hdr.msg_id, payloads or [], addr)
         if marked or self.nat_t:
             # §2.23: after the float, answer (and later send) to where requests come from
             self.nat_t = True

@@ -262,3 +262,24 @@ def test_export_keys() -> None:
     assert k["encryption"] == "AES-GCM-256 with 16 octet ICV [RFC5282]"
     assert k["integrity"] == "NONE [RFC4306]"
     assert k == p.r.export_keys()
+
+
+def test_log_lines_name_every_payload_and_no_secret() -> None:
+    lines: list[str] = []
+    ci, cr = configs()
+    p = Pair(ci, cr)
+    p.i.log = lines.append
+    p.ep.log = lines.append
+    p.handshake()
+    assert lines[0].endswith(
+        "sending IKE_SA_INIT request 0 [ SA KE No N(NAT_DETECTION_SOURCE_IP) "
+        "N(NAT_DETECTION_DESTINATION_IP) ] to 198.51.100.2[500]"
+    )
+    assert any(
+        "received IKE_AUTH request 1 [ IDi N(INITIAL_CONTACT) IDr AUTH SA TSi TSr ]" in x
+        for x in lines
+    )
+    assert any("sending IKE_AUTH response 1 [ IDr AUTH SA TSi TSr ]" in x for x in lines)
+    assert len(lines) == 8  # each of 4 messages: sent by one side, received by the other
+    keys = p.i.export_keys()
+    assert not any(keys["sk_ei"] in x or "correct horse" in x for x in lines)
