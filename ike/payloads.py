@@ -511,7 +511,7 @@ def find_notify(payloads: Sequence[Payload], ntype: int) -> NotifyPayload | None
     return None
 
 
-_SHORT = {
+_SHORT: dict[int, str] = {
     PayloadType.SA: "SA",
     PayloadType.KE: "KE",
     PayloadType.IDi: "IDi",
