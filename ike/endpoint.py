@@ -28,6 +28,7 @@ from .payloads import (
     parse_message,
 )
 from .sa import Address, IkeSA, State
+from .state import packed_ip
 
 ZERO_SPI = b"\x00" * 8
 ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
@@ -108,7 +109,7 @@ class IkeEndpoint:
         if self._find_config is not None:
             return self._find_config(addr, local)
         for c in self.configs:
-            if ipaddress.ip_address(c.peer_addr[0]) == ipaddress.ip_address(addr[0]):
+            if packed_ip(c.peer_addr[0]) == packed_ip(addr[0]):
                 return c
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -18,10 +19,15 @@ Address = tuple[str, int]
 NAT_T_PORT = 4500
 
 
+@functools.lru_cache(maxsize=1024)
+def packed_ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
 def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     """§2.23: SHA-1(SPIi | SPIr | IP | Port)."""
-    ip = ipaddress.ip_address(addr[0]).packed
-    return hashlib.sha1(spi_i + spi_r + ip + addr[1].to_bytes(2, "big")).digest()
+    data = spi_i + spi_r + packed_ip(addr[0]) + addr[1].to_bytes(2, "big")
+    return hashlib.sha1(data).digest()
 
 
 @dataclass
