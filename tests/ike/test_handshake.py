@@ -283,3 +283,27 @@ def test_log_lines_name_every_payload_and_no_secret() -> None:
     assert len(lines) == 8  # each of 4 messages: sent by one side, received by the other
     keys = p.i.export_keys()
     assert not any(keys["sk_ei"] in x or "correct horse" in x for x in lines)
+
+
+def test_cookies_only_above_the_half_open_threshold() -> None:
+    p = Pair(*configs(r_cookie_threshold=1))
+    p.handshake(lambda d, n, data: [] if n >= 3 else [data])  # stays half-open
+    assert p.ep.counters.get("cookie_sent", 0) == 0 and len(p.ep.sas) == 1
+    q = Pair(*configs(), seed=5)
+    q.ep = p.ep
+    q.handshake()
+    assert q.i.established
+    assert p.ep.counters["cookie_sent"] == 1 and p.ep.counters["cookie_accepted"] == 1
+
+
+def test_cookie_secret_rotation() -> None:
+    from ike.endpoint import CookieJar
+
+    secrets = iter([b"a" * 32, b"b" * 32, b"c" * 32])
+    jar = CookieJar(lambda n: next(secrets), rotation=300.0)
+    c = jar.make(b"n" * 32, "198.51.100.1", b"s" * 8, 0.0)
+    assert len(c) == 36 and jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 299.0)
+    assert not jar.check(c, b"m" * 32, "198.51.100.1", b"s" * 8, 299.0)  # other nonce
+    assert not jar.check(c, b"n" * 32, "198.51.100.9", b"s" * 8, 299.0)  # other address
+    assert jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 301.0)  # previous secret: ok
+    assert not jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 601.0)  # two rotations: no
