@@ -290,7 +290,7 @@ class IkeSA:
             return
         if self.ike_rekey_at is not None and now >= self.ike_rekey_at:
             self.ike_rekey_at = None
-            self.count("ike_rekey_by_lifetime")
+            self.count("ike_rekey_timer")
             self.rekey_ike(now)
         for c in list(self.children.values()):
             if c.expire_at is not None and now >= c.expire_at:
@@ -300,7 +300,7 @@ class IkeSA:
             elif c.rekey_at is not None and now >= c.rekey_at:
                 c.rekey_at = None
                 if c.state == "installed":
-                    self.count("child_rekey_by_lifetime")
+                    self.count("child_rekey_timer")
                     self.rekey_child(c.child_id, now)
 
     def handle_timer(self, now: float) -> None:

@@ -1068,6 +1068,11 @@ def _respond_old(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
     return []
 
 
+def _refuse_on_old(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Payload]:
+    """A CREATE_CHILD_SA that crossed our IKE rekey: try again later, on the new SA (§2.25)."""
+    raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "IKE SA is being replaced")
+
+
 Responder = Callable[["IkeSA", Channel, Inbound, float], list[Payload]]
 
 RESPONDERS: dict[tuple[int, str], Responder] = {
@@ -1077,6 +1082,7 @@ RESPONDERS: dict[tuple[int, str], Responder] = {
     (ExchangeType.INFORMATIONAL, State.ESTABLISHED): _respond_informational,
     (ExchangeType.INFORMATIONAL, State.DELETING): _respond_informational,
     (ExchangeType.INFORMATIONAL, "old"): _respond_old,
+    (ExchangeType.CREATE_CHILD_SA, "old"): _refuse_on_old,
 }
 
 

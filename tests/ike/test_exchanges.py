@@ -14,6 +14,7 @@ from ike.events import (
     ExchangeFailed,
     IkeSaDeleted,
     IkeSaRekeyed,
+    PeerDead,
 )
 from ike.sa import State
 
@@ -235,11 +236,11 @@ def test_lifetimes_drive_rekeys() -> None:
     p.advance(89.0)
     assert list(p.i.children) == [1]
     p.advance(90.0)
-    assert p.i.counters["child_rekey_by_lifetime"] == 1
-    assert "child_rekey_by_lifetime" not in p.r.counters  # its copy was replaced first
+    assert p.i.counters["child_rekey_timer"] == 1
+    assert "child_rekey_timer" not in p.r.counters  # its copy was replaced first
     assert list(p.i.children) == list(p.r.children) == [2]
     p.advance(900.0)
-    assert p.i.counters["ike_rekey_by_lifetime"] == 1 and len(p.events_of("r", IkeSaRekeyed)) == 1
+    assert p.i.counters["ike_rekey_timer"] == 1 and len(p.events_of("r", IkeSaRekeyed)) == 1
     assert p.i.established and p.r.established and p.i.old_ch is None
 
 
@@ -316,3 +317,32 @@ def test_request_left_on_the_old_ike_sa_is_redone_on_the_new_one() -> None:
     assert dropped and p.i.counters["requeued_from_old_sa"] == 1
     assert p.i.counters["liveness_ok"] == 1 and p.i.old_ch is None
     assert p.i.ch.pending is None and p.r.ch.pending is None
+
+
+def test_child_rekey_arriving_on_the_replaced_ike_sa() -> None:
+    """The responder's Child rekey crosses the initiator's IKE rekey and arrives after the
+    switch, on the old IKE SA: refused with TEMPORARY_FAILURE, redone on the new IKE SA."""
+    from .pair import R_ADDR
+
+    p = up()
+    p.r.rekey_child(1, p.now)
+    (held,) = p.ep.datagrams_to_send(p.now)  # the Child rekey request, delayed in the network
+    p.i.rekey_ike(p.now)
+    ((req, _),) = p.i.datagrams_to_send(p.now)
+    p.ep.receive_datagram(req, p.i_src, p.now)
+    ((resp, _),) = p.ep.datagrams_to_send(p.now)  # the responder has switched
+    p.i.receive_datagram(resp, R_ADDR, p.now)
+    ((delete_old, _),) = p.i.datagrams_to_send(p.now)  # so has the initiator
+    p.i.receive_datagram(held[0], R_ADDR, p.now)
+    ((refusal, _),) = p.i.datagrams_to_send(p.now)
+    assert p.i.counters["sent_TEMPORARY_FAILURE"] == 1
+    p.ep.receive_datagram(refusal, p.i_src, p.now)
+    p.ep.receive_datagram(delete_old, p.i_src, p.now)
+    p.roundtrip()
+    assert p.events_of("r", ExchangeFailed)[0].notify == "TEMPORARY_FAILURE"
+    p.advance(10.0)  # the responder retries its Child rekey 2-5 s later
+    assert p.r.counters["child_rekey_timer"] == 1
+    assert p.i.established and p.r.established and p.i.old_ch is None and p.r.old_ch is None
+    assert list(p.i.children) == list(p.r.children) == [2]
+    assert p.i.children[2].inbound_key == p.r.children[2].outbound_key
+    assert not p.events_of("i", PeerDead) and not p.events_of("r", PeerDead)
