@@ -334,6 +334,8 @@ class IkeSA:
                 else:
                     self.emit(ev.PeerDead(self.name))
                     self.die("peer-dead")
+        if self.state != State.DEAD:
+            self._start_next(now)  # e.g. an IKE rekey that waited for the old SA to go
 
     # --- task queue -------------------------------------------------------------------
 
@@ -345,6 +347,9 @@ class IkeSA:
         else:
             self._queue.append(task)
         self._start_next(now)
+
+    def drop_queued(self, kind: type[_t.Task]) -> None:
+        self._queue = deque(t for t in self._queue if not isinstance(t, kind))
 
     def retry_task(self, task: _t.Task, now: float) -> None:
         """Send ``task`` again with the same message ID (COOKIE, INVALID_KE, §1.2/§2.6)."""

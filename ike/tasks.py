@@ -786,6 +786,10 @@ def _retry_later(sa: IkeSA, now: float) -> float:
 class IkeRekey(Task):
     exchange = ExchangeType.CREATE_CHILD_SA
 
+    def ready(self, sa: IkeSA) -> bool:
+        # one replaced IKE SA at a time: wait until the last one is deleted
+        return sa.state == State.ESTABLISHED and sa.old_ch is None
+
     def __init__(self) -> None:
         self.dh: DhKey | None = None
         self.group = 0
@@ -863,6 +867,7 @@ def _switch_channel(sa: IkeSA, new: Channel, now: float, we_delete_old: bool) ->
     old = sa.ch
     sa.old_ch, sa.ch = old, new
     sa.ike_rekey_at = sa.rekey_time(now, sa.config.ike_lifetime)
+    sa.drop_queued(IkeRekey)  # the IKE SA was just renewed
     sa.emit(ev.IkeSaRekeyed(sa.name, old.spi_i, old.spi_r, new.spi_i, new.spi_r))
     if we_delete_old:
         sa.send_on(old, _OldIkeDelete(), now)
@@ -913,6 +918,8 @@ def _respond_ike_rekey(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list
         # Simultaneous IKE rekey: refuse and let the peer retry (§2.25.2 permits
         # TEMPORARY_FAILURE; the nonce-based resolution is not implemented)
         raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "IKE rekey in progress")
+    if sa.old_ch is not None:
+        raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "previous IKE SA not yet deleted")
     sa_p = _require(p, SAPayload, "SA")
     ke = _require(p, KEPayload, "KE")
     assert isinstance(sa_p, SAPayload) and isinstance(ke, KEPayload)

@@ -346,3 +346,18 @@ def test_child_rekey_arriving_on_the_replaced_ike_sa() -> None:
     assert list(p.i.children) == list(p.r.children) == [2]
     assert p.i.children[2].inbound_key == p.r.children[2].outbound_key
     assert not p.events_of("i", PeerDead) and not p.events_of("r", PeerDead)
+
+
+def test_back_to_back_ike_rekeys() -> None:
+    p = up()
+    p.i.rekey_ike(p.now)
+    p.i.rekey_ike(p.now)  # waits until the first replaced IKE SA is deleted
+    p.roundtrip()
+    first, second = p.events_of("i", IkeSaRekeyed)
+    assert (first.spi_i, first.spi_r) == (second.old_spi_i, second.old_spi_r)
+    assert len(p.events_of("r", IkeSaRekeyed)) == 2
+    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert p.i.old_ch is None and p.r.old_ch is None and p.i.established and p.r.established
+    p.i.liveness_check(p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1
