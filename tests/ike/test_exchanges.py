@@ -349,13 +349,23 @@ def test_child_rekey_arriving_on_the_replaced_ike_sa() -> None:
 
 
 def test_back_to_back_ike_rekeys() -> None:
+    """A second IKE rekey waits until the replaced IKE SA is deleted; duplicates coalesce."""
+    from .pair import R_ADDR
+
     p = up()
     p.i.rekey_ike(p.now)
-    p.i.rekey_ike(p.now)  # waits until the first replaced IKE SA is deleted
-    p.roundtrip()
-    first, second = p.events_of("i", IkeSaRekeyed)
+    p.i.rekey_ike(p.now)  # asked twice: one rekey satisfies both
+    ((req, _),) = p.i.datagrams_to_send(p.now)
+    p.ep.receive_datagram(req, p.i_src, p.now)
+    ((resp, _),) = p.ep.datagrams_to_send(p.now)
+    assert p.r.old_ch is not None  # switched; the old IKE SA awaits its DELETE
+    p.r.rekey_ike(p.now)
+    assert not p.ep.datagrams_to_send(p.now)  # waits
+    p.i.receive_datagram(resp, R_ADDR, p.now)
+    p.roundtrip()  # DELETE of the old SA, then the responder's own rekey
+    first, second = p.events_of("r", IkeSaRekeyed)
     assert (first.spi_i, first.spi_r) == (second.old_spi_i, second.old_spi_r)
-    assert len(p.events_of("r", IkeSaRekeyed)) == 2
+    assert len(p.events_of("i", IkeSaRekeyed)) == 2
     assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
     assert p.i.old_ch is None and p.r.old_ch is None and p.i.established and p.r.established
     p.i.liveness_check(p.now)
