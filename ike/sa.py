@@ -237,6 +237,43 @@ class IkeSA:
             self._queue.clear()
             self.queue_task(_t.IkeDelete(), now, front=True)
 
+    def info(self) -> dict[str, object]:
+        """Plain, secret-free facts for ``show crypto ...`` (JSON-serialisable)."""
+        ch = self.ch
+        return {
+            "name": self.name,
+            "state": self.state,
+            "initiator": self.initiator,
+            "local": list(self.local_addr),
+            "peer": list(self.peer_addr),
+            "local_id": str(self.config.local_id),
+            "remote_id": str(self.config.remote_id),
+            "spi_i": ch.spi_i.hex(),
+            "spi_r": ch.spi_r.hex(),
+            "algorithms": _t.algorithms(ch.suite) if ch.suite else None,
+            "nat_t": self.nat_t,
+            "nat_local": self.nat_detected_local,
+            "nat_remote": self.nat_detected_remote,
+            "next_message_id": ch.next_id,
+            "children": [
+                {
+                    "child_id": c.child_id,
+                    "state": c.state,
+                    "inbound_spi": f"{c.inbound_spi:08x}",
+                    "outbound_spi": f"{c.outbound_spi:08x}",
+                    "mode": c.mode,
+                    "esn": c.esn,
+                    "encryption": f"AES_GCM_16_{c.key_bits}",
+                    "local_ts": [str(t) for t in c.local_ts],
+                    "remote_ts": [str(t) for t in c.remote_ts],
+                    "installed_at": c.installed_at,
+                    "rekey_at": c.rekey_at,
+                }
+                for c in self.children.values()
+            ],
+            "counters": dict(self.counters),
+        }
+
     def export_keys(self) -> dict[str, str]:
         """The IKE SA keys for Wireshark's ikev2_decryption_table (hex strings).
 

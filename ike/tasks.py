@@ -124,7 +124,7 @@ def wireshark_names(suite: IkeSuite) -> tuple[str, str]:
     return encr, (f"{integ[suite.integ]} [RFC4868]" if suite.integ else "NONE [RFC4306]")
 
 
-def _algorithms(suite: IkeSuite) -> str:
+def algorithms(suite: IkeSuite) -> str:
     from .constants import DhGroup, IntegId, PrfId
 
     parts = [f"{EncrId(suite.encr).name}_{suite.key_bits}", PrfId(suite.prf).name]
@@ -598,7 +598,7 @@ def _established(sa: IkeSA, now: float) -> None:
             sa.initiator,
             str(sa.config.local_id),
             str(sa.config.remote_id),
-            _algorithms(ch.suite),
+            algorithms(ch.suite),
         )
     )
 

@@ -307,3 +307,20 @@ def test_cookie_secret_rotation() -> None:
     assert not jar.check(c, b"n" * 32, "198.51.100.9", b"s" * 8, 299.0)  # other address
     assert jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 301.0)  # previous secret: ok
     assert not jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 601.0)  # two rotations: no
+
+
+def test_info_is_plain_and_secret_free() -> None:
+    import json
+
+    p = Pair(*configs())
+    p.handshake()
+    info = p.i.info()
+    text = json.dumps(info)
+    keys = p.i.export_keys()
+    ci, _ = installed(p)
+    for secret in (keys["sk_ei"], keys["sk_er"], ci.inbound_key.hex(), "correct horse"):
+        assert secret not in text
+    assert info["state"] == "established" and info["spi_r"] == keys["spi_r"]
+    assert info["algorithms"] == "AES_GCM_16_256/HMAC_SHA2_256/CURVE25519"
+    (child,) = info["children"]  # type: ignore[misc]
+    assert child["inbound_spi"] == f"{ci.inbound_spi:08x}" and child["mode"] == "tunnel"
