@@ -90,7 +90,9 @@ class IkeSA:
         self.children: dict[int, ChildSA] = {}
         self.counters: dict[str, int] = {}
         self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
-        self.old_ch: Channel | None = None  # the rekeyed-away IKE SA, until deleted
+        # Other IKE SAs of this connection: replaced ones until their DELETE is done,
+        # and, during a simultaneous IKE rekey, the peer's new one until it is decided
+        self.retiring: list[Channel] = []
         self.xch: Channel | None = None  # the channel of the exchange being processed
         self.name = name or f"{config.name or 'ike'}-{self.ch.spi_i.hex()}"
         # IKE_SA_INIT material kept for AUTH (§2.15)
@@ -172,10 +174,12 @@ class IkeSA:
         self._events.append(event)
 
     def local_spis(self) -> list[bytes]:
-        spis = [self.ch.local_spi]
-        if self.old_ch is not None:
-            spis.append(self.old_ch.local_spi)
-        return spis
+        return [self.ch.local_spi] + [c.local_spi for c in self.retiring]
+
+    @property
+    def old_ch(self) -> Channel | None:
+        """The (first) replaced IKE SA still waiting for its DELETE, if any."""
+        return self.retiring[0] if self.retiring else None
 
     @property
     def established(self) -> bool:
@@ -303,6 +307,11 @@ class IkeSA:
     def next_event(self) -> ev.IkeEvent | None:
         return self._events.popleft() if self._events else None
 
+    def linger(self, now: float) -> float:
+        """Until when to keep an IKE SA the peer is expected to delete: twice its give-up time."""
+        cfg = self.config
+        return now + 2.0 * cfg.retransmit_timeout * float(2 ** (cfg.retransmit_tries + 1))
+
     def rekey_time(self, now: float, lifetime: float) -> float | None:
         """When to rekey something created at ``now`` with ``lifetime`` (None: never)."""
         if lifetime <= 0:
@@ -312,7 +321,8 @@ class IkeSA:
     def get_timer(self) -> float | None:
         if self.state == State.DEAD:
             return None
-        times = [c.pending.deadline for c in (self.ch, self.old_ch) if c and c.pending]
+        times = [c.pending.deadline for c in (self.ch, *self.retiring) if c.pending]
+        times += [c.expire_at for c in self.retiring if c.expire_at is not None]
         if self.half_open_deadline is not None:
             times.append(self.half_open_deadline)
         if self.state == State.ESTABLISHED:
@@ -344,15 +354,20 @@ class IkeSA:
         if self.state == State.DEAD:
             return
         self._lifetimes(now)
+        for c in list(self.retiring):
+            if c.expire_at is not None and now >= c.expire_at and c.pending is None:
+                # the peer never deleted it (or never will, §2.8.2): forget it
+                self.count("retired_expired")
+                self.retiring.remove(c)
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             # A responder that never saw IKE_AUTH forgets the half-open SA
             self.count("half_open_expired")
             self.half_open_deadline = None
             self.die("half-open timeout")
             return
-        for c in (self.old_ch, self.ch):
-            p = c.pending if c else None
-            if c is None or p is None or now < p.deadline:
+        for c in (*self.retiring, self.ch):
+            p = c.pending
+            if p is None or now < p.deadline:
                 continue
             if p.tries < self.config.retransmit_tries:
                 p.tries += 1
@@ -360,8 +375,8 @@ class IkeSA:
                 p.deadline = now + self.config.retransmit_timeout * (2**p.tries)
                 self.count("retransmitted")
                 self._send(p.packet)
-            elif c is self.old_ch:
-                self.old_ch = None  # the peer never confirmed the old SA's deletion
+            elif c is not self.ch:
+                self.retiring.remove(c)  # the peer never confirmed that SA's deletion
             else:
                 self.count("gave_up")
                 if self.state in (State.ESTABLISHED, State.DELETING):
@@ -477,8 +492,8 @@ class IkeSA:
     # --- input ---------------------------------------------------------------------------
 
     def channel_for(self, hdr: Header) -> Channel | None:
-        for c in (self.ch, self.old_ch):
-            if c is None or hdr.spi_i != c.spi_i:
+        for c in (self.ch, *self.retiring):
+            if hdr.spi_i != c.spi_i:
                 continue
             if hdr.spi_r == c.spi_r:
                 return c

@@ -75,6 +75,7 @@ class Channel:
     peer_id: int = 0  # next request message ID we expect
     pending: Pending | None = None
     cached: tuple[int, int, bytes] | None = None  # (msg_id, exchange, response bytes)
+    expire_at: float | None = None  # a retiring channel we wait on: forget it then
 
     def __repr__(self) -> str:
         return f"Channel({self.spi_i.hex()}/{self.spi_r.hex()})"

@@ -788,12 +788,15 @@ class IkeRekey(Task):
 
     def ready(self, sa: IkeSA) -> bool:
         # one replaced IKE SA at a time: wait until the last one is deleted
-        return sa.state == State.ESTABLISHED and sa.old_ch is None
+        return sa.state == State.ESTABLISHED and not sa.retiring
 
     def __init__(self) -> None:
         self.dh: DhKey | None = None
         self.group = 0
         self.ke_retried = False
+        # §2.8.2: the new IKE SA the peer created while ours was in flight, and the
+        # lowest nonce of that exchange
+        self.collision: tuple[Channel, bytes] | None = None
 
     def build(self, sa: IkeSA, now: float) -> list[Payload]:
         assert sa.ch.suite is not None
@@ -834,12 +837,35 @@ class IkeRekey(Task):
         except CryptoError as exc:
             raise ProtocolError(NotifyType.INVALID_SYNTAX, str(exc)) from exc
         new = _rekeyed_channel(sa, suite, g_ir, self.ni, nr, self.spi, spi_r, initiator=True)
-        _switch_channel(sa, new, now, we_delete_old=True)
+        if self.collision is None:
+            _switch_channel(sa, new, now, we_delete_old=True)
+            return
+        theirs, their_min = self.collision
+        if min(self.ni, nr) < their_min:
+            # §2.8.2: our new IKE SA holds the lowest nonce: it is redundant and we, its
+            # initiator, delete it; the peer's wins, and the peer deletes the old one
+            sa.count("ike_rekey_collision_lost")
+            sa.retiring.append(new)
+            sa.send_on(new, _OldIkeDelete(new), now)
+            _adopt(sa, theirs, now)
+        else:
+            sa.count("ike_rekey_collision_won")
+            _switch_channel(sa, new, now, we_delete_old=True)  # the peer deletes its own
 
     def fail(self, sa: IkeSA, exc: ProtocolError, now: float) -> None:
-        if exc.notify == NotifyType.TEMPORARY_FAILURE:
-            sa.ike_rekey_at = _retry_later(sa, now)  # §2.25: e.g. a simultaneous IKE rekey
+        if self.collision is not None:
+            # ours failed but we answered the peer's: theirs is the new IKE SA
+            _adopt(sa, self.collision[0], now)
+        elif exc.notify == NotifyType.TEMPORARY_FAILURE:
+            sa.ike_rekey_at = _retry_later(sa, now)  # §2.25: try again a little later
         super().fail(sa, exc, now)
+
+
+def _adopt(sa: IkeSA, theirs: Channel, now: float) -> None:
+    """Make the peer's new IKE SA (already in ``retiring``) the current one."""
+    if theirs in sa.retiring:
+        sa.retiring.remove(theirs)
+        _switch_channel(sa, theirs, now, we_delete_old=False)
 
 
 def _rekeyed_channel(
@@ -865,12 +891,16 @@ def _rekeyed_channel(
 def _switch_channel(sa: IkeSA, new: Channel, now: float, we_delete_old: bool) -> None:
     """Child SAs move to the new IKE SA; the old one only carries its DELETE (§2.18)."""
     old = sa.ch
-    sa.old_ch, sa.ch = old, new
+    sa.retiring.append(old)
+    sa.ch = new
+    new.expire_at = None
+    if not we_delete_old:
+        old.expire_at = sa.linger(now)  # the peer deletes it; do not wait forever
     sa.ike_rekey_at = sa.rekey_time(now, sa.config.ike_lifetime)
     sa.drop_queued(IkeRekey)  # the IKE SA was just renewed
     sa.emit(ev.IkeSaRekeyed(sa.name, old.spi_i, old.spi_r, new.spi_i, new.spi_r))
     if we_delete_old:
-        sa.send_on(old, _OldIkeDelete(), now)
+        sa.send_on(old, _OldIkeDelete(old), now)
 
 
 def _respond_create_child(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Payload]:
@@ -914,11 +944,11 @@ def _respond_create_child(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> l
 
 def _respond_ike_rekey(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Payload]:
     p = msg.payloads
-    if any(isinstance(t.task, IkeRekey) for t in [sa.ch.pending] if t is not None):
-        # Simultaneous IKE rekey: refuse and let the peer retry (§2.25.2 permits
-        # TEMPORARY_FAILURE; the nonce-based resolution is not implemented)
-        raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "IKE rekey in progress")
-    if sa.old_ch is not None:
+    pending = sa.ch.pending
+    ours = pending.task if pending is not None and isinstance(pending.task, IkeRekey) else None
+    if ours is not None and ours.collision is not None:
+        raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "third IKE rekey in a collision")
+    if sa.retiring:
         raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "previous IKE SA not yet deleted")
     sa_p = _require(p, SAPayload, "SA")
     ke = _require(p, KEPayload, "KE")
@@ -943,10 +973,18 @@ def _respond_ike_rekey(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list
     spi_r = sa._new_spi()
     new = _rekeyed_channel(sa, suite, g_ir, ni, nr, prop.spi, spi_r, initiator=False)
 
-    def switch() -> None:
-        _switch_channel(sa, new, now, we_delete_old=False)
+    if ours is not None:
+        # §2.25.2: we are rekeying too: answer as usual, decide by the nonces (§2.8.2)
+        # when our own answer arrives; until then the peer's new SA waits aside
+        ours.collision = (new, min(ni, nr))
+        new.expire_at = sa.linger(now)
+        sa.retiring.append(new)
+    else:
 
-    sa._switch_after_response = switch  # the answer still goes out under the old keys
+        def switch() -> None:
+            _switch_channel(sa, new, now, we_delete_old=False)
+
+        sa._switch_after_response = switch  # the answer still goes out under the old keys
     return [
         suite_payload(suite, prop.number, spi_r),
         NoncePayload(nr),
@@ -1009,16 +1047,20 @@ class IkeDelete(Task):
 
 
 class _OldIkeDelete(Task):
-    """DELETE of the rekeyed-away IKE SA, sent on its own channel."""
+    """DELETE of a replaced (or redundant) IKE SA, sent on that SA itself."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
 
     def build(self, sa: IkeSA, now: float) -> list[Payload]:
         return [DeletePayload(ProtocolId.IKE, [])]
 
     def process(self, sa: IkeSA, msg: Inbound, now: float) -> None:
-        sa.old_ch = None
+        if self.ch in sa.retiring:
+            sa.retiring.remove(self.ch)
 
     def fail(self, sa: IkeSA, exc: ProtocolError, now: float) -> None:
-        sa.old_ch = None
+        self.process(sa, msg=None, now=now)  # type: ignore[arg-type]
 
 
 def _respond_informational(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Payload]:
@@ -1034,6 +1076,21 @@ def _respond_informational(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> 
         if not isinstance(d, DeletePayload):
             continue
         if d.protocol == ProtocolId.IKE:
+            pending = ch.pending
+            task = pending.task if pending is not None else None
+            if isinstance(task, IkeRekey) and task.collision is not None:
+                # §2.8.2 with reordering: the peer won a rekey collision and deletes
+                # the old IKE SA before our own answer arrived; take its new SA
+                theirs = task.collision[0]
+
+                def adopt(theirs: Channel = theirs) -> None:
+                    sa.count("ike_rekey_collision_lost")
+                    _adopt(sa, theirs, now)
+                    if ch in sa.retiring:
+                        sa.retiring.remove(ch)
+
+                sa._switch_after_response = adopt
+                return []
             # §1.4.1: answer, then the IKE SA and all its Child SAs are gone
             sa._switch_after_response = lambda: sa.die("deleted-by-peer")
             return []
@@ -1064,12 +1121,14 @@ def _respond_old(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
     if any(isinstance(d, DeletePayload) and d.protocol == ProtocolId.IKE for d in msg.payloads):
 
         def drop() -> None:
-            old = sa.old_ch
-            sa.old_ch = None
-            if old is not None and old.pending is not None:
+            old = ch
+            if old in sa.retiring:
+                sa.retiring.remove(old)
+            task = old.pending.task if old.pending is not None else None
+            if task is not None and not isinstance(task, _OldIkeDelete | IkeRekey):
                 # our request on the old SA will never be answered: redo it on the new one
                 sa.count("requeued_from_old_sa")
-                sa.queue_task(old.pending.task, now, front=True)
+                sa.queue_task(task, now, front=True)
 
         sa._switch_after_response = drop
     return []

@@ -18,7 +18,7 @@ from ike.events import (
 )
 from ike.sa import State
 
-from .pair import Pair, configs
+from .pair import R_ADDR, Pair, configs
 
 
 def up(**kw: object) -> Pair:
@@ -253,21 +253,62 @@ def test_hard_child_lifetime_deletes() -> None:
     assert p.i.get_timer() is None
 
 
-def test_simultaneous_ike_rekey_resolves_by_retry() -> None:
-    """Both start an IKE rekey: each refuses the other (TEMPORARY_FAILURE), retries later."""
+def _same_ike_sa(p: Pair) -> None:
+    assert (p.i.ch.spi_i, p.i.ch.spi_r) == (p.r.ch.spi_i, p.r.ch.spi_r)
+    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert p.i.ch.initiator != p.r.ch.initiator
+    assert not p.i.retiring and not p.r.retiring
+    assert p.i.established and p.r.established and list(p.i.children) == list(p.r.children)
+
+
+def test_simultaneous_ike_rekey_lowest_nonce_loses() -> None:
+    """§2.8.2: both rekey the IKE SA at once; both exchanges succeed; the new IKE SA with
+    the lowest of the four nonces is deleted by its initiator, the other one stays."""
     p = up()
     p.i.rekey_ike(p.now)
     p.r.rekey_ike(p.now)
     p.roundtrip()
-    assert p.events_of("i", ExchangeFailed)[0].notify == "TEMPORARY_FAILURE"
-    assert p.events_of("r", ExchangeFailed)[0].notify == "TEMPORARY_FAILURE"
-    assert p.i.ike_rekey_at is not None and p.r.ike_rekey_at is not None
-    assert 2.0 <= p.i.ike_rekey_at <= 5.0
-    p.advance(6.0)
-    rekeys = p.events_of("i", IkeSaRekeyed)
-    assert len(rekeys) >= 1 and len(p.events_of("r", IkeSaRekeyed)) == len(rekeys)
-    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
-    assert p.i.established and p.r.established and 1 in p.i.children
+    lost = p.i.counters.get("ike_rekey_collision_lost", 0) + p.r.counters.get(
+        "ike_rekey_collision_lost", 0
+    )
+    won = p.i.counters.get("ike_rekey_collision_won", 0) + p.r.counters.get(
+        "ike_rekey_collision_won", 0
+    )
+    assert (lost, won) == (1, 1)
+    _same_ike_sa(p)
+    assert not p.events_of("i", ExchangeFailed) and not p.events_of("r", ExchangeFailed)
+    assert p.events_of("i", IkeSaRekeyed)[-1].spi_i == p.events_of("r", IkeSaRekeyed)[-1].spi_i
+    p.i.liveness_check(p.now)
+    p.r.rekey_child(1, p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1 and list(p.i.children) == [2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simultaneous_ike_rekey_with_reordering(seed: int) -> None:
+    """The winner's DELETE of the old IKE SA overtakes its answer to the loser's request."""
+    import random
+
+    rnd = random.Random(seed)
+    p = up()
+    p.i.rekey_ike(p.now)
+    p.r.rekey_ike(p.now)
+    in_flight: list[tuple[str, bytes]] = []
+    for _ in range(40):
+        in_flight += [("i>r", d) for d, _ in p.i.datagrams_to_send(p.now)]
+        in_flight += [("r>i", d) for d, _ in p.ep.datagrams_to_send(p.now)]
+        if not in_flight:
+            break
+        who, data = in_flight.pop(rnd.randrange(len(in_flight)))  # any order
+        if who == "i>r":
+            p.ep.receive_datagram(data, p.i_src, p.now)
+        else:
+            p.i.receive_datagram(data, R_ADDR, p.now)
+    p.roundtrip()
+    p.advance(200.0)  # retransmissions, retries and expiries run out
+    _same_ike_sa(p)
+    for sa in (p.i, p.r):
+        assert sa.counters.get("internal_error", 0) == 0
 
 
 def test_initiator_reports_bad_responder_auth() -> None:
