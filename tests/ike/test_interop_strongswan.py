@@ -149,6 +149,18 @@ class Ours:
                 assert chunk, f"udp_peer exited; events: {self.events}"
                 self._buf += chunk
 
+    def poll(self, seconds: float) -> None:
+        """Read whatever arrives for ``seconds``."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0]:
+                self._buf += os.read(fd, 65536)
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self.events.append(json.loads(line))
+
     def event(self, kind: str, timeout: float = 15.0) -> dict[str, Any]:
         return self.wait(lambda m: m.get("event") == kind, timeout)
 
@@ -211,3 +223,30 @@ def test_strongswan_initiates_to_us(lab: tuple[Netns, Netns], tmp_path: Path) ->
     assert f"{rk['spi_i']}_i*" in sw.sas()  # strongSwan initiated the new IKE SA
     sw.swanctl("--terminate", "--ike", "peer")
     assert us.event("IkeSaDeleted")["reason"] == "deleted-by-peer"
+
+
+def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_path: Path) -> None:
+    """§2.8.2 against strongSwan: both rekey the IKE SA at once and agree on the survivor."""
+    sw = StrongSwan(lab[1], tmp_path / "sw", "aes256gcm16-prfsha256-x25519")
+    us = Ours(lab[0], "init", 31)
+    us.event("ChildSaInstalled")
+    us.command("hold")  # what we send waits "in the network"...
+    us.command("rekeyike")
+    sw.swanctl("--rekey", "--ike", "peer")
+    us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
+    us.command("release1")  # our request reaches strongSwan while its own is in flight...
+    us.wait(lambda m: "received CREATE_CHILD_SA response" in m.get("log", ""))
+    us.command("release")  # ...and only then our answer to its request
+    deadline = time.monotonic() + 15
+    while True:
+        rekeys = [e for e in us.events if e.get("event") == "IkeSaRekeyed"]
+        text = sw.sas()
+        if rekeys and text.count("IKEv2") == 1 and "ESTABLISHED" in text:
+            last = rekeys[-1]
+            if f"{last['spi_i']}_i" in text and f"{last['spi_r']}_r" in text:
+                break
+        assert time.monotonic() < deadline, ([e for e in us.events if "log" in e], text)
+        us.poll(0.2)
+    log = sw.log()
+    assert "collision" in log.lower()
+    assert not any(e.get("event") in ("IkeSaDeleted", "PeerDead") for e in us.events)

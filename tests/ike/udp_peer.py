@@ -5,9 +5,10 @@ Runs inside a network namespace as a child process of the test:
     python udp_peer.py init|resp LOCAL_IP PEER_IP GROUP PSK_HEX
 
 Commands arrive on stdin, one per line (live, newchild, rekeychild, rekeyike,
-delchild, delete, quit); every event goes to stdout as one JSON line (keys
-left out). The loop is the whole "daemon": a selector over both sockets and
-stdin, and ``IkeEndpoint.get_timer()`` as the only timeout.
+delchild, delete, quit; hold, release1 and release delay what we send); every
+event goes to stdout as one JSON line (keys left out). The loop is the whole
+"daemon": a selector over both sockets and stdin, and
+``IkeEndpoint.get_timer()`` as the only timeout.
 """
 
 from __future__ import annotations
@@ -88,13 +89,18 @@ def main() -> None:
     def out(**kw: Any) -> None:
         print(json.dumps(kw), flush=True)
 
-    ep = IkeEndpoint([cfg])
+    ep = IkeEndpoint([cfg], log=lambda line: out(log=line))
+    holding = False
+    held: list[tuple[bytes, tuple[str, int]]] = []
     if role == "init":
         ep.initiate(cfg, now())
     out(ready=True)
     pending = ""
     while True:
         for data, (ip, port) in ep.datagrams_to_send(now()):
+            if holding:  # test hook: datagrams wait "in the network" until release
+                held.append((data, (ip, port)))
+                continue
             socks[4500 if port == 4500 else 500].sendto(data, (ip, port))
         while (e := ep.next_event()) is not None:
             fields = {k: _plain(v) for k, v in vars(e).items() if not k.endswith("_key")}
@@ -111,6 +117,19 @@ def main() -> None:
                     if cmd in ("", "quit"):
                         out(counters=ep.counters)
                         return
+                    if cmd == "hold":
+                        holding = True
+                        continue
+                    if cmd == "release1" and held:  # only the oldest held datagram
+                        data, (ip, port) = held.pop(0)
+                        socks[4500 if port == 4500 else 500].sendto(data, (ip, port))
+                        continue
+                    if cmd == "release":
+                        holding = False
+                        for data, (ip, port) in held:
+                            socks[4500 if port == 4500 else 500].sendto(data, (ip, port))
+                        held.clear()
+                        continue
                     if not ep.sas:
                         out(error=f"no IKE SA for {cmd}")
                         continue
