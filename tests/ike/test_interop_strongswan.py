@@ -250,3 +250,31 @@ def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_pa
     log = sw.log()
     assert "collision" in log.lower()
     assert not any(e.get("event") in ("IkeSaDeleted", "PeerDead") for e in us.events)
+
+
+def test_simultaneous_child_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_path: Path) -> None:
+    """§2.8.1 against strongSwan: both rekey the Child SA at once; one pair survives."""
+    sw = StrongSwan(lab[1], tmp_path / "sw", "aes256gcm16-prfsha256-x25519")
+    us = Ours(lab[0], "init", 31)
+    us.event("ChildSaInstalled")
+    us.command("hold")
+    us.command("rekeychild")
+    sw.swanctl("--rekey", "--child", "child")
+    us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
+    us.command("release1")
+    us.wait(lambda m: "received CREATE_CHILD_SA response" in m.get("log", ""))
+    us.command("release")
+    deadline = time.monotonic() + 15
+    while True:
+        installed = {e["child_id"]: e for e in us.events if e.get("event") == "ChildSaInstalled"}
+        for e in us.events:
+            if e.get("event") == "ChildSaDeleted":
+                installed.pop(e["child_id"], None)
+        text = sw.sas()
+        if len(installed) == 1 and text.count("INSTALLED") == 1:
+            (child,) = installed.values()
+            if f"out {child['inbound_spi']:08x}" in text:
+                break
+        assert time.monotonic() < deadline, (installed, text)
+        us.poll(0.2)
+    assert child["child_id"] > 1 and "collision" in sw.log().lower()
