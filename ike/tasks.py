@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from . import events as ev
 from .config import EspProposal, Identity
@@ -70,6 +70,8 @@ from .state import NAT_T_PORT, Channel, ChildSA, Inbound, State, nat_hash
 if TYPE_CHECKING:
     from .sa import IkeSA
 
+_P = TypeVar("_P", bound=Payload)
+
 NONCE_LEN = 32
 KEY_PAD = b"Key Pad for IKEv2"  # §2.15
 MAX_INIT_RETRIES = 5
@@ -93,7 +95,7 @@ def _error_notify(payloads: list[Payload]) -> NotifyPayload | None:
     return None
 
 
-def _require(payloads: list[Payload], kind: type[Payload], what: str) -> Payload:
+def _require(payloads: list[Payload], kind: type[_P], what: str) -> _P:
     p = find(payloads, kind)
     if p is None:
         raise ProtocolError(NotifyType.INVALID_SYNTAX, f"missing {what}")
@@ -259,7 +261,6 @@ class IkeInit(Task):
             raise ProtocolError(NotifyType.INVALID_SYNTAX, "responder SPI is zero")
         sa_p = _require(p, SAPayload, "SA")
         ke = _require(p, KEPayload, "KE")
-        assert isinstance(sa_p, SAPayload) and isinstance(ke, KEPayload)
         suite, _ = accept_ike_response(sa_p, sa.config.ike_proposals)
         if self.dh is None or ke.group != suite.dh or ke.group != self.group:
             raise ProtocolError(NotifyType.INVALID_SYNTAX, "KE group differs from the proposal")
@@ -289,7 +290,6 @@ def respond_init(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
     p = msg.payloads
     sa_p = _require(p, SAPayload, "SA")
     ke = _require(p, KEPayload, "KE")
-    assert isinstance(sa_p, SAPayload) and isinstance(ke, KEPayload)
     sa.ni = _nonce(p)
     own = sa.config.ike_proposals
     # Prefer a proposal with the group of the KE we got; otherwise ask for ours (§1.2)
@@ -443,7 +443,6 @@ def _accept_child(
     if err is not None:
         raise ProtocolError(err.notify_type, "Child SA refused")
     sa_p = _require(p, SAPayload, "SA")
-    assert isinstance(sa_p, SAPayload)
     chosen, spi_out = accept_esp_response(sa_p, sa.config.esp_proposals, o.pfs_group)
     tsi, tsr = _ts(p, PayloadType.TSi), _ts(p, PayloadType.TSr)
     if not is_subset(tsi, o.local_ts) or not is_subset(tsr, o.remote_ts):
@@ -487,7 +486,6 @@ def _respond_child(
 ) -> tuple[list[Payload], ChildSA]:
     """Responder: pick an ESP proposal, narrow the selectors (§2.9), install."""
     sa_p = _require(p, SAPayload, "SA")
-    assert isinstance(sa_p, SAPayload)
     tsi, tsr = _ts(p, PayloadType.TSi), _ts(p, PayloadType.TSr)
     ke = find(p, KEPayload)
     pfs = None
@@ -827,7 +825,7 @@ class IkeRekey(Task):
             raise ProtocolError(err.notify_type, "IKE rekey refused")
         sa_p = _require(p, SAPayload, "SA")
         ke = _require(p, KEPayload, "KE")
-        assert isinstance(sa_p, SAPayload) and isinstance(ke, KEPayload) and self.dh
+        assert self.dh is not None
         suite, spi_r = accept_ike_response(sa_p, sa.config.ike_proposals)
         if len(spi_r) != 8 or ke.group != suite.dh or ke.group != self.group:
             raise ProtocolError(NotifyType.INVALID_SYNTAX, "bad IKE rekey answer")
@@ -906,7 +904,6 @@ def _switch_channel(sa: IkeSA, new: Channel, now: float, we_delete_old: bool) ->
 def _respond_create_child(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Payload]:
     p = msg.payloads
     sa_p = _require(p, SAPayload, "SA")
-    assert isinstance(sa_p, SAPayload)
     if sa_p.proposals and sa_p.proposals[0].protocol == ProtocolId.IKE:
         return _respond_ike_rekey(sa, ch, msg, now)
     ni = _nonce(p)
@@ -952,7 +949,6 @@ def _respond_ike_rekey(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list
         raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "previous IKE SA not yet deleted")
     sa_p = _require(p, SAPayload, "SA")
     ke = _require(p, KEPayload, "KE")
-    assert isinstance(sa_p, SAPayload) and isinstance(ke, KEPayload)
     ni = _nonce(p)
     own = sa.config.ike_proposals
     same = [o for o in own if o.dh == ke.group]
