@@ -119,7 +119,13 @@ class IkeEndpoint:
         return any(c.inbound_spi == spi for s in self.sas for c in s.children.values())
 
     def initiate(self, config: IkeConfig, now: float) -> IkeSA:
+        """Start an IKE SA; INITIAL_CONTACT only if no other SA with that peer is alive."""
         sa = IkeSA(config, True, self.rng)
+        if any(
+            s.config.remote_id == config.remote_id and s.peer_addr[0] == config.peer_addr[0]
+            for s in self.sas
+        ):
+            sa.initial_contact = False
         sa.spi_taken = self._spi_taken
         sa.log = self.log
         self.sas.append(sa)
@@ -234,7 +240,7 @@ class IkeEndpoint:
         for sa in self.sas:
             if (
                 sa is not new
-                and not sa.dead
+                and sa.established  # half-open SAs are not authenticated yet
                 and sa.config.remote_id == new.config.remote_id
                 and sa.peer_addr[0] == new.peer_addr[0]
             ):

@@ -88,6 +88,9 @@ class IkeSA:
         self.nat_detected_local = False
         self.nat_detected_remote = False
         self.children: dict[int, ChildSA] = {}
+        # §2.4: send INITIAL_CONTACT in IKE_AUTH (the endpoint turns it off when
+        # another IKE SA with the same peer is already up)
+        self.initial_contact = config.initial_contact
         self.counters: dict[str, int] = {}
         self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
         # Other IKE SAs of this connection: replaced ones until their DELETE is done,

@@ -274,7 +274,7 @@ class IkeAuth(Task):
         cfg = sa.config
         idi = IDPayload(cfg.local_id.id_type, cfg.local_id.encode(), PayloadType.IDi)
         out: list[Payload] = [idi]
-        if cfg.initial_contact:
+        if sa.initial_contact:
             out.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
         out.append(IDPayload(cfg.remote_id.id_type, cfg.remote_id.encode(), PayloadType.IDr))
         out.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, psk_auth(sa, cfg.local_psk, True, idi)))

@@ -138,3 +138,24 @@ def test_child_spis_unique_across_ike_sas() -> None:
     q.handshake()
     spis = [c.inbound_spi for s in p.ep.sas for c in s.children.values()]
     assert len(p.ep.sas) == 2 and sorted(spis) == [0x1000, 0x2000]
+
+
+def test_endpoint_sends_initial_contact_only_on_the_first_sa() -> None:
+    from ike.endpoint import IkeEndpoint
+    from ike.events import InitialContactReceived
+
+    ci, cr = configs()
+    ep_i, ep_r = IkeEndpoint([ci]), IkeEndpoint([cr])
+    first = ep_i.initiate(ci, 0.0)
+    second = ep_i.initiate(ci, 0.0)
+    assert first.initial_contact and not second.initial_contact
+    for _ in range(4):
+        for d, _ in ep_i.datagrams_to_send(0.0):
+            ep_r.receive_datagram(d, ci.local_addr, 0.0)
+        for d, _ in ep_r.datagrams_to_send(0.0):
+            ep_i.receive_datagram(d, cr.local_addr, 0.0)
+    assert first.established and second.established and len(ep_r.sas) == 2
+    events = []
+    while (e := ep_r.next_event()) is not None:
+        events.append(e)
+    assert len([e for e in events if isinstance(e, InitialContactReceived)]) == 1
