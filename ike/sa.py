@@ -451,21 +451,25 @@ class IkeSA:
         flags = (HeaderFlag.INITIATOR if ch.initiator else 0) | (
             HeaderFlag.RESPONSE if response else 0
         )
-        if self.log is not None:
-            self._log("sending", exchange, response, msg_id, payloads, self.peer_addr)
         if exchange == ExchangeType.IKE_SA_INIT:
-            return build_plain_message(ch.spi_i, ch.spi_r, exchange, flags, msg_id, payloads)
-        if ch.out is None:
-            raise RuntimeError("no keys to protect the message")
-        inner = build_chain(payloads)
-        first = payloads[0].type if payloads else PayloadType.NONE
+            message = build_plain_message(ch.spi_i, ch.spi_r, exchange, flags, msg_id, payloads)
+        else:
+            if ch.out is None:
+                raise RuntimeError("no keys to protect the message")
+            inner = build_chain(payloads)
+            first = payloads[0].type if payloads else PayloadType.NONE
 
-        def prefix(total: int) -> bytes:
-            hdr = build_header(ch.spi_i, ch.spi_r, PayloadType.SK, exchange, flags, msg_id, total)
-            sk_len = max(total - IKE_HEADER_LEN, 0)
-            return hdr + bytes([first, 0]) + sk_len.to_bytes(2, "big")
+            def prefix(total: int) -> bytes:
+                hdr = build_header(
+                    ch.spi_i, ch.spi_r, PayloadType.SK, exchange, flags, msg_id, total
+                )
+                sk_len = max(total - IKE_HEADER_LEN, 0)
+                return hdr + bytes([first, 0]) + sk_len.to_bytes(2, "big")
 
-        return ch.out.seal(inner, prefix)
+            message = ch.out.seal(inner, prefix)
+        if self.log is not None:
+            self._log("sending", exchange, response, msg_id, payloads, self.peer_addr, len(message))
+        return message
 
     def _log(
         self,
@@ -475,6 +479,7 @@ class IkeSA:
         msg_id: int,
         payloads: list[Payload],
         addr: Address,
+        size: int,
     ) -> None:
         assert self.log is not None
         try:
@@ -485,7 +490,7 @@ class IkeSA:
         where = "to" if verb == "sending" else "from"
         self.log(
             f"{self.name}: {verb} {name} {kind} {msg_id} [ {summarize(payloads)} ] "
-            f"{where} {addr[0]}[{addr[1]}]"
+            f"({size} bytes) {where} {addr[0]}[{addr[1]}]"
         )
 
     def _send(self, pkt: bytes) -> None:
@@ -577,7 +582,7 @@ class IkeSA:
             return
         payloads = self._decode(ch, hdr, data)
         if self.log is not None:
-            self._log("received", hdr.exchange, True, hdr.msg_id, payloads, addr)
+            self._log("received", hdr.exchange, True, hdr.msg_id, payloads, addr, hdr.length)
         ch.pending = None
         self.count("responses")
         msg = Inbound(hdr, payloads, data, addr)
@@ -621,7 +626,7 @@ class IkeSA:
             payloads = None
         ch.peer_id += 1
         if self.log is not None:
-            self._log("received", hdr.exchange, False, hdr.msg_id, payloads or [], addr)
+            self._log("received", hdr.exchange, False, hdr.msg_id, payloads or [], addr, hdr.length)
         if marked or self.nat_t:
             # §2.23: after the float, answer (and later send) to where requests come from
             self.nat_t = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -271,10 +272,18 @@ def test_log_lines_name_every_payload_and_no_secret() -> None:
     p.i.log = lines.append
     p.ep.log = lines.append
     p.handshake()
-    assert lines[0].endswith(
-        "sending IKE_SA_INIT request 0 [ SA KE No N(NAT_DETECTION_SOURCE_IP) "
-        "N(NAT_DETECTION_DESTINATION_IP) ] to 198.51.100.2[500]"
-    )
+    assert re.search(
+        r"sending IKE_SA_INIT request 0 \[ SA KE No N\(NAT_DETECTION_SOURCE_IP\) "
+        r"N\(NAT_DETECTION_DESTINATION_IP\) \] \((\d+) bytes\) to 198\.51\.100\.2\[500\]$",
+        lines[0],
+    ), lines[0]
+    # The size logged by the sender is the size the receiver logs for the same message.
+    sizes = {}
+    for line in lines:
+        m = re.search(r"(sending|received) (\w+ \w+ \d+) .*\((\d+) bytes\)", line)
+        assert m, line
+        sizes.setdefault(m.group(2), set()).add(int(m.group(3)))
+    assert len(sizes) == 4 and all(len(v) == 1 for v in sizes.values()), sizes
     assert any(
         "received IKE_AUTH request 1 [ IDi N(INITIAL_CONTACT) IDr AUTH SA TSi TSr ]" in x
         for x in lines
