@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
-from npusim.acl import ANY_FAMILY, Acl, Rule, in_ranges
+from npusim.acl import ANY_FAMILY, ANY_PROTOCOL, Acl, Rule, in_ranges
 from npusim.counters import GLOBAL
 from npusim.packet import (
     ALL_DROP_REASONS,
@@ -115,13 +115,14 @@ _DROPS: Final = {reason: Drop(reason) for reason in ALL_DROP_REASONS}
 # One candidate in a group's bucket: (global rule index, source port ranges,
 # destination port ranges still to check; None = nothing to check).
 _Candidate = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
-# A group: (lowest index, highest index, src mask, dst mask, exact protocol?,
-# exact destination port?, bucket dict).
-_Group = tuple[int, int, int, int, bool, bool, dict[tuple[int, int, int, int], list[_Candidate]]]
-
-# What the rules of one group share: (src mask, dst mask, exact protocol?,
-# exact destination port?).
-_Shape = tuple[int, int, bool, bool]
+# A group: (lowest index, highest index, src mask, dst mask, dport mask, bucket).
+# The dport mask is -1 when the group's rules all have one exact destination
+# port (it is part of the key) and 0 otherwise; a packet without visible ports
+# carries dport -1, which no exact-port key equals.
+_Group = tuple[int, int, int, int, int, dict[tuple[int, int, int], list[_Candidate]]]
+# Per family: groups by exact protocol, and the groups for other protocols
+# (rules with protocol "ip" only).
+_Index = tuple[dict[int, list[_Group]], list[_Group]]
 
 _NO_MATCH: Final = 1 << 62
 
@@ -151,7 +152,7 @@ class Classifier:
             for rule in cmap.acl.rules:
                 verdict = Protect(cmap, rule) if rule.permit else None
                 self._entries.append((rule, verdict, counters, end))
-        self._groups: dict[int, list[_Group]] = {4: self._build(4), 6: self._build(6)}
+        self._index: dict[int, _Index] = {4: self._build(4), 6: self._build(6)}
         self._peers: dict[int, frozenset[int]] = {4: frozenset(), 6: frozenset()}
         peers: dict[int, set[int]] = {4: set(), 6: set()}
         for cmap in self.crypto_maps:
@@ -160,34 +161,21 @@ class Classifier:
                 peers[ip.version].add(int(ip))
         self._peers = {v: frozenset(s) for v, s in peers.items()}
 
-    def _build(self, version: int) -> list[_Group]:
-        buckets: dict[_Shape, dict[tuple[int, int, int, int], list[_Candidate]]] = {}
-        bounds: dict[_Shape, list[int]] = {}
-        for index, (rule, _, _, _) in enumerate(self._entries):
-            if rule.version not in (ANY_FAMILY, version):
-                continue
-            dport_exact = (
-                rule.dst_ports is not None
-                and len(rule.dst_ports) == 1
-                and (rule.dst_ports[0][0] == rule.dst_ports[0][1])
-            )
-            shape = (rule.src_mask, rule.dst_mask, rule.protocol >= 0, dport_exact)
-            key = (
-                rule.src,
-                rule.dst,
-                rule.protocol,
-                rule.dst_ports[0][0] if rule.dst_ports is not None and dport_exact else -1,
-            )
-            cand: _Candidate = (index, rule.src_ports, None if dport_exact else rule.dst_ports)
-            buckets.setdefault(shape, {}).setdefault(key, []).append(cand)
-            lo_hi = bounds.setdefault(shape, [index, index])
-            lo_hi[1] = index
-        groups: list[_Group] = [
-            (bounds[s][0], bounds[s][1], s[0], s[1], s[2], s[3], table)
-            for s, table in buckets.items()
+    def _build(self, version: int) -> _Index:
+        applicable = [
+            (index, rule)
+            for index, (rule, _, _, _) in enumerate(self._entries)
+            if rule.version in (ANY_FAMILY, version)
         ]
-        groups.sort(key=lambda g: g[0])
-        return groups
+        protocols = {rule.protocol for _, rule in applicable if rule.protocol >= 0}
+        # Partitioning by protocol first keeps a TCP packet from probing the
+        # groups of UDP-only rules, and takes the protocol out of the key.
+        by_proto = {
+            p: _groups([(i, r) for i, r in applicable if r.protocol in (p, ANY_PROTOCOL)])
+            for p in protocols
+        }
+        other = _groups([(i, r) for i, r in applicable if r.protocol == ANY_PROTOCOL])
+        return by_proto, other
 
     def classify(self, packet: bytes | bytearray | memoryview) -> Verdict:
         """Verdict for one outbound IP packet (as read from the TUN)."""
@@ -203,21 +191,59 @@ class Classifier:
         ):
             self._global["bypass_ike_esp"] += 1
             return BYPASS
+        if pstate == PORTS_TRUNCATED:
+            return self._classify_truncated(version, proto, src, dst)
+        ports = pstate == PORTS_OK
+        by_proto, other = self._index[version]
+        groups = by_proto.get(proto, other)
         entries = self._entries
         floor = 0
         while True:
-            if pstate == PORTS_TRUNCATED:
-                index = self._scan(version, proto, src, dst, floor)
-                if index < 0:
-                    self._global["drop"] += 1
-                    self._global[DROP_TRUNCATED_L4] += 1
-                    return _DROPS[DROP_TRUNCATED_L4]
-            else:
-                index = self._search(version, proto, src, dst, sport, dport, pstate, floor)
+            # Tuple-space search (inlined: this is the per-packet hot path) for
+            # the lowest matching rule index at or above `floor`.
+            best = _NO_MATCH
+            for lo, hi, sm, dm, dpm, table in groups:
+                if lo >= best:
+                    break  # groups are sorted by lowest index: none can do better
+                if hi < floor:
+                    continue
+                cands = table.get((src & sm, dst & dm, dport & dpm))
+                if cands is None:
+                    continue
+                for index, sr, dr in cands:
+                    if index >= best:
+                        break
+                    if index < floor:
+                        continue
+                    if sr is not None and not (ports and in_ranges(sport, sr)):
+                        continue
+                    if dr is not None and not (ports and in_ranges(dport, dr)):
+                        continue
+                    best = index
+                    break
+            if best == _NO_MATCH:
+                self._global["bypass"] += 1
+                return BYPASS
+            _, verdict, counters, floor = entries[best]
+            if verdict is not None:
+                counters["protect"] += 1
+                return verdict
+            # A deny line: not via this map; search again from the next map.
+            counters["deny"] += 1
+
+    def _classify_truncated(self, version: int, proto: int, src: int, dst: int) -> Verdict:
+        """The rare path for a packet whose TCP/UDP ports were cut off."""
+        floor = 0
+        while True:
+            index = self._scan(version, proto, src, dst, floor)
+            if index < 0:
+                self._global["drop"] += 1
+                self._global[DROP_TRUNCATED_L4] += 1
+                return _DROPS[DROP_TRUNCATED_L4]
             if index == _NO_MATCH:
                 self._global["bypass"] += 1
                 return BYPASS
-            _, verdict, counters, floor = entries[index]
+            _, verdict, counters, floor = self._entries[index]
             if verdict is not None:
                 counters["protect"] += 1
                 return verdict
@@ -233,41 +259,6 @@ class Classifier:
             return True
         return pstate == PORTS_OK and (sport in _IKE_PORTS or dport in _IKE_PORTS)
 
-    def _search(
-        self,
-        version: int,
-        proto: int,
-        src: int,
-        dst: int,
-        sport: int,
-        dport: int,
-        pstate: int,
-        floor: int,
-    ) -> int:
-        """Lowest rule index >= floor that matches, or _NO_MATCH."""
-        best = _NO_MATCH
-        ports = pstate == PORTS_OK
-        for lo, hi, sm, dm, pe, de, table in self._groups[version]:
-            if lo >= best:
-                break  # groups are sorted by lowest index: none can do better
-            if hi < floor or (de and not ports):
-                continue
-            cands = table.get((src & sm, dst & dm, proto if pe else -1, dport if de else -1))
-            if cands is None:
-                continue
-            for index, sr, dr in cands:
-                if index >= best:
-                    break
-                if index < floor:
-                    continue
-                if sr is not None and not (ports and in_ranges(sport, sr)):
-                    continue
-                if dr is not None and not (ports and in_ranges(dport, dr)):
-                    continue
-                best = index
-                break
-        return best
-
     def _scan(self, version: int, proto: int, src: int, dst: int, floor: int) -> int:
         """Linear search for a packet whose ports were cut off.
 
@@ -280,3 +271,22 @@ class Classifier:
             if rule.matches_addresses(version, proto, src, dst):
                 return -1 if rule.needs_ports else index
         return _NO_MATCH
+
+
+def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:
+    """Tuple-space groups for (global index, rule) pairs, in index order."""
+    tables: dict[tuple[int, int, int], dict[tuple[int, int, int], list[_Candidate]]] = {}
+    bounds: dict[tuple[int, int, int], list[int]] = {}
+    for index, rule in rules:
+        dp = rule.dst_ports
+        exact = dp is not None and len(dp) == 1 and dp[0][0] == dp[0][1]
+        shape = (rule.src_mask, rule.dst_mask, -1 if exact else 0)
+        key = (rule.src, rule.dst, dp[0][0] if dp is not None and exact else 0)
+        cand: _Candidate = (index, rule.src_ports, None if exact else dp)
+        tables.setdefault(shape, {}).setdefault(key, []).append(cand)
+        bounds.setdefault(shape, [index, index])[1] = index
+    groups: list[_Group] = [
+        (bounds[shape][0], bounds[shape][1], *shape, table) for shape, table in tables.items()
+    ]
+    groups.sort(key=lambda g: g[0])
+    return groups

@@ -102,6 +102,10 @@ def parse_selectors(packet: bytes | bytearray | memoryview) -> Selectors | str:
         if frag & 0x1FFF:
             # RFC 4301 §7: a non-first fragment carries no ports.
             return (4, proto, src, dst, -1, -1, PORTS_OPAQUE)
+        if proto in PORT_PROTOCOLS and ihl + 4 <= total:
+            # The common case, inlined (saves a call per packet).
+            sport, dport = _PORTS.unpack_from(packet, ihl)
+            return (4, proto, src, dst, sport, dport, PORTS_OK)
         return _upper(4, proto, src, dst, packet, ihl, total)
     if version == 6:
         if n < 40:
