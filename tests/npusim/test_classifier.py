@@ -204,6 +204,9 @@ def _v4(**kw: object) -> bytes:
         (bytes(IPv6(plen=21) / TCP()), "bad_total_length"),
         # Hop-by-hop announced but the packet ends: cannot walk it.
         (bytes(IPv6(nh=0, plen=4) / Raw(b"\x06\x00\x00\x00")), "bad_ipv6_extension_header"),
+        # ... and the buffer ends inside the extension header's first bytes.
+        (bytes(IPv6(nh=0, plen=1) / Raw(b"\x06")), "bad_ipv6_extension_header"),
+        (bytes(IPv6(nh=44, plen=3) / Raw(b"\x06\x00\x00")), "bad_ipv6_extension_header"),
         # Hop-by-hop anywhere but first is invalid (RFC 8200 §4.3).
         (
             bytes(IPv6() / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / TCP()),
