@@ -25,9 +25,10 @@ Semantics (Cisco crypto maps; RFC 4301 §4.4.1 SPD ordering):
   that would need its ports could decide it, and classified otherwise.
 
 Matching is a tuple-space search (the scheme Open vSwitch uses): rules are
-grouped by (family, source mask, destination mask, exact protocol?, exact
-destination port?), and each group is a dict from the masked header fields
-to the rule indices that have them.  A lookup costs one dict probe per group,
+partitioned by address family and protocol (an ``ip`` rule joins every
+partition of its family), then grouped by (source mask, destination mask,
+exact destination port?), and each group is a dict from the masked header
+fields to the rule indices that have them.  A lookup costs one dict probe per group,
 not one test per rule, and groups are visited in the order of their lowest
 rule index so that the search stops as soon as no group can beat the best
 match found.  Sets of many host or prefix rules that share a few masks are
@@ -153,13 +154,13 @@ class Classifier:
                 verdict = Protect(cmap, rule) if rule.permit else None
                 self._entries.append((rule, verdict, counters, end))
         self._index: dict[int, _Index] = {4: self._build(4), 6: self._build(6)}
-        self._peers: dict[int, frozenset[int]] = {4: frozenset(), 6: frozenset()}
+        # Peer addresses as ints per family, for the IKE/ESP exemption.
         peers: dict[int, set[int]] = {4: set(), 6: set()}
         for cmap in self.crypto_maps:
             for peer in cmap.peers:
                 ip = ipaddress.ip_address(peer)
                 peers[ip.version].add(int(ip))
-        self._peers = {v: frozenset(s) for v, s in peers.items()}
+        self._peers: dict[int, frozenset[int]] = {v: frozenset(s) for v, s in peers.items()}
 
     def _build(self, version: int) -> _Index:
         applicable = [
