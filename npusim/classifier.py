@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from npusim.acl import ANY_FAMILY, ANY_PROTOCOL, Acl, Rule, in_ranges
-from npusim.counters import GLOBAL
+from npusim.counters import GLOBAL, zero
 from npusim.packet import (
     ALL_DROP_REASONS,
     DROP_TRUNCATED_L4,
@@ -231,6 +231,10 @@ class Classifier:
                 return verdict
             # A deny line: not via this map; search again from the next map.
             counters["deny"] += 1
+
+    def clear_counters(self) -> None:
+        """Zero every counter (the dicts stay the same objects)."""
+        zero(self.counters)
 
     def _classify_truncated(self, version: int, proto: int, src: int, dst: int) -> Verdict:
         """The rare path for a packet whose TCP/UDP ports were cut off."""

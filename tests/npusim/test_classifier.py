@@ -93,6 +93,16 @@ def test_counters_per_map_and_global() -> None:
     assert (g["bypass"], g["bypass_ike_esp"], g["drop"], g["not_ip"]) == (1, 0, 1, 1)
 
 
+def test_clear_counters_keeps_counting() -> None:
+    clf = classifier(("foo", ["permit tcp any any eq 49"], []))
+    clf.classify(syn("192.0.2.2", "192.0.2.1"))
+    clf.classify(b"")
+    clf.clear_counters()
+    assert clf.counters["foo"]["protect"] == 0 and clf.counters[GLOBAL]["drop"] == 0
+    clf.classify(syn("192.0.2.2", "192.0.2.1"))
+    assert clf.counters["foo"]["protect"] == 1
+
+
 def test_verdict_objects_are_cheap_and_typed() -> None:
     clf = classifier(("foo", ["permit ip any any"], []))
     a = clf.classify(syn("192.0.2.2", "192.0.2.1"))

@@ -55,6 +55,18 @@ def test_lookup_esp_reads_the_spi_from_the_wire() -> None:
     assert table.counters[GLOBAL] == {"unknown_spi": 1, "malformed_esp": 1}
 
 
+def test_clear_counters_keeps_counting() -> None:
+    table, _ = tunnel_table()
+    flow = table.lookup(0x1000)
+    assert flow is not None and table.lookup(0x9999) is None
+    table.check_inbound(flow, b"")
+    table.clear_counters()
+    assert table.counters[GLOBAL]["unknown_spi"] == 0
+    assert table.counters["foo"]["inner_malformed"] == 0
+    table.check_inbound(flow, b"")
+    assert table.counters["foo"]["inner_malformed"] == 1
+
+
 def test_remove() -> None:
     table, _ = tunnel_table()
     removed = table.remove(0x1000)
