@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -246,16 +247,20 @@ def packets(draw: st.DrawFn) -> PacketSpec:
 @given(
     maps=st.lists(st.lists(rules(), max_size=8), min_size=1, max_size=3),
     pkts=st.lists(packets(), min_size=1, max_size=8),
+    # How many rules per address pair before exact ports are keyed: 0 always
+    # keys them, 1000 never does; both index layouts must give the same answer.
+    split_limit=st.sampled_from([0, 4, 1000]),
 )
 def test_classifier_agrees_with_the_ipaddress_oracle(
-    maps: list[list[RuleSpec]], pkts: list[PacketSpec]
+    maps: list[list[RuleSpec]], pkts: list[PacketSpec], split_limit: int
 ) -> None:
-    clf = Classifier(
-        [
-            CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
-            for i, rules in enumerate(maps)
-        ]
-    )
+    with mock.patch("npusim.classifier._MAX_CANDIDATES", split_limit):
+        clf = Classifier(
+            [
+                CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
+                for i, rules in enumerate(maps)
+            ]
+        )
     for pkt in pkts:
         expected = oracle(maps, pkt)
         v = clf.classify(pkt.build())

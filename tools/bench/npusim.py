@@ -20,7 +20,6 @@ classification.  Targets (from the task): 10 rules <= 1.5 µs; 1,000 rules <=
 
 from __future__ import annotations
 
-import statistics
 import struct
 import sys
 import timeit
@@ -55,8 +54,17 @@ def syn_v4() -> bytes:
     return ip + tcp
 
 
+def syn_v6() -> bytes:
+    """A 60-byte IPv6 TCP SYN 2001:db8:3::1:40000 -> 2001:db8::5:49."""
+    src = bytes.fromhex("20010db8000300000000000000000001")
+    dst = bytes.fromhex("20010db8000000000000000000000005")
+    tcp = struct.pack("!HHIIBBHHH", 40000, 49, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    return struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + src + dst + tcp
+
+
 def realistic_rules(n: int) -> list[str]:
-    """n rules in the shapes a TACACS+/AAA deployment uses, the match last."""
+    """n rules in the shapes a TACACS+/AAA deployment uses; the IPv4 SYN's
+    match is the next to last, the IPv6 SYN's the last."""
     shapes = [
         "permit tcp host 10.{a}.{b}.1 host 203.0.113.{c} eq 49",
         "permit ip host 10.{a}.{b}.2 host 198.51.100.{c}",
@@ -65,9 +73,9 @@ def realistic_rules(n: int) -> list[str]:
         "permit ip 2001:db8:{a:x}{b:02x}::/48 host 2001:db8::{c:x}",
     ]
     lines = [
-        shapes[i % len(shapes)].format(a=i // 256, b=i % 256, c=i % 250 + 1) for i in range(n - 1)
+        shapes[i % len(shapes)].format(a=i // 256, b=i % 256, c=i % 250 + 1) for i in range(n - 2)
     ]
-    return [*lines, MATCH]
+    return [*lines, MATCH, "permit tcp 2001:db8:3::/48 host 2001:db8::5 eq 49"]
 
 
 def adversarial_rules(n: int) -> list[str]:
@@ -77,8 +85,10 @@ def adversarial_rules(n: int) -> list[str]:
 
 
 def per_call_us(fn: Callable[[], object], number: int, repeat: int = 7) -> float:
+    # The minimum of several runs: on a shared 2-core machine the other runs
+    # measure the neighbours (timeit's own advice).
     runs = timeit.repeat(fn, number=number, repeat=repeat)
-    return statistics.median(runs) / number * 1e6
+    return min(runs) / number * 1e6
 
 
 def main() -> None:
@@ -107,12 +117,15 @@ def main() -> None:
         assert not isinstance(sel, str)
         return acl1000.first_match(*sel)
 
-    assert linear() is acl1000.rules[-1]
+    assert linear() is acl1000.rules[-2]
 
     t_bare = per_call_us(bare, 300_000)
     t_parse = per_call_us(lambda: parse_selectors(packet), 200_000)
     t10 = per_call_us(lambda: c10.classify(packet), 200_000)
     t1000 = per_call_us(lambda: c1000.classify(packet), 200_000)
+    v6 = syn_v6()
+    assert c1000.classify(v6).kind == "protect"
+    t1000_v6 = per_call_us(lambda: c1000.classify(v6), 200_000)
     t_lin = per_call_us(linear, 300, repeat=5)
     t_adv = per_call_us(lambda: cadv.classify(packet), 1_000, repeat=5)
 
@@ -122,7 +135,7 @@ def main() -> None:
         return len(by_proto.get(6, other))
 
     print("npusim classify: IPv4 TCP SYN, match on the last rule, no flow cache")
-    print(f"Python {sys.version.split()[0]}, median of repeated runs, µs per packet\n")
+    print(f"Python {sys.version.split()[0]}, best of 7 runs, µs per packet\n")
     print(f"  reference: bare IPv4 header + ports (2 struct unpacks)  {t_bare:8.3f}")
     print(f"  npusim.packet.parse_selectors (bounds-checked)          {t_parse:8.3f}")
     print(
@@ -135,6 +148,7 @@ def main() -> None:
         f"   = {t1000 / t10:4.2f}x the 10-rule figure   target <= 3x: "
         f"{'met' if t1000 <= 3 * t10 else 'MISSED'}"
     )
+    print(f"  classify, 1000 rules, IPv6 TCP SYN (informational)       {t1000_v6:8.3f}")
     print(
         f"  linear first-match, the same 1000 rules                  {t_lin:8.3f}"
         f"   = {t_lin / t1000:4.0f}x indexed"
