@@ -251,9 +251,9 @@ class _LineParser:
         dst_ports = self.ports(protocol)
         if self.pos < len(self.tokens):
             raise self.error(
-                "end of line"
-                if dst_ports is not None or protocol in (PROTO_TCP, PROTO_UDP)
-                else "end of line (port conditions need tcp or udp)"
+                "a port condition (eq, neq, lt, gt, range) or end of line"
+                if dst_ports is None and protocol in (PROTO_TCP, PROTO_UDP)
+                else "end of line"
             )
         version = self._family(
             (proto_family, self.tokens[1]), (src_family, src_tok), (dst_family, dst_tok)
