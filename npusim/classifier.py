@@ -20,6 +20,9 @@ Semantics (Cisco crypto maps; RFC 4301 §4.4.1 SPD ordering):
   (RFC 4301 §5.2 and §4.5.1 make the same exemption for IKE).  Only packets
   whose ports are visible qualify: a non-first UDP fragment to a peer is
   classified like any other packet, so protected traffic never leaks in clear.
+* IPv6 packets that may not leave their link (link-local or unspecified
+  source, link- or interface-local multicast destination: router
+  solicitations, neighbour discovery, MLD) are dropped, never bypassed.
 * Non-first fragments (RFC 4301 §7, ports OPAQUE) match only rules without port
   conditions.  A packet whose TCP/UDP header is cut short is dropped if a rule
   that would need its ports could decide it, and classified otherwise.
@@ -112,7 +115,14 @@ class Drop:
 
 Verdict = Bypass | Protect | Drop
 
-_DROPS: Final = {reason: Drop(reason) for reason in ALL_DROP_REASONS}
+DROP_LINK_SCOPE: Final = "ipv6_link_scope"
+"""An IPv6 packet that may not leave its link (RFC 4291 §2.5.6, §2.7): a
+link-local or unspecified source, or an interface- or link-local multicast
+destination.  The TUN sees router solicitations and neighbour discovery of its
+own; they are neither protected nor sent out of the management interface."""
+
+_CLASSIFIER_DROPS: Final = (*ALL_DROP_REASONS, DROP_LINK_SCOPE)
+_DROPS: Final = {reason: Drop(reason) for reason in _CLASSIFIER_DROPS}
 
 # One candidate in a group's bucket: (global rule index, source port ranges,
 # destination port ranges still to check; None = nothing to check).
@@ -146,7 +156,7 @@ class Classifier:
             m.name: {"protect": 0, "deny": 0} for m in self.crypto_maps
         }
         self.counters[GLOBAL] = self._global = dict.fromkeys(
-            ("bypass", "bypass_ike_esp", "drop", *ALL_DROP_REASONS), 0
+            ("bypass", "bypass_ike_esp", "drop", *_CLASSIFIER_DROPS), 0
         )
         # Per global rule index: (rule, Protect verdict or None for deny,
         # counter dict of its map, first index of the next map).
@@ -191,6 +201,11 @@ class Classifier:
             g[sel] += 1
             return _DROPS[sel]
         version, proto, src, dst, sport, dport, pstate = sel
+        if version == 6 and _link_scoped(src, dst):
+            g = self._global
+            g["drop"] += 1
+            g[DROP_LINK_SCOPE] += 1
+            return _DROPS[DROP_LINK_SCOPE]
         if proto in _CONTROL_PROTOCOLS and self._is_control(
             version, proto, src, dst, sport, dport, pstate
         ):
@@ -280,6 +295,12 @@ class Classifier:
             if rule.matches_addresses(version, proto, src, dst):
                 return -1 if rule.needs_ports else index
         return _NO_MATCH
+
+
+def _link_scoped(src: int, dst: int) -> bool:
+    # fe80::/10 link-local or :: unspecified source; ff01::/16 or ff02::/16
+    # (any flags) interface-/link-local multicast destination.
+    return src >> 118 == 0x3FA or src == 0 or (dst >> 120 == 0xFF and (dst >> 112) & 0xF in (1, 2))
 
 
 def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
+    ICMPv6ND_RS,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -347,3 +348,28 @@ def test_many_exact_ports_on_one_address_pair() -> None:
         assert isinstance(v, Protect) and v.rule.line == line
     assert clf.classify(syn("198.51.100.1", "192.0.2.1", dport=1005)) is BYPASS
     assert clf.classify(syn("198.51.100.1", "192.0.2.1", dport=2001)) is BYPASS
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "dropped"),
+    [
+        ("fe80::1", "ff02::2", True),  # router solicitation
+        ("fe80::1", "2001:db8::2", True),
+        ("::", "ff02::1:ff00:1", True),  # DAD neighbour solicitation
+        ("2001:db8::1", "ff02::16", True),  # MLDv2 report
+        ("2001:db8::1", "ff12::1", True),  # transient link-local group
+        ("2001:db8::1", "ff01::1", True),
+        ("2001:db8::1", "ff05::1", False),  # site-local multicast may be routed
+        ("2001:db8::1", "2001:db8::2", False),
+        ("febf::1", "2001:db8::2", True),  # still fe80::/10
+        ("fec0::1", "2001:db8::2", False),
+    ],
+)
+def test_ipv6_link_scope_traffic_is_dropped(src: str, dst: str, dropped: bool) -> None:
+    clf = classifier(("foo", ["permit ipv6 any any"], []))
+    v = clf.classify(bytes(IPv6(src=src, dst=dst) / ICMPv6ND_RS()))
+    if dropped:
+        assert isinstance(v, Drop) and v.reason == "ipv6_link_scope"
+        assert clf.counters[GLOBAL]["ipv6_link_scope"] == 1
+    else:
+        assert isinstance(v, Protect)
