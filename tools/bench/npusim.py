@@ -84,9 +84,9 @@ def adversarial_rules(n: int) -> list[str]:
     return [*lines, MATCH]
 
 
-def per_call_us(fn: Callable[[], object], number: int, repeat: int = 7) -> float:
-    # The minimum of several runs: on a shared 2-core machine the other runs
-    # measure the neighbours (timeit's own advice).
+def per_call_us(fn: Callable[[], object], number: int, repeat: int = 21) -> float:
+    # The minimum of many short runs: on a shared 2-core machine the other
+    # runs measure the neighbours (timeit's own advice).
     runs = timeit.repeat(fn, number=number, repeat=repeat)
     return min(runs) / number * 1e6
 
@@ -119,15 +119,15 @@ def main() -> None:
 
     assert linear() is acl1000.rules[-2]
 
-    t_bare = per_call_us(bare, 300_000)
-    t_parse = per_call_us(lambda: parse_selectors(packet), 200_000)
-    t10 = per_call_us(lambda: c10.classify(packet), 200_000)
-    t1000 = per_call_us(lambda: c1000.classify(packet), 200_000)
+    t_bare = per_call_us(bare, 100_000)
+    t_parse = per_call_us(lambda: parse_selectors(packet), 60_000)
+    t10 = per_call_us(lambda: c10.classify(packet), 60_000)
+    t1000 = per_call_us(lambda: c1000.classify(packet), 60_000)
     v6 = syn_v6()
     assert c1000.classify(v6).kind == "protect"
-    t1000_v6 = per_call_us(lambda: c1000.classify(v6), 200_000)
-    t_lin = per_call_us(linear, 300, repeat=5)
-    t_adv = per_call_us(lambda: cadv.classify(packet), 1_000, repeat=5)
+    t1000_v6 = per_call_us(lambda: c1000.classify(v6), 60_000)
+    t_lin = per_call_us(linear, 200, repeat=5)
+    t_adv = per_call_us(lambda: cadv.classify(packet), 500, repeat=5)
 
     def groups(c: Classifier) -> int:
         """Index groups a TCP/IPv4 packet probes at most."""
@@ -135,7 +135,7 @@ def main() -> None:
         return len(by_proto.get(6, other))
 
     print("npusim classify: IPv4 TCP SYN, match on the last rule, no flow cache")
-    print(f"Python {sys.version.split()[0]}, best of 7 runs, µs per packet\n")
+    print(f"Python {sys.version.split()[0]}, best of 21 runs, µs per packet\n")
     print(f"  reference: bare IPv4 header + ports (2 struct unpacks)  {t_bare:8.3f}")
     print(f"  npusim.packet.parse_selectors (bounds-checked)          {t_parse:8.3f}")
     print(
