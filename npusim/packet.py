@@ -110,7 +110,7 @@ def parse_selectors(packet: bytes | bytearray | memoryview) -> Selectors | str:
             # RFC 4301 §7: a non-first fragment carries no ports.
             return (4, proto, src, dst, -1, -1, PORTS_OPAQUE)
         if proto in PORT_PROTOCOLS and ihl + 4 <= total:
-            # Ports right after the header (options present, or a first fragment).
+            # Ports right after a header with options.
             sport, dport = _PORTS.unpack_from(packet, ihl)
             return (4, proto, src, dst, sport, dport, PORTS_OK)
         return _upper(4, proto, src, dst, packet, ihl, total)
