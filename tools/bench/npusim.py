@@ -7,7 +7,7 @@ Measures, in one run and with the same timer:
 * the reference: a bare IPv4 header + ports parse (two struct unpacks), the
   floor any Python classifier pays;
 * ``Classifier.classify`` of a TCP SYN against 10 and 1,000 rules whose match
-  is the LAST rule (the worst case for first-match order), and the ratio;
+  is the last rule of its family (the worst case for first-match order), and the ratio;
 * the same 1,000 rules scanned linearly (``Acl.first_match``), to show what
   the index saves;
 * for information, an adversarial set where every rule has its own wildcard
@@ -134,7 +134,7 @@ def main() -> None:
         by_proto, other = c._index[4]
         return len(by_proto.get(6, other))
 
-    print("npusim classify: IPv4 TCP SYN, match on the last rule, no flow cache")
+    print("npusim classify: TCP SYN matching the last rule of its family, no flow cache")
     print(f"Python {sys.version.split()[0]}, best of 21 runs, µs per packet\n")
     print(f"  reference: bare IPv4 header + ports (2 struct unpacks)  {t_bare:8.3f}")
     print(f"  npusim.packet.parse_selectors (bounds-checked)          {t_parse:8.3f}")
