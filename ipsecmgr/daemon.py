@@ -28,6 +28,7 @@ from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.routing import Routing, TunRoute
+from ipsecmgr.trace import Peer, Tracer
 from ipsecmgr.tun import Tun
 
 log = logging.getLogger("ipsecmgr")
@@ -84,6 +85,11 @@ class Gateway:
         )
         self.manager = Manager(config, self.acls, self.datapath, self.saflow, self._send_ike)
         self.manager.esp_socket_for = self._esp_socket_for
+        # Installed on the data path and the manager only while a trace client is attached.
+        self.tracer = Tracer(
+            (self.datapath, self.manager),
+            {str(m.peer): Peer(str(m.local_address), n) for n, m in config.crypto_maps.items()},
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = {}
@@ -291,6 +297,8 @@ class Gateway:
         return {
             "snapshot": lambda req: self.snapshot(),
             "clear": lambda req: {"cleared": self._clear(req.get("peer"))},
+            "trace": self.tracer.subscribe,  # streams events until the client leaves
+            "trace-keys": lambda req: self.manager.export_keys(),  # --wireshark-keys only
         }
 
     def snapshot(self) -> show.Snapshot:
@@ -348,6 +356,7 @@ async def serve(gw: Gateway) -> int:
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
     finally:
+        gw.tracer.close_all()
         gw.detach()
         await control.close()
     return 0
