@@ -41,6 +41,7 @@ _PAYLOAD_NAMES: dict[int, str] = {
     PayloadType.CERT: "CERT",
     PayloadType.CERTREQ: "CERTREQ",
     PayloadType.AUTH: "AUTH",
+    PayloadType.NONCE: "Nonce",
     PayloadType.NOTIFY: "N",
     PayloadType.DELETE: "D",
     PayloadType.VENDOR: "V",

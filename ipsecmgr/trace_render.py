@@ -54,7 +54,7 @@ def describe(e: Event) -> str:
     cmap = e.get("crypto_map", "?")
     peer = e.get("peer", "peer")
     if ev == "app_syn":
-        return f"application: {_tcp_text(e)} {e.get('five_tuple', '')} (inferred)"
+        return f"application: {_tcp_text(e)} to {e.get('dst')}:{e.get('dport')} (inferred)"
     if ev == "app_syn_retransmit":
         return "application: retransmits the SYN, steps 2-3 again (inferred)"
     if ev == "app_syn_ack":
