@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipsecmgr.trace import Event
+from ipsecmgr.trace import PROTO_NAMES, Event
 
 _NO_COPY = ("packet", "wire", "event", "step")
 
@@ -28,9 +28,8 @@ _NO_COPY = ("packet", "wire", "event", "step")
 def _tcp_text(e: Event) -> str:
     flags = e.get("tcp_flags")
     if flags is None:
-        if "proto" in e:
-            return f"{e.get('len', 0)} bytes"
-        return ""
+        proto = e.get("proto")
+        return PROTO_NAMES.get(proto, f"protocol {proto}").upper() if proto is not None else ""
     names = [n for c, n in (("S", "SYN"), ("F", "FIN"), ("R", "RST"), ("P", "PSH"),
                             ("A", "ACK")) if c in flags]  # fmt: skip
     text = "TCP " + "-".join(names or ["(no flags)"])
@@ -163,8 +162,13 @@ class Inferer:
 
 
 def with_inferred(events: Iterable[Event]) -> Iterator[Event]:
+    """``events`` with the inferred steps added (unchanged if they are already there)."""
+    evs = list(events)
+    if any(e.get("inferred") for e in evs):
+        yield from evs
+        return
     inf = Inferer()
-    for e in events:
+    for e in evs:
         yield from inf.feed(e)
 
 
