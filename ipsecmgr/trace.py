@@ -21,7 +21,8 @@ An event is a flat JSON object::
      ...fields of the stage: crypto_map, rule, spi, seq, reason, peer, wire (hex ESP/IKE)}
 
 How events find their flow: a clear packet's 5-tuple gives the flow id
-(direction-independent, so the SYN-ACK joins the SYN's flow). Inbound ESP is
+(direction-independent, so the SYN-ACK joins the SYN's flow). A step-2 event
+waits for the packet's step 3 to learn its crypto map (for filters). Inbound ESP is
 only a SPI at steps 8 and 9, so those events are held back until step 10
 decrypts the packet and then emitted with its flow; if step 9 or 10 drops the
 packet, they go to the flow ``spi:<SPI>``. IKE exchanges triggered by a packet
@@ -320,7 +321,9 @@ class Tracer:
             else:
                 e[key] = _jsonable(value)
         self._annotate(e)
-        if packet is None and (step, event) in _INBOUND_PENDING:
+        if (packet is None and (step, event) in _INBOUND_PENDING) or step == "2":
+            # Held until the next stage of the same packet says more: the flow of
+            # inbound ESP (step 10), the crypto map of a packet read from the TUN (3a).
             self._pending.append(e)
             return
         self._emit(e)
@@ -352,7 +355,8 @@ class Tracer:
         if self._pending:
             pending, self._pending = self._pending, []
             for p in pending:
-                p["flow"] = e.get("flow") or _spi_flow(p)
+                if not p.get("flow"):
+                    p["flow"] = e.get("flow") or _spi_flow(p)
                 for key in ("crypto_map", "spi", "five_tuple"):
                     if key in e:
                         p.setdefault(key, e[key])
