@@ -67,7 +67,9 @@ def arrow_lanes(e: Event) -> tuple[str, str]:
 def render_svg(events: Sequence[Event], title: str) -> str:
     """The diagram of ``events`` (one flow, time order, inferred steps included)."""
     evs = [e for e in events if e.get("event") != "lost"]
-    width = LEFT * 2 + LANE_W * len(LANES)
+    # Wide enough for the longest label (~6.3 px per character at 11 px DejaVu Sans)
+    longest = max((len(describe(e)) + 6 for e in evs), default=0)
+    width = max(LEFT * 2 + LANE_W * len(LANES), _lane_x("IpsecMgr") + 50 + int(longest * 6.3))
     height = TOP + ROW_H * (len(evs) + 1) + 20
     out = [
         f"<svg xmlns='http://www.w3.org/2000/svg' version='1.1' width='{width}' "
