@@ -320,3 +320,19 @@ def test_control_streams_events_and_unsubscribes_when_the_client_leaves(tmp_path
         for fd in rig._fds:
             os.close(fd)
     assert got and got[0]["step"] == "2" and got[0]["dport"] == 49
+
+
+def test_daemon_shutdown_ends_every_stream() -> None:
+    rig = Rig()
+    try:
+        rig.from_tun(syn())
+        rig.tracer.close_all()
+        assert rig.dp.trace is None and not rig.tracer.subscribers
+
+        async def drain() -> list[Event]:
+            return [e async for e in rig.sub]  # ends at the close_all sentinel
+
+        assert _steps(asyncio.run(drain())) == ["2", "3a"]
+    finally:
+        for fd in rig._fds:
+            os.close(fd)

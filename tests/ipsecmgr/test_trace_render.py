@@ -135,3 +135,14 @@ def test_cli_diagram_and_pcap(recording: Path, tmp_path: Path) -> None:
     assert len(arrows) == 18
     assert pcap.stat().st_size > 24
     assert main(["trace", "--read", str(recording), "--flow", "nope", "--pcap", str(pcap)]) == 1
+
+
+def test_cli_follow_prints_one_line_per_step_with_the_flow(
+    recording: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["trace", "--read", str(recording), "--follow"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 18  # 14 traced + 4 inferred, no per-flow summary after them
+    flow = lines[0].split()[0]
+    assert all(line.startswith(flow) for line in lines)
+    assert "[1] application: TCP SYN" in lines[0] and "[13]" in lines[14]
