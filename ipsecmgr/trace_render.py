@@ -47,67 +47,59 @@ def _wire_len(e: Event) -> int:
     return len(wire) // 2 if isinstance(wire, str) else int(e.get("size", 0))
 
 
+# The text of each event, formatted with the fields of :func:`_context`.
+_TEXTS = {
+    "app_syn": "application: {tcp} to {dst}:{dport} (inferred)",
+    "app_syn_retransmit": "application: retransmits the SYN, steps 2-3 again (inferred)",
+    "app_syn_ack": "it is the SYN-ACK, the server's answer (inferred)",
+    "app_ack": "application: TCP ACK, the connection is up (inferred)",
+    "tun_read": "TUN → IpsecMgr: read {tcp} ({len} bytes)",
+    "acl_match": "NPUSIM: {rule} matched → encrypt (crypto map {crypto_map})",
+    "bypass": "NPUSIM: no crypto ACL matched → bypass, sent in clear",
+    "classify_drop": "NPUSIM: dropped: {reason}",
+    "ike_triggered": "IpsecMgr: no SA for crypto map {crypto_map} → IKE with {peer}",
+    "ike_sent": "IKE → {peer}: {summary}",
+    "ike_received": "IKE ← {peer}: {summary}",
+    "ike_sa_up": "IKE SA up with {crypto_map} peer ({algorithms})",
+    "child_sa_installed": "Child SA installed: SPI in {spi_in}, out {spi_out} ({mode})",
+    "first_packet_dropped": "IpsecMgr: {tcp} dropped ({reason})",
+    "queue_full_dropped": "IpsecMgr: {tcp} dropped, queue full ({reason})",
+    "first_packet_queued": "IpsecMgr: {tcp} queued until the SA is up",
+    "esp_sent": "IpsecMgr → {peer}: ESP SPI {spi} seq {seq}, {wire_len} bytes",
+    "esp_received": "{outer_src} → IpsecMgr: ESP received, {wire_len} bytes",
+    "saflow_match": "NPUSIM: SA flow SPI {spi} matched (crypto map {crypto_map})",
+    "policy_drop": "IpsecMgr: dropped: outside the selectors of SPI {spi}",
+    "decrypted": "IpsecMgr: decrypted, policy check passed: {tcp}",
+    "tun_write": "IpsecMgr → TUN: written ({len} bytes)",
+    "lost": "({count} events lost: rate limit or slow reader)",
+}
+
+
+class _Fields(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _context(e: Event) -> _Fields:
+    ctx = _Fields(e)
+    ctx.update(tcp=_tcp_text(e) or "packet", wire_len=_wire_len(e))
+    for key in ("spi", "spi_in", "spi_out"):
+        if key in e:
+            ctx[key] = _spi(e[key])
+    return ctx
+
+
 def describe(e: Event) -> str:
     """The text after ``[step]`` on a timeline line."""
-    ev = e.get("event", "")
-    cmap = e.get("crypto_map", "?")
-    peer = e.get("peer", "peer")
-    if ev == "app_syn":
-        return f"application: {_tcp_text(e)} to {e.get('dst')}:{e.get('dport')} (inferred)"
-    if ev == "app_syn_retransmit":
-        return "application: retransmits the SYN, steps 2-3 again (inferred)"
-    if ev == "app_syn_ack":
-        return "it is the SYN-ACK, the server's answer (inferred)"
-    if ev == "app_ack":
-        return "application: TCP ACK, the connection is up (inferred)"
-    if ev == "tun_read":
-        return f"TUN → IpsecMgr: read {_tcp_text(e)} ({e.get('len', 0)} bytes)"
-    if ev == "acl_match":
-        return f"NPUSIM: {e.get('rule', 'ACL')} matched → encrypt (crypto map {cmap})"
-    if ev == "bypass":
-        return "NPUSIM: no crypto ACL matched → bypass, sent in clear"
-    if ev == "classify_drop":
-        return f"NPUSIM: dropped: {e.get('reason', '?')}"
-    if ev == "ike_triggered":
-        return f"IpsecMgr: no SA for crypto map {cmap} → IKE with {peer}"
-    if ev in ("ike_sent", "ike_received"):
-        arrow = "→" if ev == "ike_sent" else "←"
-        return f"IKE {arrow} {peer}: {e.get('summary', '?')}"
-    if ev == "ike_sa_up":
-        return f"IKE SA up with {cmap} peer ({e.get('algorithms', '')})"
-    if ev == "child_sa_installed":
-        return (
-            f"Child SA installed: SPI in {_spi(e.get('spi_in'))}, "
-            f"out {_spi(e.get('spi_out'))} ({e.get('mode', '?')})"
-        )
-    if ev in ("first_packet_dropped", "queue_full_dropped"):
-        return f"IpsecMgr: {_tcp_text(e) or 'packet'} dropped ({e.get('reason', '')})"
-    if ev == "first_packet_queued":
-        return f"IpsecMgr: {_tcp_text(e) or 'packet'} queued until the SA is up"
-    if ev == "esp_sent":
-        return (
-            f"IpsecMgr → {peer}: ESP SPI {_spi(e.get('spi'))} seq {e.get('seq')}, "
-            f"{_wire_len(e)} bytes"
-        )
-    if ev == "esp_received":
-        return f"{e.get('outer_src', '?')} → IpsecMgr: ESP received, {_wire_len(e)} bytes"
-    if ev == "saflow_match":
-        return f"NPUSIM: SA flow SPI {_spi(e.get('spi'))} matched (crypto map {cmap})"
+    ev = str(e.get("event", ""))
+    ctx = _context(e)
     if ev == "esp_drop":
         where = "NPUSIM" if e.get("step") == "9" else "IpsecMgr"
-        return f"{where}: dropped: {e.get('reason', '?')} (SPI {_spi(e.get('spi', '?'))})"
-    if ev == "policy_drop":
-        return f"IpsecMgr: dropped: outside the selectors of SPI {_spi(e.get('spi'))}"
-    if ev == "decrypted":
-        return f"IpsecMgr: decrypted, policy check passed: {_tcp_text(e)}"
-    if ev == "tun_write":
-        return f"IpsecMgr → TUN: written ({e.get('len', 0)} bytes)"
-    if ev == "lost":
-        return f"({e.get('count', 0)} events lost: rate limit or slow reader)"
-    extra = ", ".join(
-        f"{k}={v}" for k, v in e.items() if k in ("reason", "spi_in", "spi_out", "exchange")
-    )
-    return f"{ev.replace('_', ' ')} ({cmap}){': ' + extra if extra else ''}"
+        return f"{where}: dropped: {ctx['reason']} (SPI {ctx['spi']})"
+    if ev in _TEXTS:
+        return _TEXTS[ev].format_map(ctx)
+    extra = ", ".join(f"{k}={e[k]}" for k in ("reason", "spi_in", "spi_out", "exchange") if k in e)
+    return f"{ev.replace('_', ' ')} ({ctx['crypto_map']}){': ' + extra if extra else ''}"
 
 
 # -- inference of the application's steps ----------------------------------------------
