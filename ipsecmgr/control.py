@@ -144,7 +144,6 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-
     async def _stream(
         self, items: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
