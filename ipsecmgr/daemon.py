@@ -28,7 +28,7 @@ from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.routing import Routing, TunRoute
-from ipsecmgr.trace import Peer, Tracer
+from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
 
 log = logging.getLogger("ipsecmgr")
@@ -55,6 +55,24 @@ def _acl_protects(acl: npusim.Acl, prefix: ipaddress.IPv4Network | ipaddress.IPv
     return any(
         r.permit and r.version in (prefix.version, 0) and (net & r.dst_mask) == r.dst
         for r in acl.rules
+    )
+
+
+def _tun_layout(config: cfg.Config) -> object:
+    return sorted((t.name, t.addresses, t.mtu, t.routes) for t in config.tuns)
+
+
+def _map_definition(config: cfg.Config, name: str) -> object:
+    """Everything that shapes a crypto map's SAs; equal means keep them."""
+    m = config.crypto_maps.get(name)
+    if m is None:
+        return None
+    return (
+        m,
+        config.access_lists[m.match_address],
+        [config.ike_transform_sets[t] for t in m.ike_transform_sets],
+        [config.ipsec_transform_sets[t] for t in m.ipsec_transform_sets],
+        [t.name for t in config.tuns if name in t.crypto_maps],
     )
 
 
@@ -88,7 +106,7 @@ class Gateway:
         # Installed on the data path and the manager only while a trace client is attached.
         self.tracer = Tracer(
             (self.datapath, self.manager),
-            {str(m.peer): Peer(str(m.local_address), n) for n, m in config.crypto_maps.items()},
+            peers_from_config(config),
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -209,6 +227,35 @@ class Gateway:
         self.routing.remove_rules()
         self.routing.flush_table()
         self.routing.close()
+
+    def reload(self, config: cfg.Config) -> None:
+        """SIGHUP: apply a new configuration, keeping the SAs of crypto maps
+        whose definition (map, ACL, transform sets, TUN) did not change."""
+        if _tun_layout(config) != _tun_layout(self.config) or (
+            config.gateway != self.config.gateway
+        ):
+            log.warning("reload: TUN or gateway settings changed; they need a restart")
+            return
+        acls = parse_acls(config)
+        keep = {
+            name
+            for name, m in config.crypto_maps.items()
+            if _map_definition(config, name) == _map_definition(self.config, name)
+        }
+        self.acls = acls
+        self.config = config
+        self.classifier = npusim.Classifier(
+            [
+                npusim.CryptoMap(name, acls[m.match_address], (str(m.peer),))
+                for name, m in config.crypto_maps.items()
+            ]
+        )
+        self.datapath.classifier = self.classifier
+        self.manager.reconfigure(config, acls, keep, self.now())
+        self.tracer.peers = peers_from_config(config)
+        self._rearm()
+        changed = sorted(set(config.crypto_maps) - keep)
+        log.info("reloaded: kept %s, rebuilt %s", sorted(keep) or "none", changed or "none")
 
     # -- data path glue ----------------------------------------------------------------
 
@@ -343,7 +390,7 @@ def _flatten(groups: dict[str, dict[str, int]]) -> dict[str, int]:
     return {f"{g}/{k}": v for g, counters in groups.items() for k, v in counters.items()}
 
 
-async def serve(gw: Gateway) -> int:
+async def serve(gw: Gateway, config_path: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     gw.attach(loop)
@@ -352,6 +399,7 @@ async def serve(gw: Gateway) -> int:
         await control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path)
         print("ready", flush=True)
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
@@ -362,6 +410,17 @@ async def serve(gw: Gateway) -> int:
     return 0
 
 
+def _reload(gw: Gateway, config_path: str) -> None:
+    try:
+        config = cfg.load_config(config_path, validate_acl=validate_acl)
+    except cfg.ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    for w in config.warnings:
+        log.warning("%s", w)
+    gw.reload(config)
+
+
 def run(config_path: str) -> int:
     config = cfg.load_config(config_path, validate_acl=validate_acl)
     for w in config.warnings:
@@ -369,6 +428,6 @@ def run(config_path: str) -> int:
     gw = Gateway(config)
     try:
         gw.setup()
-        return asyncio.run(serve(gw))
+        return asyncio.run(serve(gw, config_path))
     finally:
         gw.teardown()

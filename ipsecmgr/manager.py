@@ -95,7 +95,8 @@ class MapState:
     ike_sa: ike.IkeSA | None = None
     status: str = "idle"  # idle, connecting, established, failed, dead
     last_error: str = ""
-    children: dict[int, ChildRecord] = field(default_factory=dict)
+    # Keyed by (IKE SA name, child id): child ids are only unique per IKE SA.
+    children: dict[tuple[str, int], ChildRecord] = field(default_factory=dict)
     queue: deque[bytes] = field(default_factory=deque)
     counters: dict[str, int] = field(default_factory=dict)
     established_at: float | None = None
@@ -236,12 +237,46 @@ class Manager:
         # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
         self.trace: Callable[..., None] | None = None
 
+    def reconfigure(
+        self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
+    ) -> None:
+        """SIGHUP: maps in ``keep`` keep their SAs; the others are deleted
+        (DELETE sent to the peer) and rebuilt from the new configuration."""
+        old = self.maps
+        self.config = config
+        self.maps = {}
+        for name, cmap in config.crypto_maps.items():
+            acl = acls[cmap.match_address]
+            if name in keep and name in old:
+                state = old[name]
+                state.cmap = cmap
+                state.npu_map = npusim.CryptoMap(name, acl, (str(cmap.peer),))
+                self.maps[name] = state
+            else:
+                npu = npusim.CryptoMap(name, acl, (str(cmap.peer),))
+                self.maps[name] = MapState(cmap, npu, build_ike_config(config, cmap, acl))
+        for name, state in old.items():
+            if self.maps.get(name) is state:
+                continue
+            for sa in list(self.endpoint.sas):
+                if sa.config is state.ike_config:
+                    sa.delete(now)
+            for key in list(state.children):
+                self._remove_child(state, key)
+            self.datapath.outbound.pop(name, None)
+            log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
+        # Responders are matched against the new configs from now on; the IKE
+        # SAs of kept maps keep the config object they were built with.
+        self.endpoint.configs = [m.ike_config for m in self.maps.values()]
+        self.pump(now)
+
     # -- steps 4 and 5 ------------------------------------------------------------
 
     def on_no_sa(self, name: str, packet: bytes, now: float) -> None:
         state = self.maps[name]
         tr = self.trace
-        initiating = state.ike_sa is None or state.ike_sa.dead
+        responder = state.cmap.role == "responder"
+        initiating = not responder and (state.ike_sa is None or state.ike_sa.dead)
         if tr is not None and initiating:
             tr("4", "ike_triggered", packet, crypto_map=name, peer=(str(state.cmap.peer), 0))
         if state.cmap.first_packet == "queue":
@@ -256,8 +291,14 @@ class Manager:
             state.bump("first_packet_drops")
             what = "first_packet_dropped"
         if tr is not None:
-            tr("5", what, packet, crypto_map=name, reason=f"IKE with {state.cmap.peer} not up")
-        if initiating:
+            peer = state.cmap.peer
+            why = f"responder: waiting for {peer}" if responder else f"IKE with {peer} not up"
+            tr("5", what, packet, crypto_map=name, reason=why)
+        if responder:
+            # A responder waits for its peer to build the tunnel (e.g. the
+            # TACACS+ server side: replies only follow a client's request).
+            state.bump("no_sa_waiting_for_peer")
+        elif initiating:
             self.initiate(state, now)
 
     def initiate(self, state: MapState, now: float) -> None:
@@ -316,14 +357,15 @@ class Manager:
         elif isinstance(event, ev.ChildSaInstalled):
             self._install_child(state, event, now)
         elif isinstance(event, ev.ChildSaDeleted):
-            self._remove_child(state, event.child_id)
+            self._remove_child(state, (event.ike_sa, event.child_id))
             log.info("crypto map %s: Child SA %d deleted (%s)", name, event.child_id, event.reason)
         elif isinstance(event, ev.IkeSaDeleted):
-            for child_id in list(state.children):
-                self._remove_child(state, child_id)
-            if state.status != "failed":
-                state.status = "dead" if event.reason == "peer-dead" else "idle"
-            state.ike_sa = None
+            for key in [k for k in state.children if k[0] == event.ike_sa]:
+                self._remove_child(state, key)
+            if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
+                if state.status != "failed":
+                    state.status = "dead" if event.reason == "peer-dead" else "idle"
+                state.ike_sa = None
             log.info("crypto map %s: IKE SA deleted (%s)", name, event.reason)
         elif isinstance(event, ev.PeerDead):
             state.bump("peer_dead")
@@ -359,7 +401,7 @@ class Manager:
             state.cmap.name,
         )
         self.datapath.outbound[state.cmap.name] = self._binding(state, event.ike_sa, outbound)
-        state.children[event.child_id] = ChildRecord(
+        state.children[(event.ike_sa, event.child_id)] = ChildRecord(
             event.child_id,
             inbound,
             outbound,
@@ -385,8 +427,8 @@ class Manager:
             self.datapath.send_protected(binding, state.queue.popleft())
             state.bump("queued_sent")
 
-    def _remove_child(self, state: MapState, child_id: int) -> None:
-        record = state.children.pop(child_id, None)
+    def _remove_child(self, state: MapState, key: tuple[str, int]) -> None:
+        record = state.children.pop(key, None)
         if record is None:
             return
         self.saflow.remove(record.inbound.spi)
@@ -394,9 +436,11 @@ class Manager:
         if binding is not None and binding.sa is record.outbound:
             del self.datapath.outbound[state.cmap.name]
             # A newer child of the same map takes over sending, if any.
-            for newer in state.children.values():
+            # The most recently installed child of the same map takes over sending.
+            if state.children:
+                (ike_name, _), newer = list(state.children.items())[-1]
                 self.datapath.outbound[state.cmap.name] = self._binding(
-                    state, state.ike_sa.name if state.ike_sa else "", newer.outbound
+                    state, ike_name, newer.outbound
                 )
 
     def _binding(self, state: MapState, ike_name: str, outbound: esp.OutboundSA) -> OutboundBinding:

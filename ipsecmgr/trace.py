@@ -258,6 +258,11 @@ class Peer:
     crypto_map: str
 
 
+def peers_from_config(config: Any) -> dict[str, Peer]:
+    """Peer address -> (our address, crypto map), from an :class:`ipsecmgr.config.Config`."""
+    return {str(m.peer): Peer(str(m.local_address), n) for n, m in config.crypto_maps.items()}
+
+
 class Tracer:
     """The hook installed on the data path and the manager while tracing is on."""
 
