@@ -10,9 +10,10 @@ data path. Both run the same loop in-process with fake sockets: a packet
 classified (step 3) and encrypted and "sent" (7), then an ESP packet looked
 up (9), decrypted (10) and written to /dev/null as the TUN (12).
 
-Figure: packets per second through both directions; ratio = ours / reference
-(the issue's bar: >= 0.98). Samples alternate between the two so that drift on
-this shared VM hits both; each figure is the median of REPEATS samples.
+Figure: packets per second through both directions (median of REPEATS
+samples each); ratio = ours / reference, the median of the ratios of adjacent
+samples (the issue's bar: >= 0.98). Samples are short and alternate between
+the two, so that load from elsewhere on this shared VM hits both alike.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import npusim  # noqa: E402
 from ipsecmgr import datapath as shipped  # noqa: E402
 
 BATCH = 500
-PASSES = 20
-REPEATS = 11
+PASSES = 2
+REPEATS = 401
 CLIENT, SERVER, PEER = "192.0.2.1", "203.0.113.49", "198.51.100.2"
 SPI_OUT, SPI_IN = 0xC0DE, 0xBEEF
 
@@ -134,7 +135,7 @@ def loop(dp: Any, out_pkts: list[bytes], in_pkts: list[bytes], fresh: Any) -> An
 
 def main() -> int:
     quick = "--quick" in sys.argv
-    passes, repeats = (5, 5) if quick else (PASSES, REPEATS)
+    passes, repeats = (PASSES, 41) if quick else (PASSES, REPEATS)
     ours = build(shipped)
     ref = build(without_hooks())
     assert ours[0].trace is None
@@ -152,6 +153,9 @@ def main() -> int:
             b.append(t_ref.timeit(passes))
     per = passes * BATCH * 2  # packets per sample, both directions
     ours_pps, ref_pps = per / statistics.median(a), per / statistics.median(b)
+    # The ratio of each adjacent pair, then the median: other load on this shared
+    # VM comes and goes, and a pair taken milliseconds apart sees the same load.
+    ratio = statistics.median(tb / ta for ta, tb in zip(a, b, strict=True))
     # Both really moved the packets (no silent drop makes a loop look fast)
     for dp, _, _, _ in (ours, ref):
         assert (
@@ -160,7 +164,7 @@ def main() -> int:
         assert not any("drop" in k or "error" in k for k in dp.counters), dp.counters
     print(f"data path, tracing off (trace = None): {ours_pps:,.0f} packets/s")
     print(f"reference, hooks compiled out:         {ref_pps:,.0f} packets/s")
-    print(f"ratio ours / reference: {ours_pps / ref_pps:.3f} (bar: >= 0.98)")
+    print(f"ratio ours / reference (median of paired samples): {ratio:.3f} (bar: >= 0.98)")
     return 0
 
 
