@@ -336,3 +336,37 @@ def test_daemon_shutdown_ends_every_stream() -> None:
     finally:
         for fd in rig._fds:
             os.close(fd)
+
+
+def test_no_daemon_or_a_bad_filter_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ipsecmgr.cli import main
+    from ipsecmgr.control import ControlError, ControlServer
+    from ipsecmgr.trace_io import TraceClient
+
+    assert main(["trace", "--socket", str(tmp_path / "none.sock"), "--count", "1"]) == 1
+    assert "is the daemon running?" in capsys.readouterr().err
+    rig = Rig()
+    rig.sub.close()
+    sock = tmp_path / "ctl" / "s.sock"
+
+    async def main_() -> str:
+        server = ControlServer(sock, {"trace": rig.tracer.subscribe})
+        await server.start()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, TraceClient, sock, {"spi": "zz"})
+        except ControlError as exc:
+            return str(exc)
+        finally:
+            await server.close()
+        return ""
+
+    try:
+        error = asyncio.run(main_())
+    finally:
+        for fd in rig._fds:
+            os.close(fd)
+    assert "trace refused" in error and "zz" in error
+    assert rig.dp.trace is None  # nothing stayed subscribed
