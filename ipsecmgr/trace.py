@@ -17,7 +17,8 @@ An event is a flat JSON object::
      "five_tuple": "tcp 192.0.2.1:40001 > 203.0.113.49:49",
      "proto": 6, "src": ..., "dst": ..., "sport": ..., "dport": ...,
      "tcp_flags": "S", "tcp_seq": 123, "len": 60,
-     "packet": "<hex>",           the clear packet (as read from / written to the TUN)
+     "packet": "<hex>",           the clear packet (only where it is read from or
+                                  written to the TUN, or dropped in clear)
      ...fields of the stage: crypto_map, rule, spi, seq, reason, peer, wire (hex ESP/IKE)}
 
 How events find their flow: a clear packet's 5-tuple gives the flow id
@@ -55,6 +56,13 @@ Event = dict[str, Any]
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 50: "esp", 58: "icmp6"}
 _TCP_FLAGS = "FSRPAUEC"  # bit 0 (FIN) .. bit 7 (CWR)
 QUEUE_SIZE = 10000  # events held per subscriber before it is counted as lost
+
+#: The events that carry the packet's bytes: where it enters or leaves the clear
+#: side, or dies there (the other stages of the same packet only add fields).
+_PACKET_EVENTS = {"tun_read", "tun_write", "policy_drop", "classify_drop"}
+#: IKE events after which IKE no longer belongs to the packet that triggered it.
+_TRIGGER_ENDS = {"child_sa_installed", "ike_sa_deleted", "ike_auth_failed",
+                 "ike_exchange_failed", "peer_dead"}  # fmt: skip
 
 #: The steps whose events have no clear packet yet (inbound ESP before decryption).
 _INBOUND_PENDING = {("8", "esp_received"), ("9", "saflow_match")}
@@ -315,7 +323,10 @@ class Tracer:
                 e["flow"] = flow_id(info)
                 e["five_tuple"] = five_tuple_text(info)
                 e.update(info)
-            e["packet"] = bytes(packet).hex()
+            else:
+                e["flow"] = "unparsed"
+            if event in _PACKET_EVENTS:
+                e["packet"] = bytes(packet).hex()
         for key, value in fields.items():
             if key == "src":  # step 8: the outer source of the ESP packet
                 e["outer_src"] = socket.inet_ntop(
@@ -351,7 +362,7 @@ class Tracer:
                 # IKE while the tunnel forms for a packet: part of that flow's step 4
                 e["step"] = "4"
                 e["flow"] = self._map_flow[cmap]
-                if e["event"] == "child_sa_installed":
+                if e["event"] in _TRIGGER_ENDS:
                     del self._map_flow[cmap]
             elif e["step"] == "ike":
                 e["flow"] = f"ike:{cmap or '?'}"

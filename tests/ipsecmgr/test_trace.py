@@ -370,3 +370,38 @@ def test_no_daemon_or_a_bad_filter_is_a_clear_error(
             os.close(fd)
     assert "trace refused" in error and "zz" in error
     assert rig.dp.trace is None  # nothing stayed subscribed
+
+
+def test_ike_leaves_the_triggering_flow_when_the_attempt_ends() -> None:
+    rig = Rig()
+    try:
+        tr = rig.tracer
+        tr("4", "ike_triggered", syn(), crypto_map="tacacs", peer=(PEER, 0))
+        tr("ike", "ike_sent", None, crypto_map="tacacs", exchange="IKE_SA_INIT")
+        tr("ike", "ike_auth_failed", None, crypto_map="tacacs", reason="AUTH mismatch")
+        tr("ike", "ike_sent", None, crypto_map="tacacs", exchange="INFORMATIONAL")
+        evs = rig.events()
+    finally:
+        rig.close()
+    flow = evs[0]["flow"]
+    assert [(e["step"], e["flow"]) for e in evs] == [
+        ("4", flow),
+        ("4", flow),
+        ("4", flow),  # the failure is the end of this flow's step 4
+        ("ike", "ike:tacacs"),
+    ]
+    assert "packet" not in evs[0]  # only where the packet enters or leaves the clear side
+
+
+def test_a_packet_that_is_not_ip_is_traced_as_unparsed() -> None:
+    rig = Rig()
+    try:
+        rig.from_tun(b"\x00\x01\x02")
+        evs = rig.events()
+    finally:
+        rig.close()
+    assert [(e["step"], e["event"], e["flow"]) for e in evs] == [
+        ("2", "tun_read", "unparsed"),
+        ("3", "classify_drop", "unparsed"),
+    ]
+    assert evs[0]["packet"] == "000102" and evs[1]["reason"] == "not_ip"
