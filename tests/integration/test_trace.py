@@ -212,3 +212,29 @@ def test_tshark_decrypts_the_pcap_with_the_key_files_and_finds_the_user(traced: 
     ).stdout  # fmt: skip
     assert ike.count("Decrypted Data") == 2  # IKE_AUTH request and response
     assert "Identification - Initiator" in ike and "Traffic Selector - Responder" in ike
+
+
+def test_live_trace_with_follow_and_duration_sees_a_bypassed_login(traced: Traced) -> None:
+    a = traced.lab.addresses
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipsecmgr.cli", "trace", "--follow", "--duration", "2",
+         "--filter", f"host={a.bypass4}", "--socket", str(traced.gws["client"].control)],
+        env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        assert select.select([proc.stderr], [], [], 10)[0], "trace did not attach"
+        assert proc.stderr.readline().startswith("tracing ")
+        secret = traced.work / "tacacs-secret"
+        result = traced.lab.tacacs_query("client", server=a.bypass4, secret_file=secret,
+                                         user=USER, password=PASSWORD)  # fmt: skip
+        assert result["ok"], result
+        out, _ = proc.communicate(timeout=20)  # --duration ends it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    lines = out.splitlines()
+    assert "[1] application: TCP SYN to " + a.bypass4 + ":49" in lines[0]
+    assert all("[3b]" in ln or "[2]" in ln for ln in lines[1:]) and len(lines) >= 11
