@@ -155,9 +155,13 @@ class ControlServer:
                 writer.write(_line(item))
                 await writer.drain()
 
+        async def until_eof() -> None:
+            while await reader.read(4096):  # anything more the client sends is ignored
+                pass
+
         writer.write(_line({"ok": True, "stream": True}))
         sender = asyncio.ensure_future(pump())
-        closed = asyncio.ensure_future(reader.read())  # returns at the client's EOF
+        closed = asyncio.ensure_future(until_eof())
         try:
             await writer.drain()
             await asyncio.wait((sender, closed), return_when=asyncio.FIRST_COMPLETED)
