@@ -67,6 +67,22 @@ def _forge_from_peer(lab: Lab, wire: bytes, to: str) -> None:
     lab.ns("gw").run([sys.executable, "-c", code, wire.hex(), to])
 
 
+def _start_trace(control: Path, *args: str) -> subprocess.Popen[str]:
+    """``ipsecmgr trace ARGS``, returned once it is attached to the daemon."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipsecmgr.cli", "trace", "--socket", str(control), *args],
+        env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    # "tracing ..." is printed once the daemon has registered the subscription
+    if not select.select([proc.stderr], [], [], 10)[0]:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("ipsecmgr trace did not attach")
+    assert proc.stderr.readline().startswith("tracing ")
+    return proc
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     work = tmp_path_factory.mktemp("trace")
@@ -81,16 +97,8 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
         lab.start_tacacs_server("server", secret_file=secret, users_file=users)
         lab.start_tacacs_server("bypass", secret_file=secret, users_file=users)
         gws.start_both()
-        cli = subprocess.Popen(
-            [sys.executable, "-m", "ipsecmgr.cli", "trace", "--record", str(record),
-             "--socket", str(gws["client"].control)],
-            env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        cli = _start_trace(gws["client"].control, "--record", str(record))
         try:
-            assert cli.stderr is not None
-            # "tracing ..." is printed once the daemon has registered the subscription
-            assert select.select([cli.stderr], [], [], 10)[0], "trace did not attach"
-            assert cli.stderr.readline().startswith("tracing ")
             login = lab.tacacs_query("client", server=a.server4, secret_file=secret, user=USER,
                                      password=PASSWORD)  # fmt: skip
             assert login["ok"], login
@@ -216,15 +224,9 @@ def test_tshark_decrypts_the_pcap_with_the_key_files_and_finds_the_user(traced: 
 
 def test_live_trace_with_follow_and_duration_sees_a_bypassed_login(traced: Traced) -> None:
     a = traced.lab.addresses
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ipsecmgr.cli", "trace", "--follow", "--duration", "2",
-         "--filter", f"host={a.bypass4}", "--socket", str(traced.gws["client"].control)],
-        env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    control = traced.gws["client"].control
+    proc = _start_trace(control, "--follow", "--duration", "2", "--filter", f"host={a.bypass4}")
     try:
-        assert proc.stderr is not None
-        assert select.select([proc.stderr], [], [], 10)[0], "trace did not attach"
-        assert proc.stderr.readline().startswith("tracing ")
         secret = traced.work / "tacacs-secret"
         result = traced.lab.tacacs_query("client", server=a.bypass4, secret_file=secret,
                                          user=USER, password=PASSWORD)  # fmt: skip
