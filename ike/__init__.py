@@ -30,16 +30,33 @@ then built with :meth:`IkeSA.respond_to`.
 
 Commands on an ``IkeSA`` (queued; one request in flight per SA, §2.3):
 ``initiate(now)``, ``create_child(now)``, ``rekey_child(child_id, now)``,
-``rekey_ike(now)``, ``liveness_check(now)``, ``delete_child(child_id, now)``,
-``delete(now)``; ``export_keys()`` gives the IKE keys for Wireshark.
+``rekey_ike(now)``, ``liveness_check(now)`` (DPD: the daemon decides when),
+``delete_child(child_id, now)``, ``delete(now)``, ``abandon(reason)`` (forget
+without telling the peer); ``export_keys()`` gives the IKE keys for Wireshark.
+The engine also rekeys by itself at 90 % (original initiator) / 93 %
+(responder) of ``IkeConfig.ike_lifetime`` / ``child_lifetime`` and deletes a
+Child SA at its hard lifetime (0 turns either off).
 
-Events (``ike.events``): ``IkeSaEstablished``, ``ChildSaInstalled`` (SPIs,
-AES key ‖ salt per direction, mode, ESN, traffic selectors; ``rekeyed_from``
-on a rekey: install the new SA, send on it, keep the old inbound SA until its
-``ChildSaDeleted``), ``ChildSaRekeyed``, ``ChildSaDeleted``, ``IkeSaRekeyed``,
-``IkeSaDeleted(reason)`` (covers all its Child SAs), ``PeerDead`` (followed by
-``IkeSaDeleted``), ``InitialContactReceived``, ``NatDetected``,
-``AuthenticationFailed``, ``ExchangeFailed(notify)``.
+Events (``ike.events``), and what the daemon does with them:
+
+* ``IkeSaEstablished`` - log it; the IKE SA is up.
+* ``ChildSaInstalled`` - build ``esp.InboundSA(inbound_spi, inbound_key)`` and
+  ``esp.OutboundSA(outbound_spi, outbound_key)`` (keys are AES key ‖ 4-byte
+  salt), mode, ESN, traffic selectors. With ``rekeyed_from`` set it replaces an
+  older Child SA: install it, send on it at once, keep the old *inbound* SA
+  until ``ChildSaDeleted`` for the old id arrives (make-before-break).
+* ``ChildSaRekeyed(old_child_id, new_child_id)`` - informational pairing.
+* ``ChildSaDeleted`` - remove both directions of that Child SA.
+* ``IkeSaRekeyed`` - new IKE SPIs; Child SAs are unchanged.
+* ``IkeSaDeleted(reason, child_ids)`` - remove every Child SA it lists.
+* ``PeerDead`` - retransmissions exhausted; ``IkeSaDeleted`` follows.
+* ``InitialContactReceived`` - the endpoint has already dropped every other
+  IKE SA with that peer (they come as ``IkeSaDeleted``).
+* ``NatDetected``, ``AuthenticationFailed``, ``ExchangeFailed(exchange,
+  notify, by_peer)`` - for logs and statistics.
+
+Logging: set ``IkeEndpoint(log=callable)`` (or ``IkeSA.log``) to get one line
+per IKE message, strongSwan style, with no secrets in it.
 
 Nothing a peer sends raises out of ``receive_datagram``: bad datagrams are
 dropped and counted in ``counters`` (per SA and per endpoint).

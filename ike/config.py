@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -17,9 +18,7 @@ class Identity:
     value: str
 
     def encode(self) -> bytes:
-        if self.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
-            return ipaddress.ip_address(self.value).packed
-        return self.value.encode()
+        return _encode_identity(self)
 
     @classmethod
     def decode(cls, id_type: int, data: bytes) -> Identity:
@@ -40,6 +39,13 @@ class Identity:
 
     def __str__(self) -> str:
         return f"{self.id_type.name}:{self.value}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode_identity(ident: Identity) -> bytes:
+    if ident.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
+        return ipaddress.ip_address(ident.value).packed
+    return ident.value.encode()
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,15 @@ class IkeConfig:
     mode: str = "tunnel"  # or "transport" (USE_TRANSPORT_MODE, §1.3.1)
     retransmit_timeout: float = 2.0  # §2.1: first timeout, doubled at every retry
     retransmit_tries: int = 3  # retransmissions after the first send, then give up
-    ike_lifetime: float = 86400.0  # seconds; rekey is the daemon's call (events + commands)
+    # Lifetimes in seconds (0 = none). The engine rekeys at a soft share of them
+    # (REKEY_SHARE: the original initiator a little earlier than the responder, so
+    # the two rarely collide) and deletes a Child SA that reaches its hard lifetime.
+    ike_lifetime: float = 86400.0
     child_lifetime: float = 3600.0
     initial_contact: bool = True  # §2.4: on the first IKE SA to this peer
     fake_nat: bool = False  # strongSwan encap=yes: send a bogus NAT_DETECTION_SOURCE_IP
+    # False: no NAT_DETECTION notifies, never float to 4500 (encapsulation = "never")
+    nat_traversal: bool = True
     half_open_timeout: float = 30.0  # responder forgets an SA without IKE_AUTH after this
     cookie_threshold: int = 64  # half-open SAs before a responder demands COOKIEs (§2.6)
     name: str = ""
@@ -106,6 +117,12 @@ class IkeConfig:
         return self.local_psk if self.remote_psk is None else self.remote_psk
 
     def traffic_selectors(self) -> tuple[list[TrafficSelector], list[TrafficSelector]]:
-        local = list(self.local_ts) or [TrafficSelector.from_network(self.local_addr[0])]
-        remote = list(self.remote_ts) or [TrafficSelector.from_network(self.peer_addr[0])]
+        """(local, remote); by default the two hosts' own addresses, all protocols."""
+        local = list(self.local_ts) or [_host_ts(self.local_addr[0])]
+        remote = list(self.remote_ts) or [_host_ts(self.peer_addr[0])]
         return local, remote
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_ts(addr: str) -> TrafficSelector:
+    return TrafficSelector.from_network(addr)

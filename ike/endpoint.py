@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from .buffer import DecodeError
 from .config import IkeConfig
 from .constants import NON_ESP_MARKER, ExchangeType, HeaderFlag, NotifyType
-from .events import IkeEvent
+from .events import IkeEvent, InitialContactReceived
 from .payloads import (
     NoncePayload,
     NotifyPayload,
@@ -28,6 +28,7 @@ from .payloads import (
     parse_message,
 )
 from .sa import Address, IkeSA, State
+from .state import packed_ip
 
 ZERO_SPI = b"\x00" * 8
 ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
@@ -87,6 +88,7 @@ class IkeEndpoint:
         rng: Callable[[int], bytes] = os.urandom,
         find_config: ConfigLookup | None = None,
         cookie_rotation: float = 300.0,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.configs = list(configs)
         self.rng = rng
@@ -98,6 +100,7 @@ class IkeEndpoint:
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
+        self.log = log  # handed to every IkeSA: one line per IKE message
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -106,14 +109,25 @@ class IkeEndpoint:
         if self._find_config is not None:
             return self._find_config(addr, local)
         for c in self.configs:
-            if ipaddress.ip_address(c.peer_addr[0]) == ipaddress.ip_address(addr[0]):
+            if packed_ip(c.peer_addr[0]) == packed_ip(addr[0]):
                 return c
         return None
 
     # --- commands ------------------------------------------------------------
 
+    def _spi_taken(self, spi: int) -> bool:
+        return any(c.inbound_spi == spi for s in self.sas for c in s.children.values())
+
     def initiate(self, config: IkeConfig, now: float) -> IkeSA:
+        """Start an IKE SA; INITIAL_CONTACT only if no other SA with that peer is alive."""
         sa = IkeSA(config, True, self.rng)
+        if any(
+            s.config.remote_id == config.remote_id and s.peer_addr[0] == config.peer_addr[0]
+            for s in self.sas
+        ):
+            sa.initial_contact = False
+        sa.spi_taken = self._spi_taken
+        sa.log = self.log
         self.sas.append(sa)
         sa.initiate(now)
         self._collect()
@@ -187,7 +201,8 @@ class IkeEndpoint:
                 self._count("cookie_sent")
                 return
             self._count("cookie_accepted")
-        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local)
+        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log)
+        sa.spi_taken = self._spi_taken
         self._out.extend(sa.datagrams_to_send(now))
         if not sa.dead:
             self.sas.append(sa)
@@ -220,6 +235,20 @@ class IkeEndpoint:
         self._collect()
         return self._events.popleft() if self._events else None
 
+    def _initial_contact(self, new: IkeSA) -> None:
+        """§2.4: the peer restarted; every other IKE SA with it is stale."""
+        for sa in self.sas:
+            if (
+                sa is not new
+                and sa.established  # half-open SAs are not authenticated yet
+                and sa.config.remote_id == new.config.remote_id
+                and sa.peer_addr[0] == new.peer_addr[0]
+            ):
+                self._count("replaced_by_initial_contact")
+                sa.abandon("replaced (INITIAL_CONTACT)")
+                while (e := sa.next_event()) is not None:
+                    self._events.append(e)
+
     def _fold(self, sa: IkeSA) -> None:
         """Keep the counters of an SA that goes away (``sa_`` prefix)."""
         for k, v in sa.counters.items():
@@ -229,10 +258,12 @@ class IkeEndpoint:
         """Pull datagrams and events from every SA, re-index SPIs, drop dead SAs."""
         by_spi: dict[bytes, IkeSA] = {}
         alive: list[IkeSA] = []
-        for sa in self.sas:
+        for sa in list(self.sas):
             self._out.extend(sa.datagrams_to_send(0.0))
             while (e := sa.next_event()) is not None:
                 self._events.append(e)
+                if isinstance(e, InitialContactReceived):
+                    self._initial_contact(sa)
             if sa.dead:
                 self._fold(sa)
                 continue

@@ -509,3 +509,30 @@ def find_notify(payloads: Sequence[Payload], ntype: int) -> NotifyPayload | None
         if isinstance(p, NotifyPayload) and p.notify_type == ntype:
             return p
     return None
+
+
+_SHORT: dict[int, str] = {
+    PayloadType.SA: "SA",
+    PayloadType.KE: "KE",
+    PayloadType.IDi: "IDi",
+    PayloadType.IDr: "IDr",
+    PayloadType.AUTH: "AUTH",
+    PayloadType.NONCE: "No",
+    PayloadType.DELETE: "D",
+    PayloadType.VENDOR: "V",
+    PayloadType.TSi: "TSi",
+    PayloadType.TSr: "TSr",
+}
+
+
+def summarize(payloads: Sequence[Payload]) -> str:
+    """One-line payload list as strongSwan logs it: ``SA KE No N(NAT_DETECTION_SOURCE_IP)``."""
+    from .constants import notify_name
+
+    out = []
+    for p in payloads:
+        if isinstance(p, NotifyPayload):
+            out.append(f"N({notify_name(p.notify_type)})")
+        else:
+            out.append(_SHORT.get(p.type, f"UNKNOWN({p.type})"))
+    return " ".join(out)

@@ -92,6 +92,21 @@ def select_ike(
     raise ProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable IKE proposal")
 
 
+def select_ike_for_ke(
+    offer: SAPayload, ours: Sequence[IkeProposal], ke_group: int
+) -> tuple[IkeSuite, Proposal]:
+    """Responder with a KE in hand: prefer a proposal of that group, else ask for ours (§1.2)."""
+    try:
+        suite, prop = select_ike(offer, [o for o in ours if o.dh == ke_group])
+    except ProtocolError:
+        suite, prop = select_ike(offer, ours)
+    if ke_group != suite.dh:
+        raise ProtocolError(
+            NotifyType.INVALID_KE_PAYLOAD, f"want group {suite.dh}", suite.dh.to_bytes(2, "big")
+        )
+    return suite, prop
+
+
 def accept_ike_response(answer: SAPayload, ours: Sequence[IkeProposal]) -> tuple[IkeSuite, bytes]:
     """Initiator: the answer must be one proposal with one of each transform we offered."""
     if len(answer.proposals) != 1:

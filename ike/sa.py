@@ -57,10 +57,15 @@ from .payloads import (
     build_plain_message,
     parse_chain,
     parse_header,
+    summarize,
 )
 from .state import Address, Channel, ChildSA, Inbound, Pending, State
 
 __all__ = ["Address", "ChildSA", "IkeSA", "State"]
+
+
+# Share of a lifetime after which we rekey: (original initiator, original responder)
+REKEY_SHARE = (0.90, 0.93)
 
 
 class IkeSA:
@@ -83,9 +88,15 @@ class IkeSA:
         self.nat_detected_local = False
         self.nat_detected_remote = False
         self.children: dict[int, ChildSA] = {}
+        # §2.4: send INITIAL_CONTACT in IKE_AUTH (the endpoint turns it off when
+        # another IKE SA with the same peer is already up)
+        self.initial_contact = config.initial_contact
         self.counters: dict[str, int] = {}
         self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
-        self.old_ch: Channel | None = None  # the rekeyed-away IKE SA, until deleted
+        # Other IKE SAs of this connection: replaced ones until their DELETE is done,
+        # and, during a simultaneous IKE rekey, the peer's new one until it is decided
+        self.retiring: list[Channel] = []
+        self.xch: Channel | None = None  # the channel of the exchange being processed
         self.name = name or f"{config.name or 'ike'}-{self.ch.spi_i.hex()}"
         # IKE_SA_INIT material kept for AUTH (§2.15)
         self.ni = b""
@@ -93,11 +104,16 @@ class IkeSA:
         self.init_request = b""
         self.init_response = b""
         self.half_open_deadline: float | None = None
+        self.ike_rekey_at: float | None = None
         self._queue: deque[_t.Task] = deque()
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[ev.IkeEvent] = deque()
         self._next_child = 1
         self._switch_after_response: Callable[[], None] | None = None
+        # One readable line per message sent or received (no secrets), or None
+        self.log: Callable[[str], None] | None = None
+        # Set by IkeEndpoint: is an inbound Child SPI already used by another SA?
+        self.spi_taken: Callable[[int], bool] = lambda spi: False
 
     @classmethod
     def respond_to(
@@ -108,6 +124,7 @@ class IkeSA:
         now: float,
         rng: Callable[[int], bytes] = os.urandom,
         local_addr: Address | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> IkeSA:
         """A responder for the IKE_SA_INIT request ``data`` from ``addr``.
 
@@ -119,8 +136,12 @@ class IkeSA:
         spi_i = body[:8]
         sa = cls(config, False, rng, name=f"{config.name or 'ike'}-{spi_i.hex()}")
         sa.ch.spi_i = spi_i
+        sa.log = log
         if local_addr is not None:
             sa.local_addr = local_addr
+        # §2.11: answer to the address and port the request came from (a NAT
+        # in front of the initiator shows another source port than 500)
+        sa.peer_addr = addr
         if data[:4] == NON_ESP_MARKER:
             sa.nat_t = True
         sa.receive_datagram(data, addr, now)
@@ -140,7 +161,11 @@ class IkeSA:
         # RFC 4303 §2.1: SPIs 1-255 are reserved
         while True:
             spi = int.from_bytes(self.rng(4), "big")
-            if spi > 255 and all(c.inbound_spi != spi for c in self.children.values()):
+            if (
+                spi > 255
+                and all(c.inbound_spi != spi for c in self.children.values())
+                and not self.spi_taken(spi)
+            ):
                 return spi
 
     def new_child_id(self) -> int:
@@ -155,10 +180,12 @@ class IkeSA:
         self._events.append(event)
 
     def local_spis(self) -> list[bytes]:
-        spis = [self.ch.local_spi]
-        if self.old_ch is not None:
-            spis.append(self.old_ch.local_spi)
-        return spis
+        return [self.ch.local_spi] + [c.local_spi for c in self.retiring]
+
+    @property
+    def old_ch(self) -> Channel | None:
+        """The (first) replaced IKE SA still waiting for its DELETE, if any."""
+        return self.retiring[0] if self.retiring else None
 
     @property
     def established(self) -> bool:
@@ -167,6 +194,10 @@ class IkeSA:
     @property
     def dead(self) -> bool:
         return self.state == State.DEAD
+
+    def abandon(self, reason: str) -> None:
+        """Forget this IKE SA without telling the peer (e.g. after INITIAL_CONTACT, §2.4)."""
+        self.die(reason)
 
     def die(self, reason: str) -> None:
         """Tear down locally: one IkeSaDeleted covers every Child SA."""
@@ -216,6 +247,43 @@ class IkeSA:
             self._queue.clear()
             self.queue_task(_t.IkeDelete(), now, front=True)
 
+    def info(self) -> dict[str, object]:
+        """Plain, secret-free facts for ``show crypto ...`` (JSON-serialisable)."""
+        ch = self.ch
+        return {
+            "name": self.name,
+            "state": self.state,
+            "initiator": self.initiator,
+            "local": list(self.local_addr),
+            "peer": list(self.peer_addr),
+            "local_id": str(self.config.local_id),
+            "remote_id": str(self.config.remote_id),
+            "spi_i": ch.spi_i.hex(),
+            "spi_r": ch.spi_r.hex(),
+            "algorithms": _t.algorithms(ch.suite) if ch.suite else None,
+            "nat_t": self.nat_t,
+            "nat_local": self.nat_detected_local,
+            "nat_remote": self.nat_detected_remote,
+            "next_message_id": ch.next_id,
+            "children": [
+                {
+                    "child_id": c.child_id,
+                    "state": c.state,
+                    "inbound_spi": f"{c.inbound_spi:08x}",
+                    "outbound_spi": f"{c.outbound_spi:08x}",
+                    "mode": c.mode,
+                    "esn": c.esn,
+                    "encryption": f"AES_GCM_16_{c.key_bits}",
+                    "local_ts": [str(t) for t in c.local_ts],
+                    "remote_ts": [str(t) for t in c.remote_ts],
+                    "installed_at": c.installed_at,
+                    "rekey_at": c.rekey_at,
+                }
+                for c in self.children.values()
+            ],
+            "counters": dict(self.counters),
+        }
+
     def export_keys(self) -> dict[str, str]:
         """The IKE SA keys for Wireshark's ikev2_decryption_table (hex strings).
 
@@ -245,24 +313,67 @@ class IkeSA:
     def next_event(self) -> ev.IkeEvent | None:
         return self._events.popleft() if self._events else None
 
+    def linger(self, now: float) -> float:
+        """Until when to keep an IKE SA the peer is expected to delete: twice its give-up time."""
+        cfg = self.config
+        return now + 2.0 * cfg.retransmit_timeout * float(2 ** (cfg.retransmit_tries + 1))
+
+    def rekey_time(self, now: float, lifetime: float) -> float | None:
+        """When to rekey something created at ``now`` with ``lifetime`` (None: never)."""
+        if lifetime <= 0:
+            return None
+        return now + lifetime * REKEY_SHARE[0 if self.initiator else 1]
+
     def get_timer(self) -> float | None:
-        times = [c.pending.deadline for c in (self.ch, self.old_ch) if c and c.pending]
+        if self.state == State.DEAD:
+            return None
+        times = [c.pending.deadline for c in (self.ch, *self.retiring) if c.pending]
+        times += [c.expire_at for c in self.retiring if c.expire_at is not None]
         if self.half_open_deadline is not None:
             times.append(self.half_open_deadline)
+        if self.state == State.ESTABLISHED:
+            if self.ike_rekey_at is not None:
+                times.append(self.ike_rekey_at)
+            for c in self.children.values():
+                times += [t for t in (c.rekey_at, c.expire_at) if t is not None]
         return min(times) if times else None
+
+    def _lifetimes(self, now: float) -> None:
+        if self.state != State.ESTABLISHED:
+            return
+        if self.ike_rekey_at is not None and now >= self.ike_rekey_at:
+            self.ike_rekey_at = None
+            self.count("ike_rekey_timer")
+            self.rekey_ike(now)
+        for c in list(self.children.values()):
+            if c.expire_at is not None and now >= c.expire_at:
+                c.expire_at = c.rekey_at = None
+                self.count("child_expired")
+                self.delete_child(c.child_id, now)
+            elif c.rekey_at is not None and now >= c.rekey_at:
+                c.rekey_at = None
+                if c.state == "installed":
+                    self.count("child_rekey_timer")
+                    self.rekey_child(c.child_id, now)
 
     def handle_timer(self, now: float) -> None:
         if self.state == State.DEAD:
             return
+        self._lifetimes(now)
+        for c in list(self.retiring):
+            if c.expire_at is not None and now >= c.expire_at and c.pending is None:
+                # the peer never deleted it (or never will, §2.8.2): forget it
+                self.count("retired_expired")
+                self.retiring.remove(c)
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             # A responder that never saw IKE_AUTH forgets the half-open SA
             self.count("half_open_expired")
             self.half_open_deadline = None
             self.die("half-open timeout")
             return
-        for c in (self.old_ch, self.ch):
-            p = c.pending if c else None
-            if c is None or p is None or now < p.deadline:
+        for c in (*self.retiring, self.ch):
+            p = c.pending
+            if p is None or now < p.deadline:
                 continue
             if p.tries < self.config.retransmit_tries:
                 p.tries += 1
@@ -270,8 +381,8 @@ class IkeSA:
                 p.deadline = now + self.config.retransmit_timeout * (2**p.tries)
                 self.count("retransmitted")
                 self._send(p.packet)
-            elif c is self.old_ch:
-                self.old_ch = None  # the peer never confirmed the old SA's deletion
+            elif c is not self.ch:
+                self.retiring.remove(c)  # the peer never confirmed that SA's deletion
             else:
                 self.count("gave_up")
                 if self.state in (State.ESTABLISHED, State.DELETING):
@@ -281,6 +392,8 @@ class IkeSA:
                 else:
                     self.emit(ev.PeerDead(self.name))
                     self.die("peer-dead")
+        if self.state != State.DEAD:
+            self._start_next(now)  # e.g. an IKE rekey that waited for the old SA to go
 
     # --- task queue -------------------------------------------------------------------
 
@@ -292,6 +405,9 @@ class IkeSA:
         else:
             self._queue.append(task)
         self._start_next(now)
+
+    def drop_queued(self, kind: type[_t.Task]) -> None:
+        self._queue = deque(t for t in self._queue if not isinstance(t, kind))
 
     def retry_task(self, task: _t.Task, now: float) -> None:
         """Send ``task`` again with the same message ID (COOKIE, INVALID_KE, §1.2/§2.6)."""
@@ -324,6 +440,12 @@ class IkeSA:
         ch.pending = Pending(task, msg_id, pkt, 0, now + self.config.retransmit_timeout)
         self._send(pkt)
 
+    def send_once(self, exchange: int, payloads: list[Payload]) -> None:
+        """A request that expects no answer and is never retransmitted."""
+        msg_id = self.ch.next_id
+        self.ch.next_id += 1
+        self._send(self.encode(self.ch, exchange, False, msg_id, payloads))
+
     # --- encoding -----------------------------------------------------------------------
 
     def encode(
@@ -333,18 +455,46 @@ class IkeSA:
             HeaderFlag.RESPONSE if response else 0
         )
         if exchange == ExchangeType.IKE_SA_INIT:
-            return build_plain_message(ch.spi_i, ch.spi_r, exchange, flags, msg_id, payloads)
-        if ch.out is None:
-            raise RuntimeError("no keys to protect the message")
-        inner = build_chain(payloads)
-        first = payloads[0].type if payloads else PayloadType.NONE
+            message = build_plain_message(ch.spi_i, ch.spi_r, exchange, flags, msg_id, payloads)
+        else:
+            if ch.out is None:
+                raise RuntimeError("no keys to protect the message")
+            inner = build_chain(payloads)
+            first = payloads[0].type if payloads else PayloadType.NONE
 
-        def prefix(total: int) -> bytes:
-            hdr = build_header(ch.spi_i, ch.spi_r, PayloadType.SK, exchange, flags, msg_id, total)
-            sk_len = max(total - IKE_HEADER_LEN, 0)
-            return hdr + bytes([first, 0]) + sk_len.to_bytes(2, "big")
+            def prefix(total: int) -> bytes:
+                hdr = build_header(
+                    ch.spi_i, ch.spi_r, PayloadType.SK, exchange, flags, msg_id, total
+                )
+                sk_len = max(total - IKE_HEADER_LEN, 0)
+                return hdr + bytes([first, 0]) + sk_len.to_bytes(2, "big")
 
-        return ch.out.seal(inner, prefix)
+            message = ch.out.seal(inner, prefix)
+        if self.log is not None:
+            self._log("sending", exchange, response, msg_id, payloads, self.peer_addr, len(message))
+        return message
+
+    def _log(
+        self,
+        verb: str,
+        exchange: int,
+        response: bool,
+        msg_id: int,
+        payloads: list[Payload],
+        addr: Address,
+        size: int,
+    ) -> None:
+        assert self.log is not None
+        try:
+            name = ExchangeType(exchange).name
+        except ValueError:
+            name = f"EXCHANGE_{exchange}"
+        kind = "response" if response else "request"
+        where = "to" if verb == "sending" else "from"
+        self.log(
+            f"{self.name}: {verb} {name} {kind} {msg_id} [ {summarize(payloads)} ] "
+            f"({size} bytes) {where} {addr[0]}[{addr[1]}]"
+        )
 
     def _send(self, pkt: bytes) -> None:
         # RFC 3948 §2.2: IKE on port 4500 is preceded by the non-ESP marker
@@ -353,8 +503,8 @@ class IkeSA:
     # --- input ---------------------------------------------------------------------------
 
     def channel_for(self, hdr: Header) -> Channel | None:
-        for c in (self.ch, self.old_ch):
-            if c is None or hdr.spi_i != c.spi_i:
+        for c in (self.ch, *self.retiring):
+            if hdr.spi_i != c.spi_i:
                 continue
             if hdr.spi_r == c.spi_r:
                 return c
@@ -434,16 +584,21 @@ class IkeSA:
             self.count("unexpected_response")
             return
         payloads = self._decode(ch, hdr, data)
+        if self.log is not None:
+            self._log("received", hdr.exchange, True, hdr.msg_id, payloads, addr, hdr.length)
         ch.pending = None
         self.count("responses")
         msg = Inbound(hdr, payloads, data, addr)
         crit = _unsupported_critical(payloads)
+        self.xch = ch
         try:
             if crit is not None:
                 raise ProtocolError(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD, f"type {crit}")
             p.task.process(self, msg, now)
         except ProtocolError as exc:
             p.task.fail(self, exc, now)
+        finally:
+            self.xch = None
         if self._switch_after_response is not None:
             self._switch_after_response()
             self._switch_after_response = None
@@ -473,12 +628,15 @@ class IkeSA:
             # Integrity was fine but the content is not: answer INVALID_SYNTAX (§2.21.2)
             payloads = None
         ch.peer_id += 1
+        if self.log is not None:
+            self._log("received", hdr.exchange, False, hdr.msg_id, payloads or [], addr, hdr.length)
         if marked or self.nat_t:
             # §2.23: after the float, answer (and later send) to where requests come from
             self.nat_t = True
             self.peer_addr = addr
         self.count("requests")
         crit = _unsupported_critical(payloads or [])
+        self.xch = ch
         try:
             if payloads is None:
                 raise ProtocolError(NotifyType.INVALID_SYNTAX, "undecodable payloads")
@@ -491,6 +649,8 @@ class IkeSA:
             answer = [NotifyPayload(exc.notify, exc.data)]
             self.count("sent_" + notify_name(exc.notify))
             _t.responder_failed(self, hdr.exchange, exc)
+        finally:
+            self.xch = None
         if self.state == State.DEAD and hdr.exchange == ExchangeType.IKE_SA_INIT:
             # stateless refusal (§2.6, §1.2): no responder SPI
             ch.spi_r = b"\x00" * 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
@@ -18,10 +19,15 @@ Address = tuple[str, int]
 NAT_T_PORT = 4500
 
 
+@functools.lru_cache(maxsize=1024)
+def packed_ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
 def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     """§2.23: SHA-1(SPIi | SPIr | IP | Port)."""
-    ip = ipaddress.ip_address(addr[0]).packed
-    return hashlib.sha1(spi_i + spi_r + ip + addr[1].to_bytes(2, "big")).digest()
+    data = spi_i + spi_r + packed_ip(addr[0]) + addr[1].to_bytes(2, "big")
+    return hashlib.sha1(data).digest()
 
 
 @dataclass
@@ -38,6 +44,8 @@ class ChildSA:
     remote_ts: list[TrafficSelector]
     installed_at: float
     state: str = "installed"  # installed | rekeying | rekeyed | deleting
+    rekey_at: float | None = None  # soft lifetime: we start a rekey (§2.8)
+    expire_at: float | None = None  # hard lifetime: we delete it
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Channel:
     peer_id: int = 0  # next request message ID we expect
     pending: Pending | None = None
     cached: tuple[int, int, bytes] | None = None  # (msg_id, exchange, response bytes)
+    expire_at: float | None = None  # a retiring channel we wait on: forget it then
 
     def __repr__(self) -> str:
         return f"Channel({self.spi_i.hex()}/{self.spi_r.hex()})"

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ipsecmgr.config import DEFAULT_CONTROL_SOCKET
@@ -133,6 +134,21 @@ def _cmd_clear(words: Sequence[str], socket_path: Path, peer: str | None) -> int
     return 0
 
 
+def _run_profiled(run: Callable[[str], int], config: str) -> int:
+    """``run(config)``, under cProfile if ``IPSECMGR_PROFILE=PATH`` is set: the stats go
+    to ``PATH.<pid>`` when the daemon exits (tools/bench/tunnel.py --profile uses it)."""
+    path = os.environ.get("IPSECMGR_PROFILE")
+    if not path:
+        return run(config)
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(run, config)
+    finally:
+        prof.dump_stats(f"{path}.{os.getpid()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -146,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
         )
         try:
-            return run(str(args.config))
+            return _run_profiled(run, str(args.config))
         except ConfigError as exc:
             print(f"ipsecmgr: {exc}", file=sys.stderr)
             return 1

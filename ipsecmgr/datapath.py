@@ -173,9 +173,9 @@ class Datapath:
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
         version = packet[0] >> 4
-        # The TUN also carries the kernel's own link-local chatter (IPv6 router
-        # solicitations, MLD, multicast): it is not ours to forward anywhere.
-        if (version == 6 and packet[24] in (0xFE, 0xFF)) or (version == 4 and packet[16] >= 224):
+        # IPv4 multicast is the host's own chatter, not ours to forward (NPUSIM
+        # already drops IPv6 link-scoped packets: router solicitations, MLD).
+        if version == 4 and packet[16] >= 224:
             _bump(self.counters, "tun_local_ignored")
             return
         try:

@@ -230,7 +230,10 @@ class Manager:
             acl = acls[cmap.match_address]
             npu = npusim.CryptoMap(name, acl, (str(cmap.peer),))
             self.maps[name] = MapState(cmap, npu, build_ike_config(config, cmap, acl))
-        self.endpoint = ike.IkeEndpoint([m.ike_config for m in self.maps.values()])
+        # One log line per IKE message (exchange, payloads, size, peer), at -v.
+        self.endpoint = ike.IkeEndpoint(
+            [m.ike_config for m in self.maps.values()], log=lambda line: log.info("%s", line)
+        )
         self.counters: dict[str, int] = {}
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None

@@ -3,7 +3,7 @@
 Grammar of one line (tokens separated by white space, keywords case-insensitive)::
 
     line    := ACTION PROTO ADDR [PORTS] ADDR [PORTS]
-             | "remark" ...                  (ignored, as in Cisco)
+             | "remark" ... | "!" ... | empty   (ignored, as in Cisco)
     ACTION  := "permit" | "deny"
     PROTO   := "ip" | "ipv6" | "tcp" | "udp" | "icmp" | "icmpv6" | "esp"
              | "ahp" | "gre" | "sctp" | NUMBER (0-255)
@@ -22,6 +22,15 @@ Address family of a rule: IPv4 or IPv6 when an address or the protocol
 (``icmp``, ``icmpv6``, ``ipv6``) says so; a rule with ``any`` on both sides
 and a family-neutral protocol (``permit tcp any any eq 49``) matches both
 families.
+
+Input that is not canonical (host bits set under a wildcard or prefix, as in
+``192.0.2.5 0.0.0.255``) is accepted, normalised and reported in
+``Acl.warnings``.  Anything else that does not parse raises
+:class:`AclSyntaxError` naming the list, the line, the token and what was
+expected.  The reference's own first example
+(``permit ip 209.165.200.225 1 0.0.0.0 209.165.201.1 0.0.0.0``) is such a
+line: its stray ``1`` is reported where a wildcard mask was expected, rather
+than guessed at, since a guess would decide what traffic goes out in clear.
 
 Each line is compiled once into integers: the address masks are "care" masks
 (the complement of the wildcard), so matching is ``addr & mask == value``, with
@@ -251,9 +260,9 @@ class _LineParser:
         dst_ports = self.ports(protocol)
         if self.pos < len(self.tokens):
             raise self.error(
-                "end of line"
-                if dst_ports is not None or protocol in (PROTO_TCP, PROTO_UDP)
-                else "end of line (port conditions need tcp or udp)"
+                "a port condition (eq, neq, lt, gt, range) or end of line"
+                if dst_ports is None and protocol in (PROTO_TCP, PROTO_UDP)
+                else "end of line"
             )
         version = self._family(
             (proto_family, self.tokens[1]), (src_family, src_tok), (dst_family, dst_tok)

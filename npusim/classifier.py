@@ -20,14 +20,19 @@ Semantics (Cisco crypto maps; RFC 4301 §4.4.1 SPD ordering):
   (RFC 4301 §5.2 and §4.5.1 make the same exemption for IKE).  Only packets
   whose ports are visible qualify: a non-first UDP fragment to a peer is
   classified like any other packet, so protected traffic never leaks in clear.
+* IPv6 packets that may not leave their link (link-local or unspecified
+  source, link- or interface-local multicast destination: router
+  solicitations, neighbour discovery, MLD) are dropped, never bypassed.
 * Non-first fragments (RFC 4301 §7, ports OPAQUE) match only rules without port
   conditions.  A packet whose TCP/UDP header is cut short is dropped if a rule
   that would need its ports could decide it, and classified otherwise.
 
 Matching is a tuple-space search (the scheme Open vSwitch uses): rules are
-grouped by (family, source mask, destination mask, exact protocol?, exact
-destination port?), and each group is a dict from the masked header fields
-to the rule indices that have them.  A lookup costs one dict probe per group,
+partitioned by address family and protocol (an ``ip`` rule joins every
+partition of its family), then grouped by (source mask, destination mask,
+and, where many rules share an address pair, exact destination port), and
+each group is a dict from the masked header
+fields to the rule indices that have them.  A lookup costs one dict probe per group,
 not one test per rule, and groups are visited in the order of their lowest
 rule index so that the search stops as soon as no group can beat the best
 match found.  Sets of many host or prefix rules that share a few masks are
@@ -50,8 +55,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
-from npusim.acl import ANY_FAMILY, Acl, Rule, in_ranges
-from npusim.counters import GLOBAL
+from npusim.acl import ANY_FAMILY, ANY_PROTOCOL, Acl, Rule, in_ranges
+from npusim.counters import GLOBAL, zero
 from npusim.packet import (
     ALL_DROP_REASONS,
     DROP_TRUNCATED_L4,
@@ -110,20 +115,31 @@ class Drop:
 
 Verdict = Bypass | Protect | Drop
 
-_DROPS: Final = {reason: Drop(reason) for reason in ALL_DROP_REASONS}
+DROP_LINK_SCOPE: Final = "ipv6_link_scope"
+"""An IPv6 packet that may not leave its link (RFC 4291 §2.5.6, §2.7): a
+link-local or unspecified source, or an interface- or link-local multicast
+destination.  The TUN sees router solicitations and neighbour discovery of its
+own; they are neither protected nor sent out of the management interface."""
+
+_CLASSIFIER_DROPS: Final = (*ALL_DROP_REASONS, DROP_LINK_SCOPE)
+_DROPS: Final = {reason: Drop(reason) for reason in _CLASSIFIER_DROPS}
 
 # One candidate in a group's bucket: (global rule index, source port ranges,
 # destination port ranges still to check; None = nothing to check).
 _Candidate = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
-# A group: (lowest index, highest index, src mask, dst mask, exact protocol?,
-# exact destination port?, bucket dict).
-_Group = tuple[int, int, int, int, bool, bool, dict[tuple[int, int, int, int], list[_Candidate]]]
-
-# What the rules of one group share: (src mask, dst mask, exact protocol?,
-# exact destination port?).
-_Shape = tuple[int, int, bool, bool]
+# A group: (lowest index, highest index, src mask, dst mask, dport mask, bucket).
+# The dport mask is -1 when the group's rules all have one exact destination
+# port (it is part of the key) and 0 otherwise; a packet without visible ports
+# carries dport -1, which no exact-port key equals.
+_Group = tuple[int, int, int, int, int, dict[tuple[int, int, int], list[_Candidate]]]
+# Per family: groups by exact protocol, and the groups for other protocols
+# (rules with protocol "ip" only).
+_Index = tuple[dict[int, list[_Group]], list[_Group]]
 
 _NO_MATCH: Final = 1 << 62
+# Rules with the same masked address pair that one group may hold before the
+# exact destination port becomes part of the key (see _groups).
+_MAX_CANDIDATES: Final = 4
 
 
 class Classifier:
@@ -140,7 +156,7 @@ class Classifier:
             m.name: {"protect": 0, "deny": 0} for m in self.crypto_maps
         }
         self.counters[GLOBAL] = self._global = dict.fromkeys(
-            ("bypass", "bypass_ike_esp", "drop", *ALL_DROP_REASONS), 0
+            ("bypass", "bypass_ike_esp", "drop", *_CLASSIFIER_DROPS), 0
         )
         # Per global rule index: (rule, Protect verdict or None for deny,
         # counter dict of its map, first index of the next map).
@@ -151,43 +167,30 @@ class Classifier:
             for rule in cmap.acl.rules:
                 verdict = Protect(cmap, rule) if rule.permit else None
                 self._entries.append((rule, verdict, counters, end))
-        self._groups: dict[int, list[_Group]] = {4: self._build(4), 6: self._build(6)}
-        self._peers: dict[int, frozenset[int]] = {4: frozenset(), 6: frozenset()}
+        self._index: dict[int, _Index] = {4: self._build(4), 6: self._build(6)}
+        # Peer addresses as ints per family, for the IKE/ESP exemption.
         peers: dict[int, set[int]] = {4: set(), 6: set()}
         for cmap in self.crypto_maps:
             for peer in cmap.peers:
                 ip = ipaddress.ip_address(peer)
                 peers[ip.version].add(int(ip))
-        self._peers = {v: frozenset(s) for v, s in peers.items()}
+        self._peers: dict[int, frozenset[int]] = {v: frozenset(s) for v, s in peers.items()}
 
-    def _build(self, version: int) -> list[_Group]:
-        buckets: dict[_Shape, dict[tuple[int, int, int, int], list[_Candidate]]] = {}
-        bounds: dict[_Shape, list[int]] = {}
-        for index, (rule, _, _, _) in enumerate(self._entries):
-            if rule.version not in (ANY_FAMILY, version):
-                continue
-            dport_exact = (
-                rule.dst_ports is not None
-                and len(rule.dst_ports) == 1
-                and (rule.dst_ports[0][0] == rule.dst_ports[0][1])
-            )
-            shape = (rule.src_mask, rule.dst_mask, rule.protocol >= 0, dport_exact)
-            key = (
-                rule.src,
-                rule.dst,
-                rule.protocol,
-                rule.dst_ports[0][0] if rule.dst_ports is not None and dport_exact else -1,
-            )
-            cand: _Candidate = (index, rule.src_ports, None if dport_exact else rule.dst_ports)
-            buckets.setdefault(shape, {}).setdefault(key, []).append(cand)
-            lo_hi = bounds.setdefault(shape, [index, index])
-            lo_hi[1] = index
-        groups: list[_Group] = [
-            (bounds[s][0], bounds[s][1], s[0], s[1], s[2], s[3], table)
-            for s, table in buckets.items()
+    def _build(self, version: int) -> _Index:
+        applicable = [
+            (index, rule)
+            for index, (rule, _, _, _) in enumerate(self._entries)
+            if rule.version in (ANY_FAMILY, version)
         ]
-        groups.sort(key=lambda g: g[0])
-        return groups
+        protocols = {rule.protocol for _, rule in applicable if rule.protocol >= 0}
+        # Partitioning by protocol first keeps a TCP packet from probing the
+        # groups of UDP-only rules, and takes the protocol out of the key.
+        by_proto = {
+            p: _groups([(i, r) for i, r in applicable if r.protocol in (p, ANY_PROTOCOL)])
+            for p in protocols
+        }
+        other = _groups([(i, r) for i, r in applicable if r.protocol == ANY_PROTOCOL])
+        return by_proto, other
 
     def classify(self, packet: bytes | bytearray | memoryview) -> Verdict:
         """Verdict for one outbound IP packet (as read from the TUN)."""
@@ -198,26 +201,73 @@ class Classifier:
             g[sel] += 1
             return _DROPS[sel]
         version, proto, src, dst, sport, dport, pstate = sel
+        if version == 6 and _link_scoped(src, dst):
+            g = self._global
+            g["drop"] += 1
+            g[DROP_LINK_SCOPE] += 1
+            return _DROPS[DROP_LINK_SCOPE]
         if proto in _CONTROL_PROTOCOLS and self._is_control(
             version, proto, src, dst, sport, dport, pstate
         ):
             self._global["bypass_ike_esp"] += 1
             return BYPASS
+        if pstate == PORTS_TRUNCATED:
+            return self._classify_truncated(version, proto, src, dst)
+        ports = pstate == PORTS_OK
+        by_proto, other = self._index[version]
+        groups = by_proto.get(proto, other)
         entries = self._entries
         floor = 0
         while True:
-            if pstate == PORTS_TRUNCATED:
-                index = self._scan(version, proto, src, dst, floor)
-                if index < 0:
-                    self._global["drop"] += 1
-                    self._global[DROP_TRUNCATED_L4] += 1
-                    return _DROPS[DROP_TRUNCATED_L4]
-            else:
-                index = self._search(version, proto, src, dst, sport, dport, pstate, floor)
+            # Tuple-space search (inlined: this is the per-packet hot path) for
+            # the lowest matching rule index at or above `floor`.
+            best = _NO_MATCH
+            for lo, hi, sm, dm, dpm, table in groups:
+                if lo >= best:
+                    break  # groups are sorted by lowest index: none can do better
+                if hi < floor:
+                    continue
+                cands = table.get((src & sm, dst & dm, dport & dpm))
+                if cands is None:
+                    continue
+                for index, sr, dr in cands:
+                    if index >= best:
+                        break
+                    if index < floor:
+                        continue
+                    if sr is not None and not (ports and in_ranges(sport, sr)):
+                        continue
+                    if dr is not None and not (ports and in_ranges(dport, dr)):
+                        continue
+                    best = index
+                    break
+            if best == _NO_MATCH:
+                self._global["bypass"] += 1
+                return BYPASS
+            _, verdict, counters, floor = entries[best]
+            if verdict is not None:
+                counters["protect"] += 1
+                return verdict
+            # A deny line: not via this map; search again from the next map.
+            counters["deny"] += 1
+
+    def clear_counters(self) -> None:
+        """Zero every counter (the dicts stay the same objects)."""
+        zero(self.counters)
+
+    def _classify_truncated(self, version: int, proto: int, src: int, dst: int) -> Verdict:
+        """The rare path for a packet whose TCP/UDP ports were cut off."""
+        floor = 0
+        while True:
+            index = self._scan(version, proto, src, dst, floor)
+            if index < 0:
+                self._global["drop"] += 1
+                self._global[DROP_TRUNCATED_L4] += 1
+                return _DROPS[DROP_TRUNCATED_L4]
             if index == _NO_MATCH:
                 self._global["bypass"] += 1
                 return BYPASS
-            _, verdict, counters, floor = entries[index]
+            _, verdict, counters, floor = self._entries[index]
             if verdict is not None:
                 counters["protect"] += 1
                 return verdict
@@ -233,41 +283,6 @@ class Classifier:
             return True
         return pstate == PORTS_OK and (sport in _IKE_PORTS or dport in _IKE_PORTS)
 
-    def _search(
-        self,
-        version: int,
-        proto: int,
-        src: int,
-        dst: int,
-        sport: int,
-        dport: int,
-        pstate: int,
-        floor: int,
-    ) -> int:
-        """Lowest rule index >= floor that matches, or _NO_MATCH."""
-        best = _NO_MATCH
-        ports = pstate == PORTS_OK
-        for lo, hi, sm, dm, pe, de, table in self._groups[version]:
-            if lo >= best:
-                break  # groups are sorted by lowest index: none can do better
-            if hi < floor or (de and not ports):
-                continue
-            cands = table.get((src & sm, dst & dm, proto if pe else -1, dport if de else -1))
-            if cands is None:
-                continue
-            for index, sr, dr in cands:
-                if index >= best:
-                    break
-                if index < floor:
-                    continue
-                if sr is not None and not (ports and in_ranges(sport, sr)):
-                    continue
-                if dr is not None and not (ports and in_ranges(dport, dr)):
-                    continue
-                best = index
-                break
-        return best
-
     def _scan(self, version: int, proto: int, src: int, dst: int, floor: int) -> int:
         """Linear search for a packet whose ports were cut off.
 
@@ -280,3 +295,45 @@ class Classifier:
             if rule.matches_addresses(version, proto, src, dst):
                 return -1 if rule.needs_ports else index
         return _NO_MATCH
+
+
+def _link_scoped(src: int, dst: int) -> bool:
+    # fe80::/10 link-local or :: unspecified source; ff01::/16 or ff02::/16
+    # (any flags) interface-/link-local multicast destination.
+    return src >> 118 == 0x3FA or src == 0 or (dst >> 120 == 0xFF and (dst >> 112) & 0xF in (1, 2))
+
+
+def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:
+    """Tuple-space groups for (global index, rule) pairs, in index order.
+
+    Rules sharing a (source mask, destination mask) pair form one group, keyed
+    on the masked addresses, unless that would pile many exact-port rules onto
+    the same address pair (``permit tcp any host X eq N`` for many N): then
+    the exact-port rules get a group of their own with the port in the key.
+    One probe fewer per packet in the common case, no long candidate lists in
+    the port-heavy one.
+    """
+    by_masks: dict[tuple[int, int], list[tuple[int, Rule]]] = {}
+    for index, rule in rules:
+        by_masks.setdefault((rule.src_mask, rule.dst_mask), []).append((index, rule))
+    groups: list[_Group] = []
+    for (sm, dm), members in by_masks.items():
+        per_pair: dict[tuple[int, int], int] = {}
+        for _, rule in members:
+            pair = (rule.src, rule.dst)
+            per_pair[pair] = per_pair.get(pair, 0) + 1
+        split = max(per_pair.values()) > _MAX_CANDIDATES
+        tables: dict[int, dict[tuple[int, int, int], list[_Candidate]]] = {}
+        bounds: dict[int, list[int]] = {}
+        for index, rule in members:
+            dp = rule.dst_ports
+            exact = split and dp is not None and len(dp) == 1 and dp[0][0] == dp[0][1]
+            dpm = -1 if exact else 0
+            key = (rule.src, rule.dst, dp[0][0] if dp is not None and exact else 0)
+            cand: _Candidate = (index, rule.src_ports, None if exact else dp)
+            tables.setdefault(dpm, {}).setdefault(key, []).append(cand)
+            bounds.setdefault(dpm, [index, index])[1] = index
+        for dpm, table in tables.items():
+            groups.append((bounds[dpm][0], bounds[dpm][1], sm, dm, dpm, table))
+    groups.sort(key=lambda g: g[0])
+    return groups

@@ -10,3 +10,14 @@ from typing import Final
 
 GLOBAL: Final = "*"
 """Name of the counter bucket for events that belong to no crypto map."""
+
+
+def zero(counters: dict[str, dict[str, int]]) -> None:
+    """Reset every counter in place (``clear crypto statistics``).
+
+    In place, because the hot path holds references to the inner dicts:
+    replacing them would silently detach the counters from the data path.
+    """
+    for bucket in counters.values():
+        for name in bucket:
+            bucket[name] = 0

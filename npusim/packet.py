@@ -79,12 +79,21 @@ Selectors = tuple[int, int, int, int, int, int, int]
 # protocol, source, destination.
 _V4 = struct.Struct("!B1xH2xH1xB2xII")
 _PORTS = struct.Struct("!HH")
-_V6 = struct.Struct("!4xHB1x")
+_V4_PORTS = struct.Struct("!B1xH2xH1xB2xIIHH")
+# IPv6: payload length, next header, source and destination as 64-bit halves
+# (one unpack is cheaper than two slices and int.from_bytes).
+_V6 = struct.Struct("!4xHB1xQQQQ")
 
 
 def parse_selectors(packet: bytes | bytearray | memoryview) -> Selectors | str:
     """Selector fields of an IPv4/IPv6 packet, or a ``DROP_*`` reason string."""
     n = len(packet)
+    if n >= 24 and packet[0] == 0x45:
+        # Fast path, one unpack: IPv4 without options, header and ports
+        # (the same checks as below, specialised to IHL 5).
+        _, total, frag, proto, src, dst, sport, dport = _V4_PORTS.unpack_from(packet)
+        if 24 <= total <= n and not frag & 0x1FFF and proto in PORT_PROTOCOLS:
+            return (4, proto, src, dst, sport, dport, PORTS_OK)
     if n == 0:
         return DROP_EMPTY
     version = packet[0] >> 4
@@ -102,16 +111,20 @@ def parse_selectors(packet: bytes | bytearray | memoryview) -> Selectors | str:
         if frag & 0x1FFF:
             # RFC 4301 §7: a non-first fragment carries no ports.
             return (4, proto, src, dst, -1, -1, PORTS_OPAQUE)
+        if proto in PORT_PROTOCOLS and ihl + 4 <= total:
+            # Ports right after a header with options.
+            sport, dport = _PORTS.unpack_from(packet, ihl)
+            return (4, proto, src, dst, sport, dport, PORTS_OK)
         return _upper(4, proto, src, dst, packet, ihl, total)
     if version == 6:
         if n < 40:
             return DROP_TRUNCATED_IP
-        plen, nh = _V6.unpack_from(packet)
+        plen, nh, s_hi, s_lo, d_hi, d_lo = _V6.unpack_from(packet)
         end = 40 + plen
         if end > n:
             return DROP_BAD_LENGTH
-        src = int.from_bytes(packet[8:24], "big")
-        dst = int.from_bytes(packet[24:40], "big")
+        src = s_hi << 64 | s_lo
+        dst = d_hi << 64 | d_lo
         off = 40
         first = True
         while nh in (_HOP_BY_HOP, _ROUTING, _DEST_OPTS, _FRAGMENT):

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from npusim.counters import GLOBAL
+from npusim.counters import GLOBAL, zero
 from npusim.packet import PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, parse_selectors
 
 _FAMILY_MAX: Final = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
@@ -234,6 +234,10 @@ class SaFlowTable:
         )
         flow.counters["policy_ok" if ok else "policy_violation"] += 1
         return ok
+
+    def clear_counters(self) -> None:
+        """Zero every counter (the dicts stay the same objects)."""
+        zero(self.counters)
 
     def __len__(self) -> int:
         return len(self._flows)

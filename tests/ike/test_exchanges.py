@@ -7,16 +7,18 @@ import pytest
 from ike.constants import DhGroup
 from ike.crypto import get_prf, skeyseed_rekey
 from ike.events import (
+    AuthenticationFailed,
     ChildSaDeleted,
     ChildSaInstalled,
     ChildSaRekeyed,
     ExchangeFailed,
     IkeSaDeleted,
     IkeSaRekeyed,
+    PeerDead,
 )
 from ike.sa import State
 
-from .pair import Pair, configs
+from .pair import R_ADDR, Pair, configs
 
 
 def up(**kw: object) -> Pair:
@@ -226,3 +228,187 @@ def test_child_pfs_group_mismatch() -> None:
     assert len(p.i.children) == len(p.r.children) == 1
     assert p.events_of("i", ExchangeFailed)[0].notify == "NO_PROPOSAL_CHOSEN"
     assert p.i.established and p.r.established
+
+
+def test_lifetimes_drive_rekeys() -> None:
+    """Soft lifetimes: the original initiator rekeys at 90 %, before the responder (93 %)."""
+    p = up(child_lifetime=100.0, ike_lifetime=1000.0)
+    p.advance(89.0)
+    assert list(p.i.children) == [1]
+    p.advance(90.0)
+    assert p.i.counters["child_rekey_timer"] == 1
+    assert "child_rekey_timer" not in p.r.counters  # its copy was replaced first
+    assert list(p.i.children) == list(p.r.children) == [2]
+    p.advance(900.0)
+    assert p.i.counters["ike_rekey_timer"] == 1 and len(p.events_of("r", IkeSaRekeyed)) == 1
+    assert p.i.established and p.r.established and p.i.old_ch is None
+
+
+def test_hard_child_lifetime_deletes() -> None:
+    p = up(i_child_lifetime=0.0, r_child_lifetime=50.0, ike_lifetime=0.0)
+    p.r.children[1].rekey_at = None  # no rekey: let it run into the hard limit
+    p.advance(50.0)
+    assert p.r.counters["child_expired"] == 1
+    assert not p.i.children and not p.r.children
+    assert p.i.get_timer() is None
+
+
+def _same_ike_sa(p: Pair) -> None:
+    assert (p.i.ch.spi_i, p.i.ch.spi_r) == (p.r.ch.spi_i, p.r.ch.spi_r)
+    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert p.i.ch.initiator != p.r.ch.initiator
+    assert not p.i.retiring and not p.r.retiring
+    assert p.i.established and p.r.established and list(p.i.children) == list(p.r.children)
+
+
+def test_simultaneous_ike_rekey_lowest_nonce_loses() -> None:
+    """§2.8.2: both rekey the IKE SA at once; both exchanges succeed; the new IKE SA with
+    the lowest of the four nonces is deleted by its initiator, the other one stays."""
+    p = up()
+    p.i.rekey_ike(p.now)
+    p.r.rekey_ike(p.now)
+    p.roundtrip()
+    lost = p.i.counters.get("ike_rekey_collision_lost", 0) + p.r.counters.get(
+        "ike_rekey_collision_lost", 0
+    )
+    won = p.i.counters.get("ike_rekey_collision_won", 0) + p.r.counters.get(
+        "ike_rekey_collision_won", 0
+    )
+    assert (lost, won) == (1, 1)
+    _same_ike_sa(p)
+    assert not p.events_of("i", ExchangeFailed) and not p.events_of("r", ExchangeFailed)
+    assert p.events_of("i", IkeSaRekeyed)[-1].spi_i == p.events_of("r", IkeSaRekeyed)[-1].spi_i
+    p.i.liveness_check(p.now)
+    p.r.rekey_child(1, p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1 and list(p.i.children) == [2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simultaneous_ike_rekey_with_reordering(seed: int) -> None:
+    """The winner's DELETE of the old IKE SA overtakes its answer to the loser's request."""
+    import random
+
+    rnd = random.Random(seed)
+    p = up()
+    p.i.rekey_ike(p.now)
+    p.r.rekey_ike(p.now)
+    in_flight: list[tuple[str, bytes]] = []
+    for _ in range(40):
+        in_flight += [("i>r", d) for d, _ in p.i.datagrams_to_send(p.now)]
+        in_flight += [("r>i", d) for d, _ in p.ep.datagrams_to_send(p.now)]
+        if not in_flight:
+            break
+        who, data = in_flight.pop(rnd.randrange(len(in_flight)))  # any order
+        if who == "i>r":
+            p.ep.receive_datagram(data, p.i_src, p.now)
+        else:
+            p.i.receive_datagram(data, R_ADDR, p.now)
+    p.roundtrip()
+    p.advance(200.0)  # retransmissions, retries and expiries run out
+    _same_ike_sa(p)
+    for sa in (p.i, p.r):
+        assert sa.counters.get("internal_error", 0) == 0
+
+
+def test_initiator_reports_bad_responder_auth() -> None:
+    """§2.21.2: a failing responder AUTH is told to the responder in an INFORMATIONAL."""
+    p = Pair(*configs(i_remote_psk=b"not what the responder uses"))
+    p.handshake()
+    assert p.i.dead and p.events_of("i", AuthenticationFailed)
+    assert not p.ep.sas  # the responder dropped its SA when told
+    assert p.events_of("r", AuthenticationFailed)
+    sent = [d for who, _, d in p.wire if who == "i>r"]
+    assert sent[-1][18] == 37 and int.from_bytes(sent[-1][20:24], "big") == 2
+    assert p.i.counters.get("dropped_dead", 0) == 1  # its empty answer found nobody
+
+
+@pytest.mark.parametrize("order", ["child-first", "ike-first"])
+def test_child_rekey_crossing_an_ike_rekey(order: str) -> None:
+    """A Child rekey runs on the old IKE SA while the peer rekeys the IKE SA: KEYMAT
+    comes from the SK_d of the IKE SA the exchange ran on (§2.17)."""
+    p = up()
+    if order == "child-first":
+        p.i.rekey_child(1, p.now)
+        p.r.rekey_ike(p.now)
+    else:
+        p.r.rekey_ike(p.now)
+        p.i.rekey_child(1, p.now)
+    p.roundtrip()
+    assert len(p.events_of("i", IkeSaRekeyed)) == len(p.events_of("r", IkeSaRekeyed)) == 1
+    assert list(p.i.children) == list(p.r.children) == [2]
+    ci, cr = p.i.children[2], p.r.children[2]
+    assert ci.inbound_key == cr.outbound_key and ci.outbound_key == cr.inbound_key
+    assert p.i.old_ch is None and p.r.old_ch is None
+
+
+def test_request_left_on_the_old_ike_sa_is_redone_on_the_new_one() -> None:
+    p = up()
+    p.i.liveness_check(p.now)
+    p.r.rekey_ike(p.now)
+    dropped: list[int] = []
+
+    def lose_first_informational_answer(direction: str, n: int, data: bytes) -> list[bytes]:
+        if direction == "r>i" and data[18] == 37 and data[19] & 0x20 and not dropped:
+            dropped.append(n)
+            return []
+        return [data]
+
+    p.roundtrip(lose_first_informational_answer)
+    assert dropped and p.i.counters["requeued_from_old_sa"] == 1
+    assert p.i.counters["liveness_ok"] == 1 and p.i.old_ch is None
+    assert p.i.ch.pending is None and p.r.ch.pending is None
+
+
+def test_child_rekey_arriving_on_the_replaced_ike_sa() -> None:
+    """The responder's Child rekey crosses the initiator's IKE rekey and arrives after the
+    switch, on the old IKE SA: refused with TEMPORARY_FAILURE, redone on the new IKE SA."""
+    from .pair import R_ADDR
+
+    p = up()
+    p.r.rekey_child(1, p.now)
+    (held,) = p.ep.datagrams_to_send(p.now)  # the Child rekey request, delayed in the network
+    p.i.rekey_ike(p.now)
+    ((req, _),) = p.i.datagrams_to_send(p.now)
+    p.ep.receive_datagram(req, p.i_src, p.now)
+    ((resp, _),) = p.ep.datagrams_to_send(p.now)  # the responder has switched
+    p.i.receive_datagram(resp, R_ADDR, p.now)
+    ((delete_old, _),) = p.i.datagrams_to_send(p.now)  # so has the initiator
+    p.i.receive_datagram(held[0], R_ADDR, p.now)
+    ((refusal, _),) = p.i.datagrams_to_send(p.now)
+    assert p.i.counters["sent_TEMPORARY_FAILURE"] == 1
+    p.ep.receive_datagram(refusal, p.i_src, p.now)
+    p.ep.receive_datagram(delete_old, p.i_src, p.now)
+    p.roundtrip()
+    assert p.events_of("r", ExchangeFailed)[0].notify == "TEMPORARY_FAILURE"
+    p.advance(10.0)  # the responder retries its Child rekey 2-5 s later
+    assert p.r.counters["child_rekey_timer"] == 1
+    assert p.i.established and p.r.established and p.i.old_ch is None and p.r.old_ch is None
+    assert list(p.i.children) == list(p.r.children) == [2]
+    assert p.i.children[2].inbound_key == p.r.children[2].outbound_key
+    assert not p.events_of("i", PeerDead) and not p.events_of("r", PeerDead)
+
+
+def test_back_to_back_ike_rekeys() -> None:
+    """A second IKE rekey waits until the replaced IKE SA is deleted; duplicates coalesce."""
+    from .pair import R_ADDR
+
+    p = up()
+    p.i.rekey_ike(p.now)
+    p.i.rekey_ike(p.now)  # asked twice: one rekey satisfies both
+    ((req, _),) = p.i.datagrams_to_send(p.now)
+    p.ep.receive_datagram(req, p.i_src, p.now)
+    ((resp, _),) = p.ep.datagrams_to_send(p.now)
+    assert p.r.old_ch is not None  # switched; the old IKE SA awaits its DELETE
+    p.r.rekey_ike(p.now)
+    assert not p.ep.datagrams_to_send(p.now)  # waits
+    p.i.receive_datagram(resp, R_ADDR, p.now)
+    p.roundtrip()  # DELETE of the old SA, then the responder's own rekey
+    first, second = p.events_of("r", IkeSaRekeyed)
+    assert (first.spi_i, first.spi_r) == (second.old_spi_i, second.old_spi_r)
+    assert len(p.events_of("i", IkeSaRekeyed)) == 2
+    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert p.i.old_ch is None and p.r.old_ch is None and p.i.established and p.r.established
+    p.i.liveness_check(p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1

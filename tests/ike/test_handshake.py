@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -262,3 +263,73 @@ def test_export_keys() -> None:
     assert k["encryption"] == "AES-GCM-256 with 16 octet ICV [RFC5282]"
     assert k["integrity"] == "NONE [RFC4306]"
     assert k == p.r.export_keys()
+
+
+def test_log_lines_name_every_payload_and_no_secret() -> None:
+    lines: list[str] = []
+    ci, cr = configs()
+    p = Pair(ci, cr)
+    p.i.log = lines.append
+    p.ep.log = lines.append
+    p.handshake()
+    assert re.search(
+        r"sending IKE_SA_INIT request 0 \[ SA KE No N\(NAT_DETECTION_SOURCE_IP\) "
+        r"N\(NAT_DETECTION_DESTINATION_IP\) \] \((\d+) bytes\) to 198\.51\.100\.2\[500\]$",
+        lines[0],
+    ), lines[0]
+    # The size logged by the sender is the size the receiver logs for the same message.
+    sizes = {}
+    for line in lines:
+        m = re.search(r"(sending|received) (\w+ \w+ \d+) .*\((\d+) bytes\)", line)
+        assert m, line
+        sizes.setdefault(m.group(2), set()).add(int(m.group(3)))
+    assert len(sizes) == 4 and all(len(v) == 1 for v in sizes.values()), sizes
+    assert any(
+        "received IKE_AUTH request 1 [ IDi N(INITIAL_CONTACT) IDr AUTH SA TSi TSr ]" in x
+        for x in lines
+    )
+    assert any("sending IKE_AUTH response 1 [ IDr AUTH SA TSi TSr ]" in x for x in lines)
+    assert len(lines) == 8  # each of 4 messages: sent by one side, received by the other
+    keys = p.i.export_keys()
+    assert not any(keys["sk_ei"] in x or "correct horse" in x for x in lines)
+
+
+def test_cookies_only_above_the_half_open_threshold() -> None:
+    p = Pair(*configs(r_cookie_threshold=1))
+    p.handshake(lambda d, n, data: [] if n >= 3 else [data])  # stays half-open
+    assert p.ep.counters.get("cookie_sent", 0) == 0 and len(p.ep.sas) == 1
+    q = Pair(*configs(), seed=5)
+    q.ep = p.ep
+    q.handshake()
+    assert q.i.established
+    assert p.ep.counters["cookie_sent"] == 1 and p.ep.counters["cookie_accepted"] == 1
+
+
+def test_cookie_secret_rotation() -> None:
+    from ike.endpoint import CookieJar
+
+    secrets = iter([b"a" * 32, b"b" * 32, b"c" * 32])
+    jar = CookieJar(lambda n: next(secrets), rotation=300.0)
+    c = jar.make(b"n" * 32, "198.51.100.1", b"s" * 8, 0.0)
+    assert len(c) == 36 and jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 299.0)
+    assert not jar.check(c, b"m" * 32, "198.51.100.1", b"s" * 8, 299.0)  # other nonce
+    assert not jar.check(c, b"n" * 32, "198.51.100.9", b"s" * 8, 299.0)  # other address
+    assert jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 301.0)  # previous secret: ok
+    assert not jar.check(c, b"n" * 32, "198.51.100.1", b"s" * 8, 601.0)  # two rotations: no
+
+
+def test_info_is_plain_and_secret_free() -> None:
+    import json
+
+    p = Pair(*configs())
+    p.handshake()
+    info = p.i.info()
+    text = json.dumps(info)
+    keys = p.i.export_keys()
+    ci, _ = installed(p)
+    for secret in (keys["sk_ei"], keys["sk_er"], ci.inbound_key.hex(), "correct horse"):
+        assert secret not in text
+    assert info["state"] == "established" and info["spi_r"] == keys["spi_r"]
+    assert info["algorithms"] == "AES_GCM_16_256/HMAC_SHA2_256/CURVE25519"
+    (child,) = info["children"]  # type: ignore[misc]
+    assert child["inbound_spi"] == f"{ci.inbound_spi:08x}" and child["mode"] == "tunnel"

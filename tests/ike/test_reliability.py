@@ -102,3 +102,60 @@ def test_responder_forgets_half_open_sa() -> None:
     p.advance(10.0, lambda d, n, data: [])
     assert not p.ep.sas
     assert not p.events_of("r", IkeSaDeleted)  # it never existed for the daemon
+
+
+def test_initial_contact_replaces_stale_sas_at_the_responder() -> None:
+    """The initiator restarts (new SPIs) and connects again: the responder drops the old SA."""
+    p = Pair(*configs())
+    p.handshake()
+    old = p.r
+    q = Pair(*configs(), seed=7)
+    q.ep = p.ep  # same responder
+    q.handshake()
+    assert old.dead and len(p.ep.sas) == 1 and p.ep.sas[0] is not old
+    deleted = [e for e in q.r_events if isinstance(e, IkeSaDeleted)]
+    assert [(d.ike_sa, d.reason) for d in deleted] == [(old.name, "replaced (INITIAL_CONTACT)")]
+    assert p.ep.counters["replaced_by_initial_contact"] == 1
+
+
+def test_child_spis_unique_across_ike_sas() -> None:
+    import os
+
+    calls: list[int] = []
+
+    def rng(n: int) -> bytes:
+        """The first two 4-byte draws repeat: the second SA must not reuse the SPI."""
+        if n != 4:
+            return os.urandom(n)
+        calls.append(n)
+        return (0x1000 if len(calls) <= 2 else 0x2000).to_bytes(4, "big")
+
+    p = Pair(*configs())
+    p.ep.rng = rng
+    p.handshake()
+    q = Pair(*configs(initial_contact=False), seed=9)
+    q.ep = p.ep
+    q.handshake()
+    spis = [c.inbound_spi for s in p.ep.sas for c in s.children.values()]
+    assert len(p.ep.sas) == 2 and sorted(spis) == [0x1000, 0x2000]
+
+
+def test_endpoint_sends_initial_contact_only_on_the_first_sa() -> None:
+    from ike.endpoint import IkeEndpoint
+    from ike.events import InitialContactReceived
+
+    ci, cr = configs()
+    ep_i, ep_r = IkeEndpoint([ci]), IkeEndpoint([cr])
+    first = ep_i.initiate(ci, 0.0)
+    second = ep_i.initiate(ci, 0.0)
+    assert first.initial_contact and not second.initial_contact
+    for _ in range(4):
+        for d, _ in ep_i.datagrams_to_send(0.0):
+            ep_r.receive_datagram(d, ci.local_addr, 0.0)
+        for d, _ in ep_r.datagrams_to_send(0.0):
+            ep_i.receive_datagram(d, cr.local_addr, 0.0)
+    assert first.established and second.established and len(ep_r.sas) == 2
+    events = []
+    while (e := ep_r.next_event()) is not None:
+        events.append(e)
+    assert len([e for e in events if isinstance(e, InitialContactReceived)]) == 1

@@ -144,7 +144,8 @@ def test_host_bits_in_prefix_are_normalised_with_a_warning() -> None:
         ("permit ip any", "", "a destination address"),
         ("permit ip 2001:db8::1 any", "2001:db8::1", "an IPv6 prefix"),
         ("permit ip 192.0.2.0/33 any", "192.0.2.0/33", "a prefix"),
-        ("permit ip any any any", "any", "end of line (port conditions need tcp or udp)"),
+        ("permit ip any any any", "any", "end of line"),
+        ("permit tcp any any 49", "49", "a port condition (eq, neq, lt, gt, range) or end"),
         ("permit tcp any any eq 49 extra", "extra", "end of line"),
         ("permit ip any any eq 49", "eq", "port conditions need tcp or udp"),
         ("permit icmp any eq 1 any", "eq", "port conditions need tcp or udp"),
@@ -184,3 +185,18 @@ def test_rule_matches_uses_integer_masks() -> None:
     assert not r.matches(4, 6, ip("192.0.2.8"), 1, 40000, 50, 0)  # port
     assert not r.matches(4, 17, ip("192.0.2.8"), 1, 40000, 49, 0)  # protocol
     assert not r.matches(4, 6, ip("192.0.2.8"), 1, -1, -1, 2)  # ports opaque
+
+
+def test_linear_first_match_is_first_match() -> None:
+    acl = parse_acl(
+        "foo",
+        ["deny tcp any any eq 23", "permit tcp any host 192.0.2.1", "permit ip any any"],
+    )
+    args = (4, 6, ip("198.51.100.1"), ip("192.0.2.1"), 40000)
+    assert acl.first_match(*args, 23, 0) is acl.rules[0]
+    assert acl.first_match(*args, 49, 0) is acl.rules[1]
+    assert acl.first_match(4, 17, 1, 2, 1, 1, 0) is acl.rules[2]
+    # "ip any any" names no family, so it matches IPv6 too.
+    assert acl.first_match(6, 17, 1, 2, 1, 1, 0) is acl.rules[2]
+    v4_only = parse_acl("bar", ["permit ip 0.0.0.0 255.255.255.255 any"])
+    assert v4_only.first_match(6, 17, 1, 2, 1, 1, 0) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
+    ICMPv6ND_RS,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -91,6 +92,16 @@ def test_counters_per_map_and_global() -> None:
     assert clf.counters["foo"] == {"protect": 2, "deny": 0}
     g = clf.counters[GLOBAL]
     assert (g["bypass"], g["bypass_ike_esp"], g["drop"], g["not_ip"]) == (1, 0, 1, 1)
+
+
+def test_clear_counters_keeps_counting() -> None:
+    clf = classifier(("foo", ["permit tcp any any eq 49"], []))
+    clf.classify(syn("192.0.2.2", "192.0.2.1"))
+    clf.classify(b"")
+    clf.clear_counters()
+    assert clf.counters["foo"]["protect"] == 0 and clf.counters[GLOBAL]["drop"] == 0
+    clf.classify(syn("192.0.2.2", "192.0.2.1"))
+    assert clf.counters["foo"]["protect"] == 1
 
 
 def test_verdict_objects_are_cheap_and_typed() -> None:
@@ -204,6 +215,9 @@ def _v4(**kw: object) -> bytes:
         (bytes(IPv6(plen=21) / TCP()), "bad_total_length"),
         # Hop-by-hop announced but the packet ends: cannot walk it.
         (bytes(IPv6(nh=0, plen=4) / Raw(b"\x06\x00\x00\x00")), "bad_ipv6_extension_header"),
+        # ... and the buffer ends inside the extension header's first bytes.
+        (bytes(IPv6(nh=0, plen=1) / Raw(b"\x06")), "bad_ipv6_extension_header"),
+        (bytes(IPv6(nh=44, plen=3) / Raw(b"\x06\x00\x00")), "bad_ipv6_extension_header"),
         # Hop-by-hop anywhere but first is invalid (RFC 8200 §4.3).
         (
             bytes(IPv6() / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / TCP()),
@@ -318,3 +332,44 @@ def test_no_maps_bypasses_everything() -> None:
     clf = Classifier([])
     assert clf.classify(syn("192.0.2.1", "192.0.2.2")) is BYPASS
     assert clf.counters == {GLOBAL: clf.counters[GLOBAL]}
+
+
+def test_many_exact_ports_on_one_address_pair() -> None:
+    # 20 rules on the same address pair: the index keys the port (white-box
+    # check below) and first-match order still holds across the two groups.
+    lines = [f"permit tcp any host 192.0.2.1 eq {p}" for p in range(1000, 1020)]
+    lines[5] = "deny tcp any host 192.0.2.1 eq 1005"
+    lines.append("permit tcp any host 192.0.2.1 range 1000 2000")
+    clf = classifier(("m", lines, []))
+    by_proto, _ = clf._index[4]
+    assert sorted(g[4] for g in by_proto[6]) == [-1, 0]  # split on the exact port
+    for port, line in ((1000, 1), (1019, 20), (1020, 21), (1999, 21)):
+        v = clf.classify(syn("198.51.100.1", "192.0.2.1", dport=port))
+        assert isinstance(v, Protect) and v.rule.line == line
+    assert clf.classify(syn("198.51.100.1", "192.0.2.1", dport=1005)) is BYPASS
+    assert clf.classify(syn("198.51.100.1", "192.0.2.1", dport=2001)) is BYPASS
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "dropped"),
+    [
+        ("fe80::1", "ff02::2", True),  # router solicitation
+        ("fe80::1", "2001:db8::2", True),
+        ("::", "ff02::1:ff00:1", True),  # DAD neighbour solicitation
+        ("2001:db8::1", "ff02::16", True),  # MLDv2 report
+        ("2001:db8::1", "ff12::1", True),  # transient link-local group
+        ("2001:db8::1", "ff01::1", True),
+        ("2001:db8::1", "ff05::1", False),  # site-local multicast may be routed
+        ("2001:db8::1", "2001:db8::2", False),
+        ("febf::1", "2001:db8::2", True),  # still fe80::/10
+        ("fec0::1", "2001:db8::2", False),
+    ],
+)
+def test_ipv6_link_scope_traffic_is_dropped(src: str, dst: str, dropped: bool) -> None:
+    clf = classifier(("foo", ["permit ipv6 any any"], []))
+    v = clf.classify(bytes(IPv6(src=src, dst=dst) / ICMPv6ND_RS()))
+    if dropped:
+        assert isinstance(v, Drop) and v.reason == "ipv6_link_scope"
+        assert clf.counters[GLOBAL]["ipv6_link_scope"] == 1
+    else:
+        assert isinstance(v, Protect)

@@ -1,0 +1,438 @@
+"""Our gateway pair against a strongSwan pair, on the same lab, in the same run.
+
+Run (root): /work/main/.venv/bin/python tools/bench/tunnel.py [--seconds 10] [--runs 3]
+            [--rtt-count 1000] [--quick] [--json] [--profile DIR]
+
+One :class:`ipsecmgr.lab.topology.Lab` (tunnel mode) is built, and on it three
+paths are measured from the client namespace to the server namespace:
+
+- clear text: no gateway, the lab's routes forward in clear (context only);
+- ours: ``ipsecmgr run`` on the client host (initiator) and on the gw
+  (responder), via :class:`ipsecmgr.lab.gateways.LabGateways`;
+- strongSwan: charon with ``kernel-libipsec`` (userspace ESP, TUN ``ipsec0``)
+  on the same two namespaces, via :class:`ipsecmgr.lab.strongswan.StrongSwanPeer`.
+
+Both tunnels carry ESP AES-GCM-256 (aes256gcm16) over a TUN of MTU 1400; each
+round checks both (the SA's algorithm and the TUN's MTU) before measuring. One
+difference remains: bookworm's strongSwan 5.9.8 sends ESP inside UDP 4500
+(it fakes a NAT), ours sends raw IP protocol 50.
+
+The run is ``--runs`` rounds. In each round ours and strongSwan (alternating
+which goes first) are set up, measured and torn down in turn, so that a busy
+spell of this shared machine does not fall on one of them only; clear text is
+measured once, in the first round. A round on a tunnel is: one iperf3 TCP run of
+``--seconds`` s from the client (bound to src_ip 192.0.2.1, so the packets go
+through the tunnel) to the TACACS+ server's address 203.0.113.49, with each
+gateway process's CPU time (utime + stime, all threads) and ESP packet counters
+(in + out) read before and after it; then its share of ``--rtt-count`` UDP round
+trips (tools/bench/udp_echo.py). Reported: the median TCP throughput, the median
+and p90 of all round trips pooled, and per gateway the CPU µs per ESP packet
+summed over the rounds.
+
+The targets of the issues (TCP >= 3x strongSwan, RTT <= 0.6x strongSwan) are
+printed as met / not met; they are information, and the exit code is 0 either
+way. Exit 2 means setup failed (nothing was measured), 130 an interrupt.
+Everything (namespaces, daemons, iperf3, echo server) is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import pstats
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from _lab import (
+    BenchError,
+    cpu_times,
+    iperf3_tcp,
+    link_mtu,
+    ping_until_up,
+    udp_echo_server,
+    udp_rtt,
+)
+from udp_echo import percentile
+
+from ipsecmgr.lab.configs import lab_strongswan_args
+from ipsecmgr.lab.gateways import GatewayError, LabGateways
+from ipsecmgr.lab.strongswan import StrongSwanError, StrongSwanPeer
+from ipsecmgr.lab.topology import Lab
+from ipsecmgr.netns import NetnsError
+from ipsecmgr.secret import Secret
+
+SIDES = ("client", "gw")  # initiator host, responder gateway
+TUN_MTU = 1400
+OUR_TUN = "ipsm0"
+SW_TUN = "ipsec0"
+TCP_TARGET = 3.0  # ours / strongSwan, at least
+RTT_TARGET = 0.6  # ours / strongSwan, at most
+
+
+@dataclass
+class Setup:
+    """A path that is up and carries traffic: what measuring one round on it needs."""
+
+    pids: dict[str, int]  # gateway process by side; empty for clear text
+    esp_packets: Callable[[str], tuple[int, int]] | None  # (in, out) of a side's ESP SAs
+    info: dict[str, Any]  # esp, tun_mtu, encap, profiles: checked facts, reported as is
+
+
+@dataclass
+class Samples:
+    """Everything measured on one path, summed or pooled over its rounds."""
+
+    tcp_mbps: list[float] = field(default_factory=list)
+    rtt_us: list[float] = field(default_factory=list)
+    rtt_lost: int = 0
+    rtt_size: int = 0
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> sums
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def one_round(lab: Lab, args: argparse.Namespace, setup: Setup, rtt_count: int,
+              out: Samples) -> None:  # fmt: skip
+    """One TCP run (with each gateway's CPU time and ESP packets over it), then round trips."""
+    before = {s: (cpu_times(p), setup.esp_packets(s)) for s, p in setup.pids.items()
+              if setup.esp_packets}  # fmt: skip
+    out.tcp_mbps.append(iperf3_tcp(lab, args.seconds))
+    for side, pid in setup.pids.items():
+        assert setup.esp_packets is not None
+        (user0, sys0), (in0, out0) = before[side]
+        (user1, sys1), (in1, out1) = cpu_times(pid), setup.esp_packets(side)
+        sums = out.cpu.setdefault(side, dict.fromkeys(("user_s", "system_s", "in", "out"), 0.0))
+        for key, delta in (("user_s", user1 - user0), ("system_s", sys1 - sys0),
+                           ("in", in1 - in0), ("out", out1 - out0)):  # fmt: skip
+            sums[key] += delta
+    rtt = udp_rtt(lab, rtt_count, max_seconds=args.rtt_max_seconds)
+    out.rtt_us += rtt["samples_us"]
+    out.rtt_lost += rtt["lost"]
+    out.rtt_size = rtt["size"]
+    for key, value in setup.info.items():
+        if key == "profiles":
+            for side, path in value.items():
+                out.info.setdefault("profiles", {}).setdefault(side, []).append(path)
+        else:
+            out.info[key] = value
+
+
+def summary(s: Samples) -> dict[str, Any]:
+    rtts = sorted(s.rtt_us)
+    result: dict[str, Any] = {
+        "tcp_mbps": statistics.median(s.tcp_mbps),
+        "tcp_runs_mbps": s.tcp_mbps,
+        "rtt": {"count": len(rtts) + s.rtt_lost, "received": len(rtts), "lost": s.rtt_lost,
+                "size": s.rtt_size},
+        **s.info,
+    }  # fmt: skip
+    if rtts:
+        result["rtt"].update(median_us=statistics.median(rtts), p90_us=percentile(rtts, 90),
+                             min_us=rtts[0], max_us=rtts[-1])  # fmt: skip
+    if s.cpu:
+        result["cpu"] = {}
+        for side, c in s.cpu.items():
+            cpu_s, packets = c["user_s"] + c["system_s"], int(c["in"] + c["out"])
+            result["cpu"][side] = {
+                "cpu_s": cpu_s,
+                "user_s": c["user_s"],
+                "system_s": c["system_s"],
+                "esp_packets": packets,
+                "esp_packets_in": int(c["in"]),
+                "esp_packets_out": int(c["out"]),
+                "us_per_packet": cpu_s * 1e6 / packets if packets else None,
+            }
+    return result
+
+
+@contextlib.contextmanager
+def clear_path(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """No gateway: the lab's own routes forward in clear."""
+    yield Setup({}, None, {"encap": "clear text"})
+
+
+@contextlib.contextmanager
+def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """``ipsecmgr run`` on both sides, the tunnel up (checked: AES-GCM-256, TUN MTU 1400)."""
+    (work / tag).mkdir()
+    prof = args.profile / f"ipsecmgr-{tag}.prof" if args.profile else None
+    if prof:
+        # ipsecmgr.cli writes cProfile stats to IPSECMGR_PROFILE.<pid> when the daemon exits.
+        os.environ["IPSECMGR_PROFILE"] = str(prof)
+    with LabGateways(lab, work / tag) as gws:
+        try:
+            gws.start_both(verbose=0)
+        finally:
+            os.environ.pop("IPSECMGR_PROFILE", None)
+        ping_until_up(lab)
+        child = gws["client"].snapshot()["child_sas"]
+        encryption = sorted({c["encryption"] for c in child})
+        if encryption != ["AES-GCM-16-256"]:
+            raise BenchError(f"our Child SA is not AES-GCM-256: {encryption}")
+        mtu = {side: link_mtu(lab.ns(side), OUR_TUN) for side in SIDES}
+        if set(mtu.values()) != {TUN_MTU}:
+            raise BenchError(f"our TUN MTU is not {TUN_MTU}: {mtu}")
+
+        def esp_packets(side: str) -> tuple[int, int]:
+            stats = gws[side].snapshot()["statistics"]["esp"]
+            return int(stats.get("esp_in_packets", 0)), int(stats.get("esp_out_packets", 0))
+
+        pids = {side: gws[side].proc.pid for side in SIDES}
+        info: dict[str, Any] = {
+            "esp": encryption[0],
+            "tun_mtu": mtu,
+            "encap": "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)",
+        }
+        if prof:
+            # written when the daemons exit, at the end of this block
+            info["profiles"] = {side: f"{prof}.{pid}" for side, pid in pids.items()}
+        yield Setup(pids, esp_packets, info)
+
+
+def _sw_esp_packets(peer: StrongSwanPeer) -> tuple[int, int]:
+    """(in, out) over all Child SAs, as tests/ipsecmgr/test_lab_strongswan.py counts them."""
+    sas = peer.swanctl("--list-sas", "--raw").stdout
+    return (
+        sum(int(n) for n in re.findall(r"packets-in=(\d+)", sas)),
+        sum(int(n) for n in re.findall(r"packets-out=(\d+)", sas)),
+    )
+
+
+@contextlib.contextmanager
+def strongswan_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """charon (kernel-libipsec) on both sides, the tunnel up (same checks as ours)."""
+    psk = Secret(b"bench-strongswan-psk")
+    peers: dict[str, StrongSwanPeer] = {}
+    with contextlib.ExitStack() as stack:
+        for side in ("gw", "client"):  # the responder first, then the initiator
+            sw = lab_strongswan_args(lab.addresses, side)
+            peer = StrongSwanPeer(lab.ns(side), work / f"{tag}-{side}")
+            stack.callback(peer.stop)
+            peer.start(local=sw.local, remote=sw.remote, psk=psk, options=sw.options,
+                       initiate=side == "client")  # fmt: skip
+            peers[side] = peer
+        ping_until_up(lab)
+        raw = peers["client"].swanctl("--list-sas", "--raw").stdout
+        algs = sorted(set(re.findall(r"encr-alg=(\w+) encr-keysize=(\d+)", raw)))
+        if ("AES_GCM_16", "256") not in algs:
+            raise BenchError(f"strongSwan's SAs are not AES-GCM-256: {algs}")
+        mtu = {side: link_mtu(lab.ns(side), SW_TUN) for side in SIDES}
+        if set(mtu.values()) != {TUN_MTU}:
+            raise BenchError(f"strongSwan's TUN MTU is not {TUN_MTU}: {mtu}")
+        pids: dict[str, int] = {}
+        for side, peer in peers.items():
+            pid = peer.pid
+            if pid is None:
+                raise BenchError(f"strongSwan on {side} is not running")
+            pids[side] = pid
+        info = {
+            "esp": "AES-GCM-16-256",
+            "tun_mtu": mtu,
+            "encap": "ESP-in-UDP 4500" if "encap=yes" in raw else "ESP (IP protocol 50)",
+        }
+        yield Setup(pids, lambda side: _sw_esp_packets(peers[side]), info)
+
+
+PathSetup = Callable[[Lab, argparse.Namespace, Path, str], contextlib.AbstractContextManager[Setup]]
+PATHS: dict[str, PathSetup] = {
+    "clear": clear_path,
+    "ours": our_tunnel,
+    "strongswan": strongswan_tunnel,
+}
+
+
+def _ratio(ours: float | None, ref: float | None) -> float | None:
+    return ours / ref if ours is not None and ref else None
+
+
+def summarise(res: dict[str, Any]) -> None:
+    """Ratios (ours / strongSwan) and the issues' targets, added to ``res``."""
+    o, s = res["ours"], res["strongswan"]
+    res["ratios"] = {
+        "tcp": _ratio(o["tcp_mbps"], s["tcp_mbps"]),
+        "rtt_median": _ratio(o["rtt"].get("median_us"), s["rtt"].get("median_us")),
+        "rtt_p90": _ratio(o["rtt"].get("p90_us"), s["rtt"].get("p90_us")),
+    }
+    for side in SIDES:
+        res["ratios"][f"cpu_{side}"] = _ratio(
+            o["cpu"][side]["us_per_packet"], s["cpu"][side]["us_per_packet"]
+        )
+    tcp, rtt = res["ratios"]["tcp"], res["ratios"]["rtt_median"]
+    res["targets"] = [
+        {"target": f"TCP throughput >= {TCP_TARGET:g}x strongSwan", "ratio": tcp,
+         "met": tcp is not None and tcp >= TCP_TARGET},
+        {"target": f"UDP RTT median <= {RTT_TARGET:g}x strongSwan", "ratio": rtt,
+         "met": rtt is not None and rtt <= RTT_TARGET},
+    ]  # fmt: skip
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render(res: dict[str, Any]) -> str:
+    o, s, c = res["ours"], res["strongswan"], res["clear"]
+    cfg = res["config"]
+    lines = [
+        f"tunnel benchmark: lab tunnel mode, ESP {o['esp']}, TUN MTU {TUN_MTU}; "
+        f"TCP {cfg['seconds']:g} s x {cfg['runs']} rounds (median), ours and strongSwan "
+        f"alternating; {cfg['rtt_count']} UDP round trips of {o['rtt']['size']} B",
+        f"ours: {o['encap']}; strongSwan (kernel-libipsec, userspace ESP): {s['encap']}",
+        "",
+        f"{'metric':<42} {'ours':>10} {'strongSwan':>11} {'ratio':>7} {'clear text':>11}",
+    ]
+
+    def row(name: str, ours: float | None, ref: float | None, clear: float | None = None,
+            digits: int = 1) -> None:  # fmt: skip
+        r = _ratio(ours, ref)
+        lines.append(
+            f"{name:<42} {_fmt(ours, digits):>10} {_fmt(ref, digits):>11} "
+            f"{_fmt(r, 2) + 'x' if r is not None else '-':>7} {_fmt(clear, digits):>11}"
+        )
+
+    row("TCP throughput, Mbit/s", o["tcp_mbps"], s["tcp_mbps"], c["tcp_mbps"])
+    row("UDP RTT median, us", o["rtt"].get("median_us"), s["rtt"].get("median_us"),
+        c["rtt"].get("median_us"))  # fmt: skip
+    row("UDP RTT p90, us", o["rtt"].get("p90_us"), s["rtt"].get("p90_us"), c["rtt"].get("p90_us"))
+    for side, label in (("client", "initiator (client)"), ("gw", "responder (gw)")):
+        row(f"CPU us per ESP packet, {label}", o["cpu"][side]["us_per_packet"],
+            s["cpu"][side]["us_per_packet"], digits=2)  # fmt: skip
+    row("UDP round trips lost", o["rtt"]["lost"], s["rtt"]["lost"], c["rtt"]["lost"], digits=0)
+    lines.append("")
+    for who, r in (("ours", o), ("strongSwan", s), ("clear text", c)):
+        runs = ", ".join(f"{x:.0f}" for x in r["tcp_runs_mbps"])
+        extra = ""
+        if "cpu" in r:
+            extra = "; ESP packets in TCP runs: " + ", ".join(
+                f"{side} {r['cpu'][side]['esp_packets_in']} in + "
+                f"{r['cpu'][side]['esp_packets_out']} out ({r['cpu'][side]['cpu_s']:.2f} s CPU, "
+                f"{r['cpu'][side]['system_s'] / r['cpu'][side]['cpu_s']:.0%} in the kernel)"
+                for side in SIDES
+            )
+        lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
+    lines.append("")
+    for t in res["targets"]:
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        lines.append(f"target: {t['target']}: {ratio}  {'met' if t['met'] else 'NOT met'}")
+    load = " ".join(f"{x:.2f}" for x in res["loadavg"])
+    lines.append(f"(total {res['elapsed_s']:.0f} s; {os.cpu_count()} CPUs, load average {load})")
+    if "profiles" in o:
+        lines.append("(ours ran under cProfile: its figures are slowed down and not comparable)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.monotonic()
+    res: dict[str, Any] = {
+        "config": {"seconds": args.seconds, "runs": args.runs, "rtt_count": args.rtt_count,
+                   "tun_mtu": TUN_MTU, "esp": "aes256gcm16"},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-") as tmp, Lab("tunnel") as lab:
+        work = Path(tmp)
+        res["config"]["lab"] = lab.pool.tag
+        _progress(args, f"lab {lab.pool.tag} up")
+        samples = {name: Samples() for name in PATHS}
+        # The round trips are spread over the rounds (the first rounds get the remainder).
+        rtt_counts = [args.rtt_count // args.runs + (r < args.rtt_count % args.runs)
+                      for r in range(args.runs)]  # fmt: skip
+        with udp_echo_server(lab):
+            for r in range(args.runs):
+                # Ours and strongSwan alternate, round by round, so that a busy spell of
+                # this shared machine does not fall on one of them only.
+                order = ["ours", "strongswan"] if r % 2 == 0 else ["strongswan", "ours"]
+                if r == 0:
+                    # Context only, ~50x faster than either tunnel: one round is enough.
+                    order.insert(0, "clear")
+                for name in order:
+                    _progress(args, f"round {r + 1}/{args.runs}: {name}")
+                    count = args.rtt_count if name == "clear" else rtt_counts[r]
+                    with PATHS[name](lab, args, work, f"{name}{r}") as setup:
+                        one_round(lab, args, setup, count, samples[name])
+        for name, smp in samples.items():
+            res[name] = summary(smp)
+    summarise(res)
+    res["elapsed_s"] = time.monotonic() - t0
+    # Everything shares these cores: a busy machine lowers every figure (see the docs).
+    res["loadavg"] = list(os.getloadavg())
+    return res
+
+
+def _progress(args: argparse.Namespace, what: str) -> None:
+    if not args.json:
+        print(f"measuring {what} ...", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10.0, help="length of one iperf3 run")
+    p.add_argument("--runs", type=int, default=3,
+                   help="rounds: one iperf3 run per tunnel each (median)")  # fmt: skip
+    p.add_argument("--rtt-count", type=int, default=1000, help="UDP round trips per tunnel")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s, 1 run, 100 round trips")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run our daemons under cProfile, write the stats to DIR and print the top "
+        "functions (slows ours down: its figures are then not comparable)",
+    )
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seconds, a.runs, a.rtt_count = 2.0, 1, 100
+    if not (0 < a.seconds <= 60 and 1 <= a.runs <= 10 and 1 <= a.rtt_count <= 100_000):
+        p.error("--seconds must be in (0, 60], --runs in 1..10, --rtt-count in 1..100000")
+    # Round trips take ~0.1-1 ms each; a lost one costs 1 s. Bound the whole series.
+    a.rtt_max_seconds = min(60.0, 5.0 + a.rtt_count * 0.01)
+    return a
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def print_profiles(res: dict[str, Any], top: int = 25) -> None:
+    """The hottest functions of each of our daemons, by own time (tottime)."""
+    for side, paths in res["ours"].get("profiles", {}).items():
+        print(f"\n== cProfile of our {side} gateway ({', '.join(paths)}), top {top} by own time")
+        out = io.StringIO()
+        pstats.Stats(*paths, stream=out).sort_stats("tottime").print_stats(top)
+        print(out.getvalue().strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Ctrl-C, and SIGTERM too, unwind through the context managers that remove everything
+    # (also when started in the background, where a shell leaves SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print("interrupted: lab, gateways and tools removed", file=sys.stderr)
+        return 130
+    except (BenchError, GatewayError, StrongSwanError, NetnsError, TimeoutError) as exc:
+        print(f"tunnel benchmark: setup failed: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    if args.profile and not args.json:
+        print_profiles(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
