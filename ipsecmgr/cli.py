@@ -4,6 +4,7 @@
     ipsecmgr check-config FILE                 validate without touching the system
     ipsecmgr show crypto map [--json]          and the reference's other show commands
     ipsecmgr clear crypto sa [--peer ADDR]     DELETE SAs (all, or one peer's)
+    ipsecmgr trace [--follow] [--filter K=V]   packet-flow trace of a running daemon
     ipsecmgr lab demo                          the netns lab: a TACACS+ login through the tunnel
     ipsecmgr esp-demo                          one SYN through ESP, dissected by scapy (no root)
 
@@ -65,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         else:
             p.add_argument("--peer", help="only the SAs with this peer address")
+
+    from ipsecmgr.trace_cli import add_arguments as add_trace_arguments
+
+    trace = sub.add_parser(
+        "trace",
+        help="packet-flow trace: the reference's steps per flow (live or from a file)",
+        epilog="Steps 1, 6, 11 and 13 are inferred from the packets (see docs/trace.md).",
+    )
+    add_trace_arguments(trace)
 
     lab = sub.add_parser("lab", help="network-namespace lab (root)")
     lab.add_argument("action", choices=["demo"], help="demo: build, run a TACACS+ login, tear down")
@@ -168,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_show(args.words, args.socket, args.json)
     if args.command == "clear":
         return _cmd_clear(args.words, args.socket, args.peer)
+    if args.command == "trace":
+        from ipsecmgr.trace_cli import run_trace
+
+        return run_trace(args)
     if args.command == "lab":
         from ipsecmgr.lab.demo import run_lab_demo
 

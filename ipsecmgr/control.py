@@ -2,6 +2,8 @@
 
 Request: ``{"command": "show crypto map", ...arguments}``.
 Response: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+A handler that returns an async iterator streams instead (``trace``): the
+response is ``{"ok": true, "stream": true}`` followed by one line per item.
 
 The socket is the only way into the running daemon, so only its owner may use
 it: the file is mode 0600 in a directory of mode 0700 that the daemon creates
@@ -130,6 +132,9 @@ class ControlServer:
                     response: dict[str, Any] = {"ok": False, "error": f"not JSON: {e}"}
                 else:
                     response = await self.dispatch(request)
+                    if response["ok"] and hasattr(response["result"], "__aiter__"):
+                        await self._stream(response["result"], reader, writer)
+                        return
                 writer.write(_line(response))
                 await writer.drain()
         except ConnectionError:
@@ -138,6 +143,35 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _stream(
+        self, items: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A streaming command (``trace``): ``{"ok": true, "stream": true}``, then one
+        line per item until the source ends or the client closes its end."""
+
+        async def pump() -> None:
+            async for item in items:
+                writer.write(_line(item))
+                await writer.drain()
+
+        async def until_eof() -> None:
+            while await reader.read(4096):  # anything more the client sends is ignored
+                pass
+
+        writer.write(_line({"ok": True, "stream": True}))
+        sender = asyncio.ensure_future(pump())
+        closed = asyncio.ensure_future(until_eof())
+        try:
+            await writer.drain()
+            await asyncio.wait((sender, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, closed):
+                task.cancel()
+            await asyncio.gather(sender, closed, return_exceptions=True)
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _line(obj: object) -> bytes:

@@ -28,6 +28,7 @@ from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.routing import Routing, TunRoute
+from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
 
 log = logging.getLogger("ipsecmgr")
@@ -102,6 +103,11 @@ class Gateway:
         )
         self.manager = Manager(config, self.acls, self.datapath, self.saflow, self._send_ike)
         self.manager.esp_socket_for = self._esp_socket_for
+        # Installed on the data path and the manager only while a trace client is attached.
+        self.tracer = Tracer(
+            (self.datapath, self.manager),
+            peers_from_config(config),
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = {}
@@ -246,6 +252,7 @@ class Gateway:
         )
         self.datapath.classifier = self.classifier
         self.manager.reconfigure(config, acls, keep, self.now())
+        self.tracer.peers = peers_from_config(config)
         self._rearm()
         changed = sorted(set(config.crypto_maps) - keep)
         log.info("reloaded: kept %s, rebuilt %s", sorted(keep) or "none", changed or "none")
@@ -337,6 +344,8 @@ class Gateway:
         return {
             "snapshot": lambda req: self.snapshot(),
             "clear": lambda req: {"cleared": self._clear(req.get("peer"))},
+            "trace": self.tracer.subscribe,  # streams events until the client leaves
+            "trace-keys": lambda req: self.manager.export_keys(),  # --wireshark-keys only
         }
 
     def snapshot(self) -> show.Snapshot:
@@ -395,6 +404,7 @@ async def serve(gw: Gateway, config_path: str) -> int:
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
     finally:
+        gw.tracer.close_all()
         gw.detach()
         await control.close()
     return 0

@@ -229,6 +229,8 @@ class Datapath:
                 tr("9", "esp_drop", None, reason="unknown SPI", spi=int.from_bytes(data[:4], "big"))
             return
         sa: esp.InboundSA = flow.sa  # type: ignore[assignment]
+        if tr is not None:
+            tr("9", "saflow_match", None, spi=sa.spi, crypto_map=flow.crypto_map)
         try:
             payload, nh = sa.decapsulate(data)  # step 10
         except esp.EspError as exc:

@@ -24,6 +24,7 @@ from ike import events as ev
 from ipsecmgr import config as cfg
 from ipsecmgr import show
 from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 
 log = logging.getLogger("ipsecmgr.ike")
 
@@ -80,6 +81,8 @@ class ChildRecord:
     remote_ts: list[str]
     esn: bool
     key_bits: int
+    # (inbound, outbound) AES key ‖ salt, kept only for ``trace --wireshark-keys``
+    keys: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
 
 
 @dataclass
@@ -234,6 +237,8 @@ class Manager:
         self.counters: dict[str, int] = {}
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None
+        # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
+        self.trace: Callable[..., None] | None = None
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -272,19 +277,31 @@ class Manager:
 
     def on_no_sa(self, name: str, packet: bytes, now: float) -> None:
         state = self.maps[name]
+        tr = self.trace
+        responder = state.cmap.role == "responder"
+        initiating = not responder and (state.ike_sa is None or state.ike_sa.dead)
+        if tr is not None and initiating:
+            tr("4", "ike_triggered", packet, crypto_map=name, peer=(str(state.cmap.peer), 0))
         if state.cmap.first_packet == "queue":
             if len(state.queue) < state.cmap.queue_size:
                 state.queue.append(packet)
                 state.bump("first_packet_queued")
+                what = "first_packet_queued"
             else:
                 state.bump("queue_overflow_drops")
+                what = "queue_full_dropped"
         else:
             state.bump("first_packet_drops")
-        if state.cmap.role == "responder":
+            what = "first_packet_dropped"
+        if tr is not None:
+            peer = state.cmap.peer
+            why = f"responder: waiting for {peer}" if responder else f"IKE with {peer} not up"
+            tr("5", what, packet, crypto_map=name, reason=why)
+        if responder:
             # A responder waits for its peer to build the tunnel (e.g. the
             # TACACS+ server side: replies only follow a client's request).
             state.bump("no_sa_waiting_for_peer")
-        elif state.ike_sa is None or state.ike_sa.dead:
+        elif initiating:
             self.initiate(state, now)
 
     def initiate(self, state: MapState, now: float) -> None:
@@ -298,6 +315,8 @@ class Manager:
     # -- IKE input -------------------------------------------------------------------
 
     def on_ike_datagram(self, data: bytes, local: Address, peer: Address, now: float) -> None:
+        if self.trace is not None:  # before the engine: it may drop the SA (and its keys)
+            trace_ike_datagram(self.trace, "received", data, peer, self.endpoint.sas)
         self.endpoint.receive_datagram(data, peer, now, local)
         self.pump(now)
 
@@ -311,6 +330,8 @@ class Manager:
     def pump(self, now: float) -> None:
         for data, peer in self.endpoint.datagrams_to_send(now):
             self.send(data, peer)
+            if self.trace is not None:
+                trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
         while (event := self.endpoint.next_event()) is not None:
             self.on_event(event, now)
 
@@ -326,6 +347,8 @@ class Manager:
             log.warning("event for an IKE SA without a crypto map: %s", type(event).__name__)
             return
         name = state.cmap.name
+        if self.trace is not None:
+            trace_ike_event(self.trace, event, name)
         if isinstance(event, ev.IkeSaEstablished):
             state.ike_sa = self.endpoint.find_sa(event.ike_sa)
             state.status = "established"
@@ -391,6 +414,7 @@ class Manager:
             [str(t) for t in event.remote_ts],
             event.esn,
             event.key_bits,
+            (event.inbound_key, event.outbound_key),
         )
         state.bump("child_sa_installed")
         log.info(
@@ -450,6 +474,31 @@ class Manager:
                 n += 1
         self.pump(now)
         return n
+
+    def export_keys(self) -> dict[str, list[dict[str, str]]]:
+        """Every live SA's keys, for Wireshark (``trace --wireshark-keys`` only).
+
+        ESP rows carry the outer addresses of each direction; IKE rows are
+        :meth:`ike.IkeSA.export_keys`. Never used for show output or logs."""
+        esp_rows: list[dict[str, str]] = []
+        for state in self.maps.values():
+            sa = state.ike_sa
+            local = sa.local_addr[0] if sa else str(state.cmap.local_address)
+            peer = sa.peer_addr[0] if sa else str(state.cmap.peer)
+            for rec in state.children.values():
+                for spi, key, src, dst in (
+                    (rec.inbound.spi, rec.keys[0], peer, local),
+                    (rec.outbound.spi, rec.keys[1], local, peer),
+                ):
+                    row = {"spi": f"{spi:08x}", "key": key.hex(), "src": src, "dst": dst}
+                    esp_rows.append(row | {"crypto_map": state.cmap.name})
+        ike_rows = []
+        for ike_sa in self.endpoint.sas:
+            try:
+                ike_rows.append(ike_sa.export_keys())
+            except RuntimeError:  # no keys yet
+                continue
+        return {"esp": esp_rows, "ike": ike_rows}
 
     # -- show -----------------------------------------------------------------------
 

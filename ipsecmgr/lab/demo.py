@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ipsecmgr.lab.gateways import LabGateways
 from ipsecmgr.lab.topology import Lab
 from ipsecmgr.show import Snapshot
+from ipsecmgr.trace import Event
+from ipsecmgr.trace_io import TraceClient
+from ipsecmgr.trace_render import group_flows, pick_flow, render_timelines, with_inferred
 
 USER, PASSWORD = "alice", "alice-demo-pw"
 
@@ -60,6 +64,11 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
     _say(f"== both gateways up (first_packet = {first_packet!r})\n")
 
     failures = 0
+    # The real trace of the client gateway (ipsecmgr trace), attached before the first login.
+    tracer = TraceClient(client.control)
+    traced: list[Event] = []
+    reader = threading.Thread(target=lambda: traced.extend(tracer), daemon=True)
+    reader.start()
     t0 = time.monotonic()
     auth = lab.tacacs_query("client", server=a.server4, secret_file=secret, user=USER,
                             password=PASSWORD)  # fmt: skip
@@ -81,6 +90,18 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
     _say(f"the bypass server saw its client as {[t.get('peer') for t in bypass.transactions()]}\n")
 
     cs = client.snapshot()
+    tracer.close()
+    reader.join(timeout=5)
+    flows = group_flows(with_inferred(traced))
+    cold = pick_flow(flows)
+    bypassed = next((f for f, evs in flows.items() if any(e["step"] == "3b" and e.get(
+        "dport") == 49 for e in evs)), None)  # fmt: skip
+    _say("== ipsecmgr trace on the client gateway: the first login (cold start), step by step")
+    _say(render_timelines(flows[cold]) if cold else "(no events traced)")
+    if bypassed:
+        _say("\n== ... and the bypassed login (no crypto ACL matches: step 3b)")
+        _say(render_timelines(flows[bypassed][:6]) + "\n  ...")
+    _say(f"\n({len(flows)} flows traced in all; 'ipsecmgr trace --help' for the tool)\n")
     drops = _counter(cs, "ike", "tacacs/first_packet_drops")
     queued = _counter(cs, "ike", "tacacs/first_packet_queued")
     protect = _counter(cs, "classifier", "tacacs/protect")
@@ -110,7 +131,7 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
         ("12", "written back to the TUN, to the client", f"{in_pkts} packets"),
         ("13", "the client ACKs; every later packet repeats 2-12", ""),
     ]  # fmt: skip
-    _say("== the reference's 13 steps, as they happened on the client gateway")
+    _say("== the reference's 13 steps, in the client gateway's counters")
     for num, what, evidence in steps:
         _say(f"  [{num:>3}] {what:<62} {evidence}")
     _say()
