@@ -97,6 +97,8 @@ class IkeConfig:
     child_lifetime: float = 3600.0
     initial_contact: bool = True  # §2.4: on the first IKE SA to this peer
     fake_nat: bool = False  # strongSwan encap=yes: send a bogus NAT_DETECTION_SOURCE_IP
+    # False: no NAT_DETECTION notifies, never float to 4500 (encapsulation = "never")
+    nat_traversal: bool = True
     half_open_timeout: float = 30.0  # responder forgets an SA without IKE_AUTH after this
     cookie_threshold: int = 64  # half-open SAs before a responder demands COOKIEs (§2.6)
     name: str = ""

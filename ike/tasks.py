@@ -157,6 +157,8 @@ class Task:
 
 
 def _nat_payloads(sa: IkeSA, spi_i: bytes, spi_r: bytes) -> list[Payload]:
+    if not sa.config.nat_traversal:
+        return []  # §2.23: NAT_DETECTION notifies are how support is announced
     # strongSwan's encap=yes: a source hash that cannot match makes the peer see a NAT
     src = sa.rng(20) if sa.config.fake_nat else nat_hash(spi_i, spi_r, sa.local_addr)
     return [
@@ -271,7 +273,8 @@ class IkeInit(Task):
         except CryptoError as exc:
             raise ProtocolError(NotifyType.INVALID_SYNTAX, str(exc)) from exc
         _derive_initial(sa, suite, g_ir)
-        _check_nat(sa, msg)
+        if sa.config.nat_traversal:
+            _check_nat(sa, msg)
         if sa.nat_detected_local or sa.nat_detected_remote or sa.config.fake_nat:
             # §2.23: both sides move to UDP 4500 once a NAT is detected
             sa.nat_t = True
@@ -313,7 +316,7 @@ def respond_init(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
     _derive_initial(sa, suite, g_ir)
     out: list[Payload] = [suite_payload(suite, prop.number), KEPayload(suite.dh, dh.public)]
     out.append(NoncePayload(sa.nr))
-    if _check_nat(sa, msg):
+    if sa.config.nat_traversal and _check_nat(sa, msg):
         out += _nat_payloads(sa, ch.spi_i, ch.spi_r)  # §2.23: only if the initiator sent them
     sa.state = State.INIT_DONE
     sa.half_open_deadline = now + sa.config.half_open_timeout
