@@ -48,8 +48,13 @@ def _rows() -> list[Case]:
         rows.append(Case(f"{who}-outer-selectors", ours=ours, shape="outer", ids="fqdn"))
         rows.append(Case(f"{who}-ipv6", ours=ours, family=6, ids="email", esp="aes128gcm16"))
         rows.append(
-            Case(f"{who}-ipv6-outer-selectors", ours=ours, family=6, shape="outer",
-                 ike="aes256gcm16-prfsha256-ecp256")  # fmt: skip
+            Case(
+                f"{who}-ipv6-outer-selectors",
+                ours=ours,
+                family=6,
+                shape="outer",
+                ike="aes256gcm16-prfsha256-ecp256",
+            )
         )
     return rows
 
