@@ -622,7 +622,9 @@ class IkeAuth(Task):
         auth = find(p, AuthPayload)
         if idr is None or auth is None:
             err = _error_notify(p)
-            raise ProtocolError(err.notify_type if err else NotifyType.INVALID_SYNTAX, "no AUTH")
+            if err is not None:  # say what the peer refused, not what is missing
+                raise ProtocolError(err.notify_type, f"peer sent {notify_name(err.notify_type)}")
+            raise ProtocolError(NotifyType.INVALID_SYNTAX, "no IDr/AUTH in the response")
         why = _check_peer(sa, idr, auth)
         if why is not None:
             raise ProtocolError(NotifyType.AUTHENTICATION_FAILED, why)

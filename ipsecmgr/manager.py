@@ -68,6 +68,33 @@ _IKE_STATE = {
 _MAP_STATUS = {"idle": "down", "established": "up", "connecting": "connecting"}
 
 
+# RFC 7296 §3.10.1 error notifies in plain words, as seen from the side that
+# received them ("the peer ..."); a notify we sent reads "we ..." instead.
+_NOTIFY_MEANING = {
+    "NO_PROPOSAL_CHOSEN": "{who} accepted none of the offered algorithms (or could not use them)",
+    "TS_UNACCEPTABLE": "{who} refused the traffic selectors (which addresses the tunnel carries)",
+    "AUTHENTICATION_FAILED": "{who} rejected the identity or the pre-shared key",
+    "INVALID_KE_PAYLOAD": "{who} wants another Diffie-Hellman group",
+    "INVALID_SYNTAX": "{who} could not parse the message",
+    "SINGLE_PAIR_REQUIRED": "{who} wants exactly one pair of traffic selectors",
+    "NO_ADDITIONAL_SAS": "{who} accepts no more Child SAs on this IKE SA",
+    "INTERNAL_ADDRESS_FAILURE": "{who} could not assign an internal address",
+    "FAILED_CP_REQUIRED": "{who} requires a configuration payload",
+    "TEMPORARY_FAILURE": "{who} is busy (e.g. a rekey in progress); retry later",
+    "CHILD_SA_NOT_FOUND": "{who} does not know the Child SA to rekey",
+    "INVALID_SPI": "{who} does not know the SPI",
+    "UNSUPPORTED_CRITICAL_PAYLOAD": "{who} does not support a payload marked critical",
+    "INVALID_MAJOR_VERSION": "{who} does not speak IKEv2",
+}
+
+
+def notify_meaning(notify: str, by_peer: bool) -> str:
+    """What an error NOTIFY means, in words, for the log line that reports it."""
+    who = "the peer" if by_peer else "we"
+    text = _NOTIFY_MEANING.get(notify, "{who} reported an error")
+    return text.format(who=who)
+
+
 def _encr_name(encr: int, bits: int) -> str:
     return f"AES-GCM-16-{bits}" if encr == ike.EncrId.AES_GCM_16 else f"AES-CBC-{bits}"
 
@@ -432,13 +459,25 @@ class Manager:
             state.status = "failed"
             state.last_error = f"AUTHENTICATION_FAILED: {event.detail}"
             state.bump("auth_failed")
-            log.error("crypto map %s: authentication failed: %s", name, event.detail)
+            log.error(
+                "crypto map %s: authentication failed: %s (%s)",
+                name,
+                event.detail,
+                "the identity or the pre-shared key did not match",
+            )
         elif isinstance(event, ev.ExchangeFailed):
             state.status = "failed" if state.status != "established" else state.status
             who = "peer sent" if event.by_peer else "we sent"
             state.last_error = f"{event.exchange}: {who} {event.notify}"
             state.bump("exchange_failed")
-            log.error("crypto map %s: %s failed: %s %s", name, event.exchange, who, event.notify)
+            log.error(
+                "crypto map %s: %s failed: %s %s (%s)",
+                name,
+                event.exchange,
+                who,
+                event.notify,
+                notify_meaning(event.notify, event.by_peer),
+            )
         elif isinstance(event, ev.InitialContactReceived):
             self._drop_others(state, event.ike_sa)
             log.info("crypto map %s: INITIAL_CONTACT from %s", name, event.remote_id)

@@ -89,6 +89,10 @@ class Case:
     ours_ike_lifetime: int | None = None
     ours_child_lifetime: int | None = None
     sw: dict[str, Any] = field(default_factory=dict)
+    sw_psk: bytes = PSK_OURS  # strongSwan's PSK with address identities
+    # ours = "client", tunnel shape: protect the server LAN (libipsec needs a
+    # local address inside its selector); False: only the server, as the lab does
+    protect_lan: bool = True
 
     @property
     def lab_mode(self) -> str:
@@ -216,14 +220,14 @@ def our_options(case: Case, lab: Lab, files: Files) -> dict[str, Any]:
     }
     opts["ipsec_options"].pop("esp")
     opts["esp"] = our_ipsec_set(case.esp)["esp"]
-    if case.ours == "client" and case.shape == "tunnel":
+    if case.ours == "client" and case.shape == "tunnel" and case.protect_lan:
         # libipsec needs a local address inside its selector: protect the server LAN
         opts["far_net"] = a.lan6 if case.family == 6 else a.lan4
     return opts
 
 
 def psk_for_addr_ids(case: Case) -> Secret:
-    return Secret(PSK_OURS)
+    return Secret(case.sw_psk)
 
 
 class InteropLab:

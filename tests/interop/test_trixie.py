@@ -61,7 +61,7 @@ def _esp_on_wire(il: InteropLab, role: str) -> subprocess.Popen[str]:
         "-c",
         "2",
         "ip proto 50 or ip6 proto 50",
-    ]  # noqa: E501
+    ]
     return il.lab.ns(role).popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
