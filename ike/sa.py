@@ -121,6 +121,9 @@ class IkeSA:
         sa.ch.spi_i = spi_i
         if local_addr is not None:
             sa.local_addr = local_addr
+        # §2.11: answer to the address and port the request came from (a NAT
+        # in front of the initiator shows another source port than 500)
+        sa.peer_addr = addr
         if data[:4] == NON_ESP_MARKER:
             sa.nat_t = True
         sa.receive_datagram(data, addr, now)

@@ -32,9 +32,13 @@ def napt(lab: Lab, role: str, ike_port: int, natt_port: int) -> None:
     """(Re)map ``role``'s UDP source ports 500/4500 and forget the old mappings."""
     ns = lab.ns(role)
     ns.run(["nft", "delete", "table", "ip", "natt_test"], check=False)
+    # Like a NAPT box: what comes back must belong to a mapping; a datagram to
+    # the host's own port 500/4500 (no mapping) is dropped, as the NAT would.
     rules = (
         "table ip natt_test {\n chain post {\n  type nat hook postrouting priority 100;\n"
-        f"  udp sport 500 snat to :{ike_port}\n  udp sport 4500 snat to :{natt_port}\n }}\n}}\n"
+        f"  udp sport 500 snat to :{ike_port}\n  udp sport 4500 snat to :{natt_port}\n }}\n"
+        " chain inp {\n  type filter hook input priority 0;\n"
+        "  udp dport { 500, 4500 } ct status & snat == 0 drop\n }\n}\n"
     )
     subprocess.run(ns.argv(["nft", "-f", "-"]), input=rules, text=True, check=True)
     # conntrack keeps old mappings; flush them so that the next packet gets the new one
