@@ -162,6 +162,13 @@ class CryptoMap:
     dpd: Dpd = field(default_factory=Dpd)
     first_packet: str = "drop"
     queue_size: int = 8
+    # NAT traversal (RFC 7296 §2.23, RFC 3948). "auto": send NAT_DETECTION
+    # notifies; if either side is behind a NAT, IKE moves to UDP 4500 from
+    # IKE_AUTH on and ESP goes in UDP 4500. "always": also fake our source hash
+    # (as strongSwan's encap = yes), so the peer sees a NAT and both encapsulate.
+    # "never": send no NAT_DETECTION notifies, i.e. do not offer NAT-T at all;
+    # an RFC peer then stays on port 500 and raw ESP (IP protocol 50). Offering
+    # NAT-T but ignoring a detected NAT would break the peer's §2.23 float.
     encapsulation: str = "auto"
     initial_contact: bool = True
     nat_keepalive: float = 20.0  # seconds between NAT keepalives when behind a NAT (0: off)

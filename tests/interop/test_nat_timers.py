@@ -99,10 +99,17 @@ class Wire:
                     )
 
 
-def _up(tmp: Path, client_opts: dict[str, Any] | None = None, **gw_opts: Any) -> Wire:
+def _up(
+    tmp: Path,
+    client_opts: dict[str, Any] | None = None,
+    nat: bool = True,
+    **gw_opts: Any,
+) -> Wire:
     client = Side(tmp, "client", **(client_opts or {}))
     gw = Side(tmp, "gw", **gw_opts)
     wire = Wire(client, gw)
+    if not nat:
+        wire.ports = {500: 500, 4500: 4500}
     packet = bytes(20)  # the first packet only triggers IKE (first_packet = "drop")
     client.manager.on_no_sa("tacacs", packet, 0.0)
     wire.run(0.0)
@@ -162,6 +169,15 @@ def test_unauthenticated_datagram_does_not_move_the_peer(tmp_path: Path) -> None
     assert "nat_rebinding" not in g.map.counters
 
 
+def test_no_nat_no_float(tmp_path: Path) -> None:
+    wire = _up(tmp_path, nat=False)
+    c, g = wire.client, wire.gw
+    assert not c.map.ike_sa.nat_t and not g.map.ike_sa.nat_t
+    assert c.datapath.outbound["tacacs"].sock is c.raw
+    assert g.datapath.outbound["tacacs"].peer == (A.client_wan4, 0)
+    assert c.map.keepalive_at is None and g.map.keepalive_at is None
+
+
 def test_encapsulation_never_stays_on_raw_esp(tmp_path: Path) -> None:
     never = {"map_options": {"encapsulation": "never"}}
     wire = _up(tmp_path, never, **never)
@@ -187,3 +203,15 @@ def test_short_lifetimes_rekey_at_90_percent(tmp_path: Path) -> None:
     assert c.map.counters["ike_rekey_started"] == 1 and c.map.counters["ike_rekeyed"] == 1
     # the next IKE rekey is scheduled from the rekey, not from the first setup
     assert c.map.ike_rekey_at == 18.0
+
+
+def test_encapsulation_always_floats_without_a_nat(tmp_path: Path) -> None:
+    """strongSwan's encap = yes: a fake NAT_DETECTION_SOURCE_IP makes the peer
+    see a NAT, so both sides float although none is behind one."""
+    wire = _up(tmp_path, {"map_options": {"encapsulation": "always"}}, nat=False)
+    c, g = wire.client, wire.gw
+    assert not c.map.ike_sa.nat_detected_local  # no NAT really
+    assert c.map.ike_sa.nat_t and g.map.ike_sa.nat_t
+    assert g.map.ike_sa.nat_detected_remote  # the fake hash
+    assert c.datapath.outbound["tacacs"].sock is c.udp
+    assert g.datapath.outbound["tacacs"].sock is g.udp

@@ -114,3 +114,13 @@ def test_raw_esp_delete_and_liveness(labs: dict[str, InteropLab], ours: str) -> 
         wait_for("our liveness checks answered", lambda: r.counter("ike", "liveness_ok") >= 2, 10)
         r.sw.swanctl("--terminate", "--ike", "peer")
         wait_for("our IKE SA deleted", lambda: not r.ours.snapshot()["ike_sas"], timeout=5)
+
+
+def test_encapsulation_always_makes_strongswan_6_encapsulate(labs: dict[str, InteropLab]) -> None:
+    """No NAT, raw ESP possible, but we fake one: both sides use UDP 4500."""
+    case = Case("always", ours="client", ours_map={"encapsulation": "always"}, sw=_raw())
+    with labs["tunnel"].run(case) as r:
+        assert r.tacacs()["ok"]
+        sas = r.sw_sas()
+        assert "encap=yes" in sas and "nat-remote=yes" in sas, sas
+        assert r.ours.snapshot()["child_sas"][0]["encap"] is True
