@@ -66,6 +66,7 @@ def lab_gateway_config(
     ike_options: Mapping[str, Any] | None = None,
     ipsec_options: Mapping[str, Any] | None = None,
     map_options: Mapping[str, Any] | None = None,
+    more_ipsec_sets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The config of ``side`` ("client" or "gw") for this lab, as TOML text.
 
@@ -79,7 +80,9 @@ def lab_gateway_config(
     libipsec needs a local address inside its selector, see
     :func:`lab_strongswan_args`); ``ike_options``, ``ipsec_options`` and
     ``map_options`` add or override keys of the transform sets and the crypto
-    map (``{"esn": True}``, ``{"remote_psk": {"file": ...}}``, ...).
+    map (``{"esn": True}``, ``{"remote_psk": {"file": ...}}``, ...);
+    ``more_ipsec_sets`` are further IPsec transform sets (name → keys, mode
+    as above), offered after ``lab`` in that order.
     """
     if side not in ("client", "gw"):
         raise ValueError("side must be 'client' or 'gw'")
@@ -118,12 +121,17 @@ def lab_gateway_config(
         "[ipsec_transform_set.lab]",
         *_extra({"esp": esp, "mode": mode, **(ipsec_options or {})}),
         "",
+        *(
+            line
+            for name, keys in (more_ipsec_sets or {}).items()
+            for line in (f"[ipsec_transform_set.{name}]", *_extra({"mode": mode, **keys}), "")
+        ),
         "[crypto_map.tacacs]",
         f"peer = {_q(peer)}",
         'match_address = "tacacs"',
         f"local_psk = {{ file = {_q(psk_file)} }}",
         'ike_transform_sets = ["lab"]',
-        'ipsec_transform_sets = ["lab"]',
+        f"ipsec_transform_sets = {_toml(['lab', *(more_ipsec_sets or {})])}",
         f"role = {_q(role)}",
         f"first_packet = {_q(first_packet)}",
     ]

@@ -93,6 +93,8 @@ class Case:
     # ours = "client", tunnel shape: protect the server LAN (libipsec needs a
     # local address inside its selector); False: only the server, as the lab does
     protect_lan: bool = True
+    # further ESP proposals of ours (strongSwan notation), offered after ``esp``
+    ours_more_esp: tuple[str, ...] = ()
 
     @property
     def lab_mode(self) -> str:
@@ -220,6 +222,11 @@ def our_options(case: Case, lab: Lab, files: Files) -> dict[str, Any]:
     }
     opts["ipsec_options"].pop("esp")
     opts["esp"] = our_ipsec_set(case.esp)["esp"]
+    if case.ours_more_esp:
+        opts["more_ipsec_sets"] = {
+            f"more{i}": our_ipsec_set(e, case.ours_child_lifetime)
+            for i, e in enumerate(case.ours_more_esp)
+        }
     if case.ours == "client" and case.shape == "tunnel" and case.protect_lan:
         # libipsec needs a local address inside its selector: protect the server LAN
         opts["far_net"] = a.lan6 if case.family == 6 else a.lan4

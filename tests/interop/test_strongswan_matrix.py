@@ -18,7 +18,9 @@ import re
 
 import pytest
 
-from .harness import Case, InteropLab
+from ipsecmgr.lab.strongswan import StrongSwanError
+
+from .harness import Case, InteropLab, wait_for
 
 PROPOSALS = [
     "aes256gcm16-prfsha256-modp2048",
@@ -97,19 +99,51 @@ def test_matrix(labs: dict[str, InteropLab], case: Case) -> None:
         assert r.counter("esp", "esp_in_packets") > 0
 
 
+# ESN negotiation: what each side offers, what is chosen (strongSwan's log says)
+ESN_ROWS = [
+    # we offer ESN first and no-ESN second; strongSwan only no-ESN: no-ESN wins
+    Case("we-offer-esn-and-noesn", ours="client", esp="aes256gcm16-esn",
+         ours_more_esp=("aes256gcm16",), sw={"esp": "aes256gcm16"}),
+    # strongSwan offers both in one proposal; we only accept no-ESN
+    Case("sw-offers-esn-and-noesn", ours="gw", esp="aes128gcm16",
+         sw={"esp": "aes128gcm16-esn-noesn"}),
+]  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("case", ESN_ROWS, ids=str)
+def test_esn_negotiation(labs: dict[str, InteropLab], case: Case) -> None:
+    with labs["tunnel"].run(case) as r:
+        res = r.tacacs()
+        assert res["ok"], f"{res}\n{r.diagnostics()}"
+        log = r.sw.log_path.read_text()
+        assert "EXT_SEQ" in log  # ESN was on offer ...
+        assert re.search(r"selected proposal: ESP:AES_GCM_16_\d+/NO_EXT_SEQ", log)  # ... not taken
+        assert r.ours.snapshot()["child_sas"][0]["esn"] is False
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("ours", ["client", "gw"])
 def test_esn_refused_by_libipsec_is_logged(labs: dict[str, InteropLab], ours: str) -> None:
-    """libipsec cannot install ESN SAs; strongSwan answers NO_PROPOSAL_CHOSEN (as
-    responder) or deletes the Child SA (as initiator), and our log says so."""
+    """Only ESN on offer: strongSwan selects it (so our ESN transform is
+    understood), then libipsec cannot install it. As responder strongSwan
+    answers NO_PROPOSAL_CHOSEN; as initiator it deletes the Child SA we
+    installed. Our log says which."""
     case = Case(f"esn-{ours}", ours=ours, esp="aes256gcm16-esn")
     with labs["tunnel"].run(case, initiate=False) as r:
         if ours == "client":
-            res = r.tacacs(timeout=2.0)
-            assert not res["ok"]
-            assert "IKE_AUTH failed: peer sent NO_PROPOSAL_CHOSEN" in r.ours.log
+            assert not r.tacacs(timeout=2.0)["ok"]
+            wait_for("the refusal in our log", lambda: "IKE_AUTH failed" in r.ours.log, 5)
+            assert "IKE_AUTH failed: peer sent NO_PROPOSAL_CHOSEN (the peer accepted none" in (
+                r.ours.log
+            )
         else:
-            with pytest.raises(Exception, match="initiate failed"):
+            with pytest.raises(StrongSwanError, match="initiate failed"):
                 r.sw.initiate(timeout=5)
-            log = r.ours.log
-            assert "Child SA" in log and ("deleted" in log or "NO_PROPOSAL_CHOSEN" in log), log
+            wait_for("the deletion in our log", lambda: "deleted-by-peer" in r.ours.log, 5)
+            assert "Child SA 1 installed" in r.ours.log
+            assert "Child SA 1 deleted (deleted-by-peer)" in r.ours.log
+            assert not r.ours.snapshot()["child_sas"]
+        log = r.sw.log_path.read_text()
+        assert "selected proposal: ESP:AES_GCM_16_256/EXT_SEQ" in log
+        assert "IPsec SA: ESN not supported" in log
