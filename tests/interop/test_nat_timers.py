@@ -215,3 +215,17 @@ def test_encapsulation_always_floats_without_a_nat(tmp_path: Path) -> None:
     assert g.map.ike_sa.nat_detected_remote  # the fake hash
     assert c.datapath.outbound["tacacs"].sock is c.udp
     assert g.datapath.outbound["tacacs"].sock is g.udp
+
+
+def test_authentic_esp_from_a_new_port(tmp_path: Path) -> None:
+    """The daemon calls on_esp_from only for ESP that decrypted; the side not
+    behind the NAT moves there (§2.23), the side behind it keeps its mapping."""
+    wire = _up(tmp_path)
+    c, g = wire.client, wire.gw
+    g.manager.on_esp_from("tacacs", (A.client_wan4, 24500))
+    assert g.datapath.outbound["tacacs"].peer == (A.client_wan4, 24500)
+    assert g.map.ike_sa.peer_addr == (A.client_wan4, 24500)
+    assert g.map.counters["nat_rebinding"] == 1
+    c.manager.on_esp_from("tacacs", (A.gw_wan4, 4501))  # we are behind the NAT: ignore
+    assert c.datapath.outbound["tacacs"].peer == (A.gw_wan4, 4500)
+    assert "nat_rebinding" not in c.map.counters
