@@ -77,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_arguments(trace)
 
     lab = sub.add_parser("lab", help="network-namespace lab (root)")
-    lab.add_argument("action", choices=["demo"], help="demo: build, run a TACACS+ login, tear down")
+    lab.add_argument(
+        "action",
+        choices=["demo", "up", "down"],
+        help="demo: build, run a TACACS+ login, tear down; up: build and leave it; down: remove",
+    )
+    lab.add_argument(
+        "--state", type=Path, default=Path("/run/ipsecmgr-lab"), help="state directory (up/down)"
+    )
     lab.add_argument("--mode", choices=["tunnel", "transport"], default="tunnel")
     lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
 
@@ -182,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.trace_cli import run_trace
 
         return run_trace(args)
+    if args.command == "lab" and args.action in ("up", "down"):
+        from ipsecmgr.lab.persist import lab_down, lab_up
+
+        return lab_up(args.mode, args.state) if args.action == "up" else lab_down(args.state)
     if args.command == "lab":
         from ipsecmgr.lab.demo import run_lab_demo
 

@@ -363,7 +363,9 @@ class Gateway:
             "time": wall,
             "hostname": socket.gethostname(),
             "uptime": wall - self.started_at,
-            "crypto_maps": show.crypto_map_states(self.config, self.manager.map_status()),
+            "crypto_maps": show.crypto_map_states(
+                self.config, self.manager.map_status(), self.manager.map_errors()
+            ),
             "ike_sas": self.manager.ike_sa_states(now, wall),
             "child_sas": self.manager.child_sa_states(now, wall),
             "statistics": self.statistics(),

@@ -743,5 +743,8 @@ class Manager:
                 )
         return out
 
+    def map_errors(self) -> dict[str, str]:
+        return {name: s.last_error for name, s in self.maps.items() if s.last_error}
+
     def map_status(self) -> dict[str, str]:
         return {name: _MAP_STATUS.get(s.status, s.status) for name, s in self.maps.items()}

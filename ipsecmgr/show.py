@@ -43,6 +43,7 @@ class CryptoMapState(TypedDict):
     status: str  # "up" | "down" | "connecting"
     local_id: str
     remote_id: str
+    last_error: NotRequired[str]  # why the last IKE attempt failed, in plain words
 
 
 class IkeSaState(TypedDict):
@@ -170,6 +171,8 @@ def format_crypto_map(snap: Snapshot) -> str:
             ]
         )
         out += [f"      {rule}" for rule in m["acl_rules"]]
+        if m.get("last_error"):
+            out += _fields([("Last Error", m["last_error"])])
         out.append("")
     out.append(f"Total crypto maps: {len(snap['crypto_maps'])}")
     return "\n".join(out)
@@ -308,7 +311,11 @@ def render(command: str, snap: Snapshot, *, as_json: bool = False) -> str:
 # ---------------------------------------------------------------- daemon and CLI glue
 
 
-def crypto_map_states(cfg: Config, status: Mapping[str, str] | None = None) -> list[CryptoMapState]:
+def crypto_map_states(
+    cfg: Config,
+    status: Mapping[str, str] | None = None,
+    errors: Mapping[str, str] | None = None,
+) -> list[CryptoMapState]:
     """The ``crypto_maps`` part of a snapshot, from the config (``status``: map -> up/down/...)."""
     status = status or {}
     tun_of = {m: tun.name for tun in cfg.tuns for m in tun.crypto_maps}
@@ -330,6 +337,7 @@ def crypto_map_states(cfg: Config, status: Mapping[str, str] | None = None) -> l
                 "tun": tun_of.get(name),
                 "src_ip": str(cm.src_ip) if cm.src_ip is not None else None,
                 "status": status.get(name, "down"),
+                "last_error": (errors or {}).get(name, ""),
                 "local_id": str(cm.local_id),
                 "remote_id": str(cm.remote_id),
             }

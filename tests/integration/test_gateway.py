@@ -379,7 +379,7 @@ control_socket = "{env.gws.dir / "client.sock"}"
 """
 
 
-def _transport_responder_config(env: Env) -> str:
+def _transport_responder_config(env: Env, psk: Path | None = None) -> str:
     a = env.lab.addresses
     return f"""
 [access_list.back]
@@ -392,7 +392,7 @@ esp = "aes-gcm-128"
 [crypto_map.from-client]
 peer = "{a.client_wan4}"
 match_address = "back"
-local_psk = {{ file = "{env.gws.psk_file}" }}
+local_psk = {{ file = "{psk or env.gws.psk_file}" }}
 ike_transform_sets = ["ike"]
 ipsec_transform_sets = ["tr"]
 role = "responder"
@@ -461,3 +461,30 @@ def test_sighup_keeps_unchanged_maps_rebuilds_changed_refuses_broken(tunnel4: En
     new = [s["spi_in"] for s in client.snapshot()["child_sas"]]
     assert len(new) == 1 and new != spis
     assert client.counter("ike", "tacacs/first_packet_queued") == 1
+
+
+def test_a_wrong_psk_on_one_map_leaves_the_other_map_working(tunnel4: Env, tmp_path: Path) -> None:
+    env = tunnel4
+    server, second = env.start_server("server"), env.start_server("bypass")
+    env.gws.start("gw", dh_group=19)
+    wrong = tmp_path / "wrong-psk"
+    wrong.write_bytes(b"another-psk-entirely")
+    wrong.chmod(0o600)
+    conf = env.gws.dir / "bypass.toml"
+    conf.write_text(_transport_responder_config(env, psk=wrong))
+    env.gws.start("bypass", config=conf)
+    conf = env.gws.dir / "client-two-maps.toml"
+    conf.write_text(_two_map_client_config(env))
+    client = env.gws.start("client", config=conf)
+    a = env.lab.addresses
+    assert env.login(server=a.bypass4).get("status") != "PASS"
+    assert second.transactions() == []
+    assert env.login()["status"] == "PASS"  # the other map is unaffected
+    assert server.transactions()[0]["peer"] == a.src_ip4
+    shown = client.show("crypto map")
+    failed = shown[shown.index("Map Name : transport-map") :]
+    assert "Last Error" in failed and "AUTHENTICATION_FAILED" in failed, shown
+    assert {m["name"]: m["status"] for m in client.snapshot()["crypto_maps"]} == {
+        "tunnel-map": "up",
+        "transport-map": "failed",
+    }
