@@ -16,6 +16,10 @@ from .harness import Case, InteropLab, Running, wait_for
 
 # libipsec turns its own rekey time into a hard expiry unless life_time is set
 SW_CHILD_REKEY = {"esp_rekey": "3s", "child_opts": ["life_time = 30s", "rand_time = 0s"]}
+# With rekey_time 3s strongSwan's hard IKE lifetime (rekey + over_time, 10 % by
+# default) can expire while its own rekey runs; it then deletes the new IKE SA
+# too ("migrating IKE_DELETE task"). Give the old SA room to finish its rekey.
+SW_IKE_REKEY = {"ike_rekey": "3s", "conn_opts": ["over_time = 30s", "rand_time = 0s"]}
 REKEY_CASES = [
     # (name, who rekeys, what, our side, PFS?)
     Case("child-by-us-pfs", ours="client", esp="aes256gcm16-modp2048", ours_child_lifetime=3),
@@ -25,8 +29,8 @@ REKEY_CASES = [
     Case("child-by-sw-nopfs", ours="client", sw=SW_CHILD_REKEY),
     Case("ike-by-us", ours="client", ike="aes256gcm16-prfsha256-x25519", ours_ike_lifetime=3),
     Case("ike-by-us-responder", ours="gw", ours_ike_lifetime=3),
-    Case("ike-by-sw", ours="gw", ike="aes256-sha256-modp2048", sw={"ike_rekey": "3s"}),
-    Case("ike-by-sw-responder", ours="client", sw={"ike_rekey": "3s"}),
+    Case("ike-by-sw", ours="gw", ike="aes256-sha256-modp2048", sw=SW_IKE_REKEY),
+    Case("ike-by-sw-responder", ours="client", sw=SW_IKE_REKEY),
 ]  # fmt: skip
 
 

@@ -94,7 +94,8 @@ def test_raw_esp(labs: dict[str, InteropLab], case: Case) -> None:
         Case("child-rekey-by-us", ours="client", esp="aes256gcm16-modp2048",
              ours_child_lifetime=3, sw=_raw()),
         Case("child-rekey-by-sw", ours="gw", sw=_raw(**SW_CHILD_REKEY)),
-        Case("ike-rekey-by-sw", ours="client", sw=_raw(ike_rekey="3s")),
+        Case("ike-rekey-by-sw", ours="client", sw=_raw(ike_rekey="3s", conn_opts=[
+            "mobike = no", "over_time = 30s", "rand_time = 0s"])),
     ],
     ids=str,
 )  # fmt: skip
