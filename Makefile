@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint typecheck unit setup system-deps clean
+.PHONY: all demo test lint typecheck unit setup system-deps clean interop
 
 all: test
 
@@ -35,6 +35,12 @@ unit: setup
 	$(PY) -m pytest
 
 test: lint typecheck unit
+
+# The raw-ESP (protocol 50) subset against strongSwan 6 from a Debian trixie chroot,
+# created first when missing (tools/interop/make-trixie-chroot).
+interop: setup
+	root=$$(tools/interop/make-trixie-chroot) && \
+	IPSECMGR_TRIXIE_ROOT=$$root $(PY) -m pytest -p no:cacheprovider -m trixie tests/interop
 
 demo: setup
 	$(VENV)/bin/ipsecmgr lab demo

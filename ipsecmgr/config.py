@@ -69,6 +69,9 @@ ENCAPSULATIONS = ("auto", "always", "never")
 ID_TYPES = ("ipv4", "ipv6", "fqdn", "email")
 ROLES = ("initiator", "responder")
 DEFAULT_CONTROL_SOCKET = Path("/run/ipsecmgr/control.sock")
+# Seconds. Short lifetimes make rekeying testable (the interop tests use a few
+# seconds); production configs keep the defaults (hours).
+MIN_LIFETIME = 2
 
 
 class ConfigError(ValueError):
@@ -159,8 +162,16 @@ class CryptoMap:
     dpd: Dpd = field(default_factory=Dpd)
     first_packet: str = "drop"
     queue_size: int = 8
+    # NAT traversal (RFC 7296 §2.23, RFC 3948). "auto": send NAT_DETECTION
+    # notifies; if either side is behind a NAT, IKE moves to UDP 4500 from
+    # IKE_AUTH on and ESP goes in UDP 4500. "always": also fake our source hash
+    # (as strongSwan's encap = yes), so the peer sees a NAT and both encapsulate.
+    # "never": send no NAT_DETECTION notifies, i.e. do not offer NAT-T at all;
+    # an RFC peer then stays on port 500 and raw ESP (IP protocol 50). Offering
+    # NAT-T but ignoring a detected NAT would break the peer's §2.23 float.
     encapsulation: str = "auto"
     initial_contact: bool = True
+    nat_keepalive: float = 20.0  # seconds between NAT keepalives when behind a NAT (0: off)
 
 
 @dataclass(frozen=True)
@@ -497,7 +508,7 @@ class _Parser:
         prf = self.choice(t, "prf", path, PRFS, "sha256")
         integ = self.choice(t, "integrity", path, INTEGRITIES, None)
         group = self.choice(t, "dh_group", path, DH_GROUPS, 14)
-        life = self.integer(t, "lifetime", path, 86400, lo=60)
+        life = self.integer(t, "lifetime", path, 86400, lo=MIN_LIFETIME)
         if enc.startswith("aes-cbc") and integ is None and "integrity" not in t:
             self.err(
                 f"{path}.integrity",
@@ -539,7 +550,7 @@ class _Parser:
             else:
                 pfs = int(pfs_raw)
         mode = self.choice(t, "mode", path, MODES, "tunnel")
-        secs = self.integer(t, "lifetime_seconds", path, 3600, lo=60)
+        secs = self.integer(t, "lifetime_seconds", path, 3600, lo=MIN_LIFETIME)
         nbytes = self.integer(t, "lifetime_bytes", path, None, lo=1)
         npkts = self.integer(t, "lifetime_packets", path, None, lo=1)
         rekey = self.choice(t, "rekey", path, REKEY_POLICIES, "keepalive")
@@ -663,6 +674,7 @@ class _Parser:
                 "local_psk", "remote_psk", "ike_transform_sets", "ipsec_transform_sets",
                 "src_ip", "role", "retransmission_timeout", "max_retransmission", "dpd",
                 "first_packet", "queue_size", "encapsulation", "initial_contact",
+                "nat_keepalive",
             ),
         )  # fmt: skip
         n = len(self.errors)
@@ -760,6 +772,7 @@ class _Parser:
             self.warnings.append(f'{path}.queue_size: ignored unless first_packet = "queue"')
         encap = self.choice(t, "encapsulation", path, ENCAPSULATIONS, "auto")
         ic = self.boolean(t, "initial_contact", path, True)
+        keepalive = self.number(t, "nat_keepalive", path, 20.0)
         if len(self.errors) > n:
             return None
         assert peer is not None and local is not None and acl is not None
@@ -771,6 +784,7 @@ class _Parser:
             ike_transform_sets=ike_sets, ipsec_transform_sets=ipsec_sets, mode=mode,
             src_ip=src_ip, role=role, retransmission_timeout_ms=rto, max_retransmission=maxr,
             dpd=dpd, first_packet=first, queue_size=qsize, encapsulation=encap, initial_contact=ic,
+            nat_keepalive=keepalive,
         )  # fmt: skip
 
     def tuns(self, v: Any, map_names: set[str]) -> list[TunInterface]:

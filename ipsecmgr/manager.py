@@ -27,6 +27,9 @@ from ipsecmgr.datapath import Datapath, OutboundBinding
 
 log = logging.getLogger("ipsecmgr.ike")
 
+REKEY_MARGIN = 0.9  # rekey at 90 % of a lifetime, before the peer's hard expiry
+NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3: one octet 0xFF on UDP 4500
+
 Address = tuple[str, int]
 SendFn = Callable[[bytes, Address], None]  # (datagram, peer)
 EspSocketFn = Callable[[Address, bool], tuple[Any, Address]]
@@ -65,6 +68,33 @@ _IKE_STATE = {
 _MAP_STATUS = {"idle": "down", "established": "up", "connecting": "connecting"}
 
 
+# RFC 7296 §3.10.1 error notifies in plain words, as seen from the side that
+# received them ("the peer ..."); a notify we sent reads "we ..." instead.
+_NOTIFY_MEANING = {
+    "NO_PROPOSAL_CHOSEN": "{who} accepted none of the offered algorithms (or could not use them)",
+    "TS_UNACCEPTABLE": "{who} refused the traffic selectors (which addresses the tunnel carries)",
+    "AUTHENTICATION_FAILED": "{who} rejected the identity or the pre-shared key",
+    "INVALID_KE_PAYLOAD": "{who} wants another Diffie-Hellman group",
+    "INVALID_SYNTAX": "{who} could not parse the message",
+    "SINGLE_PAIR_REQUIRED": "{who} wants exactly one pair of traffic selectors",
+    "NO_ADDITIONAL_SAS": "{who} accepts no more Child SAs on this IKE SA",
+    "INTERNAL_ADDRESS_FAILURE": "{who} could not assign an internal address",
+    "FAILED_CP_REQUIRED": "{who} requires a configuration payload",
+    "TEMPORARY_FAILURE": "{who} is busy (e.g. a rekey in progress); retry later",
+    "CHILD_SA_NOT_FOUND": "{who} does not know the Child SA to rekey",
+    "INVALID_SPI": "{who} does not know the SPI",
+    "UNSUPPORTED_CRITICAL_PAYLOAD": "{who} does not support a payload marked critical",
+    "INVALID_MAJOR_VERSION": "{who} does not speak IKEv2",
+}
+
+
+def notify_meaning(notify: str, by_peer: bool) -> str:
+    """What an error NOTIFY means, in words, for the log line that reports it."""
+    who = "the peer" if by_peer else "we"
+    text = _NOTIFY_MEANING.get(notify, "{who} reported an error")
+    return text.format(who=who)
+
+
 def _encr_name(encr: int, bits: int) -> str:
     return f"AES-GCM-16-{bits}" if encr == ike.EncrId.AES_GCM_16 else f"AES-CBC-{bits}"
 
@@ -80,6 +110,7 @@ class ChildRecord:
     remote_ts: list[str]
     esn: bool
     key_bits: int
+    rekey_at: float | None = None  # when we start its CREATE_CHILD_SA rekey (None: not ours)
 
 
 @dataclass
@@ -97,6 +128,10 @@ class MapState:
     queue: deque[bytes] = field(default_factory=deque)
     counters: dict[str, int] = field(default_factory=dict)
     established_at: float | None = None
+    # Periodic work on the established IKE SA (absolute loop times, None: off)
+    ike_rekey_at: float | None = None
+    dpd_at: float | None = None
+    keepalive_at: float | None = None
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -203,6 +238,9 @@ def build_ike_config(config: cfg.Config, cmap: cfg.CryptoMap, acl: npusim.Acl) -
         retransmit_tries=cmap.max_retransmission,
         initial_contact=cmap.initial_contact,
         fake_nat=cmap.encapsulation == "always",
+        nat_traversal=cmap.encapsulation != "never",
+        ike_lifetime=float(config.ike_transform_sets[cmap.ike_transform_sets[0]].lifetime),
+        child_lifetime=float(ts.lifetime_seconds),
         name=cmap.name,
     )
 
@@ -303,16 +341,103 @@ class Manager:
 
     def on_timer(self, now: float) -> None:
         self.endpoint.handle_timer(now)
+        self.periodic(now)
         self.pump(now)
 
     def next_deadline(self) -> float | None:
-        return self.endpoint.get_timer()
+        times = [t for t in (self.endpoint.get_timer(), *self._periodic_times()) if t is not None]
+        return min(times) if times else None
 
     def pump(self, now: float) -> None:
         for data, peer in self.endpoint.datagrams_to_send(now):
             self.send(data, peer)
         while (event := self.endpoint.next_event()) is not None:
             self.on_event(event, now)
+        self._follow_peers()
+
+    # -- periodic work: rekeying, liveness checks, NAT keepalives -------------------
+
+    def _periodic_times(self) -> list[float | None]:
+        out: list[float | None] = []
+        for state in self.maps.values():
+            if state.ike_sa is None or not state.ike_sa.established:
+                continue
+            out += [state.ike_rekey_at, state.dpd_at, state.keepalive_at]
+            out += [c.rekey_at for c in state.children.values()]
+        return out
+
+    def _schedule(self, state: MapState, now: float) -> None:
+        """(Re)start the timers of a newly established or rekeyed IKE SA."""
+        cfg_ = state.ike_config
+        state.ike_rekey_at = now + REKEY_MARGIN * cfg_.ike_lifetime
+        dpd = state.cmap.dpd.interval
+        state.dpd_at = now + dpd if dpd > 0 else None
+        sa = state.ike_sa
+        behind_nat = sa is not None and sa.nat_t and sa.nat_detected_local
+        # RFC 3948 §4 / RFC 7296 §2.23: only the side behind the NAT keeps its mapping open
+        ka = state.cmap.nat_keepalive
+        state.keepalive_at = now + ka if behind_nat and ka > 0 else None
+
+    def periodic(self, now: float) -> None:
+        """Start what is due: rekeys at 90 % of the lifetimes (make-before-break,
+        RFC 7296 §2.8), liveness checks (§2.4), NAT keepalives (RFC 3948 §2.3)."""
+        for state in self.maps.values():
+            sa = state.ike_sa
+            if sa is None or not sa.established:
+                continue
+            if state.ike_rekey_at is not None and now >= state.ike_rekey_at:
+                state.ike_rekey_at = None  # the IkeSaRekeyed event schedules the next one
+                state.bump("ike_rekey_started")
+                log.info("crypto map %s: IKE SA lifetime reached, rekeying", state.cmap.name)
+                sa.rekey_ike(now)
+            for rec in list(state.children.values()):
+                if rec.rekey_at is not None and now >= rec.rekey_at:
+                    rec.rekey_at = None
+                    if rec.child_id in sa.children:
+                        state.bump("child_rekey_started")
+                        log.info(
+                            "crypto map %s: Child SA %d lifetime reached, rekeying",
+                            state.cmap.name,
+                            rec.child_id,
+                        )
+                        sa.rekey_child(rec.child_id, now)
+            if state.dpd_at is not None and now >= state.dpd_at:
+                state.dpd_at = now + state.cmap.dpd.interval
+                state.bump("liveness_checks")
+                sa.liveness_check(now)
+            if state.keepalive_at is not None and now >= state.keepalive_at:
+                state.keepalive_at = now + state.cmap.nat_keepalive
+                self._send_keepalive(state, sa)
+
+    def _send_keepalive(self, state: MapState, sa: ike.IkeSA) -> None:
+        assert self.esp_socket_for is not None, "the daemon sets esp_socket_for"
+        sock, addr = self.esp_socket_for(sa.peer_addr, True)
+        try:
+            sock.sendto(NAT_KEEPALIVE, addr)
+            state.bump("nat_keepalives_sent")
+        except OSError as exc:
+            state.bump("nat_keepalive_errors")
+            log.debug("NAT keepalive to %s failed: %s", addr, exc)
+
+    def _follow_peers(self) -> None:
+        """NAT rebinding (RFC 7296 §2.23): the engine follows the peer's address
+        when an authenticated request arrives from a new one; ESP follows it."""
+        if self.esp_socket_for is None:
+            return
+        for name, state in self.maps.items():
+            sa, binding = state.ike_sa, self.datapath.outbound.get(name)
+            if sa is None or binding is None or not sa.established:
+                continue
+            sock, addr = self.esp_socket_for(sa.peer_addr, sa.nat_t)
+            if addr != binding.peer or sock is not binding.sock:
+                log.info(
+                    "crypto map %s: peer moved from %s:%d to %s:%d, ESP follows",
+                    name,
+                    *binding.peer,
+                    *addr,
+                )
+                state.bump("nat_rebinding")
+                binding.sock, binding.peer = sock, addr
 
     # -- events -----------------------------------------------------------------------
 
@@ -331,11 +456,32 @@ class Manager:
             state.status = "established"
             state.last_error = ""
             state.established_at = now
+            self._schedule(state, now)
             log.info(
                 "crypto map %s: IKE SA up with %s (%s)", name, state.cmap.peer, event.algorithms
             )
         elif isinstance(event, ev.ChildSaInstalled):
             self._install_child(state, event, now)
+        elif isinstance(event, ev.IkeSaRekeyed):
+            state.bump("ike_rekeyed")
+            if state.ike_sa is not None:
+                self._schedule(state, now)
+            log.info(
+                "crypto map %s: IKE SA rekeyed, SPIs %s/%s",
+                name,
+                event.spi_i.hex(),
+                event.spi_r.hex(),
+            )
+        elif isinstance(event, ev.ChildSaRekeyed):
+            state.bump("child_rekeyed")
+            if (old := state.children.get(event.old_child_id)) is not None:
+                old.rekey_at = None
+            log.info(
+                "crypto map %s: Child SA %d rekeyed as %d",
+                name,
+                event.old_child_id,
+                event.new_child_id,
+            )
         elif isinstance(event, ev.ChildSaDeleted):
             self._remove_child(state, (event.ike_sa, event.child_id))
             log.info("crypto map %s: Child SA %d deleted (%s)", name, event.child_id, event.reason)
@@ -355,13 +501,25 @@ class Manager:
             state.status = "failed"
             state.last_error = f"AUTHENTICATION_FAILED: {event.detail}"
             state.bump("auth_failed")
-            log.error("crypto map %s: authentication failed: %s", name, event.detail)
+            log.error(
+                "crypto map %s: authentication failed: %s (%s)",
+                name,
+                event.detail,
+                "the identity or the pre-shared key did not match",
+            )
         elif isinstance(event, ev.ExchangeFailed):
             state.status = "failed" if state.status != "established" else state.status
             who = "peer sent" if event.by_peer else "we sent"
             state.last_error = f"{event.exchange}: {who} {event.notify}"
             state.bump("exchange_failed")
-            log.error("crypto map %s: %s failed: %s %s", name, event.exchange, who, event.notify)
+            log.error(
+                "crypto map %s: %s failed: %s %s (%s)",
+                name,
+                event.exchange,
+                who,
+                event.notify,
+                notify_meaning(event.notify, event.by_peer),
+            )
         elif isinstance(event, ev.InitialContactReceived):
             self._drop_others(state, event.ike_sa)
             log.info("crypto map %s: INITIAL_CONTACT from %s", name, event.remote_id)
@@ -391,6 +549,7 @@ class Manager:
             [str(t) for t in event.remote_ts],
             event.esn,
             event.key_bits,
+            now + REKEY_MARGIN * state.ike_config.child_lifetime,
         )
         state.bump("child_sa_installed")
         log.info(

@@ -9,6 +9,8 @@ protected too); the bypass server matches no rule.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,31 @@ from ipsecmgr.lab.topology import LabAddresses
 
 def _q(s: object) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml(v: object) -> str:
+    """A TOML value: strings, paths, numbers, booleans, lists and inline tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return _q(v)
+
+
+def _extra(options: Mapping[str, Any] | None) -> list[str]:
+    return [f"{k} = {_toml(v)}" for k, v in (options or {}).items()]
+
+
+def _acl_net(prefix: str) -> str:
+    """An ACL address for a prefix: ``A WILDCARD`` (IPv4), ``A/LEN`` (IPv6)."""
+    net = ipaddress.ip_network(prefix)
+    if net.version == 6:
+        return str(net)
+    return f"{net.network_address} {net.hostmask}"
 
 
 def lab_gateway_config(
@@ -34,12 +61,28 @@ def lab_gateway_config(
     control_socket: Path | None = None,
     esp: str = "aes-gcm-256",
     dh_group: int = 14,
+    mode: str | None = None,
+    far_net: str | None = None,
+    ike_options: Mapping[str, Any] | None = None,
+    ipsec_options: Mapping[str, Any] | None = None,
+    map_options: Mapping[str, Any] | None = None,
+    more_ipsec_sets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The config of ``side`` ("client" or "gw") for this lab, as TOML text.
 
     ``bypass_via_tun`` also routes the bypass server into the client's TUN, so
     its packets take the reference's step 3b (no ACL match: sent in clear out
     of the management interface) instead of never reaching the gateway.
+
+    For the interop matrix: ``mode`` overrides the lab's mode (``"tunnel"`` in
+    the transport lab = a tunnel whose selectors are the two outer addresses);
+    ``far_net`` protects that network instead of the server host (strongSwan's
+    libipsec needs a local address inside its selector, see
+    :func:`lab_strongswan_args`); ``ike_options``, ``ipsec_options`` and
+    ``map_options`` add or override keys of the transform sets and the crypto
+    map (``{"esn": True}``, ``{"remote_psk": {"file": ...}}``, ...);
+    ``more_ipsec_sets`` are further IPsec transform sets (name → keys, mode
+    as above), offered after ``lab`` in that order.
     """
     if side not in ("client", "gw"):
         raise ValueError("side must be 'client' or 'gw'")
@@ -52,17 +95,19 @@ def lab_gateway_config(
     gw_wan = a.gw_wan6 if v6 else a.gw_wan4
     server = a.server6 if v6 else a.server4
     bypass = a.bypass6 if v6 else a.bypass4
-    tunnel = a.mode == "tunnel"
-    src = (a.src_ip6 if v6 else a.src_ip4) if tunnel else client_wan
+    mode = mode or a.mode
+    tunnel = mode == "tunnel"
+    src = (a.src_ip6 if v6 else a.src_ip4) if a.mode == "tunnel" else client_wan
     assert src is not None
+    far = _acl_net(far_net) if far_net else f"host {server}"
     if side == "client":
         local, peer, role = client_wan, gw_wan, "initiator"
-        acl = f"permit ip host {src} host {server}"
+        acl = f"permit ip host {src} {far}"
         routes = [f"{server}{host_bits}"] + ([f"{bypass}{host_bits}"] if bypass_via_tun else [])
-        tun_addrs = [f"{src}{host_bits}"] if tunnel else []
+        tun_addrs = [f"{src}{host_bits}"] if a.mode == "tunnel" else []
     else:
         local, peer, role = gw_wan, client_wan, "responder"
-        acl = f"permit ip host {server} host {src}"
+        acl = f"permit ip {far} host {src}"
         routes = [f"{src}{host_bits}"]
         tun_addrs = []
     lines = [
@@ -71,23 +116,28 @@ def lab_gateway_config(
         f"rules = [{_q(acl)}]",
         "",
         "[ike_transform_set.lab]",
-        f"dh_group = {dh_group}",
+        *_extra({"dh_group": dh_group, **(ike_options or {})}),
         "",
         "[ipsec_transform_set.lab]",
-        f"esp = {_q(esp)}",
-        f"mode = {_q(a.mode)}",
+        *_extra({"esp": esp, "mode": mode, **(ipsec_options or {})}),
         "",
+        *(
+            line
+            for name, keys in (more_ipsec_sets or {}).items()
+            for line in (f"[ipsec_transform_set.{name}]", *_extra({"mode": mode, **keys}), "")
+        ),
         "[crypto_map.tacacs]",
         f"peer = {_q(peer)}",
         'match_address = "tacacs"',
         f"local_psk = {{ file = {_q(psk_file)} }}",
         'ike_transform_sets = ["lab"]',
-        'ipsec_transform_sets = ["lab"]',
+        f"ipsec_transform_sets = {_toml(['lab', *(more_ipsec_sets or {})])}",
         f"role = {_q(role)}",
         f"first_packet = {_q(first_packet)}",
     ]
     if tunnel and side == "client":
         lines.append(f"src_ip = {_q(src)}")
+    lines += _extra(map_options)
     lines += [
         "",
         f"[tun.{tun_name}]",

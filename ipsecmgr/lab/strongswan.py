@@ -98,6 +98,10 @@ class PeerOptions:
     retransmit_base: float = 1.8
     charon_opts: Sequence[str] = ()  # verbatim lines in charon { }
     conn_opts: Sequence[str] = ()  # verbatim lines in the connection
+    child_opts: Sequence[str] = ()  # verbatim lines in the child
+    # PSKs bound to identities (one per direction). strongSwan signs with the key
+    # whose id is the *peer's* and verifies with any that matches (see the interop tests).
+    psks_by_id: Sequence[tuple[str, Secret]] = field(default=(), repr=False)
     raw_esp: bool = False
     root: Path | None = None  # chroot with a newer strongSwan
 
@@ -148,6 +152,13 @@ class StrongSwanPeer:
         (d / "run").mkdir(exist_ok=True)
         copts = "".join(f"  {line}\n" for line in o.charon_opts)
         kopts = "".join(f"    {line}\n" for line in o.conn_opts)
+        chopts = "".join(f"        {line}\n" for line in o.child_opts)
+        secrets = f"  ike-psk {{ secret = 0x{psk.reveal().hex()} }}\n"
+        if o.psks_by_id:
+            secrets = "".join(
+                f"  ike-{i} {{ id = {ident}\n           secret = 0x{key.reveal().hex()} }}\n"
+                for i, (ident, key) in enumerate(o.psks_by_id)
+            )
         strongswan_conf = f"""charon {{
   load = {PLUGINS}
   retransmit_tries = {o.retransmit_tries}
@@ -195,11 +206,12 @@ class StrongSwanPeer:
         esp_proposals = {o.esp}
         rekey_time = {o.esp_rekey}
         dpd_action = {o.dpd_action}
-      }}
+{chopts}      }}
     }}
   }}
 }}
-secrets {{ ike-psk {{ secret = 0x{psk.reveal().hex()} }} }}
+secrets {{
+{secrets}}}
 """
         (d / "strongswan.conf").write_text(strongswan_conf)
         fd = os.open(d / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
