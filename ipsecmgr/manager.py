@@ -474,7 +474,7 @@ class Manager:
             )
         elif isinstance(event, ev.ChildSaRekeyed):
             state.bump("child_rekeyed")
-            if (old := state.children.get(event.old_child_id)) is not None:
+            if (old := state.children.get((event.ike_sa, event.old_child_id))) is not None:
                 old.rekey_at = None
             log.info(
                 "crypto map %s: Child SA %d rekeyed as %d",
