@@ -40,7 +40,12 @@ REKEY_JITTER = 0.05
 # soft limit leaves 2^20 packets: 5 s at 200 kpps, more than this gateway sends).
 VOLUME_CHECK = 1.0
 SEQUENCE_CHECK = 5.0
-DPD_SAMPLES = 4  # while ESP flows, look at the inbound counters interval/4 apart
+# Look at the inbound ESP counters interval/10 apart: a heartbeat then leaves at
+# most interval/10 later than "interval after the last packet" (no per-packet cost).
+DPD_SAMPLES = 10
+# A rekeyed-away inbound SA still decrypts this long after its DELETE: ESP the peer
+# sent on it before it saw the DELETE may be read after the IKE answer (another socket).
+REKEY_LINGER = 1.0
 NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3: one octet 0xFF on UDP 4500
 
 Address = tuple[str, int]
@@ -302,6 +307,8 @@ class Manager:
         self.esp_socket_for: EspSocketFn | None = None
         # Dead-peer detection per IKE SA name (a map can have a stale SA and a new one)
         self.liveness: dict[str, Liveness] = {}
+        # Inbound SPIs of rekeyed Child SAs still in the SA-flow table, and until when
+        self.lingering: dict[int, float] = {}
         # Uniform in [0, 1): the share of REKEY_JITTER taken off a soft lifetime
         self.jitter: Callable[[], float] = random.random
 
@@ -411,6 +418,8 @@ class Manager:
             if state.ike_sa is None or not state.ike_sa.established:
                 continue
             out += [state.keepalive_at, state.volume_at if state.children else None]
+        if self.lingering:
+            out.append(min(self.lingering.values()))
         return out
 
     def _schedule(self, state: MapState, now: float) -> None:
@@ -432,6 +441,10 @@ class Manager:
     def periodic(self, now: float) -> None:
         """Start what is due: liveness checks (§2.4), volume rekeys, NAT keepalives
         (RFC 3948 §2.3). Time-based rekeys are the engine's (see REKEY_JITTER)."""
+        for spi, until in list(self.lingering.items()):
+            if now >= until:
+                del self.lingering[spi]
+                self.saflow.remove(spi)
         for ike_sa in list(self.endpoint.sas):
             lv = self.liveness.get(ike_sa.name)
             if lv is not None and now >= lv.check_at and ike_sa.established:
@@ -470,9 +483,7 @@ class Manager:
             state.bump("liveness_checks")
             sa.liveness_check(now, dpd.timeout, dpd.retries)
             due = now + dpd.interval
-        # While ESP flows, look again a quarter interval later: the heartbeat then
-        # leaves at most interval/4 late, and an idle SA costs one wake-up per interval.
-        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES) if esp_seen else due
+        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
 
     def _check_volume(self, state: MapState, sa: ike.IkeSA, now: float) -> None:
         """Soft byte/packet/sequence limits → rekey (make-before-break); hard → delete."""
@@ -625,7 +636,8 @@ class Manager:
                 event.new_child_id,
             )
         elif isinstance(event, ev.ChildSaDeleted):
-            self._remove_child(state, (event.ike_sa, event.child_id))
+            linger = now + REKEY_LINGER if event.reason == "rekeyed" else None
+            self._remove_child(state, (event.ike_sa, event.child_id), linger)
             log.info("crypto map %s: Child SA %d deleted (%s)", name, event.child_id, event.reason)
         elif isinstance(event, ev.IkeSaDeleted):
             self.liveness.pop(event.ike_sa, None)
@@ -691,6 +703,7 @@ class Manager:
         child = sa.children.get(event.child_id) if sa is not None else None
         if child is not None:
             child.rekey_at = self._jitter(child.rekey_at, state.ike_config.child_lifetime)
+        self.lingering.pop(event.inbound_spi, None)  # reused at once: the new SA wins
         self.saflow.add(
             event.inbound_spi,
             inbound,
@@ -733,11 +746,16 @@ class Manager:
             self.datapath.send_protected(binding, state.queue.popleft())
             state.bump("queued_sent")
 
-    def _remove_child(self, state: MapState, key: tuple[str, int]) -> None:
+    def _remove_child(
+        self, state: MapState, key: tuple[str, int], linger: float | None = None
+    ) -> None:
         record = state.children.pop(key, None)
         if record is None:
             return
-        self.saflow.remove(record.inbound.spi)
+        if linger is not None:
+            self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
+        else:
+            self.saflow.remove(record.inbound.spi)
         binding = self.datapath.outbound.get(state.cmap.name)
         if binding is not None and binding.sa is record.outbound:
             del self.datapath.outbound[state.cmap.name]

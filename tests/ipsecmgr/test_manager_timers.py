@@ -239,18 +239,18 @@ def test_heartbeat_every_interval_when_nothing_arrives(net: Net) -> None:
 
 
 def test_inbound_esp_suppresses_the_heartbeat(net: Net) -> None:
-    client, gw = pair(net, map_options={"dpd": {**DPD, "interval": 8}})
+    client, gw = pair(net)
     gw.manager.liveness.clear()  # only the client's heartbeats are looked at here
     # The server side answers every second until t = 20: the client hears ESP.
     for t in range(1, 21):
         net.run_until(float(t))
         net.call(gw.send_tacacs)
-    net.run_until(40.0)
-    # While ESP flows the client samples the counters every interval/4 = 2 s
-    # (t = 8, 10, ..., 22; the timer at 20 fires before that second's packet).
-    # The last sample that saw new packets is t = 22, so the heartbeat leaves at
-    # 22 + 8 = 30 (the last packet + interval + at most interval/4), then 38.
-    assert net.sent("client", INFORMATIONAL) == [30.0, 38.0]
+    net.run_until(45.0)
+    # The client looks at its inbound counters every interval/10 = 1 s (the timer
+    # at t fires before that second's packet): the last look that saw a new packet
+    # is t = 21, so the heartbeat leaves at 21 + 10 = 31 (the last packet +
+    # interval + at most interval/10), then 41.
+    assert net.sent("client", INFORMATIONAL) == [31.0, 41.0]
     assert client.state.children and client.counter("liveness_checks") == 2
 
 
@@ -356,6 +356,18 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
     assert new.inbound.counters.packets == 1 and gw_new.inbound.counters.packets == 1
     assert client.datapath.counters.get("esp_unknown_spi") is None
     assert gw.datapath.counters.get("esp_unknown_spi") is None
+    # A packet gw sent on the old SA just before it saw the DELETE, read by the
+    # client after the DELETE's answer (another socket): still decrypted, for 1 s.
+    late = gw_old.outbound.encapsulate(gw.packet(), 4)
+    src = socket.inet_aton(gw.address)
+    client.datapath.handle_inbound(late, src, b"", socket.AF_INET)
+    assert old.inbound.counters.packets == 2
+    net.run_until(net.now + 1.0)
+    client.datapath.handle_inbound(
+        gw_old.outbound.encapsulate(gw.packet(), 4), src, b"", socket.AF_INET
+    )
+    assert old.inbound.counters.packets == 2
+    assert client.datapath.counters.get("esp_unknown_spi") == 1
 
 
 def test_ike_rekey_moves_the_child_sas(net: Net) -> None:
