@@ -608,8 +608,8 @@ class Manager:
             self._schedule(state, now)
             if (sa := state.ike_sa) is not None:
                 sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
-                if state.cmap.dpd.interval > 0:
-                    self.liveness[sa.name] = Liveness(now, now + state.cmap.dpd.interval)
+                if (interval := state.cmap.dpd.interval) > 0:
+                    self.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
             log.info(
                 "crypto map %s: IKE SA up with %s (%s)", name, state.cmap.peer, event.algorithms
             )
