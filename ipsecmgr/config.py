@@ -509,6 +509,7 @@ class _Parser:
         integ = self.choice(t, "integrity", path, INTEGRITIES, None)
         group = self.choice(t, "dh_group", path, DH_GROUPS, 14)
         life = self.integer(t, "lifetime", path, 86400, lo=MIN_LIFETIME)
+        self._short_lifetime(f"{path}.lifetime", life)
         if enc.startswith("aes-cbc") and integ is None and "integrity" not in t:
             self.err(
                 f"{path}.integrity",
@@ -519,6 +520,10 @@ class _Parser:
         if len(self.errors) > n:
             return None
         return IkeTransformSet(name, enc, prf, integ, group, life)
+
+    def _short_lifetime(self, path: str, seconds: int) -> None:
+        if seconds < 60:
+            self.warnings.append(f"{path}: {seconds} s is very short (meant for tests)")
 
     def ipsec_set(self, name: str, t: dict[str, Any]) -> IpsecTransformSet | None:
         path = f"ipsec_transform_set.{name}"
@@ -551,6 +556,7 @@ class _Parser:
                 pfs = int(pfs_raw)
         mode = self.choice(t, "mode", path, MODES, "tunnel")
         secs = self.integer(t, "lifetime_seconds", path, 3600, lo=MIN_LIFETIME)
+        self._short_lifetime(f"{path}.lifetime_seconds", secs)
         nbytes = self.integer(t, "lifetime_bytes", path, None, lo=1)
         npkts = self.integer(t, "lifetime_packets", path, None, lo=1)
         rekey = self.choice(t, "rekey", path, REKEY_POLICIES, "keepalive")

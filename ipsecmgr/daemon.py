@@ -18,9 +18,10 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import npusim
+from esp import InboundSA
 from esp.udp_encap import classify_udp4500
 from ipsecmgr import config as cfg
 from ipsecmgr import show, sockets
@@ -287,7 +288,15 @@ class Gateway:
                     continue
                 if kind == "esp":
                     fam = _family(peer[0])
+                    # NAT rebinding (RFC 7296 §2.23): an ESP packet that decrypts
+                    # may come from a new port; the manager then moves the SA there.
+                    spi = int.from_bytes(data[:4], "big")
+                    flow = self.saflow.lookup(spi) if spi in self.saflow else None
+                    sa = cast(InboundSA, flow.sa) if flow is not None else None
+                    before = sa.counters.packets if sa is not None else 0
                     self.datapath.handle_inbound(data, socket.inet_pton(fam, peer[0]), b"", fam)
+                    if flow is not None and sa is not None and sa.counters.packets != before:
+                        self.manager.on_esp_from(flow.crypto_map, peer)
                     continue
             self.manager.on_ike_datagram(data, local, peer, self.now())
         self._rearm()

@@ -565,6 +565,22 @@ class Manager:
             state.bump("nat_keepalive_errors")
             log.debug("NAT keepalive to %s failed: %s", addr, exc)
 
+    def on_esp_from(self, name: str, peer: Address) -> None:
+        """An authentic ESP-in-UDP packet of crypto map ``name`` came from ``peer``.
+
+        RFC 7296 §2.23: a host that is not behind a NAT SHOULD move the SA to
+        the address and port of a validated packet (the peer's NAT rebound).
+        """
+        state = self.maps.get(name)
+        binding = self.datapath.outbound.get(name)
+        sa = state.ike_sa if state is not None else None
+        if state is None or sa is None or binding is None or binding.peer == peer:
+            return
+        if binding.peer[1] == 0 or sa.nat_detected_local or not sa.established:
+            return  # raw ESP, or we are the one behind the NAT: keep our mapping
+        sa.peer_addr = peer  # IKE follows too (its next request goes there)
+        self._follow_peers()
+
     def _follow_peers(self) -> None:
         """NAT rebinding (RFC 7296 §2.23): the engine follows the peer's address
         when an authenticated request arrives from a new one; ESP follows it."""

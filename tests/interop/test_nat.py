@@ -200,3 +200,21 @@ def test_raw_esp_and_esp_in_udp_in_one_daemon(labs: dict[str, InteropLab], tmp_p
             gws.close()
         finally:
             sw.stop()
+
+
+@pytest.mark.root
+def test_authentic_esp_from_a_new_port_moves_us(labs: dict[str, InteropLab]) -> None:
+    """No IKE message after the NAT rebound: the client's next ESP packet (the
+    TACACS+ SYN) decrypts, comes from the new port, and our answers follow it."""
+    il = labs["tunnel"]
+    napt(il.lab, "client", 1500, 14500)
+    try:
+        with il.run(Case("esp-rebinding", ours="gw")) as r:
+            assert r.tacacs()["ok"]
+            napt(il.lab, "client", 1600, 24500)
+            res = r.tacacs()
+            assert res["ok"], f"{res}\n{r.diagnostics()}"
+            assert r.ours.snapshot()["ike_sas"][0]["remote"] == "198.51.100.1:24500"
+            assert r.ike("nat_rebinding") == 1
+    finally:
+        unnat(il.lab, "client")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import parse_acls
@@ -215,3 +217,28 @@ def test_encapsulation_always_floats_without_a_nat(tmp_path: Path) -> None:
     assert g.map.ike_sa.nat_detected_remote  # the fake hash
     assert c.datapath.outbound["tacacs"].sock is c.udp
     assert g.datapath.outbound["tacacs"].sock is g.udp
+
+
+def test_authentic_esp_from_a_new_port(tmp_path: Path) -> None:
+    """The daemon calls on_esp_from only for ESP that decrypted; the side not
+    behind the NAT moves there (§2.23), the side behind it keeps its mapping."""
+    wire = _up(tmp_path)
+    c, g = wire.client, wire.gw
+    g.manager.on_esp_from("tacacs", (A.client_wan4, 24500))
+    assert g.datapath.outbound["tacacs"].peer == (A.client_wan4, 24500)
+    assert g.map.ike_sa.peer_addr == (A.client_wan4, 24500)
+    assert g.map.counters["nat_rebinding"] == 1
+    c.manager.on_esp_from("tacacs", (A.gw_wan4, 4501))  # we are behind the NAT: ignore
+    assert c.datapath.outbound["tacacs"].peer == (A.gw_wan4, 4500)
+    assert "nat_rebinding" not in c.map.counters
+
+
+def test_short_lifetimes_are_accepted_with_a_warning(tmp_path: Path) -> None:
+    opts = {"ike_options": {"lifetime": 3}, "ipsec_options": {"lifetime_seconds": 2}}
+    side = Side(tmp_path, "client", **opts)
+    warnings = side.manager.config.warnings
+    assert "ike_transform_set.lab.lifetime: 3 s is very short" in " ".join(warnings)
+    assert "ipsec_transform_set.lab.lifetime_seconds: 2 s is very short" in " ".join(warnings)
+    too_short = {"ipsec_options": {"lifetime_seconds": 1}}
+    with pytest.raises(cfg.ConfigError, match=r"lifetime_seconds: 1 is out of range"):
+        Side(tmp_path, "client", **too_short)
