@@ -390,9 +390,7 @@ class IkeSA:
             if p.tries < (self.config.retransmit_tries if tries is None else tries):
                 p.tries += 1
                 # §2.1: exponential back-off, unless the task has a fixed spacing
-                p.deadline = now + (
-                    fixed if fixed is not None else self.config.retransmit_timeout * (2**p.tries)
-                )
+                p.deadline = now + (fixed or self.config.retransmit_timeout * (2**p.tries))
                 self.count("retransmitted")
                 self._send(p.packet)
             elif c is not self.ch:

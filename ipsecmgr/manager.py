@@ -481,7 +481,8 @@ class Manager:
             lv.sent_at = now
             lv.last_activity = now  # the next heartbeat one interval after this one
             state.bump("liveness_checks")
-            sa.liveness_check(now, dpd.timeout, dpd.retries)
+            # timeout 0: the map's retransmission settings (exponential) apply
+            sa.liveness_check(now, dpd.timeout or None, dpd.retries)
             due = now + dpd.interval
         lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
 

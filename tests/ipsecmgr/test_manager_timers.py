@@ -276,8 +276,13 @@ def test_dead_peer_declared_after_interval_plus_timeout_times_retries_plus_one(
 ) -> None:
     client, _gw = pair(net)
     net.down.add("gw")  # SIGKILL: gw never answers again
+    net.run_until(17.9)
+    assert client.state.status == "established"
+    net.run_until(18.0)
+    assert client.state.status == "dead"
     net.run_until(30.0)
-    # Heartbeat at 10, resent every timeout (2 s) 3 times, dead 2 s after the last.
+    # Heartbeat at 10, resent every timeout (2 s) 3 times, dead 2 s after the last:
+    # interval + timeout × (retries + 1) = 18
     assert net.sent("client", INFORMATIONAL) == [10.0, 12.0, 14.0, 16.0]
     assert client.counter("peer_dead") == 1
     assert client.state.status == "dead"
