@@ -682,6 +682,8 @@ class Manager:
                 "the identity or the pre-shared key did not match",
             )
         elif isinstance(event, ev.ExchangeFailed):
+            if event.exchange == "CREATE_CHILD_SA":
+                state.creating_child = False  # the next packet may try again
             state.status = "failed" if state.status != "established" else state.status
             who = "peer sent" if event.by_peer else "we sent"
             state.last_error = f"{event.exchange}: {who} {event.notify}"
