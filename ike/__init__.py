@@ -30,7 +30,9 @@ then built with :meth:`IkeSA.respond_to`.
 
 Commands on an ``IkeSA`` (queued; one request in flight per SA, §2.3):
 ``initiate(now)``, ``create_child(now)``, ``rekey_child(child_id, now)``,
-``rekey_ike(now)``, ``liveness_check(now)`` (DPD: the daemon decides when),
+``rekey_ike(now)``, ``liveness_check(now, timeout=None, tries=None)`` (DPD: the
+daemon decides when, from ``IkeSA.last_heard`` and its ESP counters; ``timeout``
+and ``tries``: resend every ``timeout`` s without back-off, DPD style),
 ``delete_child(child_id, now)``, ``delete(now)``, ``abandon(reason)`` (forget
 without telling the peer); ``export_keys()`` gives the IKE keys for Wireshark.
 The engine also rekeys by itself at 90 % (original initiator) / 93 %

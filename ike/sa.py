@@ -104,6 +104,9 @@ class IkeSA:
         self.init_request = b""
         self.init_response = b""
         self.half_open_deadline: float | None = None
+        # When the last authenticated message from the peer arrived (§2.4: a
+        # liveness check is only needed when nothing has been heard for a while)
+        self.last_heard: float | None = None
         self.ike_rekey_at: float | None = None
         self._queue: deque[_t.Task] = deque()
         self._out: list[tuple[bytes, Address]] = []
@@ -230,9 +233,16 @@ class IkeSA:
     def rekey_ike(self, now: float) -> None:
         self.queue_task(_t.IkeRekey(), now)
 
-    def liveness_check(self, now: float) -> None:
-        """An empty INFORMATIONAL request (§2.4); no answer after retries → PeerDead."""
-        self.queue_task(_t.Liveness(), now)
+    def liveness_check(
+        self, now: float, timeout: float | None = None, tries: int | None = None
+    ) -> None:
+        """An empty INFORMATIONAL request (§2.4); no answer after retries → PeerDead.
+
+        ``timeout``/``tries`` (DPD timeout and retries): resend every ``timeout``
+        seconds, ``tries`` times, and give up ``timeout`` after the last one; by
+        default the configured exponential retransmission applies.
+        """
+        self.queue_task(_t.Liveness(timeout, tries), now)
 
     def delete_child(self, child_id: int, now: float) -> None:
         if child_id in self.children:
@@ -375,10 +385,12 @@ class IkeSA:
             p = c.pending
             if p is None or now < p.deadline:
                 continue
-            if p.tries < self.config.retransmit_tries:
+            fixed = p.task.retransmit_timeout
+            tries = p.task.retransmit_tries
+            if p.tries < (self.config.retransmit_tries if tries is None else tries):
                 p.tries += 1
-                # §2.1: exponential back-off
-                p.deadline = now + self.config.retransmit_timeout * (2**p.tries)
+                # §2.1: exponential back-off, unless the task has a fixed spacing
+                p.deadline = now + (fixed or self.config.retransmit_timeout * (2**p.tries))
                 self.count("retransmitted")
                 self._send(p.packet)
             elif c is not self.ch:
@@ -428,7 +440,8 @@ class IkeSA:
             ch.next_id += 1
             pkt = self.encode(ch, task.exchange, False, msg_id, payloads)
             task.sent(self, pkt)
-            ch.pending = Pending(task, msg_id, pkt, 0, now + self.config.retransmit_timeout)
+            first = task.retransmit_timeout or self.config.retransmit_timeout
+            ch.pending = Pending(task, msg_id, pkt, 0, now + first)
             self._send(pkt)
 
     def send_on(self, ch: Channel, task: _t.Task, now: float) -> None:
@@ -584,6 +597,7 @@ class IkeSA:
             self.count("unexpected_response")
             return
         payloads = self._decode(ch, hdr, data)
+        self.last_heard = now
         if self.log is not None:
             self._log("received", hdr.exchange, True, hdr.msg_id, payloads, addr, hdr.length)
         ch.pending = None
@@ -628,6 +642,7 @@ class IkeSA:
             # Integrity was fine but the content is not: answer INVALID_SYNTAX (§2.21.2)
             payloads = None
         ch.peer_id += 1
+        self.last_heard = now
         if self.log is not None:
             self._log("received", hdr.exchange, False, hdr.msg_id, payloads or [], addr, hdr.length)
         if marked or self.nat_t:

@@ -35,6 +35,7 @@ from ipsecmgr.tun import Tun
 log = logging.getLogger("ipsecmgr")
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
+SHUTDOWN_GRACE = 1.0  # seconds SIGTERM waits for the peers to answer our DELETEs
 
 
 def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
@@ -376,6 +377,18 @@ class Gateway:
         self._rearm()
         return n
 
+    async def delete_all(self, grace: float) -> None:
+        """SIGTERM: DELETE every IKE SA (RFC 7296 §1.4.1) and keep the loop running
+        until the peers answered or ``grace`` passed. A DELETE queued behind a
+        request in flight (window size 1, §2.3) is sent once that one is answered."""
+        self._clear(None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(
+            sa.established or sa.state == "deleting" for sa in self.manager.endpoint.sas
+        ):
+            await asyncio.sleep(0.01)  # the readers and the timer process the answers
+
     def statistics(self) -> show.Statistics:
         """Flat counter groups: ``group[name]``, per-map counters as ``map/name``."""
         ike_counters = dict(self.manager.endpoint.counters)
@@ -414,6 +427,7 @@ async def serve(gw: Gateway, config_path: str) -> int:
         print("ready", flush=True)
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
+        await gw.delete_all(SHUTDOWN_GRACE)
     finally:
         gw.tracer.close_all()
         gw.detach()

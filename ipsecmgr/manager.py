@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,24 @@ from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 
 log = logging.getLogger("ipsecmgr.ike")
 
-REKEY_MARGIN = 0.9  # rekey at 90 % of a lifetime, before the peer's hard expiry
+# Time-based rekeying belongs to the IKE engine (90 % / 93 % of the lifetime in
+# seconds, see ike/__init__.py); the manager only moves that soft deadline
+# earlier by a random share of up to REKEY_JITTER of the lifetime (RFC 7296
+# §2.8: jitter, so that two peers rarely rekey at once), and vetoes it for
+# "rekey lazy" SAs that carried nothing. Volume limits are the manager's:
+SOFT_VOLUME = 0.9  # soft limit = 90 % (minus jitter) of lifetime_bytes / lifetime_packets
+REKEY_JITTER = 0.05
+# Seconds between looks at the ESP counters (zero per-packet cost): every second
+# with byte/packet lifetimes, else every 5 s for the sequence number only (its
+# soft limit leaves 2^20 packets: 5 s at 200 kpps, more than this gateway sends).
+VOLUME_CHECK = 1.0
+SEQUENCE_CHECK = 5.0
+# Look at the inbound ESP counters interval/10 apart: a heartbeat then leaves at
+# most interval/10 later than "interval after the last packet" (no per-packet cost).
+DPD_SAMPLES = 10
+# A rekeyed-away inbound SA still decrypts this long after its DELETE: ESP the peer
+# sent on it before it saw the DELETE may be read after the IKE answer (another socket).
+REKEY_LINGER = 1.0
 NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3: one octet 0xFF on UDP 4500
 
 Address = tuple[str, int]
@@ -113,7 +131,7 @@ class ChildRecord:
     key_bits: int
     # (inbound, outbound) AES key ‖ salt, kept only for ``trace --wireshark-keys``
     keys: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
-    rekey_at: float | None = None  # when we start its CREATE_CHILD_SA rekey (None: not ours)
+    rekey_started: bool = False  # a volume/sequence rekey (or our delete) is under way
 
 
 @dataclass
@@ -132,12 +150,27 @@ class MapState:
     counters: dict[str, int] = field(default_factory=dict)
     established_at: float | None = None
     # Periodic work on the established IKE SA (absolute loop times, None: off)
-    ike_rekey_at: float | None = None
-    dpd_at: float | None = None
     keepalive_at: float | None = None
+    volume_at: float | None = None  # next look at the Child SAs' byte/packet/sequence limits
+    creating_child: bool = False  # CREATE_CHILD_SA for a new Child SA under way
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+
+@dataclass
+class Liveness:
+    """Dead-peer detection of one IKE SA (RFC 7296 §2.4).
+
+    ``last_activity`` is the last time we know something arrived from the peer:
+    an authenticated IKE message (the engine's ``last_heard``) or inbound ESP
+    (the Child SAs' packet counters changed since the previous look).
+    """
+
+    last_activity: float
+    check_at: float
+    packets_in: int = 0
+    sent_at: float | None = None  # the liveness request not yet answered
 
 
 def ike_proposals(config: cfg.Config, cmap: cfg.CryptoMap) -> tuple[ike.IkeProposal, ...]:
@@ -277,6 +310,12 @@ class Manager:
         self.esp_socket_for: EspSocketFn | None = None
         # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
         self.trace: Callable[..., None] | None = None
+        # Dead-peer detection per IKE SA name (a map can have a stale SA and a new one)
+        self.liveness: dict[str, Liveness] = {}
+        # Inbound SPIs of rekeyed Child SAs still in the SA-flow table, and until when
+        self.lingering: dict[int, float] = {}
+        # Uniform in [0, 1): the share of REKEY_JITTER taken off a soft lifetime
+        self.jitter: Callable[[], float] = random.random
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -339,8 +378,19 @@ class Manager:
             # A responder waits for its peer to build the tunnel (e.g. the
             # TACACS+ server side: replies only follow a client's request).
             state.bump("no_sa_waiting_for_peer")
-        elif initiating:
+        elif initiating or state.ike_sa is None:
             self.initiate(state, now)
+        elif (
+            state.ike_sa.established
+            and not state.creating_child
+            and not self._children_of(state, state.ike_sa.name)
+        ):
+            # "rekey lazy": the idle Child SA expired; the IKE SA lives on, so a
+            # CREATE_CHILD_SA (§1.3) is enough to carry traffic again
+            state.creating_child = True
+            state.bump("child_created_on_demand")
+            state.ike_sa.create_child(now)
+            self.pump(now)
 
     def initiate(self, state: MapState, now: float) -> None:
         sa = self.endpoint.initiate(state.ike_config, now)
@@ -359,6 +409,7 @@ class Manager:
         self.pump(now)
 
     def on_timer(self, now: float) -> None:
+        self._before_engine_timers(now)
         self.endpoint.handle_timer(now)
         self.periodic(now)
         self.pump(now)
@@ -379,56 +430,152 @@ class Manager:
     # -- periodic work: rekeying, liveness checks, NAT keepalives -------------------
 
     def _periodic_times(self) -> list[float | None]:
-        out: list[float | None] = []
+        out: list[float | None] = [
+            self.liveness[sa.name].check_at
+            for sa in self.endpoint.sas
+            if sa.established and sa.name in self.liveness
+        ]
         for state in self.maps.values():
             if state.ike_sa is None or not state.ike_sa.established:
                 continue
-            out += [state.ike_rekey_at, state.dpd_at, state.keepalive_at]
-            out += [c.rekey_at for c in state.children.values()]
+            out += [state.keepalive_at, state.volume_at if state.children else None]
+        if self.lingering:
+            out.append(min(self.lingering.values()))
         return out
 
     def _schedule(self, state: MapState, now: float) -> None:
-        """(Re)start the timers of a newly established or rekeyed IKE SA."""
-        cfg_ = state.ike_config
-        state.ike_rekey_at = now + REKEY_MARGIN * cfg_.ike_lifetime
-        dpd = state.cmap.dpd.interval
-        state.dpd_at = now + dpd if dpd > 0 else None
+        """(Re)start the periodic work of a newly established or rekeyed IKE SA."""
         sa = state.ike_sa
         behind_nat = sa is not None and sa.nat_t and sa.nat_detected_local
         # RFC 3948 §4 / RFC 7296 §2.23: only the side behind the NAT keeps its mapping open
         ka = state.cmap.nat_keepalive
         state.keepalive_at = now + ka if behind_nat and ka > 0 else None
+        state.volume_at = now + self._volume_period(state)
+
+    def _volume_period(self, state: MapState) -> float:
+        ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
+        return VOLUME_CHECK if ts.lifetime_bytes or ts.lifetime_packets else SEQUENCE_CHECK
+
+    def _children_of(self, state: MapState, ike_name: str) -> list[ChildRecord]:
+        return [rec for (name, _), rec in state.children.items() if name == ike_name]
 
     def periodic(self, now: float) -> None:
-        """Start what is due: rekeys at 90 % of the lifetimes (make-before-break,
-        RFC 7296 §2.8), liveness checks (§2.4), NAT keepalives (RFC 3948 §2.3)."""
+        """Start what is due: liveness checks (§2.4), volume rekeys, NAT keepalives
+        (RFC 3948 §2.3). Time-based rekeys are the engine's (see REKEY_JITTER)."""
+        for spi, until in list(self.lingering.items()):
+            if now >= until:
+                del self.lingering[spi]
+                self.saflow.remove(spi)
+        for ike_sa in list(self.endpoint.sas):
+            lv = self.liveness.get(ike_sa.name)
+            if lv is not None and now >= lv.check_at and ike_sa.established:
+                owner = self._state_for_name(ike_sa.name)
+                if owner is not None:
+                    self._check_liveness(owner, ike_sa, lv, now)
         for state in self.maps.values():
             sa = state.ike_sa
             if sa is None or not sa.established:
                 continue
-            if state.ike_rekey_at is not None and now >= state.ike_rekey_at:
-                state.ike_rekey_at = None  # the IkeSaRekeyed event schedules the next one
-                state.bump("ike_rekey_started")
-                log.info("crypto map %s: IKE SA lifetime reached, rekeying", state.cmap.name)
-                sa.rekey_ike(now)
-            for rec in list(state.children.values()):
-                if rec.rekey_at is not None and now >= rec.rekey_at:
-                    rec.rekey_at = None
-                    if rec.child_id in sa.children:
-                        state.bump("child_rekey_started")
-                        log.info(
-                            "crypto map %s: Child SA %d lifetime reached, rekeying",
-                            state.cmap.name,
-                            rec.child_id,
-                        )
-                        sa.rekey_child(rec.child_id, now)
-            if state.dpd_at is not None and now >= state.dpd_at:
-                state.dpd_at = now + state.cmap.dpd.interval
-                state.bump("liveness_checks")
-                sa.liveness_check(now)
+            if state.volume_at is not None and now >= state.volume_at:
+                state.volume_at = now + self._volume_period(state)
+                self._check_volume(state, sa, now)
             if state.keepalive_at is not None and now >= state.keepalive_at:
                 state.keepalive_at = now + state.cmap.nat_keepalive
                 self._send_keepalive(state, sa)
+
+    def _check_liveness(self, state: MapState, sa: ike.IkeSA, lv: Liveness, now: float) -> None:
+        """RFC 7296 §2.4: an empty INFORMATIONAL only when nothing has arrived from
+        the peer for ``dpd.interval``; it is resent every ``dpd.timeout`` seconds,
+        ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
+        dpd = state.cmap.dpd
+        packets = sum(rec.inbound.counters.packets for rec in self._children_of(state, sa.name))
+        esp_seen = packets != lv.packets_in
+        if esp_seen:
+            lv.packets_in = packets
+            lv.last_activity = now
+        if sa.last_heard is not None and sa.last_heard > lv.last_activity:
+            lv.last_activity = sa.last_heard
+        if lv.sent_at is not None and lv.last_activity >= lv.sent_at:
+            lv.sent_at = None  # answered (or ESP arrived): the peer is alive
+        due = lv.last_activity + dpd.interval
+        if now >= due and lv.sent_at is None:
+            lv.sent_at = now
+            lv.last_activity = now  # the next heartbeat one interval after this one
+            state.bump("liveness_checks")
+            # timeout 0: the map's retransmission settings (exponential) apply
+            sa.liveness_check(now, dpd.timeout or None, dpd.retries)
+            due = now + dpd.interval
+        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
+
+    def _check_volume(self, state: MapState, sa: ike.IkeSA, now: float) -> None:
+        """Soft byte/packet/sequence limits → rekey (make-before-break); hard → delete."""
+        for (ike_name, child_id), rec in list(state.children.items()):
+            if ike_name != sa.name or rec.rekey_started or child_id not in sa.children:
+                continue
+            out, inb = rec.outbound.status(now), rec.inbound.status(now)
+            if out.hard_expired or inb.hard_expired:
+                rec.rekey_started = True
+                state.bump("child_hard_expired")
+                log.warning(
+                    "crypto map %s: Child SA %d reached its hard limit (%s), deleting",
+                    state.cmap.name,
+                    child_id,
+                    ",".join(sorted(out.hard | inb.hard)),
+                )
+                sa.delete_child(child_id, now)
+            elif out.soft_expired or inb.soft_expired:
+                rec.rekey_started = True
+                why = ",".join(sorted(out.soft | inb.soft))
+                state.bump("child_rekey_volume")
+                state.bump("child_rekey_started")
+                log.info(
+                    "crypto map %s: Child SA %d reached its soft limit (%s), rekeying",
+                    state.cmap.name,
+                    child_id,
+                    why,
+                )
+                child = sa.children[child_id]
+                child.rekey_at = None  # one rekey only: the engine's timer stands down
+                sa.rekey_child(child_id, now)
+
+    def _before_engine_timers(self, now: float) -> None:
+        """The engine is about to start the rekeys due at ``now``: count them, and
+        apply ``rekey lazy``: at the soft lifetime an SA that carried nothing is
+        not rekeyed; the engine deletes it at the hard lifetime and the next
+        packet creates a new one (``rekey keepalive`` rekeys regardless, as StarOS)."""
+        for state in self.maps.values():
+            ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
+            sa = state.ike_sa
+            due = sa is not None and sa.established and sa.ike_rekey_at is not None
+            if due and sa is not None and sa.ike_rekey_at is not None and now >= sa.ike_rekey_at:
+                state.bump("ike_rekey_started")
+                log.info("crypto map %s: IKE SA soft lifetime, rekeying", state.cmap.name)
+            for (ike_name, child_id), rec in state.children.items():
+                owner = self.endpoint.find_sa(ike_name)
+                child = owner.children.get(child_id) if owner is not None else None
+                if child is None or child.rekey_at is None or now < child.rekey_at:
+                    continue
+                if child.expire_at is not None and now >= child.expire_at:
+                    continue  # hard lifetime: the engine deletes it
+                idle = rec.inbound.counters.packets == 0 and rec.outbound.counters.packets == 0
+                if ts.rekey == "lazy" and idle:
+                    child.rekey_at = None
+                    state.bump("child_lazy_expiry")
+                    log.info(
+                        "crypto map %s: Child SA %d idle, left to expire (rekey lazy)",
+                        state.cmap.name,
+                        child_id,
+                    )
+                elif child.state == "installed":
+                    state.bump("child_rekey_started")
+                    log.info(
+                        "crypto map %s: Child SA %d soft lifetime, rekeying",
+                        state.cmap.name,
+                        child_id,
+                    )
+
+    def _jitter(self, soft: float | None, lifetime: float) -> float | None:
+        return None if soft is None else soft - self.jitter() * REKEY_JITTER * lifetime
 
     def _send_keepalive(self, state: MapState, sa: ike.IkeSA) -> None:
         assert self.esp_socket_for is not None, "the daemon sets esp_socket_for"
@@ -479,8 +626,11 @@ class Manager:
     # -- events -----------------------------------------------------------------------
 
     def _state_for(self, event: ev.IkeEvent) -> MapState | None:
+        return self._state_for_name(event.ike_sa)
+
+    def _state_for_name(self, ike_name: str) -> MapState | None:
         # The engine names an IKE SA "<config name>-<SPIi hex>".
-        return self.maps.get(event.ike_sa.rsplit("-", 1)[0])
+        return self.maps.get(ike_name.rsplit("-", 1)[0])
 
     def on_event(self, event: ev.IkeEvent, now: float) -> None:
         state = self._state_for(event)
@@ -496,6 +646,10 @@ class Manager:
             state.last_error = ""
             state.established_at = now
             self._schedule(state, now)
+            if (sa := state.ike_sa) is not None:
+                sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
+                if (interval := state.cmap.dpd.interval) > 0:
+                    self.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
             log.info(
                 "crypto map %s: IKE SA up with %s (%s)", name, state.cmap.peer, event.algorithms
             )
@@ -503,6 +657,8 @@ class Manager:
             self._install_child(state, event, now)
         elif isinstance(event, ev.IkeSaRekeyed):
             state.bump("ike_rekeyed")
+            if (sa := self.endpoint.find_sa(event.ike_sa)) is not None:
+                sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
             if state.ike_sa is not None:
                 self._schedule(state, now)
             log.info(
@@ -513,8 +669,6 @@ class Manager:
             )
         elif isinstance(event, ev.ChildSaRekeyed):
             state.bump("child_rekeyed")
-            if (old := state.children.get((event.ike_sa, event.old_child_id))) is not None:
-                old.rekey_at = None
             log.info(
                 "crypto map %s: Child SA %d rekeyed as %d",
                 name,
@@ -522,19 +676,23 @@ class Manager:
                 event.new_child_id,
             )
         elif isinstance(event, ev.ChildSaDeleted):
-            self._remove_child(state, (event.ike_sa, event.child_id))
+            linger = now + REKEY_LINGER if event.reason == "rekeyed" else None
+            self._remove_child(state, (event.ike_sa, event.child_id), linger)
             log.info("crypto map %s: Child SA %d deleted (%s)", name, event.child_id, event.reason)
         elif isinstance(event, ev.IkeSaDeleted):
+            self.liveness.pop(event.ike_sa, None)
             for key in [k for k in state.children if k[0] == event.ike_sa]:
                 self._remove_child(state, key)
             if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
                 if state.status != "failed":
                     state.status = "dead" if event.reason == "peer-dead" else "idle"
                 state.ike_sa = None
+                state.creating_child = False
             log.info("crypto map %s: IKE SA deleted (%s)", name, event.reason)
         elif isinstance(event, ev.PeerDead):
             state.bump("peer_dead")
-            state.status = "dead"
+            if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
+                state.status = "dead"  # not for a stale SA a newer one replaced
             log.warning("crypto map %s: peer %s is dead", name, state.cmap.peer)
         elif isinstance(event, ev.AuthenticationFailed):
             state.status = "failed"
@@ -547,6 +705,8 @@ class Manager:
                 "the identity or the pre-shared key did not match",
             )
         elif isinstance(event, ev.ExchangeFailed):
+            if event.exchange == "CREATE_CHILD_SA":
+                state.creating_child = False  # the next packet may try again
             state.status = "failed" if state.status != "established" else state.status
             who = "peer sent" if event.by_peer else "we sent"
             state.last_error = f"{event.exchange}: {who} {event.notify}"
@@ -563,13 +723,29 @@ class Manager:
             self._drop_others(state, event.ike_sa)
             log.info("crypto map %s: INITIAL_CONTACT from %s", name, event.remote_id)
 
+    def _sa_options(self, state: MapState, event: ev.ChildSaInstalled) -> esp.SaOptions:
+        """Mode, ESN, soft/hard limits in bytes and packets (seconds: the engine's)."""
+        ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
+        opts: esp.SaOptions = {"mode": event.mode, "esn": event.esn}
+        share = SOFT_VOLUME - self.jitter() * REKEY_JITTER
+        if ts.lifetime_bytes:
+            opts["hard_bytes"] = ts.lifetime_bytes
+            opts["soft_bytes"] = max(1, int(ts.lifetime_bytes * share))
+        if ts.lifetime_packets:
+            opts["hard_packets"] = ts.lifetime_packets
+            opts["soft_packets"] = max(1, int(ts.lifetime_packets * share))
+        return opts
+
     def _install_child(self, state: MapState, event: ev.ChildSaInstalled, now: float) -> None:
-        inbound = esp.InboundSA(
-            event.inbound_spi, event.inbound_key, mode=event.mode, esn=event.esn
-        )
-        outbound = esp.OutboundSA(
-            event.outbound_spi, event.outbound_key, mode=event.mode, esn=event.esn
-        )
+        opts = self._sa_options(state, event)
+        inbound = esp.InboundSA(event.inbound_spi, event.inbound_key, **opts)
+        outbound = esp.OutboundSA(event.outbound_spi, event.outbound_key, **opts)
+        state.creating_child = False
+        sa = self.endpoint.find_sa(event.ike_sa)
+        child = sa.children.get(event.child_id) if sa is not None else None
+        if child is not None:
+            child.rekey_at = self._jitter(child.rekey_at, state.ike_config.child_lifetime)
+        self.lingering.pop(event.inbound_spi, None)  # reused at once: the new SA wins
         self.saflow.add(
             event.inbound_spi,
             inbound,
@@ -577,7 +753,16 @@ class Manager:
             [npu_selector(t) for t in event.local_ts],
             state.cmap.name,
         )
-        self.datapath.outbound[state.cmap.name] = self._binding(state, event.ike_sa, outbound)
+        old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
+        if old is not None and old.state == "rekeyed" and state.cmap.name in self.datapath.outbound:
+            # We answered the peer's rekey ("rekeyed": the peer deletes the old SA
+            # next; had we started it, our DELETE would be out: "deleting"). The
+            # peer may not have the new SA yet, so keep sending on the old one until
+            # its DELETE (make-before-break, RFC 7296 §2.8); _remove_child then
+            # moves sending to the newest Child SA.
+            state.bump("rekey_send_deferred")
+        else:
+            self.datapath.outbound[state.cmap.name] = self._binding(state, event.ike_sa, outbound)
         state.children[(event.ike_sa, event.child_id)] = ChildRecord(
             event.child_id,
             inbound,
@@ -589,7 +774,6 @@ class Manager:
             event.esn,
             event.key_bits,
             (event.inbound_key, event.outbound_key),
-            now + REKEY_MARGIN * state.ike_config.child_lifetime,
         )
         state.bump("child_sa_installed")
         log.info(
@@ -605,11 +789,16 @@ class Manager:
             self.datapath.send_protected(binding, state.queue.popleft())
             state.bump("queued_sent")
 
-    def _remove_child(self, state: MapState, key: tuple[str, int]) -> None:
+    def _remove_child(
+        self, state: MapState, key: tuple[str, int], linger: float | None = None
+    ) -> None:
         record = state.children.pop(key, None)
         if record is None:
             return
-        self.saflow.remove(record.inbound.spi)
+        if linger is not None:
+            self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
+        else:
+            self.saflow.remove(record.inbound.spi)
         binding = self.datapath.outbound.get(state.cmap.name)
         if binding is not None and binding.sa is record.outbound:
             del self.datapath.outbound[state.cmap.name]
@@ -644,9 +833,11 @@ class Manager:
         for state in self.maps.values():
             if peer is not None and str(state.cmap.peer) != peer:
                 continue
-            if state.ike_sa is not None and not state.ike_sa.dead:
-                state.ike_sa.delete(now)
-                n += 1
+            # Every IKE SA of the map, a stale one (no INITIAL_CONTACT) included
+            for sa in list(self.endpoint.sas):
+                if self._state_for_name(sa.name) is state and sa.established:
+                    sa.delete(now)
+                    n += 1
         self.pump(now)
         return n
 

@@ -96,6 +96,11 @@ def algorithms(suite: IkeSuite) -> str:
 
 class Task:
     exchange: int = ExchangeType.INFORMATIONAL
+    # Per-exchange retransmission (§2.1): None uses IkeConfig's exponential
+    # back-off; a value sends every ``retransmit_timeout`` seconds, without
+    # back-off, ``retransmit_tries`` more times (the DPD knobs of a liveness check).
+    retransmit_timeout: float | None = None
+    retransmit_tries: int | None = None
 
     def ready(self, sa: IkeSA) -> bool:
         return sa.state == State.ESTABLISHED

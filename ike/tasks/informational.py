@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 
 class Liveness(Task):
+    def __init__(self, timeout: float | None = None, tries: int | None = None) -> None:
+        self.retransmit_timeout = timeout
+        self.retransmit_tries = tries
+
     def build(self, sa: IkeSA, now: float) -> list[Payload]:
         return []
 
