@@ -65,6 +65,8 @@ ESP_ENCRYPTIONS = ("aes-gcm-128", "aes-gcm-256")
 MODES = ("tunnel", "transport")
 REKEY_POLICIES = ("keepalive", "lazy")
 FIRST_PACKET = ("drop", "queue")
+#: [gateway] datapath: one process, or a control process + one worker per direction.
+DATAPATHS = ("single", "split")
 ENCAPSULATIONS = ("auto", "always", "never")
 ID_TYPES = ("ipv4", "ipv6", "fqdn", "email")
 ROLES = ("initiator", "responder")
@@ -183,6 +185,8 @@ class Gateway:
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     ike_port: int = 500
     natt_port: int = 4500
+    # "split": TUN -> ESP and ESP -> TUN each in a worker process (ipsecmgr.workers).
+    datapath: str = "single"
 
 
 @dataclass(frozen=True)
@@ -558,8 +562,9 @@ class _Parser:
         self.keys(
             t,
             path,
-            ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port"),
-        )
+            ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port",
+             "datapath"),
+        )  # fmt: skip
         n = len(self.errors)
         raw = self.str_list(t, "local_addresses", path, required=True) or ()
         addrs = [self.address(a, f"{path}.local_addresses[{i}]") for i, a in enumerate(raw)]
@@ -571,11 +576,13 @@ class _Parser:
             self.err(f"{path}.control_socket", f"{sock!r} is not an absolute path")
         ike_port = self.integer(t, "ike_port", path, 500, lo=1, hi=65535)
         natt_port = self.integer(t, "natt_port", path, 4500, lo=1, hi=65535)
+        datapath = self.choice(t, "datapath", path, DATAPATHS, "single")
         if len(self.errors) > n:
             return None
         return Gateway(
-            tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port
-        )
+            tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
+            datapath,
+        )  # fmt: skip
 
     def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:
         if v is _MISSING:

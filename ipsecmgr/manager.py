@@ -234,6 +234,10 @@ class Manager:
         self.counters: dict[str, int] = {}
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None
+        # Set by the daemon's split data path (ipsecmgr.workers): told of every Child SA
+        # installed (with its keys) and removed, so the workers keep their own copies.
+        self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
+        self.on_child_removed: Callable[[str, int, int], None] | None = None
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -380,6 +384,8 @@ class Manager:
             [npu_selector(t) for t in event.local_ts],
             state.cmap.name,
         )
+        if self.on_child_installed is not None:
+            self.on_child_installed(state.cmap.name, event)
         self.datapath.outbound[state.cmap.name] = self._binding(state, event.ike_sa, outbound)
         state.children[(event.ike_sa, event.child_id)] = ChildRecord(
             event.child_id,
@@ -411,6 +417,8 @@ class Manager:
         if record is None:
             return
         self.saflow.remove(record.inbound.spi)
+        if self.on_child_removed is not None:
+            self.on_child_removed(state.cmap.name, record.inbound.spi, record.outbound.spi)
         binding = self.datapath.outbound.get(state.cmap.name)
         if binding is not None and binding.sa is record.outbound:
             del self.datapath.outbound[state.cmap.name]
