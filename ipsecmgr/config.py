@@ -576,9 +576,10 @@ class _Parser:
             self.err(f"{path}.control_socket", f"{sock!r} is not an absolute path")
         ike_port = self.integer(t, "ike_port", path, 500, lo=1, hi=65535)
         natt_port = self.integer(t, "natt_port", path, 4500, lo=1, hi=65535)
-        datapath = self.choice(t, "datapath", path, DATAPATHS, "single")
         if len(self.errors) > n:
             return None
+        # After the check: a bad value is reported, the crypto maps still get addresses.
+        datapath = self.choice(t, "datapath", path, DATAPATHS, "single")
         return Gateway(
             tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
             datapath,
