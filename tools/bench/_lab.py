@@ -163,6 +163,13 @@ def ping_until_up(lab: Lab, timeout: float = 20.0) -> None:
     )
 
 
+def tun_stats(ns: Netns, ifname: str) -> dict[str, dict[str, int]]:
+    """The kernel's counters of a link (``ip -s``): ``{"rx": {...}, "tx": {...}}``."""
+    out = ns.run(["ip", "-j", "-s", "link", "show", "dev", ifname]).stdout
+    stats: dict[str, dict[str, int]] = json.loads(out)[0]["stats64"]
+    return stats
+
+
 def link_mtu(ns: Netns, ifname: str) -> int:
     out = ns.run(["ip", "-j", "link", "show", "dev", ifname]).stdout
     return int(json.loads(out)[0]["mtu"])
