@@ -187,6 +187,9 @@ class Gateway:
     natt_port: int = 4500
     # "split": TUN -> ESP and ESP -> TUN each in a worker process (ipsecmgr.workers).
     datapath: str = "single"
+    # Split data path: lower the MSS of TCP SYNs read from the TUN to fit the TUN MTU
+    # (True), to at most this number, or not at all (False).
+    mss_clamp: bool | int = True
 
 
 @dataclass(frozen=True)
@@ -563,7 +566,7 @@ class _Parser:
             t,
             path,
             ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port",
-             "datapath"),
+             "datapath", "mss_clamp"),
         )  # fmt: skip
         n = len(self.errors)
         raw = self.str_list(t, "local_addresses", path, required=True) or ()
@@ -580,9 +583,15 @@ class _Parser:
             return None
         # After the check: a bad value is reported, the crypto maps still get addresses.
         datapath = self.choice(t, "datapath", path, DATAPATHS, "single")
+        mss_clamp = t.get("mss_clamp", True)
+        if not isinstance(mss_clamp, bool) and (
+            not isinstance(mss_clamp, int) or not 536 <= mss_clamp <= 65495
+        ):
+            self.err(f"{path}.mss_clamp", f"{mss_clamp!r} is not true, false or 536..65495")
+            mss_clamp = True
         return Gateway(
             tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
-            datapath,
+            datapath, mss_clamp,
         )  # fmt: skip
 
     def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:
