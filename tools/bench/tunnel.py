@@ -168,8 +168,10 @@ def clear_path(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
 
 
 @contextlib.contextmanager
-def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
+               datapath: str | None = None) -> Iterator[Setup]:  # fmt: skip
     """``ipsecmgr run`` on both sides, the tunnel up (checked: AES-GCM-256, TUN MTU 1400)."""
+    datapath = datapath or ("split" if args.datapath == "both" else args.datapath)
     (work / tag).mkdir()
     prof = args.profile / f"ipsecmgr-{tag}.prof" if args.profile else None
     if prof:
@@ -180,7 +182,7 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
             for side in ("gw", "client"):  # the responder first
                 conf = gws.write_config(side)
                 text = conf.read_text().replace(
-                    "[gateway]\n", f'[gateway]\ndatapath = "{args.datapath}"\n'
+                    "[gateway]\n", f'[gateway]\ndatapath = "{datapath}"\n'
                 )
                 conf.write_text(text.replace(f"[tun.{OUR_TUN}]\n",
                                              f"[tun.{OUR_TUN}]\nmtu = {args.mtu}\n"))  # fmt: skip
@@ -204,7 +206,7 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
         info: dict[str, Any] = {
             "esp": encryption[0],
             "tun_mtu": mtu,
-            "datapath": args.datapath,
+            "datapath": datapath,
             "encap": "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)",
         }
         if prof:
@@ -286,6 +288,8 @@ PATHS: dict[str, PathSetup] = {
     "ours": our_tunnel,
     "strongswan": strongswan_tunnel,
     "floor": floor_path,
+    # --datapath both: ours again, in the default single-process mode (information)
+    "single": lambda lab, args, work, tag: our_tunnel(lab, args, work, tag, "single"),
 }
 
 
@@ -368,6 +372,19 @@ def render(res: dict[str, Any]) -> str:
                 for side in SIDES
             )
         lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
+    if "single" in res:
+        g = res["single"]
+        lines.append(
+            f"ours with datapath = 'single' (same run): TCP {g['tcp_mbps']:.1f} Mbit/s "
+            f"({_fmt(_ratio(g['tcp_mbps'], s['tcp_mbps']), 2)}x strongSwan, "
+            f"{_fmt(_ratio(g['tcp_mbps'], f['tcp_mbps']), 2)}x floor), RTT median "
+            f"{_fmt(g['rtt'].get('median_us'))} us "
+            f"({_fmt(_ratio(g['rtt'].get('median_us'), s['rtt'].get('median_us')), 2)}x "
+            f"strongSwan), CPU us per ESP packet "
+            + ", ".join(f"{side} {_fmt(g['cpu'][side]['us_per_packet'], 2)}" for side in SIDES)
+            + "; TCP runs "
+            + ", ".join(f"{x:.0f}" for x in g["tcp_runs_mbps"])
+        )
     lines.append("")
     for t in res["targets"]:
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
@@ -394,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         res["config"]["lab"] = lab.pool.tag
         _progress(args, f"lab {lab.pool.tag} up")
-        samples = {name: Samples() for name in PATHS}
+        samples = {name: Samples() for name in PATHS if name != "single" or args.datapath == "both"}
         # The round trips are spread over the rounds (the first rounds get the remainder).
         rtt_counts = [args.rtt_count // args.runs + (r < args.rtt_count % args.runs)
                       for r in range(args.runs)]  # fmt: skip
@@ -403,6 +420,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # Ours and strongSwan alternate, round by round, so that a busy spell of
                 # this shared machine does not fall on one of them only.
                 order = ["ours", "strongswan", "floor"]
+                if args.datapath == "both":
+                    order.insert(1, "single")
                 order = order if r % 2 == 0 else order[::-1]
                 if r == 0:
                     # Context only, ~50x faster than either tunnel: one round is enough.
@@ -433,8 +452,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="rounds: one iperf3 run per tunnel each (median)")  # fmt: skip
     p.add_argument("--rtt-count", type=int, default=1000, help="UDP round trips per tunnel")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s, 1 run, 100 round trips")
-    p.add_argument("--datapath", choices=("single", "split"), default="split",
-                   help="our gateway's [gateway] datapath (default: split)")  # fmt: skip
+    p.add_argument("--datapath", choices=("single", "split", "both"), default="split",
+                   help="our gateway's [gateway] datapath (default: split); both: split, "
+                   "and single as an extra line")  # fmt: skip
     p.add_argument(
         "--mtu",
         type=int,
