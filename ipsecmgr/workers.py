@@ -272,11 +272,15 @@ class Worker:
                 c = self.dp.counters
                 c["tun_read_errors"] = c.get("tun_read_errors", 0) + 1
                 return
-            clamped = clamp_mss(packet, mss4, mss6)
-            if clamped is not packet:
-                c = self.dp.counters
-                c["tun_mss_clamped"] = c.get("tun_mss_clamped", 0) + 1
-            handle(clamped, classify(clamped))
+            # Fast path: a plain IPv4 header whose TCP flags byte (33) has no SYN is
+            # never touched; anything else gets the full parse.
+            if len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02:
+                clamped = clamp_mss(packet, mss4, mss6)
+                if clamped is not packet:
+                    c = self.dp.counters
+                    c["tun_mss_clamped"] = c.get("tun_mss_clamped", 0) + 1
+                    packet = clamped
+            handle(packet, classify(packet))
 
     def on_esp4_readable(self, family: int) -> None:
         """:meth:`Datapath.on_esp_readable` for IPv4 without a 64 KiB allocation per packet:
