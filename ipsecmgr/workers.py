@@ -181,6 +181,31 @@ def mss_limits(tun_mtu: int, setting: bool | int) -> tuple[int, int] | None:
 # -- the worker side (runs in the forked child) --------------------------------------------
 
 
+class WorkerDatapath(Datapath):
+    """The shared :class:`Datapath` with MSS clamping in front of step 3 (classification
+    does not look at TCP options, so clamping after it changes no verdict)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.mss_limits: dict[int, tuple[int, int] | None] = {}  # TUN fd -> (IPv4, IPv6)
+        self._limits: tuple[int, int] | None = None
+
+    def on_tun_readable(self, fd: int) -> None:
+        self._limits = self.mss_limits.get(fd)
+        super().on_tun_readable(fd)
+
+    def handle_outbound(self, packet: bytes, verdict: Any) -> None:
+        limits = self._limits
+        # Fast path: a plain IPv4 header whose TCP flags byte (33) has no SYN is never
+        # touched; anything else gets the full parse.
+        if limits is not None and (len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02):
+            clamped = clamp_mss(packet, *limits)
+            if clamped is not packet:
+                self.counters["tun_mss_clamped"] = self.counters.get("tun_mss_clamped", 0) + 1
+                packet = clamped
+        super().handle_outbound(packet, verdict)
+
+
 class Worker:
     """One direction of the data path, in its own process.
 
@@ -192,9 +217,11 @@ class Worker:
         self.gw = gw
         self.role = role
         self.ctrl = ctrl
-        self.dp = Datapath(
+        self.dp = WorkerDatapath(
             gw.classifier, npusim.SaFlowTable(), gw.esp_socks, gw.bypass_socks, self._on_no_sa
         )
+        for tun in gw.tuns:
+            self.dp.mss_limits[tun.fd] = mss_limits(tun.mtu, gw.config.gateway.mss_clamp)
         self.dp.tun_for_map = dict(gw.datapath.tun_for_map)
         self.out_sas: dict[int, esp.OutboundSA] = {}
         self._buf = bytearray(65535)
@@ -259,29 +286,6 @@ class Worker:
             "sas": sas,
         }
 
-    def on_tun_readable_clamped(self, fd: int, mss4: int, mss6: int) -> None:
-        """:meth:`Datapath.on_tun_readable` with the MSS of TCP SYNs clamped first; the
-        rest is the shared per-packet code (:meth:`Datapath.handle_outbound`)."""
-        read, classify, handle = os.read, self.dp.classifier.classify, self.dp.handle_outbound
-        for _ in range(BATCH):
-            try:
-                packet = read(fd, 65535)
-            except BlockingIOError:
-                return
-            except OSError:
-                c = self.dp.counters
-                c["tun_read_errors"] = c.get("tun_read_errors", 0) + 1
-                return
-            # Fast path: a plain IPv4 header whose TCP flags byte (33) has no SYN is
-            # never touched; anything else gets the full parse.
-            if len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02:
-                clamped = clamp_mss(packet, mss4, mss6)
-                if clamped is not packet:
-                    c = self.dp.counters
-                    c["tun_mss_clamped"] = c.get("tun_mss_clamped", 0) + 1
-                    packet = clamped
-            handle(packet, classify(packet))
-
     def on_esp4_readable(self, family: int) -> None:
         """:meth:`Datapath.on_esp_readable` for IPv4 without a 64 KiB allocation per packet:
         ``recv_into`` one preallocated buffer, hand a view past the outer header to the
@@ -307,12 +311,7 @@ class Worker:
         handlers: dict[int, Callable[[], None]] = {}
         if self.role == OUTBOUND:
             for tun in self.gw.tuns:
-                limits = mss_limits(tun.mtu, self.gw.config.gateway.mss_clamp)
-                handlers[tun.fd] = (
-                    functools.partial(self.dp.on_tun_readable, tun.fd)
-                    if limits is None
-                    else functools.partial(self.on_tun_readable_clamped, tun.fd, *limits)
-                )
+                handlers[tun.fd] = functools.partial(self.dp.on_tun_readable, tun.fd)
         else:
             for fam, sock in self.gw.esp_socks.items():
                 read = self.on_esp4_readable if fam == socket.AF_INET else self.dp.on_esp_readable
