@@ -375,3 +375,36 @@ def test_split_control_plane_answers_under_full_load(split4: Env) -> None:
         if srv.poll() is None:
             os.kill(srv.pid, signal.SIGTERM)
         srv.wait(timeout=10)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_split_clear_deletes_the_sas_in_the_workers_and_new_ones_carry_traffic(
+    split4: Env,
+) -> None:
+    """``clear crypto sa``: the DELETE removes the Child SA from both workers (its SPI
+    is unknown to the INBOUND worker afterwards), the next packet builds new SAs, and
+    they reach the workers and carry the next login."""
+    env = split4
+    env.start_server()
+    start_both_split(env)
+    assert env.login()["status"] == "PASS"
+    client, gw = env.gws["client"], env.gws["gw"]
+    (old,) = client.snapshot()["child_sas"]
+    assert client.command({"command": "clear", "peer": None})["result"]["cleared"] == 1
+    deadline = time.monotonic() + 10
+    while client.snapshot()["child_sas"] or gw.snapshot()["child_sas"]:
+        assert time.monotonic() < deadline, client.snapshot()["child_sas"]
+    # The old inbound SPI is gone from the gw's INBOUND worker: replaying an old
+    # packet now counts as an unknown SPI, not as a replay.
+    a = env.lab.addresses
+    unknown = gw.counter("esp", "esp_unknown_spi")
+    _send_raw(env, "bypass", 50, a.gw_wan4, [bytes.fromhex(old["spi_out"]) + bytes(40)])
+    deadline = time.monotonic() + 10
+    while gw.counter("esp", "esp_unknown_spi") != unknown + 1:
+        assert time.monotonic() < deadline
+    assert env.login()["status"] == "PASS"
+    (new,) = client.snapshot()["child_sas"]
+    assert new["spi_in"] != old["spi_in"] and new["spi_out"] != old["spi_out"]
+    assert new["packets_out"] > 0 and new["packets_in"] > 0
+    assert client.counter("ike", "tacacs/child_sa_installed") == 2
