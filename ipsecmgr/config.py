@@ -65,6 +65,8 @@ ESP_ENCRYPTIONS = ("aes-gcm-128", "aes-gcm-256")
 MODES = ("tunnel", "transport")
 REKEY_POLICIES = ("keepalive", "lazy")
 FIRST_PACKET = ("drop", "queue")
+#: [gateway] datapath: one process, or a control process + one worker per direction.
+DATAPATHS = ("single", "split")
 ENCAPSULATIONS = ("auto", "always", "never")
 ID_TYPES = ("ipv4", "ipv6", "fqdn", "email")
 ROLES = ("initiator", "responder")
@@ -194,6 +196,11 @@ class Gateway:
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     ike_port: int = 500
     natt_port: int = 4500
+    # "split": TUN -> ESP and ESP -> TUN each in a worker process (ipsecmgr.workers).
+    datapath: str = "single"
+    # Split data path: lower the MSS of TCP SYNs read from the TUN to fit the TUN MTU
+    # (True), to at most this number, or not at all (False).
+    mss_clamp: bool | int = True
 
 
 @dataclass(frozen=True)
@@ -575,8 +582,9 @@ class _Parser:
         self.keys(
             t,
             path,
-            ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port"),
-        )
+            ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port",
+             "datapath", "mss_clamp"),
+        )  # fmt: skip
         n = len(self.errors)
         raw = self.str_list(t, "local_addresses", path, required=True) or ()
         addrs = [self.address(a, f"{path}.local_addresses[{i}]") for i, a in enumerate(raw)]
@@ -590,9 +598,18 @@ class _Parser:
         natt_port = self.integer(t, "natt_port", path, 4500, lo=1, hi=65535)
         if len(self.errors) > n:
             return None
+        # After the check: a bad value is reported, the crypto maps still get addresses.
+        datapath = self.choice(t, "datapath", path, DATAPATHS, "single")
+        mss_clamp = t.get("mss_clamp", True)
+        if not isinstance(mss_clamp, bool) and (
+            not isinstance(mss_clamp, int) or not 536 <= mss_clamp <= 65495
+        ):
+            self.err(f"{path}.mss_clamp", f"{mss_clamp!r} is not true, false or 536..65495")
+            mss_clamp = True
         return Gateway(
-            tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port
-        )
+            tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
+            datapath, mss_clamp,
+        )  # fmt: skip
 
     def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:
         if v is _MISSING:

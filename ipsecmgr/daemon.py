@@ -31,6 +31,7 @@ from ipsecmgr.manager import Address, Manager
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
+from ipsecmgr.workers import Workers
 
 log = logging.getLogger("ipsecmgr")
 
@@ -114,6 +115,8 @@ class Gateway:
         self._timer: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = {}
         self.started_at = time.time()
+        # [gateway] datapath = "split": the forked data-path workers (ipsecmgr.workers).
+        self.workers: Workers | None = None
 
     # -- time ----------------------------------------------------------------------
 
@@ -153,15 +156,20 @@ class Gateway:
             self.routing.add_tun_routes(tun.name, self._routes_for(t))
             for name in t.crypto_maps:
                 self.datapath.tun_for_map[name] = tun.fd
+        if self.config.gateway.datapath == "split":
+            self.workers = Workers(self)
+            self.workers.start()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Register the readers with the running loop."""
         self.loop = loop
-        for fam, sock in self.esp_socks.items():
+        if self.workers is not None:
+            self.workers.attach(loop)  # the workers read the ESP sockets and the TUNs
+        for fam, sock in self.esp_socks.items() if self.workers is None else ():
             loop.add_reader(sock, self.datapath.on_esp_readable, fam)
         for local, sock in self.ike_socks.items():
             loop.add_reader(sock, self._on_udp_readable, sock, local)
-        for tun in self.tuns:
+        for tun in self.tuns if self.workers is None else ():
             loop.add_reader(tun.fd, self.datapath.on_tun_readable, tun.fd)
         log.info(
             "gateway up: %d TUN(s), %d crypto map(s), IKE on %s",
@@ -217,6 +225,8 @@ class Gateway:
 
     def teardown(self) -> None:
         """Remove TUNs, routes and rules, close the sockets (after the loop ended)."""
+        if self.workers is not None:
+            self.workers.stop()  # first: they hold the TUN fds
         for sock in (
             *self.esp_socks.values(),
             *self.ike_socks.values(),
@@ -359,6 +369,8 @@ class Gateway:
         }
 
     def snapshot(self) -> show.Snapshot:
+        if self.workers is not None:
+            self.workers.refresh()  # the workers' counters into the SAs and statistics
         now, wall = self.now(), time.time()
         return {
             "time": wall,

@@ -316,6 +316,10 @@ class Manager:
         self.lingering: dict[int, float] = {}
         # Uniform in [0, 1): the share of REKEY_JITTER taken off a soft lifetime
         self.jitter: Callable[[], float] = random.random
+        # Set by the daemon's split data path (ipsecmgr.workers): told of every Child SA
+        # installed (with its keys) and removed, so the workers keep their own copies.
+        self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
+        self.on_child_removed: Callable[[str, int, int], None] | None = None
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -466,6 +470,8 @@ class Manager:
             if now >= until:
                 del self.lingering[spi]
                 self.saflow.remove(spi)
+                if self.on_child_removed is not None:
+                    self.on_child_removed("", spi, 0)
         for ike_sa in list(self.endpoint.sas):
             lv = self.liveness.get(ike_sa.name)
             if lv is not None and now >= lv.check_at and ike_sa.established:
@@ -753,6 +759,8 @@ class Manager:
             [npu_selector(t) for t in event.local_ts],
             state.cmap.name,
         )
+        if self.on_child_installed is not None:
+            self.on_child_installed(state.cmap.name, event)
         old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
         if old is not None and old.state == "rekeyed" and state.cmap.name in self.datapath.outbound:
             # We answered the peer's rekey ("rekeyed": the peer deletes the old SA
@@ -799,6 +807,11 @@ class Manager:
             self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
         else:
             self.saflow.remove(record.inbound.spi)
+        if self.on_child_removed is not None:
+            # The split data path forgets the outbound SA now; a lingering inbound
+            # SA is forgotten when it expires (periodic).
+            in_spi = 0 if linger is not None else record.inbound.spi
+            self.on_child_removed(state.cmap.name, in_spi, record.outbound.spi)
         binding = self.datapath.outbound.get(state.cmap.name)
         if binding is not None and binding.sa is record.outbound:
             del self.datapath.outbound[state.cmap.name]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -38,6 +39,18 @@ def cpu_times(pid: int) -> tuple[float, float]:
     # Field 3 (state) is index 0 there, so utime (14) and stime (15) are 11 and 12.
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_times_tree(pid: int) -> tuple[float, float]:
+    """:func:`cpu_times` of a process plus its live children (the split data path's
+    workers, the forwarder's two directions)."""
+    user, system = cpu_times(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else ():
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            u, s = cpu_times(int(child))
+            user, system = user + u, system + s
+    return user, system
 
 
 def stop_pid(proc: subprocess.Popen[str], grace: float = 3.0) -> None:
@@ -150,6 +163,45 @@ def ping_until_up(lab: Lab, timeout: float = 20.0) -> None:
     )
 
 
+def tun_stats(ns: Netns, ifname: str) -> dict[str, dict[str, int]]:
+    """The kernel's counters of a link (``ip -s``): ``{"rx": {...}, "tx": {...}}``."""
+    out = ns.run(["ip", "-j", "-s", "link", "show", "dev", ifname]).stdout
+    stats: dict[str, dict[str, int]] = json.loads(out)[0]["stats64"]
+    return stats
+
+
 def link_mtu(ns: Netns, ifname: str) -> int:
     out = ns.run(["ip", "-j", "link", "show", "dev", ifname]).stdout
     return int(json.loads(out)[0]["mtu"])
+
+
+FORWARDER = Path(__file__).resolve().parent / "forwarder.py"
+
+
+@contextlib.contextmanager
+def bare_forwarders(lab: Lab, tun: str, mtu: int) -> Iterator[dict[str, int]]:
+    """tools/bench/forwarder.py on both sides, with the addresses and routes our
+    gateway's lab config gives its TUN; yields their PIDs by side, stops them by PID."""
+    a = lab.addresses
+    assert a.src_ip4 is not None
+    args = {
+        "client": ["--peer", a.gw_wan4, "--route", f"{a.server4}/32", "--src", a.src_ip4,
+                   "--address", f"{a.src_ip4}/32"],
+        "gw": ["--peer", a.client_wan4, "--route", f"{a.src_ip4}/32"],
+    }  # fmt: skip
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for side, extra in args.items():
+            cmd = [sys.executable, str(FORWARDER), "--tun", tun, "--mtu", str(mtu), *extra]
+            proc = procs[side] = lab.ns(side).popen(cmd, env=python_env(),
+                                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            assert proc.stdout is not None
+            line = ""
+            if select.select([proc.stdout], [], [], 10)[0]:
+                line = proc.stdout.readline().strip()
+            if line != "ready":
+                raise BenchError(f"forwarder on {side} did not start (exit {proc.poll()})")
+        yield {side: p.pid for side, p in procs.items()}
+    finally:
+        for p in procs.values():
+            stop_pid(p)

@@ -58,10 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from _lab import (
     BenchError,
-    cpu_times,
+    bare_forwarders,
+    cpu_times_tree,
     iperf3_tcp,
     link_mtu,
     ping_until_up,
+    tun_stats,
     udp_echo_server,
     udp_rtt,
 )
@@ -80,6 +82,7 @@ OUR_TUN = "ipsm0"
 SW_TUN = "ipsec0"
 TCP_TARGET = 3.0  # ours / strongSwan, at least
 RTT_TARGET = 0.6  # ours / strongSwan, at most
+FLOOR_TARGET = 0.9  # ours / the bare forwarder (the Python floor), at least
 
 
 @dataclass
@@ -106,13 +109,13 @@ class Samples:
 def one_round(lab: Lab, args: argparse.Namespace, setup: Setup, rtt_count: int,
               out: Samples) -> None:  # fmt: skip
     """One TCP run (with each gateway's CPU time and ESP packets over it), then round trips."""
-    before = {s: (cpu_times(p), setup.esp_packets(s)) for s, p in setup.pids.items()
+    before = {s: (cpu_times_tree(p), setup.esp_packets(s)) for s, p in setup.pids.items()
               if setup.esp_packets}  # fmt: skip
     out.tcp_mbps.append(iperf3_tcp(lab, args.seconds))
     for side, pid in setup.pids.items():
         assert setup.esp_packets is not None
         (user0, sys0), (in0, out0) = before[side]
-        (user1, sys1), (in1, out1) = cpu_times(pid), setup.esp_packets(side)
+        (user1, sys1), (in1, out1) = cpu_times_tree(pid), setup.esp_packets(side)
         sums = out.cpu.setdefault(side, dict.fromkeys(("user_s", "system_s", "in", "out"), 0.0))
         for key, delta in (("user_s", user1 - user0), ("system_s", sys1 - sys0),
                            ("in", in1 - in0), ("out", out1 - out0)):  # fmt: skip
@@ -124,7 +127,8 @@ def one_round(lab: Lab, args: argparse.Namespace, setup: Setup, rtt_count: int,
     for key, value in setup.info.items():
         if key == "profiles":
             for side, path in value.items():
-                out.info.setdefault("profiles", {}).setdefault(side, []).append(path)
+                paths = path if isinstance(path, list) else [path]
+                out.info.setdefault("profiles", {}).setdefault(side, []).extend(paths)
         else:
             out.info[key] = value
 
@@ -164,8 +168,10 @@ def clear_path(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
 
 
 @contextlib.contextmanager
-def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
+               datapath: str | None = None) -> Iterator[Setup]:  # fmt: skip
     """``ipsecmgr run`` on both sides, the tunnel up (checked: AES-GCM-256, TUN MTU 1400)."""
+    datapath = datapath or ("split" if args.datapath == "both" else args.datapath)
     (work / tag).mkdir()
     prof = args.profile / f"ipsecmgr-{tag}.prof" if args.profile else None
     if prof:
@@ -173,7 +179,14 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
         os.environ["IPSECMGR_PROFILE"] = str(prof)
     with LabGateways(lab, work / tag) as gws:
         try:
-            gws.start_both(verbose=0)
+            for side in ("gw", "client"):  # the responder first
+                conf = gws.write_config(side)
+                text = conf.read_text().replace(
+                    "[gateway]\n", f'[gateway]\ndatapath = "{datapath}"\n'
+                )
+                conf.write_text(text.replace(f"[tun.{OUR_TUN}]\n",
+                                             f"[tun.{OUR_TUN}]\nmtu = {args.mtu}\n"))  # fmt: skip
+                gws.start(side, config=conf, verbose=0)
         finally:
             os.environ.pop("IPSECMGR_PROFILE", None)
         ping_until_up(lab)
@@ -182,8 +195,8 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
         if encryption != ["AES-GCM-16-256"]:
             raise BenchError(f"our Child SA is not AES-GCM-256: {encryption}")
         mtu = {side: link_mtu(lab.ns(side), OUR_TUN) for side in SIDES}
-        if set(mtu.values()) != {TUN_MTU}:
-            raise BenchError(f"our TUN MTU is not {TUN_MTU}: {mtu}")
+        if set(mtu.values()) != {args.mtu}:
+            raise BenchError(f"our TUN MTU is not {args.mtu}: {mtu}")
 
         def esp_packets(side: str) -> tuple[int, int]:
             stats = gws[side].snapshot()["statistics"]["esp"]
@@ -193,12 +206,36 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iter
         info: dict[str, Any] = {
             "esp": encryption[0],
             "tun_mtu": mtu,
+            "datapath": datapath,
             "encap": "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)",
         }
         if prof:
-            # written when the daemons exit, at the end of this block
-            info["profiles"] = {side: f"{prof}.{pid}" for side, pid in pids.items()}
+            # written when the daemons (and their workers) exit, at the end of this block
+            info["profiles"] = {
+                side: [f"{prof}.{p}" for p in (pid, *_children(pid))] for side, pid in pids.items()
+            }
         yield Setup(pids, esp_packets, info)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@contextlib.contextmanager
+def floor_path(lab: Lab, args: argparse.Namespace, work: Path, tag: str) -> Iterator[Setup]:
+    """tools/bench/forwarder.py on both sides: TUN <-> raw socket and nothing else."""
+    with bare_forwarders(lab, OUR_TUN, args.mtu) as pids:
+        ping_until_up(lab)
+        mtu = {side: link_mtu(lab.ns(side), OUR_TUN) for side in SIDES}
+
+        def tun_packets(side: str) -> tuple[int, int]:
+            # No ESP counters here: the TUN's own (written to it = in, read from it = out).
+            stats = tun_stats(lab.ns(side), OUR_TUN)
+            return stats["rx"]["packets"], stats["tx"]["packets"]
+
+        info = {"encap": "bare IP protocol 50, no ESP, no crypto", "tun_mtu": mtu}
+        yield Setup(pids, tun_packets, info)
 
 
 def _sw_esp_packets(peer: StrongSwanPeer) -> tuple[int, int]:
@@ -250,6 +287,9 @@ PATHS: dict[str, PathSetup] = {
     "clear": clear_path,
     "ours": our_tunnel,
     "strongswan": strongswan_tunnel,
+    "floor": floor_path,
+    # --datapath both: ours again, in the default single-process mode (information)
+    "single": lambda lab, args, work, tag: our_tunnel(lab, args, work, tag, "single"),
 }
 
 
@@ -259,9 +299,10 @@ def _ratio(ours: float | None, ref: float | None) -> float | None:
 
 def summarise(res: dict[str, Any]) -> None:
     """Ratios (ours / strongSwan) and the issues' targets, added to ``res``."""
-    o, s = res["ours"], res["strongswan"]
+    o, s, f = res["ours"], res["strongswan"], res["floor"]
     res["ratios"] = {
         "tcp": _ratio(o["tcp_mbps"], s["tcp_mbps"]),
+        "tcp_floor": _ratio(o["tcp_mbps"], f["tcp_mbps"]),
         "rtt_median": _ratio(o["rtt"].get("median_us"), s["rtt"].get("median_us")),
         "rtt_p90": _ratio(o["rtt"].get("p90_us"), s["rtt"].get("p90_us")),
     }
@@ -270,9 +311,12 @@ def summarise(res: dict[str, Any]) -> None:
             o["cpu"][side]["us_per_packet"], s["cpu"][side]["us_per_packet"]
         )
     tcp, rtt = res["ratios"]["tcp"], res["ratios"]["rtt_median"]
+    floor = res["ratios"]["tcp_floor"]
     res["targets"] = [
         {"target": f"TCP throughput >= {TCP_TARGET:g}x strongSwan", "ratio": tcp,
          "met": tcp is not None and tcp >= TCP_TARGET},
+        {"target": f"TCP throughput >= {FLOOR_TARGET:g}x the bare forwarder (Python floor)",
+         "ratio": floor, "met": floor is not None and floor >= FLOOR_TARGET},
         {"target": f"UDP RTT median <= {RTT_TARGET:g}x strongSwan", "ratio": rtt,
          "met": rtt is not None and rtt <= RTT_TARGET},
     ]  # fmt: skip
@@ -283,35 +327,41 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 
 def render(res: dict[str, Any]) -> str:
-    o, s, c = res["ours"], res["strongswan"], res["clear"]
+    o, s, c, f = res["ours"], res["strongswan"], res["clear"], res["floor"]
     cfg = res["config"]
     lines = [
-        f"tunnel benchmark: lab tunnel mode, ESP {o['esp']}, TUN MTU {TUN_MTU}; "
-        f"TCP {cfg['seconds']:g} s x {cfg['runs']} rounds (median), ours and strongSwan "
-        f"alternating; {cfg['rtt_count']} UDP round trips of {o['rtt']['size']} B",
-        f"ours: {o['encap']}; strongSwan (kernel-libipsec, userspace ESP): {s['encap']}",
+        f"tunnel benchmark: lab tunnel mode, ESP {o['esp']}, TUN MTU {cfg['tun_mtu']} (ours, "
+        f"floor; strongSwan {TUN_MTU}); TCP {cfg['seconds']:g} s x {cfg['runs']} rounds "
+        f"(median), paths alternating; {cfg['rtt_count']} UDP round trips of "
+        f"{o['rtt']['size']} B",
+        f"ours: datapath = {o.get('datapath')!r}, {o['encap']}; strongSwan (kernel-libipsec, "
+        f"userspace ESP): {s['encap']}; floor: tools/bench/forwarder.py ({f['encap']})",
         "",
-        f"{'metric':<42} {'ours':>10} {'strongSwan':>11} {'ratio':>7} {'clear text':>11}",
+        f"{'metric':<40} {'ours':>9} {'strongSwan':>10} {'ratio':>6} {'floor':>8} "
+        f"{'ratio':>6} {'clear':>8}",
     ]
 
     def row(name: str, ours: float | None, ref: float | None, clear: float | None = None,
-            digits: int = 1) -> None:  # fmt: skip
-        r = _ratio(ours, ref)
+            floor: float | None = None, digits: int = 1) -> None:  # fmt: skip
+        r, rf = _ratio(ours, ref), _ratio(ours, floor)
         lines.append(
-            f"{name:<42} {_fmt(ours, digits):>10} {_fmt(ref, digits):>11} "
-            f"{_fmt(r, 2) + 'x' if r is not None else '-':>7} {_fmt(clear, digits):>11}"
+            f"{name:<40} {_fmt(ours, digits):>9} {_fmt(ref, digits):>10} "
+            f"{_fmt(r, 2) + 'x' if r is not None else '-':>6} {_fmt(floor, digits):>8} "
+            f"{_fmt(rf, 2) + 'x' if rf is not None else '-':>6} {_fmt(clear, digits):>8}"
         )
 
-    row("TCP throughput, Mbit/s", o["tcp_mbps"], s["tcp_mbps"], c["tcp_mbps"])
+    row("TCP throughput, Mbit/s", o["tcp_mbps"], s["tcp_mbps"], c["tcp_mbps"], f["tcp_mbps"])
     row("UDP RTT median, us", o["rtt"].get("median_us"), s["rtt"].get("median_us"),
-        c["rtt"].get("median_us"))  # fmt: skip
-    row("UDP RTT p90, us", o["rtt"].get("p90_us"), s["rtt"].get("p90_us"), c["rtt"].get("p90_us"))
+        c["rtt"].get("median_us"), f["rtt"].get("median_us"))  # fmt: skip
+    row("UDP RTT p90, us", o["rtt"].get("p90_us"), s["rtt"].get("p90_us"), c["rtt"].get("p90_us"),
+        f["rtt"].get("p90_us"))  # fmt: skip
     for side, label in (("client", "initiator (client)"), ("gw", "responder (gw)")):
         row(f"CPU us per ESP packet, {label}", o["cpu"][side]["us_per_packet"],
-            s["cpu"][side]["us_per_packet"], digits=2)  # fmt: skip
+            s["cpu"][side]["us_per_packet"], floor=f["cpu"][side]["us_per_packet"],
+            digits=2)  # fmt: skip
     row("UDP round trips lost", o["rtt"]["lost"], s["rtt"]["lost"], c["rtt"]["lost"], digits=0)
     lines.append("")
-    for who, r in (("ours", o), ("strongSwan", s), ("clear text", c)):
+    for who, r in (("ours", o), ("strongSwan", s), ("floor", f), ("clear text", c)):
         runs = ", ".join(f"{x:.0f}" for x in r["tcp_runs_mbps"])
         extra = ""
         if "cpu" in r:
@@ -322,6 +372,19 @@ def render(res: dict[str, Any]) -> str:
                 for side in SIDES
             )
         lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
+    if "single" in res:
+        g = res["single"]
+        lines.append(
+            f"ours with datapath = 'single' (same run): TCP {g['tcp_mbps']:.1f} Mbit/s "
+            f"({_fmt(_ratio(g['tcp_mbps'], s['tcp_mbps']), 2)}x strongSwan, "
+            f"{_fmt(_ratio(g['tcp_mbps'], f['tcp_mbps']), 2)}x floor), RTT median "
+            f"{_fmt(g['rtt'].get('median_us'))} us "
+            f"({_fmt(_ratio(g['rtt'].get('median_us'), s['rtt'].get('median_us')), 2)}x "
+            f"strongSwan), CPU us per ESP packet "
+            + ", ".join(f"{side} {_fmt(g['cpu'][side]['us_per_packet'], 2)}" for side in SIDES)
+            + "; TCP runs "
+            + ", ".join(f"{x:.0f}" for x in g["tcp_runs_mbps"])
+        )
     lines.append("")
     for t in res["targets"]:
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
@@ -337,13 +400,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     res: dict[str, Any] = {
         "config": {"seconds": args.seconds, "runs": args.runs, "rtt_count": args.rtt_count,
-                   "tun_mtu": TUN_MTU, "esp": "aes256gcm16"},
+                   "tun_mtu": args.mtu, "datapath": args.datapath, "esp": "aes256gcm16"},
     }  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-") as tmp, Lab("tunnel") as lab:
+    # Jumbo TUN MTUs need WAN links that carry them (plus the outer header and ESP).
+    lab_mtu = args.mtu + 100 if args.mtu > TUN_MTU else None
+    with (
+        tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-") as tmp,
+        Lab("tunnel", mtu=lab_mtu) as lab,
+    ):
         work = Path(tmp)
         res["config"]["lab"] = lab.pool.tag
         _progress(args, f"lab {lab.pool.tag} up")
-        samples = {name: Samples() for name in PATHS}
+        samples = {name: Samples() for name in PATHS if name != "single" or args.datapath == "both"}
         # The round trips are spread over the rounds (the first rounds get the remainder).
         rtt_counts = [args.rtt_count // args.runs + (r < args.rtt_count % args.runs)
                       for r in range(args.runs)]  # fmt: skip
@@ -351,7 +419,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.runs):
                 # Ours and strongSwan alternate, round by round, so that a busy spell of
                 # this shared machine does not fall on one of them only.
-                order = ["ours", "strongswan"] if r % 2 == 0 else ["strongswan", "ours"]
+                order = ["ours", "strongswan", "floor"]
+                if args.datapath == "both":
+                    order.insert(1, "single")
+                order = order if r % 2 == 0 else order[::-1]
                 if r == 0:
                     # Context only, ~50x faster than either tunnel: one round is enough.
                     order.insert(0, "clear")
@@ -381,6 +452,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="rounds: one iperf3 run per tunnel each (median)")  # fmt: skip
     p.add_argument("--rtt-count", type=int, default=1000, help="UDP round trips per tunnel")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s, 1 run, 100 round trips")
+    p.add_argument("--datapath", choices=("single", "split", "both"), default="split",
+                   help="our gateway's [gateway] datapath (default: split); both: split, "
+                   "and single as an extra line")  # fmt: skip
+    p.add_argument(
+        "--mtu",
+        type=int,
+        default=TUN_MTU,
+        help="TUN MTU of ours and the floor, up to 9000 (strongSwan stays at 1400)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
         "--profile",
@@ -392,6 +472,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.runs, a.rtt_count = 2.0, 1, 100
+    if not 576 <= a.mtu <= 9000:
+        p.error("--mtu must be in 576..9000")
     if not (0 < a.seconds <= 60 and 1 <= a.runs <= 10 and 1 <= a.rtt_count <= 100_000):
         p.error("--seconds must be in (0, 60], --runs in 1..10, --rtt-count in 1..100000")
     # Round trips take ~0.1-1 ms each; a lost one costs 1 s. Bound the whole series.
@@ -405,7 +487,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def print_profiles(res: dict[str, Any], top: int = 25) -> None:
     """The hottest functions of each of our daemons, by own time (tottime)."""
-    for side, paths in res["ours"].get("profiles", {}).items():
+    for side, all_paths in res["ours"].get("profiles", {}).items():
+        paths = [p for p in all_paths if Path(p).exists()]  # a worker writes its own file
         print(f"\n== cProfile of our {side} gateway ({', '.join(paths)}), top {top} by own time")
         out = io.StringIO()
         pstats.Stats(*paths, stream=out).sort_stats("tottime").print_stats(top)

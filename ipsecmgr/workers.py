@@ -1,0 +1,644 @@
+"""``[gateway] datapath = "split"``: the data path in two worker processes.
+
+The default ("single") runs everything in the daemon's one asyncio loop, so
+one core carries IKE, the timers, the control socket and every packet. In
+"split" mode the daemon forks two workers right after :meth:`Gateway.setup`
+(sockets and TUNs exist, no SA yet, no event loop yet) and keeps the control
+plane for itself::
+
+    control process (asyncio)           OUTBOUND worker             INBOUND worker
+    IKE on UDP 500/4500, timers,        TUN read (step 2)           ESP socket read (8)
+    control socket, first-packet        classify (3)                SPI lookup (9)
+    handling (steps 4-5)                encrypt + send (7)          decrypt, policy (10)
+          |   install / remove SA,        owns every OutboundSA       TUN write (12)
+          |   queued packets, stats       and its sequence numbers    owns every InboundSA
+          +--------- socketpair ---------->+                           and its replay window
+          +--------- socketpair ------------------------------------->+
+          <-- PROTECT without SA (4-5), counters -+------------------+
+
+Both workers run the same :class:`ipsecmgr.datapath.Datapath` code as the
+single-process mode: one copy of the per-packet logic. Each SA lives in exactly
+one process, so sequence numbers (RFC 4303 §3.3.3) and the anti-replay window
+(§3.4.3) have a single owner; the control process keeps its own objects only
+for ``show`` and copies the workers' counters into them on request.
+
+Control messages are processed between packet batches (``Datapath.BATCH``), so
+installing, rekeying or deleting an SA never pauses traffic. A worker exits
+when the socketpair reaches EOF (the control process closed it or died) and,
+as a second guard, on PR_SET_PDEATHSIG. The messages are pickled tuples
+between a parent and the children it forked; keys travel in them and are
+never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import esp
+import npusim
+from ike import events as ev
+from ipsecmgr.datapath import BATCH, Counters, Datapath, OutboundBinding
+from ipsecmgr.manager import npu_selector
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ipsecmgr.daemon import Gateway
+
+log = logging.getLogger("ipsecmgr.workers")
+
+OUTBOUND, INBOUND = "outbound", "inbound"
+MAX_MESSAGE = 1 << 18  # a packet (<= 64 KiB) plus its envelope
+STATS_TIMEOUT = 1.0  # s a snapshot waits for the workers' counters
+STATS_PERIOD = 1.0  # s between background counter pulls (DPD's "did anything arrive")
+PR_SET_PDEATHSIG = 1
+
+Message = tuple[Any, ...]
+SockRef = tuple[str, Any]  # ("esp", family) | ("udp", (address, port))
+
+
+def _send(sock: socket.socket, msg: Message, timeout: float = 2.0) -> bool:
+    """One message on a non-blocking SOCK_SEQPACKET; waits at most ``timeout`` for room."""
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.send(data)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [sock], [], left)[1]:
+                return False
+        except OSError:
+            return False
+
+
+def _recv(sock: socket.socket) -> Message | None:
+    """The next message, None when none is waiting; EOFError when the peer is gone."""
+    try:
+        data = sock.recv(MAX_MESSAGE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except ConnectionError as exc:
+        raise EOFError from exc
+    if not data:
+        raise EOFError
+    msg: Message = pickle.loads(data)
+    return msg
+
+
+# -- MSS clamping ----------------------------------------------------------------------------
+
+
+def _fold(total: int) -> int:
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def clamp_mss(packet: bytes, mss4: int, mss6: int) -> bytes:
+    """A TCP SYN (or SYN-ACK) whose MSS option exceeds the limit, with the option lowered
+    to ``mss4`` (IPv4) / ``mss6`` (IPv6) and the TCP checksum updated; anything else is
+    returned as is (the same object).
+
+    The MSS a host announces fits its own link, not the tunnel: clamping it keeps
+    the inner packets within the TUN MTU, so inner packet plus ESP overhead fit the
+    path (RFC 4459 §3.2). The checksum is updated incrementally, RFC 1624 eqn. 3:
+    HC' = ~(~HC + ~m + m'), with m and m' byte-swapped when the option's value
+    sits at an odd offset of the segment (RFC 1071 §2(B): byte order independence).
+    IPv6 extension headers are not walked (such a SYN is passed unchanged).
+    """
+    n = len(packet)
+    if n < 40:
+        return packet
+    version = packet[0] >> 4
+    if version == 4:
+        # Protocol TCP, and the first fragment (offset 0) only.
+        if packet[9] != 6 or (packet[6] & 0x1F) or packet[7]:
+            return packet
+        t, limit = (packet[0] & 0x0F) * 4, mss4
+    elif version == 6:
+        if packet[6] != 6:
+            return packet
+        t, limit = 40, mss6
+    else:
+        return packet
+    if n < t + 20 or not packet[t + 13] & 0x02:  # SYN flag
+        return packet
+    end = min(t + (packet[t + 12] >> 4) * 4, n)
+    i = t + 20
+    while i < end:
+        kind = packet[i]
+        if kind == 0:  # end of option list
+            return packet
+        if kind == 1:  # NOP
+            i += 1
+            continue
+        if i + 1 >= end or packet[i + 1] < 2 or i + packet[i + 1] > end:
+            return packet  # malformed options: not ours to repair
+        if kind == 2 and packet[i + 1] == 4:
+            old = packet[i + 2] << 8 | packet[i + 3]
+            if old <= limit:
+                return packet
+            m, m_new = old, limit
+            if (i + 2 - t) & 1:
+                m, m_new = (m >> 8) | (m & 0xFF) << 8, (m_new >> 8) | (m_new & 0xFF) << 8
+            hc = packet[t + 16] << 8 | packet[t + 17]
+            hc_new = ~_fold((~hc & 0xFFFF) + (~m & 0xFFFF) + m_new) & 0xFFFF
+            out = bytearray(packet)
+            out[i + 2 : i + 4] = limit.to_bytes(2, "big")
+            out[t + 16 : t + 18] = hc_new.to_bytes(2, "big")
+            return bytes(out)
+        i += packet[i + 1]
+    return packet
+
+
+def mss_limits(tun_mtu: int, setting: bool | int) -> tuple[int, int] | None:
+    """(IPv4, IPv6) MSS limits for a TUN: its MTU minus the IP and TCP headers, or a
+    configured number if lower; None when clamping is off."""
+    if setting is False:
+        return None
+    mss4, mss6 = tun_mtu - 40, tun_mtu - 60
+    if setting is not True:
+        mss4, mss6 = min(mss4, setting), min(mss6, setting)
+    return mss4, mss6
+
+
+# -- the worker side (runs in the forked child) --------------------------------------------
+
+
+class WorkerDatapath(Datapath):
+    """The shared :class:`Datapath` with MSS clamping in front of step 3 (classification
+    does not look at TCP options, so clamping after it changes no verdict)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.mss_limits: dict[int, tuple[int, int] | None] = {}  # TUN fd -> (IPv4, IPv6)
+        self._limits: tuple[int, int] | None = None
+
+    def on_tun_readable(self, fd: int) -> None:
+        self._limits = self.mss_limits.get(fd)
+        super().on_tun_readable(fd)
+
+    def handle_outbound(self, packet: bytes, verdict: Any) -> None:
+        limits = self._limits
+        # Fast path: a plain IPv4 header whose TCP flags byte (33) has no SYN is never
+        # touched; anything else gets the full parse.
+        if limits is not None and (len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02):
+            clamped = clamp_mss(packet, *limits)
+            if clamped is not packet:
+                self.counters["tun_mss_clamped"] = self.counters.get("tun_mss_clamped", 0) + 1
+                packet = clamped
+        super().handle_outbound(packet, verdict)
+
+
+class Worker:
+    """One direction of the data path, in its own process.
+
+    ``dp`` is a fresh :class:`Datapath` over the sockets and TUN fds inherited
+    from the daemon, with its own SA-flow table: the SAs it holds exist only here.
+    """
+
+    def __init__(self, gw: Gateway, role: str, ctrl: socket.socket) -> None:
+        self.gw = gw
+        self.role = role
+        self.ctrl = ctrl
+        self.dp = WorkerDatapath(
+            gw.classifier, npusim.SaFlowTable(), gw.esp_socks, gw.bypass_socks, self._on_no_sa
+        )
+        for tun in gw.tuns:
+            self.dp.mss_limits[tun.fd] = mss_limits(tun.mtu, gw.config.gateway.mss_clamp)
+        self.dp.tun_for_map = dict(gw.datapath.tun_for_map)
+        self.out_sas: dict[int, esp.OutboundSA] = {}
+        self._buf = bytearray(65535)
+        self._view = memoryview(self._buf)
+
+    def _on_no_sa(self, name: str, packet: bytes) -> None:
+        """Steps 4-5 belong to the control process (IKE, the first-packet policy)."""
+        if not _send(self.ctrl, ("no_sa", name, packet), timeout=0.0):
+            self.dp.counters["no_sa_forward_drops"] = (
+                self.dp.counters.get("no_sa_forward_drops", 0) + 1
+            )
+
+    def _sock(self, ref: SockRef) -> socket.socket:
+        kind, key = ref
+        return self.gw.esp_socks[key] if kind == "esp" else self.gw.ike_socks[key]
+
+    def handle(self, msg: Message) -> None:
+        """One control message; called between packet batches."""
+        kind = msg[0]
+        dp = self.dp
+        if kind == "bind":  # outbound: this SA now carries the crypto map's traffic
+            _, name, spi, key, mode, esn, ref, peer = msg
+            sa = self.out_sas.get(spi)
+            if sa is None:
+                if not key:  # a rebinding to an SA already forgotten: nothing to send with
+                    return
+                sa = self.out_sas[spi] = esp.OutboundSA(spi, key, mode=mode, esn=esn)
+            dp.outbound[name] = OutboundBinding(sa, self._sock(ref), peer, mode)
+        elif kind == "unbind":
+            dp.outbound.pop(msg[1], None)
+        elif kind == "send":  # a queued first packet (step 5, first_packet = "queue")
+            binding = dp.outbound.get(msg[1])
+            if binding is not None:
+                dp.send_protected(binding, msg[2])
+        elif kind == "in_add":
+            _, name, spi, key, mode, esn, src_sel, dst_sel = msg
+            sa_in = esp.InboundSA(spi, key, mode=mode, esn=esn)
+            dp.saflow.add(spi, sa_in, src_sel, dst_sel, name)
+        elif kind == "forget":  # the Child SA was deleted: both directions go
+            _, in_spi, out_spi = msg
+            dp.saflow.remove(in_spi)
+            self.out_sas.pop(out_spi, None)
+        elif kind == "esp_in":  # ESP-in-UDP arrived on the control's UDP 4500 socket
+            _, data, src, dst, family = msg
+            dp.handle_inbound(data, src, dst, family)
+        elif kind == "classifier":  # SIGHUP reload
+            dp.classifier = msg[1]
+        elif kind == "stats":
+            _send(self.ctrl, ("stats", self.role, msg[1], self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        sas: dict[int, tuple[int, int, dict[str, int]]] = {}
+        for spi, sa in self.out_sas.items():
+            sas[spi] = (sa.counters.packets, sa.counters.bytes, dict(sa.counters.drops))
+        for flow in self.dp.saflow:
+            c = flow.sa.counters  # type: ignore[attr-defined]
+            sas[flow.spi] = (c.packets, c.bytes, dict(c.drops))
+        return {
+            "dp": dict(self.dp.counters),
+            "classifier": self.dp.classifier.counters if self.role == OUTBOUND else None,
+            "saflow": self.dp.saflow.counters if self.role == INBOUND else None,
+            "sas": sas,
+        }
+
+    def on_esp4_readable(self, family: int) -> None:
+        """:meth:`Datapath.on_esp_readable` for IPv4 without a 64 KiB allocation per packet:
+        ``recv_into`` one preallocated buffer, hand a view past the outer header to the
+        shared per-packet code (:meth:`Datapath.handle_inbound` keeps no reference to it:
+        the payload it writes is the decrypted copy)."""
+        sock = self.gw.esp_socks[family]
+        recv_into, handle, buf, view = sock.recv_into, self.dp.handle_inbound, self._buf, self._view
+        for _ in range(BATCH):
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                c = self.dp.counters
+                c["esp_recv_errors"] = c.get("esp_recv_errors", 0) + 1
+                return
+            hlen = (buf[0] & 0x0F) * 4
+            handle(view[hlen:n], bytes(view[12:16]), bytes(view[16:20]), family)  # type: ignore[arg-type]
+
+    def serve(self) -> None:
+        """Poll the data fds and the control socket; drain a batch per wake-up."""
+        poller = select.poll()
+        handlers: dict[int, Callable[[], None]] = {}
+        if self.role == OUTBOUND:
+            for tun in self.gw.tuns:
+                handlers[tun.fd] = functools.partial(self.dp.on_tun_readable, tun.fd)
+        else:
+            for fam, sock in self.gw.esp_socks.items():
+                read = self.on_esp4_readable if fam == socket.AF_INET else self.dp.on_esp_readable
+                handlers[sock.fileno()] = functools.partial(read, fam)
+        for fd in handlers:
+            poller.register(fd, select.POLLIN)
+        ctrl_fd = self.ctrl.fileno()
+        poller.register(ctrl_fd, select.POLLIN)
+        poll = poller.poll
+        while True:
+            for fd, _ in poll():
+                if fd == ctrl_fd:
+                    try:
+                        while (msg := _recv(self.ctrl)) is not None:
+                            try:
+                                self.handle(msg)
+                            except (ValueError, KeyError, IndexError, TypeError):
+                                # A bad SA from the control process must not stop traffic.
+                                c = self.dp.counters
+                                c["control_errors"] = c.get("control_errors", 0) + 1
+                    except EOFError:
+                        return
+                else:
+                    handlers[fd]()
+
+
+def _worker_main(gw: Gateway, role: str, ctrl: socket.socket) -> None:
+    """The forked child's whole life; never returns into the daemon's code."""
+    code = 0
+    try:
+        # The parent's signal dispositions are not ours: Ctrl-C on the terminal goes
+        # to the process group, and the control process decides when we stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        worker = Worker(gw, role, ctrl)
+        # Everything inherited from the daemon is long-lived: keep the collector off it,
+        # and let the per-packet tuples (struct unpacks) trigger it less often.
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        profile = os.environ.get("IPSECMGR_PROFILE")
+        if profile:
+            # tools/bench/tunnel.py --profile: the worker's own stats, PATH.<pid>.
+            import cProfile
+
+            sys.setprofile(None)  # the parent's profiler, inherited by fork
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(worker.serve)
+            finally:
+                prof.dump_stats(f"{profile}.{os.getpid()}")
+        else:
+            worker.serve()
+    except BaseException:  # a worker must never unwind into the parent's stack
+        code = 1
+        with contextlib.suppress(Exception):
+            log.exception("%s worker failed", role)
+    finally:
+        os._exit(code)
+
+
+# -- the control side ------------------------------------------------------------------------
+
+
+class ForwardingOutbound(dict[str, OutboundBinding]):
+    """The control process's ``Datapath.outbound``: every change is also sent to the
+    OUTBOUND worker, which owns the sending SAs (the manager's rekey logic is unchanged)."""
+
+    def __init__(self, workers: Workers) -> None:
+        super().__init__()
+        self.workers = workers
+
+    def __setitem__(self, name: str, binding: OutboundBinding) -> None:
+        super().__setitem__(name, binding)
+        self.workers.bind(name, binding)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self.workers.to(OUTBOUND, ("unbind", name))
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        if name not in self:
+            return default
+        value = super().pop(name)
+        self.workers.to(OUTBOUND, ("unbind", name))
+        return value
+
+
+class ControlDatapath(Datapath):
+    """What the control process keeps of the data path: it moves no packet itself.
+
+    Queued first packets go to the OUTBOUND worker (it owns the sequence numbers),
+    ESP-in-UDP from the control's UDP 4500 socket to the INBOUND worker (it owns
+    the replay windows)."""
+
+    def __init__(self, base: Datapath, workers: Workers) -> None:
+        self.workers = workers
+        super().__init__(
+            base.classifier, base.saflow, base.esp_sockets, base.bypass_sockets, base.on_no_sa
+        )
+        self.tun_for_map = base.tun_for_map
+        self.trace = base.trace
+        self.outbound = ForwardingOutbound(workers)
+        self.own: Counters = {}  # counted here (forwarding failures), merged into counters
+
+    @property
+    def classifier(self) -> npusim.Classifier:
+        return self._classifier
+
+    @classifier.setter
+    def classifier(self, value: npusim.Classifier) -> None:
+        # SIGHUP swaps the classifier; the OUTBOUND worker classifies, so it gets a copy.
+        self._classifier = value
+        if self.workers.started:
+            self.workers.to(OUTBOUND, ("classifier", value))
+
+    def send_protected(self, binding: OutboundBinding, packet: bytes) -> None:
+        name = next((n for n, b in self.outbound.items() if b is binding), None)
+        if name is None or not self.workers.to(OUTBOUND, ("send", name, packet)):
+            self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
+
+    def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> None:
+        if not self.workers.to(INBOUND, ("esp_in", data, src, dst, family)):
+            self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
+
+
+class Workers:
+    """The control process's handle on its two workers."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.started = False
+        self.pids: dict[str, int] = {}
+        self.socks: dict[str, socket.socket] = {}
+        self.keys: dict[int, bytes] = {}  # outbound SPI -> key, until bound
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._token = 0
+        self._seen: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Fork both workers (after setup: sockets and TUNs exist; before the event loop)."""
+        gw = self.gw
+        for role in (OUTBOUND, INBOUND):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for s in (mine, theirs):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                s.setblocking(False)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the child: close the control ends it inherited, then serve
+                mine.close()
+                for other in self.socks.values():
+                    other.close()
+                _worker_main(gw, role, theirs)
+            theirs.close()
+            self.pids[role] = pid
+            self.socks[role] = mine
+            self._seen[role] = 0
+        self.started = True
+        control = ControlDatapath(gw.datapath, self)
+        gw.datapath = control
+        gw.manager.datapath = control
+        gw.manager.on_child_installed = self.child_installed
+        gw.manager.on_child_removed = self.child_removed
+        log.info("split data path: outbound worker %d, inbound worker %d",
+                 self.pids[OUTBOUND], self.pids[INBOUND])  # fmt: skip
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        for role, sock in self.socks.items():
+            loop.add_reader(sock, self._on_readable, role)
+        self._timer = loop.call_later(STATS_PERIOD, self._periodic)
+
+    def detach(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.loop is not None:
+            for sock in self.socks.values():
+                self.loop.remove_reader(sock)
+        self.loop = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """EOF to both workers, then wait for them (they hold the TUN fds: the device is
+        only gone, and teardown only complete, once they exited)."""
+        self.detach()
+        for sock in self.socks.values():
+            sock.close()
+        self.socks.clear()
+        deadline = time.monotonic() + timeout
+        for role, pid in list(self.pids.items()):
+            while True:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    log.warning("%s worker %d did not exit; killing it", role, pid)
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                # Polling a child's exit with a deadline (waitpid has no timeout).
+                time.sleep(0.005)
+            del self.pids[role]
+        self.started = False
+
+    # -- control -> workers ------------------------------------------------------------------
+
+    def to(self, role: str, msg: Message) -> bool:
+        sock = self.socks.get(role)
+        return sock is not None and _send(sock, msg)
+
+    def child_installed(self, name: str, event: ev.ChildSaInstalled) -> None:
+        """Manager hook: both halves of a new Child SA (called before the outbound binding)."""
+        self.keys[event.outbound_spi] = event.outbound_key
+        self.to(INBOUND, ("in_add", name, event.inbound_spi, event.inbound_key, event.mode,
+                          event.esn, [npu_selector(t) for t in event.remote_ts],
+                          [npu_selector(t) for t in event.local_ts]))  # fmt: skip
+
+    def child_removed(self, name: str, in_spi: int, out_spi: int) -> None:
+        self.keys.pop(out_spi, None)
+        for role in (OUTBOUND, INBOUND):
+            self.to(role, ("forget", in_spi, out_spi))
+
+    def bind(self, name: str, binding: OutboundBinding) -> None:
+        sa = binding.sa
+        key = self.keys.get(sa.spi)
+        if key is None:  # a rebinding to an SA the worker already holds
+            key = b""
+        self.to(OUTBOUND, ("bind", name, sa.spi, key, sa.mode, sa.esn,
+                           self._sock_ref(binding.sock), binding.peer))  # fmt: skip
+
+    def _sock_ref(self, sock: socket.socket) -> SockRef:
+        for fam, s in self.gw.esp_socks.items():
+            if s is sock:
+                return ("esp", fam)
+        for local, s in self.gw.ike_socks.items():
+            if s is sock:
+                return ("udp", local)
+        raise ValueError("binding on a socket the workers do not have")
+
+    # -- workers -> control ------------------------------------------------------------------
+
+    def _on_readable(self, role: str) -> None:
+        sock = self.socks.get(role)
+        if sock is None:
+            return
+        for _ in range(64):
+            try:
+                msg = _recv(sock)
+            except EOFError:
+                log.error("%s worker exited; the data path is down", role)
+                if self.loop is not None:
+                    self.loop.remove_reader(sock)
+                return
+            if msg is None:
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        if msg[0] == "no_sa":
+            self.gw._on_no_sa(msg[1], msg[2])
+        elif msg[0] == "stats":
+            _, role, token, stats = msg
+            self._seen[role] = max(self._seen.get(role, 0), token)
+            self._apply(role, stats)
+
+    def _periodic(self) -> None:
+        self._token += 1
+        for role in self.socks:
+            self.to(role, ("stats", self._token))
+        if self.loop is not None:
+            self._timer = self.loop.call_later(STATS_PERIOD, self._periodic)
+
+    def refresh(self) -> None:
+        """Fresh counters from both workers into the control's objects (``show``)."""
+        if not self.started:
+            return
+        self._token += 1
+        token = self._token
+        for role in self.socks:
+            self.to(role, ("stats", token))
+        deadline = time.monotonic() + STATS_TIMEOUT
+        deferred: list[Message] = []
+        while any(self._seen.get(r, 0) < token for r in self.socks):
+            left = deadline - time.monotonic()
+            waiting = [s for r, s in self.socks.items() if self._seen.get(r, 0) < token]
+            if left <= 0 or not select.select(waiting, [], [], left)[0]:
+                log.warning("a worker did not answer the counter request in time")
+                break
+            for sock in self.socks.values():
+                with contextlib.suppress(EOFError):
+                    while (msg := _recv(sock)) is not None:
+                        if msg[0] == "stats":
+                            self._handle(msg)
+                        else:
+                            deferred.append(msg)
+        # First-packet requests met while waiting run after the snapshot, from the loop.
+        for msg in deferred:
+            if self.loop is not None:
+                self.loop.call_soon(self._handle, msg)
+            else:
+                self._handle(msg)
+
+    def _apply(self, role: str, stats: dict[str, Any]) -> None:
+        gw = self.gw
+        dp = gw.datapath
+        assert isinstance(dp, ControlDatapath)
+        self._last = getattr(self, "_last", {})
+        self._last[role] = stats["dp"]
+        merged: Counter[str] = Counter(dp.own)
+        for counters in self._last.values():
+            merged.update(counters)
+        dp.counters = dict(merged)
+        if stats["classifier"] is not None:
+            gw.classifier.counters = stats["classifier"]
+        if stats["saflow"] is not None:
+            gw.saflow.counters = stats["saflow"]
+        sas = stats["sas"]
+        for state in gw.manager.maps.values():
+            for rec in state.children.values():
+                for sa in (rec.inbound, rec.outbound):
+                    got = sas.get(sa.spi)
+                    if got is not None and (role == INBOUND) == isinstance(sa, esp.InboundSA):
+                        sa.counters.packets, sa.counters.bytes, sa.counters.drops = got
