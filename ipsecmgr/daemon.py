@@ -28,6 +28,7 @@ from ipsecmgr import show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
+from ipsecmgr.mss import mss_limits
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
@@ -156,6 +157,7 @@ class Gateway:
             self.routing.add_tun_routes(tun.name, self._routes_for(t))
             for name in t.crypto_maps:
                 self.datapath.tun_for_map[name] = tun.fd
+            self.datapath.mss_limits[tun.fd] = mss_limits(tun.mtu, self.config.gateway.mss_clamp)
         if self.config.gateway.datapath == "split":
             self.workers = Workers(self)
             self.workers.start()

@@ -36,6 +36,7 @@ from typing import Any
 
 import esp
 import npusim
+from ipsecmgr.mss import clamp_mss
 
 BATCH = 64  # packets drained per wake-up before yielding to the loop
 
@@ -106,6 +107,8 @@ class Datapath:
         self.outbound: dict[str, OutboundBinding] = {}
         self.transport_local: dict[bytes, bytes] = {}
         self.counters: Counters = {}
+        # TUN fd -> (IPv4, IPv6) MSS limits for SYNs read from it, None: no clamping.
+        self.mss_limits: dict[int, tuple[int, int] | None] = {}
         # Tracing (issue: ipsecmgr trace): None = off, the only cost is the branch.
         self.trace: Callable[..., None] | None = None
 
@@ -114,6 +117,7 @@ class Datapath:
     def on_tun_readable(self, fd: int) -> None:
         read = os.read
         classify = self.classifier.classify
+        limits = self.mss_limits.get(fd)
         for _ in range(BATCH):
             try:
                 packet = read(fd, 65535)
@@ -125,6 +129,13 @@ class Datapath:
             tr = self.trace
             if tr is not None:
                 tr("2", "tun_read", packet)
+            # MSS clamping (ipsecmgr.mss). Fast path: a plain IPv4 header whose TCP
+            # flags byte (33) has no SYN is never touched; anything else is parsed.
+            if limits is not None and (len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02):
+                clamped = clamp_mss(packet, *limits)
+                if clamped is not packet:
+                    _bump(self.counters, "tun_mss_clamped")
+                    packet = clamped
             self.handle_outbound(packet, classify(packet))
 
     def handle_outbound(self, packet: bytes, verdict: Any) -> None:

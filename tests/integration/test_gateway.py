@@ -488,3 +488,25 @@ def test_a_wrong_psk_on_one_map_leaves_the_other_map_working(tunnel4: Env, tmp_p
         "tunnel-map": "up",
         "transport-map": "failed",
     }
+
+
+def test_mss_clamping_is_on_by_default(tunnel4: Env, tmp_path: Path) -> None:
+    """The server's SYN-ACK announces MSS 1460 (its 1500-byte LAN); read from the
+    responder's TUN it is clamped to the TUN's 1400 - 40, checksum still valid."""
+    from scapy.layers.inet import IP, TCP
+
+    env = tunnel4
+    env.start_server()
+    env.gws.start_both()
+    syn_filter = "tcp[tcpflags] & tcp-syn != 0"
+    with Capture(env.lab.client, "ipsm0", tmp_path / "tun.pcap", syn_filter) as syns:
+        assert env.login()["status"] == "PASS"
+    synacks = [p for p in syns.packets() if p.haslayer(TCP) and p[TCP].flags.A]  # type: ignore[attr-defined,index]
+    assert synacks
+    assert {dict(p[TCP].options)["MSS"] for p in synacks} == {1360}  # type: ignore[index]
+    for p in synacks:  # scapy recomputes the checksum of the same bytes: it must agree
+        raw = bytes(p[IP])  # type: ignore[index]
+        again = IP(raw)
+        del again[TCP].chksum
+        assert IP(bytes(again))[TCP].chksum == IP(raw)[TCP].chksum
+    assert env.gws["gw"].counter("tun", "tun_mss_clamped") == len(synacks)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from ipsecmgr.config import ConfigError, load_config
 from ipsecmgr.lab.capture import Capture
 from ipsecmgr.lab.gateways import GatewayProcess
-from ipsecmgr.workers import clamp_mss, mss_limits
+from ipsecmgr.mss import clamp_mss, mss_limits
 from tests.integration.test_gateway import (
     Env,
     _leftovers,
