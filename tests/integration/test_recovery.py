@@ -104,7 +104,10 @@ def test_child_and_ike_rekeys_under_tacacs_load_lose_no_transaction(env: Env) ->
         esp = side.snapshot()["statistics"]["esp"]
         assert esp.get("esp_unknown_spi", 0) == 0, (side.side, esp)
         assert len(side.snapshot()["ike_sas"]) == 1
-    assert client.counter("ike", "tacacs/child_rekey_started") >= 3
+    # Either side may start a Child rekey first (both lifetimes are 3 s, the soft
+    # deadline carries random jitter): count what both started.
+    started = sum(g.counter("ike", "tacacs/child_rekey_started") for g in (client, gw))
+    assert started >= 3, started
 
 
 def _takeover(env: Env, **map_options: Any) -> tuple[GatewayProcess, float]:
