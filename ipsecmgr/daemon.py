@@ -44,6 +44,16 @@ def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
     return {name: npusim.parse_acl(name, list(a.rules)) for name, a in config.access_lists.items()}
 
 
+def build_classifier(config: cfg.Config, acls: dict[str, npusim.Acl]) -> npusim.Classifier:
+    """Step 3's NPUSIM: the crypto maps in configuration order, each with its ACL."""
+    return npusim.Classifier(
+        [
+            npusim.CryptoMap(name, acls[m.match_address], (str(m.peer),))
+            for name, m in config.crypto_maps.items()
+        ]
+    )
+
+
 def validate_acl(name: str, rules: list[str]) -> list[str]:
     """check-config hook: npusim's parser is the one authority on ACL syntax."""
     try:
@@ -90,12 +100,7 @@ class Gateway:
     def __init__(self, config: cfg.Config, *, routing: Routing | None = None) -> None:
         self.config = config
         self.acls = parse_acls(config)
-        self.classifier = npusim.Classifier(
-            [
-                npusim.CryptoMap(name, self.acls[m.match_address], (str(m.peer),))
-                for name, m in config.crypto_maps.items()
-            ]
-        )
+        self.classifier = build_classifier(config, self.acls)
         self.saflow = npusim.SaFlowTable()
         self.routing = routing or Routing()
         self.tuns: list[Tun] = []
@@ -258,12 +263,7 @@ class Gateway:
         }
         self.acls = acls
         self.config = config
-        self.classifier = npusim.Classifier(
-            [
-                npusim.CryptoMap(name, acls[m.match_address], (str(m.peer),))
-                for name, m in config.crypto_maps.items()
-            ]
-        )
+        self.classifier = build_classifier(config, acls)
         self.datapath.classifier = self.classifier
         self.manager.reconfigure(config, acls, keep, self.now())
         self.tracer.peers = peers_from_config(config)

@@ -79,11 +79,11 @@ def build_ip_header(family: int, src: bytes, dst: bytes, proto: int, payload_len
     return struct.pack("!IHBB16s16s", 6 << 28, payload_len, proto, 64, src, dst)
 
 
-def ip_header_length(packet: bytes) -> tuple[int, int, bytes, bytes]:
-    """(header length, protocol, src, dst) of an IPv4/IPv6 packet (no ext. headers walked)."""
+def ip_header_length(packet: bytes) -> tuple[int, int]:
+    """(header length, protocol) of an IPv4/IPv6 packet (no extension headers walked)."""
     if packet[0] >> 4 == 4:
-        return (packet[0] & 0x0F) * 4, packet[9], packet[12:16], packet[16:20]
-    return 40, packet[6], packet[8:24], packet[24:40]
+        return (packet[0] & 0x0F) * 4, packet[9]
+    return 40, packet[6]
 
 
 class Datapath:
@@ -165,7 +165,7 @@ class Datapath:
             if binding.mode == "tunnel":
                 data = sa.encapsulate(packet, 4 if packet[0] >> 4 == 4 else 41)
             else:
-                hlen, proto, _src, _dst = ip_header_length(packet)
+                hlen, proto = ip_header_length(packet)
                 data = sa.encapsulate(packet[hlen:], proto)
         except esp.EspError as exc:
             _bump(self.counters, "out_" + exc.counter)

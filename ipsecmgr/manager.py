@@ -139,7 +139,6 @@ class MapState:
     """Everything the gateway knows about one crypto map."""
 
     cmap: cfg.CryptoMap
-    npu_map: npusim.CryptoMap
     ike_config: ike.IkeConfig
     ike_sa: ike.IkeSA | None = None
     status: str = "idle"  # idle, connecting, established, failed, dead
@@ -299,13 +298,11 @@ class Manager:
         self.maps: dict[str, MapState] = {}
         for name, cmap in config.crypto_maps.items():
             acl = acls[cmap.match_address]
-            npu = npusim.CryptoMap(name, acl, (str(cmap.peer),))
-            self.maps[name] = MapState(cmap, npu, build_ike_config(config, cmap, acl))
+            self.maps[name] = MapState(cmap, build_ike_config(config, cmap, acl))
         # One log line per IKE message (exchange, payloads, size, peer), at -v.
         self.endpoint = ike.IkeEndpoint(
             [m.ike_config for m in self.maps.values()], log=lambda line: log.info("%s", line)
         )
-        self.counters: dict[str, int] = {}
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None
         # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
@@ -334,11 +331,9 @@ class Manager:
             if name in keep and name in old:
                 state = old[name]
                 state.cmap = cmap
-                state.npu_map = npusim.CryptoMap(name, acl, (str(cmap.peer),))
                 self.maps[name] = state
             else:
-                npu = npusim.CryptoMap(name, acl, (str(cmap.peer),))
-                self.maps[name] = MapState(cmap, npu, build_ike_config(config, cmap, acl))
+                self.maps[name] = MapState(cmap, build_ike_config(config, cmap, acl))
         for name, state in old.items():
             if self.maps.get(name) is state:
                 continue

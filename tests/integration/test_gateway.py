@@ -327,7 +327,7 @@ def test_sigterm_leaves_nothing_and_sigkill_restart_works(tunnel4: Env) -> None:
     assert _leftovers(env, "gw") == ([], [], [])
 
 
-def test_check_config_accepts_examples_and_names_the_bad_key(tmp_path: Path) -> None:
+def test_check_config_names_the_bad_key_and_fails(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[crypto_map.foo]\npeer = "198.51.100.300"\n')
     out = subprocess.run([sys.executable, "-m", "ipsecmgr.cli", "check-config", str(bad)],
