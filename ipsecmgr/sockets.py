@@ -40,6 +40,10 @@ def udp_socket(family: int, address: str, port: int, mark: int) -> socket.socket
     """IKE on UDP 500, or IKE + ESP-in-UDP on 4500 (RFC 3948)."""
     sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Port 4500 carries the ESP of whole TCP windows: the buffers of the raw ESP socket
+    # (the default ~200 KiB drops bursts in the kernel, uncounted by us).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((address, port))
