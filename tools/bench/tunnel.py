@@ -481,7 +481,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="our gateway's [gateway] datapath (default: split); both: split, "
                    "and single as an extra line")  # fmt: skip
     p.add_argument("--encap", choices=("udp", "raw"), default="udp",
-                   help="our ESP: in UDP 4500 like strongSwan's (default), or raw protocol 50")  # fmt: skip
+                   help="our ESP: in UDP 4500 like strongSwan (default), or raw (50)")  # fmt: skip
     p.add_argument("--offload", choices=("on", "off"), default="on",
                    help="our [gateway] offload: TUN TSO, UDP GSO/GRO (default: on)")  # fmt: skip
     p.add_argument(
