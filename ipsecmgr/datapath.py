@@ -417,6 +417,7 @@ class Datapath:
                     budget -= -(-n // seg)
                 else:
                     budget -= 1
+                reported = None  # the map whose ESP from this sender was reported (once)
                 for start in range(0, n, seg) if seg else (0,):
                     data = view[start : min(start + seg, n)]
                     if self.trace is not None:  # a trace client may keep it: a copy
@@ -426,8 +427,9 @@ class Datapath:
                         # handle_inbound keeps no reference to the view: what it queues
                         # for the TUN is the decrypted copy.
                         name = handle(data, src, b"", fam)  # type: ignore[arg-type]
-                        if name is not None:
+                        if name is not None and name != reported:
                             self.on_esp_from(name, peer)
+                            reported = name
                     elif kind == "keepalive":
                         c["natt_keepalives_received"] = c.get("natt_keepalives_received", 0) + 1
                     else:

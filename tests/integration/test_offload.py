@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from ipsecmgr.config import ConfigError, load_config
 from ipsecmgr.lab.capture import Capture
 from ipsecmgr.lab.gateways import GatewayProcess
 from ipsecmgr.lab.topology import LabProcess, python_env
 from tests.integration.test_gateway import Env, make_env
+from tests.integration.test_workers import _minimal_config
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -220,3 +222,13 @@ def test_bulk_tcp_through_the_tunnel_with_offloads(
         for k in ("tun_gso_reads", "tun_gso_writes", "esp_udp_gso_sends", "esp_udp_gro_batches"):
             assert c.get(k, 0) == g.get(k, 0) == 0, k
     assert env.gws.stop() == {"gw": 0, "client": 0}
+
+
+@pytest.mark.parametrize(("line", "value"), [("", True), ("offload = false", False)])
+def test_offload_key(tmp_path: Path, line: str, value: bool) -> None:
+    assert load_config(_minimal_config(tmp_path, line)).gateway.offload is value
+
+
+def test_offload_key_refuses_nonsense(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gateway.offload: expected true or false, got 'yes'"):
+        load_config(_minimal_config(tmp_path, 'offload = "yes"'))
