@@ -7,7 +7,8 @@ Measures, in one run and with the same timer:
 * split_tun_read of a 64 KiB TCP TSO super-packet (IPv4 and IPv6, timestamps,
   MSS 1448: 46 segments), next to the reference: plain ``bytes`` slicing of the
   same payload into the same 46 pieces (no headers, no checksums), the floor
-  any Python splitter pays for the copies;
+  any Python splitter pays for the copies; for information also the naive
+  checksum floor (each piece summed with ``int.from_bytes(...) % 0xFFFF``);
 * coalesce_for_tun of those 46 segments (one GSO packet out), next to the same
   slicing reference;
 * for information: coalesce of 46 packets that cannot merge (each PSH, as an
@@ -64,10 +65,16 @@ def per_call_us(fn: Callable[[], object], number: int, repeat: int = 15) -> floa
     return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
 
 
+def row(label: str, t: float, nseg: int = 0, ref: float = 0.0, note: str = "") -> None:
+    per_seg = f"{t / nseg:8.3f}" if nseg else " " * 8
+    ratio = f"{t / ref:5.1f}x" if ref else " " * 6
+    print(f"  {label:54s} {t:9.2f} {per_seg} {ratio} {note}".rstrip())
+
+
 def main() -> None:
     print("ipsecmgr.offload: 64 KiB TCP TSO super-packet, MSS 1448, TCP timestamps")
     print(f"Python {sys.version.split()[0]}, best of 15 runs, µs\n")
-    print(f"  {'':46s} {'per call':>9s} {'per seg':>8s} {'ratio':>6s}")
+    print(f"  {'':54s} {'per call':>9s} {'per seg':>8s} {'ratio':>6s}")
     for v6 in (False, True):
         name = "IPv6" if v6 else "IPv4"
         buf = tso_read(v6)
@@ -82,16 +89,18 @@ def main() -> None:
         def slicing(buf: bytes = buf, hl: int = hl, n: int = n) -> list[bytes]:
             return [buf[i : i + MSS] for i in range(hl, n, MSS)]
 
-        assert len(slicing()) == nseg
+        def summing(buf: bytes = buf, hl: int = hl, n: int = n) -> list[int]:
+            return [int.from_bytes(buf[i : i + MSS], "big") % 0xFFFF for i in range(hl, n, MSS)]
+
+        assert len(slicing()) == len(summing()) == nseg
         t_ref = per_call_us(slicing, 2000)
+        t_sum = per_call_us(summing, 300)
         t_split = per_call_us(lambda buf=buf: split_tun_read(buf), 300)
         t_coal = per_call_us(lambda segs=segs: coalesce_for_tun(segs), 300)
-        print(f"  {name} reference: bytes slicing into {nseg} pieces     "
-              f"{t_ref:9.2f} {t_ref / nseg:8.3f}")  # fmt: skip
-        print(f"  {name} split_tun_read (TSO -> {nseg} segments)        "
-              f"{t_split:9.2f} {t_split / nseg:8.3f} {t_split / t_ref:5.1f}x")  # fmt: skip
-        print(f"  {name} coalesce_for_tun ({nseg} segments -> 1 GSO)    "
-              f"{t_coal:9.2f} {t_coal / nseg:8.3f} {t_coal / t_ref:5.1f}x")  # fmt: skip
+        row(f"{name} reference: bytes slicing into {nseg} pieces", t_ref, nseg)
+        row(f"{name} (info) naive sums: slice, from_bytes, % 0xFFFF", t_sum, nseg, t_ref)
+        row(f"{name} split_tun_read (TSO -> {nseg} segments)", t_split, nseg, t_ref)
+        row(f"{name} coalesce_for_tun ({nseg} segments -> 1 GSO)", t_coal, nseg, t_ref)
 
     # For information: traffic that does not merge, and single packets.
     small = [tcp_packet(False, b"x" * 100, seq=1 + 100 * i) for i in range(46)]
@@ -105,13 +114,12 @@ def main() -> None:
     t_partial = per_call_us(lambda: split_tun_read(partial), 30000)
     t_slice1 = per_call_us(lambda: plain[10:], 30000)
     print()
-    print(f"  coalesce, 46 PSH packets that cannot merge           "
-          f"{t_small:9.2f} {t_small / 46:8.3f} {t_small / t_small_ref:5.1f}x"
-          "  (ref: header + packet concat)")  # fmt: skip
-    print(f"  split_tun_read, one 1500-byte packet, no offload     "
-          f"{t_plain:9.2f} {'':8s} {t_plain / t_slice1:5.1f}x  (ref: one slice)")  # fmt: skip
-    print(f"  split_tun_read, one 1500-byte packet, NEEDS_CSUM     "
-          f"{t_partial:9.2f} {'':8s} {t_partial / t_slice1:5.1f}x")  # fmt: skip
+    row("coalesce, 46 PSH packets that cannot merge", t_small, 46, t_small_ref,
+        "(ref: header + packet concat)")  # fmt: skip
+    row(
+        "split_tun_read, one 1500-byte packet, no offload", t_plain, 0, t_slice1, "(ref: one slice)"
+    )
+    row("split_tun_read, one 1500-byte packet, NEEDS_CSUM", t_partial, 0, t_slice1)
 
 
 if __name__ == "__main__":
