@@ -60,6 +60,35 @@ _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _U16 = struct.Struct("!H")
 
 
+def _fold_steps(bits: int) -> tuple[tuple[int, int], ...]:
+    steps = []
+    while bits > 1024:
+        k = 16 * ((bits + 31) // 32)  # about half, a multiple of 16 bits
+        steps.append((k, (1 << k) - 1))
+        bits = k + 1
+    return tuple(steps)
+
+
+# v = hi * 2**k + lo ≡ hi + lo (mod 2**k - 1), and 0xFFFF divides 2**k - 1 when 16 | k.
+# Halving a big int this way (a shift, an AND, an add) and taking ``%`` of what is
+# left is about twice as fast as ``%`` alone on a 1500-byte packet, whose digits
+# CPython divides one by one. The steps are precomputed per 512-bit bucket up to
+# 16384 bits (2 KiB); bigger ints (rare here) are first halved with masks made on the fly.
+_STEPS = tuple(_fold_steps(b << 9) for b in range(33))
+
+
+def _residue(v: int) -> int:
+    """``v % 0xFFFF`` for a non-negative ``v``, faster for big ones."""
+    n = v.bit_length()
+    while n > 16384:
+        k = 16 * ((n + 31) // 32)
+        v = (v >> k) + (v & ((1 << k) - 1))
+        n = v.bit_length()
+    for k, mask in _STEPS[(n + 511) >> 9]:
+        v = (v >> k) + (v & mask)
+    return v % 0xFFFF
+
+
 def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """The RFC 1071 checksum of ``data`` (odd length: padded with a zero byte), with
     ``initial`` added to the sum first (e.g. a pseudo-header sum; any int >= 0, it is
@@ -71,8 +100,8 @@ def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) ->
     if not total:
         return 0xFFFF  # all-zero input: the sum is +0, its complement 0xFFFF
     # The sum of non-zero data is -0 (0xFFFF), never +0, when its residue is 0:
-    # ~0xFFFF = 0 and ~r = 0xFFFF - r otherwise, which is exactly -total mod 0xFFFF.
-    return -total % 0xFFFF
+    # ~0xFFFF = 0 and ~r = 0xFFFF - r otherwise, which is exactly -r mod 0xFFFF.
+    return -_residue(total) % 0xFFFF
 
 
 # -- read side: one super-packet from the TUN -> packets for the wire ----------
@@ -97,7 +126,7 @@ def split_tun_read(buf: bytes | bytearray | memoryview) -> list[bytes]:
     if gso_type == VIRTIO_NET_HDR_GSO_NONE:
         if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             return [bytes(buf[VNET_HDR_LEN:])]
-        return [_complete_csum(bytearray(buf[VNET_HDR_LEN:]), csum_start, csum_offset)]
+        return [_complete_csum(buf, csum_start, csum_offset)]
     base_type = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
     if base_type not in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6):
         raise ValueError(f"unsupported gso_type {gso_type:#x}")
@@ -114,19 +143,19 @@ def split_tun_read(buf: bytes | bytearray | memoryview) -> list[bytes]:
     )
 
 
-def _complete_csum(pkt: bytearray, start: int, offset: int) -> bytes:
+def _complete_csum(buf: bytes | bytearray | memoryview, start: int, offset: int) -> bytes:
     """CHECKSUM_PARTIAL -> complete: sum from csum_start to the end (the field already
     holds the pseudo-header sum), fold, complement (net/core/dev.c skb_checksum_help)."""
-    at = start + offset
-    if at + 2 > len(pkt):
+    o = VNET_HDR_LEN
+    at = o + start + offset
+    if at + 2 > len(buf):
         raise ValueError("csum_start + csum_offset beyond the packet")
-    csum = internet_checksum(pkt[start:])
+    csum = internet_checksum(buf[o + start :])
     if csum == 0 and offset == 6:
         # Offset 6 is the UDP (and UDP-Lite) checksum field (TCP's is 16, ICMP's 2):
         # a computed 0 is sent as 0xFFFF, RFC 768.
         csum = 0xFFFF
-    _U16.pack_into(pkt, at, csum)
-    return bytes(pkt)
+    return b"".join((buf[o:at], _U16.pack(csum), buf[at + 2 :]))
 
 
 def _segment_tcp(
@@ -188,6 +217,7 @@ def _segment_tcp(
     pack_tcp = _TCP_MUTABLE.pack_into
     pack_ip = _IP4_MUTABLE.pack_into
     from_bytes = int.from_bytes
+    residue = _residue
     nseg = (payload_total + mss - 1) // mss
     last = nseg - 1
     pos = hl
@@ -207,7 +237,7 @@ def _segment_tcp(
             fl = f_first if last else tcp_flags
         else:
             fl = f_last
-        csum = -(tcp_base + thl + plen + seq + fl + psum) % 0xFFFF
+        csum = -(tcp_base + thl + plen + seq + fl + residue(psum)) % 0xFFFF
         pack_tcp(hdr, t + 4, seq, ack, doff, fl, window, csum)
         if v4:
             # inet_gso_segment: tot_len per segment, ID incremented per segment, new checksum.
@@ -335,7 +365,7 @@ def _tcp_csum_ok(pkt: bytes, csum_from: int, t: int) -> bool:
     n = len(pkt)
     if n & 1:
         total <<= 8
-    return (total + 6 + n - t) % 0xFFFF == 0
+    return (_residue(total) + 6 + n - t) % 0xFFFF == 0
 
 
 def _super_packet(segs: list[bytes]) -> bytes:
