@@ -7,9 +7,10 @@ one core carries IKE, the timers, the control socket and every packet. In
 plane for itself::
 
     control process (asyncio)           OUTBOUND worker             INBOUND worker
-    IKE on UDP 500/4500, timers,        TUN read (step 2)           ESP socket read (8)
-    control socket, first-packet        classify (3)                SPI lookup (9)
-    handling (steps 4-5)                encrypt + send (7)          decrypt, policy (10)
+    IKE on UDP 500 (and what the        TUN read (step 2)           ESP read (8): raw, and
+    INBOUND worker forwards from        classify (3)                UDP 4500 (IKE on it goes
+    4500), timers, control socket,      encrypt + send (7)          to control), SPI lookup (9)
+    first packets (steps 4-5)                                       decrypt, policy (10)
           |   install / remove SA,        owns every OutboundSA       TUN write (12)
           |   queued packets, stats       and its sequence numbers    owns every InboundSA
           +--------- socketpair ---------->+                           and its replay window
