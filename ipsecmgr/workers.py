@@ -208,6 +208,10 @@ class Worker:
     def serve(self) -> None:
         """Poll the data fds and the control socket; drain a batch per wake-up."""
         poller = select.poll()
+        # The control socket first: poll reports ready fds in registration order, so an
+        # SA added by a message is in place before the ESP that arrived with it is read.
+        ctrl_fd = self.ctrl.fileno()
+        poller.register(ctrl_fd, select.POLLIN)
         handlers: dict[int, Callable[[], None]] = {}
         if self.role == OUTBOUND:
             for tun in self.gw.tuns:
@@ -223,8 +227,6 @@ class Worker:
                     )
         for fd in handlers:
             poller.register(fd, select.POLLIN)
-        ctrl_fd = self.ctrl.fileno()
-        poller.register(ctrl_fd, select.POLLIN)
         poll = poller.poll
         while True:
             for fd, _ in poll():
