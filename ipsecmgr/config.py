@@ -201,6 +201,9 @@ class Gateway:
     # Split data path: lower the MSS of TCP SYNs read from the TUN to fit the TUN MTU
     # (True), to at most this number, or not at all (False).
     mss_clamp: bool | int = True
+    # Kernel offloads (docs/performance.md): TUN super-packets (IFF_VNET_HDR + TSO) and
+    # UDP GSO/GRO on the ESP-in-UDP socket. One warning and off when the kernel refuses.
+    offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -583,7 +586,7 @@ class _Parser:
             t,
             path,
             ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port",
-             "datapath", "mss_clamp"),
+             "datapath", "mss_clamp", "offload"),
         )  # fmt: skip
         n = len(self.errors)
         raw = self.str_list(t, "local_addresses", path, required=True) or ()
@@ -606,9 +609,10 @@ class _Parser:
         ):
             self.err(f"{path}.mss_clamp", f"{mss_clamp!r} is not true, false or 536..65495")
             mss_clamp = True
+        offload = self.boolean(t, "offload", path, True)
         return Gateway(
             tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
-            datapath, mss_clamp,
+            datapath, mss_clamp, offload,
         )  # fmt: skip
 
     def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:

@@ -18,11 +18,9 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import npusim
-from esp import InboundSA
-from esp.udp_encap import classify_udp4500
 from ipsecmgr import config as cfg
 from ipsecmgr import show, sockets
 from ipsecmgr.control import ControlServer
@@ -149,13 +147,23 @@ class Gateway:
         for fam in families:
             self.esp_socks[fam] = sockets.esp_socket(fam, mark)
             self.bypass_socks[fam] = sockets.bypass_socket(fam, mark)
+        offload = self.config.gateway.offload
         for addr in self.config.gateway.local_addresses:
             fam = _family(str(addr))
             for port in (self.config.gateway.ike_port, self.config.gateway.natt_port):
-                self.ike_socks[(str(addr), port)] = sockets.udp_socket(fam, str(addr), port, mark)
+                sock = sockets.udp_socket(fam, str(addr), port, mark)
+                self.ike_socks[(str(addr), port)] = sock
+                if offload and port == self.config.gateway.natt_port:
+                    gso, _gro = sockets.enable_udp_offload(sock)
+                    if gso:
+                        self.datapath.gso_socks.add(sock)
+        self.datapath.on_udp_other = self._on_ike_natt
+        self.datapath.on_esp_from = self.manager.on_esp_from
         self.routing.install_rules()
         for t in self.config.tuns:
-            tun = Tun(t.name, t.mtu)
+            tun = Tun(t.name, t.mtu, offload=offload)
+            if tun.vnet_hdr:
+                self.datapath.vnet_fds.add(tun.fd)
             self.tuns.append(tun)
             for a in t.addresses:
                 self.routing.add_address(tun.name, str(a))
@@ -174,8 +182,12 @@ class Gateway:
             self.workers.attach(loop)  # the workers read the ESP sockets and the TUNs
         for fam, sock in self.esp_socks.items() if self.workers is None else ():
             loop.add_reader(sock, self.datapath.on_esp_readable, fam)
+        natt = self.config.gateway.natt_port
         for local, sock in self.ike_socks.items():
-            loop.add_reader(sock, self._on_udp_readable, sock, local)
+            if local[1] != natt:
+                loop.add_reader(sock, self._on_udp_readable, sock, local)
+            elif self.workers is None:  # split: the INBOUND worker reads ESP-in-UDP (and IKE)
+                loop.add_reader(sock, self._on_natt_readable, sock, local)
         for tun in self.tuns if self.workers is None else ():
             loop.add_reader(tun.fd, self.datapath.on_tun_readable, tun.fd)
         log.info(
@@ -291,7 +303,7 @@ class Gateway:
     # -- IKE glue -------------------------------------------------------------------------
 
     def _on_udp_readable(self, sock: socket.socket, local: Address) -> None:
-        natt = local[1] == self.config.gateway.natt_port
+        """IKE on UDP 500 (RFC 7296 §2.11)."""
         for _ in range(32):
             try:
                 data, addr = sock.recvfrom(65535)
@@ -300,26 +312,18 @@ class Gateway:
             except OSError:
                 self._bump("udp_recv_errors")
                 break
-            peer = (addr[0], addr[1])
-            if natt:
-                kind = classify_udp4500(data)
-                if kind == "keepalive":
-                    self._bump("natt_keepalives_received")
-                    continue
-                if kind == "esp":
-                    fam = _family(peer[0])
-                    # NAT rebinding (RFC 7296 §2.23): an ESP packet that decrypts
-                    # may come from a new port; the manager then moves the SA there.
-                    spi = int.from_bytes(data[:4], "big")
-                    flow = self.saflow.lookup(spi) if spi in self.saflow else None
-                    sa = cast(InboundSA, flow.sa) if flow is not None else None
-                    before = sa.counters.packets if sa is not None else 0
-                    self.datapath.handle_inbound(data, socket.inet_pton(fam, peer[0]), b"", fam)
-                    if flow is not None and sa is not None and sa.counters.packets != before:
-                        self.manager.on_esp_from(flow.crypto_map, peer)
-                    continue
-            self.manager.on_ike_datagram(data, local, peer, self.now())
+            self.manager.on_ike_datagram(data, local, (addr[0], addr[1]), self.now())
         self._rearm()
+
+    def _on_natt_readable(self, sock: socket.socket, local: Address) -> None:
+        """UDP 4500 (RFC 3948): the data path reads it in batches (UDP GRO) and hands
+        IKE back through :meth:`_on_ike_natt`; ESP that decrypted reports its sender
+        to the manager (NAT rebinding, RFC 7296 §2.23: ``Manager.on_esp_from``)."""
+        self.datapath.on_udp_readable(sock, local)
+        self._rearm()
+
+    def _on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
+        self.manager.on_ike_datagram(data, local, peer, self.now())
 
     def _send_ike(self, data: bytes, peer: Address) -> None:
         fam = _family(peer[0])

@@ -20,6 +20,21 @@ The reference's 13 steps, and who does each here::
       12 os.write(tun)
       13 the client answers; every later packet repeats the steps
 
+Batches and kernel offloads (``[gateway] offload``, docs/performance.md)::
+
+    TUN read ─ split_tun_read ─┬─ per packet: trace 2, MSS clamp, classify (3), 4-5,
+    (one 64 KiB TSO super-     │  encapsulate (7) ─┬─ raw ESP: sendto now
+     packet, vnet header)      │                   └─ UDP 4500: collected per binding
+                               └─ end of the batch: _flush_out, one sendmsg + UDP_SEGMENT
+                                  per run of equal-size ESP packets (UDP GSO)
+    UDP 4500 recvmsg (GRO: many datagrams, one cmsg with their size) or raw ESP recv
+      ─ per datagram: keepalive / IKE (on_udp_other) / ESP: steps 8-10 (handle_inbound),
+        the decrypted packet collected per TUN
+      ─ end of the batch: _flush_tun, coalesce_for_tun: one TUN write per TCP run (GSO)
+
+Counters count packets (segments), never super-packets; tracing sees every
+packet at every step (with a trace client attached, TUN writes are not coalesced).
+
 Hot-path rules: no logging, no per-packet allocation beyond the packet
 itself, tracing costs one ``is not None`` branch per stage, every error from
 the network is caught, counted and dropped.
@@ -30,15 +45,30 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import esp
 import npusim
+from esp.udp_encap import classify_udp4500
 from ipsecmgr.mss import clamp_mss
+from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, split_tun_read
+from ipsecmgr.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 
-BATCH = 64  # packets drained per wake-up before yielding to the loop
+BATCH = 64  # packets (segments, datagrams) drained per wake-up before yielding to the loop
+TUN_READ_SIZE = 65535 + VNET_HDR_LEN  # a TSO super-packet (IP total length <= 65535)
+# UDP GSO limits (net/ipv4/udp.c udp_send_skb): at most UDP_MAX_SEGMENTS = 64 segments,
+# and the whole datagram must fit one IP packet (65535 - IPv6 + UDP headers, rounded down).
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+UDP_RECV_SIZE = 65535
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_VNET_NONE = bytes(VNET_HDR_LEN)  # no checksum to finish, no segmentation
+_NATIVE = sys.byteorder
+
+Address = tuple[str, int]
 
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 
@@ -62,6 +92,19 @@ Counters = dict[str, int]
 
 def _bump(counters: Counters, name: str, n: int = 1) -> None:
     counters[name] = counters.get(name, 0) + n
+
+
+def tun_write_segments(buf: bytes) -> int:
+    """How many packets one TUN write (virtio_net_hdr + packet) carries: 1, or for a
+    TCP GSO super-packet its payload cut into gso_size pieces (the kernel's rule,
+    net/core/gso.c); read from the IP and TCP headers, not trusted from hdr_len."""
+    if not buf[1]:  # gso_type VIRTIO_NET_HDR_GSO_NONE
+        return 1
+    gso_size = int.from_bytes(buf[4:6], _NATIVE)
+    ip = VNET_HDR_LEN
+    hlen = (buf[ip] & 0x0F) * 4 if buf[ip] >> 4 == 4 else 40
+    payload = len(buf) - ip - hlen - (buf[ip + hlen + 12] >> 4) * 4
+    return max(1, -(-payload // gso_size)) if gso_size else 1
 
 
 def ipv4_checksum(header: bytes) -> int:
@@ -111,32 +154,71 @@ class Datapath:
         self.mss_limits: dict[int, tuple[int, int] | None] = {}
         # Tracing (issue: ipsecmgr trace): None = off, the only cost is the branch.
         self.trace: Callable[..., None] | None = None
+        # Offloads (ipsecmgr.tun, ipsecmgr.sockets): TUN fds whose reads and writes carry
+        # a virtio_net_hdr, and the UDP sockets that take UDP_SEGMENT (GSO) sends.
+        self.vnet_fds: set[int] = set()
+        self.gso_socks: set[socket.socket] = set()
+        # UDP 4500: what is not ESP (IKE) and "this map's ESP came from this peer" (NAT
+        # rebinding, RFC 7296 §2.23): the daemon's (or the split worker's) business.
+        self.on_udp_other: Callable[[bytes, Address, Address], None] = lambda d, lo, pe: None
+        self.on_esp_from: Callable[[str, Address], None] = lambda name, peer: None
+        # Collected during a batch (None: outside one, send / write at once).
+        # id(binding) -> (binding, ESP packets, trace records (index, inner packet, seq)).
+        self._out: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] | None = None
+        self._tun_out: dict[int, list[bytes]] | None = None  # TUN fd -> decrypted packets
+        self._rbuf = bytearray(UDP_RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
 
     # -- outbound: steps 2–7 -------------------------------------------------
 
     def on_tun_readable(self, fd: int) -> None:
         read = os.read
         classify = self.classifier.classify
+        handle = self.handle_outbound
         limits = self.mss_limits.get(fd)
-        for _ in range(BATCH):
-            try:
-                packet = read(fd, 65535)
-            except BlockingIOError:
-                return
-            except OSError:
-                _bump(self.counters, "tun_read_errors")
-                return
-            tr = self.trace
-            if tr is not None:
-                tr("2", "tun_read", packet)
-            # MSS clamping (ipsecmgr.mss). Fast path: a plain IPv4 header whose TCP
-            # flags byte (33) has no SYN is never touched; anything else is parsed.
-            if limits is not None and (len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02):
-                clamped = clamp_mss(packet, *limits)
-                if clamped is not packet:
-                    _bump(self.counters, "tun_mss_clamped")
-                    packet = clamped
-            self.handle_outbound(packet, classify(packet))
+        vnet = fd in self.vnet_fds
+        c = self.counters
+        pending: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] = {}
+        self._out = pending
+        budget = BATCH  # packets, not reads: a read may carry 45 (control messages wait less)
+        try:
+            while budget > 0:
+                try:
+                    buf = read(fd, TUN_READ_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    c["tun_read_errors"] = c.get("tun_read_errors", 0) + 1
+                    return
+                if vnet:
+                    if buf[1]:  # gso_type: a TSO super-packet
+                        c["tun_gso_reads"] = c.get("tun_gso_reads", 0) + 1
+                    try:
+                        packets = split_tun_read(buf)
+                    except ValueError:
+                        c["tun_malformed"] = c.get("tun_malformed", 0) + 1
+                        continue
+                else:
+                    packets = [buf]
+                budget -= len(packets)
+                for packet in packets:
+                    tr = self.trace
+                    if tr is not None:
+                        tr("2", "tun_read", packet)
+                    # MSS clamping (ipsecmgr.mss), on every segment. Fast path: a plain IPv4
+                    # header whose TCP flags byte (33) has no SYN is never touched.
+                    if limits is not None and (
+                        len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02
+                    ):
+                        clamped = clamp_mss(packet, *limits)
+                        if clamped is not packet:
+                            c["tun_mss_clamped"] = c.get("tun_mss_clamped", 0) + 1
+                            packet = clamped
+                    handle(packet, classify(packet))
+        finally:
+            self._out = None
+            if pending:
+                self._flush_out(pending)
 
     def handle_outbound(self, packet: bytes, verdict: Any) -> None:
         tr = self.trace
@@ -159,7 +241,8 @@ class Datapath:
             _bump(self.counters, "classify_drops")
 
     def send_protected(self, binding: OutboundBinding, packet: bytes) -> None:
-        """Step 7: encrypt and send."""
+        """Step 7: encrypt and send (inside a TUN batch, a UDP GSO socket's packets are
+        collected and sent by :meth:`_flush_out`)."""
         sa = binding.sa
         try:
             if binding.mode == "tunnel":
@@ -169,6 +252,15 @@ class Datapath:
                 data = sa.encapsulate(packet[hlen:], proto)
         except esp.EspError as exc:
             _bump(self.counters, "out_" + exc.counter)
+            return
+        pending = self._out
+        if pending is not None and binding.sock in self.gso_socks:
+            entry = pending.get(id(binding))
+            if entry is None:
+                entry = pending[id(binding)] = (binding, [], [])
+            entry[1].append(data)
+            if self.trace is not None:
+                entry[2].append((len(entry[1]) - 1, packet, sa.next_seq - 1))
             return
         try:
             binding.sock.sendto(data, binding.peer)
@@ -180,6 +272,56 @@ class Datapath:
             tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
                peer=binding.peer)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
+
+    def _flush_out(
+        self, pending: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]]
+    ) -> None:
+        """The collected ESP packets, per binding, in order: each run of equal-size packets
+        (a shorter last one allowed) is one ``sendmsg`` with a UDP_SEGMENT cmsg; the kernel
+        cuts it into datagrams of that size (UDP GSO, Linux 4.18). A failed send counts
+        every packet in it; a refused GSO send is retried one datagram at a time."""
+        c = self.counters
+        for binding, datas, traces in pending.values():
+            sock, peer = binding.sock, binding.peer
+            sendto, sendmsg = sock.sendto, sock.sendmsg
+            n, i = len(datas), 0
+            while i < n:
+                size = len(datas[i])
+                j, total = i + 1, size
+                limit = min(n, i + GSO_MAX_SEGMENTS)
+                while j < limit and len(datas[j]) == size and total + size <= GSO_MAX_BYTES:
+                    total += size
+                    j += 1
+                if j < limit and len(datas[j]) < size and total + len(datas[j]) <= GSO_MAX_BYTES:
+                    j += 1  # the shorter last segment
+                count = j - i
+                try:
+                    if count == 1:
+                        sendto(datas[i], peer)
+                    else:
+                        sendmsg(datas[i:j], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, _NATIVE))],
+                                0, peer)  # fmt: skip
+                        c["esp_udp_gso_sends"] = c.get("esp_udp_gso_sends", 0) + 1
+                    sent = count
+                except OSError:
+                    sent = 0
+                    if count > 1:
+                        for k in range(i, j):
+                            try:
+                                sendto(datas[k], peer)
+                                sent += 1
+                            except OSError:
+                                pass
+                if sent:
+                    c["esp_out_packets"] = c.get("esp_out_packets", 0) + sent
+                if sent != count:
+                    c["esp_send_errors"] = c.get("esp_send_errors", 0) + count - sent
+                i = j
+            tr = self.trace
+            if tr is not None and traces:
+                sa = binding.sa
+                for k, packet, seq in traces:
+                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer)
 
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
@@ -206,25 +348,100 @@ class Datapath:
     # -- inbound: steps 8–12 -------------------------------------------------
 
     def on_esp_readable(self, family: int) -> None:
+        """Raw ESP. IPv4 is read with ``recv_into`` one preallocated buffer (no 64 KiB
+        allocation per packet) and handed on as a view past the outer header, which raw
+        IPv4 sockets include; IPv6 raw sockets never do, and do not tell the destination."""
         sock = self.esp_sockets[family]
-        for _ in range(BATCH):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except BlockingIOError:
-                return
-            except OSError:
-                _bump(self.counters, "esp_recv_errors")
-                return
-            if family == socket.AF_INET:
-                # Raw IPv4 sockets hand us the outer header; IPv6 ones do not.
-                hlen = (data[0] & 0x0F) * 4
-                self.handle_inbound(data[hlen:], data[12:16], data[16:20], family)
-            else:
-                src = socket.inet_pton(socket.AF_INET6, addr[0])
-                self.handle_inbound(data, src, b"", family)
+        handle = self.handle_inbound
+        buf, view = self._rbuf, self._rview
+        recv_into = sock.recv_into
+        pending: dict[int, list[bytes]] = {}
+        self._tun_out = pending
+        try:
+            for _ in range(BATCH):
+                try:
+                    if family == socket.AF_INET:
+                        n = recv_into(buf)
+                    else:
+                        data, addr = sock.recvfrom(65535)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    _bump(self.counters, "esp_recv_errors")
+                    return
+                if family == socket.AF_INET:
+                    hlen = (buf[0] & 0x0F) * 4
+                    # handle_inbound keeps no reference to the view (what it queues for
+                    # the TUN is the decrypted copy); a trace client may keep it: a copy.
+                    esp_data = view[hlen:n] if self.trace is None else bytes(view[hlen:n])
+                    handle(esp_data, bytes(view[12:16]), bytes(view[16:20]), family)  # type: ignore[arg-type]
+                else:
+                    src = socket.inet_pton(socket.AF_INET6, addr[0])
+                    handle(data, src, b"", family)
+        finally:
+            self._tun_out = None
+            if pending:
+                self._flush_tun(pending)
 
-    def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> None:
-        """Steps 8–12 for one ESP packet (raw, or the payload of ESP-in-UDP)."""
+    def on_udp_readable(self, sock: socket.socket, local: Address) -> None:
+        """ESP-in-UDP (RFC 3948) and IKE on the NAT-T port. With UDP_GRO on the socket one
+        ``recvmsg`` may return several datagrams of one sender back to back, the cmsg
+        giving their size (all equal but the last). Each one is a NAT keepalive
+        (counted), IKE (:attr:`on_udp_other`) or ESP (steps 8-12)."""
+        recv = sock.recvmsg_into
+        buf, view = self._rbuf, self._rview
+        handle = self.handle_inbound
+        c = self.counters
+        fam = sock.family
+        pending: dict[int, list[bytes]] = {}
+        self._tun_out = pending
+        budget = BATCH
+        try:
+            while budget > 0:
+                try:
+                    n, anc, _flags, addr = recv([buf], _GRO_CMSG_SPACE)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    c["udp_recv_errors"] = c.get("udp_recv_errors", 0) + 1
+                    return
+                peer = (addr[0], addr[1])
+                src = socket.inet_pton(fam, peer[0])
+                seg = n
+                if anc:
+                    for level, ctype, value in anc:
+                        if level == SOL_UDP and ctype == UDP_GRO:
+                            seg = int.from_bytes(value[:4], _NATIVE) or n
+                if seg < n:
+                    c["esp_udp_gro_batches"] = c.get("esp_udp_gro_batches", 0) + 1
+                    budget -= -(-n // seg)
+                else:
+                    budget -= 1
+                reported = None  # the map whose ESP from this sender was reported (once)
+                for start in range(0, n, seg) if seg else (0,):
+                    data = view[start : min(start + seg, n)]
+                    if self.trace is not None:  # a trace client may keep it: a copy
+                        data = bytes(data)  # type: ignore[assignment]
+                    kind = classify_udp4500(data)  # type: ignore[arg-type]
+                    if kind == "esp":
+                        # handle_inbound keeps no reference to the view: what it queues
+                        # for the TUN is the decrypted copy.
+                        name = handle(data, src, b"", fam)  # type: ignore[arg-type]
+                        if name is not None and name != reported:
+                            self.on_esp_from(name, peer)
+                            reported = name
+                    elif kind == "keepalive":
+                        c["natt_keepalives_received"] = c.get("natt_keepalives_received", 0) + 1
+                    else:
+                        self.on_udp_other(bytes(data), local, peer)
+        finally:
+            self._tun_out = None
+            if pending:
+                self._flush_tun(pending)
+
+    def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> str | None:
+        """Steps 8–12 for one ESP packet (raw, or the payload of ESP-in-UDP). Returns the
+        crypto map of an authentic packet (it decrypted and passed the policy check)."""
         tr = self.trace
         if tr is not None:
             tr("8", "esp_received", None, wire=data, src=src)
@@ -232,13 +449,13 @@ class Datapath:
             _bump(self.counters, "esp_truncated")
             if tr is not None:
                 tr("9", "esp_drop", None, reason="truncated")
-            return
+            return None
         flow = self.saflow.lookup(int.from_bytes(data[:4], "big"))  # step 9
         if flow is None:
             _bump(self.counters, "esp_unknown_spi")
             if tr is not None:
                 tr("9", "esp_drop", None, reason="unknown SPI", spi=int.from_bytes(data[:4], "big"))
-            return
+            return None
         sa: esp.InboundSA = flow.sa  # type: ignore[assignment]
         if tr is not None:
             tr("9", "saflow_match", None, spi=sa.spi, crypto_map=flow.crypto_map)
@@ -255,28 +472,79 @@ class Datapath:
                     spi=sa.spi,
                     crypto_map=flow.crypto_map,
                 )
-            return
+            return None
         if sa.mode == "tunnel":
             if nh not in (4, 41) or not self.saflow.check_inbound(flow, payload):
                 _bump(self.counters, "policy_drops")
                 if tr is not None:
                     tr("10", "policy_drop", payload, spi=sa.spi, crypto_map=flow.crypto_map)
-                return
+                return None
             packet = payload
         else:
             if not dst:
                 dst = self.transport_local.get(src) or self._learn_local(family, src)
             packet = build_ip_header(family, src, dst, nh, len(payload)) + payload
+        name: str = flow.crypto_map
         if tr is not None:
-            tr("10", "decrypted", packet, spi=sa.spi, crypto_map=flow.crypto_map)
-        try:
-            os.write(self.tun_for_map[flow.crypto_map], packet)  # step 12
-        except (OSError, KeyError):
+            tr("10", "decrypted", packet, spi=sa.spi, crypto_map=name)
+        fd = self.tun_for_map.get(name)
+        if fd is None:
             _bump(self.counters, "tun_write_errors")
-            return
+            return name
+        pending = self._tun_out
+        if pending is not None:  # written (coalesced) at the end of the batch
+            queued = pending.get(fd)
+            if queued is None:
+                pending[fd] = [packet]
+            else:
+                queued.append(packet)
+            return name
+        try:
+            os.write(fd, _VNET_NONE + packet if fd in self.vnet_fds else packet)  # step 12
+        except OSError:
+            _bump(self.counters, "tun_write_errors")
+            return name
         if tr is not None:
             tr("12", "tun_write", packet)
         _bump(self.counters, "esp_in_packets")
+        return name
+
+    def _flush_tun(self, pending: dict[int, list[bytes]]) -> None:
+        """Step 12 for a batch: per TUN, the decrypted packets in order. On a TUN with
+        offload, TCP runs go as one GSO super-packet each (:func:`coalesce_for_tun`;
+        the kernel segments it only if it must). With a trace client attached every
+        packet is written on its own, so each one is traced."""
+        write = os.write
+        c = self.counters
+        tr = self.trace
+        for fd, packets in pending.items():
+            written = failed = 0
+            if fd in self.vnet_fds and tr is None:
+                for buf in coalesce_for_tun(packets):
+                    k = tun_write_segments(buf)
+                    try:
+                        write(fd, buf)
+                    except OSError:
+                        failed += k
+                        continue
+                    written += k
+                    if buf[1]:
+                        c["tun_gso_writes"] = c.get("tun_gso_writes", 0) + 1
+            else:
+                hdr = _VNET_NONE if fd in self.vnet_fds else b""
+                for packet in packets:
+                    try:
+                        write(fd, hdr + packet if hdr else packet)
+                    except OSError:
+                        failed += 1
+                        continue
+                    written += 1
+                    if tr is not None:
+                        tr("12", "tun_write", packet)
+            if written:
+                c["esp_in_packets"] = c.get("esp_in_packets", 0) + written
+            if failed:
+                c["tun_write_errors"] = c.get("tun_write_errors", 0) + failed
 
     def _learn_local(self, family: int, peer: bytes) -> bytes:
         """Our address towards a transport-mode peer (IPv6 raw sockets do not

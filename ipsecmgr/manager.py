@@ -418,12 +418,15 @@ class Manager:
         return min(times) if times else None
 
     def pump(self, now: float) -> None:
+        # Events first: a responder installs the Child SA before its IKE_AUTH answer
+        # leaves, so the initiator's first ESP packet finds it (in split mode the
+        # INBOUND worker is told over its socketpair before the answer is sent).
+        while (event := self.endpoint.next_event()) is not None:
+            self.on_event(event, now)
         for data, peer in self.endpoint.datagrams_to_send(now):
             self.send(data, peer)
             if self.trace is not None:
                 trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
-        while (event := self.endpoint.next_event()) is not None:
-            self.on_event(event, now)
         self._follow_peers()
 
     # -- periodic work: rekeying, liveness checks, NAT keepalives -------------------

@@ -7,9 +7,10 @@ one core carries IKE, the timers, the control socket and every packet. In
 plane for itself::
 
     control process (asyncio)           OUTBOUND worker             INBOUND worker
-    IKE on UDP 500/4500, timers,        TUN read (step 2)           ESP socket read (8)
-    control socket, first-packet        classify (3)                SPI lookup (9)
-    handling (steps 4-5)                encrypt + send (7)          decrypt, policy (10)
+    IKE on UDP 500 (and what the        TUN read (step 2)           ESP read (8): raw, and
+    INBOUND worker forwards from        classify (3)                UDP 4500 (IKE on it goes
+    4500), timers, control socket,      encrypt + send (7)          to control), SPI lookup (9)
+    first packets (steps 4-5)                                       decrypt, policy (10)
           |   install / remove SA,        owns every OutboundSA       TUN write (12)
           |   queued packets, stats       and its sequence numbers    owns every InboundSA
           +--------- socketpair ---------->+                           and its replay window
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import esp
 import npusim
 from ike import events as ev
-from ipsecmgr.datapath import BATCH, Counters, Datapath, OutboundBinding
+from ipsecmgr.datapath import Counters, Datapath, OutboundBinding
 from ipsecmgr.manager import npu_selector
 from ipsecmgr.mss import mss_limits
 
@@ -122,9 +123,27 @@ class Worker:
         for tun in gw.tuns:
             self.dp.mss_limits[tun.fd] = mss_limits(tun.mtu, gw.config.gateway.mss_clamp)
         self.dp.tun_for_map = dict(gw.datapath.tun_for_map)
+        # The offloads the daemon got from the kernel (TUN vnet header, UDP GSO).
+        self.dp.vnet_fds = set(gw.datapath.vnet_fds)
+        self.dp.gso_socks = set(gw.datapath.gso_socks)
+        # UDP 4500 is read here (INBOUND): IKE and NAT rebinding go to the control process.
+        self.dp.on_udp_other = self._ike_to_control
+        self.dp.on_esp_from = self._esp_from
+        self._esp_peers: dict[str, tuple[str, int]] = {}
         self.out_sas: dict[int, esp.OutboundSA] = {}
-        self._buf = bytearray(65535)
-        self._view = memoryview(self._buf)
+
+    def _ike_to_control(self, data: bytes, local: tuple[str, int], peer: tuple[str, int]) -> None:
+        if not _send(self.ctrl, ("ike_in", data, local, peer), timeout=0.0):
+            c = self.dp.counters
+            c["ike_forward_drops"] = c.get("ike_forward_drops", 0) + 1
+
+    def _esp_from(self, name: str, peer: tuple[str, int]) -> None:
+        """An authentic ESP-in-UDP packet of ``name`` from ``peer``: the control process
+        decides about NAT rebinding (RFC 7296 §2.23). Told once per peer change; the
+        memory is cleared with every counter pull (1 s), so a refusal is retried."""
+        if self._esp_peers.get(name) != peer:
+            self._esp_peers[name] = peer
+            _send(self.ctrl, ("esp_from", name, peer), timeout=0.0)
 
     def _on_no_sa(self, name: str, packet: bytes) -> None:
         """Steps 4-5 belong to the control process (IKE, the first-packet policy)."""
@@ -169,6 +188,7 @@ class Worker:
         elif kind == "classifier":  # SIGHUP reload
             dp.classifier = msg[1]
         elif kind == "stats":
+            self._esp_peers.clear()
             _send(self.ctrl, ("stats", self.role, msg[1], self.stats()))
 
     def stats(self) -> dict[str, Any]:
@@ -185,40 +205,28 @@ class Worker:
             "sas": sas,
         }
 
-    def on_esp4_readable(self, family: int) -> None:
-        """:meth:`Datapath.on_esp_readable` for IPv4 without a 64 KiB allocation per packet:
-        ``recv_into`` one preallocated buffer, hand a view past the outer header to the
-        shared per-packet code (:meth:`Datapath.handle_inbound` keeps no reference to it:
-        the payload it writes is the decrypted copy)."""
-        sock = self.gw.esp_socks[family]
-        recv_into, handle, buf, view = sock.recv_into, self.dp.handle_inbound, self._buf, self._view
-        for _ in range(BATCH):
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                return
-            except OSError:
-                c = self.dp.counters
-                c["esp_recv_errors"] = c.get("esp_recv_errors", 0) + 1
-                return
-            hlen = (buf[0] & 0x0F) * 4
-            handle(view[hlen:n], bytes(view[12:16]), bytes(view[16:20]), family)  # type: ignore[arg-type]
-
     def serve(self) -> None:
         """Poll the data fds and the control socket; drain a batch per wake-up."""
         poller = select.poll()
+        # The control socket first: poll reports ready fds in registration order, so an
+        # SA added by a message is in place before the ESP that arrived with it is read.
+        ctrl_fd = self.ctrl.fileno()
+        poller.register(ctrl_fd, select.POLLIN)
         handlers: dict[int, Callable[[], None]] = {}
         if self.role == OUTBOUND:
             for tun in self.gw.tuns:
                 handlers[tun.fd] = functools.partial(self.dp.on_tun_readable, tun.fd)
         else:
             for fam, sock in self.gw.esp_socks.items():
-                read = self.on_esp4_readable if fam == socket.AF_INET else self.dp.on_esp_readable
-                handlers[sock.fileno()] = functools.partial(read, fam)
+                handlers[sock.fileno()] = functools.partial(self.dp.on_esp_readable, fam)
+            natt = self.gw.config.gateway.natt_port
+            for local, sock in self.gw.ike_socks.items():
+                if local[1] == natt:
+                    handlers[sock.fileno()] = functools.partial(
+                        self.dp.on_udp_readable, sock, local
+                    )
         for fd in handlers:
             poller.register(fd, select.POLLIN)
-        ctrl_fd = self.ctrl.fileno()
-        poller.register(ctrl_fd, select.POLLIN)
         poll = poller.poll
         while True:
             for fd, _ in poll():
@@ -334,9 +342,10 @@ class ControlDatapath(Datapath):
         if name is None or not self.workers.to(OUTBOUND, ("send", name, packet)):
             self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
 
-    def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> None:
+    def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> str | None:
         if not self.workers.to(INBOUND, ("esp_in", data, src, dst, family)):
             self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
+        return None
 
 
 class Workers:
@@ -478,6 +487,12 @@ class Workers:
     def _handle(self, msg: Message) -> None:
         if msg[0] == "no_sa":
             self.gw._on_no_sa(msg[1], msg[2])
+        elif msg[0] == "ike_in":  # IKE that arrived on UDP 4500 (the INBOUND worker reads it)
+            _, data, local, peer = msg
+            self.gw.manager.on_ike_datagram(data, local, peer, self.gw.now())
+            self.gw._rearm()
+        elif msg[0] == "esp_from":
+            self.gw.manager.on_esp_from(msg[1], msg[2])
         elif msg[0] == "stats":
             _, role, token, stats = msg
             self._seen[role] = max(self._seen.get(role, 0), token)

@@ -19,8 +19,12 @@ from ipsecmgr.netns import Netns
 class Capture:
     """``with Capture(ns, ifname, path) as cap: ...`` then ``cap.packets()``."""
 
-    def __init__(self, ns: Netns, ifname: str, path: Path, bpf: str = "") -> None:
+    def __init__(
+        self, ns: Netns, ifname: str, path: Path, bpf: str = "", *, buffer_kib: int = 0
+    ) -> None:
         self.ns = ns
+        # tcpdump -B: a bulk transfer overruns the default 2 MiB ring (drops, uncounted).
+        self.buffer_kib = buffer_kib
         self.ifname = ifname
         self.path = path
         self.bpf = bpf
@@ -31,6 +35,8 @@ class Capture:
         # batches them in blocks that a stop can leave unwritten).
         cmd = ["tcpdump", "-i", self.ifname, "--immediate-mode", "-U", "-n", "-s", "0",
                "-w", str(self.path)]  # fmt: skip
+        if self.buffer_kib:
+            cmd += ["-B", str(self.buffer_kib)]
         if self.bpf:
             cmd.append(self.bpf)
         self.proc = self.ns.popen(cmd, stdout=subprocess.DEVNULL)

@@ -1,7 +1,8 @@
 """Our gateway pair against a strongSwan pair, on the same lab, in the same run.
 
 Run (root): /work/main/.venv/bin/python tools/bench/tunnel.py [--seconds 10] [--runs 3]
-            [--rtt-count 1000] [--quick] [--json] [--profile DIR]
+            [--rtt-count 1000] [--quick] [--json] [--profile DIR] [--datapath split|single|both]
+            [--encap udp|raw] [--offload on|off]
 
 One :class:`ipsecmgr.lab.topology.Lab` (tunnel mode) is built, and on it three
 paths are measured from the client namespace to the server namespace:
@@ -13,9 +14,11 @@ paths are measured from the client namespace to the server namespace:
   on the same two namespaces, via :class:`ipsecmgr.lab.strongswan.StrongSwanPeer`.
 
 Both tunnels carry ESP AES-GCM-256 (aes256gcm16) over a TUN of MTU 1400; each
-round checks both (the SA's algorithm and the TUN's MTU) before measuring. One
-difference remains: bookworm's strongSwan 5.9.8 sends ESP inside UDP 4500
-(it fakes a NAT), ours sends raw IP protocol 50.
+round checks both (the SA's algorithm and the TUN's MTU) before measuring.
+bookworm's strongSwan 5.9.8 sends ESP inside UDP 4500 (it fakes a NAT); ours
+does the same by default (``--encap udp``: ``encapsulation = "always"``), or
+raw IP protocol 50 with ``--encap raw``. ``--offload on|off`` sets our
+``[gateway] offload`` (TUN TSO super-packets, UDP GSO/GRO; default on).
 
 The run is ``--runs`` rounds. In each round ours and strongSwan (alternating
 which goes first) are set up, measured and torn down in turn, so that a busy
@@ -130,7 +133,7 @@ def one_round(lab: Lab, args: argparse.Namespace, setup: Setup, rtt_count: int,
                 paths = path if isinstance(path, list) else [path]
                 out.info.setdefault("profiles", {}).setdefault(side, []).extend(paths)
         else:
-            out.info[key] = value
+            out.info[key] = value() if callable(value) else value
 
 
 def summary(s: Samples) -> dict[str, Any]:
@@ -180,9 +183,11 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
     with LabGateways(lab, work / tag) as gws:
         try:
             for side in ("gw", "client"):  # the responder first
-                conf = gws.write_config(side)
+                encap = {"encapsulation": "always"} if args.encap == "udp" else {}
+                conf = gws.write_config(side, map_options=encap)
+                offload = "true" if args.offload == "on" else "false"
                 text = conf.read_text().replace(
-                    "[gateway]\n", f'[gateway]\ndatapath = "{datapath}"\n'
+                    "[gateway]\n", f'[gateway]\ndatapath = "{datapath}"\noffload = {offload}\n'
                 )
                 conf.write_text(text.replace(f"[tun.{OUR_TUN}]\n",
                                              f"[tun.{OUR_TUN}]\nmtu = {args.mtu}\n"))  # fmt: skip
@@ -197,6 +202,9 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
         mtu = {side: link_mtu(lab.ns(side), OUR_TUN) for side in SIDES}
         if set(mtu.values()) != {args.mtu}:
             raise BenchError(f"our TUN MTU is not {args.mtu}: {mtu}")
+        want = args.encap == "udp"
+        if {bool(c["encap"]) for c in child} != {want}:
+            raise BenchError(f"our Child SA is not {'ESP-in-UDP' if want else 'raw ESP'}")
 
         def esp_packets(side: str) -> tuple[int, int]:
             stats = gws[side].snapshot()["statistics"]["esp"]
@@ -208,6 +216,9 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
             "tun_mtu": mtu,
             "datapath": datapath,
             "encap": "ESP-in-UDP 4500" if child[0]["encap"] else "ESP (IP protocol 50)",
+            "offload": args.offload,
+            # read after each TCP run (one_round calls it): kernel offloads really used
+            "offload_counters": lambda: {s: _offload_counters(gws[s].snapshot()) for s in SIDES},
         }
         if prof:
             # written when the daemons (and their workers) exit, at the end of this block
@@ -215,6 +226,14 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
                 side: [f"{prof}.{p}" for p in (pid, *_children(pid))] for side, pid in pids.items()
             }
         yield Setup(pids, esp_packets, info)
+
+
+OFFLOAD_COUNTERS = ("tun_gso_reads", "tun_gso_writes", "esp_udp_gso_sends", "esp_udp_gro_batches")
+
+
+def _offload_counters(snap: dict[str, Any]) -> dict[str, int]:
+    stats = snap["statistics"]
+    return {k: int(stats["tun"].get(k, stats["esp"].get(k, 0))) for k in OFFLOAD_COUNTERS}
 
 
 def _children(pid: int) -> list[int]:
@@ -334,7 +353,8 @@ def render(res: dict[str, Any]) -> str:
         f"floor; strongSwan {TUN_MTU}); TCP {cfg['seconds']:g} s x {cfg['runs']} rounds "
         f"(median), paths alternating; {cfg['rtt_count']} UDP round trips of "
         f"{o['rtt']['size']} B",
-        f"ours: datapath = {o.get('datapath')!r}, {o['encap']}; strongSwan (kernel-libipsec, "
+        f"ours: datapath = {o.get('datapath')!r}, {o['encap']}, offload {o.get('offload')}; "
+        f"strongSwan (kernel-libipsec, "
         f"userspace ESP): {s['encap']}; floor: tools/bench/forwarder.py ({f['encap']})",
         "",
         f"{'metric':<40} {'ours':>9} {'strongSwan':>10} {'ratio':>6} {'floor':>8} "
@@ -372,6 +392,10 @@ def render(res: dict[str, Any]) -> str:
                 for side in SIDES
             )
         lines.append(f"{who}: TCP runs {runs} Mbit/s{extra}")
+    if "offload_counters" in o:
+        lines.append("ours, offload counters at the end of the last round: " + "; ".join(
+            f"{side} " + ", ".join(f"{k} {v}" for k, v in o["offload_counters"][side].items())
+            for side in SIDES))  # fmt: skip
     if "single" in res:
         g = res["single"]
         lines.append(
@@ -400,7 +424,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     res: dict[str, Any] = {
         "config": {"seconds": args.seconds, "runs": args.runs, "rtt_count": args.rtt_count,
-                   "tun_mtu": args.mtu, "datapath": args.datapath, "esp": "aes256gcm16"},
+                   "tun_mtu": args.mtu, "datapath": args.datapath, "esp": "aes256gcm16",
+                   "encap": args.encap, "offload": args.offload},
     }  # fmt: skip
     # Jumbo TUN MTUs need WAN links that carry them (plus the outer header and ESP).
     lab_mtu = args.mtu + 100 if args.mtu > TUN_MTU else None
@@ -455,6 +480,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--datapath", choices=("single", "split", "both"), default="split",
                    help="our gateway's [gateway] datapath (default: split); both: split, "
                    "and single as an extra line")  # fmt: skip
+    p.add_argument("--encap", choices=("udp", "raw"), default="udp",
+                   help="our ESP: in UDP 4500 like strongSwan (default), or raw (50)")  # fmt: skip
+    p.add_argument("--offload", choices=("on", "off"), default="on",
+                   help="our [gateway] offload: TUN TSO, UDP GSO/GRO (default: on)")  # fmt: skip
     p.add_argument(
         "--mtu",
         type=int,
