@@ -318,12 +318,13 @@ class Gateway:
     def _on_natt_readable(self, sock: socket.socket, local: Address) -> None:
         """UDP 4500 (RFC 3948): the data path reads it in batches (UDP GRO) and hands
         IKE back through :meth:`_on_ike_natt`; ESP that decrypted reports its sender
-        to the manager (NAT rebinding, RFC 7296 §2.23: ``Manager.on_esp_from``)."""
+        to the manager (NAT rebinding, RFC 7296 §2.23: ``Manager.on_esp_from``).
+        Only IKE moves the engine's timers, so ESP alone costs no timer re-arm."""
         self.datapath.on_udp_readable(sock, local)
-        self._rearm()
 
     def _on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
         self.manager.on_ike_datagram(data, local, peer, self.now())
+        self._rearm()
 
     def _send_ike(self, data: bytes, peer: Address) -> None:
         fam = _family(peer[0])
