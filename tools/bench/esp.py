@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import struct
 import sys
 import time
 import timeit
@@ -99,8 +100,15 @@ def bench(key_bits: int, size: int, passes: int, repeats: int) -> tuple[float, f
     return enc, bare_enc, dec, bare_dec
 
 
-def floor_1400(passes: int, repeats: int) -> tuple[float, float]:
-    """What no ESP receiver on this API can avoid: no checks, no counters."""
+def floor_1400(passes: int, repeats: int) -> tuple[float, float, float]:
+    """What no ESP receiver on this API can avoid, with no checks and no counters.
+
+    Two lines of figures: ``slices`` is AESGCM.decrypt plus the slicing ESP forces
+    (nonce, ciphertext, AAD, payload) in a bare loop; ``skeleton`` adds what any
+    ``decapsulate(packet) -> (payload, next_header)`` function does on top of that
+    (the call, the header parse, the trailer read, the tuple), still with no SPI,
+    replay, padding or dummy check and no counter. The distance from the skeleton to
+    our figure is what the checks RFC 4303 asks for cost (§2.4, §3.4.3)."""
     keymat = os.urandom(20)
     salt, payload = keymat[-4:], os.urandom(1400)
     sender = esp.OutboundSA(SPI, keymat)
@@ -109,16 +117,29 @@ def floor_1400(passes: int, repeats: int) -> tuple[float, float]:
     decrypt = aead.decrypt
     aad = os.urandom(8)
     sealed = [(n, aead.encrypt(n, payload, aad)) for n in (os.urandom(12) for _ in packets)]
+    unpack_head = struct.Struct(">II8s").unpack_from
 
     def minimal() -> None:
         for p in packets:
             decrypt(salt + p[8:16], p[16:], p[:8])[:-4]
 
+    def skeleton_decapsulate(p: bytes) -> tuple[bytes, int]:
+        _spi, _seq, iv = unpack_head(p)
+        plain = decrypt(salt + iv, p[16:], p[:8])
+        return plain[: -2 - plain[-2]], plain[-1]
+
+    def skeleton() -> None:
+        for p in packets:
+            skeleton_decapsulate(p)
+
     def bare_decrypt() -> None:
         for n, c in sealed:
             decrypt(n, c, aad)
 
-    return _paired(minimal, bare_decrypt, passes, repeats)
+    assert all(skeleton_decapsulate(p) == (payload, 4) for p in packets)
+    slices, bare = _paired(minimal, bare_decrypt, passes, repeats)
+    skel, bare2 = _paired(skeleton, bare_decrypt, passes, repeats)
+    return slices, skel, (bare + bare2) / 2
 
 
 def main(argv: list[str]) -> int:
@@ -143,10 +164,11 @@ def main(argv: list[str]) -> int:
                 f"{key_bits:>4} {size:>5} | {enc:6.2f} {bare_enc:7.2f} {r_enc:5.2f} | "
                 f"{dec:6.2f} {bare_dec:7.2f} {r_dec:5.2f}"
             )
-    floor, bare = floor_1400(passes, repeats)
+    slices, skel, bare = floor_1400(passes, repeats)
     print(
-        f"floor at 1400 B (AES-128): AESGCM.decrypt plus only the slicing ESP forces "
-        f"(AAD, ciphertext, payload): {floor:.2f} vs {bare:.2f}, ratio {floor / bare:.2f}"
+        f"floor at 1400 B (AES-128), vs bare decrypt {bare:.2f}: decrypt plus only the slicing "
+        f"ESP forces {slices:.2f} (ratio {slices / bare:.2f}); a decapsulate skeleton with no "
+        f"check and no counter {skel:.2f} (ratio {skel / bare:.2f})"
     )
     verdict = "OK" if worst <= TARGET_RATIO else "ABOVE TARGET"
     print(f"worst ratio at 1400 B: {worst:.2f} (target <= {TARGET_RATIO}): {verdict}")
