@@ -85,6 +85,8 @@ _IKE_STATE = {
     "dead": "DELETING",
 }
 _MAP_STATUS = {"idle": "down", "established": "up", "connecting": "connecting"}
+# A responder's IKE SA before IKE_AUTH: the peer has not proved who it is (§2.4, §2.6)
+_UNAUTHENTICATED = ("new", "init-done")
 
 
 # RFC 7296 §3.10.1 error notifies in plain words, as seen from the side that
@@ -827,9 +829,20 @@ class Manager:
         return OutboundBinding(outbound, sock, addr, outbound.mode)
 
     def _drop_others(self, state: MapState, keep: str) -> None:
-        """RFC 7296 §2.4 INITIAL_CONTACT: the peer has no other SA with us any more."""
+        """RFC 7296 §2.4 INITIAL_CONTACT: the peer has no other SA with us any more.
+
+        Only SAs that were authenticated (and our own half-open initiations, which
+        the peer's new SA makes redundant). A responder SA still between IKE_SA_INIT
+        and IKE_AUTH is not "an IKE SA between the authenticated identities" of
+        §2.4 yet: it may be another handshake of the same peer in flight (the
+        engine's endpoint spares it too), and dropping it silently would leave
+        that handshake hanging until the peer's retransmissions give up."""
         for sa in list(self.endpoint.sas):
-            if sa.name != keep and sa.config is state.ike_config:
+            if (
+                sa.name != keep
+                and sa.config is state.ike_config
+                and (sa.initiator or sa.state not in _UNAUTHENTICATED)
+            ):
                 sa.die("replaced (INITIAL_CONTACT)")
                 state.bump("replaced_by_initial_contact")
 
