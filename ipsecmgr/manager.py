@@ -301,9 +301,12 @@ class Manager:
         for name, cmap in config.crypto_maps.items():
             acl = acls[cmap.match_address]
             self.maps[name] = MapState(cmap, build_ike_config(config, cmap, acl))
-        # One log line per IKE message (exchange, payloads, size, peer), at -v.
+        # One log line per IKE message (exchange, payloads, size, peer), at -v. Without
+        # -v the engine gets no hook and so builds no line (the level is set before the
+        # daemon builds its manager and stays; logging.basicConfig in ipsecmgr.cli).
         self.endpoint = ike.IkeEndpoint(
-            [m.ike_config for m in self.maps.values()], log=lambda line: log.info("%s", line)
+            [m.ike_config for m in self.maps.values()],
+            log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
         )
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None

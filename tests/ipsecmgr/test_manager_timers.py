@@ -13,6 +13,7 @@ i.e. a soft lifetime 2.5 % of the lifetime earlier than the engine's share).
 
 from __future__ import annotations
 
+import logging
 import socket
 import tomllib
 from collections.abc import Callable
@@ -542,3 +543,21 @@ def test_initial_contact_spares_the_peers_other_handshakes_in_flight(net: Net) -
     assert gw.manager.endpoint.counters["replaced_by_initial_contact"] == 1
     ((ike_name, _),) = gw.state.children
     assert ike_name == gw.ike_sas()[0].name and gw.state.ike_sa is gw.ike_sas()[0]
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_one_line_per_ike_message_only_when_the_log_shows_it(
+    net: Net, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    """-v (INFO): a line per IKE message, as pyikev2/strongSwan log them. Without -v the
+    engine is given no log hook, so it does not even build those lines."""
+    with caplog.at_level(level, logger="ipsecmgr.ike"):
+        pair(net)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ipsecmgr.ike"]
+    sent = [x for x in lines if ": sending IKE_" in x]
+    if level == logging.INFO:
+        assert net.sides["gw"].manager.endpoint.log is not None
+        assert any("sending IKE_AUTH response 1 [ IDr AUTH SA TSi TSr ]" in x for x in sent)
+        assert len(sent) == 4  # both sides: IKE_SA_INIT and IKE_AUTH, request or response
+    else:
+        assert net.sides["gw"].manager.endpoint.log is None and not lines
