@@ -239,7 +239,8 @@ class IkeEndpoint:
     # --- outputs ---------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        self._collect()
+        if self._dirty:
+            self._collect()
         out, self._out = self._out, []
         return out
 
@@ -248,7 +249,8 @@ class IkeEndpoint:
         return min(times) if times else None
 
     def next_event(self) -> IkeEvent | None:
-        self._collect()
+        if self._dirty:
+            self._collect()
         return self._events.popleft() if self._events else None
 
     def _initial_contact(self, new: IkeSA) -> None:

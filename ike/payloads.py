@@ -182,8 +182,7 @@ def _underrun(pos: int, n: int, end: int) -> BufferReadError:
     return BufferReadError(f"need {n} bytes, {end - pos} left")
 
 
-def _parse_sa(buf: Buffer) -> SAPayload:
-    data, pos, end = buf.span()
+def _parse_sa(data: bytes, pos: int, end: int) -> SAPayload:
     proposals: list[Proposal] = []
     last = 2
     while last == 2:
@@ -282,8 +281,7 @@ def _build_sa(p: SAPayload) -> bytes:
 _TS_HEAD = struct.Struct("!BBHHH")  # type, protocol, length, start port, end port
 
 
-def _parse_ts(buf: Buffer, ptype: int) -> TSPayload:
-    data, pos, end = buf.span()
+def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
     if pos + 4 > end:
         raise _underrun(pos, 4 if pos < end else 1, end)
     count = data[pos]
@@ -326,42 +324,55 @@ def _build_ts(p: TSPayload) -> bytes:
 # --- The rest ------------------------------------------------------------------
 
 
-def _parse_body(ptype: int, critical: bool, buf: Buffer) -> Payload:
+def _head4(data: bytes, pos: int, end: int) -> int:
+    """The 4 fixed octets that open an ID, AUTH, NOTIFY, DELETE or KE body."""
+    if pos + 4 > end:
+        raise _underrun(pos, 4 if pos < end else 1, end)
+    return pos + 4
+
+
+def _parse_body(ptype: int, critical: bool, data: bytes, pos: int, end: int) -> Payload:
+    """One payload body, ``data[pos:end]`` (the generic header already read)."""
     if ptype == PayloadType.SA:
-        return _parse_sa(buf)
-    if ptype == PayloadType.KE:
-        group = buf.pull_uint16()
-        buf.pull_uint16()
-        return KEPayload(group, buf.pull_rest())
+        return _parse_sa(data, pos, end)
     if ptype == PayloadType.NONCE:
-        return NoncePayload(buf.pull_rest())
-    if ptype in (PayloadType.IDi, PayloadType.IDr):
-        id_type = buf.pull_uint8()
-        buf.pull_bytes(3)
-        return IDPayload(id_type, buf.pull_rest(), ptype)
-    if ptype == PayloadType.AUTH:
-        method = buf.pull_uint8()
-        buf.pull_bytes(3)
-        return AuthPayload(method, buf.pull_rest())
+        return NoncePayload(data[pos:end])
     if ptype == PayloadType.NOTIFY:
-        protocol = buf.pull_uint8()
-        spi_size = buf.pull_uint8()
-        ntype = buf.pull_uint16()
-        spi = buf.pull_bytes(spi_size)
-        return NotifyPayload(ntype, buf.pull_rest(), protocol, spi)
+        body = _head4(data, pos, end)
+        protocol, spi_size, ntype = _GENERIC.unpack_from(data, pos)
+        if body + spi_size > end:
+            raise _underrun(body, spi_size, end)
+        spi = data[body : body + spi_size]
+        return NotifyPayload(ntype, data[body + spi_size : end], protocol, spi)
+    if ptype == PayloadType.KE:
+        # (group, reserved): Buffer read them as two uint16, 2 octets at a time
+        if pos + 2 > end:
+            raise _underrun(pos, 2, end)
+        body = _head4(data, pos, end)
+        return KEPayload(_U16.unpack_from(data, pos)[0], data[body:end])
+    if ptype in (PayloadType.IDi, PayloadType.IDr):
+        body = _head4(data, pos, end)
+        return IDPayload(data[pos], data[body:end], ptype)
+    if ptype == PayloadType.AUTH:
+        body = _head4(data, pos, end)
+        return AuthPayload(data[pos], data[body:end])
+    if ptype in (PayloadType.TSi, PayloadType.TSr):
+        return _parse_ts(data, pos, end, ptype)
     if ptype == PayloadType.DELETE:
-        protocol = buf.pull_uint8()
-        spi_size = buf.pull_uint8()
-        count = buf.pull_uint16()
-        spis = [buf.pull_bytes(spi_size) for _ in range(count)]
-        if not buf.eof():
+        body = _head4(data, pos, end)
+        protocol, spi_size, count = _GENERIC.unpack_from(data, pos)
+        spis = []
+        for _ in range(count):
+            if body + spi_size > end:
+                raise _underrun(body, spi_size, end)
+            spis.append(data[body : body + spi_size])
+            body += spi_size
+        if body != end:
             raise DecodeError("trailing bytes in DELETE payload")
         return DeletePayload(protocol, spis)
-    if ptype in (PayloadType.TSi, PayloadType.TSr):
-        return _parse_ts(buf, ptype)
     if ptype == PayloadType.VENDOR:
-        return VendorPayload(buf.pull_rest())
-    return UnknownPayload(ptype, critical, buf.pull_rest())
+        return VendorPayload(data[pos:end])
+    return UnknownPayload(ptype, critical, data[pos:end])
 
 
 def _build_body(p: Payload) -> bytes:
@@ -438,8 +449,9 @@ def parse_chain(buf: Buffer, first: int) -> tuple[list[Payload], EncryptedBody |
         body_end = pos + plen
         if body_end > end:
             raise _underrun(pos + GENERIC_HEADER_LEN, plen - GENERIC_HEADER_LEN, end)
-        body = Buffer(data, pos + GENERIC_HEADER_LEN, body_end)
-        payloads.append(_parse_body(ptype, bool(flags & 0x80), body))
+        payloads.append(
+            _parse_body(ptype, bool(flags & 0x80), data, pos + GENERIC_HEADER_LEN, body_end)
+        )
         pos = body_end
         ptype = nxt
     if pos != end:
