@@ -33,6 +33,7 @@ import io
 import json
 import os
 import pstats
+import re
 import select
 import socket
 import statistics
@@ -40,8 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +153,21 @@ def run_initiator(
     return result
 
 
+@dataclass
+class Responder:
+    pid: int
+    sas: Callable[[], str]  # the SA table after a run: does it grow?
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 @contextlib.contextmanager
-def our_responder(lab: Lab, work: Path, tag: str, profile: Path | None) -> Iterator[int]:
+def our_responder(lab: Lab, work: Path, tag: str, profile: Path | None) -> Iterator[Responder]:
     (work / tag).mkdir()
     with LabGateways(lab, work / tag, psk=PSK) as gws:
         if profile is not None:
@@ -163,11 +177,20 @@ def our_responder(lab: Lab, work: Path, tag: str, profile: Path | None) -> Itera
             gws.start("gw", dh_group=19, verbose=0, far_net=lab.addresses.lan4)
         finally:
             os.environ.pop("IPSECMGR_PROFILE", None)
-        yield gws["gw"].proc.pid
+        gw = gws["gw"]
+
+        def sas() -> str:
+            snap = gw.snapshot()
+            return (f"{len(snap['ike_sas'])} IKE SA(s), {len(snap['child_sas'])} Child SA(s), "
+                    f"RSS {_rss_mb(gw.proc.pid):.0f} MB")  # fmt: skip
+
+        yield Responder(gw.proc.pid, sas)
 
 
 @contextlib.contextmanager
-def strongswan_responder(lab: Lab, work: Path, tag: str, profile: Path | None) -> Iterator[int]:
+def strongswan_responder(
+    lab: Lab, work: Path, tag: str, profile: Path | None
+) -> Iterator[Responder]:
     sw = lab_strongswan_args(lab.addresses, "gw")
     peer = StrongSwanPeer(lab.ns("gw"), work / tag)
     try:
@@ -176,7 +199,14 @@ def strongswan_responder(lab: Lab, work: Path, tag: str, profile: Path | None) -
                                    log_level=0, charon_opts=CHARON_OPTS))  # fmt: skip
         if peer.pid is None:
             raise BenchError("charon did not start")
-        yield peer.pid
+        pid = peer.pid
+
+        def sas() -> str:
+            stats = peer.swanctl("--stats", check=False).stdout
+            ike = re.search(r"IKE_SAs: (\d+) total", stats)
+            return f"{ike.group(1) if ike else '?'} IKE SA(s), RSS {_rss_mb(pid):.0f} MB"
+
+        yield Responder(pid, sas)
     finally:
         peer.stop()
 
@@ -224,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measuring round {r + 1}/{args.runs}: {name} ...", file=sys.stderr)
                 tag = f"{name}{r}"
                 iprof = args.profile / f"initiator-{tag}.prof" if args.profile else None
-                with responders[name](lab, work, tag, args.profile) as pid:
-                    u0, s0 = cpu_times_tree(pid)
+                with responders[name](lab, work, tag, args.profile) as resp:
+                    u0, s0 = cpu_times_tree(resp.pid)
                     got = run_initiator(lab, conf, args.seconds, args.window, iprof)
-                    u1, s1 = cpu_times_tree(pid)
+                    u1, s1 = cpu_times_tree(resp.pid)
+                    got["left"] = resp.sas()
                 got["responder_cpu_s"] = (u1 - u0) + (s1 - s0)
                 res[name].append(got)
         gws.close()
@@ -259,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         init_ms = 1e3 * sum(x["cpu_s"] for x in res[name]) / sum(x["handshakes"] for x in res[name])
         print(
             f"{name}: runs {runs} handshakes/s, {fails} failed, {no_child} without a Child SA; "
-            f"initiator CPU {init_cpu:.0%} of one core, {init_ms:.2f} ms per handshake"
+            f"initiator CPU {init_cpu:.0%} of one core, {init_ms:.2f} ms per handshake; "
+            f"after the last run: {res[name][-1]['left']}"
         )
     met = sw > 0 and ours / sw >= TARGET
     print(
