@@ -10,11 +10,12 @@ clock, so the tests can drive it like the engines.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,6 +245,8 @@ def selectors_from_acl(
     return local, remote
 
 
+# Both selector types are frozen: the few selectors in use are converted once.
+@functools.lru_cache(maxsize=1024)
 def npu_selector(ts: ike.TrafficSelector) -> npusim.TrafficSelector:
     return npusim.TrafficSelector(
         ts.start_addr.version,
@@ -253,6 +256,16 @@ def npu_selector(ts: ike.TrafficSelector) -> npusim.TrafficSelector:
         ts.start_port,
         ts.end_port,
     )
+
+
+def _ts_text(selectors: Sequence[ike.TrafficSelector]) -> list[str]:
+    """The selectors as ``show`` prints them (each one formatted once)."""
+    return [_one_ts_text(t) for t in selectors]
+
+
+@functools.lru_cache(maxsize=1024)
+def _one_ts_text(ts: ike.TrafficSelector) -> str:
+    return str(ts)
 
 
 def build_ike_config(config: cfg.Config, cmap: cfg.CryptoMap, acl: npusim.Acl) -> ike.IkeConfig:
@@ -777,8 +790,8 @@ class Manager:
             outbound,
             event.mode,
             now,
-            [str(t) for t in event.local_ts],
-            [str(t) for t in event.remote_ts],
+            _ts_text(event.local_ts),
+            _ts_text(event.remote_ts),
             event.esn,
             event.key_bits,
             (event.inbound_key, event.outbound_key),
