@@ -11,7 +11,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .buffer import Buffer, BufferReadError, DecodeError
 from .constants import (
@@ -331,34 +331,54 @@ def _head4(data: bytes, pos: int, end: int) -> int:
     return pos + 4
 
 
+# Payload types as plain ints: the parser compares each payload against them
+# (an IntEnum attribute costs several times an int global in CPython 3.11).
+_SA, _KE, _IDI, _IDR, _AUTH, _NONCE, _NOTIFY, _DELETE, _VENDOR, _TSI, _TSR = (
+    int(t)
+    for t in (
+        PayloadType.SA,
+        PayloadType.KE,
+        PayloadType.IDi,
+        PayloadType.IDr,
+        PayloadType.AUTH,
+        PayloadType.NONCE,
+        PayloadType.NOTIFY,
+        PayloadType.DELETE,
+        PayloadType.VENDOR,
+        PayloadType.TSi,
+        PayloadType.TSr,
+    )
+)
+
+
 def _parse_body(ptype: int, critical: bool, data: bytes, pos: int, end: int) -> Payload:
     """One payload body, ``data[pos:end]`` (the generic header already read)."""
-    if ptype == PayloadType.SA:
+    if ptype == _SA:
         return _parse_sa(data, pos, end)
-    if ptype == PayloadType.NONCE:
+    if ptype == _NONCE:
         return NoncePayload(data[pos:end])
-    if ptype == PayloadType.NOTIFY:
+    if ptype == _NOTIFY:
         body = _head4(data, pos, end)
         protocol, spi_size, ntype = _GENERIC.unpack_from(data, pos)
         if body + spi_size > end:
             raise _underrun(body, spi_size, end)
         spi = data[body : body + spi_size]
         return NotifyPayload(ntype, data[body + spi_size : end], protocol, spi)
-    if ptype == PayloadType.KE:
+    if ptype == _KE:
         # (group, reserved): Buffer read them as two uint16, 2 octets at a time
         if pos + 2 > end:
             raise _underrun(pos, 2, end)
         body = _head4(data, pos, end)
         return KEPayload(_U16.unpack_from(data, pos)[0], data[body:end])
-    if ptype in (PayloadType.IDi, PayloadType.IDr):
+    if ptype in (_IDI, _IDR):
         body = _head4(data, pos, end)
         return IDPayload(data[pos], data[body:end], ptype)
-    if ptype == PayloadType.AUTH:
+    if ptype == _AUTH:
         body = _head4(data, pos, end)
         return AuthPayload(data[pos], data[body:end])
-    if ptype in (PayloadType.TSi, PayloadType.TSr):
+    if ptype in (_TSI, _TSR):
         return _parse_ts(data, pos, end, ptype)
-    if ptype == PayloadType.DELETE:
+    if ptype == _DELETE:
         body = _head4(data, pos, end)
         protocol, spi_size, count = _GENERIC.unpack_from(data, pos)
         spis = []
@@ -370,29 +390,37 @@ def _parse_body(ptype: int, critical: bool, data: bytes, pos: int, end: int) -> 
         if body != end:
             raise DecodeError("trailing bytes in DELETE payload")
         return DeletePayload(protocol, spis)
-    if ptype == PayloadType.VENDOR:
+    if ptype == _VENDOR:
         return VendorPayload(data[pos:end])
     return UnknownPayload(ptype, critical, data[pos:end])
 
 
+def _build_notify(p: NotifyPayload) -> bytes:
+    return _GENERIC.pack(p.protocol, len(p.spi), p.notify_type) + p.spi + p.data
+
+
+def _build_delete(p: DeletePayload) -> bytes:
+    head = _GENERIC.pack(p.protocol, len(p.spis[0]) if p.spis else 0, len(p.spis))
+    return head + b"".join(p.spis)
+
+
+_BUILDERS: dict[type, Callable[[Any], bytes]] = {
+    SAPayload: _build_sa,
+    KEPayload: lambda p: _U16X2.pack(p.group, 0) + p.data,
+    NoncePayload: lambda p: p.nonce,
+    IDPayload: lambda p: p.rest(),
+    AuthPayload: lambda p: bytes([p.method, 0, 0, 0]) + p.data,
+    NotifyPayload: _build_notify,
+    DeletePayload: _build_delete,
+    TSPayload: _build_ts,
+}
+
+
 def _build_body(p: Payload) -> bytes:
-    if isinstance(p, SAPayload):
-        return _build_sa(p)
-    if isinstance(p, KEPayload):
-        return _U16X2.pack(p.group, 0) + p.data
-    if isinstance(p, NoncePayload):
-        return p.nonce
-    if isinstance(p, IDPayload):
-        return p.rest()
-    if isinstance(p, AuthPayload):
-        return bytes([p.method, 0, 0, 0]) + p.data
-    if isinstance(p, NotifyPayload):
-        return _GENERIC.pack(p.protocol, len(p.spi), p.notify_type) + p.spi + p.data
-    if isinstance(p, DeletePayload):
-        head = _GENERIC.pack(p.protocol, len(p.spis[0]) if p.spis else 0, len(p.spis))
-        return head + b"".join(p.spis)
-    if isinstance(p, TSPayload):
-        return _build_ts(p)
+    build = _BUILDERS.get(type(p))
+    if build is not None:
+        return build(p)
+    assert isinstance(p, VendorPayload | UnknownPayload)
     return p.data
 
 
