@@ -2,7 +2,9 @@
 
 Every ``pull_*`` checks what is left before reading and raises
 :class:`BufferReadError` on underrun, so a length read from the wire can never
-index past the datagram.
+index past the datagram. The hot parsers of ``payloads`` (SA, TS, the payload
+chain) read ``span()`` with struct instead, with the same checks in the same
+order; the builders there pack with struct.
 """
 
 from __future__ import annotations
@@ -65,34 +67,12 @@ class Buffer:
     def pull_rest(self) -> bytes:
         return self.pull_bytes(self.remaining())
 
+    def span(self) -> tuple[bytes, int, int]:
+        """(data, position, end): for a parser that reads the rest with struct
+        at known offsets and checks each length against ``end`` itself."""
+        return self._data, self._pos, self._end
+
     def sub(self, n: int) -> Buffer:
         """A buffer over the next ``n`` bytes; this one skips past them."""
         pos = self._need(n)
         return Buffer(self._data, pos, pos + n)
-
-
-class Writer:
-    """Append-only builder; ``push_*`` mirror the ``pull_*`` of :class:`Buffer`."""
-
-    __slots__ = ("_parts",)
-
-    def __init__(self) -> None:
-        self._parts = bytearray()
-
-    def push_uint8(self, v: int) -> None:
-        self._parts.append(v)
-
-    def push_uint16(self, v: int) -> None:
-        self._parts += _U16.pack(v)
-
-    def push_uint32(self, v: int) -> None:
-        self._parts += _U32.pack(v)
-
-    def push_bytes(self, b: bytes) -> None:
-        self._parts += b
-
-    def __len__(self) -> int:
-        return len(self._parts)
-
-    def data(self) -> bytes:
-        return bytes(self._parts)

@@ -6,6 +6,7 @@ PRF, which is the same HMAC and cheaper per call).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -190,6 +191,7 @@ class Prf:
         return bytes(out[:length])
 
 
+@functools.cache  # a handful of PRFs; Prf is frozen
 def get_prf(prf_id: int) -> Prf:
     name = _PRF_HASH[PrfId(prf_id)]
     return Prf(prf_id, name, hashlib.new(name).digest_size)

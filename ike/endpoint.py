@@ -97,6 +97,13 @@ class IkeEndpoint:
         self.sas: list[IkeSA] = []
         self._by_spi: dict[bytes, IkeSA] = {}
         self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
+        self._by_name: dict[str, IkeSA] = {}
+        # What each live SA is indexed under in _by_spi, and its _by_init key
+        self._spis: dict[IkeSA, tuple[bytes, ...]] = {}
+        self._init_key: dict[IkeSA, tuple[bytes, Address]] = {}
+        # SAs that may have news since the last _collect (IkeSA.wake), in that order:
+        # only those are looked at, so a message costs the same with 10 or 10,000 SAs.
+        self._dirty: dict[IkeSA, None] = {}
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
@@ -128,13 +135,21 @@ class IkeEndpoint:
             sa.initial_contact = False
         sa.spi_taken = self._spi_taken
         sa.log = self.log
-        self.sas.append(sa)
+        self._register(sa)
         sa.initiate(now)
         self._collect()
         return sa
 
     def find_sa(self, name: str) -> IkeSA | None:
-        return next((s for s in self.sas if s.name == name), None)
+        sa = self._by_name.get(name)
+        if sa is None:
+            # Two live SAs may share a name (the peer chose the same SPIi twice, from
+            # two addresses): the one registered first is indexed; after it went,
+            # the other is found here (and indexed).
+            sa = next((s for s in self.sas if s.name == name), None)
+            if sa is not None:
+                self._by_name[name] = sa
+        return sa
 
     # --- input -----------------------------------------------------------------
 
@@ -205,8 +220,9 @@ class IkeEndpoint:
         sa.spi_taken = self._spi_taken
         self._out.extend(sa.datagrams_to_send(now))
         if not sa.dead:
-            self.sas.append(sa)
+            self._register(sa)
             self._by_init[(sa.ch.spi_i, addr)] = sa
+            self._init_key[sa] = (sa.ch.spi_i, addr)
         else:
             self._count("refused_init")
             self._fold(sa)
@@ -214,7 +230,7 @@ class IkeEndpoint:
                 self._events.append(e)
 
     def handle_timer(self, now: float) -> None:
-        for sa in list(self.sas):
+        for sa in list(self.sas):  # (IkeSA.handle_timer wakes the SA for _collect)
             t = sa.get_timer()
             if t is not None and t <= now:
                 sa.handle_timer(now)
@@ -223,7 +239,8 @@ class IkeEndpoint:
     # --- outputs ---------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        self._collect()
+        if self._dirty:
+            self._collect()
         out, self._out = self._out, []
         return out
 
@@ -232,7 +249,8 @@ class IkeEndpoint:
         return min(times) if times else None
 
     def next_event(self) -> IkeEvent | None:
-        self._collect()
+        if self._dirty:
+            self._collect()
         return self._events.popleft() if self._events else None
 
     def _initial_contact(self, new: IkeSA) -> None:
@@ -254,11 +272,38 @@ class IkeEndpoint:
         for k, v in sa.counters.items():
             self.counters["sa_" + k] = self.counters.get("sa_" + k, 0) + v
 
+    def _register(self, sa: IkeSA) -> None:
+        """A new live SA: listed, found by name, and looked at by the next _collect."""
+        self.sas.append(sa)
+        self._by_name.setdefault(sa.name, sa)
+        sa.wake = self._wake
+        self._dirty[sa] = None
+
+    def _wake(self, sa: IkeSA) -> None:
+        self._dirty[sa] = None
+
+    def _forget(self, sa: IkeSA) -> None:
+        """A dead SA leaves the list and every index."""
+        sa.wake = None
+        self.sas.remove(sa)
+        for spi in self._spis.pop(sa, ()):
+            if self._by_spi.get(spi) is sa:
+                del self._by_spi[spi]
+        key = self._init_key.pop(sa, None)
+        if key is not None and self._by_init.get(key) is sa:
+            del self._by_init[key]
+        if self._by_name.get(sa.name) is sa:
+            del self._by_name[sa.name]
+
     def _collect(self) -> None:
-        """Pull datagrams and events from every SA, re-index SPIs, drop dead SAs."""
-        by_spi: dict[bytes, IkeSA] = {}
-        alive: list[IkeSA] = []
-        for sa in list(self.sas):
+        """Pull datagrams and events from the SAs that changed, re-index their SPIs,
+        drop the dead ones."""
+        dirty = self._dirty
+        while dirty:
+            sa = next(iter(dirty))
+            del dirty[sa]
+            if sa.wake is None:
+                continue  # already forgotten
             self._out.extend(sa.datagrams_to_send(0.0))
             while (e := sa.next_event()) is not None:
                 self._events.append(e)
@@ -266,13 +311,14 @@ class IkeEndpoint:
                     self._initial_contact(sa)
             if sa.dead:
                 self._fold(sa)
+                self._forget(sa)
                 continue
-            alive.append(sa)
-            for spi in sa.local_spis():
-                if spi and spi != ZERO_SPI:
-                    by_spi[spi] = sa
-        self.sas = alive
-        self._by_spi = by_spi
-        # §2.1: IKE_SA_INIT retransmissions (SPIr still 0) find their SA by (SPIi, address)
-        live = set(map(id, alive))
-        self._by_init = {k: s for k, s in self._by_init.items() if id(s) in live}
+            spis = tuple(spi for spi in sa.local_spis() if spi and spi != ZERO_SPI)
+            old = self._spis.get(sa, ())
+            if spis != old:
+                for spi in old:
+                    if spi not in spis and self._by_spi.get(spi) is sa:
+                        del self._by_spi[spi]
+                for spi in spis:
+                    self._by_spi[spi] = sa
+                self._spis[sa] = spis

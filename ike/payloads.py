@@ -8,11 +8,12 @@ and parses the inner chain with :func:`parse_chain`.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from .buffer import Buffer, DecodeError, Writer
+from .buffer import Buffer, BufferReadError, DecodeError
 from .constants import (
     ATTR_KEY_LENGTH,
     GENERIC_HEADER_LEN,
@@ -163,192 +164,264 @@ Payload = (
 
 
 # --- SA payload (§3.3) -------------------------------------------------------
+#
+# The SA, TS and chain codecs read and write with struct at known offsets (the
+# hot path of every handshake). They check every length before they use it, in
+# the order Buffer's pull_* would (so the same malformed input raises the same
+# error), and raise BufferReadError on an underrun as Buffer does.
+
+_GENERIC = struct.Struct("!BBH")  # next payload / last substructure, flags, length
+_PROPOSAL = struct.Struct("!BBBB")  # number, protocol, SPI size, transform count
+_TRANSFORM = struct.Struct("!BBH")  # type, reserved, id
+_U16 = struct.Struct("!H")
+_U16X2 = struct.Struct("!HH")
+_KEY_LENGTH_ATTR = 0x8000 | ATTR_KEY_LENGTH  # TV format (AF bit set), §3.3.5
 
 
-def _parse_sa(buf: Buffer) -> SAPayload:
+def _underrun(pos: int, n: int, end: int) -> BufferReadError:
+    return BufferReadError(f"need {n} bytes, {end - pos} left")
+
+
+def _parse_sa(data: bytes, pos: int, end: int) -> SAPayload:
     proposals: list[Proposal] = []
     last = 2
     while last == 2:
-        last = buf.pull_uint8()
+        if pos >= end:
+            raise _underrun(pos, 1, end)
+        last = data[pos]
         if last not in (0, 2):
             raise DecodeError("bad proposal last-substructure")
-        buf.pull_uint8()
-        plen = buf.pull_uint16()
+        if pos + 4 > end:
+            raise _underrun(pos + 1, 3, end)
+        plen = _U16.unpack_from(data, pos + 2)[0]
         if plen < 8:
             raise DecodeError("proposal too short")
-        p = buf.sub(plen - 4)
-        number, protocol, spi_size, ntrans = (p.pull_uint8() for _ in range(4))
-        spi = p.pull_bytes(spi_size)
+        p, pend = pos + 4, pos + plen
+        if pend > end:
+            raise _underrun(p, plen - 4, end)
+        pos = pend
+        if p + 4 > pend:
+            raise _underrun(p, 4, pend)
+        number, protocol, spi_size, ntrans = _PROPOSAL.unpack_from(data, p)
+        p += 4
+        if p + spi_size > pend:
+            raise _underrun(p, spi_size, pend)
+        spi = data[p : p + spi_size]
+        p += spi_size
         transforms: list[Transform] = []
         tlast = 3
         while tlast == 3:
-            tlast = p.pull_uint8()
+            if p >= pend:
+                raise _underrun(p, 1, pend)
+            tlast = data[p]
             if tlast not in (0, 3):
                 raise DecodeError("bad transform last-substructure")
-            p.pull_uint8()
-            tlen = p.pull_uint16()
+            if p + 4 > pend:
+                raise _underrun(p + 1, 3, pend)
+            tlen = _U16.unpack_from(data, p + 2)[0]
             if tlen < 8:
                 raise DecodeError("transform too short")
-            t = p.sub(tlen - 4)
-            ttype = t.pull_uint8()
-            t.pull_uint8()
-            tid = t.pull_uint16()
+            t, tend = p + 4, p + tlen
+            if tend > pend:
+                raise _underrun(t, tlen - 4, pend)
+            p = tend
+            ttype, _, tid = _TRANSFORM.unpack_from(data, t)  # tlen >= 8: 4 bytes are there
+            t += 4
             key_length: int | None = None
-            while not t.eof():
-                atype = t.pull_uint16()
+            while t < tend:
+                if t + 2 > tend:
+                    raise _underrun(t, 2, tend)
+                atype = _U16.unpack_from(data, t)[0]
+                if t + 4 > tend:
+                    raise _underrun(t + 2, 2, tend)
+                value = _U16.unpack_from(data, t + 2)[0]
+                t += 4
                 if atype & 0x8000:
-                    value = t.pull_uint16()
                     if atype & 0x7FFF == ATTR_KEY_LENGTH:
                         key_length = value
-                else:
-                    t.pull_bytes(t.pull_uint16())  # TLV attributes: none we know
+                else:  # TLV attributes: none we know; value is their length
+                    if t + value > tend:
+                        raise _underrun(t, value, tend)
+                    t += value
             transforms.append(Transform(ttype, tid, key_length))
-        if len(transforms) != ntrans or not p.eof():
+        if len(transforms) != ntrans or p != pend:
             raise DecodeError("transform count/length mismatch")
         proposals.append(Proposal(number, protocol, spi, transforms))
-    if not buf.eof():
+    if pos != end:
         raise DecodeError("trailing bytes in SA payload")
     return SAPayload(proposals)
 
 
-def _build_sa(p: SAPayload, w: Writer) -> None:
+def _build_sa(p: SAPayload) -> bytes:
+    out = []
+    nprops = len(p.proposals)
     for i, prop in enumerate(p.proposals):
-        body = Writer()
-        body.push_uint8(prop.number)
-        body.push_uint8(prop.protocol)
-        body.push_uint8(len(prop.spi))
-        body.push_uint8(len(prop.transforms))
-        body.push_bytes(prop.spi)
+        parts = [_PROPOSAL.pack(prop.number, prop.protocol, len(prop.spi), len(prop.transforms))]
+        parts.append(prop.spi)
+        ntrans = len(prop.transforms)
         for j, t in enumerate(prop.transforms):
-            attrs = b""
-            if t.key_length is not None:
-                attrs = (0x8000 | ATTR_KEY_LENGTH).to_bytes(2, "big") + t.key_length.to_bytes(
-                    2, "big"
+            last = 0 if j == ntrans - 1 else 3
+            if t.key_length is None:
+                parts.append(_GENERIC.pack(last, 0, 8) + _TRANSFORM.pack(t.type, 0, t.id))
+            else:
+                parts.append(
+                    _GENERIC.pack(last, 0, 12)
+                    + _TRANSFORM.pack(t.type, 0, t.id)
+                    + _U16X2.pack(_KEY_LENGTH_ATTR, t.key_length)
                 )
-            body.push_uint8(0 if j == len(prop.transforms) - 1 else 3)
-            body.push_uint8(0)
-            body.push_uint16(8 + len(attrs))
-            body.push_uint8(t.type)
-            body.push_uint8(0)
-            body.push_uint16(t.id)
-            body.push_bytes(attrs)
-        w.push_uint8(0 if i == len(p.proposals) - 1 else 2)
-        w.push_uint8(0)
-        w.push_uint16(4 + len(body))
-        w.push_bytes(body.data())
+        body = b"".join(parts)
+        out.append(_GENERIC.pack(0 if i == nprops - 1 else 2, 0, 4 + len(body)))
+        out.append(body)
+    return b"".join(out)
 
 
 # --- Traffic selectors (§3.13) ------------------------------------------------
 
 
-def _parse_ts(buf: Buffer, ptype: int) -> TSPayload:
-    count = buf.pull_uint8()
-    buf.pull_bytes(3)
+_TS_HEAD = struct.Struct("!BBHHH")  # type, protocol, length, start port, end port
+
+
+def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
+    if pos + 4 > end:
+        raise _underrun(pos, 4 if pos < end else 1, end)
+    count = data[pos]
+    pos += 4
     selectors: list[TrafficSelector] = []
     for _ in range(count):
-        ts_type = buf.pull_uint8()
-        proto = buf.pull_uint8()
-        slen = buf.pull_uint16()
+        if pos + 4 > end:
+            raise _underrun(pos, 4, end)
+        ts_type, proto, slen = _GENERIC.unpack_from(data, pos)
         if ts_type == TsType.TS_IPV4_ADDR_RANGE and slen == 16:
+            cls: type[IPAddress] = ipaddress.IPv4Address
             alen = 4
         elif ts_type == TsType.TS_IPV6_ADDR_RANGE and slen == 40:
-            alen = 16
+            cls, alen = ipaddress.IPv6Address, 16
         else:
             raise DecodeError(f"unsupported traffic selector type {ts_type}/len {slen}")
-        sp, ep = buf.pull_uint16(), buf.pull_uint16()
-        a = ipaddress.ip_address(buf.pull_bytes(alen))
-        b = ipaddress.ip_address(buf.pull_bytes(alen))
+        if pos + slen > end:
+            raise _underrun(pos + 4, slen - 4, end)
+        _, _, _, sp, ep = _TS_HEAD.unpack_from(data, pos)
+        a = cls(data[pos + 8 : pos + 8 + alen])
+        b = cls(data[pos + 8 + alen : pos + slen])
+        pos += slen
         selectors.append(TrafficSelector(a, b, proto, sp, ep))
-    if not buf.eof():
+    if pos != end:
         raise DecodeError("trailing bytes in TS payload")
     return TSPayload(selectors, ptype)
 
 
-def _build_ts(p: TSPayload, w: Writer) -> None:
-    w.push_uint8(len(p.selectors))
-    w.push_bytes(b"\x00\x00\x00")
+def _build_ts(p: TSPayload) -> bytes:
+    parts = [bytes([len(p.selectors), 0, 0, 0])]
     for ts in p.selectors:
         alen = 4 if ts.start_addr.version == 4 else 16
-        w.push_uint8(ts.ts_type)
-        w.push_uint8(ts.ip_proto)
-        w.push_uint16(8 + 2 * alen)
-        w.push_uint16(ts.start_port)
-        w.push_uint16(ts.end_port)
-        w.push_bytes(ts.start_addr.packed)
-        w.push_bytes(ts.end_addr.packed)
+        parts.append(_TS_HEAD.pack(ts.ts_type, ts.ip_proto, 8 + 2 * alen, ts.start_port,
+                                   ts.end_port))  # fmt: skip
+        parts.append(ts.start_addr.packed)
+        parts.append(ts.end_addr.packed)
+    return b"".join(parts)
 
 
 # --- The rest ------------------------------------------------------------------
 
 
-def _parse_body(ptype: int, critical: bool, buf: Buffer) -> Payload:
-    if ptype == PayloadType.SA:
-        return _parse_sa(buf)
-    if ptype == PayloadType.KE:
-        group = buf.pull_uint16()
-        buf.pull_uint16()
-        return KEPayload(group, buf.pull_rest())
-    if ptype == PayloadType.NONCE:
-        return NoncePayload(buf.pull_rest())
-    if ptype in (PayloadType.IDi, PayloadType.IDr):
-        id_type = buf.pull_uint8()
-        buf.pull_bytes(3)
-        return IDPayload(id_type, buf.pull_rest(), ptype)
-    if ptype == PayloadType.AUTH:
-        method = buf.pull_uint8()
-        buf.pull_bytes(3)
-        return AuthPayload(method, buf.pull_rest())
-    if ptype == PayloadType.NOTIFY:
-        protocol = buf.pull_uint8()
-        spi_size = buf.pull_uint8()
-        ntype = buf.pull_uint16()
-        spi = buf.pull_bytes(spi_size)
-        return NotifyPayload(ntype, buf.pull_rest(), protocol, spi)
-    if ptype == PayloadType.DELETE:
-        protocol = buf.pull_uint8()
-        spi_size = buf.pull_uint8()
-        count = buf.pull_uint16()
-        spis = [buf.pull_bytes(spi_size) for _ in range(count)]
-        if not buf.eof():
+def _head4(data: bytes, pos: int, end: int) -> int:
+    """The 4 fixed octets that open an ID, AUTH, NOTIFY, DELETE or KE body."""
+    if pos + 4 > end:
+        raise _underrun(pos, 4 if pos < end else 1, end)
+    return pos + 4
+
+
+# Payload types as plain ints: the parser compares each payload against them
+# (an IntEnum attribute costs several times an int global in CPython 3.11).
+_SA, _KE, _IDI, _IDR, _AUTH, _NONCE, _NOTIFY, _DELETE, _VENDOR, _TSI, _TSR = (
+    int(t)
+    for t in (
+        PayloadType.SA,
+        PayloadType.KE,
+        PayloadType.IDi,
+        PayloadType.IDr,
+        PayloadType.AUTH,
+        PayloadType.NONCE,
+        PayloadType.NOTIFY,
+        PayloadType.DELETE,
+        PayloadType.VENDOR,
+        PayloadType.TSi,
+        PayloadType.TSr,
+    )
+)
+
+
+def _parse_body(ptype: int, critical: bool, data: bytes, pos: int, end: int) -> Payload:
+    """One payload body, ``data[pos:end]`` (the generic header already read)."""
+    if ptype == _SA:
+        return _parse_sa(data, pos, end)
+    if ptype == _NONCE:
+        return NoncePayload(data[pos:end])
+    if ptype == _NOTIFY:
+        body = _head4(data, pos, end)
+        protocol, spi_size, ntype = _GENERIC.unpack_from(data, pos)
+        if body + spi_size > end:
+            raise _underrun(body, spi_size, end)
+        spi = data[body : body + spi_size]
+        return NotifyPayload(ntype, data[body + spi_size : end], protocol, spi)
+    if ptype == _KE:
+        # (group, reserved): Buffer read them as two uint16, 2 octets at a time
+        if pos + 2 > end:
+            raise _underrun(pos, 2, end)
+        body = _head4(data, pos, end)
+        return KEPayload(_U16.unpack_from(data, pos)[0], data[body:end])
+    if ptype in (_IDI, _IDR):
+        body = _head4(data, pos, end)
+        return IDPayload(data[pos], data[body:end], ptype)
+    if ptype == _AUTH:
+        body = _head4(data, pos, end)
+        return AuthPayload(data[pos], data[body:end])
+    if ptype in (_TSI, _TSR):
+        return _parse_ts(data, pos, end, ptype)
+    if ptype == _DELETE:
+        body = _head4(data, pos, end)
+        protocol, spi_size, count = _GENERIC.unpack_from(data, pos)
+        spis = []
+        for _ in range(count):
+            if body + spi_size > end:
+                raise _underrun(body, spi_size, end)
+            spis.append(data[body : body + spi_size])
+            body += spi_size
+        if body != end:
             raise DecodeError("trailing bytes in DELETE payload")
         return DeletePayload(protocol, spis)
-    if ptype in (PayloadType.TSi, PayloadType.TSr):
-        return _parse_ts(buf, ptype)
-    if ptype == PayloadType.VENDOR:
-        return VendorPayload(buf.pull_rest())
-    return UnknownPayload(ptype, critical, buf.pull_rest())
+    if ptype == _VENDOR:
+        return VendorPayload(data[pos:end])
+    return UnknownPayload(ptype, critical, data[pos:end])
 
 
-def _build_body(p: Payload, w: Writer) -> None:
-    if isinstance(p, SAPayload):
-        _build_sa(p, w)
-    elif isinstance(p, KEPayload):
-        w.push_uint16(p.group)
-        w.push_uint16(0)
-        w.push_bytes(p.data)
-    elif isinstance(p, NoncePayload):
-        w.push_bytes(p.nonce)
-    elif isinstance(p, IDPayload):
-        w.push_bytes(p.rest())
-    elif isinstance(p, AuthPayload):
-        w.push_bytes(bytes([p.method, 0, 0, 0]))
-        w.push_bytes(p.data)
-    elif isinstance(p, NotifyPayload):
-        w.push_uint8(p.protocol)
-        w.push_uint8(len(p.spi))
-        w.push_uint16(p.notify_type)
-        w.push_bytes(p.spi)
-        w.push_bytes(p.data)
-    elif isinstance(p, DeletePayload):
-        w.push_uint8(p.protocol)
-        w.push_uint8(len(p.spis[0]) if p.spis else 0)
-        w.push_uint16(len(p.spis))
-        for s in p.spis:
-            w.push_bytes(s)
-    elif isinstance(p, TSPayload):
-        _build_ts(p, w)
-    else:
-        w.push_bytes(p.data)
+def _build_notify(p: NotifyPayload) -> bytes:
+    return _GENERIC.pack(p.protocol, len(p.spi), p.notify_type) + p.spi + p.data
+
+
+def _build_delete(p: DeletePayload) -> bytes:
+    head = _GENERIC.pack(p.protocol, len(p.spis[0]) if p.spis else 0, len(p.spis))
+    return head + b"".join(p.spis)
+
+
+_BUILDERS: dict[type, Callable[[Any], bytes]] = {
+    SAPayload: _build_sa,
+    KEPayload: lambda p: _U16X2.pack(p.group, 0) + p.data,
+    NoncePayload: lambda p: p.nonce,
+    IDPayload: lambda p: p.rest(),
+    AuthPayload: lambda p: bytes([p.method, 0, 0, 0]) + p.data,
+    NotifyPayload: _build_notify,
+    DeletePayload: _build_delete,
+    TSPayload: _build_ts,
+}
+
+
+def _build_body(p: Payload) -> bytes:
+    build = _BUILDERS.get(type(p))
+    if build is not None:
+        return build(p)
+    assert isinstance(p, VendorPayload | UnknownPayload)
+    return p.data
 
 
 # Known types (the critical bit of an unknown one decides: §2.5, §3.2)
@@ -388,39 +461,43 @@ def parse_chain(buf: Buffer, first: int) -> tuple[list[Payload], EncryptedBody |
     An SK payload ends the chain (§3.14: it must be the last payload) and must
     reach exactly the end of ``buf``.
     """
+    data, pos, end = buf.span()
     payloads: list[Payload] = []
     ptype = first
     while ptype != PayloadType.NONE:
-        start = buf.position
-        nxt = buf.pull_uint8()
-        critical = bool(buf.pull_uint8() & 0x80)
-        plen = buf.pull_uint16()
+        if pos + GENERIC_HEADER_LEN > end:
+            raise _underrun(pos, GENERIC_HEADER_LEN, end)
+        nxt, flags, plen = _GENERIC.unpack_from(data, pos)
         if plen < GENERIC_HEADER_LEN:
             raise DecodeError("payload length below header size")
         if ptype == PayloadType.SK:
-            if plen - GENERIC_HEADER_LEN != buf.remaining():
+            if pos + plen != end:
                 raise DecodeError("SK payload is not the last payload")
-            return payloads, EncryptedBody(nxt, start)
-        body = buf.sub(plen - GENERIC_HEADER_LEN)
-        payloads.append(_parse_body(ptype, critical, body))
+            return payloads, EncryptedBody(nxt, pos)
+        body_end = pos + plen
+        if body_end > end:
+            raise _underrun(pos + GENERIC_HEADER_LEN, plen - GENERIC_HEADER_LEN, end)
+        payloads.append(
+            _parse_body(ptype, bool(flags & 0x80), data, pos + GENERIC_HEADER_LEN, body_end)
+        )
+        pos = body_end
         ptype = nxt
-    if not buf.eof():
+    if pos != end:
         raise DecodeError("bytes after the last payload")
     return payloads, None
 
 
 def build_chain(payloads: Sequence[Payload], last_next: int = PayloadType.NONE) -> bytes:
     """Encode payloads, chaining Next Payload; the last points at ``last_next``."""
-    w = Writer()
+    parts = []
+    n = len(payloads)
     for i, p in enumerate(payloads):
-        body = Writer()
-        _build_body(p, body)
-        nxt = payloads[i + 1].type if i + 1 < len(payloads) else last_next
-        w.push_uint8(nxt)
-        w.push_uint8(0x80 if isinstance(p, UnknownPayload) and p.critical else 0)
-        w.push_uint16(GENERIC_HEADER_LEN + len(body))
-        w.push_bytes(body.data())
-    return w.data()
+        body = _build_body(p)
+        nxt = payloads[i + 1].type if i + 1 < n else last_next
+        crit = 0x80 if isinstance(p, UnknownPayload) and p.critical else 0
+        parts.append(_GENERIC.pack(nxt, crit, GENERIC_HEADER_LEN + len(body)))
+        parts.append(body)
+    return b"".join(parts)
 
 
 @dataclass
@@ -442,17 +519,15 @@ class Header:
         return bool(self.flags & HeaderFlag.INITIATOR)
 
 
+_HEADER = struct.Struct("!8s8sBBBBII")
+_HEADER_TAIL = struct.Struct("!BBBBII")  # after the two SPIs
+
+
 def parse_header(data: bytes) -> Header:
     """§3.1. The length field must match the datagram exactly."""
-    buf = Buffer(data)
-    spi_i = buf.pull_bytes(8)
-    spi_r = buf.pull_bytes(8)
-    nxt = buf.pull_uint8()
-    version = buf.pull_uint8()
-    exchange = buf.pull_uint8()
-    flags = buf.pull_uint8()
-    msg_id = buf.pull_uint32()
-    length = buf.pull_uint32()
+    if len(data) < IKE_HEADER_LEN:
+        raise _underrun(0, IKE_HEADER_LEN, len(data))
+    spi_i, spi_r, nxt, version, exchange, flags, msg_id, length = _HEADER.unpack_from(data)
     if version >> 4 != IKE_VERSION >> 4:
         raise DecodeError(f"unsupported major version {version >> 4}")
     if length != len(data):
@@ -463,16 +538,7 @@ def parse_header(data: bytes) -> Header:
 def build_header(
     spi_i: bytes, spi_r: bytes, nxt: int, exchange: int, flags: int, msg_id: int, length: int
 ) -> bytes:
-    w = Writer()
-    w.push_bytes(spi_i)
-    w.push_bytes(spi_r)
-    w.push_uint8(nxt)
-    w.push_uint8(IKE_VERSION)
-    w.push_uint8(exchange)
-    w.push_uint8(flags)
-    w.push_uint32(msg_id)
-    w.push_uint32(length)
-    return w.data()
+    return spi_i + spi_r + _HEADER_TAIL.pack(nxt, IKE_VERSION, exchange, flags, msg_id, length)
 
 
 def build_plain_message(

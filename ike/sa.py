@@ -117,6 +117,9 @@ class IkeSA:
         self.log: Callable[[str], None] | None = None
         # Set by IkeEndpoint: is an inbound Child SPI already used by another SA?
         self.spi_taken: Callable[[int], bool] = lambda spi: False
+        # Set by IkeEndpoint: told that this SA may have news (datagrams, events, SPIs,
+        # death), so the endpoint looks at the SAs that changed, not at all of them.
+        self.wake: Callable[[IkeSA], None] | None = None
 
     @classmethod
     def respond_to(
@@ -181,6 +184,8 @@ class IkeSA:
 
     def emit(self, event: ev.IkeEvent) -> None:
         self._events.append(event)
+        if self.wake is not None:
+            self.wake(self)
 
     def local_spis(self) -> list[bytes]:
         return [self.ch.local_spi] + [c.local_spi for c in self.retiring]
@@ -208,6 +213,8 @@ class IkeSA:
             return
         was_up = self.state in (State.ESTABLISHED, State.DELETING)
         self.state = State.DEAD
+        if self.wake is not None:
+            self.wake(self)
         self.ch.pending = None
         self._queue.clear()
         if was_up or self.initiator:
@@ -369,6 +376,8 @@ class IkeSA:
     def handle_timer(self, now: float) -> None:
         if self.state == State.DEAD:
             return
+        if self.wake is not None:
+            self.wake(self)  # e.g. a retired channel (and its SPI) goes
         self._lifetimes(now)
         for c in list(self.retiring):
             if c.expire_at is not None and now >= c.expire_at and c.pending is None:
@@ -512,6 +521,8 @@ class IkeSA:
     def _send(self, pkt: bytes) -> None:
         # RFC 3948 §2.2: IKE on port 4500 is preceded by the non-ESP marker
         self._out.append((NON_ESP_MARKER + pkt if self.nat_t else pkt, self.peer_addr))
+        if self.wake is not None:
+            self.wake(self)
 
     # --- input ---------------------------------------------------------------------------
 
@@ -546,6 +557,8 @@ class IkeSA:
         if self.state == State.DEAD:
             self.count("dropped_dead")
             return
+        if self.wake is not None:
+            self.wake(self)  # whatever happens, SPIs and state may change
         try:
             self._receive(data, addr, now)
         except (DecodeError, CryptoError, ProtocolError) as exc:

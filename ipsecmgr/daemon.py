@@ -11,6 +11,7 @@ anything; SIGTERM sends DELETE to every peer and removes it all again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import signal
@@ -88,7 +89,9 @@ def _map_definition(config: cfg.Config, name: str) -> object:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def _family(address: str) -> int:
+    # cached: called for every IKE datagram sent (a handful of peer addresses)
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
 
@@ -105,6 +108,7 @@ class Gateway:
         self.esp_socks: dict[int, socket.socket] = {}
         self.bypass_socks: dict[int, socket.socket] = {}
         self.ike_socks: dict[tuple[str, int], socket.socket] = {}
+        self._ike_sock_for: dict[tuple[int, int], socket.socket] = {}  # (family, port)
         self.datapath = Datapath(
             self.classifier, self.saflow, self.esp_socks, self.bypass_socks, self._on_no_sa
         )
@@ -333,9 +337,14 @@ class Gateway:
             if data[:4] == NON_ESP_MARKER
             else self.config.gateway.ike_port
         )
-        sock = next(
-            (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam), None
-        )
+        sock = self._ike_sock_for.get((fam, port))
+        if sock is None:
+            sock = next(
+                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
+                None,
+            )
+            if sock is not None:
+                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
         if sock is None:
             self._bump("ike_no_socket")
             return

@@ -10,11 +10,12 @@ clock, so the tests can drive it like the engines.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,8 @@ _IKE_STATE = {
     "dead": "DELETING",
 }
 _MAP_STATUS = {"idle": "down", "established": "up", "connecting": "connecting"}
+# A responder's IKE SA before IKE_AUTH: the peer has not proved who it is (§2.4, §2.6)
+_UNAUTHENTICATED = ("new", "init-done")
 
 
 # RFC 7296 §3.10.1 error notifies in plain words, as seen from the side that
@@ -242,6 +245,8 @@ def selectors_from_acl(
     return local, remote
 
 
+# Both selector types are frozen: the few selectors in use are converted once.
+@functools.lru_cache(maxsize=1024)
 def npu_selector(ts: ike.TrafficSelector) -> npusim.TrafficSelector:
     return npusim.TrafficSelector(
         ts.start_addr.version,
@@ -251,6 +256,16 @@ def npu_selector(ts: ike.TrafficSelector) -> npusim.TrafficSelector:
         ts.start_port,
         ts.end_port,
     )
+
+
+def _ts_text(selectors: Sequence[ike.TrafficSelector]) -> list[str]:
+    """The selectors as ``show`` prints them (each one formatted once)."""
+    return [_one_ts_text(t) for t in selectors]
+
+
+@functools.lru_cache(maxsize=1024)
+def _one_ts_text(ts: ike.TrafficSelector) -> str:
+    return str(ts)
 
 
 def build_ike_config(config: cfg.Config, cmap: cfg.CryptoMap, acl: npusim.Acl) -> ike.IkeConfig:
@@ -299,9 +314,12 @@ class Manager:
         for name, cmap in config.crypto_maps.items():
             acl = acls[cmap.match_address]
             self.maps[name] = MapState(cmap, build_ike_config(config, cmap, acl))
-        # One log line per IKE message (exchange, payloads, size, peer), at -v.
+        # One log line per IKE message (exchange, payloads, size, peer), at -v. Without
+        # -v the engine gets no hook and so builds no line (the level is set before the
+        # daemon builds its manager and stays; logging.basicConfig in ipsecmgr.cli).
         self.endpoint = ike.IkeEndpoint(
-            [m.ike_config for m in self.maps.values()], log=lambda line: log.info("%s", line)
+            [m.ike_config for m in self.maps.values()],
+            log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
         )
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None
@@ -775,8 +793,8 @@ class Manager:
             outbound,
             event.mode,
             now,
-            [str(t) for t in event.local_ts],
-            [str(t) for t in event.remote_ts],
+            _ts_text(event.local_ts),
+            _ts_text(event.remote_ts),
             event.esn,
             event.key_bits,
             (event.inbound_key, event.outbound_key),
@@ -830,9 +848,20 @@ class Manager:
         return OutboundBinding(outbound, sock, addr, outbound.mode)
 
     def _drop_others(self, state: MapState, keep: str) -> None:
-        """RFC 7296 §2.4 INITIAL_CONTACT: the peer has no other SA with us any more."""
+        """RFC 7296 §2.4 INITIAL_CONTACT: the peer has no other SA with us any more.
+
+        Only SAs that were authenticated (and our own half-open initiations, which
+        the peer's new SA makes redundant). A responder SA still between IKE_SA_INIT
+        and IKE_AUTH is not "an IKE SA between the authenticated identities" of
+        §2.4 yet: it may be another handshake of the same peer in flight (the
+        engine's endpoint spares it too), and dropping it silently would leave
+        that handshake hanging until the peer's retransmissions give up."""
         for sa in list(self.endpoint.sas):
-            if sa.name != keep and sa.config is state.ike_config:
+            if (
+                sa.name != keep
+                and sa.config is state.ike_config
+                and (sa.initiator or sa.state not in _UNAUTHENTICATED)
+            ):
                 sa.die("replaced (INITIAL_CONTACT)")
                 state.bump("replaced_by_initial_contact")
 

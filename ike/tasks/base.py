@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, TypeVar
 
 from .. import events as ev
@@ -84,6 +85,7 @@ def wireshark_names(suite: IkeSuite) -> tuple[str, str]:
     return encr, (f"{integ[suite.integ]} [RFC4868]" if suite.integ else "NONE [RFC4306]")
 
 
+@functools.lru_cache(maxsize=64)  # IkeSuite is frozen: one string per suite in use
 def algorithms(suite: IkeSuite) -> str:
     from ..constants import DhGroup, IntegId, PrfId
 

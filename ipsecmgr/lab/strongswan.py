@@ -104,6 +104,9 @@ class PeerOptions:
     psks_by_id: Sequence[tuple[str, Secret]] = field(default=(), repr=False)
     raw_esp: bool = False
     root: Path | None = None  # chroot with a newer strongSwan
+    # charon.log: None = the lab's debug levels (default 1; ike, cfg, knl 2), which the
+    # tests read; a number sets every subsystem to it (-1 silent, 0 basic: a benchmark)
+    log_level: int | None = None
 
 
 @dataclass
@@ -159,6 +162,11 @@ class StrongSwanPeer:
                 f"  ike-{i} {{ id = {ident}\n           secret = 0x{key.reveal().hex()} }}\n"
                 for i, (ident, key) in enumerate(o.psks_by_id)
             )
+        levels = (
+            "default = 1\n          ike = 2\n          cfg = 2\n          knl = 2"
+            if o.log_level is None
+            else f"default = {o.log_level}"
+        )
         strongswan_conf = f"""charon {{
   load = {PLUGINS}
   retransmit_tries = {o.retransmit_tries}
@@ -178,10 +186,7 @@ class StrongSwanPeer:
           time_format = %H:%M:%S
           time_add_ms = yes
           flush_line = yes
-          default = 1
-          ike = 2
-          cfg = 2
-          knl = 2 }}
+          {levels} }}
   }}
   syslog {{ daemon {{ default = -1 }} }}
 }}

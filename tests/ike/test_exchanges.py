@@ -412,3 +412,19 @@ def test_back_to_back_ike_rekeys() -> None:
     p.i.liveness_check(p.now)
     p.roundtrip()
     assert p.i.counters["liveness_ok"] == 1
+
+
+def test_after_an_ike_rekey_only_the_new_spis_reach_the_sa() -> None:
+    """The endpoint re-indexes an SA whose SPIs change (§2.18): once the old IKE SA
+    is deleted, a message on its SPIs is unknown to the endpoint, and the new SPIs
+    are routed."""
+    p = up()
+    old_auth = next(d for direction, _, d in p.wire if direction == "i>r" and d[18] == 35)
+    p.i.rekey_ike(p.now)
+    p.roundtrip()
+    assert p.i.old_ch is None and p.r.old_ch is None  # the old IKE SA is deleted
+    p.ep.receive_datagram(old_auth, p.i_src, p.now)  # old SPIs: IKE_AUTH request
+    assert p.ep.counters.get("unknown_spi") == 1 and not p.ep.datagrams_to_send(p.now)
+    p.i.liveness_check(p.now)
+    p.roundtrip()
+    assert p.i.counters["liveness_ok"] == 1

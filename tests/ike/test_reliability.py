@@ -159,3 +159,42 @@ def test_endpoint_sends_initial_contact_only_on_the_first_sa() -> None:
     while (e := ep_r.next_event()) is not None:
         events.append(e)
     assert len([e for e in events if isinstance(e, InitialContactReceived)]) == 1
+
+
+def test_replaced_sas_leave_the_responder_for_good() -> None:
+    """60 connections in a row from one peer, each with INITIAL_CONTACT (§2.4), as a
+    load generator makes them: the endpoint keeps one IKE SA, and a request on a
+    replaced SA's SPIs finds nothing (dropped and counted, no answer)."""
+    ci, cr = configs()
+    first = Pair(ci, cr)
+    first.handshake()
+    ep = first.ep
+    for seed in range(2, 61):
+        q = Pair(ci, cr, seed=seed * 10)
+        q.ep = ep
+        q.handshake()
+        assert q.i.established and len(ep.sas) == 1 and ep.sas[0].ch.spi_i == q.i.ch.spi_i
+    assert ep.counters["replaced_by_initial_contact"] == 59
+    first.i.liveness_check(first.now)  # INFORMATIONAL {} on the first, long replaced, SA
+    assert first.roundtrip() == 1  # the request went out; nothing came back
+    assert ep.counters["unknown_spi"] == 1 and len(ep.sas) == 1
+
+
+def test_two_responder_sas_with_the_same_name_are_both_found() -> None:
+    """Two initiators that picked the same SPIi (§2.1 demultiplexes IKE_SA_INIT by
+    SPIi and address) give two responder SAs of the same name: ``find_sa`` returns
+    the older one while it lives, then the other."""
+    ci, cr = configs(initial_contact=False)
+    a = Pair(ci, cr, seed=5)
+    b = Pair(ci, cr, seed=5)  # the same SPIi, from another port (behind a NAT)
+    b.ep = a.ep
+    b.i_src, b.i_src_4500 = ("198.51.100.1", 1500), ("198.51.100.1", 14500)
+    a.handshake()
+    b.handshake()
+    assert a.i.established and b.i.established and a.i.ch.spi_i == b.i.ch.spi_i
+    older, newer = a.ep.sas
+    assert older.name == newer.name and older.peer_addr != newer.peer_addr
+    assert a.ep.find_sa(older.name) is older
+    older.delete(a.now)
+    a.roundtrip()
+    assert a.ep.sas == [newer] and a.ep.find_sa(newer.name) is newer

@@ -13,6 +13,7 @@ i.e. a soft lifetime 2.5 % of the lifetime earlier than the engine's share).
 
 from __future__ import annotations
 
+import logging
 import socket
 import tomllib
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 import npusim
+from ike import IkeSA
 from ike.constants import ExchangeType
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import parse_acls, validate_acl
@@ -504,3 +506,58 @@ def test_takeover_without_initial_contact_is_cleared_by_dead_peer_detection(net:
     assert gw.counter("peer_dead") == 1
     assert gw.state.children and gw.state.ike_sa is gw.ike_sas()[0]
     assert gw.manager.map_status() == {"tacacs": "up"}
+
+
+def test_initial_contact_spares_the_peers_other_handshakes_in_flight(net: Net) -> None:
+    """Two IKE SAs of the same peer are set up at once, both with INITIAL_CONTACT
+    (RFC 7296 §2.4; a load generator, or a peer with several connections):
+
+        A: IKE_SA_INIT -->   <-- IKE_SA_INIT
+        B: IKE_SA_INIT -->   <-- IKE_SA_INIT    (B half-open at gw)
+        A: IKE_AUTH { N(INITIAL_CONTACT) ... } -->   <-- IKE_AUTH
+        B: IKE_AUTH { N(INITIAL_CONTACT) ... } -->   <-- IKE_AUTH   (B was not authenticated
+                                                                     when A's arrived: kept)
+    """
+    client = net.add("client", "client")  # only for its configuration
+    gw = net.add("gw", "gw")
+    a, b = (IkeSA(client.state.ike_config, True) for _ in range(2))
+
+    def exchange(sa: IkeSA) -> None:
+        for data, _ in sa.datagrams_to_send(net.now):
+            gw.manager.on_ike_datagram(data, (gw.address, 500), (client.address, 500), net.now)
+        answers, net._queue = net._queue, []
+        for _, sender, data in answers:
+            assert sender == "gw"
+            sa.receive_datagram(data, (gw.address, 500), net.now)
+
+    for sa in (a, b):
+        sa.initiate(net.now)
+        exchange(sa)  # IKE_SA_INIT
+    exchange(a)  # IKE_AUTH with INITIAL_CONTACT
+    assert a.established
+    exchange(b)  # B's IKE_AUTH finds its SA and is answered
+    assert b.established
+    assert gw.manager.endpoint.counters.get("unknown_spi") is None
+    # Now B's INITIAL_CONTACT replaced A (established): one IKE SA, one Child SA, B's.
+    assert [sa.ch.spi_i for sa in gw.ike_sas()] == [b.ch.spi_i]
+    assert gw.manager.endpoint.counters["replaced_by_initial_contact"] == 1
+    ((ike_name, _),) = gw.state.children
+    assert ike_name == gw.ike_sas()[0].name and gw.state.ike_sa is gw.ike_sas()[0]
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_one_line_per_ike_message_only_when_the_log_shows_it(
+    net: Net, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    """-v (INFO): a line per IKE message, as pyikev2/strongSwan log them. Without -v the
+    engine is given no log hook, so it does not even build those lines."""
+    with caplog.at_level(level, logger="ipsecmgr.ike"):
+        pair(net)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ipsecmgr.ike"]
+    sent = [x for x in lines if ": sending IKE_" in x]
+    if level == logging.INFO:
+        assert net.sides["gw"].manager.endpoint.log is not None
+        assert any("sending IKE_AUTH response 1 [ IDr AUTH SA TSi TSr ]" in x for x in sent)
+        assert len(sent) == 4  # both sides: IKE_SA_INIT and IKE_AUTH, request or response
+    else:
+        assert net.sides["gw"].manager.endpoint.log is None and not lines
