@@ -28,6 +28,7 @@ from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
+from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
@@ -165,7 +166,10 @@ class Gateway:
         self.datapath.on_esp_from = self.manager.on_esp_from
         self.routing.install_rules()
         for t in self.config.tuns:
-            tun = Tun(t.name, t.mtu, offload=offload)
+            tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
+            if offload and not tun_offload_pays(t.mtu):
+                log.info("TUN %s: MTU %d, no TUN super-packets (they pay up to MTU %d); "
+                         "UDP GSO/GRO stay on", t.name, t.mtu, TUN_OFFLOAD_MAX_MTU)  # fmt: skip
             if tun.vnet_hdr:
                 self.datapath.vnet_fds.add(tun.fd)
             self.tuns.append(tun)
