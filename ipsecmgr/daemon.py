@@ -2,7 +2,8 @@
 engines and the kernel).
 
 One asyncio loop in one process: readers on the TUN fds, the raw ESP sockets
-and the IKE UDP sockets; one timer re-armed to the IKE engine's next
+and the IKE UDP sockets (the data fds served straight from the selector,
+ipsecmgr.loop); one timer re-armed to the IKE engine's next
 deadline; the control socket for ``show``/``clear``. Start-up cleans what a
 crash may have left (our TUNs, rules, the routing table) before creating
 anything; SIGTERM sends DELETE to every peer and removes it all again.
