@@ -2,8 +2,7 @@
 engines and the kernel).
 
 One asyncio loop in one process: readers on the TUN fds, the raw ESP sockets
-and the IKE UDP sockets (the data fds served straight from the selector,
-ipsecmgr.loop); one timer re-armed to the IKE engine's next
+and the IKE UDP sockets; one timer re-armed to the IKE engine's next
 deadline; the control socket for ``show``/``clear``. Start-up cleans what a
 crash may have left (our TUNs, rules, the routing table) before creating
 anything; SIGTERM sends DELETE to every peer and removes it all again.
@@ -27,7 +26,6 @@ from ipsecmgr import config as cfg
 from ipsecmgr import show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.loop import add_data_reader, new_event_loop, remove_data_reader
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
@@ -190,17 +188,16 @@ class Gateway:
         self.loop = loop
         if self.workers is not None:
             self.workers.attach(loop)  # the workers read the ESP sockets and the TUNs
-        # The data fds: straight from the selector (ipsecmgr.loop) in single mode.
         for fam, sock in self.esp_socks.items() if self.workers is None else ():
-            add_data_reader(loop, sock.fileno(), self.datapath.on_esp_readable, fam)
+            loop.add_reader(sock, self.datapath.on_esp_readable, fam)
         natt = self.config.gateway.natt_port
         for local, sock in self.ike_socks.items():
             if local[1] != natt:
                 loop.add_reader(sock, self._on_udp_readable, sock, local)
             elif self.workers is None:  # split: the INBOUND worker reads ESP-in-UDP (and IKE)
-                add_data_reader(loop, sock.fileno(), self._on_natt_readable, sock, local)
+                loop.add_reader(sock, self._on_natt_readable, sock, local)
         for tun in self.tuns if self.workers is None else ():
-            add_data_reader(loop, tun.fd, self.datapath.on_tun_readable, tun.fd)
+            loop.add_reader(tun.fd, self.datapath.on_tun_readable, tun.fd)
         log.info(
             "gateway up: %d TUN(s), %d crypto map(s), IKE on %s",
             len(self.tuns),
@@ -248,9 +245,9 @@ class Gateway:
             self._timer = None
         if self.loop is not None:
             for sock in (*self.esp_socks.values(), *self.ike_socks.values()):
-                remove_data_reader(self.loop, sock.fileno())
+                self.loop.remove_reader(sock)
             for tun in self.tuns:
-                remove_data_reader(self.loop, tun.fd)
+                self.loop.remove_reader(tun.fd)
         self.loop = None
 
     def teardown(self) -> None:
@@ -488,7 +485,6 @@ def run(config_path: str) -> int:
     gw = Gateway(config)
     try:
         gw.setup()
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(serve(gw, config_path))
+        return asyncio.run(serve(gw, config_path))
     finally:
         gw.teardown()
