@@ -281,12 +281,22 @@ def _build_sa(p: SAPayload) -> bytes:
 _TS_HEAD = struct.Struct("!BBHHH")  # type, protocol, length, start port, end port
 
 
+# Wire record (type .. end address) -> TrafficSelector. A peer sends the same
+# selectors in every IKE_AUTH and CREATE_CHILD_SA, and building the two ipaddress
+# objects costs more than the rest of the TS payload. TrafficSelector and the
+# addresses are immutable, so one object can be shared; the size is bounded
+# (emptied when full) whatever a peer sends.
+_TS_CACHE: dict[bytes, TrafficSelector] = {}
+_TS_CACHE_MAX = 256
+
+
 def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
     if pos + 4 > end:
         raise _underrun(pos, 4 if pos < end else 1, end)
     count = data[pos]
     pos += 4
     selectors: list[TrafficSelector] = []
+    cache = _TS_CACHE
     for _ in range(count):
         if pos + 4 > end:
             raise _underrun(pos, 4, end)
@@ -300,11 +310,18 @@ def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
             raise DecodeError(f"unsupported traffic selector type {ts_type}/len {slen}")
         if pos + slen > end:
             raise _underrun(pos + 4, slen - 4, end)
-        _, _, _, sp, ep = _TS_HEAD.unpack_from(data, pos)
-        a = cls(data[pos + 8 : pos + 8 + alen])
-        b = cls(data[pos + 8 + alen : pos + slen])
+        record = data[pos : pos + slen]
+        ts = cache.get(record)
+        if ts is None:
+            _, _, _, sp, ep = _TS_HEAD.unpack_from(record)
+            a = cls(record[8 : 8 + alen])
+            b = cls(record[8 + alen :])
+            ts = TrafficSelector(a, b, proto, sp, ep)
+            if len(cache) >= _TS_CACHE_MAX:
+                cache.clear()
+            cache[record] = ts
         pos += slen
-        selectors.append(TrafficSelector(a, b, proto, sp, ep))
+        selectors.append(ts)
     if pos != end:
         raise DecodeError("trailing bytes in TS payload")
     return TSPayload(selectors, ptype)

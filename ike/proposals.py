@@ -209,8 +209,18 @@ def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None
     sp, ep = max(a.start_port, b.start_port), min(a.end_port, b.end_port)
     if lo > hi or sp > ep:
         return None
+    proto = a.ip_proto or b.ip_proto
+    # Usually one side holds the other (the peer proposes our selector, or a part
+    # of it): return that object rather than build an equal one (it is immutable).
+    for ts in (a, b):
+        if (
+            lo == int(ts.start_addr)
+            and hi == int(ts.end_addr)
+            and (sp, ep, proto) == (ts.start_port, ts.end_port, ts.ip_proto)
+        ):
+            return ts
     mk = ipaddress.IPv4Address if a.start_addr.version == 4 else ipaddress.IPv6Address
-    return TrafficSelector(mk(lo), mk(hi), a.ip_proto or b.ip_proto, sp, ep)
+    return TrafficSelector(mk(lo), mk(hi), proto, sp, ep)
 
 
 def narrow(
