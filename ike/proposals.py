@@ -7,12 +7,9 @@ from collections.abc import Sequence
 
 from .config import EspProposal, IkeProposal
 from .constants import (
-    DhGroup,
-    EncrId,
     EsnId,
     IntegId,
     NotifyType,
-    PrfId,
     ProtocolId,
     TransformType,
 )
@@ -23,33 +20,30 @@ from .payloads import Proposal, SAPayload, TrafficSelector, Transform
 _KNOWN_TYPES = {int(t) for t in TransformType}
 
 
+def _ike_transforms(encr: int, key_bits: int, prf: int, integ: int, dh: int) -> list[Transform]:
+    t = [Transform(TransformType.ENCR, encr, key_bits), Transform(TransformType.PRF, prf)]
+    if integ != IntegId.NONE:
+        t.append(Transform(TransformType.INTEG, integ))
+    t.append(Transform(TransformType.DH, dh))
+    return t
+
+
 def ike_sa_payload(proposals: Sequence[IkeProposal], spi: bytes = b"") -> SAPayload:
     """Our offer; ``spi`` is empty in IKE_SA_INIT and the new SPI in an IKE rekey (§3.3.1)."""
-    out = []
-    for n, p in enumerate(proposals, 1):
-        t = [
-            Transform(TransformType.ENCR, p.encr, p.key_bits),
-            Transform(TransformType.PRF, p.prf),
+    return SAPayload(
+        [
+            Proposal(
+                n, ProtocolId.IKE, spi, _ike_transforms(p.encr, p.key_bits, p.prf, p.integ, p.dh)
+            )
+            for n, p in enumerate(proposals, 1)
         ]
-        if p.integ != IntegId.NONE:
-            t.append(Transform(TransformType.INTEG, p.integ))
-        t.append(Transform(TransformType.DH, p.dh))
-        out.append(Proposal(n, ProtocolId.IKE, spi, t))
-    return SAPayload(out)
+    )
 
 
 def suite_payload(suite: IkeSuite, number: int, spi: bytes = b"") -> SAPayload:
-    """The single proposal a responder returns (§2.7)."""
-    p = IkeProposal(
-        EncrId(suite.encr),
-        suite.key_bits,
-        PrfId(suite.prf),
-        IntegId(suite.integ),
-        DhGroup(suite.dh),
-    )
-    sa = ike_sa_payload([p], spi)
-    sa.proposals[0].number = number
-    return sa
+    """The single proposal a responder returns (§2.7), numbered as the peer's."""
+    t = _ike_transforms(suite.encr, suite.key_bits, suite.prf, suite.integ, suite.dh)
+    return SAPayload([Proposal(number, ProtocolId.IKE, spi, t)])
 
 
 def _by_type(prop: Proposal) -> dict[int, list[Transform]] | None:

@@ -76,19 +76,20 @@ def _nat_payloads(sa: IkeSA, spi_i: bytes, spi_r: bytes) -> list[Payload]:
     ]
 
 
+_NAT_D_SRC = int(NotifyType.NAT_DETECTION_SOURCE_IP)  # ints: cheaper to compare than IntEnum
+_NAT_D_DST = int(NotifyType.NAT_DETECTION_DESTINATION_IP)
+
+
 def _check_nat(sa: IkeSA, msg: Inbound) -> bool:
     """Record what the peer's NAT_DETECTION payloads say; True if it sent any."""
     h = msg.header
-    srcs = [
-        n.data
-        for n in notifies(msg.payloads)
-        if n.notify_type == NotifyType.NAT_DETECTION_SOURCE_IP
-    ]
-    dsts = [
-        n.data
-        for n in notifies(msg.payloads)
-        if n.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP
-    ]
+    srcs: list[bytes] = []
+    dsts: list[bytes] = []
+    for n in notifies(msg.payloads):
+        if n.notify_type == _NAT_D_SRC:
+            srcs.append(n.data)
+        elif n.notify_type == _NAT_D_DST:
+            dsts.append(n.data)
     if not srcs and not dsts:
         return False
     sa.nat_detected_remote = bool(srcs) and nat_hash(h.spi_i, h.spi_r, msg.addr) not in srcs
