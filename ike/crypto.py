@@ -1,7 +1,7 @@
 """IKEv2 cryptography: DH groups, PRF/prf+, key derivation and the SK payload.
 
 Everything goes through pyca/cryptography, except the PRF: HMAC built on
-``hashlib`` (the same HMAC, cheaper per call; see ``_KeyedHmac``).
+``hashlib`` (the same HMAC, cheaper per call; see ``KeyedHmac``).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ _IPAD = bytes(b ^ 0x36 for b in range(256))  # bytes.translate tables: XOR each 
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
-class _KeyedHmac:
+class KeyedHmac:
     """HMAC under one key: the hash states after the ipad and opad blocks."""
 
     __slots__ = ("_inner", "_outer")
@@ -211,13 +211,17 @@ class Prf:
     _block: int = field(repr=False, compare=False)
 
     def __call__(self, key: bytes, data: bytes) -> bytes:
-        return _KeyedHmac(self._new, self._block, key).mac(data)
+        return KeyedHmac(self._new, self._block, key).mac(data)
+
+    def keyed(self, key: bytes) -> KeyedHmac:
+        """This PRF under ``key``, for several messages (``.mac(data)``)."""
+        return KeyedHmac(self._new, self._block, key)
 
     def plus(self, key: bytes, seed: bytes, length: int) -> bytes:
         """prf+ (§2.13): T1 = prf(K, S | 0x01), Tn = prf(K, Tn-1 | S | n)."""
         if length > 255 * self.size:
             raise ValueError("prf+ output limited to 255 blocks")
-        keyed = _KeyedHmac(self._new, self._block, key)
+        keyed = KeyedHmac(self._new, self._block, key)
         out = bytearray()
         t = b""
         n = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from ..constants import (
 from ..crypto import (
     DhKey,
     IkeSuite,
+    KeyedHmac,
+    Prf,
     derive_ike_keys,
     dh_generate,
     get_prf,
@@ -231,7 +234,15 @@ def psk_auth(sa: IkeSA, psk: bytes, mine: bool, id_payload: IDPayload) -> bytes:
         octets = sa.init_request + sa.nr + ch.prf(ch.keys.sk_pi, id_payload.rest())
     else:
         octets = sa.init_response + sa.ni + ch.prf(ch.keys.sk_pr, id_payload.rest())
-    return ch.prf(ch.prf(psk, KEY_PAD), octets)
+    return _psk_key(ch.prf, psk).mac(octets)
+
+
+# prf(PSK, "Key Pad for IKEv2") depends only on the PRF and the PSK: computed once
+# per pair, kept keyed (its HMAC pads hashed). Bounded; a PSK changed by a reload
+# is another key, so a stale entry is never used, only evicted.
+@functools.lru_cache(maxsize=32)
+def _psk_key(prf: Prf, psk: bytes) -> KeyedHmac:
+    return prf.keyed(prf(psk, KEY_PAD))
 
 
 def _check_peer(sa: IkeSA, idp: IDPayload, auth: AuthPayload) -> str | None:

@@ -1,12 +1,15 @@
-"""The codec's caches and shortcuts give the same values as building afresh.
+"""The engine's caches and shortcuts give the same values as computing afresh.
 
 ``_parse_ts`` keeps wire record -> TrafficSelector (bounded); ``_intersect``
-returns one of its operands when the intersection equals it. The oracle for
-the parsed values is the ``ipaddress`` module on the same octets.
+returns one of its operands when the intersection equals it; identities are
+decoded once; prf(PSK, "Key Pad for IKEv2") is kept per (PRF, PSK). The oracles:
+the ``ipaddress`` module on the same octets, the stdlib ``hmac`` for §2.15, and
+a handshake after the PSK changed.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import struct
 
@@ -14,9 +17,14 @@ import pytest
 
 from ike import payloads
 from ike.buffer import Buffer
-from ike.constants import PayloadType
+from ike.config import Identity
+from ike.constants import IdType, PayloadType, PrfId
+from ike.crypto import get_prf
 from ike.payloads import TrafficSelector, TSPayload, build_chain, parse_chain
 from ike.proposals import narrow
+from ike.tasks.initial import _psk_key
+
+from .pair import Pair, configs
 
 
 def _wire(*selectors: tuple[int, bytes, bytes, int, int, int]) -> bytes:
@@ -89,3 +97,48 @@ def test_narrow_partial_overlap_builds_a_new_selector() -> None:
         ipaddress.IPv4Address("192.0.2.30"), ipaddress.IPv4Address("192.0.2.50"), 6, 49, 49
     )
     assert got is not o and got is not a
+
+
+def test_psk_key_is_the_rfc7296_key_pad_per_psk() -> None:
+    """§2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets), for each PSK apart."""
+    octets = b"signed octets " * 20
+    for prf_id in (PrfId.HMAC_SHA2_256, PrfId.HMAC_SHA2_512):
+        prf = get_prf(prf_id)
+        for psk in (b"psk one 0123456789", b"psk two 0123456789"):
+            pad = hmac.digest(psk, b"Key Pad for IKEv2", prf.hash_name)
+            want = hmac.digest(pad, octets, prf.hash_name)
+            assert _psk_key(prf, psk).mac(octets) == want
+            assert _psk_key(prf, psk).mac(octets) == want  # from the cache
+
+
+def test_changed_psk_is_used_after_a_handshake_with_the_old_one() -> None:
+    ci, cr = configs(psk=b"first shared key 0123")
+    p = Pair(ci, cr)
+    p.i.initiate(0.0)
+    p.roundtrip()
+    assert p.i.established and p.r.established
+    # A reload: the responder now has another PSK; the initiator keeps the old one
+    cr2 = type(cr)(**{**vars(cr), "local_psk": b"second shared key 012"})
+    p2 = Pair(ci, cr2, seed=2)
+    p2.i.initiate(0.0)
+    p2.roundtrip()
+    assert not p2.i.established
+    assert not any(sa.established for sa in p2.ep.sas)
+    # Both sides on the new PSK: up again
+    ci3 = type(ci)(**{**vars(ci), "local_psk": b"second shared key 012"})
+    p3 = Pair(ci3, cr2, seed=3)
+    p3.i.initiate(0.0)
+    p3.roundtrip()
+    assert p3.i.established and p3.r.established
+
+
+def test_identity_decode_cached_values_and_errors() -> None:
+    a = Identity.decode(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 1]))
+    assert a == Identity(IdType.ID_IPV4_ADDR, "198.51.100.1")
+    assert Identity.decode(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 2])).value == "198.51.100.2"
+    assert Identity.decode(IdType.ID_FQDN, b"gw.example").value == "gw.example"
+    for _ in range(2):  # an error is raised every time, not cached as a value
+        with pytest.raises(ValueError):
+            Identity.decode(IdType.ID_IPV4_ADDR, b"\x01\x02\x03")
+        with pytest.raises(ValueError):
+            Identity.decode(IdType.ID_FQDN, b"\xff\xfe")
