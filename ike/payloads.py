@@ -105,6 +105,25 @@ class TrafficSelector:
     ip_proto: int = 0
     start_port: int = 0
     end_port: int = 65535
+    # The hash, computed once: the manager looks selectors up in caches for every
+    # Child SA, and ipaddress hashes each address through hex() every time. Made of
+    # ints only, so it is the same in every process (str hashes are salted per
+    # process, and selectors travel pickled to the data path workers).
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = (
+            self.start_addr.version,
+            int(self.start_addr),
+            int(self.end_addr),
+            self.ip_proto,
+            self.start_port,
+            self.end_port,
+        )
+        object.__setattr__(self, "_hash", hash(key))  # frozen: set once, here
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def ts_type(self) -> int:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -142,3 +146,29 @@ def test_identity_decode_cached_values_and_errors() -> None:
             Identity.decode(IdType.ID_IPV4_ADDR, b"\x01\x02\x03")
         with pytest.raises(ValueError):
             Identity.decode(IdType.ID_FQDN, b"\xff\xfe")
+
+
+def test_selector_hash_survives_pickling_into_another_process() -> None:
+    """The cached hash is the same in a process with another str-hash salt (the
+    split data path's workers receive selectors pickled)."""
+    ts = TrafficSelector.from_network("2001:db8:1::/48", 6, 49, 49)
+    v4 = TrafficSelector.from_network("192.0.2.0/24")
+    assert hash(ts) == hash(TrafficSelector.from_network("2001:db8:1::/48", 6, 49, 49))
+    assert {ts: 1}[TrafficSelector.from_network("2001:db8:1::/48", 6, 49, 49)] == 1
+    code = (
+        "import pickle, sys\n"
+        "from ike.payloads import TrafficSelector as T\n"
+        "got = pickle.loads(sys.stdin.buffer.read())\n"
+        "here = [T.from_network('2001:db8:1::/48', 6, 49, 49), T.from_network('192.0.2.0/24')]\n"
+        "table = dict.fromkeys(here, 'found')\n"
+        "print(*[table.get(t, 'missing') for t in got])\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=pickle.dumps([ts, v4]),
+        capture_output=True,
+        env=env,
+        check=True,
+    ).stdout
+    assert out.split() == [b"found", b"found"]
