@@ -105,22 +105,21 @@ class TrafficSelector:
     ip_proto: int = 0
     start_port: int = 0
     end_port: int = 65535
-    # The hash, computed once: the manager looks selectors up in caches for every
-    # Child SA, and ipaddress hashes each address through hex() every time. Made of
-    # ints only, so it is the same in every process (str hashes are salted per
-    # process, and selectors travel pickled to the data path workers).
+    # (IP version, start, end) as ints, for narrowing (ipaddress converts on every
+    # int() call), and the hash, computed once: the manager looks selectors up in
+    # caches for every Child SA, and ipaddress hashes each address through hex()
+    # every time. Ints only, so the hash is the same in every process (str hashes
+    # are salted per process; selectors travel pickled to the data path workers).
+    span: tuple[int, int, int] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        key = (
-            self.start_addr.version,
-            int(self.start_addr),
-            int(self.end_addr),
-            self.ip_proto,
-            self.start_port,
-            self.end_port,
+        span = (self.start_addr.version, int(self.start_addr), int(self.end_addr))
+        # frozen: both set once, here
+        object.__setattr__(self, "span", span)
+        object.__setattr__(
+            self, "_hash", hash((*span, self.ip_proto, self.start_port, self.end_port))
         )
-        object.__setattr__(self, "_hash", hash(key))  # frozen: set once, here
 
     def __hash__(self) -> int:
         return self._hash
@@ -195,6 +194,9 @@ _TRANSFORM = struct.Struct("!BBH")  # type, reserved, id
 _U16 = struct.Struct("!H")
 _U16X2 = struct.Struct("!HH")
 _KEY_LENGTH_ATTR = 0x8000 | ATTR_KEY_LENGTH  # TV format (AF bit set), §3.3.5
+# A whole transform in one pack (§3.3.2): generic header + _TRANSFORM [+ key length]
+_TRANSFORM_8 = struct.Struct("!BBHBBH")
+_TRANSFORM_12 = struct.Struct("!BBHBBHHH")
 
 
 def _underrun(pos: int, n: int, end: int) -> BufferReadError:
@@ -281,12 +283,10 @@ def _build_sa(p: SAPayload) -> bytes:
         for j, t in enumerate(prop.transforms):
             last = 0 if j == ntrans - 1 else 3
             if t.key_length is None:
-                parts.append(_GENERIC.pack(last, 0, 8) + _TRANSFORM.pack(t.type, 0, t.id))
+                parts.append(_TRANSFORM_8.pack(last, 0, 8, t.type, 0, t.id))
             else:
                 parts.append(
-                    _GENERIC.pack(last, 0, 12)
-                    + _TRANSFORM.pack(t.type, 0, t.id)
-                    + _U16X2.pack(_KEY_LENGTH_ATTR, t.key_length)
+                    _TRANSFORM_12.pack(last, 0, 12, t.type, 0, t.id, _KEY_LENGTH_ATTR, t.key_length)
                 )
         body = b"".join(parts)
         out.append(_GENERIC.pack(0 if i == nprops - 1 else 2, 0, 4 + len(body)))

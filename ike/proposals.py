@@ -194,12 +194,13 @@ def esp_response_payload(chosen: EspProposal, number: int, spi: int, pfs: int | 
 
 
 def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
-    if a.start_addr.version != b.start_addr.version:
+    version, a_lo, a_hi = a.span
+    b_version, b_lo, b_hi = b.span
+    if version != b_version:
         return None
     if a.ip_proto and b.ip_proto and a.ip_proto != b.ip_proto:
         return None
-    lo = max(int(a.start_addr), int(b.start_addr))
-    hi = min(int(a.end_addr), int(b.end_addr))
+    lo, hi = max(a_lo, b_lo), min(a_hi, b_hi)
     sp, ep = max(a.start_port, b.start_port), min(a.end_port, b.end_port)
     if lo > hi or sp > ep:
         return None
@@ -207,13 +208,9 @@ def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None
     # Usually one side holds the other (the peer proposes our selector, or a part
     # of it): return that object rather than build an equal one (it is immutable).
     for ts in (a, b):
-        if (
-            lo == int(ts.start_addr)
-            and hi == int(ts.end_addr)
-            and (sp, ep, proto) == (ts.start_port, ts.end_port, ts.ip_proto)
-        ):
+        if (lo, hi) == ts.span[1:] and (sp, ep, proto) == (ts.start_port, ts.end_port, ts.ip_proto):
             return ts
-    mk = ipaddress.IPv4Address if a.start_addr.version == 4 else ipaddress.IPv6Address
+    mk = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
     return TrafficSelector(mk(lo), mk(hi), proto, sp, ep)
 
 
