@@ -56,13 +56,15 @@ def _by_type(prop: Proposal) -> dict[int, list[Transform]] | None:
     return groups
 
 
+_NONE_MAY_BE_LEFT_OUT = frozenset({int(TransformType.INTEG), int(TransformType.DH)})
+
+
 def _offers(groups: dict[int, list[Transform]], ttype: int, tid: int, klen: int | None) -> bool:
-    if tid == 0 and ttype in (TransformType.INTEG, TransformType.DH):
+    offered = groups.get(ttype, ())
+    if tid == 0 and ttype in _NONE_MAY_BE_LEFT_OUT:
         # "NONE" may be sent explicitly or left out (§3.3.2)
-        return all(t.id == 0 for t in groups.get(ttype, [])) or any(
-            t.id == 0 for t in groups.get(ttype, [])
-        )
-    return any(t.id == tid and t.key_length == klen for t in groups.get(ttype, []))
+        return all(t.id == 0 for t in offered) or any(t.id == 0 for t in offered)
+    return any(t.id == tid and t.key_length == klen for t in offered)
 
 
 def select_ike(
