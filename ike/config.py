@@ -23,14 +23,7 @@ class Identity:
     @classmethod
     def decode(cls, id_type: int, data: bytes) -> Identity:
         """Raises ValueError on an unknown type or bad encoding."""
-        t = IdType(id_type)
-        if (t == IdType.ID_IPV4_ADDR and len(data) == 4) or (
-            t == IdType.ID_IPV6_ADDR and len(data) == 16
-        ):
-            return cls(t, str(ipaddress.ip_address(data)))
-        if t in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR, IdType.ID_KEY_ID):
-            return cls(t, data.decode("utf-8", "strict"))
-        raise ValueError(f"unsupported identity {t.name}/{len(data)}")
+        return _decode_identity(id_type, data)
 
     @classmethod
     def address(cls, addr: str) -> Identity:
@@ -39,6 +32,21 @@ class Identity:
 
     def __str__(self) -> str:
         return f"{self.id_type.name}:{self.value}"
+
+
+# A peer sends the same identity in every IKE_AUTH: decoding it (an IntEnum, and
+# ipaddress for an address) costs more than a lookup. Identity is immutable;
+# errors (ValueError) are not cached.
+@functools.lru_cache(maxsize=256)
+def _decode_identity(id_type: int, data: bytes) -> Identity:
+    t = IdType(id_type)
+    if (t == IdType.ID_IPV4_ADDR and len(data) == 4) or (
+        t == IdType.ID_IPV6_ADDR and len(data) == 16
+    ):
+        return Identity(t, str(ipaddress.ip_address(data)))
+    if t in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR, IdType.ID_KEY_ID):
+        return Identity(t, data.decode("utf-8", "strict"))
+    raise ValueError(f"unsupported identity {t.name}/{len(data)}")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,7 +1,7 @@
 """IKEv2 cryptography: DH groups, PRF/prf+, key derivation and the SK payload.
 
-Everything goes through pyca/cryptography (plus the stdlib ``hmac`` for the
-PRF, which is the same HMAC and cheaper per call).
+Everything goes through pyca/cryptography, except the PRF: HMAC built on
+``hashlib`` (the same HMAC, cheaper per call; see ``KeyedHmac``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x25519
@@ -168,24 +169,64 @@ _PRF_HASH = {
 }
 
 
+# HMAC (RFC 2104) from hashlib objects: the key XOR ipad / opad are hashed
+# once, and each MAC under that key copies the two states. In CPython 3.11 with
+# OpenSSL 3 ``hmac.digest`` costs ~2.6 us per call (a digest fetch and a key
+# schedule every time); a keyed copy costs ~0.65 us, a one-shot ~1.5 us. An IKE
+# handshake makes ~16 PRF calls per side, 9 of them prf+ blocks under one key.
+_IPAD = bytes(b ^ 0x36 for b in range(256))  # bytes.translate tables: XOR each octet
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+class KeyedHmac:
+    """HMAC under one key: the hash states after the ipad and opad blocks."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, new: Callable[[], Any], block: int, key: bytes) -> None:
+        if len(key) > block:  # RFC 2104 §2: a key longer than a block is hashed first
+            h = new()
+            h.update(key)
+            key = h.digest()
+        key = key.ljust(block, b"\x00")
+        self._inner = new()
+        self._inner.update(key.translate(_IPAD))
+        self._outer = new()
+        self._outer.update(key.translate(_OPAD))
+
+    def mac(self, data: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class Prf:
     prf_id: int
     hash_name: str
     size: int
+    _new: Callable[[], Any] = field(repr=False, compare=False)  # e.g. hashlib.sha256
+    _block: int = field(repr=False, compare=False)
 
     def __call__(self, key: bytes, data: bytes) -> bytes:
-        return hmac.digest(key, data, self.hash_name)
+        return KeyedHmac(self._new, self._block, key).mac(data)
+
+    def keyed(self, key: bytes) -> KeyedHmac:
+        """This PRF under ``key``, for several messages (``.mac(data)``)."""
+        return KeyedHmac(self._new, self._block, key)
 
     def plus(self, key: bytes, seed: bytes, length: int) -> bytes:
         """prf+ (§2.13): T1 = prf(K, S | 0x01), Tn = prf(K, Tn-1 | S | n)."""
         if length > 255 * self.size:
             raise ValueError("prf+ output limited to 255 blocks")
+        keyed = KeyedHmac(self._new, self._block, key)
         out = bytearray()
         t = b""
         n = 1
         while len(out) < length:
-            t = self(key, t + seed + bytes([n]))
+            t = keyed.mac(t + seed + bytes([n]))
             out += t
             n += 1
         return bytes(out[:length])
@@ -194,7 +235,9 @@ class Prf:
 @functools.cache  # a handful of PRFs; Prf is frozen
 def get_prf(prf_id: int) -> Prf:
     name = _PRF_HASH[PrfId(prf_id)]
-    return Prf(prf_id, name, hashlib.new(name).digest_size)
+    new = getattr(hashlib, name)  # the named constructor: cheaper than hashlib.new(name)
+    h = new()
+    return Prf(prf_id, name, h.digest_size, new, h.block_size)
 
 
 def skeyseed(prf: Prf, ni: bytes, nr: bytes, g_ir: bytes) -> bytes:

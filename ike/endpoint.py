@@ -245,8 +245,12 @@ class IkeEndpoint:
         return out
 
     def get_timer(self) -> float | None:
-        times = [t for t in (sa.get_timer() for sa in self.sas) if t is not None]
-        return min(times) if times else None
+        best: float | None = None
+        for sa in self.sas:
+            t = sa.get_timer()
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
 
     def next_event(self) -> IkeEvent | None:
         if self._dirty:

@@ -105,6 +105,24 @@ class TrafficSelector:
     ip_proto: int = 0
     start_port: int = 0
     end_port: int = 65535
+    # (IP version, start, end) as ints, for narrowing (ipaddress converts on every
+    # int() call), and the hash, computed once: the manager looks selectors up in
+    # caches for every Child SA, and ipaddress hashes each address through hex()
+    # every time. Ints only, so the hash is the same in every process (str hashes
+    # are salted per process; selectors travel pickled to the data path workers).
+    span: tuple[int, int, int] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        span = (self.start_addr.version, int(self.start_addr), int(self.end_addr))
+        # frozen: both set once, here
+        object.__setattr__(self, "span", span)
+        object.__setattr__(
+            self, "_hash", hash((*span, self.ip_proto, self.start_port, self.end_port))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def ts_type(self) -> int:
@@ -176,6 +194,9 @@ _TRANSFORM = struct.Struct("!BBH")  # type, reserved, id
 _U16 = struct.Struct("!H")
 _U16X2 = struct.Struct("!HH")
 _KEY_LENGTH_ATTR = 0x8000 | ATTR_KEY_LENGTH  # TV format (AF bit set), §3.3.5
+# A whole transform in one pack (§3.3.2): generic header + _TRANSFORM [+ key length]
+_TRANSFORM_8 = struct.Struct("!BBHBBH")
+_TRANSFORM_12 = struct.Struct("!BBHBBHHH")
 
 
 def _underrun(pos: int, n: int, end: int) -> BufferReadError:
@@ -262,12 +283,10 @@ def _build_sa(p: SAPayload) -> bytes:
         for j, t in enumerate(prop.transforms):
             last = 0 if j == ntrans - 1 else 3
             if t.key_length is None:
-                parts.append(_GENERIC.pack(last, 0, 8) + _TRANSFORM.pack(t.type, 0, t.id))
+                parts.append(_TRANSFORM_8.pack(last, 0, 8, t.type, 0, t.id))
             else:
                 parts.append(
-                    _GENERIC.pack(last, 0, 12)
-                    + _TRANSFORM.pack(t.type, 0, t.id)
-                    + _U16X2.pack(_KEY_LENGTH_ATTR, t.key_length)
+                    _TRANSFORM_12.pack(last, 0, 12, t.type, 0, t.id, _KEY_LENGTH_ATTR, t.key_length)
                 )
         body = b"".join(parts)
         out.append(_GENERIC.pack(0 if i == nprops - 1 else 2, 0, 4 + len(body)))
@@ -281,12 +300,22 @@ def _build_sa(p: SAPayload) -> bytes:
 _TS_HEAD = struct.Struct("!BBHHH")  # type, protocol, length, start port, end port
 
 
+# Wire record (type .. end address) -> TrafficSelector. A peer sends the same
+# selectors in every IKE_AUTH and CREATE_CHILD_SA, and building the two ipaddress
+# objects costs more than the rest of the TS payload. TrafficSelector and the
+# addresses are immutable, so one object can be shared; the size is bounded
+# (emptied when full) whatever a peer sends.
+_TS_CACHE: dict[bytes, TrafficSelector] = {}
+_TS_CACHE_MAX = 256
+
+
 def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
     if pos + 4 > end:
         raise _underrun(pos, 4 if pos < end else 1, end)
     count = data[pos]
     pos += 4
     selectors: list[TrafficSelector] = []
+    cache = _TS_CACHE
     for _ in range(count):
         if pos + 4 > end:
             raise _underrun(pos, 4, end)
@@ -300,11 +329,18 @@ def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
             raise DecodeError(f"unsupported traffic selector type {ts_type}/len {slen}")
         if pos + slen > end:
             raise _underrun(pos + 4, slen - 4, end)
-        _, _, _, sp, ep = _TS_HEAD.unpack_from(data, pos)
-        a = cls(data[pos + 8 : pos + 8 + alen])
-        b = cls(data[pos + 8 + alen : pos + slen])
+        record = data[pos : pos + slen]
+        ts = cache.get(record)
+        if ts is None:
+            _, _, _, sp, ep = _TS_HEAD.unpack_from(record)
+            a = cls(record[8 : 8 + alen])
+            b = cls(record[8 + alen :])
+            ts = TrafficSelector(a, b, proto, sp, ep)
+            if len(cache) >= _TS_CACHE_MAX:
+                cache.clear()
+            cache[record] = ts
         pos += slen
-        selectors.append(TrafficSelector(a, b, proto, sp, ep))
+        selectors.append(ts)
     if pos != end:
         raise DecodeError("trailing bytes in TS payload")
     return TSPayload(selectors, ptype)

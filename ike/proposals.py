@@ -7,12 +7,9 @@ from collections.abc import Sequence
 
 from .config import EspProposal, IkeProposal
 from .constants import (
-    DhGroup,
-    EncrId,
     EsnId,
     IntegId,
     NotifyType,
-    PrfId,
     ProtocolId,
     TransformType,
 )
@@ -23,33 +20,30 @@ from .payloads import Proposal, SAPayload, TrafficSelector, Transform
 _KNOWN_TYPES = {int(t) for t in TransformType}
 
 
+def _ike_transforms(encr: int, key_bits: int, prf: int, integ: int, dh: int) -> list[Transform]:
+    t = [Transform(TransformType.ENCR, encr, key_bits), Transform(TransformType.PRF, prf)]
+    if integ != IntegId.NONE:
+        t.append(Transform(TransformType.INTEG, integ))
+    t.append(Transform(TransformType.DH, dh))
+    return t
+
+
 def ike_sa_payload(proposals: Sequence[IkeProposal], spi: bytes = b"") -> SAPayload:
     """Our offer; ``spi`` is empty in IKE_SA_INIT and the new SPI in an IKE rekey (§3.3.1)."""
-    out = []
-    for n, p in enumerate(proposals, 1):
-        t = [
-            Transform(TransformType.ENCR, p.encr, p.key_bits),
-            Transform(TransformType.PRF, p.prf),
+    return SAPayload(
+        [
+            Proposal(
+                n, ProtocolId.IKE, spi, _ike_transforms(p.encr, p.key_bits, p.prf, p.integ, p.dh)
+            )
+            for n, p in enumerate(proposals, 1)
         ]
-        if p.integ != IntegId.NONE:
-            t.append(Transform(TransformType.INTEG, p.integ))
-        t.append(Transform(TransformType.DH, p.dh))
-        out.append(Proposal(n, ProtocolId.IKE, spi, t))
-    return SAPayload(out)
+    )
 
 
 def suite_payload(suite: IkeSuite, number: int, spi: bytes = b"") -> SAPayload:
-    """The single proposal a responder returns (§2.7)."""
-    p = IkeProposal(
-        EncrId(suite.encr),
-        suite.key_bits,
-        PrfId(suite.prf),
-        IntegId(suite.integ),
-        DhGroup(suite.dh),
-    )
-    sa = ike_sa_payload([p], spi)
-    sa.proposals[0].number = number
-    return sa
+    """The single proposal a responder returns (§2.7), numbered as the peer's."""
+    t = _ike_transforms(suite.encr, suite.key_bits, suite.prf, suite.integ, suite.dh)
+    return SAPayload([Proposal(number, ProtocolId.IKE, spi, t)])
 
 
 def _by_type(prop: Proposal) -> dict[int, list[Transform]] | None:
@@ -62,13 +56,15 @@ def _by_type(prop: Proposal) -> dict[int, list[Transform]] | None:
     return groups
 
 
+_NONE_MAY_BE_LEFT_OUT = frozenset({int(TransformType.INTEG), int(TransformType.DH)})
+
+
 def _offers(groups: dict[int, list[Transform]], ttype: int, tid: int, klen: int | None) -> bool:
-    if tid == 0 and ttype in (TransformType.INTEG, TransformType.DH):
+    offered = groups.get(ttype, ())
+    if tid == 0 and ttype in _NONE_MAY_BE_LEFT_OUT:
         # "NONE" may be sent explicitly or left out (§3.3.2)
-        return all(t.id == 0 for t in groups.get(ttype, [])) or any(
-            t.id == 0 for t in groups.get(ttype, [])
-        )
-    return any(t.id == tid and t.key_length == klen for t in groups.get(ttype, []))
+        return all(t.id == 0 for t in offered) or any(t.id == 0 for t in offered)
+    return any(t.id == tid and t.key_length == klen for t in offered)
 
 
 def select_ike(
@@ -200,17 +196,24 @@ def esp_response_payload(chosen: EspProposal, number: int, spi: int, pfs: int | 
 
 
 def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
-    if a.start_addr.version != b.start_addr.version:
+    version, a_lo, a_hi = a.span
+    b_version, b_lo, b_hi = b.span
+    if version != b_version:
         return None
     if a.ip_proto and b.ip_proto and a.ip_proto != b.ip_proto:
         return None
-    lo = max(int(a.start_addr), int(b.start_addr))
-    hi = min(int(a.end_addr), int(b.end_addr))
+    lo, hi = max(a_lo, b_lo), min(a_hi, b_hi)
     sp, ep = max(a.start_port, b.start_port), min(a.end_port, b.end_port)
     if lo > hi or sp > ep:
         return None
-    mk = ipaddress.IPv4Address if a.start_addr.version == 4 else ipaddress.IPv6Address
-    return TrafficSelector(mk(lo), mk(hi), a.ip_proto or b.ip_proto, sp, ep)
+    proto = a.ip_proto or b.ip_proto
+    # Usually one side holds the other (the peer proposes our selector, or a part
+    # of it): return that object rather than build an equal one (it is immutable).
+    for ts in (a, b):
+        if (lo, hi) == ts.span[1:] and (sp, ep, proto) == (ts.start_port, ts.end_port, ts.ip_proto):
+            return ts
+    mk = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    return TrafficSelector(mk(lo), mk(hi), proto, sp, ep)
 
 
 def narrow(

@@ -342,18 +342,23 @@ class IkeSA:
         return now + lifetime * REKEY_SHARE[0 if self.initiator else 1]
 
     def get_timer(self) -> float | None:
+        # The earliest of: retransmissions, retiring channels' expiry, the half-open
+        # limit, and once established the IKE and Child SA lifetimes. The daemon asks
+        # after every datagram, for every SA: one pass, no lists.
         if self.state == State.DEAD:
             return None
-        times = [c.pending.deadline for c in (self.ch, *self.retiring) if c.pending]
-        times += [c.expire_at for c in self.retiring if c.expire_at is not None]
-        if self.half_open_deadline is not None:
-            times.append(self.half_open_deadline)
+        t = self.half_open_deadline
+        if self.ch.pending is not None:
+            t = _earliest(t, self.ch.pending.deadline)
+        for c in self.retiring:
+            if c.pending is not None:
+                t = _earliest(t, c.pending.deadline)
+            t = _earliest(t, c.expire_at)
         if self.state == State.ESTABLISHED:
-            if self.ike_rekey_at is not None:
-                times.append(self.ike_rekey_at)
-            for c in self.children.values():
-                times += [t for t in (c.rekey_at, c.expire_at) if t is not None]
-        return min(times) if times else None
+            t = _earliest(t, self.ike_rekey_at)
+            for child in self.children.values():
+                t = _earliest(_earliest(t, child.rekey_at), child.expire_at)
+        return t
 
     def _lifetimes(self, now: float) -> None:
         if self.state != State.ESTABLISHED:
@@ -691,6 +696,15 @@ class IkeSA:
             self._switch_after_response()
             self._switch_after_response = None
         self._start_next(now)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional times (None: no deadline)."""
+    if a is None:
+        return b
+    if b is None or a <= b:
+        return a
+    return b
 
 
 def _unsupported_critical(payloads: list[Payload]) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import ipaddress
 import logging
 import signal
@@ -456,6 +457,12 @@ async def serve(gw: Gateway, config_path: str) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path)
+        # Start-up objects (config, pyroute2, asyncio, modules) live as long as we do:
+        # out of the collector's reach, every full collection no longer walks them
+        # (the handshakes allocate enough to trigger collections; see
+        # docs/performance.md, IKE responder).
+        gc.collect()
+        gc.freeze()
         print("ready", flush=True)
         await stop.wait()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")

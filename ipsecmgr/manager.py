@@ -659,91 +659,109 @@ class Manager:
         if state is None:
             log.warning("event for an IKE SA without a crypto map: %s", type(event).__name__)
             return
-        name = state.cmap.name
         if self.trace is not None:
-            trace_ike_event(self.trace, event, name)
-        if isinstance(event, ev.IkeSaEstablished):
-            state.ike_sa = self.endpoint.find_sa(event.ike_sa)
-            state.status = "established"
-            state.last_error = ""
-            state.established_at = now
+            trace_ike_event(self.trace, event, state.cmap.name)
+        # One handler per event class (the engine's events are final dataclasses:
+        # the exact type decides); events without one (NatDetected) need nothing here.
+        handler = _EVENT_HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, state, event, now)
+
+    def _on_ike_established(self, state: MapState, event: ev.IkeSaEstablished, now: float) -> None:
+        state.ike_sa = self.endpoint.find_sa(event.ike_sa)
+        state.status = "established"
+        state.last_error = ""
+        state.established_at = now
+        self._schedule(state, now)
+        if (sa := state.ike_sa) is not None:
+            sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
+            if (interval := state.cmap.dpd.interval) > 0:
+                self.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
+        log.info(
+            "crypto map %s: IKE SA up with %s (%s)",
+            state.cmap.name,
+            state.cmap.peer,
+            event.algorithms,
+        )
+
+    def _on_ike_rekeyed(self, state: MapState, event: ev.IkeSaRekeyed, now: float) -> None:
+        state.bump("ike_rekeyed")
+        if (sa := self.endpoint.find_sa(event.ike_sa)) is not None:
+            sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
+        if state.ike_sa is not None:
             self._schedule(state, now)
-            if (sa := state.ike_sa) is not None:
-                sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
-                if (interval := state.cmap.dpd.interval) > 0:
-                    self.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
-            log.info(
-                "crypto map %s: IKE SA up with %s (%s)", name, state.cmap.peer, event.algorithms
-            )
-        elif isinstance(event, ev.ChildSaInstalled):
-            self._install_child(state, event, now)
-        elif isinstance(event, ev.IkeSaRekeyed):
-            state.bump("ike_rekeyed")
-            if (sa := self.endpoint.find_sa(event.ike_sa)) is not None:
-                sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
-            if state.ike_sa is not None:
-                self._schedule(state, now)
-            log.info(
-                "crypto map %s: IKE SA rekeyed, SPIs %s/%s",
-                name,
-                event.spi_i.hex(),
-                event.spi_r.hex(),
-            )
-        elif isinstance(event, ev.ChildSaRekeyed):
-            state.bump("child_rekeyed")
-            log.info(
-                "crypto map %s: Child SA %d rekeyed as %d",
-                name,
-                event.old_child_id,
-                event.new_child_id,
-            )
-        elif isinstance(event, ev.ChildSaDeleted):
-            linger = now + REKEY_LINGER if event.reason == "rekeyed" else None
-            self._remove_child(state, (event.ike_sa, event.child_id), linger)
-            log.info("crypto map %s: Child SA %d deleted (%s)", name, event.child_id, event.reason)
-        elif isinstance(event, ev.IkeSaDeleted):
-            self.liveness.pop(event.ike_sa, None)
-            for key in [k for k in state.children if k[0] == event.ike_sa]:
-                self._remove_child(state, key)
-            if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
-                if state.status != "failed":
-                    state.status = "dead" if event.reason == "peer-dead" else "idle"
-                state.ike_sa = None
-                state.creating_child = False
-            log.info("crypto map %s: IKE SA deleted (%s)", name, event.reason)
-        elif isinstance(event, ev.PeerDead):
-            state.bump("peer_dead")
-            if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
-                state.status = "dead"  # not for a stale SA a newer one replaced
-            log.warning("crypto map %s: peer %s is dead", name, state.cmap.peer)
-        elif isinstance(event, ev.AuthenticationFailed):
-            state.status = "failed"
-            state.last_error = f"AUTHENTICATION_FAILED: {event.detail}"
-            state.bump("auth_failed")
-            log.error(
-                "crypto map %s: authentication failed: %s (%s)",
-                name,
-                event.detail,
-                "the identity or the pre-shared key did not match",
-            )
-        elif isinstance(event, ev.ExchangeFailed):
-            if event.exchange == "CREATE_CHILD_SA":
-                state.creating_child = False  # the next packet may try again
-            state.status = "failed" if state.status != "established" else state.status
-            who = "peer sent" if event.by_peer else "we sent"
-            state.last_error = f"{event.exchange}: {who} {event.notify}"
-            state.bump("exchange_failed")
-            log.error(
-                "crypto map %s: %s failed: %s %s (%s)",
-                name,
-                event.exchange,
-                who,
-                event.notify,
-                notify_meaning(event.notify, event.by_peer),
-            )
-        elif isinstance(event, ev.InitialContactReceived):
-            self._drop_others(state, event.ike_sa)
-            log.info("crypto map %s: INITIAL_CONTACT from %s", name, event.remote_id)
+        log.info(
+            "crypto map %s: IKE SA rekeyed, SPIs %s/%s",
+            state.cmap.name,
+            event.spi_i.hex(),
+            event.spi_r.hex(),
+        )
+
+    def _on_child_rekeyed(self, state: MapState, event: ev.ChildSaRekeyed, now: float) -> None:
+        state.bump("child_rekeyed")
+        log.info(
+            "crypto map %s: Child SA %d rekeyed as %d",
+            state.cmap.name,
+            event.old_child_id,
+            event.new_child_id,
+        )
+
+    def _on_child_deleted(self, state: MapState, event: ev.ChildSaDeleted, now: float) -> None:
+        linger = now + REKEY_LINGER if event.reason == "rekeyed" else None
+        self._remove_child(state, (event.ike_sa, event.child_id), linger)
+        log.info(
+            "crypto map %s: Child SA %d deleted (%s)", state.cmap.name, event.child_id, event.reason
+        )
+
+    def _on_ike_deleted(self, state: MapState, event: ev.IkeSaDeleted, now: float) -> None:
+        self.liveness.pop(event.ike_sa, None)
+        for key in [k for k in state.children if k[0] == event.ike_sa]:
+            self._remove_child(state, key)
+        if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
+            if state.status != "failed":
+                state.status = "dead" if event.reason == "peer-dead" else "idle"
+            state.ike_sa = None
+            state.creating_child = False
+        log.info("crypto map %s: IKE SA deleted (%s)", state.cmap.name, event.reason)
+
+    def _on_peer_dead(self, state: MapState, event: ev.PeerDead, now: float) -> None:
+        state.bump("peer_dead")
+        if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
+            state.status = "dead"  # not for a stale SA a newer one replaced
+        log.warning("crypto map %s: peer %s is dead", state.cmap.name, state.cmap.peer)
+
+    def _on_auth_failed(self, state: MapState, event: ev.AuthenticationFailed, now: float) -> None:
+        state.status = "failed"
+        state.last_error = f"AUTHENTICATION_FAILED: {event.detail}"
+        state.bump("auth_failed")
+        log.error(
+            "crypto map %s: authentication failed: %s (%s)",
+            state.cmap.name,
+            event.detail,
+            "the identity or the pre-shared key did not match",
+        )
+
+    def _on_exchange_failed(self, state: MapState, event: ev.ExchangeFailed, now: float) -> None:
+        if event.exchange == "CREATE_CHILD_SA":
+            state.creating_child = False  # the next packet may try again
+        state.status = "failed" if state.status != "established" else state.status
+        who = "peer sent" if event.by_peer else "we sent"
+        state.last_error = f"{event.exchange}: {who} {event.notify}"
+        state.bump("exchange_failed")
+        log.error(
+            "crypto map %s: %s failed: %s %s (%s)",
+            state.cmap.name,
+            event.exchange,
+            who,
+            event.notify,
+            notify_meaning(event.notify, event.by_peer),
+        )
+
+    def _on_initial_contact(
+        self, state: MapState, event: ev.InitialContactReceived, now: float
+    ) -> None:
+        self._drop_others(state, event.ike_sa)
+        log.info("crypto map %s: INITIAL_CONTACT from %s", state.cmap.name, event.remote_id)
 
     def _sa_options(self, state: MapState, event: ev.ChildSaInstalled) -> esp.SaOptions:
         """Mode, ESN, soft/hard limits in bytes and packets (seconds: the engine's)."""
@@ -979,3 +997,18 @@ class Manager:
 
     def map_status(self) -> dict[str, str]:
         return {name: _MAP_STATUS.get(s.status, s.status) for name, s in self.maps.items()}
+
+
+# Manager.on_event: event class -> handler
+_EVENT_HANDLERS: dict[type[ev.IkeEvent], Callable[[Manager, MapState, Any, float], None]] = {
+    ev.IkeSaEstablished: Manager._on_ike_established,
+    ev.ChildSaInstalled: Manager._install_child,
+    ev.IkeSaRekeyed: Manager._on_ike_rekeyed,
+    ev.ChildSaRekeyed: Manager._on_child_rekeyed,
+    ev.ChildSaDeleted: Manager._on_child_deleted,
+    ev.IkeSaDeleted: Manager._on_ike_deleted,
+    ev.PeerDead: Manager._on_peer_dead,
+    ev.AuthenticationFailed: Manager._on_auth_failed,
+    ev.ExchangeFailed: Manager._on_exchange_failed,
+    ev.InitialContactReceived: Manager._on_initial_contact,
+}

@@ -86,6 +86,7 @@ def wireshark_names(suite: IkeSuite) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=64)  # IkeSuite is frozen: one string per suite in use
+@functools.lru_cache(maxsize=64)  # per suite (frozen): every IkeSaEstablished names it
 def algorithms(suite: IkeSuite) -> str:
     from ..constants import DhGroup, IntegId, PrfId
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from ..constants import (
 from ..crypto import (
     DhKey,
     IkeSuite,
+    KeyedHmac,
+    Prf,
     derive_ike_keys,
     dh_generate,
     get_prf,
@@ -76,19 +79,20 @@ def _nat_payloads(sa: IkeSA, spi_i: bytes, spi_r: bytes) -> list[Payload]:
     ]
 
 
+_NAT_D_SRC = int(NotifyType.NAT_DETECTION_SOURCE_IP)  # ints: cheaper to compare than IntEnum
+_NAT_D_DST = int(NotifyType.NAT_DETECTION_DESTINATION_IP)
+
+
 def _check_nat(sa: IkeSA, msg: Inbound) -> bool:
     """Record what the peer's NAT_DETECTION payloads say; True if it sent any."""
     h = msg.header
-    srcs = [
-        n.data
-        for n in notifies(msg.payloads)
-        if n.notify_type == NotifyType.NAT_DETECTION_SOURCE_IP
-    ]
-    dsts = [
-        n.data
-        for n in notifies(msg.payloads)
-        if n.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP
-    ]
+    srcs: list[bytes] = []
+    dsts: list[bytes] = []
+    for n in notifies(msg.payloads):
+        if n.notify_type == _NAT_D_SRC:
+            srcs.append(n.data)
+        elif n.notify_type == _NAT_D_DST:
+            dsts.append(n.data)
     if not srcs and not dsts:
         return False
     sa.nat_detected_remote = bool(srcs) and nat_hash(h.spi_i, h.spi_r, msg.addr) not in srcs
@@ -230,7 +234,15 @@ def psk_auth(sa: IkeSA, psk: bytes, mine: bool, id_payload: IDPayload) -> bytes:
         octets = sa.init_request + sa.nr + ch.prf(ch.keys.sk_pi, id_payload.rest())
     else:
         octets = sa.init_response + sa.ni + ch.prf(ch.keys.sk_pr, id_payload.rest())
-    return ch.prf(ch.prf(psk, KEY_PAD), octets)
+    return _psk_key(ch.prf, psk).mac(octets)
+
+
+# prf(PSK, "Key Pad for IKEv2") depends only on the PRF and the PSK: computed once
+# per pair, kept keyed (its HMAC pads hashed). Bounded; a PSK changed by a reload
+# is another key, so a stale entry is never used, only evicted.
+@functools.lru_cache(maxsize=32)
+def _psk_key(prf: Prf, psk: bytes) -> KeyedHmac:
+    return prf.keyed(prf(psk, KEY_PAD))
 
 
 def _check_peer(sa: IkeSA, idp: IDPayload, auth: AuthPayload) -> str | None:

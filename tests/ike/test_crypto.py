@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,36 @@ def test_kdf_cavp(v: dict[str, Any]) -> None:
     g_new = h(v["g_ir_new"])
     assert child_keymat(prf, sk_d, ni, nr, clen, g_new).hex() == v["dkm_child_sa_dh"]
     assert skeyseed_rekey(prf, sk_d, g_new, ni, nr).hex() == v["skeyseed_rekey"]
+
+
+# RFC 4231 §4.7 (test case 6): a 131-byte key, longer than the SHA-2 block, is
+# hashed first (RFC 2104 §2). The PRF is HMAC on hashlib states, not ``hmac``.
+RFC4231_CASE6 = {
+    PrfId.HMAC_SHA2_256: "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+    PrfId.HMAC_SHA2_384: "4ece084485813e9088d2c63a041bc5b44f9ef1012a2b588f3cd11f05033ac4c6"
+    "0c2ef6ab4030fe8296248df163f44952",
+    PrfId.HMAC_SHA2_512: "80b24263c7c1a3ebb71493c1dd7be8b49b46d1f41b4aeec1121b013783f8f352"
+    "6b56d037e05f2598bd0fd2215d6a1e5295e64f73f63f0aec8b915a985d786598",
+}
+
+
+@pytest.mark.parametrize("prf_id", list(RFC4231_CASE6), ids=lambda p: p.name)
+def test_prf_rfc4231_long_key(prf_id: PrfId) -> None:
+    data = b"Test Using Larger Than Block-Size Key - Hash Key First"
+    assert get_prf(prf_id)(b"\xaa" * 131, data).hex() == RFC4231_CASE6[prf_id]
+
+
+@pytest.mark.parametrize("prf_id", list(PRF_BY_HASH.values()), ids=lambda p: p.name)
+@pytest.mark.parametrize("key_len", [0, 1, 20, 32, 63, 64, 65, 127, 128, 129, 300])
+def test_prf_matches_stdlib_hmac(prf_id: PrfId, key_len: int) -> None:
+    """Every key length around the block sizes (64 and 128 bytes), one-shot and prf+."""
+    prf = get_prf(prf_id)
+    key = bytes(range(256))[::-1][:key_len] + bytes(max(0, key_len - 256))
+    data = b"IKEv2 PRF check " * 5
+    assert prf(key, data) == hmac.digest(key, data, prf.hash_name)
+    t1 = hmac.digest(key, data + b"\x01", prf.hash_name)
+    t2 = hmac.digest(key, t1 + data + b"\x02", prf.hash_name)
+    assert prf.plus(key, data, prf.size + 5) == (t1 + t2)[: prf.size + 5]
 
 
 def test_derive_ike_keys_splits_dkm_in_rfc_order() -> None:
