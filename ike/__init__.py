@@ -83,6 +83,7 @@ from .events import (
 )
 from .payloads import TrafficSelector
 from .sa import IkeSA
+from .tasks.initial import forget_psk_keys
 
 __all__ = [
     "DEFAULT_IKE_PROPOSALS",
@@ -111,4 +112,5 @@ __all__ = [
     "PeerDead",
     "PrfId",
     "TrafficSelector",
+    "forget_psk_keys",
 ]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ike
 import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr import show, sockets
@@ -287,6 +288,7 @@ class Gateway:
         self.classifier = build_classifier(config, acls)
         self.datapath.classifier = self.classifier
         self.manager.reconfigure(config, acls, keep, self.now())
+        ike.forget_psk_keys()  # replaced PSKs must not linger in the engine's cache
         self.tracer.peers = peers_from_config(config)
         self._rearm()
         changed = sorted(set(config.crypto_maps) - keep)

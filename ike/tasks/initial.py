@@ -245,6 +245,13 @@ def _psk_key(prf: Prf, psk: bytes) -> KeyedHmac:
     return prf.keyed(prf(psk, KEY_PAD))
 
 
+def forget_psk_keys() -> None:
+    """Drop every cached ``prf(PSK, key pad)``. A PSK that a reload replaced is never
+    used again, but its derived key would stay in memory until evicted: the daemon
+    calls this on reload so that secrets do not outlive their configuration."""
+    _psk_key.cache_clear()
+
+
 def _check_peer(sa: IkeSA, idp: IDPayload, auth: AuthPayload) -> str | None:
     """None if the peer's ID and AUTH are right, else why not."""
     try:

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+import ike
 from ike import payloads
 from ike.buffer import Buffer
 from ike.config import Identity
@@ -172,3 +173,12 @@ def test_selector_hash_survives_pickling_into_another_process() -> None:
         check=True,
     ).stdout
     assert out.split() == [b"found", b"found"]
+
+
+def test_forget_psk_keys_drops_every_derived_psk() -> None:
+    # The daemon calls it on SIGHUP: a replaced PSK's derived key must not stay cached.
+    prf = get_prf(PrfId.HMAC_SHA2_256)
+    _psk_key(prf, b"old-psk-0123456789")
+    assert _psk_key.cache_info().currsize >= 1
+    ike.forget_psk_keys()
+    assert _psk_key.cache_info().currsize == 0
