@@ -55,7 +55,7 @@ import esp
 import npusim
 from esp.udp_encap import classify_udp4500
 from ipsecmgr.mss import clamp_mss
-from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, split_tun_read
+from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, internet_checksum, split_tun_read
 from ipsecmgr.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 
 BATCH = 64  # packets (segments, datagrams) drained per wake-up before yielding to the loop
@@ -108,18 +108,11 @@ def tun_write_segments(buf: bytes) -> int:
     return max(1, -(-payload // gso_size)) if gso_size else 1
 
 
-def ipv4_checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return int(~total & 0xFFFF)
-
-
 def build_ip_header(family: int, src: bytes, dst: bytes, proto: int, payload_len: int) -> bytes:
     """The IP header put back in front of a transport-mode payload (RFC 4303 §3.1.1)."""
     if family == socket.AF_INET:
         hdr = _IPV4_HDR.pack(0x45, 0, 20 + payload_len, 0, 0x4000, 64, proto, 0, src, dst)
-        return hdr[:10] + ipv4_checksum(hdr).to_bytes(2, "big") + hdr[12:]
+        return hdr[:10] + internet_checksum(hdr).to_bytes(2, "big") + hdr[12:]
     return struct.pack("!IHBB16s16s", 6 << 28, payload_len, proto, 64, src, dst)
 
 
