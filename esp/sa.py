@@ -198,36 +198,27 @@ class OutboundSA(_SecurityAssociation):
     Built per SA by :func:`_build_encapsulate`.
     """
 
-    def __init__(self, spi: int, key: bytes, *, seq: int = 1, **options: Unpack[SaOptions]) -> None:
-        """``seq`` is the next sequence number to send (RFC 4303 §3.3.3: starts at 1)."""
+    def __init__(
+        self,
+        spi: int,
+        key: bytes,
+        *,
+        seq: int = 1,
+        iv_source: Callable[[int], int] | None = None,
+        **options: Unpack[SaOptions],
+    ) -> None:
+        """``seq`` is the next sequence number to send (RFC 4303 §3.3.3: starts at 1).
+
+        ``iv_source(seq) -> int`` gives the 64-bit IV for a sequence number. Leave it
+        ``None`` (the IV is the sequence number, RFC 4106 §3.1's counter): reusing an IV
+        under one key breaks GCM completely. It exists so that known-answer vectors,
+        whose IVs are unrelated to their sequence numbers, test this very code path.
+        """
         super().__init__(spi, key, **options)
         if not 1 <= seq <= self._last_seq + 1:
             raise ValueError(f"next sequence number {seq} out of range")
         self.next_seq = seq
-        self.encapsulate = _build_encapsulate(self)
-
-    def _encapsulate_with_iv(self, payload: bytes, next_header: int, iv: bytes) -> bytes:
-        """:meth:`encapsulate` with a caller-chosen IV, for known-answer tests only.
-
-        Published vectors use IVs unrelated to the sequence number. Reusing an IV under
-        one key breaks GCM completely, which is why the data path never takes one.
-        """
-        seq = self.next_seq
-        if seq > self._last_seq:
-            raise SequenceExhausted(f"SPI 0x{self.spi:08x}: sequence numbers exhausted")
-        if len(iv) != IV_LEN:
-            raise ValueError("IV must be 8 bytes")
-        self.next_seq = seq + 1
-        trailer = _TRAILERS[next_header][(-2 - len(payload)) & 3]
-        if self.esn:
-            aad = _AAD_ESN.pack(self.spi, seq >> 32, seq & _M32)
-        else:
-            aad = _SPI_SEQ.pack(self.spi, seq)
-        header = _SPI_SEQ.pack(self.spi, seq & _M32) + iv
-        sealed = self._aead.encrypt(self._salt + iv, payload + trailer, aad)
-        self.counters.packets += 1
-        self.counters.bytes += len(payload)
-        return header + sealed
+        self.encapsulate = _build_encapsulate(self, iv_source)
 
     def status(self, now: float) -> LifetimeStatus:
         """Soft/hard expiry by packets, bytes, seconds since ``created``, and sequence.
@@ -271,7 +262,9 @@ class InboundSA(_SecurityAssociation):
 # tools/bench/esp.py: about 0.1 µs per packet less than the same code as methods.
 
 
-def _build_encapsulate(sa: OutboundSA) -> Callable[[bytes, int], bytes]:
+def _build_encapsulate(
+    sa: OutboundSA, iv_source: Callable[[int], int] | None
+) -> Callable[[bytes, int], bytes]:
     spi = sa.spi
     esn = sa.esn
     last_seq = sa._last_seq
@@ -295,14 +288,15 @@ def _build_encapsulate(sa: OutboundSA) -> Callable[[bytes, int], bytes]:
             trailer = trailers[next_header][(-2 - n) & 3]
         except KeyError:
             raise ValueError(f"next header must be 0..255, got {next_header!r}") from None
+        # IV = the 64-bit sequence number, nonce = salt ‖ IV (RFC 4106 §3.1, §4)
+        iv = seq if iv_source is None else iv_source(seq)
         if esn:
-            header = pack_header(spi, seq & _M32, seq)
+            header = pack_header(spi, seq & _M32, iv)
             aad = pack_aad_esn(spi, seq >> 32, seq & _M32)
         else:
-            header = pack_header(spi, seq, seq)
+            header = pack_header(spi, seq, iv)
             aad = header[:8]
-        # IV = the 64-bit sequence number, nonce = salt ‖ IV (RFC 4106 §3.1, §4)
-        sealed = encrypt(pack_nonce(salt, seq), payload + trailer, aad)
+        sealed = encrypt(pack_nonce(salt, iv), payload + trailer, aad)
         counters.packets += 1
         counters.bytes += n
         return header + sealed

@@ -1,8 +1,8 @@
 """Known-answer tests: published AES-GCM ESP packets (tests/vectors/esp_aes_gcm.json).
 
-The vectors' IVs are not their sequence numbers, so encapsulation is checked with
-the test-only ``_encapsulate_with_iv``; ``test_encapsulate_is_the_iv_variant_with_iv_seq``
-ties the real ``encapsulate`` to it byte for byte, and the scapy tests check
+The vectors' IVs are not their sequence numbers, so the production ``encapsulate``
+is given the vector's IV through ``iv_source``; ``test_default_iv_is_the_sequence_number``
+checks what the data path sends without one, and the scapy tests check
 ``encapsulate`` against an independent encoder.
 """
 
@@ -49,8 +49,11 @@ def test_vector_file_is_the_expected_one() -> None:
 
 @pytest.mark.parametrize("v", USABLE, ids=[v["id"] for v in USABLE])
 def test_encapsulate_matches_vector(v: dict[str, Any]) -> None:
-    sa = esp.OutboundSA(int(v["spi"], 16), _keymat(v), esn=v["esn"], seq=v["seq"])
-    packet = sa._encapsulate_with_iv(_payload(v), v["next_header"], bytes.fromhex(v["iv"]))
+    iv = int(v["iv"], 16)
+    sa = esp.OutboundSA(
+        int(v["spi"], 16), _keymat(v), esn=v["esn"], seq=v["seq"], iv_source=lambda _seq: iv
+    )
+    packet = sa.encapsulate(_payload(v), v["next_header"])
     assert packet.hex() == v["esp_packet"]
     assert sa.next_seq == v["seq"] + 1
     assert sa.counters.packets == 1
@@ -95,14 +98,17 @@ def test_unusable_vectors_are_refused(v: dict[str, Any]) -> None:
     seq=st.integers(1, (1 << 32) - 1),
     high=st.integers(0, 5),
 )
-def test_encapsulate_is_the_iv_variant_with_iv_seq(
+def test_default_iv_is_the_sequence_number(
     payload: bytes, next_header: int, esn: bool, seq: int, high: int
 ) -> None:
+    """RFC 4106 §3.1: without an IV source the IV is the full 64-bit sequence number,
+    and the packet is the one an explicit source giving that IV produces."""
     if esn:
         seq |= high << 32
     key = bytes(range(20))
-    fast = esp.OutboundSA(0x100, key, esn=esn, seq=seq)
-    slow = esp.OutboundSA(0x100, key, esn=esn, seq=seq)
-    assert fast.encapsulate(payload, next_header) == slow._encapsulate_with_iv(
-        payload, next_header, seq.to_bytes(8, "big")
-    )
+    default = esp.OutboundSA(0x100, key, esn=esn, seq=seq)
+    explicit = esp.OutboundSA(0x100, key, esn=esn, seq=seq, iv_source=lambda s: s)
+    packet = default.encapsulate(payload, next_header)
+    assert packet[4:8] == (seq & 0xFFFFFFFF).to_bytes(4, "big")
+    assert packet[8:16] == seq.to_bytes(8, "big")
+    assert packet == explicit.encapsulate(payload, next_header)
