@@ -6,9 +6,10 @@ does. Without ``-o`` the TOML goes to stdout and the report to stderr; a
 configuration with plain-text keys then needs ``-o`` (a key never goes to a
 terminal or a pipe).
 
-Exit status: 0 imported and valid with nothing for the operator to do; 1
-imported, but some line needs an action or is an error (the report says
-which), or the output does not pass ``check-config`` yet; 2 nothing written.
+Exit status: 0 imported, and the output passes ``check-config``; 1 imported,
+but a line could not be mapped (an ``error`` in the report) or the output does
+not pass ``check-config`` yet (typically: the key files of encrypted keys are
+still to be written); 2 nothing written.
 """
 
 from __future__ import annotations
@@ -47,8 +48,7 @@ def run_import(args: argparse.Namespace) -> int:
             return 2
         sys.stdout.write(result.toml)
         print(format_report(result, str(src)), file=sys.stderr)
-        needs = result.count("error") + result.count("action")
-        return 1 if needs else 0
+        return 1 if result.count("error") or result.missing_keys else 0
     try:
         written = write_import(result, out, force=args.force)
     except FileExistsError as exc:
@@ -61,12 +61,12 @@ def run_import(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}" + (" (mode 0600)" if path != out else ""))
     for name in result.missing_keys:
-        print(f"to do: write {out.parent / name} (mode 0600)")
+        if not (out.parent / name).exists():
+            print(f"to do: write {out.parent / name} (mode 0600)")
     diag = diagnose_config(out, validate_acl=validate_acl)
     for e in diag.errors:
         print(f"check-config: error: {e}")
     for w in diag.warnings:
         print(f"check-config: warning: {w}")
     print(f"check-config {out}: " + ("OK" if not diag.errors else f"{len(diag.errors)} error(s)"))
-    needs = result.count("error") + result.count("action")
-    return 1 if needs or diag.errors else 0
+    return 1 if result.count("error") or diag.errors else 0

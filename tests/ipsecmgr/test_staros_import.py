@@ -255,3 +255,25 @@ _WORDS = [
 def test_any_input_gives_a_report_not_a_crash(lines: list[list[str]]) -> None:
     result = import_staros("\n".join(" ".join(words) for words in lines))
     assert all(n.kind in ("ignored", "decision", "action", "error") for n in result.notes)
+
+
+def test_cli_exit_status_follows_check_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "staros.cfg", tmp_path / "etc" / "ipsecmgr.toml"
+    src.write_text(TUNNEL)
+    assert main(["import-staros", str(src), "-o", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "line 4 [error]" in printed and "unexpected '1'" in printed
+    assert f"to do: write {out.parent / 'psk-foo-local'} (mode 0600)" in printed
+    assert "check-config: error: access_list.foo.rules: ACL foo line 1: unexpected '1'" in printed
+    # The operator corrects the line and writes the two keys: the same import passes.
+    src.write_text(TUNNEL_FIXED)
+    for name in ("psk-foo-local", "psk-foo-remote"):
+        (out.parent / name).write_text(f"{name}\n")
+        (out.parent / name).chmod(0o600)
+    assert main(["import-staros", str(src), "-o", str(out), "--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "to do" not in printed and printed.rstrip().endswith(f"check-config {out}: OK")
+    # --force rewrote the TOML but left the operator's key files alone.
+    assert (out.parent / "psk-foo-local").read_text() == "psk-foo-local\n"
