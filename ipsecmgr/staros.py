@@ -48,6 +48,7 @@ from pathlib import Path
 
 from ipsecmgr.config import DH_GROUPS, MIN_LIFETIME
 from npusim import AclSyntaxError, Rule, parse_acl
+from npusim.packet import PORTS_OK, PROTO_TCP
 
 NOTE_KINDS = ("ignored", "decision", "action", "error")
 
@@ -157,6 +158,7 @@ class _TacacsServer:
     line: int
     address: IPAddress
     src_ip: IPAddress | None
+    port: int = 49
 
 
 @dataclass
@@ -600,8 +602,10 @@ def _h_tacacs_server(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
             "the TACACS+ shared secret belongs to the TACACS+ client (pam_tacplus "
             "secret=...), not to ipsecmgr; it is not copied",
         )  # fmt: skip
+    port_tok = _after(toks, "port")
+    port = r.integer(port_tok, n, "port", lo=1) if port_tok is not None else 49
     if server is not None:
-        r.tacacs.append(_TacacsServer(n, server, src))
+        r.tacacs.append(_TacacsServer(n, server, src, port or 49))
 
 
 def _h_tacacs_other(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
@@ -766,7 +770,14 @@ class _Writer:
             tun = self.crypto_map(m, ike_used, ipsec_extra, bound, len(gw_ifaces) > 1)
             if tun is not None:
                 tuns.append(tun)
+        used_names: set[str] = set()
         for name, m, src, routes in tuns:
+            # Linux interface names have at most 15 characters; keep them unique.
+            base, i = name, 1
+            while name in used_names:
+                i += 1
+                name = f"{base[: 15 - len(str(i))]}{i}"
+            used_names.add(name)
             self.emit("", f"# line {r.interfaces[bound[m.name]].line}: interface "
                       f"{bound[m.name]} / crypto-map {m.name}")  # fmt: skip
             self.emit(f"[tun.{_key_name(name)}]")
@@ -1086,7 +1097,7 @@ class _Writer:
             fam = srv.address.version
             for x in permits:
                 hit = parse_acl(acl.name, [x.text]).first_match(
-                    fam, 6, int(srv.src_ip), int(srv.address), 1024, 49, 1
+                    fam, PROTO_TCP, int(srv.src_ip), int(srv.address), 1024, srv.port, PORTS_OK
                 )  # fmt: skip
                 if hit is not None and hit.permit:
                     return str(srv.src_ip), routes

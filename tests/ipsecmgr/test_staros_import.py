@@ -22,6 +22,7 @@ from ipsecmgr.config import Config, ConfigDiagnosis, diagnose_config
 from ipsecmgr.daemon import validate_acl
 from ipsecmgr.staros import Imported, import_staros, write_import
 from npusim import parse_acl
+from npusim.packet import PORTS_OK
 
 EXAMPLES = Path(__file__).parent / "staros_examples"
 TUNNEL = (EXAMPLES / "tunnel-mode.cfg").read_text()
@@ -46,7 +47,7 @@ def _verdict(cfg: Config, acl: str, proto: int, src: str, dst: str, dport: int) 
     """The ACL's first-match verdict for one flow: True protect, False deny, None no match."""
     compiled = parse_acl(acl, list(cfg.access_lists[acl].rules))
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    rule = compiled.first_match(s.version, proto, int(s), int(d), 40000, dport, 1)
+    rule = compiled.first_match(s.version, proto, int(s), int(d), 40000, dport, PORTS_OK)
     return None if rule is None else rule.permit
 
 
@@ -277,3 +278,34 @@ def test_cli_exit_status_follows_check_config(
     assert "to do" not in printed and printed.rstrip().endswith(f"check-config {out}: OK")
     # --force rewrote the TOML but left the operator's key files alone.
     assert (out.parent / "psk-foo-local").read_text() == "psk-foo-local\n"
+
+
+def test_two_maps_share_an_interface_and_a_transform_set(tmp_path: Path) -> None:
+    result = import_staros((EXAMPLES / "two-maps.cfg").read_text())
+    assert result.count("error") == 0 and result.missing_keys == ()
+    assert set(result.keys) == {
+        "psk-tacacs-primary-local", "psk-tacacs-primary-remote",
+        "psk-tacacs-secondary-local", "psk-tacacs-secondary-remote",
+    }  # fmt: skip
+    # One lifetime per transform set: the conflict is reported at the second payload's line.
+    ((kind, msg),) = _notes(result, 27)
+    assert kind == "decision" and "7200 from line 17 and 3600 here" in msg
+    # src_ip: the primary's from tacacs mode (its ACL permits the server's flow on
+    # port 49), the secondary's only from its ACL's source host (a decision).
+    assert not any("src_ip" in m for _, m in _notes(result, 10))
+    assert any("src_ip 192.0.2.10 is the source host" in m for _, m in _notes(result, 20))
+    assert "X1" not in "".join(n.text for n in result.notes)
+    d = _load(result, tmp_path)
+    assert d.errors == [] and d.config is not None
+    cfg = d.config
+    assert cfg.ipsec_transform_sets["X"].lifetime_seconds == 7200
+    assert cfg.ipsec_transform_sets["X"].esp == "aes-gcm-128"
+    names = [t.name for t in cfg.tuns]
+    assert len(set(names)) == 2 and all(len(n) <= 15 for n in names)
+    assert {t.crypto_maps for t in cfg.tuns} == {("tacacs-primary",), ("tacacs-secondary",)}
+    for name in result.keys:
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    primary = cfg.crypto_maps["tacacs-primary"]
+    assert primary.local_psk.reveal() == b"abc" and primary.remote_psk.reveal() == b"def"
+    assert _verdict(cfg, "tacacs-primary", TCP, "192.0.2.10", "203.0.113.49", 49) is True
+    assert _verdict(cfg, "tacacs-primary", TCP, "192.0.2.10", "203.0.113.49", 22) is None
