@@ -249,7 +249,7 @@ class _Reader:
     # --- small value readers: report and return None on a bad value
 
     def integer(self, tok: str | None, lineno: int, what: str, lo: int = 0) -> int | None:
-        if tok is None or not tok.isdigit() or int(tok) < lo:
+        if tok is None or not _is_int(tok) or int(tok) < lo:
             self.note(lineno, "error", f"{what}: expected an integer >= {lo}, got {tok!r}")
             return None
         return int(tok)
@@ -268,6 +268,11 @@ def _find(table: list[tuple[tuple[str, ...], Handler]], toks: list[str]) -> Hand
         if tuple(low[: len(prefix)]) == prefix:
             return handler
     return None
+
+
+def _is_int(tok: str) -> bool:
+    # Not str.isdigit(): it accepts "²", which int() rejects.
+    return tok.isascii() and tok.isdigit()
 
 
 def _arg(toks: list[str], i: int) -> str | None:
@@ -359,7 +364,9 @@ def _h_set_value(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
     if value is None:
         r.note(n, "error", f"{toks[0]} without a value")
         return
-    f.obj.values[toks[0].lower()] = (n, value.lower())
+    key = toks[0].lower()
+    # StarOS spells the IKE SA cipher "encryption"; one key here.
+    f.obj.values["cipher" if key == "encryption" else key] = (n, value.lower())
 
 
 def _h_ikev1_ipsec_set(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
@@ -721,7 +728,7 @@ _HASH = {
 def _group(r: _Reader, line: int, value: str, what: str, *, allow_none: bool) -> int | str | None:
     if value == "none" and allow_none:
         return "none"
-    if value.isdigit() and int(value) in DH_GROUPS:
+    if _is_int(value) and int(value) in DH_GROUPS:
         return int(value)
     r.note(
         line, "decision",
@@ -865,7 +872,7 @@ class _Writer:
             self.emit(f"dh_group = {group}")
             if "lifetime" in v:
                 line, life = v["lifetime"]
-                if life.isdigit() and int(life) >= MIN_LIFETIME:
+                if _is_int(life) and int(life) >= MIN_LIFETIME:
                     self.emit(f"lifetime = {int(life)}  # line {line}")
                 else:
                     self.note(line, "error", f"lifetime {life!r} is not a number of seconds")
@@ -954,7 +961,7 @@ class _Writer:
             self.emit(f"mode = {_s(mode)}")
             if "lifetime" in v:
                 ll, life = v["lifetime"]
-                if life.isdigit() and int(life) >= MIN_LIFETIME:
+                if _is_int(life) and int(life) >= MIN_LIFETIME:
                     extra[s.name].setdefault("lifetime_seconds", life)
                 else:
                     self.note(ll, "error", f"lifetime {life!r} is not a number of seconds")

@@ -247,7 +247,8 @@ _WORDS = [
     "list", "group", "14", "2", "cipher", "aes-cbc-128", "lifetime", "rekey", "keepalive",
     "interface", "crypto-map", "peer", "set", "authentication", "local", "pre-shared-key",
     "key", "encrypted", "ikev2-ikesa", "max-retransmission", "tacacs", "mode", "server",
-    "priority", "ip-address", "\"", "exit", "/", "::1", "kilo-bytes", "99999999999",
+    "priority", "ip-address", "\"", "exit", "/", "::1", "kilo-bytes", "99999999999", "²",
+    "encryption", "aes-gcm-128", "none", "port", "nas-source-address", "keepalive", "dpd",
 ]  # fmt: skip
 
 
@@ -309,3 +310,14 @@ def test_two_maps_share_an_interface_and_a_transform_set(tmp_path: Path) -> None
     assert primary.local_psk.reveal() == b"abc" and primary.remote_psk.reveal() == b"def"
     assert _verdict(cfg, "tacacs-primary", TCP, "192.0.2.10", "203.0.113.49", 49) is True
     assert _verdict(cfg, "tacacs-primary", TCP, "192.0.2.10", "203.0.113.49", 22) is None
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["ikev2-ikesa max-retransmission ²", "ikev2-ikesa retransmission-timeout 1e3",
+     "keepalive interval ² timeout 10", "payload p match ipv4\nlifetime ³"],
+)  # fmt: skip
+def test_bad_numbers_are_reported_errors(line: str) -> None:
+    text = f"context local\ncrypto map foo ikev2-ipv4\n{line}\n"
+    result = import_staros(text)
+    assert any(n.kind == "error" and "expected an integer" in n.message for n in result.notes)
