@@ -321,3 +321,58 @@ def test_bad_numbers_are_reported_errors(line: str) -> None:
     text = f"context local\ncrypto map foo ikev2-ipv4\n{line}\n"
     result = import_staros(text)
     assert any(n.kind == "error" and "expected an integer" in n.message for n in result.notes)
+
+
+PARAMETERS = """\
+configure
+  context local
+    ip access-list acl1
+      permit tcp host 192.0.2.1 host 203.0.113.49 eq 49
+    #exit
+    ikev2-ikesa transform-set ike1
+      encryption aes-cbc-256
+      hmac sha2-256-128
+      prf sha2-384
+      group 20
+      lifetime 28800
+    #exit
+    ipsec transform-set esp1
+      cipher aes-gcm-128
+      group none
+    #exit
+    crypto map m1 ikev2-ipv4
+      match address acl1
+      peer 198.51.100.7
+      authentication local pre-shared-key key k-local
+      ikev2-ikesa transform-set list ike1
+      keepalive interval 20 timeout 5 num-retry 4
+      payload p1 match ipv4
+        ipsec transform-set list esp1
+        lifetime 1800 kilo-bytes 4000
+        rekey
+      #exit
+    #exit
+    interface eth0
+      ip address 198.51.100.8 255.255.255.0
+      crypto-map m1
+    #exit
+end
+"""
+
+
+def test_each_parameter_lands_in_its_key(tmp_path: Path) -> None:
+    result = import_staros(PARAMETERS)
+    assert result.count("error") == 0
+    d = _load(result, tmp_path)
+    assert d.errors == [] and d.config is not None
+    ike = d.config.ike_transform_sets["ike1"]
+    assert (ike.encryption, ike.integrity, ike.prf) == ("aes-cbc-256", "sha256", "sha384")
+    assert (ike.dh_group, ike.lifetime) == (20, 28800)
+    esp = d.config.ipsec_transform_sets["esp1"]
+    assert (esp.esp, esp.pfs_group, esp.rekey) == ("aes-gcm-128", None, "lazy")
+    assert (esp.lifetime_seconds, esp.lifetime_bytes) == (1800, 4000 * 1024)
+    m = d.config.crypto_maps["m1"]
+    assert (m.dpd.interval, m.dpd.timeout, m.dpd.retries) == (20.0, 5.0, 4)
+    assert m.local_psk.reveal() == b"k-local" and m.remote_psk == m.local_psk
+    assert m.src_ip == ipaddress.ip_address("192.0.2.1")
+    assert any("no remote key" in msg for _, msg in _notes(result, 17))
