@@ -757,7 +757,9 @@ class _Writer:
         self.r.note(line, kind, message, text=_line_text(self.r, line))
 
     def emit(self, *lines: str) -> None:
-        self.out.extend(lines)
+        # Names from the input also go into comments: a control character there
+        # would make the TOML invalid (strings are escaped by _s already).
+        self.out.extend(_CONTROL.sub("?", line) for line in lines)
 
     def build(self) -> str:
         r = self.r
@@ -1109,9 +1111,10 @@ class _Writer:
                 if hit is not None and hit.permit:
                     return str(srv.src_ip), routes
         hosts = {
-            str(ipaddress.ip_address(x.src))
+            str(net.network_address)
             for x in permits
-            if x.src_mask == (0xFFFFFFFF if x.version == 4 else (1 << 128) - 1)
+            if (net := _network(x.src, x.src_mask, x.version)) is not None
+            and net.prefixlen == net.max_prefixlen
         }
         if len(hosts) == 1:
             (src,) = hosts
@@ -1170,10 +1173,14 @@ def _network(
     if inv & (inv + 1):
         return None  # non-contiguous wildcard
     prefix = bits - inv.bit_length()
-    return ipaddress.ip_network((value, prefix))
+    # By family, not ipaddress.ip_network(): the integer of ::/16 is also 0.0.0.0.
+    if bits == 32:
+        return ipaddress.IPv4Network((value, prefix))
+    return ipaddress.IPv6Network((value, prefix))
 
 
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _key_name(name: str) -> str:

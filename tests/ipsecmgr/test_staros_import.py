@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,7 @@ _WORDS = [
     "key", "encrypted", "ikev2-ikesa", "max-retransmission", "tacacs", "mode", "server",
     "priority", "ip-address", "\"", "exit", "/", "::1", "kilo-bytes", "99999999999", "²",
     "encryption", "aes-gcm-128", "none", "port", "nas-source-address", "keepalive", "dpd",
+    "a\x01b", "x\x7f", "ikev2-ipv6", "2001:db8::1", "::/16", "ipv6", "ip-address",
 ]  # fmt: skip
 
 
@@ -257,6 +259,7 @@ _WORDS = [
 def test_any_input_gives_a_report_not_a_crash(lines: list[list[str]]) -> None:
     result = import_staros("\n".join(" ".join(words) for words in lines))
     assert all(n.kind in ("ignored", "decision", "action", "error") for n in result.notes)
+    tomllib.loads(result.toml)  # whatever came in, the output is TOML
 
 
 def test_cli_exit_status_follows_check_config(
@@ -376,3 +379,25 @@ def test_each_parameter_lands_in_its_key(tmp_path: Path) -> None:
     assert m.local_psk.reveal() == b"k-local" and m.remote_psk == m.local_psk
     assert m.src_ip == ipaddress.ip_address("192.0.2.1")
     assert any("no remote key" in msg for _, msg in _notes(result, 17))
+
+
+def test_ipv6_flows_route_as_ipv6(tmp_path: Path) -> None:
+    text = (
+        "context local\nip access-list v6\n"
+        "permit tcp host 2001:db8::225 ::/16 eq 49\n#exit\n"
+        "crypto map m6 ikev2-ipv6\nmatch address v6\npeer 2001:db8::226\n"
+        "authentication local pre-shared-key key k\n#exit\n"
+        "interface eth0\nipv6 address 2001:db8::227/64\ncrypto-map m6\n"
+    )
+    result = import_staros(text)
+    d = _load(result, tmp_path)
+    assert d.errors == [] and d.config is not None
+    (tun,) = d.config.tuns
+    # The integer of ::/16 is also 0.0.0.0: the family comes from the rule.
+    assert [str(r) for r in tun.routes] == ["::/16"]
+    assert [str(a) for a in tun.addresses] == ["2001:db8::225/128"]
+
+
+def test_control_characters_in_names_keep_the_toml_valid() -> None:
+    result = import_staros("context local\nip access-list a\x01b\npermit ip any any\n")
+    assert "a\x01b" in tomllib.loads(result.toml)["access_list"]
