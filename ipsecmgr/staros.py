@@ -1030,6 +1030,12 @@ class _Writer:
                 self.note(m.line, "error", f"crypto map {m.name}: no IKE transform set {name!r}")
         if ike:
             self.emit(f"ike_transform_sets = [{', '.join(_s(x) for x in ike)}]")
+        else:
+            self.note(
+                m.line, "decision",
+                f"crypto map {m.name} names no IKE transform set: the default proposal "
+                "(aes-gcm-256, prf sha256, group 14), the peer must offer it",
+            )  # fmt: skip
         ipsec = m.ipsec_sets if m.ikev1 else [s for p in m.payloads for s in p.sets]
         if len(m.payloads) > 1:
             self.note(
@@ -1042,6 +1048,12 @@ class _Writer:
                 self.note(m.line, "error", f"crypto map {m.name}: no ipsec transform-set {name!r}")
         if ipsec:
             self.emit(f"ipsec_transform_sets = [{', '.join(_s(x) for x in dict.fromkeys(ipsec))}]")
+        else:
+            self.note(
+                m.line, "decision",
+                f"crypto map {m.name} names no ipsec transform set: the default proposal "
+                "(ESP aes-gcm-256, no PFS, tunnel mode), the peer must offer it",
+            )  # fmt: skip
         modes = {
             (r.ipsec_sets[s].values.get("mode", (0, "tunnel"))[1]) for s in ipsec
             if s in r.ipsec_sets
