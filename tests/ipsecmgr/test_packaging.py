@@ -128,3 +128,14 @@ def test_bash_completion_completes_subcommands_and_options(
     assert "import-staros" in complete("ipsecmgr", "imp")
     assert set(complete("ipsecmgr", "")) >= set(_subcommands())
     assert "--force" in complete("ipsecmgr", "import-staros", "--f")
+
+
+def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    from ipsecmgr.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"ipsecmgr {version('ipsecmgr')}\n"
