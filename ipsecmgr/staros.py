@@ -242,6 +242,11 @@ class _Reader:
                 return
         kind = self.stack[-1].kind
         self.note(lineno, "ignored", f"not a command this importer knows (in {kind} mode)")
+        # It may enter a mode of its own (``show configuration`` is full of them:
+        # ``subscriber default`` ... ``#exit``); that ``#exit`` must close it, not the
+        # enclosing known mode. If it was a one-line command, the next known line
+        # closes the frame through the search above.
+        self.push("unknown", None)
 
     def push(self, kind: str, obj: object) -> None:
         self.stack.append(_Frame(kind, obj))
@@ -703,6 +708,7 @@ _TABLES: dict[str, list[tuple[tuple[str, ...], Handler]]] = {
         (("user-id",), _h_tacacs_other),
     ],
     "ignored": [],
+    "unknown": [],
 }
 
 

@@ -450,3 +450,54 @@ def test_import_agrees_with_the_hand_written_example(
     assert [acl.rules for acl in a.access_lists.values()] == [
         acl.rules for acl in b.access_lists.values()
     ]
+
+
+SHOW_CONFIGURATION = """\
+config
+  system hostname vnf-1
+  context local
+    administrator admin encrypted password S3cr3tHash ecs
+    subscriber default
+      ip access-group foo in
+    #exit
+    aaa group default
+    #exit
+    ip access-list foo
+      permit tcp host 192.0.2.1 host 203.0.113.49 eq tacacs
+    #exit
+    ipsec transform-set ts1
+      cipher aes-gcm-256
+    #exit
+    crypto map foo ikev2-ipv4
+      match address foo
+      peer 198.51.100.7
+      authentication local pre-shared-key key k1
+      natt-keepalive 20
+      payload p match ipv4
+        ipsec transform-set list ts1
+        rekey keepalive
+      #exit
+    #exit
+    interface eth0
+      ip address 198.51.100.8 255.255.255.0
+      crypto-map foo
+    #exit
+  #exit
+end
+"""
+
+
+def test_unknown_modes_with_their_own_exit_do_not_close_known_ones(tmp_path: Path) -> None:
+    """A ``show configuration`` holds modes this importer does not know; their ``#exit``
+    must close them, not the context around them."""
+    result = import_staros(SHOW_CONFIGURATION)
+    assert result.count("error") == 0
+    ignored = {n.line for n in result.notes if n.kind == "ignored"}
+    assert {2, 4, 5, 6, 8, 20} <= ignored
+    assert "S3cr3tHash" not in "".join(n.text + n.message for n in result.notes)
+    d = _load(result, tmp_path)
+    assert d.errors == [] and d.config is not None
+    m = d.config.crypto_maps["foo"]
+    assert m.peer == ipaddress.ip_address("198.51.100.7")
+    assert d.config.ipsec_transform_sets["ts1"].rekey == "keepalive"
+    assert [str(r) for (t,) in [d.config.tuns] for r in t.routes] == ["203.0.113.49/32"]
