@@ -13,7 +13,8 @@ own tunnel example is indented wrongly after its first ``#exit``): a mode
 command (``crypto map foo ikev2-ipv4``) enters a mode, ``#exit``/``exit``
 leaves one, ``end`` leaves all. A line that the current mode does not know
 but an enclosing mode does is taken as leaving the inner mode first (what a
-missing ``#exit`` means).
+missing ``#exit`` means). A line no mode knows opens an unknown mode, closed
+by the next ``#exit`` or by the next line a known mode takes.
 
 Every line that has no equivalent, or is mapped by a choice the operator
 should review, is reported with its line number as one :class:`Note`:
