@@ -93,7 +93,7 @@ class Imported:
 class _Key:
     line: int
     encrypted: bool
-    value: str | None
+    value: str | None = field(repr=False)  # the key itself: never in a repr or traceback
 
 
 @dataclass

@@ -501,3 +501,13 @@ def test_unknown_modes_with_their_own_exit_do_not_close_known_ones(tmp_path: Pat
     assert m.peer == ipaddress.ip_address("198.51.100.7")
     assert d.config.ipsec_transform_sets["ts1"].rekey == "keepalive"
     assert [str(r) for (t,) in [d.config.tuns] for r in t.routes] == ["203.0.113.49/32"]
+
+
+def test_plain_keys_are_not_in_any_repr() -> None:
+    from ipsecmgr.staros import _Reader
+
+    r = _Reader()
+    r.read(TUNNEL_FIXED.replace("encrypted key EncryptedKey1", "key s3cr3t-k3y"))
+    assert "s3cr3t-k3y" not in repr(r.maps)
+    result = import_staros(TUNNEL_FIXED.replace("encrypted key EncryptedKey1", "key s3cr3t-k3y"))
+    assert result.keys == {"psk-foo-local": b"s3cr3t-k3y"} and "s3cr3t-k3y" not in repr(result)
