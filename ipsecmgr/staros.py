@@ -980,7 +980,13 @@ class _Writer:
         return extra
 
     def psk(self, m: _Map, key: _Key | None, side: str) -> str:
-        fname = f"psk-{m.name}-{side}"
+        # The file name comes from the map's name: only characters that cannot leave
+        # the output directory ("../x" becomes "___x"), and unique.
+        base = f"psk-{_UNSAFE.sub('_', m.name)}-{side}"
+        fname, i = base, 1
+        while fname in self.keys or fname in self.missing:
+            i += 1
+            fname = f"{base}-{i}"
         if key is None:
             self.note(
                 m.line, "action",
@@ -1199,6 +1205,7 @@ def _network(
 
 
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 

@@ -511,3 +511,18 @@ def test_plain_keys_are_not_in_any_repr() -> None:
     assert "s3cr3t-k3y" not in repr(r.maps)
     result = import_staros(TUNNEL_FIXED.replace("encrypted key EncryptedKey1", "key s3cr3t-k3y"))
     assert result.keys == {"psk-foo-local": b"s3cr3t-k3y"} and "s3cr3t-k3y" not in repr(result)
+
+
+def test_key_file_names_stay_beside_the_output(tmp_path: Path) -> None:
+    text = (
+        "context local\nip access-list a\npermit ip host 192.0.2.1 host 203.0.113.49\n#exit\n"
+        "crypto map ../x ikev2-ipv4\nmatch address a\npeer 198.51.100.7\n"
+        "authentication local pre-shared-key key k1\n#exit\n"
+        "crypto map ..%x ikev2-ipv4\nmatch address a\npeer 198.51.100.9\n"
+        "authentication local pre-shared-key key k2\n#exit\n"
+    )
+    result = import_staros(text)
+    assert set(result.keys) == {"psk-___x-local", "psk-___x-local-2"}
+    out = tmp_path / "out" / "ipsecmgr.toml"
+    written = write_import(result, out)
+    assert all(p.parent == out.parent for p in written)
