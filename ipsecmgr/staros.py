@@ -1095,7 +1095,7 @@ class _Writer:
                 "written, so no traffic reaches it",
             )  # fmt: skip
             return None
-        name = ("tun-" + m.name)[:15]
+        name = ("tun-" + _UNSAFE.sub("_", m.name))[:15]  # a Linux interface name
         return name, m, src if mode == "tunnel" else None, routes
 
     def flows(self, m: _Map, mode: str) -> tuple[str | None, list[str]]:

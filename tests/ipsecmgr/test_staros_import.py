@@ -521,8 +521,10 @@ def test_key_file_names_stay_beside_the_output(tmp_path: Path) -> None:
         "crypto map ..%x ikev2-ipv4\nmatch address a\npeer 198.51.100.9\n"
         "authentication local pre-shared-key key k2\n#exit\n"
     )
+    text += "interface eth0\nip address 198.51.100.8 255.255.255.0\ncrypto-map ../x\n"
     result = import_staros(text)
     assert set(result.keys) == {"psk-___x-local", "psk-___x-local-2"}
+    assert "[tun.tun-___x]" in result.toml
     out = tmp_path / "out" / "ipsecmgr.toml"
     written = write_import(result, out)
     assert all(p.parent == out.parent for p in written)
