@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint typecheck unit setup system-deps clean interop
+.PHONY: all demo test lint typecheck unit setup system-deps clean interop package
 
 all: test
 
@@ -43,8 +43,15 @@ interop: setup
 	root=$$(tools/interop/make-trixie-chroot) && \
 	IPSECMGR_TRIXIE_ROOT=$$root $(PY) -m pytest -p no:cacheprovider -m trixie tests/interop
 
+# sdist + wheel in dist/, with the man page and bash completion generated from the
+# argparse definitions (tools/package/make-extras). `make test` checks the same in a
+# scratch copy (tests/ipsecmgr/test_packaging.py): wheel -> fresh venv -> commands work.
+package: setup
+	tools/package/make-extras $(PY)
+	$(PY) -m build -o dist .
+
 demo: setup
 	$(VENV)/bin/ipsecmgr lab demo
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) generated build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -2,6 +2,7 @@
 
     ipsecmgr run --config FILE [-v|-vv]        the gateway daemon (root)
     ipsecmgr check-config FILE                 validate without touching the system
+    ipsecmgr import-staros FILE -o OUT.toml    convert a StarOS configuration, with a report
     ipsecmgr show crypto map [--json]          and the reference's other show commands
     ipsecmgr clear crypto sa [--peer ADDR]     DELETE SAs (all, or one peer's)
     ipsecmgr trace [--follow] [--filter K=V]   packet-flow trace of a running daemon
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Userspace IPsec gateway for TACACS+ (IKEv2 PSK, ESP AES-GCM, NAT-T).",
         epilog="Run 'ipsecmgr COMMAND --help' for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway daemon (as root)")
@@ -89,7 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
 
     sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
+
+    from ipsecmgr.staros_cli import add_arguments as add_staros_arguments
+
+    add_staros_arguments(
+        sub.add_parser(
+            "import-staros",
+            help="convert a StarOS configuration (the reference's) into TOML, with a report",
+            description="Read a StarOS configuration and write the equivalent TOML, the "
+            "plain-text pre-shared keys into 0600 files beside it, and a report of every "
+            "line that has no equivalent or needs a decision.",
+        )
+    )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (package metadata, not a copy in the code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ipsecmgr")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _cmd_check_config(path: Path) -> int:
@@ -197,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.lab.demo import run_lab_demo
 
         return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
+    if args.command == "import-staros":
+        from ipsecmgr.staros_cli import run_import
+
+        return run_import(args)
     if args.command == "esp-demo":
         from ipsecmgr.demo import run_esp_demo
 
