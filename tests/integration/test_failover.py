@@ -18,6 +18,7 @@ second is the bypass server, reached in clear. IKE to gw gives up quickly here
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -131,3 +132,112 @@ def test_fail_fast_for_ipv6_and_transport_mode(tmp_path: Path, mode: str, family
         times, counters = measure(env, "icmp")
         assert statistics.median(times) <= normal + 0.5, (times, normal)
         assert counters.get("tacacs/unreachable_icmp_sent", 0) >= ROUNDS
+
+
+# --- two peers in the lab ------------------------------------------------------------------
+
+PEER_A = "198.51.100.5"  # on gw's WAN link too, blocked by nftables until "A returns"
+
+
+def _block_a(env: Env, block: bool) -> None:
+    ns = env.lab.gw
+    ns.run(["nft", "delete", "table", "inet", "ipsm_test_peer_a"], check=False)
+    if block:
+        rules = (
+            "table inet ipsm_test_peer_a {\n"
+            f"  chain in {{ type filter hook input priority 0; ip daddr {PEER_A} drop; }}\n"
+            "}\n"
+        )
+        proc = subprocess.run(ns.argv(["nft", "-f", "-"]), input=rules, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+
+
+def _stamp(line: str) -> float:
+    """Seconds of a log line's "YYYY-MM-DD HH:MM:SS,mmm" time stamp (within one day)."""
+    hms, ms = line.split()[1].split(",")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return h * 3600 + m * 60 + s + int(ms) / 1000
+
+
+def test_two_peers_fail_over_and_preempt_make_before_break(tmp_path: Path) -> None:
+    """Peer A (198.51.100.5) does not answer, peer B (the lab's gw, 198.51.100.2)
+    does: the map comes up on B one handshake after A gave up. A TCP flow then
+    runs through B; A comes back (and SIGHUP ends its hold-down, so the probe
+    starts now rather than after its backoff); new SAs move to A while the flow
+    goes on, and B's IKE SA is deleted after the grace period.
+
+    Both peers are one gw process here (local addresses .2 and .5), so the client
+    sends no INITIAL_CONTACT (it would make that process drop B's SA at once),
+    names gw's identity (198.51.100.2) for both peers, and offers no NAT-T: that
+    process answers from .2 whatever address it was asked on (one IKE socket per
+    family and port), which NAT detection would take for a NAT."""
+    for env in make_env(tmp_path, "tunnel", 4):
+        _two_peers(env)
+
+
+def _two_peers(env: Env) -> None:
+    a = env.lab.addresses
+    assert a.src_ip4 is not None
+    env.start_server("server")
+    env.lab.gw.add_address(env.lab.interfaces["gw.wan"], f"{PEER_A}/24")
+    _block_a(env, True)
+    conf = env.gws.write_config("gw")
+    text = conf.read_text()
+    conf.write_text(text.replace(f'local_addresses = ["{a.gw_wan4}"]',
+                                 f'local_addresses = ["{a.gw_wan4}", "{PEER_A}"]'))  # fmt: skip
+    env.gws.start("gw", config=conf)
+    conf = env.gws.write_config("client", map_options={
+        **FAST_GIVE_UP, "peers": [PEER_A, a.gw_wan4], "remote_id": a.gw_wan4,
+        "initial_contact": False, "encapsulation": "never"})  # fmt: skip
+    conf.write_text(conf.read_text().replace(f'peer = "{a.gw_wan4}"\n', ""))
+    client = env.gws.start("client", config=conf)
+
+    assert env.login()["status"] == "PASS", client.log[-3000:]
+    assert client.counter("ike", "tacacs/failover") == 1
+    gave_up = next(ln for ln in client.log_lines if "failing over to peer" in ln)
+    up = next(ln for ln in client.log_lines if f"IKE SA up with {a.gw_wan4}" in ln)
+    # B is up within one IKE retransmission schedule (here 0.6 s) of A giving up
+    assert 0 <= _stamp(up) - _stamp(gave_up) <= 0.6, (gave_up, up)
+    rows = client.snapshot()["crypto_maps"][0]["peers"]
+    assert [(r["address"], r["active"]) for r in rows] == [(PEER_A, False), (a.gw_wan4, True)]
+    assert rows[0]["state"] in ("dead", "standby")  # its 1 s hold-down may be over
+
+    # A flow in progress on B across the switch
+    iperf_server = env.lab.server.popen(
+        ["iperf3", "-s", "-1", "-B", a.server4, "-p", "5302"], stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_for("iperf3 server", lambda: bool(env.lab.server.run(
+            ["ss", "-Hltn", "sport = :5302"], check=False).stdout.strip()), 10)  # fmt: skip
+        flow = env.lab.client.popen(
+            ["iperf3", "-c", a.server4, "-B", a.src_ip4, "-p", "5302", "-b", "4M",
+             "-t", "6", "--connect-timeout", "5000", "--json"],
+        )  # fmt: skip
+        wait_for("the flow through B", lambda: client.counter("esp", "esp_out_packets") > 200,
+                 10, 0.05)  # fmt: skip
+        _block_a(env, False)  # A answers again
+        client.proc.send_signal(signal.SIGHUP)  # ends A's hold-down: probe now
+        wait_for("preemption", lambda: client.counter("ike", "tacacs/preempted") == 1, 10)
+        out, err = flow.communicate(timeout=30)
+        assert flow.returncode == 0, err
+        report = json.loads(out)
+        # the flow went on: TCP delivered its 6 s at 4 Mbit/s (within 25 %)
+        received = report["end"]["sum_received"]["bytes"]
+        assert received >= 0.75 * 4e6 / 8 * 6, report["end"]["sum_received"]
+    finally:
+        if iperf_server.poll() is None:
+            iperf_server.terminate()
+        iperf_server.wait(timeout=5)
+    # B's IKE SA is deleted after the grace period; new SAs are with A
+    wait_for("B retired", lambda: client.counter("ike", "tacacs/backup_sa_retired") == 1,
+             15)  # fmt: skip
+    try:
+        wait_for("one IKE SA, with A", lambda: [s["remote"].split(":")[0] for s in
+                 client.snapshot()["ike_sas"]] == [PEER_A], 10)  # fmt: skip
+    except AssertionError:
+        raise AssertionError(client.snapshot()["ike_sas"]) from None
+    assert env.login()["status"] == "PASS"
+    rows = client.snapshot()["crypto_maps"][0]["peers"]
+    assert [(r["address"], r["state"]) for r in rows] == [
+        (PEER_A, "active"), (a.gw_wan4, "standby")]  # fmt: skip
