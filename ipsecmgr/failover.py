@@ -79,6 +79,7 @@ class Failover:
         self._on_backup: dict[str, MapState] = {}  # maps running on a non-first peer
         self._retire: dict[str, tuple[MapState, float]] = {}  # backup IKE SA -> (map, when)
         self._noise: dict[str, _Noise] = {}
+        self._noise_pending: dict[str, _Noise] = {}  # with suppressed lines to report
 
     # -- packets without an SA ------------------------------------------------------
 
@@ -223,6 +224,7 @@ class Failover:
         if now < noise.until:
             noise.suppressed += 1
             noise.last = text
+            self._noise_pending[name] = noise
             state.bump("unauthenticated_log_suppressed")
             return True
         noise.until = now + NOISE_INTERVAL
@@ -237,7 +239,7 @@ class Failover:
         for name, state in self._on_backup.items():
             if name not in self._probe and (t := state.peers.preempt_at()) is not None:
                 times.append(t)
-        times += [n.until for n in self._noise.values() if n.suppressed]
+        times += [n.until for n in self._noise_pending.values()]
         return min(times) if times else None
 
     def periodic(self, now: float) -> None:
@@ -265,8 +267,9 @@ class Failover:
             state.bump("preempt_probes")
             log.info("crypto map %s: trying preferred peer %s again (traffic stays on %s)",
                      name, better.address, state.peers.active.address)  # fmt: skip
-        for name, noise in self._noise.items():
-            if noise.suppressed and now >= noise.until:
+        for name, noise in list(self._noise_pending.items()):
+            if now >= noise.until:
+                del self._noise_pending[name]
                 log.warning("crypto map %s: %d more unauthenticated IKE errors in %.0f s "
                             "(last: %s)", name, noise.suppressed, NOISE_INTERVAL,
                             noise.last)  # fmt: skip
