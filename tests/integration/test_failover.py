@@ -18,10 +18,12 @@ second is the bypass server, reached in clear. IKE to gw gives up quickly here
 from __future__ import annotations
 
 import json
+import re
 import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +243,35 @@ def _two_peers(env: Env) -> None:
     rows = client.snapshot()["crypto_maps"][0]["peers"]
     assert [(r["address"], r["state"]) for r in rows] == [
         (PEER_A, "active"), (a.gw_wan4, "standby")]  # fmt: skip
+
+
+def test_refused_map_holds_down_answers_at_once_and_shows_it(tmp_path: Path) -> None:
+    """#15.5 through the daemon: the peer refuses our PSK; logins fail at once
+    (ICMP from the TUN instead of the client's 5 s timeout), IKE is not retried
+    per packet, and ``show crypto map`` shows the hold-down with its time left."""
+    for env in make_env(tmp_path, "tunnel", 4):
+        _refused(env, tmp_path)
+
+
+def _refused(env: Env, tmp_path: Path) -> None:
+    env.start_server("server")
+    wrong = tmp_path / "wrong-psk"
+    wrong.write_bytes(b"not-the-same-psk")
+    wrong.chmod(0o600)
+    env.gws.start("gw")
+    client = env.gws.start("client", psk_file=wrong)
+    logins = 6
+    for _ in range(logins):
+        t0 = time.monotonic()
+        res = env.login()
+        took = time.monotonic() - t0
+        assert not res.get("ok") and "error" in res, res
+        assert took < 3.0, (took, res)  # the client's own timeout is 5 s
+    ike = client.snapshot()["statistics"]["ike"]
+    # A handshake only when the hold-down (1, 2, 4 s ...) is over, not one per SYN
+    assert 1 <= ike["tacacs/ike_initiated"] < logins, ike
+    assert ike.get("tacacs/unreachable_icmp_sent", 0) >= logins - ike["tacacs/ike_initiated"]
+    assert client.snapshot()["statistics"]["esp"].get("esp_out_packets", 0) == 0
+    text = client.show("crypto map")
+    assert re.search(r"Status\s+: Hold-down", text), text
+    assert re.search(r"Hold-down\s+: \d+\.\d s left \(AUTHENTICATION_FAILED\)", text), text
