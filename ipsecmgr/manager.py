@@ -388,7 +388,9 @@ class Manager:
             return  # every peer dead or held down: dropped (and answered), no IKE
         initiating = not responder and (state.ike_sa is None or state.ike_sa.dead)
         if tr is not None and initiating:
-            tr("4", "ike_triggered", packet, crypto_map=name, peer=(str(state.cmap.peer), 0))
+            chosen = state.peers.choose(now)  # the peer initiate() will take
+            addr = chosen.address if chosen is not None else str(state.cmap.peer)
+            tr("4", "ike_triggered", packet, crypto_map=name, peer=(addr, 0))
         if state.cmap.first_packet == "queue":
             if len(state.queue) < state.cmap.queue_size:
                 state.queue.append(packet)
