@@ -65,6 +65,8 @@ ESP_ENCRYPTIONS = ("aes-gcm-128", "aes-gcm-256")
 MODES = ("tunnel", "transport")
 REKEY_POLICIES = ("keepalive", "lazy")
 FIRST_PACKET = ("drop", "queue")
+#: What answers a protected packet whose map has no reachable peer (ipsecmgr.reject)
+ON_UNREACHABLE = ("icmp", "rst", "drop")
 #: [gateway] datapath: one process, or a control process + one worker per direction.
 DATAPATHS = ("single", "split")
 ENCAPSULATIONS = ("auto", "always", "never")
@@ -174,6 +176,12 @@ class CryptoMap:
     encapsulation: str = "auto"
     initial_contact: bool = True
     nat_keepalive: float = 20.0  # seconds between NAT keepalives when behind a NAT (0: off)
+    # Failover (docs/recovery.md): every peer in order of preference (``peer`` is the
+    # first); back to a preferred peer once it answers again; what a packet gets back
+    # while no peer is reachable (ipsecmgr.reject).
+    peers: tuple[IPAddress, ...] = ()
+    preempt: bool = True
+    on_unreachable: str = "icmp"
 
 
 @dataclass(frozen=True)
@@ -701,12 +709,16 @@ class _Parser:
                 "local_psk", "remote_psk", "ike_transform_sets", "ipsec_transform_sets",
                 "src_ip", "role", "retransmission_timeout", "max_retransmission", "dpd",
                 "first_packet", "queue_size", "encapsulation", "initial_contact",
-                "nat_keepalive",
+                "nat_keepalive", "peers", "preempt", "on_unreachable",
             ),
         )  # fmt: skip
         n = len(self.errors)
-        peer_raw = self.required(t, "peer", path)
-        peer = self.address(peer_raw, f"{path}.peer") if peer_raw is not _MISSING else None
+        peers = self.peer_list(t, path)
+        if peers is not None:
+            peer = peers[0] if peers else None
+        else:
+            peer_raw = self.required(t, "peer", path)
+            peer = self.address(peer_raw, f"{path}.peer") if peer_raw is not _MISSING else None
 
         local: IPAddress | None = None
         if "local_address" in t:
@@ -728,6 +740,10 @@ class _Parser:
                 f"{path}.peer",
                 f"IPv{peer.version} peer but local address {local} is IPv{local.version}",
             )
+        for p in (peers or [])[1:]:
+            if local is not None and p.version != local.version:
+                self.err(f"{path}.peers", f"IPv{p.version} peer {p} but local address {local} "
+                         f"is IPv{local.version}")  # fmt: skip
 
         acl = self.string(t, "match_address", path)
         if acl is None and "match_address" not in t:
@@ -800,6 +816,8 @@ class _Parser:
         encap = self.choice(t, "encapsulation", path, ENCAPSULATIONS, "auto")
         ic = self.boolean(t, "initial_contact", path, True)
         keepalive = self.number(t, "nat_keepalive", path, 20.0)
+        preempt = self.boolean(t, "preempt", path, True)
+        on_unreachable = self.choice(t, "on_unreachable", path, ON_UNREACHABLE, "icmp")
         if len(self.errors) > n:
             return None
         assert peer is not None and local is not None and acl is not None
@@ -811,8 +829,30 @@ class _Parser:
             ike_transform_sets=ike_sets, ipsec_transform_sets=ipsec_sets, mode=mode,
             src_ip=src_ip, role=role, retransmission_timeout_ms=rto, max_retransmission=maxr,
             dpd=dpd, first_packet=first, queue_size=qsize, encapsulation=encap, initial_contact=ic,
-            nat_keepalive=keepalive,
+            nat_keepalive=keepalive, peers=tuple(peers or (peer,)), preempt=preempt,
+            on_unreachable=on_unreachable,
         )  # fmt: skip
+
+    def peer_list(self, t: Mapping[str, Any], path: str) -> list[IPAddress] | None:
+        """``peers = ["A", "B"]``: addresses in order of preference (None: not given)."""
+        if "peers" not in t:
+            return None
+        if "peer" in t:
+            self.err(f"{path}.peers", "give either peer or peers, not both")
+        raw = t["peers"]
+        if not isinstance(raw, list) or not raw:
+            self.err(f"{path}.peers", "expected a non-empty list of IP addresses")
+            return []
+        out: list[IPAddress] = []
+        for i, v in enumerate(raw):
+            addr = self.address(v, f"{path}.peers[{i}]")
+            if addr is None:
+                continue
+            if addr in out:
+                self.err(f"{path}.peers[{i}]", f"{addr} is listed twice")
+                continue
+            out.append(addr)
+        return out
 
     def tuns(self, v: Any, map_names: set[str]) -> list[TunInterface]:
         entries: list[tuple[str, str | None, dict[str, Any]]] = []

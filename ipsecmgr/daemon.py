@@ -400,7 +400,10 @@ class Gateway:
             "hostname": socket.gethostname(),
             "uptime": wall - self.started_at,
             "crypto_maps": show.crypto_map_states(
-                self.config, self.manager.map_status(), self.manager.map_errors()
+                self.config,
+                self.manager.map_status(now),
+                self.manager.map_errors(),
+                self.manager.failover.rows(now),
             ),
             "ike_sas": self.manager.ike_sa_states(now, wall),
             "child_sas": self.manager.child_sa_states(now, wall),

@@ -584,6 +584,19 @@ class Datapath:
             if failed:
                 c["tun_write_errors"] = c.get("tun_write_errors", 0) + failed
 
+    def write_tun(self, name: str, packet: bytes) -> bool:
+        """Write a packet we made (ipsecmgr.reject's answer) into crypto map ``name``'s
+        TUN: it goes to the local stack, never onto the network."""
+        fd = self.tun_for_map.get(name)
+        if fd is None:
+            return False
+        try:
+            os.write(fd, _VNET_NONE + packet if fd in self.vnet_fds else packet)
+        except OSError:
+            _bump(self.counters, "tun_write_errors")
+            return False
+        return True
+
     def _learn_local(self, family: int, peer: bytes) -> bytes:
         """Our address towards a transport-mode peer (IPv6 raw sockets do not
         tell the destination); asked of the kernel once per peer."""

@@ -24,8 +24,9 @@ import ike
 import npusim
 from ike import events as ev
 from ipsecmgr import config as cfg
-from ipsecmgr import show
+from ipsecmgr import failover, show
 from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES, PeerList, peer_configs
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 
 log = logging.getLogger("ipsecmgr.ike")
@@ -155,6 +156,13 @@ class MapState:
     keepalive_at: float | None = None
     volume_at: float | None = None  # next look at the Child SAs' byte/packet/sequence limits
     creating_child: bool = False  # CREATE_CHILD_SA for a new Child SA under way
+    # Ordered peers, dead marking, hold-down and preemption (ipsecmgr.peers)
+    peers: PeerList = field(default_factory=lambda: PeerList(()))
+
+    @classmethod
+    def build(cls, cmap: cfg.CryptoMap, base: ike.IkeConfig) -> MapState:
+        """A map's state with one IKE config per peer (the first one is ``base``)."""
+        return cls(cmap, base, peers=PeerList(peer_configs(cmap.peers, base), cmap.preempt))
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -313,12 +321,12 @@ class Manager:
         self.maps: dict[str, MapState] = {}
         for name, cmap in config.crypto_maps.items():
             acl = acls[cmap.match_address]
-            self.maps[name] = MapState(cmap, build_ike_config(config, cmap, acl))
+            self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
         # One log line per IKE message (exchange, payloads, size, peer), at -v. Without
         # -v the engine gets no hook and so builds no line (the level is set before the
         # daemon builds its manager and stays; logging.basicConfig in ipsecmgr.cli).
         self.endpoint = ike.IkeEndpoint(
-            [m.ike_config for m in self.maps.values()],
+            [c for m in self.maps.values() for c in m.peers.configs],
             log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
         )
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
@@ -335,6 +343,8 @@ class Manager:
         # installed (with its keys) and removed, so the workers keep their own copies.
         self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
         self.on_child_removed: Callable[[str, int, int], None] | None = None
+        # Failover, fail-fast answers and rate-limited noise (ipsecmgr.failover)
+        self.failover = failover.Failover(self)
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -351,12 +361,13 @@ class Manager:
                 state.cmap = cmap
                 self.maps[name] = state
             else:
-                self.maps[name] = MapState(cmap, build_ike_config(config, cmap, acl))
+                self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
+            self.maps[name].peers.reset()  # SIGHUP ends every hold-down (#15.5)
         for name, state in old.items():
             if self.maps.get(name) is state:
                 continue
             for sa in list(self.endpoint.sas):
-                if sa.config is state.ike_config:
+                if state.peers.owns(sa.config):
                     sa.delete(now)
             for key in list(state.children):
                 self._remove_child(state, key)
@@ -364,7 +375,7 @@ class Manager:
             log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
         # Responders are matched against the new configs from now on; the IKE
         # SAs of kept maps keep the config object they were built with.
-        self.endpoint.configs = [m.ike_config for m in self.maps.values()]
+        self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
         self.pump(now)
 
     # -- steps 4 and 5 ------------------------------------------------------------
@@ -373,9 +384,13 @@ class Manager:
         state = self.maps[name]
         tr = self.trace
         responder = state.cmap.role == "responder"
+        if not responder and self.failover.held_down(state, packet, now):
+            return  # every peer dead or held down: dropped (and answered), no IKE
         initiating = not responder and (state.ike_sa is None or state.ike_sa.dead)
         if tr is not None and initiating:
-            tr("4", "ike_triggered", packet, crypto_map=name, peer=(str(state.cmap.peer), 0))
+            chosen = state.peers.choose(now)  # the peer initiate() will take
+            addr = chosen.address if chosen is not None else str(state.cmap.peer)
+            tr("4", "ike_triggered", packet, crypto_map=name, peer=(addr, 0))
         if state.cmap.first_packet == "queue":
             if len(state.queue) < state.cmap.queue_size:
                 state.queue.append(packet)
@@ -391,6 +406,8 @@ class Manager:
             peer = state.cmap.peer
             why = f"responder: waiting for {peer}" if responder else f"IKE with {peer} not up"
             tr("5", what, packet, crypto_map=name, reason=why)
+        if what == "first_packet_dropped" and not responder and state.peers.failed_once():
+            self.failover.answer(state, packet, now, "IKE already failed once")
         if responder:
             # A responder waits for its peer to build the tunnel (e.g. the
             # TACACS+ server side: replies only follow a client's request).
@@ -410,11 +427,14 @@ class Manager:
             self.pump(now)
 
     def initiate(self, state: MapState, now: float) -> None:
-        sa = self.endpoint.initiate(state.ike_config, now)
+        peer = state.peers.choose(now) or state.peers.peers[0]
+        sa = self.endpoint.initiate(peer.config, now)
+        state.peers.active = peer
+        state.peers.bind(sa.name, peer)
         state.ike_sa = sa
         state.status = "connecting"
         state.bump("ike_initiated")
-        log.info("crypto map %s: no SA, initiating IKE with %s", state.cmap.name, state.cmap.peer)
+        log.info("crypto map %s: no SA, initiating IKE with %s", state.cmap.name, peer.address)
         self.pump(now)
 
     # -- IKE input -------------------------------------------------------------------
@@ -441,6 +461,7 @@ class Manager:
         # INBOUND worker is told over its socketpair before the answer is sent).
         while (event := self.endpoint.next_event()) is not None:
             self.on_event(event, now)
+        self.failover.after_events(now)  # fail over to the next peer, preempt
         for data, peer in self.endpoint.datagrams_to_send(now):
             self.send(data, peer)
             if self.trace is not None:
@@ -461,6 +482,7 @@ class Manager:
             out += [state.keepalive_at, state.volume_at if state.children else None]
         if self.lingering:
             out.append(min(self.lingering.values()))
+        out.append(self.failover.next_time())
         return out
 
     def _schedule(self, state: MapState, now: float) -> None:
@@ -482,6 +504,7 @@ class Manager:
     def periodic(self, now: float) -> None:
         """Start what is due: liveness checks (§2.4), volume rekeys, NAT keepalives
         (RFC 3948 §2.3). Time-based rekeys are the engine's (see REKEY_JITTER)."""
+        self.failover.periodic(now)  # preemption probes, retiring a backup's IKE SA
         for spi, until in list(self.lingering.items()):
             if now >= until:
                 del self.lingering[spi]
@@ -668,6 +691,7 @@ class Manager:
             handler(self, state, event, now)
 
     def _on_ike_established(self, state: MapState, event: ev.IkeSaEstablished, now: float) -> None:
+        self.failover.established(state, event.ike_sa, now)
         state.ike_sa = self.endpoint.find_sa(event.ike_sa)
         state.status = "established"
         state.last_error = ""
@@ -680,7 +704,7 @@ class Manager:
         log.info(
             "crypto map %s: IKE SA up with %s (%s)",
             state.cmap.name,
-            state.cmap.peer,
+            state.ike_sa.peer_addr[0] if state.ike_sa else state.cmap.peer,
             event.algorithms,
         )
 
@@ -715,6 +739,7 @@ class Manager:
 
     def _on_ike_deleted(self, state: MapState, event: ev.IkeSaDeleted, now: float) -> None:
         self.liveness.pop(event.ike_sa, None)
+        self.failover.deleted(state, event.ike_sa, event.reason, now)
         for key in [k for k in state.children if k[0] == event.ike_sa]:
             self._remove_child(state, key)
         if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
@@ -728,10 +753,15 @@ class Manager:
         state.bump("peer_dead")
         if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
             state.status = "dead"  # not for a stale SA a newer one replaced
-        log.warning("crypto map %s: peer %s is dead", state.cmap.name, state.cmap.peer)
+        peer = self.failover.failed(state, event.ike_sa, DEAD, now)
+        log.warning("crypto map %s: peer %s is dead", state.cmap.name, peer or state.cmap.peer)
 
     def _on_auth_failed(self, state: MapState, event: ev.AuthenticationFailed, now: float) -> None:
-        state.status = "failed"
+        if self.failover.unauthenticated_noise(state, event, "AUTHENTICATION_FAILED", now):
+            return  # #15.4: rate-limited, never the Last Error of a map that is up
+        self.failover.failed(state, event.ike_sa, "AUTHENTICATION_FAILED", now)
+        if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
+            state.status = "failed"  # not for a preemption probe while the backup is up
         state.last_error = f"AUTHENTICATION_FAILED: {event.detail}"
         state.bump("auth_failed")
         log.error(
@@ -744,6 +774,10 @@ class Manager:
     def _on_exchange_failed(self, state: MapState, event: ev.ExchangeFailed, now: float) -> None:
         if event.exchange == "CREATE_CHILD_SA":
             state.creating_child = False  # the next packet may try again
+        if self.failover.unauthenticated_noise(state, event, event.notify, now):
+            return  # #15.4: rate-limited, never the Last Error of a map that is up
+        if event.notify in HOLD_DOWN_NOTIFIES:
+            self.failover.failed(state, event.ike_sa, event.notify, now)
         state.status = "failed" if state.status != "established" else state.status
         who = "peer sent" if event.by_peer else "we sent"
         state.last_error = f"{event.exchange}: {who} {event.notify}"
@@ -877,7 +911,7 @@ class Manager:
         for sa in list(self.endpoint.sas):
             if (
                 sa.name != keep
-                and sa.config is state.ike_config
+                and state.peers.owns(sa.config)
                 and (sa.initiator or sa.state not in _UNAUTHENTICATED)
             ):
                 sa.die("replaced (INITIAL_CONTACT)")
@@ -889,8 +923,9 @@ class Manager:
         """``clear crypto sa``: DELETE every (or one peer's) IKE SA."""
         n = 0
         for state in self.maps.values():
-            if peer is not None and str(state.cmap.peer) != peer:
+            if peer is not None and peer not in (p.address for p in state.peers.peers):
                 continue
+            state.peers.reset()  # `clear crypto` ends every hold-down (#15.5)
             # Every IKE SA of the map, a stale one (no INITIAL_CONTACT) included
             for sa in list(self.endpoint.sas):
                 if self._state_for_name(sa.name) is state and sa.established:
@@ -995,8 +1030,11 @@ class Manager:
     def map_errors(self) -> dict[str, str]:
         return {name: s.last_error for name, s in self.maps.items() if s.last_error}
 
-    def map_status(self) -> dict[str, str]:
-        return {name: _MAP_STATUS.get(s.status, s.status) for name, s in self.maps.items()}
+    def map_status(self, now: float | None = None) -> dict[str, str]:
+        out = {name: _MAP_STATUS.get(s.status, s.status) for name, s in self.maps.items()}
+        if now is not None:
+            out.update(self.failover.status(now))
+        return out
 
 
 # Manager.on_event: event class -> handler

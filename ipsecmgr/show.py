@@ -44,6 +44,12 @@ class CryptoMapState(TypedDict):
     local_id: str
     remote_id: str
     last_error: NotRequired[str]  # why the last IKE attempt failed, in plain words
+    # Failover (ipsecmgr.failover.MapFailover): each peer's state, the map's hold-down
+    peers: NotRequired[list[dict[str, Any]]]
+    hold_down_left: NotRequired[float | None]
+    hold_down_reason: NotRequired[str]
+    preempt: NotRequired[bool]
+    on_unreachable: NotRequired[str]
 
 
 class IkeSaState(TypedDict):
@@ -173,9 +179,37 @@ def format_crypto_map(snap: Snapshot) -> str:
         out += [f"      {rule}" for rule in m["acl_rules"]]
         if m.get("last_error"):
             out += _fields([("Last Error", m["last_error"])])
+        out += _failover_lines(m)
         out.append("")
     out.append(f"Total crypto maps: {len(snap['crypto_maps'])}")
     return "\n".join(out)
+
+
+def _failover_lines(m: CryptoMapState) -> list[str]:
+    """Hold-down and, for a map with several peers, one row per peer (issue #20)."""
+    pairs: list[tuple[str, object]] = []
+    left = m.get("hold_down_left")
+    if left is not None:
+        why = m.get("hold_down_reason") or "every peer held down"
+        pairs.append(("Hold-down", f"{left:.1f} s left ({why})"))
+    peers = m.get("peers") or []
+    shown = len(peers) > 1 or any(p.get("hold_down_left") is not None for p in peers)
+    if shown:
+        pairs += [("Preempt", "yes" if m.get("preempt", True) else "no"),
+                  ("On Unreachable", m.get("on_unreachable", "icmp"))]  # fmt: skip
+    # aligned with the map's other fields ("IPsec Transform Sets" is the widest)
+    out = [f"  {k.ljust(20)} : {v}" for k, v in pairs]
+    if shown:
+        rows = []
+        for i, p in enumerate(peers, 1):
+            held = p.get("hold_down_left")
+            detail = f"retry in {held:.1f} s: {p['reason']}" if held is not None else ""
+            rows.append((i, p["address"], p["state"], "*" if p["active"] else "",
+                         p["failures"], detail))  # fmt: skip
+        table_text = table(("#", "Peer", "State", "Active", "Failures", "Hold-down"), rows)
+        out.append(f"  {'Peers'.ljust(20)} :")
+        out += ["      " + line for line in table_text.splitlines()]
+    return out
 
 
 def format_ike_sas(snap: Snapshot, *, summary: bool = False) -> str:
@@ -315,6 +349,7 @@ def crypto_map_states(
     cfg: Config,
     status: Mapping[str, str] | None = None,
     errors: Mapping[str, str] | None = None,
+    failover: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[CryptoMapState]:
     """The ``crypto_maps`` part of a snapshot, from the config (``status``: map -> up/down/...)."""
     status = status or {}
@@ -342,6 +377,8 @@ def crypto_map_states(
                 "remote_id": str(cm.remote_id),
             }
         )
+        if failover and name in failover:
+            out[-1].update(failover[name])  # type: ignore[typeddict-item]
     return out
 
 

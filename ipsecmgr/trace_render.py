@@ -65,6 +65,7 @@ _TEXTS = {
     "first_packet_dropped": "IpsecMgr: {tcp} dropped ({reason})",
     "queue_full_dropped": "IpsecMgr: {tcp} dropped, queue full ({reason})",
     "first_packet_queued": "IpsecMgr: {tcp} queued until the SA is up",
+    "hold_down_dropped": "IpsecMgr: {tcp} dropped, no IKE started: {reason}",
     "esp_sent": "IpsecMgr → {peer}: ESP SPI {spi} seq {seq}, {wire_len} bytes",
     "esp_received": "{outer_src} → IpsecMgr: ESP received, {wire_len} bytes",
     "saflow_match": "NPUSIM: SA flow SPI {spi} matched (crypto map {crypto_map})",
@@ -96,6 +97,10 @@ def describe(e: Event) -> str:
     if ev == "esp_drop":
         where = "NPUSIM" if e.get("step") == "9" else "IpsecMgr"
         return f"{where}: dropped: {ctx['reason']} (SPI {ctx['spi']})"
+    if ev == "unreachable_answered":  # step 5b (issue #20): the client is told at once
+        what = {"icmp": "ICMP unreachable, administratively prohibited", "rst": "TCP RST"}
+        answer = what.get(str(e.get("answer")), str(e.get("answer")))
+        return f"IpsecMgr: {answer} written back into the TUN ({ctx['reason']})"
     if ev in _TEXTS:
         return _TEXTS[ev].format_map(ctx)
     extra = ", ".join(f"{k}={e[k]}" for k in ("reason", "spi_in", "spi_out", "exchange") if k in e)

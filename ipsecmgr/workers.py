@@ -322,6 +322,7 @@ class ControlDatapath(Datapath):
             base.classifier, base.saflow, base.esp_sockets, base.bypass_sockets, base.on_no_sa
         )
         self.tun_for_map = base.tun_for_map
+        self.vnet_fds = base.vnet_fds  # write_tun (ipsecmgr.reject's answers) from here
         self.trace = base.trace
         self.outbound = ForwardingOutbound(workers)
         self.own: Counters = {}  # counted here (forwarding failures), merged into counters

@@ -140,7 +140,8 @@ match_address = "bar"
             "crypto_map.foo.retransmision_timeout: unknown key (allowed: peer, local_address, "
             "match_address, local_id, remote_id, local_psk, remote_psk, ike_transform_sets, "
             "ipsec_transform_sets, src_ip, role, retransmission_timeout, max_retransmission, "
-            "dpd, first_packet, queue_size, encapsulation, initial_contact, nat_keepalive)",
+            "dpd, first_packet, queue_size, encapsulation, initial_contact, nat_keepalive, "
+            "peers, preempt, on_unreachable)",
             "crypto_map.foo.max_retransmission: expected an integer, got a string 'three'",
             "crypto_map.foo.first_packet: 'hold' is not one of 'drop' | 'queue'",
             "crypto_map.foo.match_address: no access_list named 'bar'",
