@@ -155,6 +155,10 @@ class MapState:
     keepalive_at: float | None = None
     volume_at: float | None = None  # next look at the Child SAs' byte/packet/sequence limits
     creating_child: bool = False  # CREATE_CHILD_SA for a new Child SA under way
+    # For Manager.observe (ipsecmgr.metrics): when our IKE_SA_INIT went out, and
+    # when the first packet of the current queue (first_packet = "queue") arrived.
+    initiated_at: float | None = None
+    queued_at: float | None = None
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -335,6 +339,9 @@ class Manager:
         # installed (with its keys) and removed, so the workers keep their own copies.
         self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
         self.on_child_removed: Callable[[str, int, int], None] | None = None
+        # Set by ipsecmgr.metrics: observe(histogram, crypto map, seconds) for the
+        # IKE handshake latency and the first-packet wait (queue mode).
+        self.observe: Callable[[str, str, float], None] | None = None
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -378,6 +385,8 @@ class Manager:
             tr("4", "ike_triggered", packet, crypto_map=name, peer=(str(state.cmap.peer), 0))
         if state.cmap.first_packet == "queue":
             if len(state.queue) < state.cmap.queue_size:
+                if not state.queue:
+                    state.queued_at = now
                 state.queue.append(packet)
                 state.bump("first_packet_queued")
                 what = "first_packet_queued"
@@ -413,6 +422,7 @@ class Manager:
         sa = self.endpoint.initiate(state.ike_config, now)
         state.ike_sa = sa
         state.status = "connecting"
+        state.initiated_at = now
         state.bump("ike_initiated")
         log.info("crypto map %s: no SA, initiating IKE with %s", state.cmap.name, state.cmap.peer)
         self.pump(now)
@@ -672,6 +682,10 @@ class Manager:
         state.status = "established"
         state.last_error = ""
         state.established_at = now
+        state.bump("ike_established")
+        if self.observe is not None and state.initiated_at is not None:
+            self.observe("ike_handshake", state.cmap.name, now - state.initiated_at)
+        state.initiated_at = None
         self._schedule(state, now)
         if (sa := state.ike_sa) is not None:
             sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
@@ -748,6 +762,7 @@ class Manager:
         who = "peer sent" if event.by_peer else "we sent"
         state.last_error = f"{event.exchange}: {who} {event.notify}"
         state.bump("exchange_failed")
+        state.bump("exchange_failed_" + event.notify.lower())  # by reason (metrics)
         log.error(
             "crypto map %s: %s failed: %s %s (%s)",
             state.cmap.name,
@@ -827,6 +842,8 @@ class Manager:
             event.mode,
         )
         binding = self.datapath.outbound[state.cmap.name]
+        if state.queue and self.observe is not None and state.queued_at is not None:
+            self.observe("first_packet_wait", state.cmap.name, now - state.queued_at)
         while state.queue:
             self.datapath.send_protected(binding, state.queue.popleft())
             state.bump("queued_sent")
@@ -837,6 +854,11 @@ class Manager:
         record = state.children.pop(key, None)
         if record is None:
             return
+        # Per-map ESP totals outlive the SA (metrics: live SAs + these)
+        state.bump("retired_packets_in", record.inbound.counters.packets)
+        state.bump("retired_bytes_in", record.inbound.counters.bytes)
+        state.bump("retired_packets_out", record.outbound.counters.packets)
+        state.bump("retired_bytes_out", record.outbound.counters.bytes)
         if linger is not None:
             self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
         else:
