@@ -644,12 +644,15 @@ class _Parser:
             self.err("metrics.listen", f"must be a string HOST:PORT, not {_tname(listen)}")
             return None
         host, sep, port_text = listen.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
         try:
             addr = ipaddress.ip_address(host)
             port = int(port_text)
         except ValueError:
             addr, port = None, -1
+        if addr is not None and addr.version == 6 and not bracketed:
+            addr = None  # "::1:9754" is ambiguous: IPv6 needs [brackets]
         if not sep or addr is None or not 1 <= port <= 65535:
             self.err("metrics.listen", f"{listen!r} is not ADDRESS:PORT (e.g. 127.0.0.1:9754)")
             return None

@@ -102,7 +102,7 @@ class Notifier:
         self.send("STOPPING=1")
 
     def status(self, text: str) -> None:
-        if text != self._last_status:
+        if text.replace("\n", " ") != self._last_status:
             self.send(*self._status(text))
 
     def _status(self, text: str | None) -> list[str]:
@@ -134,8 +134,8 @@ class Notifier:
                 log.exception("status summary failed")
                 text = self._last_status
             if self.watchdog_usec:
-                self.send("WATCHDOG=1", *([f"STATUS={text}"] if text != self._last_status else []))
-                self._last_status = text
+                changed = text.replace("\n", " ") != self._last_status
+                self.send("WATCHDOG=1", *(self._status(text) if changed else []))
             else:
                 self.status(text)
             self._handle = loop.call_later(self.period, tick)
