@@ -194,6 +194,7 @@ def _show_figures(snap: dict[str, object]) -> dict[str, float]:
         "succeeded": ike.get("tacacs/ike_established", 0),
         "first_packet": ike.get("tacacs/first_packet_drops", 0),
         "no_sa": esp.get("esp_unknown_spi", 0),
+        "icv": esp.get("in_icv_failed", 0),
     }
 
 
@@ -207,6 +208,7 @@ def _metric_figures(s: Samples) -> dict[str, float]:
             s, "ipsecmgr_crypto_map_drops_total", map="tacacs", reason="first_packet"
         ),
         "no_sa": v(s, "ipsecmgr_esp_drops_total", direction="in", reason="no_sa"),
+        "icv": v(s, "ipsecmgr_esp_drops_total", direction="in", reason="icv"),
     }
 
 
@@ -283,6 +285,26 @@ def test_metrics_scraped_during_traffic_agree_with_show(env: Env, datapath: str)
     g = agree(env, gws["gw"], "gw")
     assert _metric_figures(g)["started"] == 0 and _metric_figures(g)["succeeded"] == 1
     assert _metric_figures(g)["in"] == figures["out"]
+    # Drops: ESP with an unknown SPI and with a known SPI but a bad ICV, from the WAN
+    gw_spi = gws["gw"].snapshot()["child_sas"][0]["spi_in"]
+    bad = [
+        bytes.fromhex("0000beef") + bytes(40),
+        bytes.fromhex(gw_spi) + (1 << 30).to_bytes(4, "big") + bytes(40),
+    ]
+    send = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_RAW,50)\n"
+        "for h in sys.argv[2:]: s.sendto(bytes.fromhex(h),(sys.argv[1],0))\n"
+    )
+    env.lab.ns("bypass").run(
+        [sys.executable, "-c", send, env.lab.addresses.gw_wan4, *(b.hex() for b in bad)]
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        d = _metric_figures(agree(env, gws["gw"], "gw"))
+        if d["no_sa"] >= 1 and d["icv"] >= 1:
+            break
+        assert time.monotonic() < deadline, d
 
     # clear crypto sa: the SA is gone, the map's totals keep its packets (retired)
     assert client.command({"command": "clear"})["ok"]
