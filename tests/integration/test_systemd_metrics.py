@@ -318,3 +318,50 @@ def test_metrics_scraped_during_traffic_agree_with_show(env: Env, datapath: str)
     again = agree(env, client, "client")
     assert _metric_figures(again)["out"] > figures["out"]
     assert _metric_figures(again)["started"] == 2
+
+
+# ---------------------------------------------------------------- upgrade guard
+
+
+def _clear_tacacs(packets: list[object], addr: str) -> list[object]:
+    from scapy.layers.inet import IP, TCP
+
+    return [
+        p
+        for p in packets
+        if p.haslayer(TCP)  # type: ignore[attr-defined]
+        and addr in (p[IP].src, p[IP].dst)  # type: ignore[index]
+        and 49 in (p[TCP].sport, p[TCP].dport)  # type: ignore[index]
+    ]
+
+
+def test_a_prohibit_route_closes_the_clear_text_window_of_a_restart(
+    env: Env, tmp_path: Path
+) -> None:
+    """docs/operations.md, upgrade: with ``ip route add prohibit SERVER/32`` in the
+    main table, TACACS+ to the server is refused while the daemon is down (its
+    rules and TUN table are gone) instead of leaving in clear; while it runs, its
+    rule finds the TUN route first. Without the guard the window is real."""
+    from ipsecmgr.lab.capture import Capture
+
+    server = env.lab.addresses.server4
+    env.start("gw")
+    env.start("client")
+    env.lab.client.run(["ip", "route", "add", "prohibit", f"{server}/32"])
+    wan = env.lab.interfaces["client.wan"]
+    with Capture(env.lab.client, wan, tmp_path / "guard.pcap") as cap:
+        assert env.login()["status"] == "PASS"
+        assert env.gws["client"].terminate() == 0
+        env.gws.gateways.pop("client")
+        down = env.login()
+        assert down.get("status") != "PASS", down
+        env.start("client")  # the upgraded daemon
+        assert env.login()["status"] == "PASS"
+    assert _clear_tacacs(cap.packets(), server) == []
+    # The control: no guard, daemon stopped -> the TACACS+ SYN leaves in clear.
+    env.lab.client.run(["ip", "route", "del", "prohibit", f"{server}/32"])
+    assert env.gws["client"].terminate() == 0
+    env.gws.gateways.pop("client")
+    with Capture(env.lab.client, wan, tmp_path / "noguard.pcap") as cap:
+        env.login()
+    assert len(_clear_tacacs(cap.packets(), server)) >= 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import tunnel  # tools/bench/tunnel.py
-from _lab import udp_echo_server
+from _lab import cpu_times_tree, udp_echo_server
 
 from ipsecmgr.lab.topology import Lab
 
@@ -61,6 +62,24 @@ finally:
 """
 
 
+BURST = 50
+
+
+def cpu_per_scrape(lab: Lab, side: str, pid: int) -> float:
+    """The daemon's CPU ms per scrape: ``BURST`` scrapes back to back with the tunnel
+    idle, the daemon's utime + stime before and after (its idle cost is ~0: it
+    sleeps until a timer or a packet)."""
+    code = (
+        "import urllib.request\n"
+        f"for _ in range({BURST}):\n"
+        f"    urllib.request.urlopen('http://{LISTEN}/metrics', timeout=5).read()\n"
+    )
+    u0, s0 = cpu_times_tree(pid)
+    lab.ns(side).run([sys.executable, "-c", code], timeout=60)
+    u1, s1 = cpu_times_tree(pid)
+    return (u1 - u0 + s1 - s0) * 1e3 / BURST
+
+
 @contextlib.contextmanager
 def scrapers(lab: Lab, interval: float, seconds: float) -> Iterator[list[Any]]:
     procs = [
@@ -80,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     samples = {"off": tunnel.Samples(), "on": tunnel.Samples()}
     scrapes = scrape_failures = 0
+    scrape_cpu: dict[str, list[float]] = {}
     per_round: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-") as tmp, Lab("tunnel") as lab:
         work = Path(tmp)
@@ -95,6 +115,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     before = len(samples[variant].tcp_mbps)
                     with tunnel.our_tunnel(lab, args, work, f"{variant}{r}") as setup:
                         if variant == "on":
+                            for side, pid in setup.pids.items():
+                                scrape_cpu.setdefault(side, []).append(
+                                    cpu_per_scrape(lab, side, pid)
+                                )
                             # the whole round: TCP run plus round trips
                             with scrapers(lab, args.interval, args.seconds + 30) as procs:
                                 tunnel.one_round(lab, args, setup, args.rtt_count, samples["on"])
@@ -114,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "off": tunnel.summary(samples["off"]),
         "on": tunnel.summary(samples["on"]),
         "scrapes": scrapes,
+        "daemon_cpu_ms_per_scrape": {k: statistics.median(v) for k, v in scrape_cpu.items()},
         "scrape_failures": scrape_failures,
         "elapsed_s": time.monotonic() - t0,
         "loadavg": list(__import__("os").getloadavg()),
@@ -147,6 +172,9 @@ def render(res: dict[str, Any]) -> str:
         f"on TCP runs: {', '.join(f'{x:.0f}' for x in on['tcp_runs_mbps'])} Mbit/s",
         f"scrapes during the 'on' rounds: {res['scrapes']} answered, "
         f"{res['scrape_failures']} failed",
+        "daemon CPU per scrape (tunnel idle, median of rounds, "
+        f"{BURST} scrapes each): "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in res["daemon_cpu_ms_per_scrape"].items()),
         f"(total {res['elapsed_s']:.0f} s; load average "
         f"{' '.join(f'{x:.2f}' for x in res['loadavg'])})",
     ]
