@@ -20,12 +20,12 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ike
 import npusim
 from ipsecmgr import config as cfg
-from ipsecmgr import metrics, sdnotify, show, sockets
+from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
@@ -35,6 +35,9 @@ from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
 from ipsecmgr.workers import Workers
+
+if TYPE_CHECKING:
+    from ipsecmgr.metrics import MetricsServer
 
 log = logging.getLogger("ipsecmgr")
 
@@ -462,10 +465,12 @@ async def serve(gw: Gateway, config_path: str) -> int:
     gw.attach(loop)
     control = ControlServer(Path(gw.config.gateway.control_socket), gw.handlers())
     notify = sdnotify.Notifier.from_environ()
-    exporter: metrics.MetricsServer | None = None
+    exporter: MetricsServer | None = None
     try:
         await control.start()
         if gw.config.metrics is not None:
+            from ipsecmgr import metrics  # prometheus-client only when configured
+
             exporter = await metrics.serve(gw, gw.config.metrics)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ipsecmgr import show
+from ipsecmgr.config import ConfigError
 from ipsecmgr.config import Metrics as MetricsConfig
 
 if TYPE_CHECKING:
@@ -328,7 +330,12 @@ async def serve(gw: Gateway, conf: MetricsConfig) -> MetricsServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(client, conf.host, conf.port, limit=MAX_REQUEST)
+    try:
+        server = await asyncio.start_server(client, conf.host, conf.port, limit=MAX_REQUEST)
+    except OSError as exc:  # e.g. the port is taken: the daemon does not start
+        where = _hostport(conf.host, conf.port)
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError([f"metrics.listen: cannot listen on {where}: {why}"]) from None
     log.info("metrics on http://%s/metrics", _hostport(conf.host, conf.port))
     return MetricsServer(exporter, server)
 

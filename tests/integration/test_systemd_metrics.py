@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ipsecmgr.lab.gateways import GatewayProcess, LabGateways
-from ipsecmgr.lab.topology import Lab
+from ipsecmgr.lab.topology import Lab, python_env
 from ipsecmgr.sdnotify import monotonic_usec
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -365,3 +365,67 @@ def test_a_prohibit_route_closes_the_clear_text_window_of_a_restart(
     with Capture(env.lab.client, wan, tmp_path / "noguard.pcap") as cap:
         env.login()
     assert len(_clear_tacacs(cap.packets(), server)) >= 1
+
+
+RAW_HTTP = """
+import socket, sys
+out = []
+for req in sys.argv[1:]:
+    with socket.create_connection(("127.0.0.1", 9754), timeout=10) as s:
+        s.sendall(req.encode().decode("unicode_escape").encode("latin-1"))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    out.append(data.split(b"\\r\\n", 1)[0].decode())
+print("\\n".join(out))
+"""
+
+
+def test_metrics_endpoint_bad_requests_and_a_taken_port(env: Env) -> None:
+    extra = f'\n[metrics]\nlisten = "{METRICS}"\n'
+    env.start("client", extra=extra)
+    requests = [
+        "POST /metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n",
+        "\\x00\\xff garbage\\r\\n\\r\\n",
+        "GET /nothing HTTP/1.0\\r\\n\\r\\n",
+        "GET /metrics?x=1 HTTP/1.0\\r\\n\\r\\n",
+    ]
+    lines = env.lab.client.run([sys.executable, "-c", RAW_HTTP, *requests]).stdout.split("\n")
+    assert lines[:4] == [
+        "HTTP/1.1 405 Method Not Allowed",
+        "HTTP/1.1 405 Method Not Allowed",
+        "HTTP/1.1 404 Not Found",
+        "HTTP/1.1 200 OK",
+    ]
+    assert env.gws["client"].snapshot()["crypto_maps"]  # the daemon is still there
+    # The [metrics] port is taken: the daemon refuses to start, says why, and
+    # leaves nothing behind.
+    assert env.gws["client"].terminate() == 0
+    env.gws.gateways.pop("client")
+    blocker = env.lab.client.popen([sys.executable, "-c", BLOCKER])
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline().strip() == "bound"
+        conf = env.gws.write_config("client")
+        conf.write_text(conf.read_text() + extra)
+        proc = env.lab.client.popen(
+            [sys.executable, "-m", "ipsecmgr.cli", "run", "--config", str(conf)], env=python_env()
+        )
+        _, err = proc.communicate(timeout=30)
+    finally:
+        blocker.terminate()
+        blocker.wait(timeout=10)
+    assert proc.returncode == 1, err
+    assert "metrics.listen: cannot listen on 127.0.0.1:9754: Address already in use" in err
+    assert "Traceback" not in err
+    assert "ipsm0" not in env.lab.client.run(["ip", "-o", "link", "show"]).stdout
+
+
+BLOCKER = """
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the scrapes' TIME_WAIT
+s.bind(("127.0.0.1", 9754))
+s.listen()
+print("bound", flush=True)
+time.sleep(60)
+"""
