@@ -740,6 +740,8 @@ class Manager:
 
     def _on_peer_dead(self, state: MapState, event: ev.PeerDead, now: float) -> None:
         state.bump("peer_dead")
+        if state.status == "connecting":  # no answer to our IKE_SA_INIT / IKE_AUTH
+            state.bump("handshake_timeouts")
         if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
             state.status = "dead"  # not for a stale SA a newer one replaced
         log.warning("crypto map %s: peer %s is dead", state.cmap.name, state.cmap.peer)

@@ -154,7 +154,8 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
     )
     failed = CounterMetricFamily(
         "ipsecmgr_ike_handshakes_failed",
-        "IKE exchanges that failed, by reason (authentication_failed, or the error notify)",
+        "IKE exchanges that failed, by reason (authentication_failed, timeout: no answer "
+        "to our handshake, or the error notify)",
         labels=["map", "reason"],
     )
     rekeys = CounterMetricFamily(
@@ -173,6 +174,7 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
             elif key.startswith("exchange_failed_"):
                 failed.add_metric([name, key.removeprefix("exchange_failed_")], value)
         failed.add_metric([name, "authentication_failed"], c.get("auth_failed", 0))
+        failed.add_metric([name, "timeout"], c.get("handshake_timeouts", 0))
         started.add_metric([name], c.get("ike_initiated", 0))
         succeeded.add_metric([name], c.get("ike_established", 0))
         rekeys.add_metric([name, "ike"], c.get("ike_rekeyed", 0))

@@ -320,6 +320,29 @@ def test_metrics_scraped_during_traffic_agree_with_show(env: Env, datapath: str)
     assert _metric_figures(again)["started"] == 2
 
 
+def test_a_handshake_without_answer_is_a_timeout_failure(env: Env) -> None:
+    """No responder: our IKE_SA_INIT goes unanswered (200 ms, one retransmission),
+    the map goes dead, and /metrics counts one failed handshake, reason timeout."""
+    extra = f'\n[metrics]\nlisten = "{METRICS}"\n'
+    opts = {"retransmission_timeout": 200, "max_retransmission": 1}
+    client = env.start("client", extra=extra, map_options=opts)
+    assert env.login().get("status") != "PASS"
+    deadline = time.monotonic() + 15
+    while True:
+        s = samples(scrape(env, "client")[1])
+        if v(s, "ipsecmgr_ike_handshakes_failed_total", map="tacacs", reason="timeout") >= 1:
+            break
+        assert time.monotonic() < deadline, client.log[-2000:]
+    assert v(s, "ipsecmgr_ike_handshakes_started_total", map="tacacs") >= 1
+    assert v(s, "ipsecmgr_ike_handshakes_succeeded_total", map="tacacs") == 0
+    assert v(s, "ipsecmgr_dpd_events_total", map="tacacs", event="peer_dead") >= 1
+    assert v(s, "ipsecmgr_ike_handshake_seconds_count", map="tacacs") == 0
+    stats = client.snapshot()["statistics"]["ike"]
+    assert stats["tacacs/handshake_timeouts"] == v(
+        s, "ipsecmgr_ike_handshakes_failed_total", map="tacacs", reason="timeout"
+    )
+
+
 # ---------------------------------------------------------------- upgrade guard
 
 

@@ -133,6 +133,7 @@ SNAP: dict[str, Any] = {
             "tacacs/liveness_checks": 4,
             "tacacs/child_rekeyed": 1,
             "backup/auth_failed": 2,
+            "backup/handshake_timeouts": 5,
             "backup/exchange_failed": 3,
             "backup/exchange_failed_no_proposal_chosen": 3,
             "backup/queue_overflow_drops": 7,
@@ -201,6 +202,8 @@ def test_families_known_answers() -> None:
         _v(s, "ipsecmgr_ike_handshakes_failed_total", map="backup", reason="authentication_failed")
         == 2
     )
+    assert _v(s, "ipsecmgr_ike_handshakes_failed_total", map="backup", reason="timeout") == 5
+    assert _v(s, "ipsecmgr_ike_handshakes_failed_total", map="tacacs", reason="timeout") == 0
     assert _v(s, "ipsecmgr_rekeys_total", map="tacacs", sa="child") == 1
     assert _v(s, "ipsecmgr_dpd_events_total", map="tacacs", event="check") == 4
     assert _v(s, "ipsecmgr_crypto_map_state", map="tacacs", state="up") == 1
