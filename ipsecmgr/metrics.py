@@ -255,6 +255,8 @@ class Exporter:
     """The registry: the collector and the two histograms the manager observes."""
 
     def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self._observed: set[str] = set()  # crypto maps with histogram series
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gw))
         self.histograms = {
@@ -279,8 +281,15 @@ class Exporter:
         h = self.histograms.get(what)
         if h is not None:
             h.labels(crypto_map).observe(max(seconds, 0.0))
+            self._observed.add(crypto_map)
 
     def render(self) -> bytes:
+        # A crypto map removed by a reload takes its histogram series with it.
+        for name in self._observed - set(self.gw.manager.maps):
+            for h in self.histograms.values():
+                with contextlib.suppress(KeyError):
+                    h.remove(name)
+            self._observed.discard(name)
         return generate_latest(self.registry)
 
 

@@ -237,3 +237,46 @@ def test_no_spi_labels_on_counters_that_outlive_sas() -> None:
     after = _scrape(snap)
     assert not [n for n, _ in after if n.startswith("ipsecmgr_child_sa_packets")]
     assert _v(after, "ipsecmgr_esp_packets_total", map="tacacs", direction="out") == 18
+
+
+class _FakeGateway:
+    """What the Exporter reads: the manager's maps and observe hook, the snapshot."""
+
+    def __init__(self) -> None:
+        self.manager = type("M", (), {"maps": {"tacacs": None, "backup": None}, "observe": None})()
+
+    def snapshot(self) -> dict[str, Any]:
+        return SNAP
+
+
+def test_histograms_are_observed_and_follow_the_configured_maps() -> None:
+    from ipsecmgr.metrics import Exporter
+
+    gw = _FakeGateway()
+    exporter = Exporter(gw)  # type: ignore[arg-type]
+    assert gw.manager.observe == exporter.observe  # the manager's hook is set
+    gw.manager.observe("ike_handshake", "tacacs", 0.03)
+    gw.manager.observe("ike_handshake", "backup", 7.0)
+    gw.manager.observe("first_packet_wait", "tacacs", 0.04)
+    gw.manager.observe("unknown", "tacacs", 1.0)  # ignored
+    s = {}
+    for fam in text_string_to_metric_families(exporter.render().decode()):
+        for smp in fam.samples:
+            s[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    assert _v(s, "ipsecmgr_ike_handshake_seconds_count", map="tacacs") == 1
+    assert _v(s, "ipsecmgr_ike_handshake_seconds_bucket", map="tacacs", le="0.05") == 1
+    assert _v(s, "ipsecmgr_ike_handshake_seconds_bucket", map="tacacs", le="0.025") == 0
+    assert _v(s, "ipsecmgr_ike_handshake_seconds_bucket", map="backup", le="5.0") == 0
+    assert _v(s, "ipsecmgr_ike_handshake_seconds_bucket", map="backup", le="10.0") == 1
+    assert _v(s, "ipsecmgr_first_packet_wait_seconds_sum", map="tacacs") == pytest.approx(0.04)
+    assert _v(s, "ipsecmgr_esp_packets_total", map="tacacs", direction="out") == 18
+    # "backup" removed by a reload: its histogram series go at the next scrape
+    del gw.manager.maps["backup"]
+    hist = [
+        (smp.name, smp.labels.get("map"))
+        for fam in text_string_to_metric_families(exporter.render().decode())
+        if fam.type == "histogram"
+        for smp in fam.samples
+    ]
+    assert ("ipsecmgr_ike_handshake_seconds_count", "tacacs") in hist
+    assert not [h for h in hist if h[1] == "backup"]
