@@ -15,6 +15,7 @@ import itertools
 import json
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -186,9 +187,18 @@ def v(s: Samples, name: str, **labels: str) -> float:
     return s.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _show_figures(snap: dict[str, object]) -> dict[str, float]:
-    stats = snap["statistics"]
-    assert isinstance(stats, dict)
+def show_statistics(gw: GatewayProcess) -> dict[str, dict[str, int]]:
+    """What ``ipsecmgr show crypto statistics --json`` prints, parsed."""
+    cmd = [sys.executable, "-m", "ipsecmgr.cli", "show", "--socket", str(gw.control),
+           "crypto", "statistics", "--json"]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, timeout=30, env=python_env()
+    )
+    stats: dict[str, dict[str, int]] = json.loads(out.stdout)
+    return stats
+
+
+def _show_figures(stats: dict[str, dict[str, int]]) -> dict[str, float]:
     esp, ike = stats["esp"], stats["ike"]
     return {
         "out": esp.get("esp_out_packets", 0),
@@ -216,14 +226,15 @@ def _metric_figures(s: Samples) -> dict[str, float]:
 
 
 def agree(env: Env, gw: GatewayProcess, side: str, timeout: float = 15.0) -> Samples:
-    """Scrape and snapshot until both say the same (trailing ACKs settle); the figures."""
+    """``show crypto statistics --json``, a scrape, ``show`` again, until all three say
+    the same (trailing ACKs settle); the scrape's figures."""
     deadline = time.monotonic() + timeout
     while True:
-        before = _show_figures(dict(gw.snapshot()))
+        before = _show_figures(show_statistics(gw))
         status, text = scrape(env, side)
         assert status == 200
         s = samples(text)
-        after = _show_figures(dict(gw.snapshot()))
+        after = _show_figures(show_statistics(gw))
         if before == after == _metric_figures(s):
             return s
         assert time.monotonic() < deadline, (before, _metric_figures(s), after)
