@@ -215,6 +215,15 @@ class Gateway:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """``[metrics]``: the Prometheus endpoint (ipsecmgr.metrics); absent: off."""
+
+    host: str
+    port: int
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     access_lists: Mapping[str, AccessList]
     ike_transform_sets: Mapping[str, IkeTransformSet]
@@ -223,6 +232,7 @@ class Config:
     tuns: tuple[TunInterface, ...]
     gateway: Gateway
     warnings: tuple[str, ...] = ()
+    metrics: Metrics | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +306,7 @@ def parse_config(
 _MISSING = object()
 _SECTIONS = (
     "access_list", "ike_transform_set", "ipsec_transform_set", "crypto_map", "tun", "gateway",
+    "metrics",
 )  # fmt: skip
 
 
@@ -494,11 +505,12 @@ class _Parser:
         for n in acls:
             if not any(cm.match_address == n for cm in maps.values()):
                 self.warnings.append(f"access_list.{n}: not used by any crypto map")
+        metrics = self.metrics(data.get("metrics", _MISSING))
         if self.errors or gw is None:
             return None
         return Config(
             MappingProxyType(acls), MappingProxyType(ikes), MappingProxyType(ipsecs),
-            MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings),
+            MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings), metrics=metrics,
         )  # fmt: skip
 
     def acl(self, name: str, t: dict[str, Any]) -> AccessList | None:
@@ -622,6 +634,44 @@ class _Parser:
             tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
             datapath, mss_clamp, offload,
         )  # fmt: skip
+
+    def metrics(self, v: Any) -> Metrics | None:
+        """``listen = "HOST:PORT"`` (IPv6 as ``[::1]:9754``); loopback only unless
+        ``allow_remote = true``: the figures tell who talks to whom and when."""
+        if v is _MISSING:
+            return None
+        t = self.table(v, "metrics")
+        if t is None:
+            return None
+        self.keys(t, "metrics", ("listen", "allow_remote"))
+        allow_remote = self.boolean(t, "allow_remote", "metrics", False)
+        listen = self.required(t, "listen", "metrics")
+        if listen is _MISSING:
+            return None
+        if not isinstance(listen, str):
+            self.err("metrics.listen", f"must be a string HOST:PORT, not {_tname(listen)}")
+            return None
+        host, sep, port_text = listen.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
+        try:
+            addr = ipaddress.ip_address(host)
+            port = int(port_text)
+        except ValueError:
+            addr, port = None, -1
+        if addr is not None and addr.version == 6 and not bracketed:
+            addr = None  # "::1:9754" is ambiguous: IPv6 needs [brackets]
+        if not sep or addr is None or not 1 <= port <= 65535:
+            self.err("metrics.listen", f"{listen!r} is not ADDRESS:PORT (e.g. 127.0.0.1:9754)")
+            return None
+        if not addr.is_loopback and not allow_remote:
+            self.err(
+                "metrics.listen",
+                f"{host} is not a loopback address; set allow_remote = true to serve "
+                "metrics beyond this host",
+            )
+            return None
+        return Metrics(str(addr), port, allow_remote)
 
     def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:
         if v is _MISSING:

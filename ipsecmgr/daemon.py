@@ -20,12 +20,12 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ike
 import npusim
 from ipsecmgr import config as cfg
-from ipsecmgr import show, sockets
+from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
@@ -35,6 +35,9 @@ from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
 from ipsecmgr.workers import Workers
+
+if TYPE_CHECKING:
+    from ipsecmgr.metrics import MetricsServer
 
 log = logging.getLogger("ipsecmgr")
 
@@ -381,6 +384,13 @@ class Gateway:
     def _bump(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
+    def status_line(self) -> str:
+        """systemd's STATUS= (ipsecmgr.sdnotify): maps up/total, SA counts."""
+        child_sas = sum(len(s.children) for s in self.manager.maps.values())
+        return sdnotify.status_line(
+            self.manager.map_status(), len(self.manager.endpoint.sas), child_sas
+        )
+
     # -- control API -------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -457,11 +467,17 @@ async def serve(gw: Gateway, config_path: str) -> int:
     stop = asyncio.Event()
     gw.attach(loop)
     control = ControlServer(Path(gw.config.gateway.control_socket), gw.handlers())
+    notify = sdnotify.Notifier.from_environ()
+    exporter: MetricsServer | None = None
     try:
         await control.start()
+        if gw.config.metrics is not None:
+            from ipsecmgr import metrics  # prometheus-client only when configured
+
+            exporter = await metrics.serve(gw, gw.config.metrics)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path)
+        loop.add_signal_handler(signal.SIGHUP, _reload_notified, gw, config_path, notify)
         # Start-up objects (config, pyroute2, asyncio, modules) live as long as we do:
         # out of the collector's reach, every full collection no longer walks them
         # (the handshakes allocate enough to trigger collections; see
@@ -469,14 +485,29 @@ async def serve(gw: Gateway, config_path: str) -> int:
         gc.collect()
         gc.freeze()
         print("ready", flush=True)
+        notify.ready(gw.status_line())  # TUNs, routes, sockets up; tunnels come on demand
+        notify.start_periodic(loop, gw.status_line)  # WATCHDOG=1 from this loop
         await stop.wait()
+        notify.stopping()
         log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
         await gw.delete_all(SHUTDOWN_GRACE)
     finally:
         gw.tracer.close_all()
         gw.detach()
+        if exporter is not None:
+            await exporter.close()
         await control.close()
+        notify.close()
     return 0
+
+
+def _reload_notified(gw: Gateway, config_path: str, notify: sdnotify.Notifier) -> None:
+    """SIGHUP under systemd: RELOADING=1 (with MONOTONIC_USEC) around the reload."""
+    notify.reloading()
+    try:
+        _reload(gw, config_path)
+    finally:
+        notify.ready(gw.status_line())
 
 
 def _reload(gw: Gateway, config_path: str) -> None:

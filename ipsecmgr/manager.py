@@ -158,6 +158,10 @@ class MapState:
     creating_child: bool = False  # CREATE_CHILD_SA for a new Child SA under way
     # Ordered peers, dead marking, hold-down and preemption (ipsecmgr.peers)
     peers: PeerList = field(default_factory=lambda: PeerList(()))
+    # For Manager.observe (ipsecmgr.metrics): when our IKE_SA_INIT went out, and
+    # when the first packet of the current queue (first_packet = "queue") arrived.
+    initiated_at: float | None = None
+    queued_at: float | None = None
 
     @classmethod
     def build(cls, cmap: cfg.CryptoMap, base: ike.IkeConfig) -> MapState:
@@ -345,6 +349,9 @@ class Manager:
         self.on_child_removed: Callable[[str, int, int], None] | None = None
         # Failover, fail-fast answers and rate-limited noise (ipsecmgr.failover)
         self.failover = failover.Failover(self)
+        # Set by ipsecmgr.metrics: observe(histogram, crypto map, seconds) for the
+        # IKE handshake latency and the first-packet wait (queue mode).
+        self.observe: Callable[[str, str, float], None] | None = None
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -393,6 +400,8 @@ class Manager:
             tr("4", "ike_triggered", packet, crypto_map=name, peer=(addr, 0))
         if state.cmap.first_packet == "queue":
             if len(state.queue) < state.cmap.queue_size:
+                if not state.queue:
+                    state.queued_at = now
                 state.queue.append(packet)
                 state.bump("first_packet_queued")
                 what = "first_packet_queued"
@@ -433,6 +442,7 @@ class Manager:
         state.peers.bind(sa.name, peer)
         state.ike_sa = sa
         state.status = "connecting"
+        state.initiated_at = now
         state.bump("ike_initiated")
         log.info("crypto map %s: no SA, initiating IKE with %s", state.cmap.name, peer.address)
         self.pump(now)
@@ -696,6 +706,10 @@ class Manager:
         state.status = "established"
         state.last_error = ""
         state.established_at = now
+        state.bump("ike_established")
+        if self.observe is not None and state.initiated_at is not None:
+            self.observe("ike_handshake", state.cmap.name, now - state.initiated_at)
+        state.initiated_at = None
         self._schedule(state, now)
         if (sa := state.ike_sa) is not None:
             sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
@@ -751,6 +765,8 @@ class Manager:
 
     def _on_peer_dead(self, state: MapState, event: ev.PeerDead, now: float) -> None:
         state.bump("peer_dead")
+        if state.status == "connecting":  # no answer to our IKE_SA_INIT / IKE_AUTH
+            state.bump("handshake_timeouts")
         if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
             state.status = "dead"  # not for a stale SA a newer one replaced
         peer = self.failover.failed(state, event.ike_sa, DEAD, now)
@@ -782,6 +798,7 @@ class Manager:
         who = "peer sent" if event.by_peer else "we sent"
         state.last_error = f"{event.exchange}: {who} {event.notify}"
         state.bump("exchange_failed")
+        state.bump("exchange_failed_" + event.notify.lower())  # by reason (metrics)
         log.error(
             "crypto map %s: %s failed: %s %s (%s)",
             state.cmap.name,
@@ -861,6 +878,8 @@ class Manager:
             event.mode,
         )
         binding = self.datapath.outbound[state.cmap.name]
+        if state.queue and self.observe is not None and state.queued_at is not None:
+            self.observe("first_packet_wait", state.cmap.name, now - state.queued_at)
         while state.queue:
             self.datapath.send_protected(binding, state.queue.popleft())
             state.bump("queued_sent")
@@ -871,6 +890,11 @@ class Manager:
         record = state.children.pop(key, None)
         if record is None:
             return
+        # Per-map ESP totals outlive the SA (metrics: live SAs + these)
+        state.bump("retired_packets_in", record.inbound.counters.packets)
+        state.bump("retired_bytes_in", record.inbound.counters.bytes)
+        state.bump("retired_packets_out", record.outbound.counters.packets)
+        state.bump("retired_bytes_out", record.outbound.counters.bytes)
         if linger is not None:
             self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
         else:

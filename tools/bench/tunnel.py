@@ -190,7 +190,8 @@ def our_tunnel(lab: Lab, args: argparse.Namespace, work: Path, tag: str,
                     "[gateway]\n", f'[gateway]\ndatapath = "{datapath}"\noffload = {offload}\n'
                 )
                 conf.write_text(text.replace(f"[tun.{OUR_TUN}]\n",
-                                             f"[tun.{OUR_TUN}]\nmtu = {args.mtu}\n"))  # fmt: skip
+                                             f"[tun.{OUR_TUN}]\nmtu = {args.mtu}\n")
+                                + getattr(args, "extra_config", ""))  # fmt: skip
                 gws.start(side, config=conf, verbose=0)
         finally:
             os.environ.pop("IPSECMGR_PROFILE", None)
