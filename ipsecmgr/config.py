@@ -49,6 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
+from ipsecmgr.tls.config import TlsMap, parse_tls_map
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -215,6 +216,8 @@ class Config:
     tuns: tuple[TunInterface, ...]
     gateway: Gateway
     warnings: tuple[str, ...] = ()
+    # [tls_map.NAME]: flows protected by TLS 1.3 instead of ESP (ipsecmgr.tls).
+    tls_maps: Mapping[str, TlsMap] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,7 @@ def parse_config(
 _MISSING = object()
 _SECTIONS = (
     "access_list", "ike_transform_set", "ipsec_transform_set", "crypto_map", "tun", "gateway",
+    "tls_map",
 )  # fmt: skip
 
 
@@ -483,7 +487,14 @@ class _Parser:
                 self.warnings.append(
                     f"crypto_map.{n}: not bound to any tun (its traffic never reaches it)"
                 )
+        tls_maps: dict[str, TlsMap] = {}
+        acl_rules = {n: a.rules for n, a in acls.items()}
+        for n, t in self.named_section(data, "tls_map").items():
+            if (tm := parse_tls_map(self, n, t, acl_rules)) is not None:
+                tls_maps[n] = tm
         for n in acls:
+            if any(tm.match_address == n for tm in tls_maps.values()):
+                continue
             if not any(cm.match_address == n for cm in maps.values()):
                 self.warnings.append(f"access_list.{n}: not used by any crypto map")
         if self.errors or gw is None:
@@ -491,6 +502,7 @@ class _Parser:
         return Config(
             MappingProxyType(acls), MappingProxyType(ikes), MappingProxyType(ipsecs),
             MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings),
+            MappingProxyType(tls_maps),
         )  # fmt: skip
 
     def acl(self, name: str, t: dict[str, Any]) -> AccessList | None:

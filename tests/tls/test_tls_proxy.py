@@ -1,0 +1,167 @@
+"""The TLS relay on loopback: real TLS 1.3 (Python ssl), the lab's TACACS+ server
+behind it, the independent tacacs_plus client in front of it."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+
+import pytest
+
+from ipsecmgr.lab import tacacs as t
+from ipsecmgr.lab.tacacs_client import TacacsClientError, query
+from ipsecmgr.secret import Secret
+from tests.tls.rig import DOWNSTREAM, PASSWORD, Pki, Rig, tls_map
+
+
+def login(rig: Rig, password: str = PASSWORD, secret: bytes = DOWNSTREAM) -> dict[str, object]:
+    return query("127.0.0.1", Secret(secret), "alice", password=Secret(password.encode()),
+                 port=rig.port, authen_type="pap", timeout=10)  # fmt: skip
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound then closed: connect is refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_aaa_through_tls_upstream_sees_unencrypted_flag_and_resumes(rig: Rig, pki: Pki) -> None:
+    srv, port = rig.tls_server(pki)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    assert login(rig)["status"] == "PASS"
+    assert login(rig, "wrong")["status"] == "FAIL"
+    r = query("127.0.0.1", Secret(DOWNSTREAM), "alice", action="authorize", port=rig.port,
+              arguments=["service=shell", "cmd="])  # fmt: skip
+    assert (r["status"], r["args"]) == ("PASS_ADD", ["priv-lvl=15"])
+    r = query("127.0.0.1", Secret(DOWNSTREAM), "alice", action="account", port=rig.port)
+    assert r["status"] == "SUCCESS"
+    # The server ran with no secret: it accepted only packets with the UNENCRYPTED
+    # flag (RFC 9887 §4) and saw the user and the outcome.
+    assert [(x.kind, x.user, x.result) for x in srv.transactions] == [
+        ("authen", "alice", "PASS"), ("authen", "alice", "FAIL"),
+        ("author", "alice", "PASS_ADD"), ("acct", "alice", "SUCCESS"),
+    ]  # fmt: skip
+    view = rig.lt.call(lambda: proxy.view(0.0))
+    (s,) = view["servers"]
+    assert s["state"] == "up" and s["connections"] == 4
+    # One full handshake, then the saved TLS 1.3 ticket resumes the others.
+    assert (s["handshakes"], s["resumed"]) == (1, 3)
+    assert view["counters"]["requests"] == view["counters"]["responses"] == 4
+
+
+def test_failover_from_a_dead_first_server_within_one_login(rig: Rig, pki: Pki) -> None:
+    srv, port = rig.tls_server(pki)
+    dead = closed_port()
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", dead), ("127.0.0.1", port)]))
+    assert login(rig)["status"] == "PASS"
+    first, second = rig.lt.call(lambda: proxy.view(0.0))["servers"]
+    assert first["failures"] == 1 and "refused" in first["last_error"].lower()
+    assert second["connections"] == 1
+    # Held down: the next login goes straight to the second server.
+    assert login(rig)["status"] == "PASS"
+    view = rig.lt.call(lambda: proxy.view(0.0))
+    first, second = view["servers"]
+    assert first["failures"] == 1 and second["connections"] == 2
+    assert [x.result for x in srv.transactions] == ["PASS", "PASS"]
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("wrong-ca", "certificate verify failed: self-signed certificate in certificate chain"),
+        ("wrong-name", "certificate verify failed: IP address mismatch"),
+        ("wrong-dns-name", "certificate verify failed: Hostname mismatch"),
+        ("expired", "certificate verify failed: certificate has expired"),
+        ("tls12-only", "TLS error: TLSV1_ALERT_PROTOCOL_VERSION"),
+    ],
+)
+def test_bad_server_is_refused_with_a_clear_error(
+    rig: Rig, pki: Pki, case: str, expected: str
+) -> None:
+    kw: dict[str, object] = {}
+    if case == "wrong-name":
+        srv, port = rig.tls_server(pki, cert=pki.wrong_name_crt, key=pki.wrong_name_key)
+    elif case == "expired":
+        srv, port = rig.tls_server(pki, cert=pki.expired_crt, key=pki.expired_key)
+    elif case == "tls12-only":
+        srv, port = rig.tls_server(pki)  # unused: the TLS 1.2 server is openssl's
+        port = rig.openssl_tls12_server(pki)
+    else:
+        srv, port = rig.tls_server(pki)
+    if case == "wrong-ca":
+        kw["ca_file"] = pki.other_ca
+    if case == "wrong-dns-name":
+        kw["name"] = "not-tacacs.example"
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)], **kw))
+    with pytest.raises(TacacsClientError):
+        login(rig)  # the client's connection is closed: fail closed, no answer
+    view = rig.lt.call(lambda: proxy.view(0.0))
+    (s,) = view["servers"]
+    assert s["last_error"].startswith(expected), s["last_error"]
+    assert s["connections"] == 0 and s["failures"] == 1
+    assert view["counters"]["refused_all_down"] == 1
+    assert srv.transactions == [] or all(x.kind == "error" for x in srv.transactions)
+
+
+def test_dns_name_identity_is_checked_and_accepted(rig: Rig, pki: Pki) -> None:
+    _srv, port = rig.tls_server(pki)
+    rig.start_proxy(tls_map(pki, [("127.0.0.1", port)], name="tacacs.example"))
+    assert login(rig)["status"] == "PASS"
+
+
+def test_wrong_downstream_secret_is_refused_before_any_upstream(rig: Rig, pki: Pki) -> None:
+    srv, port = rig.tls_server(pki)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    with pytest.raises(TacacsClientError):
+        login(rig, secret=b"not-the-secret")
+    view = rig.lt.call(lambda: proxy.view(0.0))
+    assert view["counters"]["bad_secret"] == 1
+    assert view["servers"][0]["connections"] == 0
+    assert srv.transactions == []
+
+
+def test_client_sending_cleartext_is_refused(rig: Rig, pki: Pki) -> None:
+    """RFC 8907 §4.5: with a secret configured, an UNENCRYPTED packet is refused."""
+    _srv, port = rig.tls_server(pki)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    body = t.AuthenStart(t.AUTHEN_LOGIN, 15, t.AUTHEN_TYPE_PAP, t.AUTHEN_SVC_LOGIN,
+                         b"alice", b"tty0", b"", PASSWORD.encode()).encode()  # fmt: skip
+    pkt = t.encode_packet(version=t.VERSION_ONE, type=t.AUTHEN, seq_no=1, session_id=7,
+                          body=body, key=None)  # fmt: skip
+    with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as c:
+        c.sendall(pkt)
+        assert c.recv(100) == b""  # closed, no reply
+    assert rig.lt.call(lambda: proxy.view(0.0))["counters"]["bad_secret"] == 1
+
+
+def test_keylog_written_only_when_configured(rig: Rig, pki: Pki) -> None:
+    _srv, port = rig.tls_server(pki)
+    keylog = pki.dir / "keys.log"
+    keylog.unlink(missing_ok=True)
+    rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    assert login(rig)["status"] == "PASS"
+    assert not keylog.exists()
+
+
+def test_keylog_format(rig: Rig, pki: Pki, tmp_path: object) -> None:
+    _srv, port = rig.tls_server(pki)
+    keylog = pki.dir / "keys2.log"
+    keylog.unlink(missing_ok=True)
+    rig.start_proxy(tls_map(pki, [("127.0.0.1", port)], keylog_file=keylog))
+    assert login(rig)["status"] == "PASS"
+    labels = {line.split()[0] for line in keylog.read_text().splitlines() if line.strip()}
+    # NSS key log format, TLS 1.3 labels (what Wireshark's tls.keylog_file reads).
+    assert {"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0"} <= labels
+
+
+def test_context_refuses_tls12(pki: Pki) -> None:
+    from ipsecmgr.tls.tlsconn import client_context
+
+    ctx = client_context(tls_map(pki, [("127.0.0.1", 1)]))
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert struct
