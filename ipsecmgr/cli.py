@@ -29,6 +29,7 @@ show commands (as in the StarOS reference):
   crypto ikev2-ikesa security-associations [summary]
   crypto ipsec security-associations [summary]
   crypto statistics
+  tacacs tls
 """
 
 
@@ -111,9 +112,14 @@ def _cmd_check_config(path: Path) -> int:
 def _cmd_show(words: Sequence[str], socket_path: Path, as_json: bool) -> int:
     from ipsecmgr.control import ControlError
     from ipsecmgr.show import show
+    from ipsecmgr.tls.show import COMMAND as TLS_COMMAND
+    from ipsecmgr.tls.show import show_tls
 
     try:
-        print(show(socket_path, " ".join(words), as_json=as_json))
+        if " ".join(words) == TLS_COMMAND:
+            print(show_tls(socket_path, as_json=as_json))
+        else:
+            print(show(socket_path, " ".join(words), as_json=as_json))
     except ValueError as exc:
         print(f"ipsecmgr show: {exc}", file=sys.stderr)
         return 2

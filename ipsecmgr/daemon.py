@@ -32,6 +32,7 @@ from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.routing import Routing, TunRoute
+from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
 from ipsecmgr.workers import Workers
@@ -449,13 +450,16 @@ def _flatten(groups: dict[str, dict[str, int]]) -> dict[str, int]:
     return {f"{g}/{k}": v for g, counters in groups.items() for k, v in counters.items()}
 
 
-async def serve(gw: Gateway, config_path: str) -> int:
+async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     gw.attach(loop)
-    control = ControlServer(Path(gw.config.gateway.control_socket), gw.handlers())
+    handlers = gw.handlers() | (tls.handlers() if tls is not None else {})
+    control = ControlServer(Path(gw.config.gateway.control_socket), handlers)
     try:
         await control.start()
+        if tls is not None:
+            await tls.start()  # [tls_map]: transparent and explicit listeners accept
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path)
@@ -471,6 +475,8 @@ async def serve(gw: Gateway, config_path: str) -> int:
         await gw.delete_all(SHUTDOWN_GRACE)
     finally:
         gw.tracer.close_all()
+        if tls is not None:
+            await tls.close()
         gw.detach()
         await control.close()
     return 0
@@ -484,6 +490,8 @@ def _reload(gw: Gateway, config_path: str) -> None:
         return
     for w in config.warnings:
         log.warning("%s", w)
+    if config.tls_maps != gw.config.tls_maps:
+        log.warning("tls_map changes take effect at the next restart (the running ones stay)")
     gw.reload(config)
 
 
@@ -492,8 +500,14 @@ def run(config_path: str) -> int:
     for w in config.warnings:
         log.warning("%s", w)
     gw = Gateway(config)
+    # [tls_map]: TACACS+ over TLS 1.3 (ipsecmgr.tls); routes in the gateway's table.
+    r = gw.routing
+    tls = TlsService(config, table=r.table, priority=r.priority, mark=r.mark)
+    gw.tracer.targets.append(tls)
     try:
         gw.setup()
-        return asyncio.run(serve(gw, config_path))
+        tls.setup()
+        return asyncio.run(serve(gw, config_path, tls if tls else None))
     finally:
+        tls.teardown()
         gw.teardown()

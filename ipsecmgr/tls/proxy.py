@@ -27,6 +27,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from ipsecmgr.lab import tacacs as t
@@ -40,6 +41,10 @@ MAP_COUNTERS = (
     "accepted", "active", "refused_all_down", "bad_secret", "bad_packet", "failovers",
     "requests", "responses", "upstream_errors",
 )  # fmt: skip
+
+
+# The client connection a relay task serves (each asyncio task has its own context).
+_conn: ContextVar[int] = ContextVar("tls_conn", default=0)
 
 
 class _ClientGone(Exception):
@@ -87,10 +92,11 @@ class MapProxy:
         self._key = m.downstream_secret.reveal()
         self._trace = trace
         self._tasks: set[asyncio.Task[None]] = set()
+        self._next_conn = 0
 
     def trace(self, step: str, fields: dict[str, Any]) -> None:
         if self._trace is not None:
-            self._trace(step, {"map": self.map.name, **fields})
+            self._trace(step, {"map": self.map.name, "conn": _conn.get(), **fields})
         log.debug("tls map %s: %s %s", self.map.name, step, fields)
 
     def view(self, now: float) -> dict[str, Any]:
@@ -104,6 +110,8 @@ class MapProxy:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        self._next_conn += 1
+        _conn.set(self._next_conn)
         self.counters["accepted"] += 1
         self.counters["active"] += 1
         sockname = writer.get_extra_info("sockname")
@@ -111,6 +119,7 @@ class MapProxy:
         # The original destination: the listener is bound to the server's address
         # (transparent capture) or to the configured listen address.
         self.trace("capture", {"client": _fmt(peer), "destination": _fmt(sockname)})
+        self.trace("classify", {"tls_map": self.map.name, "acl": self.map.match_address})
         upstream: tuple[ServerState, TlsConn] | None = None
         try:
             upstream = await self._relay(reader, writer)

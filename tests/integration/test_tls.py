@@ -1,0 +1,235 @@
+"""TACACS+ over TLS 1.3 (RFC 9887) through the gateway in the netns lab (root).
+
+The lab's tunnel topology with the client host's gateway protecting the server
+by TLS instead of ESP; the ``gw`` namespace only routes. The independent
+tacacs_plus client logs in to 203.0.113.49:49 as it always did (no client
+change); the gateway takes the connection transparently and the TLS TACACS+
+server (the lab's server inside TLS 1.3, ipsecmgr.lab.tls_server) answers on
+port 300. Captures on the client's WAN link check what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsecmgr.lab import tacacs as t
+from ipsecmgr.lab import tls_pki
+from ipsecmgr.lab.capture import Capture
+from ipsecmgr.lab.gateways import GatewayProcess, LabGateways
+from ipsecmgr.lab.tls_lab import TLS_PORT, start_tls_server, tls_client_config
+from ipsecmgr.lab.topology import Lab
+from tests.integration.test_gateway import tcp_port_49
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+USER, PASSWORD = "alice", "alice-pw-4711"
+SERVER_B = "203.0.113.50"  # a second address on the server host
+
+
+@dataclass
+class TlsEnv:
+    lab: Lab
+    gws: LabGateways
+    pki: Path
+    secret: Path
+    users: Path
+    tmp: Path
+
+    def config(self, **kw: Any) -> Path:
+        a = self.lab.addresses
+        text = tls_client_config(
+            a, pki=self.pki, secret_file=self.secret,
+            management_interface=self.lab.interfaces["client.wan"],
+            control_socket=self.gws.dir / "client.sock", **kw,
+        )  # fmt: skip
+        path = self.tmp / "client-tls.toml"
+        path.write_text(text)
+        return path
+
+    def start_gateway(self, **kw: Any) -> GatewayProcess:
+        return self.gws.start("client", config=self.config(**kw))
+
+    def login(self, server: str | None = None, password: str = PASSWORD) -> dict[str, Any]:
+        return self.lab.tacacs_query(
+            "client", server=server or self.lab.addresses.server4, secret_file=self.secret,
+            user=USER, password=password, timeout=10,
+        )  # fmt: skip
+
+    def tls_show(self) -> dict[str, Any]:
+        r = self.gws["client"].command({"command": "tls"})
+        assert r["ok"], r
+        result: dict[str, Any] = r["result"]
+        return result
+
+    def capture(self, name: str) -> Capture:
+        return Capture(self.lab.client, self.lab.interfaces["client.wan"], self.tmp / name)
+
+
+@pytest.fixture
+def tls_env(tmp_path: Path) -> Iterator[TlsEnv]:
+    secret = tmp_path / "tacacs-secret"
+    secret.write_bytes(b"downstream-key")
+    secret.chmod(0o600)
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps({USER: {"password": PASSWORD}}))
+    pki = tmp_path / "pki"
+    with Lab("tunnel") as lab, LabGateways(lab) as gws:
+        a = lab.addresses
+        tls_pki.write_pki(pki, server_ips=[a.server4, SERVER_B])
+        lab.server.add_address(lab.interfaces["server.lan"], f"{SERVER_B}/24")
+        yield TlsEnv(lab, gws, pki, secret, users, tmp_path)
+
+
+def tcp_port(packets: list[Any], port: int) -> list[Any]:
+    from scapy.layers.inet import TCP
+
+    return [p for p in packets if p.haslayer(TCP) and port in (p[TCP].sport, p[TCP].dport)]
+
+
+def test_transparent_login_over_tls_nothing_clear_on_the_wire(tls_env: TlsEnv) -> None:
+    env = tls_env
+    server = start_tls_server(env.lab, pki=env.pki, users_file=env.users)
+    gw = env.start_gateway()
+    with env.capture("tls.pcap") as cap:
+        ok = env.login()
+        bad = env.login(password="wrong")
+    assert (ok.get("status"), bad.get("status")) == ("PASS", "FAIL"), (ok, gw.log[-3000:])
+    assert [(t["user"], t["result"]) for t in server.transactions()] == [
+        (USER, "PASS"), (USER, "FAIL"),
+    ]  # fmt: skip
+    packets = cap.packets()
+    # The client spoke to 203.0.113.49:49; the wire carried only TLS to port 300.
+    assert tcp_port_49(packets, env.lab.addresses.server4) == []
+    assert len(tcp_port(packets, TLS_PORT)) >= 10
+    snap = env.tls_show()
+    (m,) = snap["maps"]
+    (s,) = m["servers"]
+    assert (s["state"], s["connections"], s["handshakes"], s["resumed"]) == ("up", 2, 1, 1)
+    assert m["counters"]["requests"] == m["counters"]["responses"] == 2
+    assert "transparent 203.0.113.49:49" in snap["listening"]
+    text = subprocess.run(
+        [sys.executable, "-m", "ipsecmgr.cli", "show", "tacacs", "tls", "--socket",
+         str(gw.control)], capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    row = next(line for line in text.splitlines() if "203.0.113.49:300" in line)
+    assert row.split()[:4] == ["1", "203.0.113.49:300", "203.0.113.49", "up"], text
+
+
+def test_failover_from_a_dead_first_server_within_one_login(tls_env: TlsEnv) -> None:
+    env = tls_env
+    a = env.lab.addresses
+    start_tls_server(env.lab, pki=env.pki, users_file=env.users, listen=[a.server4])
+    # Priority 1: SERVER_B, up but nothing listens on 300 (connection refused).
+    env.start_gateway(servers=[(SERVER_B, TLS_PORT), (a.server4, TLS_PORT)])
+    assert env.login()["status"] == "PASS"
+    first, second = env.tls_show()["maps"][0]["servers"]
+    assert (first["failures"], first["last_error"]) == (1, "TCP connect: Connection refused")
+    assert first["state"] == "held-down" and second["connections"] == 1
+
+
+def test_all_servers_down_fails_closed(tls_env: TlsEnv) -> None:
+    env = tls_env
+    env.start_gateway()
+    with env.capture("down.pcap") as cap:
+        r = env.login()
+    assert r["exit_code"] == 2  # no answer: the connection was closed
+    assert tcp_port_49(cap.packets(), env.lab.addresses.server4) == []
+    m = env.tls_show()["maps"][0]
+    assert m["counters"]["refused_all_down"] == 1
+    assert m["servers"][0]["last_error"] == "TCP connect: Connection refused"
+
+
+@pytest.mark.parametrize("case", ["wrong-ca", "wrong-name", "expired", "tls12-only"])
+def test_bad_server_refused_clear_error_nothing_in_clear(tls_env: TlsEnv, case: str) -> None:
+    env = tls_env
+    a = env.lab.addresses
+    kw: dict[str, Any] = {}
+    srv: dict[str, Any] = {}
+    if case == "wrong-ca":
+        other = env.tmp / "other-ca.crt"
+        tls_pki.write_cert(other, tls_pki.make_ca("other").cert)
+        kw["ca_file"] = other
+    elif case == "wrong-name":
+        kw["server_name"] = "not-tacacs.example"
+    elif case == "expired":
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        # Re-issue the server certificate, expired, from a CA the gateway trusts.
+        ca = tls_pki.make_ca()
+        tls_pki.write_cert(env.pki / "ca.crt", ca.cert)
+        now = dt.datetime.now(dt.UTC)
+        exp = tls_pki.issue(ca, "x", server=True, ips=[a.server4],
+                            not_before=now - dt.timedelta(days=9),
+                            not_after=now - dt.timedelta(days=1))  # fmt: skip
+        cli = tls_pki.issue(ca, "gw", server=False)
+        tls_pki.write_cert(env.pki / "client.crt", cli.cert)
+        tls_pki.write_key(env.pki / "client.key", cli.key)
+        srv["cert"], srv["key"] = env.tmp / "exp.crt", env.tmp / "exp.key"
+        tls_pki.write_cert(srv["cert"], exp.cert)
+        tls_pki.write_key(srv["key"], exp.key)
+        assert x509 and serialization
+    elif case == "tls12-only":
+        srv["tls12_only"] = True
+    start_tls_server(env.lab, pki=env.pki, users_file=env.users, **srv)
+    env.start_gateway(**kw)
+    with env.capture(f"{case}.pcap") as cap:
+        r = env.login()
+    assert r["exit_code"] == 2
+    packets = cap.packets()
+    assert tcp_port_49(packets, a.server4) == []
+    assert tcp_port(packets, TLS_PORT)  # the attempt was made, over TLS only
+    err = env.tls_show()["maps"][0]["servers"][0]["last_error"]
+    expected = {
+        "wrong-ca": "certificate verify failed: self-signed certificate in certificate chain",
+        "wrong-name": "certificate verify failed: Hostname mismatch",
+        "expired": "certificate verify failed: certificate has expired",
+        "tls12-only": "TLS error: server closed the connection during the handshake",
+    }[case]
+    assert err.startswith(expected), err
+
+
+def test_tshark_decrypts_with_the_exported_key_log(tls_env: TlsEnv) -> None:
+    env = tls_env
+    start_tls_server(env.lab, pki=env.pki, users_file=env.users)
+    keylog = env.tmp / "sslkeys.log"
+    env.start_gateway(keylog_file=keylog)
+    with env.capture("keys.pcap") as cap:
+        assert env.login()["status"] == "PASS"
+    cap.stop()
+    # tshark 4.0 has no TACACS+ sub-dissector for TLS ("tls.port" cannot map to
+    # tacplus): it decrypts the records and hands the application data to "data";
+    # the lab's codec reads the TACACS+ packets out of those bytes.
+    pcap = str(env.tmp / "keys.pcap")
+    out = subprocess.run(
+        ["tshark", "-r", pcap, "-o", f"tls.keylog_file:{keylog}", "-d",
+         f"tcp.port=={TLS_PORT},tls", "-d", f"tls.port=={TLS_PORT},data", "-T", "fields",
+         "-e", "tcp.dstport", "-e", "data.data"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    requests = [bytes.fromhex(d) for port, _, d in (ln.partition("\t") for ln in out.splitlines())
+                if port == str(TLS_PORT) and d]  # fmt: skip
+    assert requests, out
+    header = t.Header.unpack(requests[0][: t.HEADER_LEN])
+    # RFC 9887 §4: inside TLS the body is not obfuscated (the UNENCRYPTED flag is set).
+    assert header.flags & t.FLAG_UNENCRYPTED
+    start = t.AuthenStart.decode(requests[0][t.HEADER_LEN : t.HEADER_LEN + header.length])
+    assert start.user == USER.encode()
+    # Without the key log: no TACACS+ visible at all.
+    plain = subprocess.run(
+        ["tshark", "-r", pcap, "-d", f"tcp.port=={TLS_PORT},tls", "-d",
+         f"tls.port=={TLS_PORT},data", "-T", "fields", "-e", "data.data"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert plain.split() == []
+    assert USER.encode().hex() not in Path(pcap).read_bytes().hex()
