@@ -86,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument(
         "--state", type=Path, default=Path("/run/ipsecmgr-lab"), help="state directory (up/down)"
     )
-    lab.add_argument("--mode", choices=["tunnel", "transport"], default="tunnel")
+    lab.add_argument(
+        "--mode", choices=["tunnel", "transport", "tls"], default="tunnel",
+        help="tls: the client's gateway protects the server by TLS 1.3 (RFC 9887), not ESP",
+    )  # fmt: skip
+    lab.add_argument(
+        "--tls-pki", type=Path, default=None,
+        help="--mode tls: use this PKI (ca.crt server.crt server.key client.crt client.key)",
+    )  # fmt: skip
     lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
 
     sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
@@ -195,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.trace_cli import run_trace
 
         return run_trace(args)
+    if args.command == "lab" and args.mode == "tls" and args.action in ("up", "demo"):
+        from ipsecmgr.lab.tls_lab import run_tls_demo, tls_lab_up
+
+        if args.action == "up":
+            return tls_lab_up(args.state, args.tls_pki)
+        return run_tls_demo(args.tls_pki)
     if args.command == "lab" and args.action in ("up", "down"):
         from ipsecmgr.lab.persist import lab_down, lab_up
 

@@ -11,6 +11,7 @@ port 300. Captures on the client's WAN link check what crossed the wire.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -233,3 +234,80 @@ def test_tshark_decrypts_with_the_exported_key_log(tls_env: TlsEnv) -> None:
     ).stdout  # fmt: skip
     assert plain.split() == []
     assert USER.encode().hex() not in Path(pcap).read_bytes().hex()
+
+
+def test_one_gateway_server_a_by_ipsec_server_b_by_tls(tls_env: TlsEnv) -> None:
+    """The migration's middle state: A still behind ESP, B already moved to TLS."""
+    from tests.integration.test_gateway import esp_packets
+
+    env = tls_env
+    a = env.lab.addresses
+    clear_server = env.lab.start_tacacs_server(
+        "server", secret_file=env.secret, users_file=env.users, listen=[a.server4]
+    )
+    tls_server = start_tls_server(env.lab, pki=env.pki, users_file=env.users, listen=[SERVER_B])
+    env.gws.start("gw")
+    ipsec_part = env.gws.write_config("client").read_text()
+    conf = env.config(protect=[SERVER_B], servers=[(SERVER_B, TLS_PORT)], extra=ipsec_part)
+    env.gws.start("client", config=conf)
+    with env.capture("both.pcap") as cap:
+        assert env.login(a.server4)["status"] == "PASS"  # A: ESP
+        assert env.login(SERVER_B)["status"] == "PASS"  # B: TLS
+    packets = cap.packets()
+    assert tcp_port_49(packets, a.server4) == [] and tcp_port_49(packets, SERVER_B) == []
+    assert esp_packets(packets) and tcp_port(packets, TLS_PORT)
+    assert [x["result"] for x in clear_server.transactions()] == ["PASS"]
+    assert [x["result"] for x in tls_server.transactions()] == ["PASS"]
+    m = env.tls_show()["maps"][0]
+    assert m["counters"]["requests"] == 1  # only B's login went through the relay
+
+
+def test_lab_up_tls_with_an_existing_pki_then_login_then_down(tmp_path: Path) -> None:
+    """``lab up --mode tls --tls-pki DIR``: the printed setup works as printed."""
+    pki = tmp_path / "given-pki"
+    tls_pki.write_pki(pki, server_ips=["203.0.113.49"])
+    state = tmp_path / "state"
+    cli = [sys.executable, "-m", "ipsecmgr.cli", "lab"]
+    up = subprocess.run([*cli, "up", "--mode", "tls", "--state", str(state), "--tls-pki",
+                         str(pki)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr
+        assert (state / "tacacs-secret").stat().st_mode & 0o777 == 0o600
+        assert not (state / "ca.crt").exists()  # the given PKI is used, not copied
+        desc = json.loads((state / "lab.json").read_text())
+        ns = desc["namespaces"]
+        users = state / "users.json"
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns["server"], sys.executable, "-m",
+             "ipsecmgr.lab.tls_server", "--listen", "203.0.113.49", "--pki", str(pki),
+             "--users-file", str(users)], stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        gw = subprocess.Popen(
+            ["ip", "netns", "exec", ns["client"], sys.executable, "-m", "ipsecmgr.cli", "run",
+             "--config", str(state / "client.toml")], stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert server.stdout is not None and gw.stdout is not None
+            assert json.loads(server.stdout.readline())["event"] == "listening"
+            assert gw.stdout.readline().strip() == "ready"
+            login = subprocess.run(
+                ["ip", "netns", "exec", ns["client"], sys.executable, "-m",
+                 "ipsecmgr.lab.tacacs_client", "--server", "203.0.113.49", "--secret-file",
+                 str(state / "tacacs-secret"), "--user", "alice", "--password-env", "PW"],
+                capture_output=True, text=True, timeout=60,
+                env={**os.environ, "PW": "alice-lab-pw"},
+            )  # fmt: skip
+            assert json.loads(login.stdout.splitlines()[-1])["status"] == "PASS", login
+            show = subprocess.run(
+                [sys.executable, "-m", "ipsecmgr.cli", "show", "tacacs", "tls", "--socket",
+                 str(state / "client.sock")], capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert "203.0.113.49:300" in show.stdout and " up " in show.stdout, show
+        finally:
+            for p in (gw, server):
+                p.terminate()
+                p.wait(timeout=20)
+    finally:
+        down = subprocess.run([*cli, "down", "--state", str(state)], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert down.returncode == 0, down.stdout
