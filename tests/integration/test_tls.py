@@ -311,3 +311,33 @@ def test_lab_up_tls_with_an_existing_pki_then_login_then_down(tmp_path: Path) ->
         down = subprocess.run([*cli, "down", "--state", str(state)], capture_output=True,
                               text=True, timeout=60)  # fmt: skip
         assert down.returncode == 0, down.stdout
+
+
+def _capture_state(env: TlsEnv) -> tuple[list[str], list[str]]:
+    ns = env.lab.client
+    rules = [r for r in ns.run(["ip", "rule"]).stdout.splitlines() if "dport 49" in r]
+    routes = ns.run(["ip", "route", "show", "table", "18769"], check=False).stdout.splitlines()
+    return rules, [r for r in routes if r.strip()]
+
+
+def test_sigkill_fails_closed_restart_cleans_sigterm_leaves_nothing(tls_env: TlsEnv) -> None:
+    env = tls_env
+    a = env.lab.addresses
+    start_tls_server(env.lab, pki=env.pki, users_file=env.users)
+    gw = env.start_gateway()
+    rules, routes = _capture_state(env)
+    assert len(rules) == 1 and "lookup 18769" in rules[0]
+    assert [r.split() for r in routes] == [
+        ["local", a.server4, "dev", "lo", "proto", "static", "scope", "host", "src", a.client_wan4]
+    ]
+    env.gws.gateways.pop("client").kill()
+    # Killed: the capture stays, nothing listens: the client is refused, nothing in clear.
+    with env.capture("killed.pcap") as cap:
+        assert env.login()["exit_code"] == 2
+    assert tcp_port_49(cap.packets(), a.server4) == []
+    gw = env.start_gateway()  # cleans what the killed one left, works again
+    assert env.login()["status"] == "PASS"
+    assert len(_capture_state(env)[0]) == 1
+    assert gw.terminate() == 0
+    env.gws.gateways.clear()
+    assert _capture_state(env) == ([], [])

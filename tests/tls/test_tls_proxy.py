@@ -165,3 +165,70 @@ def test_context_refuses_tls12(pki: Pki) -> None:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert struct
+
+
+def test_hold_down_doubles_per_failure_up_to_the_maximum(rig: Rig, pki: Pki) -> None:
+    """Known values: hold_down 10 s, max 35 s: 10, 20, 35, 35; a success clears it."""
+    from ipsecmgr.tls.tlsconn import client_context
+    from ipsecmgr.tls.upstream import UpstreamPool
+
+    now = [1000.0]
+    m = tls_map(pki, [("127.0.0.1", 1), ("127.0.0.1", 2)], hold_down=10.0, hold_down_max=35.0)
+    pool = UpstreamPool(m, client_context(m), None, clock=lambda: now[0])
+    first = pool.servers[0]
+    holds = []
+    for _ in range(4):
+        pool.failed(first, "x")
+        holds.append(first.hold_until - now[0])
+    assert holds == [10.0, 20.0, 35.0, 35.0]
+    assert [s.priority for s in pool.order()] == [2]  # first skipped while held
+    now[0] += 35.0
+    assert [s.priority for s in pool.order()] == [1, 2]  # hold-down over: priority order again
+    pool.failed(pool.servers[1], "y")
+    now[0] += 0.5
+    pool.failed(first, "x")
+    # Every server held down: all are still tried, in priority order.
+    assert [s.priority for s in pool.order()] == [1, 2]
+
+
+def test_garbage_from_a_client_is_counted_and_the_relay_keeps_serving(rig: Rig, pki: Pki) -> None:
+    _srv, port = rig.tls_server(pki)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    for junk in (b"\x00" * 12, b"\xc1\x01\x01\x00" + b"\x00\x00\x00\x01" + b"\xff\xff\xff\xff",
+                 b"\xc1\x07\x01\x00" + bytes(8), b"\xc1\x01"):  # fmt: skip
+        with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as c:
+            c.sendall(junk)
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(100) == b""
+    view = rig.lt.call(lambda: proxy.view(0.0))
+    assert view["counters"]["bad_packet"] == 4
+    assert view["servers"][0]["connections"] == 0  # nothing reached upstream
+    assert login(rig)["status"] == "PASS"
+
+
+def test_trace_shows_the_steps_of_a_protected_flow(rig: Rig, pki: Pki) -> None:
+    import asyncio
+
+    from ipsecmgr.tls.proxy import MapProxy
+
+    _srv, port = rig.tls_server(pki)
+    dead = closed_port()
+    events: list[tuple[str, dict[str, object]]] = []
+
+    async def go() -> tuple[MapProxy, asyncio.Server]:
+        proxy = MapProxy(tls_map(pki, [("127.0.0.1", dead), ("127.0.0.1", port)]), None,
+                         lambda step, fields: events.append((step, fields)))  # fmt: skip
+        return proxy, await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+
+    rig.proxy, lst = rig.lt.run(go())
+    rig._listeners.append(lst)
+    rig.port = lst.sockets[0].getsockname()[1]
+    assert login(rig)["status"] == "PASS"
+    rig.lt.call(lambda: None)
+    steps = [s for s, _ in events]
+    assert steps == ["capture", "classify", "upstream-chosen", "upstream-failed",
+                     "upstream-chosen", "tls-up", "request", "response"]  # fmt: skip
+    assert {f["conn"] for _, f in events} == {1}
+    assert events[3][1]["error"] == "TCP connect: Connection refused"
+    assert events[5][1]["version"] == "TLSv1.3"
+    assert all("secret" not in repr(f) and PASSWORD not in repr(f) for _, f in events)
