@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import npusim
 from ipsecmgr.secret import Secret
 from ipsecmgr.tls.files import check_key_file, check_readable
 
@@ -231,6 +230,10 @@ def _capture(
     p: ParserLike, path: str, acl_name: str, acls: Mapping[str, tuple[str, ...]]
 ) -> tuple[tuple[IPAddress, int], ...]:
     """The (address, port) pairs the ACL's permit lines select."""
+    # Imported here: ipsecmgr.config imports this module, and scripts run from
+    # tools/bench/ (which has an npusim.py of its own first on sys.path) import
+    # ipsecmgr.config without needing the ACL parser.
+    import npusim
     try:
         acl = npusim.parse_acl(acl_name, list(acls[acl_name]))
     except npusim.AclSyntaxError:

@@ -1,0 +1,152 @@
+"""TACACS+ login time through the TLS path, the IPsec path and directly in clear.
+
+Run (root): .venv/bin/python tools/bench/tls_login.py [--rounds 3] [--logins 30]
+            [--seconds 5] [--json]
+
+One lab (tunnel topology). In each round, three set-ups are measured one after
+the other from the client host with the same client (the independent
+tacacs_plus client, in-process in a loop inside the client namespace, so no
+process start is timed):
+
+- clear: no gateway; the lab's TACACS+ server on 203.0.113.49:49 (the reference).
+- ipsec: our gateways on both sides (first_packet = "queue"), the same server.
+- tls: our gateway on the client host with a [tls_map], the lab's TLS server
+  (ipsecmgr.lab.tls_server) on 203.0.113.49:300 (RFC 9887).
+
+Figures per set-up: cold = the first login after the gateway started (IPsec:
+includes IKE_SA_INIT + IKE_AUTH; TLS: a full TLS 1.3 handshake), warm = the
+median of ``--logins`` further logins (IPsec: SA up; TLS: a resumed TLS 1.3
+session, one new TCP + TLS connection per login as pam_tacplus makes), and
+transactions/s = PAP logins back to back from one client for ``--seconds``.
+Medians over ``--rounds``. Every process and namespace is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ipsecmgr.lab import tls_pki  # noqa: E402
+from ipsecmgr.lab.gateways import LabGateways  # noqa: E402
+from ipsecmgr.lab.tls_lab import start_tls_server, tls_client_config  # noqa: E402
+from ipsecmgr.lab.topology import Lab, python_env  # noqa: E402
+
+USER, PASSWORD = "alice", "bench-pw"
+
+
+def client_loop(server: str, secret_file: str, logins: int, seconds: float) -> None:
+    """Inside the client namespace: one cold login, ``logins`` timed logins, then
+    back-to-back logins for ``seconds``; prints one JSON line."""
+    from ipsecmgr.lab.tacacs_client import query
+    from ipsecmgr.secret import Secret, read_secret_file
+
+    secret, _ = read_secret_file(Path(secret_file))
+    pw = Secret(PASSWORD.encode())
+
+    def one() -> float:
+        t0 = time.perf_counter()
+        r = query(server, secret, USER, password=pw, timeout=10)
+        if r["status"] != "PASS":
+            raise SystemExit(f"login failed: {r}")
+        return time.perf_counter() - t0
+
+    cold = one()
+    warm = [one() for _ in range(logins)]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds and n < 100000:
+        one()
+        n += 1
+    tps = n / (time.perf_counter() - t0)
+    print(json.dumps({"cold": cold, "warm": statistics.median(warm), "tps": tps}))
+
+
+def measure(lab: Lab, secret: Path, logins: int, seconds: float) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--client-loop", lab.addresses.server4, str(secret),
+           str(logins), str(seconds)]  # fmt: skip
+    out = subprocess.run(lab.client.argv(cmd), env=python_env(), capture_output=True, text=True,
+                         timeout=120 + seconds, check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"client loop failed: {out.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def run(rounds: int, logins: int, seconds: float) -> dict[str, dict[str, float]]:
+    figures: dict[str, list[dict[str, float]]] = {"clear": [], "ipsec": [], "tls": []}
+    with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-tls-") as tmp:
+        work = Path(tmp)
+        secret = work / "tacacs-secret"
+        secret.write_bytes(b"bench-tacacs-key")
+        secret.chmod(0o600)
+        users = work / "users.json"
+        users.write_text(json.dumps({USER: {"password": PASSWORD}}))
+        with Lab("tunnel") as lab, LabGateways(lab) as gws:
+            a = lab.addresses
+            tls_pki.write_pki(work, server_ips=[a.server4])
+            clear = lab.start_tacacs_server("server", secret_file=secret, users_file=users,
+                                            listen=[a.server4])  # fmt: skip
+            tls_server = start_tls_server(lab, pki=work, users_file=users)
+            conf = work / "client-tls.toml"
+            conf.write_text(tls_client_config(
+                a, pki=work, secret_file=secret,
+                management_interface=lab.interfaces["client.wan"],
+                control_socket=gws.dir / "client.sock",
+            ))  # fmt: skip
+            for _ in range(rounds):
+                figures["clear"].append(measure(lab, secret, logins, seconds))
+                gws.start_both(first_packet="queue")
+                figures["ipsec"].append(measure(lab, secret, logins, seconds))
+                gws.stop()
+                gws.start("client", config=conf)
+                figures["tls"].append(measure(lab, secret, logins, seconds))
+                gws.stop()
+            del clear, tls_server
+    return {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("cold", "warm", "tps")}
+        for name, rs in figures.items()
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--logins", type=int, default=30)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--client-loop", nargs=4, metavar=("SERVER", "SECRET", "N", "SECONDS"))
+    args = p.parse_args(argv)
+    if args.client_loop:
+        server, secret_file, n, seconds = args.client_loop
+        client_loop(server, secret_file, int(n), float(seconds))
+        return 0
+    try:
+        res = run(args.rounds, args.logins, args.seconds)
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"TACACS+ PAP login from the client host, medians of {args.rounds} rounds "
+          f"({args.logins} warm logins, {args.seconds:g} s back to back per round)")  # fmt: skip
+    print(f"{'path':<8}{'cold ms':>10}{'warm ms':>10}{'logins/s':>10}   warm vs clear")
+    base = res["clear"]["warm"]
+    for name in ("clear", "ipsec", "tls"):
+        r = res[name]
+        print(f"{name:<8}{r['cold'] * 1e3:>10.2f}{r['warm'] * 1e3:>10.2f}{r['tps']:>10.1f}"
+              f"   {r['warm'] / base:>5.2f}x")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
