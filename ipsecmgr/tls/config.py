@@ -234,6 +234,7 @@ def _capture(
     # tools/bench/ (which has an npusim.py of its own first on sys.path) import
     # ipsecmgr.config without needing the ACL parser.
     import npusim
+
     try:
         acl = npusim.parse_acl(acl_name, list(acls[acl_name]))
     except npusim.AclSyntaxError:
