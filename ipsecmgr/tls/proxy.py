@@ -92,6 +92,7 @@ class MapProxy:
         self._key = m.downstream_secret.reveal()
         self._trace = trace
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._next_conn = 0
 
     def trace(self, step: str, fields: dict[str, Any]) -> None:
@@ -112,6 +113,7 @@ class MapProxy:
             self._tasks.add(task)
         self._next_conn += 1
         _conn.set(self._next_conn)
+        self._writers.add(writer)
         self.counters["accepted"] += 1
         self.counters["active"] += 1
         sockname = writer.get_extra_info("sockname")
@@ -133,18 +135,24 @@ class MapProxy:
             self.counters["active"] -= 1
             if upstream is not None:
                 await self._release(*upstream)
+            self._writers.discard(writer)
             writer.close()
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
             if task is not None:
                 self._tasks.discard(task)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async def close(self, grace: float = 2.0) -> None:
+        """End every client connection: closing the client sockets lets each relay
+        task finish (and release its upstream) on its own; cancel what is left."""
+        for writer in list(self._writers):
+            writer.close()
+        tasks = list(self._tasks)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _release(self, s: ServerState, conn: TlsConn) -> None:
         s.active -= 1
