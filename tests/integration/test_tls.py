@@ -84,7 +84,7 @@ def tls_env(tmp_path: Path) -> Iterator[TlsEnv]:
     pki = tmp_path / "pki"
     with Lab("tunnel") as lab, LabGateways(lab) as gws:
         a = lab.addresses
-        tls_pki.write_pki(pki, server_ips=[a.server4, SERVER_B])
+        tls_pki.write_pki(pki, server_ips=[a.server4, SERVER_B, a.server6])
         lab.server.add_address(lab.interfaces["server.lan"], f"{SERVER_B}/24")
         yield TlsEnv(lab, gws, pki, secret, users, tmp_path)
 
@@ -341,3 +341,17 @@ def test_sigkill_fails_closed_restart_cleans_sigterm_leaves_nothing(tls_env: Tls
     assert gw.terminate() == 0
     env.gws.gateways.clear()
     assert _capture_state(env) == ([], [])
+
+
+def test_ipv6_server_captured_transparently(tls_env: TlsEnv) -> None:
+    env = tls_env
+    a = env.lab.addresses
+    server = start_tls_server(env.lab, pki=env.pki, users_file=env.users, listen=[a.server6])
+    env.start_gateway(protect=[a.server6], servers=[(a.server6, TLS_PORT)])
+    with env.capture("v6.pcap") as cap:
+        r = env.login(a.server6)
+    assert r.get("status") == "PASS", r
+    assert [x["result"] for x in server.transactions()] == ["PASS"]
+    packets = cap.packets()
+    assert tcp_port_49(packets, a.server6) == [] and tcp_port(packets, TLS_PORT)
+    assert f"transparent {a.server6}:49" in env.tls_show()["listening"]
