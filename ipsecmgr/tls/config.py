@@ -114,13 +114,13 @@ def parse_tls_map(
     n_errors = len(_errors_of(p))
     p.keys(t, path, TLS_MAP_KEYS)
     if "psk_file" in t:
-        # RFC 9887 §3.4.3 allows TLS external PSK. Python's ssl module has no
-        # external-PSK API before 3.13 and this product runs on 3.11: refuse
-        # rather than silently fall back to certificates.
+        # RFC 9887 §3.4.3 allows TLS external PSK. Python 3.11's ssl module has no
+        # external-PSK API (3.13 adds it), and pyOpenSSL (26.4.0, checked) has no
+        # PSK callbacks: refuse rather than silently fall back to certificates.
         p.err(
             f"{path}.psk_file",
-            "TLS external PSK is not supported (Python 3.11's ssl module has no PSK API); "
-            "use ca_file + client_cert + client_key",
+            "TLS external PSK is not supported (Python 3.11's ssl module and pyOpenSSL "
+            "have no PSK API); use ca_file + client_cert + client_key",
         )
     match = p.string(t, "match_address", path)
     if match is None:

@@ -221,12 +221,14 @@ class MapProxy:
         self, upstream: tuple[ServerState, TlsConn] | None, header: t.Header, out: bytes
     ) -> tuple[tuple[ServerState, TlsConn], t.Header, bytes]:
         tried: set[int] = set()
+        reasons: list[str] = []  # of servers that failed after their handshake
         while True:
             if upstream is None:
                 try:
                     upstream = await self.pool.connect(self.trace, tried)
                 except AllServersDown as e:
-                    raise _Refuse("refused_all_down", f"all upstream servers failed: {e}") from e
+                    why = "; ".join([*reasons, str(e)])
+                    raise _Refuse("refused_all_down", f"all upstream servers failed: {why}") from e
                 upstream[0].active += 1
             s, conn = upstream
             self.trace(
@@ -262,6 +264,7 @@ class MapProxy:
                     self.trace("upstream-reconnect", {"server": str(s.server), "error": reason})
                     continue
                 self.counters["upstream_errors"] += 1
+                reasons.append(f"{s.server}: {reason}")
                 self.pool.failed(s, reason)
                 tried.add(s.priority)
                 self.trace("upstream-failed", {"server": str(s.server), "error": reason})

@@ -132,7 +132,9 @@ class UpstreamPool:
                 {"server": str(s.server), "version": conn.version, "resumed": conn.session_reused},
             )
             return s, conn
-        raise AllServersDown("; ".join(errors) or "no upstream server configured")
+        if not errors:
+            errors.append("no untried server left" if exclude else "no server configured")
+        raise AllServersDown("; ".join(errors))
 
     def save_session(self, s: ServerState, conn: TlsConn) -> None:
         sess = conn.session

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 
@@ -232,3 +233,47 @@ def test_trace_shows_the_steps_of_a_protected_flow(rig: Rig, pki: Pki) -> None:
     assert events[3][1]["error"] == "TCP connect: Connection refused"
     assert events[5][1]["version"] == "TLSv1.3"
     assert all("secret" not in repr(f) and PASSWORD not in repr(f) for _, f in events)
+
+
+def test_server_obfuscating_inside_tls_is_an_upstream_error(rig: Rig, pki: Pki) -> None:
+    """A server still configured with a TACACS+ key inside TLS refuses our
+    UNENCRYPTED packets (RFC 8907 §4.5): the relay counts it, fails closed."""
+    import asyncio
+
+    from ipsecmgr.lab.tacacs_server import TacacsServer
+    from ipsecmgr.lab.tls_server import server_context
+    from tests.tls.rig import users
+
+    ctx = server_context(pki.ca, pki.server_crt, pki.server_key)
+    srv = TacacsServer(b"legacy-key", users())
+    bound = rig.lt.run(srv.start(["127.0.0.1"], 0, ssl=ctx))
+    rig.servers.append(srv)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", bound[0][1])]))
+    with pytest.raises(TacacsClientError):
+        login(rig)
+    (s,) = rig.lt.call(lambda: proxy.view(0.0))["servers"]
+    assert s["connections"] == 1 and s["failures"] == 1
+    assert s["last_error"].startswith("server closed the"), s["last_error"]
+    assert [x.kind for x in srv.transactions] == ["error"]
+    assert asyncio
+
+
+def test_concurrent_clients_each_get_their_answer(rig: Rig, pki: Pki) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv, port = rig.tls_server(pki)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    passwords = [PASSWORD if i % 2 == 0 else "wrong" for i in range(16)]
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda pw: login(rig, pw)["status"], passwords))
+    assert results == ["PASS" if pw == PASSWORD else "FAIL" for pw in passwords]
+    assert sorted(x.result for x in srv.transactions) == ["FAIL"] * 8 + ["PASS"] * 8
+    # The relay sees each client's close after the client has its answer: poll.
+    deadline = time.monotonic() + 10
+    while True:
+        view = rig.lt.call(lambda: proxy.view(0.0))
+        if view["counters"]["active"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)  # polling with a deadline, not standing in for a sync point
+    assert view["counters"]["accepted"] == 16 and view["counters"]["active"] == 0
+    assert view["servers"][0]["active"] == 0
