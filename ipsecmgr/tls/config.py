@@ -168,6 +168,8 @@ def parse_tls_map(
     if timeouts["hold_down_max"] < timeouts["hold_down"]:
         p.err(f"{path}.hold_down_max", "must be at least hold_down")
     keylog = p.string(t, "keylog_file", path)
+    if len(_errors_of(p)) == n_errors:
+        _check_loadable(p, path, files)
     if len(_errors_of(p)) != n_errors or secret is None or match is None:
         return None
     assert files["ca_file"] and files["client_cert"] and files["client_key"]
@@ -177,6 +179,27 @@ def parse_tls_map(
         timeouts["handshake_timeout"], timeouts["hold_down"], timeouts["hold_down_max"],
         timeouts["idle_timeout"], (p.base_dir / keylog) if keylog else None,
     )  # fmt: skip
+
+
+def _check_loadable(p: ParserLike, path: str, files: Mapping[str, Path | None]) -> None:
+    """Load the CA, certificate and key the way the relay will (check-config reports
+    a bad PEM or a key that does not match the certificate, not the first login)."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=str(files["ca_file"]))
+    except (ssl.SSLError, OSError) as e:
+        p.err(f"{path}.ca_file", f"not a usable CA certificate file: {_reason(e)}")
+    try:
+        ctx.load_cert_chain(str(files["client_cert"]), str(files["client_key"]))
+    except (ssl.SSLError, OSError) as e:
+        # Never echo the key: OpenSSL's reason names the problem, not the content.
+        p.err(f"{path}.client_cert", f"certificate and key do not load together: {_reason(e)}")
+
+
+def _reason(e: OSError) -> str:
+    return str(getattr(e, "reason", None) or e.strerror or e)
 
 
 def _errors_of(p: ParserLike) -> list[str]:

@@ -110,3 +110,18 @@ def test_acl_must_name_single_tcp_destinations(
 def test_acl_used_only_by_a_tls_map_is_not_reported_unused(pki: Pki, tmp_path: Path) -> None:
     d = parse_config(_doc(pki, tmp_path), validate_acl=validate_acl)
     assert not any("not used" in w for w in d.warnings)
+
+
+def test_unloadable_certificate_or_mismatched_key_is_a_config_error(
+    pki: Pki, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.crt"
+    junk.write_text("not a certificate\n")
+    cfg, errors = _parse(_doc(pki, tmp_path, ca_file=str(junk)))
+    assert cfg is None
+    assert any(e.startswith("tls_map.b.ca_file: not a usable CA") for e in errors), errors
+    # The server's key with the client's certificate: they do not match.
+    cfg, errors = _parse(_doc(pki, tmp_path, client_key=str(pki.server_key)))
+    assert cfg is None
+    assert any(e.startswith("tls_map.b.client_cert: certificate and key do not load together")
+               for e in errors), errors  # fmt: skip
