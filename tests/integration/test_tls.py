@@ -163,9 +163,6 @@ def test_bad_server_refused_clear_error_nothing_in_clear(tls_env: TlsEnv, case: 
     elif case == "expired":
         import datetime as dt
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
         # Re-issue the server certificate, expired, from a CA the gateway trusts.
         ca = tls_pki.make_ca()
         tls_pki.write_cert(env.pki / "ca.crt", ca.cert)
@@ -179,7 +176,6 @@ def test_bad_server_refused_clear_error_nothing_in_clear(tls_env: TlsEnv, case: 
         srv["cert"], srv["key"] = env.tmp / "exp.crt", env.tmp / "exp.key"
         tls_pki.write_cert(srv["cert"], exp.cert)
         tls_pki.write_key(srv["key"], exp.key)
-        assert x509 and serialization
     elif case == "tls12-only":
         srv["tls12_only"] = True
     start_tls_server(env.lab, pki=env.pki, users_file=env.users, **srv)
@@ -355,3 +351,14 @@ def test_ipv6_server_captured_transparently(tls_env: TlsEnv) -> None:
     packets = cap.packets()
     assert tcp_port_49(packets, a.server6) == [] and tcp_port(packets, TLS_PORT)
     assert f"transparent {a.server6}:49" in env.tls_show()["listening"]
+
+
+def test_lab_demo_mode_tls() -> None:
+    demo = subprocess.run([sys.executable, "-m", "ipsecmgr.cli", "lab", "demo", "--mode", "tls"],
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    out = demo.stdout
+    assert "demo OK" in out
+    for line in ("TACACS+ authenticate  PASS", "TACACS+ authorize     PASS_ADD",
+                 "TACACS+ account       SUCCESS", "tls-up", "Listening: transparent"):  # fmt: skip
+        assert line in out, out
