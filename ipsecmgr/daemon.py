@@ -507,7 +507,7 @@ def run(config_path: str) -> int:
     try:
         gw.setup()
         tls.setup()
-        return asyncio.run(serve(gw, config_path, tls if tls else None))
+        return asyncio.run(serve(gw, config_path, tls))
     finally:
         tls.teardown()
         gw.teardown()

@@ -48,7 +48,7 @@ TCP = 6
 TLS_MAP_KEYS = (
     "match_address", "servers", "ca_file", "client_cert", "client_key", "downstream_secret",
     "listen", "transparent", "connect_timeout", "handshake_timeout", "hold_down",
-    "hold_down_max", "idle_timeout", "keylog_file", "psk_file",
+    "hold_down_max", "idle_timeout", "response_timeout", "keylog_file", "psk_file",
 )  # fmt: skip
 SERVER_KEYS = ("address", "port", "name")
 
@@ -91,6 +91,9 @@ class TlsMap:
     hold_down_max: float = 300.0
     idle_timeout: float = 60.0  # a silent client connection is closed after this
     keylog_file: Path | None = None  # SSLKEYLOGFILE export, only when configured
+    # A server that took the request but has not answered after this is failed
+    # (the next one gets a session's first packet; clients wait ~5-10 s at most).
+    response_timeout: float = 5.0
 
 
 class ParserLike(Protocol):
@@ -159,10 +162,10 @@ def parse_tls_map(
         k: p.number(t, k, path, d)
         for k, d in (
             ("connect_timeout", 3.0), ("handshake_timeout", 5.0), ("hold_down", 10.0),
-            ("hold_down_max", 300.0), ("idle_timeout", 60.0),
+            ("hold_down_max", 300.0), ("idle_timeout", 60.0), ("response_timeout", 5.0),
         )
     }  # fmt: skip
-    for k in ("connect_timeout", "handshake_timeout", "idle_timeout"):
+    for k in ("connect_timeout", "handshake_timeout", "idle_timeout", "response_timeout"):
         if k in t and timeouts[k] == 0:
             p.err(f"{path}.{k}", "must be greater than 0")
     if timeouts["hold_down_max"] < timeouts["hold_down"]:
@@ -178,6 +181,7 @@ def parse_tls_map(
         secret, capture, listen, transparent, timeouts["connect_timeout"],
         timeouts["handshake_timeout"], timeouts["hold_down"], timeouts["hold_down_max"],
         timeouts["idle_timeout"], (p.base_dir / keylog) if keylog else None,
+        timeouts["response_timeout"],
     )  # fmt: skip
 
 

@@ -238,7 +238,7 @@ class MapProxy:
             )  # fmt: skip
             s.requests += 1
             try:
-                async with asyncio.timeout(self.map.idle_timeout):
+                async with asyncio.timeout(self.map.response_timeout):
                     await conn.send(out)
                     rh = t.Header.unpack(await conn.recv_exactly(t.HEADER_LEN))
                     if rh.length > t.MAX_BODY:
@@ -254,7 +254,10 @@ class MapProxy:
                 return upstream, rh, rb
             except (TlsError, t.TacacsError, ssl.SSLError, OSError, TimeoutError,
                     asyncio.IncompleteReadError) as e:  # fmt: skip
-                reason = describe_ssl_error(e) if not isinstance(e, TlsError) else str(e)
+                if isinstance(e, TimeoutError):
+                    reason = f"no response within {self.map.response_timeout:g} s"
+                else:
+                    reason = describe_ssl_error(e) if not isinstance(e, TlsError) else str(e)
                 s.active -= 1
                 await conn.close()
                 upstream = None

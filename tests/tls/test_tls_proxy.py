@@ -272,3 +272,31 @@ def test_concurrent_clients_each_get_their_answer(rig: Rig, pki: Pki) -> None:
         time.sleep(0.02)  # polling with a deadline, not standing in for a sync point
     assert view["counters"]["accepted"] == 16 and view["counters"]["active"] == 0
     assert view["servers"][0]["active"] == 0
+
+
+def test_a_server_that_never_answers_is_failed_over_within_the_login(rig: Rig, pki: Pki) -> None:
+    import asyncio
+
+    from ipsecmgr.lab.tls_server import server_context
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the request, never answers, until the relay leaves
+        writer.close()
+
+    async def start_silent() -> asyncio.Server:
+        ctx = server_context(pki.ca, pki.server_crt, pki.server_key)
+        return await asyncio.start_server(silent, "127.0.0.1", 0, ssl=ctx)
+
+    hung = rig.lt.run(start_silent())
+    rig._listeners.append(hung)
+    srv, port = rig.tls_server(pki)
+    m = tls_map(pki, [("127.0.0.1", hung.sockets[0].getsockname()[1]), ("127.0.0.1", port)],
+                response_timeout=1.0)  # fmt: skip
+    proxy = rig.start_proxy(m)
+    t0 = time.monotonic()
+    assert login(rig)["status"] == "PASS"
+    assert time.monotonic() - t0 < 4.0  # 1 s response timeout, then the second server
+    first, second = rig.lt.call(lambda: proxy.view(0.0))["servers"]
+    assert (first["last_error"], first["connections"]) == ("no response within 1 s", 1)
+    assert second["responses"] == 1
+    assert [x.result for x in srv.transactions] == ["PASS"]
