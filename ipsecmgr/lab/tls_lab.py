@@ -210,6 +210,7 @@ def run_tls_demo(pki_dir: Path | None = None) -> int:
     from ipsecmgr.tls.show import format_tls
     from ipsecmgr.trace import Event
     from ipsecmgr.trace_io import TraceClient
+    from ipsecmgr.trace_render import group_flows, render_timelines, with_inferred
 
     def say(text: str = "") -> None:
         print(text, flush=True)
@@ -271,12 +272,9 @@ def run_tls_demo(pki_dir: Path | None = None) -> int:
                 tracer.close()
                 reader.join(timeout=5)
                 say("\n== ipsecmgr trace: the first connection's TLS steps")
-                first = next((e["flow"] for e in traced if e.get("step") == "tls"), None)
-                for e in traced:
-                    if e.get("flow") == first:
-                        skip = ("t", "wall", "step", "event", "flow", "map")
-                        detail = {k: v for k, v in e.items() if k not in skip}
-                        say(f"  {e['event']:<16} {detail}")
+                flows = group_flows(with_inferred(traced))
+                first = next((f for f in flows if f.startswith("tls:")), None)
+                say(render_timelines(flows[first]) if first else "(no events traced)")
                 snap = client.command({"command": "tls"})["result"]
                 say("\n== client# show tacacs tls")
                 say(format_tls(snap))

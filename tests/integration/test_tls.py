@@ -360,5 +360,6 @@ def test_lab_demo_mode_tls() -> None:
     out = demo.stdout
     assert "demo OK" in out
     for line in ("TACACS+ authenticate  PASS", "TACACS+ authorize     PASS_ADD",
-                 "TACACS+ account       SUCCESS", "tls-up", "Listening: transparent"):  # fmt: skip
+                 "TACACS+ account       SUCCESS", "[tls] captured", "[tls] TLSv1.3 up with",
+                 "[tls] response ←", "Listening: transparent"):  # fmt: skip
         assert line in out, out

@@ -300,3 +300,22 @@ def test_a_server_that_never_answers_is_failed_over_within_the_login(rig: Rig, p
     assert (first["last_error"], first["connections"]) == ("no response within 1 s", 1)
     assert second["responses"] == 1
     assert [x.result for x in srv.transactions] == ["PASS"]
+
+
+def test_trace_timeline_text_of_the_tls_steps() -> None:
+    from ipsecmgr.trace_render import describe
+
+    base = {"step": "tls", "flow": "tls:b:1", "map": "b", "conn": 1, "server": "192.0.2.9:300"}
+    texts = [
+        describe({**base, "event": "capture", "client": "192.0.2.1:4000",
+                  "destination": "203.0.113.49:49"}),
+        describe({**base, "event": "upstream-failed", "error": "TCP connect timeout (3 s)"}),
+        describe({**base, "event": "tls-up", "version": "TLSv1.3", "resumed": True}),
+        describe({**base, "event": "request", "session": "0x00000007", "seq": 1}),
+    ]  # fmt: skip
+    assert texts == [
+        "captured 192.0.2.1:4000 → 203.0.113.49:49",
+        "upstream 192.0.2.9:300 failed: TCP connect timeout (3 s)",
+        "TLSv1.3 up with 192.0.2.9:300 (resumed: True)",
+        "request → 192.0.2.9:300: session 0x00000007 seq 1",
+    ]
