@@ -120,6 +120,9 @@ def test_transparent_login_over_tls_nothing_clear_on_the_wire(tls_env: TlsEnv) -
         [sys.executable, "-m", "ipsecmgr.cli", "show", "tacacs", "tls", "--socket",
          str(gw.control)], capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
+    # Neither the downstream secret nor the password reaches the log or the show output.
+    for text_ in (gw.log, text):
+        assert "downstream-key" not in text_ and PASSWORD not in text_
     row = next(line for line in text.splitlines() if "203.0.113.49:300" in line)
     assert row.split()[:4] == ["1", "203.0.113.49:300", "203.0.113.49", "up"], text
 
