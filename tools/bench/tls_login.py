@@ -17,7 +17,8 @@ Figures per set-up: cold = the first login after the gateway started (IPsec:
 includes IKE_SA_INIT + IKE_AUTH; TLS: a full TLS 1.3 handshake), warm = the
 median of ``--logins`` further logins (IPsec: SA up; TLS: a resumed TLS 1.3
 session, one new TCP + TLS connection per login as pam_tacplus makes), and
-transactions/s = PAP logins back to back from one client for ``--seconds``.
+transactions/s = PAP logins back to back from one client for ``--seconds``,
+and from ``--clients`` client processes at once (summed: one gateway's rate).
 Medians over ``--rounds``. Every process and namespace is removed at the end.
 
 Then, on loopback in this process (no lab, quick): the relay's login time with
@@ -74,7 +75,7 @@ def client_loop(server: str, secret_file: str, logins: int, seconds: float) -> N
         one()
         n += 1
     tps = n / (time.perf_counter() - t0)
-    print(json.dumps({"cold": cold, "warm": statistics.median(warm), "tps": tps}))
+    print(json.dumps({"cold": cold, "warm": statistics.median(warm or [cold]), "tps": tps}))
 
 
 def measure(lab: Lab, secret: Path, logins: int, seconds: float) -> dict[str, float]:
@@ -88,7 +89,25 @@ def measure(lab: Lab, secret: Path, logins: int, seconds: float) -> dict[str, fl
     return result
 
 
-def run(rounds: int, logins: int, seconds: float) -> dict[str, dict[str, float]]:
+def measure_parallel(lab: Lab, secret: Path, seconds: float, clients: int) -> float:
+    """Logins/s summed over ``clients`` client processes running back to back at once."""
+    cmd = [sys.executable, __file__, "--client-loop", lab.addresses.server4, str(secret),
+           "0", str(seconds)]  # fmt: skip
+    procs = [
+        subprocess.Popen(lab.client.argv(cmd), env=python_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(clients)
+    ]  # fmt: skip
+    total = 0.0
+    for proc in procs:
+        out, err = proc.communicate(timeout=120 + seconds)
+        if proc.returncode != 0:
+            raise RuntimeError(f"client loop failed: {err[-2000:]}")
+        total += json.loads(out.splitlines()[-1])["tps"]
+    return total
+
+
+def run(rounds: int, logins: int, seconds: float, clients: int = 4) -> dict[str, dict[str, float]]:
     figures: dict[str, list[dict[str, float]]] = {"clear": [], "ipsec": [], "tls": []}
     with tempfile.TemporaryDirectory(prefix="ipsecmgr-bench-tls-") as tmp:
         work = Path(tmp)
@@ -109,17 +128,23 @@ def run(rounds: int, logins: int, seconds: float) -> dict[str, dict[str, float]]
                 management_interface=lab.interfaces["client.wan"],
                 control_socket=gws.dir / "client.sock",
             ))  # fmt: skip
+
+            def both() -> dict[str, float]:
+                r = measure(lab, secret, logins, seconds)
+                r["tps_n"] = measure_parallel(lab, secret, seconds, clients)
+                return r
+
             for _ in range(rounds):
-                figures["clear"].append(measure(lab, secret, logins, seconds))
+                figures["clear"].append(both())
                 gws.start_both(first_packet="queue")
-                figures["ipsec"].append(measure(lab, secret, logins, seconds))
+                figures["ipsec"].append(both())
                 gws.stop()
                 gws.start("client", config=conf)
-                figures["tls"].append(measure(lab, secret, logins, seconds))
+                figures["tls"].append(both())
                 gws.stop()
             del clear, tls_server
     return {
-        name: {k: statistics.median(r[k] for r in rs) for k in ("cold", "warm", "tps")}
+        name: {k: statistics.median(r[k] for r in rs) for k in ("cold", "warm", "tps", "tps_n")}
         for name, rs in figures.items()
     }
 
@@ -177,7 +202,11 @@ def loopback_resumption(logins: int) -> dict[str, float]:
             s = proxy.view(0.0)["servers"][0]
             out["resumed_count"], out["full_count"] = s["resumed"], s["handshakes"]
         finally:
-            lst.close()
+
+            async def close_listener() -> None:
+                lst.close()  # asyncio.Server is not thread-safe: closed on its loop
+
+            on_loop(close_listener())
             on_loop(proxy.close())
             on_loop(srv.close())
             on_loop(_cancel_others())
@@ -202,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--logins", type=int, default=30)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--clients", type=int, default=4, help="parallel clients for logins/s")
     p.add_argument("--json", action="store_true")
     p.add_argument("--loopback-only", action="store_true", help="skip the lab part")
     p.add_argument("--client-loop", nargs=4, metavar=("SERVER", "SECRET", "N", "SECONDS"))
@@ -211,7 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_loop(server, secret_file, int(n), float(seconds))
         return 0
     try:
-        res = {} if args.loopback_only else run(args.rounds, args.logins, args.seconds)
+        res = (
+            {} if args.loopback_only
+            else run(args.rounds, args.logins, args.seconds, args.clients)
+        )  # fmt: skip
         loop_res = loopback_resumption(max(args.logins, 20))
     except KeyboardInterrupt:
         return 130
@@ -223,12 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"TACACS+ PAP login from the client host, medians of {args.rounds} rounds "
           f"({args.logins} warm logins, {args.seconds:g} s back to back per round)")  # fmt: skip
-    print(f"{'path':<8}{'cold ms':>10}{'warm ms':>10}{'logins/s':>10}   warm vs clear")
+    n = args.clients
+    print(f"{'path':<8}{'cold ms':>10}{'warm ms':>10}{'logins/s':>10}{f'x{n} /s':>10}"
+          "   warm vs clear")  # fmt: skip
     base = res["clear"]["warm"]
     for name in ("clear", "ipsec", "tls"):
         r = res[name]
         print(f"{name:<8}{r['cold'] * 1e3:>10.2f}{r['warm'] * 1e3:>10.2f}{r['tps']:>10.1f}"
-              f"   {r['warm'] / base:>5.2f}x")  # fmt: skip
+              f"{r['tps_n']:>10.1f}   {r['warm'] / base:>5.2f}x")  # fmt: skip
     print_loopback(loop_res)
     return 0
 
