@@ -122,19 +122,23 @@ class MapProxy:
         # (transparent capture) or to the configured listen address.
         self.trace("capture", {"client": _fmt(peer), "destination": _fmt(sockname)})
         self.trace("classify", {"tls_map": self.map.name, "acl": self.map.match_address})
-        upstream: tuple[ServerState, TlsConn] | None = None
+        # The upstream connection of this client connection, whatever ends the relay.
+        holder: list[tuple[ServerState, TlsConn] | None] = [None]
         try:
-            upstream = await self._relay(reader, writer)
+            await self._relay(reader, writer, holder)
         except _Refuse as e:
             self.counters[e.counter] += 1
             log.warning("tls map %s: client %s: %s", self.map.name, _fmt(peer), e)
             self.trace("refused", {"client": _fmt(peer), "reason": str(e)})
-        except (_ClientGone, ConnectionError, asyncio.IncompleteReadError):
+        except (_ClientGone, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except Exception:  # a relay bug must end one connection, never the daemon's loop
+            self.counters["bad_packet"] += 1
+            log.exception("tls map %s: client %s: relay error", self.map.name, _fmt(peer))
         finally:
             self.counters["active"] -= 1
-            if upstream is not None:
-                await self._release(*upstream)
+            if holder[0] is not None:
+                await self._release(*holder[0])
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
@@ -181,13 +185,15 @@ class MapProxy:
         return header, wire
 
     async def _relay(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[ServerState, TlsConn] | None:
-        upstream: tuple[ServerState, TlsConn] | None = None
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        holder: list[tuple[ServerState, TlsConn] | None],
+    ) -> None:
         while True:
             got = await self._read_client(reader)
             if got is None:
-                return upstream
+                return
             header, wire = got
             if header.flags & t.FLAG_UNENCRYPTED:
                 # RFC 8907 §4.5: a secret is configured, a cleartext packet is refused.
@@ -202,7 +208,7 @@ class MapProxy:
                 header.session_id, len(body),
             ).pack() + body  # fmt: skip
             self.counters["requests"] += 1
-            upstream, reply_header, reply_body = await self._exchange(upstream, header, out)
+            upstream, reply_header, reply_body = await self._exchange(holder, header, out)
             self.counters["responses"] += 1
             upstream[0].responses += 1
             self.trace(
@@ -218,8 +224,11 @@ class MapProxy:
             await writer.drain()
 
     async def _exchange(
-        self, upstream: tuple[ServerState, TlsConn] | None, header: t.Header, out: bytes
+        self, holder: list[tuple[ServerState, TlsConn] | None], header: t.Header, out: bytes
     ) -> tuple[tuple[ServerState, TlsConn], t.Header, bytes]:
+        """Send ``out``, return the reply; ``holder[0]`` always names the live upstream
+        (None after a failure), so the caller releases it however this ends."""
+        upstream = holder[0]
         tried: set[int] = set()
         reasons: list[str] = []  # of servers that failed after their handshake
         while True:
@@ -230,6 +239,7 @@ class MapProxy:
                     why = "; ".join([*reasons, str(e)])
                     raise _Refuse("refused_all_down", f"all upstream servers failed: {why}") from e
                 upstream[0].active += 1
+                holder[0] = upstream
             s, conn = upstream
             self.trace(
                 "request",
@@ -259,8 +269,8 @@ class MapProxy:
                 else:
                     reason = describe_ssl_error(e) if not isinstance(e, TlsError) else str(e)
                 s.active -= 1
+                holder[0] = upstream = None
                 await conn.close()
-                upstream = None
                 if conn.exchanges and header.seq_no == 1:
                     # A connection that already carried a session: the server may
                     # have closed it (no single-connection mode); not a failure.

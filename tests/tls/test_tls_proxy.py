@@ -319,3 +319,30 @@ def test_trace_timeline_text_of_the_tls_steps() -> None:
         "TLSv1.3 up with 192.0.2.9:300 (resumed: True)",
         "request → 192.0.2.9:300: session 0x00000007 seq 1",
     ]
+
+
+def test_a_bad_second_packet_releases_the_upstream_connection(rig: Rig, pki: Pki) -> None:
+    """The relay refuses a client mid-connection: its TLS upstream is closed too."""
+    _srv, port = rig.tls_server(pki)
+    proxy = rig.start_proxy(tls_map(pki, [("127.0.0.1", port)]))
+    args = (b"service=shell", b"cmd=")
+    body = t.AuthorRequest(t.AUTHEN_METH_TACACSPLUS, 1, t.AUTHEN_TYPE_PAP, t.AUTHEN_SVC_LOGIN,
+                           b"alice", b"tty0", b"", args).encode()  # fmt: skip
+    good = t.encode_packet(version=t.VERSION_DEFAULT, type=t.AUTHOR, seq_no=1, session_id=9,
+                           body=body, key=DOWNSTREAM, flags=t.FLAG_SINGLE_CONNECT)  # fmt: skip
+    bad = t.encode_packet(version=t.VERSION_DEFAULT, type=t.AUTHOR, seq_no=1, session_id=10,
+                          body=body, key=b"wrong", flags=t.FLAG_SINGLE_CONNECT)  # fmt: skip
+    with socket.create_connection(("127.0.0.1", rig.port), timeout=10) as c:
+        c.sendall(good)
+        reply = c.recv(4096)
+        assert t.Header.unpack(reply[: t.HEADER_LEN]).seq_no == 2
+        c.sendall(bad)
+        assert c.recv(100) == b""
+    deadline = time.monotonic() + 10
+    while True:
+        view = rig.lt.call(lambda: proxy.view(0.0))
+        if view["servers"][0]["active"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)  # polling with a deadline
+    assert view["counters"]["bad_secret"] == 1 and view["counters"]["active"] == 0
+    assert view["servers"][0]["active"] == 0 and view["servers"][0]["connections"] == 1
