@@ -17,10 +17,12 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ipsecmgr.config import Config
+from ipsecmgr.config import Config, ConfigError
 from ipsecmgr.tls.capture import CaptureRoutes, plain_listener, transparent_listener
+from ipsecmgr.tls.config import IPAddress
 from ipsecmgr.tls.proxy import MapProxy
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,24 @@ class TlsService:
                 if self.routes is not None:
                     self.routes.add(m.capture)
                 for a, port in m.capture:
-                    s = transparent_listener(a, port)
+                    s = self._bind(m.name, transparent_listener, a, port)
                     self._socks.append((proxy, s, f"transparent {a}:{port}"))
             if m.listen is not None:
-                s = plain_listener(*m.listen)
+                s = self._bind(m.name, plain_listener, *m.listen)
                 host, port = s.getsockname()[:2]
                 self._socks.append((proxy, s, f"listen {host}:{port}"))
+
+    @staticmethod
+    def _bind(
+        name: str, make: Callable[[IPAddress, int], socket.socket], a: IPAddress, port: int
+    ) -> socket.socket:
+        try:
+            return make(a, port)
+        except OSError as e:
+            # Reported like a configuration error (ipsecmgr run prints it, exit 1).
+            raise ConfigError(
+                [f"tls_map.{name}: cannot listen on {a}:{port}: {e.strerror or e}"]
+            ) from None
 
     async def start(self) -> None:
         for proxy, sock, what in self._socks:

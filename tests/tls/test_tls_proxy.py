@@ -346,3 +346,23 @@ def test_a_bad_second_packet_releases_the_upstream_connection(rig: Rig, pki: Pki
         time.sleep(0.02)  # polling with a deadline
     assert view["counters"]["bad_secret"] == 1 and view["counters"]["active"] == 0
     assert view["servers"][0]["active"] == 0 and view["servers"][0]["connections"] == 1
+
+
+def test_listen_address_in_use_is_a_clear_startup_error(pki: Pki) -> None:
+    import ipaddress
+
+    from ipsecmgr.config import Config, ConfigError, Gateway
+    from ipsecmgr.tls.service import TlsService
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        m = tls_map(pki, [("127.0.0.1", 1)], listen=(ipaddress.ip_address("127.0.0.1"), port))
+        gw = Gateway((ipaddress.ip_address("127.0.0.1"),))
+        config = Config({}, {}, {}, {}, (), gw, (), {"b": m})
+        svc = TlsService(config, table=None, mark=None)
+        with pytest.raises(ConfigError) as exc:
+            svc.setup()
+        svc.teardown()
+    assert str(exc.value) == f"tls_map.b: cannot listen on 127.0.0.1:{port}: Address already in use"
