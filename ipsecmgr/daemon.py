@@ -462,7 +462,7 @@ async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) ->
             await tls.start()  # [tls_map]: transparent and explicit listeners accept
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path)
+        loop.add_signal_handler(signal.SIGHUP, _reload, gw, config_path, tls)
         # Start-up objects (config, pyroute2, asyncio, modules) live as long as we do:
         # out of the collector's reach, every full collection no longer walks them
         # (the handshakes allocate enough to trigger collections; see
@@ -482,7 +482,7 @@ async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) ->
     return 0
 
 
-def _reload(gw: Gateway, config_path: str) -> None:
+def _reload(gw: Gateway, config_path: str, tls: TlsService | None = None) -> None:
     try:
         config = cfg.load_config(config_path, validate_acl=validate_acl)
     except cfg.ConfigError as exc:
@@ -490,9 +490,33 @@ def _reload(gw: Gateway, config_path: str) -> None:
         return
     for w in config.warnings:
         log.warning("%s", w)
-    if config.tls_maps != gw.config.tls_maps:
-        log.warning("tls_map changes take effect at the next restart (the running ones stay)")
+    if (
+        tls is None
+        or config.tls_maps == gw.config.tls_maps
+        or (_tun_layout(config) != _tun_layout(gw.config) or config.gateway != gw.config.gateway)
+    ):
+        gw.reload(config)  # (refuses TUN and gateway changes itself, with a warning)
+        return
+    task = asyncio.get_running_loop().create_task(_reload_with_tls(gw, tls, config))
+    _RELOADS.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_RELOADS.discard)
+
+
+_RELOADS: set[asyncio.Task[None]] = set()
+
+
+async def _reload_with_tls(gw: Gateway, tls: TlsService, config: cfg.Config) -> None:
+    """[tls_map] changes: the new captures first, then the crypto maps, then the
+    captures no longer configured go. A server moved between a crypto map and a TLS
+    map (either way) is protected by one or the other at every instant."""
+    try:
+        await tls.reload_begin(config)
+    except Exception as exc:  # a bind or netlink failure: nothing of the new config applies
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        await tls.reload_abort()
+        return
     gw.reload(config)
+    await tls.reload_end()
 
 
 def run(config_path: str) -> int:

@@ -125,37 +125,40 @@ class CaptureRoutes:
         ipr.rule(op, family=family, priority=self.priority, table=self.table,
                  ip_proto=TCP, dport_range=f"{port}:{port}")  # fmt: skip
 
-    def add(self, capture: Iterable[tuple[IPAddress, int]]) -> None:
+    def sync(self, capture: Iterable[tuple[IPAddress, int]]) -> None:
+        """Make the installed rules and routes exactly those ``capture`` needs:
+        missing ones are added first, then the ones no longer needed removed."""
+        want = set(capture)
+        routes = {a for a, _ in want}
+        rules = {(int(socket.AF_INET6 if a.version == 6 else socket.AF_INET), p) for a, p in want}
         with IPRoute() as ipr:
-            for a, port in capture:
-                family = socket.AF_INET6 if a.version == 6 else socket.AF_INET
-                if (family, port) not in self.rules:
-                    self._rule(ipr, "add", family, port)
-                    self.rules.append((family, port))
-                if a not in self.routes:
-                    try:
-                        self._route(ipr, "add", a)
-                    except NetlinkError as exc:
-                        if exc.code != _EEXIST:
-                            raise
-                    self.routes.append(a)
-
-    def remove(self) -> None:
-        with IPRoute() as ipr:
-            for family, port in self.rules:
+            for family, port in sorted(rules - set(self.rules)):
+                self._rule(ipr, "add", family, port)
+                self.rules.append((family, port))
+            for a in sorted(routes - set(self.routes), key=str):
+                try:
+                    self._route(ipr, "add", a)
+                except NetlinkError as exc:
+                    if exc.code != _EEXIST:
+                        raise
+                self.routes.append(a)
+            for family, port in [r for r in self.rules if r not in rules]:
                 try:
                     self._rule(ipr, "del", family, port)
                 except NetlinkError as exc:
                     if exc.code not in (_ENOENT, _ESRCH):
                         raise
-            for a in self.routes:
+                self.rules.remove((family, port))
+            for a in [r for r in self.routes if r not in routes]:
                 try:
                     self._route(ipr, "del", a)
                 except NetlinkError as exc:
                     if exc.code not in (_ENOENT, _ESRCH):
                         raise
-        self.rules.clear()
-        self.routes.clear()
+                self.routes.remove(a)
+
+    def remove(self) -> None:
+        self.sync(())
 
     def flush_stale(self) -> None:
         """Routes a killed daemon left in our table (its rules go with the gateway's)."""

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,3 +369,67 @@ def test_lab_demo_mode_tls() -> None:
                  "TACACS+ account       SUCCESS", "[tls] captured", "[tls] TLSv1.3 up with",
                  "[tls] response ←", "Listening: transparent"):  # fmt: skip
         assert line in out, out
+
+
+def _poll(what: str, cond: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling a condition with a deadline
+
+
+def test_sighup_moves_a_server_ipsec_to_tls_and_back_nothing_in_clear(
+    tls_env: TlsEnv,
+) -> None:
+    """The migration in one running daemon: logins run back to back the whole
+    time; SIGHUP adds a [tls_map] for the server (its capture goes in before the
+    crypto maps are touched), then SIGHUP removes it again. Logins pass before,
+    between and after (only one in flight at a switch may be reset), and no TCP
+    port 49 ever crosses the wire in clear."""
+    env = tls_env
+    a = env.lab.addresses
+    clear_server = env.lab.start_tacacs_server(
+        "server", secret_file=env.secret, users_file=env.users, listen=[a.server4]
+    )
+    tls_server = start_tls_server(env.lab, pki=env.pki, users_file=env.users)
+    env.gws.start("gw")
+    ipsec_only = env.gws.write_config("client").read_text()
+    conf = env.tmp / "client-migrate.toml"
+    conf.write_text(ipsec_only)
+    client = env.gws.start("client", config=conf)
+    results: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def logins() -> None:
+        while not stop.is_set() and len(results) < 500:
+            results.append(env.login())
+
+    with env.capture("migrate.pcap") as cap:
+        worker = threading.Thread(target=logins, daemon=True)
+        worker.start()
+        try:
+            _poll("IPsec logins", lambda: len(clear_server.transactions()) >= 2)
+            with_tls = env.config(extra=ipsec_only).read_text()  # + [tls_map], same server
+            conf.write_text(with_tls)
+            client.proc.send_signal(signal.SIGHUP)
+            _poll("TLS logins", lambda: len(tls_server.transactions()) >= 2)
+            n_clear = len(clear_server.transactions())
+            conf.write_text(ipsec_only)
+            client.proc.send_signal(signal.SIGHUP)
+            _poll("IPsec again", lambda: len(clear_server.transactions()) >= n_clear + 2)
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+    # A login whose TCP connection is open at the instant of a switch is reset
+    # (its packets now reach the other path, which has no such connection): at
+    # most one per switch, answered by no server, never sent in clear.
+    failed = [r for r in results if r.get("status") != "PASS"]
+    assert len(results) >= 6 and len(failed) <= 2, failed
+    assert all(r["exit_code"] == 2 for r in failed), failed
+    packets = cap.packets()
+    assert tcp_port_49(packets, a.server4) == []
+    assert tcp_port(packets, TLS_PORT)
+    snap = env.tls_show()
+    assert snap["maps"] == [] and snap["listening"] == []  # the TLS map is gone again
+    assert _capture_state(env) == ([], [])
+    assert "tls map tls: added" in client.log and "tls map tls: removed" in client.log

@@ -366,3 +366,55 @@ def test_listen_address_in_use_is_a_clear_startup_error(pki: Pki) -> None:
             svc.setup()
         svc.teardown()
     assert str(exc.value) == f"tls_map.b: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_reload_adds_changes_removes_maps_and_a_failed_reload_changes_nothing(
+    rig: Rig, pki: Pki
+) -> None:
+    import ipaddress
+    from dataclasses import replace
+
+    from ipsecmgr.config import Config, ConfigError, Gateway
+    from ipsecmgr.tls.service import TlsService
+
+    _srv, port = rig.tls_server(pki)
+    lo = ipaddress.ip_address("127.0.0.1")
+    gw = Gateway((lo,))
+
+    def config(*maps: object) -> Config:
+        return Config({}, {}, {}, {}, (), gw, (), {m.name: m for m in maps})  # type: ignore[attr-defined]
+
+    from tests.tls.rig import free_port
+
+    a_port = free_port()
+    a = replace(tls_map(pki, [("127.0.0.1", port)]), name="a", listen=(lo, a_port))
+    svc = TlsService(config(a), table=None, mark=None)
+    svc.setup()
+    try:
+        rig.lt.run(svc.start())
+        (a_listen,) = svc.listening()
+        rig.port = a_port
+        assert login(rig)["status"] == "PASS"
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            bad = replace(a, name="b", listen=(lo, busy.getsockname()[1]))
+            with pytest.raises(ConfigError):
+                rig.lt.run(svc.reload_begin(config(a, bad)))
+            rig.lt.run(svc.reload_abort())
+        assert svc.listening() == [a_listen] and list(svc.proxies) == ["a"]
+        # Change "a" (new downstream secret), add "c" on a new port: both live at once.
+        a2 = replace(a, listen=(lo, a_port), downstream_secret=Secret(b"new-secret"))
+        c = replace(a, name="c", listen=(lo, 0))
+        rig.lt.run(svc.reload_begin(config(a2, c)))
+        rig.lt.run(svc.reload_end())
+        assert len(svc.listening()) == 2 and sorted(svc.proxies) == ["a", "c"]
+        assert login(rig, secret=b"new-secret")["status"] == "PASS"  # same socket, new relay
+        rig.lt.run(svc.reload_begin(config(c)))
+        rig.lt.run(svc.reload_end())
+        assert list(svc.proxies) == ["c"] and len(svc.listening()) == 1
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", a_port), timeout=5).close()
+    finally:
+        rig.lt.run(svc.close())
+        svc.teardown()
