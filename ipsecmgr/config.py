@@ -49,7 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
-from ipsecmgr.tls.config import TlsMap, parse_tls_map
+from ipsecmgr.tls.config import TlsMap, overlap_errors, parse_tls_map
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -492,6 +492,7 @@ class _Parser:
         for n, t in self.named_section(data, "tls_map").items():
             if (tm := parse_tls_map(self, n, t, acl_rules)) is not None:
                 tls_maps[n] = tm
+        self.errors.extend(overlap_errors(tls_maps))
         for n in acls:
             if any(tm.match_address == n for tm in tls_maps.values()):
                 continue

@@ -185,6 +185,23 @@ def parse_tls_map(
     )  # fmt: skip
 
 
+def overlap_errors(maps: Mapping[str, TlsMap]) -> list[str]:
+    """Two TLS maps capturing the same server address and port (or listening on the
+    same address): the second could never receive a connection."""
+    seen: dict[tuple[str, IPAddress, int], str] = {}
+    errors = []
+    for name, m in maps.items():
+        keys = [("capture", a, p) for a, p in m.capture] if m.transparent else []
+        keys += [("listen", *m.listen)] if m.listen is not None else []
+        for key in keys:
+            other = seen.setdefault(key, name)
+            if other != name:
+                errors.append(
+                    f"tls_map.{name}: {key[0]} {key[1]}:{key[2]} is already tls_map.{other}'s"
+                )
+    return errors
+
+
 def _check_loadable(p: ParserLike, path: str, files: Mapping[str, Path | None]) -> None:
     """Load the CA, certificate and key the way the relay will (check-config reports
     a bad PEM or a key that does not match the certificate, not the first login)."""

@@ -125,3 +125,11 @@ def test_unloadable_certificate_or_mismatched_key_is_a_config_error(
     assert cfg is None
     assert any(e.startswith("tls_map.b.client_cert: certificate and key do not load together")
                for e in errors), errors  # fmt: skip
+
+
+def test_two_maps_capturing_the_same_server_is_an_error(pki: Pki, tmp_path: Path) -> None:
+    doc = _doc(pki, tmp_path)
+    doc["tls_map"]["c"] = dict(doc["tls_map"]["b"])
+    cfg, errors = _parse(doc)
+    assert cfg is None
+    assert errors == ["tls_map.c: capture 203.0.113.49:49 is already tls_map.b's"]
