@@ -1,7 +1,7 @@
 """A throw-away PKI for the TLS lab and tests (``cryptography``'s x509 builder).
 
 One CA signs a server certificate (a DNS name and IP addresses as subject
-alternative names, RFC 9887 §3.4.2 / RFC 6125) and a client certificate for the
+alternative names, RFC 9887 §3.4 / RFC 9525) and a client certificate for the
 gateway. Keys are ECDSA P-256 and written 0600. The file names are those the
 lab uses in its state directory and ``--tls-pki DIR`` expects: ``ca.crt``,
 ``server.crt``, ``server.key``, ``client.crt``, ``client.key``.

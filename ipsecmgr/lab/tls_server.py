@@ -39,7 +39,7 @@ def server_context(ca: Path, cert: Path, key: Path, *, tls12_only: bool = False)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(str(cert), str(key))
     ctx.load_verify_locations(cafile=str(ca))
-    ctx.verify_mode = ssl.CERT_REQUIRED  # RFC 9887 §3.4: mutual authentication
+    ctx.verify_mode = ssl.CERT_REQUIRED  # RFC 9887 §3.1: mutual authentication
     return ctx
 
 

@@ -80,7 +80,7 @@ class CaptureRoutes:
     """The capture's policy rules and ``local`` routes, added and removed as a set::
 
         rule <prio> ipproto tcp dport 49 lookup TABLE+1     # after the fwmark rule
-        TABLE+1: local 203.0.113.49 dev lo src <ours>
+        TABLE+1: local 203.0.113.49 dev lo src 127.0.0.1
 
     Why a rule per TACACS+ port and a table of its own rather than the gateway's
     catch-all table: the kernel's reverse-path check of a packet *from* the
@@ -90,13 +90,16 @@ class CaptureRoutes:
     matches the server's replies. It also puts the capture before the IPsec
     TUN routes (same priority as the fwmark rule, added after it).
 
-    ``src`` matters for clients on this host: without it the kernel picks the
-    captured address itself as the source, which no interface owns, and the
-    client's connect() fails with ENETUNREACH. A real local address (the
-    gateway's own, else loopback) is used instead.
+    ``src`` is loopback (127.0.0.1, ::1), for clients on this host: without a
+    source the kernel picks the captured address itself, which no interface owns,
+    and connect() fails with ENETUNREACH. Loopback, rather than one of the
+    gateway's addresses, because the kernel never routes a loopback source out of
+    a non-loopback device: a captured connection still open when its capture is
+    removed (SIGHUP moving the server back to IPsec) cannot leak a single packet
+    through the TUN's bypass or the WAN; it just dies.
     """
 
-    def __init__(self, table: int, priority: int, sources: Iterable[IPAddress] = ()) -> None:
+    def __init__(self, table: int, priority: int) -> None:
         self.table = table
         self.priority = priority
         self.routes: list[IPAddress] = []
@@ -105,8 +108,6 @@ class CaptureRoutes:
             4: ipaddress.IPv4Address("127.0.0.1"),
             6: ipaddress.IPv6Address("::1"),
         }
-        for a in reversed(list(sources)):
-            self.src[a.version] = a
 
     def _route(self, ipr: IPRoute, op: str, a: IPAddress) -> None:
         (lo,) = ipr.link_lookup(ifname="lo")

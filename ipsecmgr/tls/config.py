@@ -60,7 +60,7 @@ class TlsServer:
     address: IPAddress
     port: int = TLS_PORT
     # The identity checked in its certificate: a DNS name or an IP address (RFC 9887
-    # §3.4.2, RFC 6125). Default: the address, matched against an IP SAN.
+    # §3.4, RFC 9525 DNS-ID or IP-ID). Default: the address, matched as an IP SAN.
     name: str | None = None
 
     @property
@@ -117,7 +117,7 @@ def parse_tls_map(
     n_errors = len(_errors_of(p))
     p.keys(t, path, TLS_MAP_KEYS)
     if "psk_file" in t:
-        # RFC 9887 §3.4.3 allows TLS external PSK. Python 3.11's ssl module has no
+        # RFC 9887 allows TLS external PSK (optional). Python 3.11's ssl module has no
         # external-PSK API (3.13 adds it), and pyOpenSSL (26.4.0, checked) has no
         # PSK callbacks: refuse rather than silently fall back to certificates.
         p.err(

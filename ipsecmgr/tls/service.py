@@ -71,8 +71,7 @@ class TlsService:
         self._retired: list[MapProxy] = []  # replaced by a reload, may still relay
         # A table of its own next to the gateway's (TABLE+1); rules at the fwmark
         # rule's priority, after it (see ipsecmgr.tls.capture.CaptureRoutes).
-        sources = config.gateway.local_addresses
-        self.routes = CaptureRoutes(table + 1, priority, sources) if table is not None else None
+        self.routes = CaptureRoutes(table + 1, priority) if table is not None else None
         self._listeners: dict[ListenerKey, _Listener] = {}
         self._pending: Config | None = None
 

@@ -26,7 +26,7 @@ class TlsError(ConnectionError):
 
 
 def client_context(m: TlsMap) -> ssl.SSLContext:
-    """The RFC 9887 §3.4 profile: TLS 1.3 only, server certificate verified against
+    """The RFC 9887 profile: TLS 1.3 only, server certificate verified against
     the CA file and the configured identity, our client certificate presented."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # RFC 9887 §3.2: TLS 1.3 or later; nothing older is offered.
@@ -35,7 +35,7 @@ def client_context(m: TlsMap) -> ssl.SSLContext:
     ctx.check_hostname = True
     ctx.load_verify_locations(cafile=str(m.ca_file))
     ctx.load_cert_chain(str(m.client_cert), str(m.client_key))
-    # RFC 9887 §3.3: no 0-RTT. Python's ssl never sends early data (there is no
+    # RFC 9887 §5.1.2: no 0-RTT. Python's ssl never sends early data (there is no
     # API for it), so nothing to switch off; tickets are still used to resume.
     if m.keylog_file is not None:
         ctx.keylog_filename = str(m.keylog_file)

@@ -330,7 +330,7 @@ def test_sigkill_fails_closed_restart_cleans_sigterm_leaves_nothing(tls_env: Tls
     rules, routes = _capture_state(env)
     assert len(rules) == 1 and "lookup 18769" in rules[0]
     assert [r.split() for r in routes] == [
-        ["local", a.server4, "dev", "lo", "proto", "static", "scope", "host", "src", a.client_wan4]
+        ["local", a.server4, "dev", "lo", "proto", "static", "scope", "host", "src", "127.0.0.1"]
     ]
     env.gws.gateways.pop("client").kill()
     # Killed: the capture stays, nothing listens: the client is refused, nothing in clear.
@@ -433,3 +433,50 @@ def test_sighup_moves_a_server_ipsec_to_tls_and_back_nothing_in_clear(
     assert snap["maps"] == [] and snap["listening"] == []  # the TLS map is gone again
     assert _capture_state(env) == ([], [])
     assert "tls map tls: added" in client.log and "tls map tls: removed" in client.log
+
+
+HOLD_OPEN = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 49), timeout=5)
+print("open", c.getsockname()[0], flush=True)
+sys.stdin.readline()
+try:
+    c.sendall(b"\\xc1\\x01\\x01\\x00" + bytes(8) + b"after-the-switch")
+    print("sent", flush=True)
+except OSError as e:
+    print("error", e.errno, flush=True)
+"""
+
+
+def test_a_captured_connection_open_across_capture_removal_never_leaks(tls_env: TlsEnv) -> None:
+    """A client connection taken by the capture and still open when a SIGHUP removes
+    the capture: its next packets have a loopback source, which the kernel never
+    routes out of the TUN or the WAN. Nothing reaches the wire."""
+    env = tls_env
+    a = env.lab.addresses
+    env.lab.start_tacacs_server(
+        "server", secret_file=env.secret, users_file=env.users, listen=[a.server4]
+    )
+    start_tls_server(env.lab, pki=env.pki, users_file=env.users)
+    env.gws.start("gw")
+    ipsec_only = env.gws.write_config("client").read_text()
+    conf = env.tmp / "client-hold.toml"
+    conf.write_text(env.config(extra=ipsec_only).read_text())
+    client = env.gws.start("client", config=conf)
+    holder = env.lab.client.popen([sys.executable, "-c", HOLD_OPEN, a.server4],
+                                  stdin=subprocess.PIPE)  # fmt: skip
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline().split() == ["open", "127.0.0.1"]
+    conf.write_text(ipsec_only)
+    client.proc.send_signal(signal.SIGHUP)
+    _poll("capture removed", lambda: _capture_state(env) == ([], []))
+    with env.capture("hold.pcap") as cap:
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().split()[0] in ("sent", "error")
+        assert env.login()["status"] == "PASS"  # the next login goes through ESP
+    holder.kill()
+    holder.wait(timeout=10)
+    packets = cap.packets()
+    assert tcp_port_49(packets, a.server4) == []
+    assert b"after-the-switch" not in (env.tmp / "hold.pcap").read_bytes()
