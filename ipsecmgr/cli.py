@@ -30,6 +30,7 @@ show commands (as in the StarOS reference):
   crypto ikev2-ikesa security-associations [summary]
   crypto ipsec security-associations [summary]
   crypto statistics
+  tacacs tls
 """
 
 
@@ -87,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument(
         "--state", type=Path, default=Path("/run/ipsecmgr-lab"), help="state directory (up/down)"
     )
-    lab.add_argument("--mode", choices=["tunnel", "transport"], default="tunnel")
+    lab.add_argument(
+        "--mode", choices=["tunnel", "transport", "tls"], default="tunnel",
+        help="tls: the client's gateway protects the server by TLS 1.3 (RFC 9887), not ESP",
+    )  # fmt: skip
+    lab.add_argument(
+        "--tls-pki", type=Path, default=None,
+        help="--mode tls: use this PKI (ca.crt server.crt server.key client.crt client.key)",
+    )  # fmt: skip
     lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
 
     sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
@@ -135,9 +143,14 @@ def _cmd_check_config(path: Path) -> int:
 def _cmd_show(words: Sequence[str], socket_path: Path, as_json: bool) -> int:
     from ipsecmgr.control import ControlError
     from ipsecmgr.show import show
+    from ipsecmgr.tls.show import COMMAND as TLS_COMMAND
+    from ipsecmgr.tls.show import show_tls
 
     try:
-        print(show(socket_path, " ".join(words), as_json=as_json))
+        if " ".join(words) == TLS_COMMAND:
+            print(show_tls(socket_path, as_json=as_json))
+        else:
+            print(show(socket_path, " ".join(words), as_json=as_json))
     except ValueError as exc:
         print(f"ipsecmgr show: {exc}", file=sys.stderr)
         return 2
@@ -213,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.trace_cli import run_trace
 
         return run_trace(args)
+    if args.command == "lab" and args.mode == "tls" and args.action in ("up", "demo"):
+        from ipsecmgr.lab.tls_lab import run_tls_demo, tls_lab_up
+
+        if args.action == "up":
+            return tls_lab_up(args.state, args.tls_pki)
+        return run_tls_demo(args.tls_pki)
     if args.command == "lab" and args.action in ("up", "down"):
         from ipsecmgr.lab.persist import lab_down, lab_up
 

@@ -49,6 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
+from ipsecmgr.tls.config import TlsMap, overlap_errors, parse_tls_map
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -233,6 +234,8 @@ class Config:
     gateway: Gateway
     warnings: tuple[str, ...] = ()
     metrics: Metrics | None = None
+    # [tls_map.NAME]: flows protected by TLS 1.3 instead of ESP (ipsecmgr.tls).
+    tls_maps: Mapping[str, TlsMap] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ def parse_config(
 _MISSING = object()
 _SECTIONS = (
     "access_list", "ike_transform_set", "ipsec_transform_set", "crypto_map", "tun", "gateway",
-    "metrics",
+    "metrics", "tls_map",
 )  # fmt: skip
 
 
@@ -502,7 +505,15 @@ class _Parser:
                 self.warnings.append(
                     f"crypto_map.{n}: not bound to any tun (its traffic never reaches it)"
                 )
+        tls_maps: dict[str, TlsMap] = {}
+        acl_rules = {n: a.rules for n, a in acls.items()}
+        for n, t in self.named_section(data, "tls_map").items():
+            if (tm := parse_tls_map(self, n, t, acl_rules)) is not None:
+                tls_maps[n] = tm
+        self.errors.extend(overlap_errors(tls_maps))
         for n in acls:
+            if any(tm.match_address == n for tm in tls_maps.values()):
+                continue
             if not any(cm.match_address == n for cm in maps.values()):
                 self.warnings.append(f"access_list.{n}: not used by any crypto map")
         metrics = self.metrics(data.get("metrics", _MISSING))
@@ -510,7 +521,8 @@ class _Parser:
             return None
         return Config(
             MappingProxyType(acls), MappingProxyType(ikes), MappingProxyType(ipsecs),
-            MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings), metrics=metrics,
+            MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings),
+            metrics=metrics, tls_maps=MappingProxyType(tls_maps),
         )  # fmt: skip
 
     def acl(self, name: str, t: dict[str, Any]) -> AccessList | None:

@@ -32,6 +32,7 @@ from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.routing import Routing, TunRoute
+from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
 from ipsecmgr.workers import Workers
@@ -462,22 +463,25 @@ def _flatten(groups: dict[str, dict[str, int]]) -> dict[str, int]:
     return {f"{g}/{k}": v for g, counters in groups.items() for k, v in counters.items()}
 
 
-async def serve(gw: Gateway, config_path: str) -> int:
+async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     gw.attach(loop)
-    control = ControlServer(Path(gw.config.gateway.control_socket), gw.handlers())
+    handlers = gw.handlers() | (tls.handlers() if tls is not None else {})
+    control = ControlServer(Path(gw.config.gateway.control_socket), handlers)
     notify = sdnotify.Notifier.from_environ()
     exporter: MetricsServer | None = None
     try:
         await control.start()
+        if tls is not None:
+            await tls.start()  # [tls_map]: transparent and explicit listeners accept
         if gw.config.metrics is not None:
             from ipsecmgr import metrics  # prometheus-client only when configured
 
             exporter = await metrics.serve(gw, gw.config.metrics)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload_notified, gw, config_path, notify)
+        loop.add_signal_handler(signal.SIGHUP, _reload_notified, gw, config_path, notify, tls)
         # Start-up objects (config, pyroute2, asyncio, modules) live as long as we do:
         # out of the collector's reach, every full collection no longer walks them
         # (the handshakes allocate enough to trigger collections; see
@@ -493,6 +497,8 @@ async def serve(gw: Gateway, config_path: str) -> int:
         await gw.delete_all(SHUTDOWN_GRACE)
     finally:
         gw.tracer.close_all()
+        if tls is not None:
+            await tls.close()
         gw.detach()
         if exporter is not None:
             await exporter.close()
@@ -501,16 +507,18 @@ async def serve(gw: Gateway, config_path: str) -> int:
     return 0
 
 
-def _reload_notified(gw: Gateway, config_path: str, notify: sdnotify.Notifier) -> None:
+def _reload_notified(
+    gw: Gateway, config_path: str, notify: sdnotify.Notifier, tls: TlsService | None = None
+) -> None:
     """SIGHUP under systemd: RELOADING=1 (with MONOTONIC_USEC) around the reload."""
     notify.reloading()
     try:
-        _reload(gw, config_path)
+        _reload(gw, config_path, tls)
     finally:
         notify.ready(gw.status_line())
 
 
-def _reload(gw: Gateway, config_path: str) -> None:
+def _reload(gw: Gateway, config_path: str, tls: TlsService | None = None) -> None:
     try:
         config = cfg.load_config(config_path, validate_acl=validate_acl)
     except cfg.ConfigError as exc:
@@ -518,7 +526,33 @@ def _reload(gw: Gateway, config_path: str) -> None:
         return
     for w in config.warnings:
         log.warning("%s", w)
+    if (
+        tls is None
+        or config.tls_maps == gw.config.tls_maps
+        or (_tun_layout(config) != _tun_layout(gw.config) or config.gateway != gw.config.gateway)
+    ):
+        gw.reload(config)  # (refuses TUN and gateway changes itself, with a warning)
+        return
+    task = asyncio.get_running_loop().create_task(_reload_with_tls(gw, tls, config))
+    _RELOADS.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_RELOADS.discard)
+
+
+_RELOADS: set[asyncio.Task[None]] = set()
+
+
+async def _reload_with_tls(gw: Gateway, tls: TlsService, config: cfg.Config) -> None:
+    """[tls_map] changes: the new captures first, then the crypto maps, then the
+    captures no longer configured go. A server moved between a crypto map and a TLS
+    map (either way) is protected by one or the other at every instant."""
+    try:
+        await tls.reload_begin(config)
+    except Exception as exc:  # a bind or netlink failure: nothing of the new config applies
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        await tls.reload_abort()
+        return
     gw.reload(config)
+    await tls.reload_end()
 
 
 def run(config_path: str) -> int:
@@ -526,8 +560,14 @@ def run(config_path: str) -> int:
     for w in config.warnings:
         log.warning("%s", w)
     gw = Gateway(config)
+    # [tls_map]: TACACS+ over TLS 1.3 (ipsecmgr.tls); routes in the gateway's table.
+    r = gw.routing
+    tls = TlsService(config, table=r.table, priority=r.priority, mark=r.mark)
+    gw.tracer.targets.append(tls)
     try:
         gw.setup()
-        return asyncio.run(serve(gw, config_path))
+        tls.setup()
+        return asyncio.run(serve(gw, config_path, tls))
     finally:
+        tls.teardown()
         gw.teardown()

@@ -73,6 +73,16 @@ _TEXTS = {
     "decrypted": "IpsecMgr: decrypted, policy check passed: {tcp}",
     "tun_write": "IpsecMgr → TUN: written ({len} bytes)",
     "lost": "({count} events lost: rate limit or slow reader)",
+    # step "tls": a flow protected by a [tls_map] (ipsecmgr.tls)
+    "capture": "captured {client} → {destination}",
+    "classify": "ACL {acl} → TLS map {tls_map}",
+    "upstream-chosen": "upstream {server} (priority {priority}) chosen",
+    "upstream-failed": "upstream {server} failed: {error}",
+    "upstream-reconnect": "upstream {server} closed the idle connection: reconnect",
+    "tls-up": "{version} up with {server} (resumed: {resumed})",
+    "request": "request → {server}: session {session} seq {seq}",
+    "response": "response ← {server}: session {session} seq {seq}",
+    "refused": "client {client} refused: {reason}",
 }
 
 

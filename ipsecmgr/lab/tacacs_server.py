@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import signal
+import ssl as ssl_
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -122,11 +123,14 @@ class TacacsServer:
 
     # ---------------------------------------------------------------- I/O
 
-    async def start(self, hosts: Sequence[str], port: int) -> list[tuple[str, int]]:
-        """Listen on every host; return the bound (address, port) pairs."""
+    async def start(
+        self, hosts: Sequence[str], port: int, *, ssl: ssl_.SSLContext | None = None
+    ) -> list[tuple[str, int]]:
+        """Listen on every host; return the bound (address, port) pairs.
+        ``ssl``: serve TACACS+ over TLS (RFC 9887, see :mod:`ipsecmgr.lab.tls_server`)."""
         bound: list[tuple[str, int]] = []
         for host in hosts:
-            srv = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+            srv = await asyncio.start_server(self._handle, host, port, reuse_address=True, ssl=ssl)
             self._servers.append(srv)
             bound += [(s.getsockname()[0], s.getsockname()[1]) for s in srv.sockets]
         return bound

@@ -323,7 +323,7 @@ def test_unknown_top_level_section_and_immutability(tmp_path: Path, psk_file: Pa
     (tmp_path / "gw.toml").write_text(text)
     assert check_config(tmp_path / "gw.toml") == [
         "crypto_maps: unknown key (allowed: access_list, ike_transform_set, "
-        "ipsec_transform_set, crypto_map, tun, gateway, metrics)"
+        "ipsec_transform_set, crypto_map, tun, gateway, metrics, tls_map)"
     ]
     cfg = load_config(write(tmp_path, psk_file))
     with pytest.raises(TypeError):
