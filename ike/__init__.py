@@ -54,6 +54,8 @@ Events (``ike.events``), and what the daemon does with them:
 * ``PeerDead`` - retransmissions exhausted; ``IkeSaDeleted`` follows.
 * ``InitialContactReceived`` - the endpoint has already dropped every other
   IKE SA with that peer (they come as ``IkeSaDeleted``).
+* ``InvalidSpiReceived(spi, child_id, authenticated)`` - the peer does not know
+  the SPI we send on (§1.5): unauthenticated, only a hint for ``IkeSA.probe``.
 * ``NatDetected``, ``AuthenticationFailed``, ``ExchangeFailed(exchange,
   notify, by_peer)`` - for logs and statistics.
 
@@ -78,6 +80,7 @@ from .events import (
     IkeSaEstablished,
     IkeSaRekeyed,
     InitialContactReceived,
+    InvalidSpiReceived,
     NatDetected,
     PeerDead,
 )
@@ -107,6 +110,7 @@ __all__ = [
     "IkeSaRekeyed",
     "InitialContactReceived",
     "IntegId",
+    "InvalidSpiReceived",
     "NatDetected",
     "NotifyType",
     "PeerDead",

@@ -26,6 +26,7 @@ from ike import events as ev
 from ipsecmgr import config as cfg
 from ipsecmgr import show
 from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.invalid_spi import InvalidSpiHints
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 
 log = logging.getLogger("ipsecmgr.ike")
@@ -335,6 +336,8 @@ class Manager:
         # installed (with its keys) and removed, so the workers keep their own copies.
         self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
         self.on_child_removed: Callable[[str, int, int], None] | None = None
+        # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
+        self.invalid_spi = InvalidSpiHints()
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -609,6 +612,16 @@ class Manager:
             state.bump("nat_keepalive_errors")
             log.debug("NAT keepalive to %s failed: %s", addr, exc)
 
+    def on_unknown_spi(
+        self, spi: int, src: bytes, family: int, udp: Address | None, now: float
+    ) -> bool:
+        """ESP with an SPI we do not know (``Datapath.on_unknown_spi``): INVALID_SPI to
+        its sender (RFC 7296 §1.5), rate-limited. True if one left."""
+        return self.invalid_spi.on_unknown_spi(self, spi, src, family, udp, now)
+
+    def _on_invalid_spi(self, state: MapState, event: ev.InvalidSpiReceived, now: float) -> None:
+        self.invalid_spi.on_hint(self, state, event, now)
+
     def on_esp_from(self, name: str, peer: Address) -> None:
         """An authentic ESP-in-UDP packet of crypto map ``name`` came from ``peer``.
 
@@ -723,6 +736,7 @@ class Manager:
             state.ike_sa = None
             state.creating_child = False
         log.info("crypto map %s: IKE SA deleted (%s)", state.cmap.name, event.reason)
+        self.invalid_spi.on_ike_deleted(self, state, event, now)
 
     def _on_peer_dead(self, state: MapState, event: ev.PeerDead, now: float) -> None:
         state.bump("peer_dead")
@@ -1011,4 +1025,5 @@ _EVENT_HANDLERS: dict[type[ev.IkeEvent], Callable[[Manager, MapState, Any, float
     ev.AuthenticationFailed: Manager._on_auth_failed,
     ev.ExchangeFailed: Manager._on_exchange_failed,
     ev.InitialContactReceived: Manager._on_initial_contact,
+    ev.InvalidSpiReceived: Manager._on_invalid_spi,
 }

@@ -1,0 +1,168 @@
+"""The far end restarts: INVALID_SPI → probe → re-establish (RFC 7296 §1.5), fake clock.
+
+Two :class:`Manager` objects on the in-memory network of test_manager_timers:
+the client (initiator) sends TACACS+, gw answers. "gw restarts" = gw is
+replaced by a fresh gateway with the same address and configuration and no SA.
+Timers: ``dpd = {interval = 10, timeout = 2, retries = 3}``: dead-peer
+detection alone would find a silent peer 10 + 2 × 4 = 18 s after the last
+packet; the INVALID_SPI hint makes it 0.75 s (PROBE_TIMEOUT × (PROBE_TRIES + 1)).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from ike.invalid_spi import build_invalid_spi
+from ipsecmgr.invalid_spi import HOLD_DOWN, PROBE_TIMEOUT, PROBE_TRIES
+
+from .test_manager_timers import (
+    CREATE_CHILD_SA,
+    IKE_SA_INIT,
+    INFORMATIONAL,
+    Net,
+    Side,
+    establish,
+)
+
+
+def wired(net: Net, side: Side) -> Side:
+    """The daemon's wiring: unknown-SPI ESP from the data path goes to the manager."""
+    side.datapath.on_unknown_spi = lambda spi, src, fam, udp: (
+        side.manager.on_unknown_spi(spi, src, fam, udp, net.now) and None
+    )
+    return side
+
+
+def start(net: Net) -> tuple[Side, Side]:
+    wired(net, net.add("client", "client"))
+    wired(net, net.add("gw", "gw"))
+    return establish(net)
+
+
+def restart_gw(net: Net, at: float) -> Side:
+    net.run_until(at)
+    gw = wired(net, net.add("gw", "gw"))  # same address and config, no SA
+    gw.manager.jitter = lambda: 0.5
+    return gw
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    return Net(tmp_path)
+
+
+def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: Net) -> None:
+    client, _old_gw = start(net)
+    (old_sa,) = client.ike_sas()
+    gw = restart_gw(net, 5.0)
+    # Only the client sends: its ESP reaches a gw that knows no SPI
+    net.call(client.send_tacacs)
+    assert gw.datapath.counters["esp_unknown_spi"] == 1
+    assert gw.manager.endpoint.counters["invalid_spi_sent"] == 1
+    assert net.sent("gw", INFORMATIONAL) == [5.0]  # the unprotected one-way message
+    assert client.manager.endpoint.counters["invalid_spi_received"] == 1
+    assert client.counter("invalid_spi_probes") == 1
+    assert client.state.status == "established"  # a hint tears nothing down
+    net.run_until(5.0 + PROBE_TIMEOUT * (PROBE_TRIES + 1) - 0.01)
+    assert client.state.ike_sa is old_sa and client.state.status == "established"
+    net.run_until(10.0)
+    # The probe: sent at once, resent every 0.25 s twice; no answer (gw has no IKE
+    # SA), dead 0.75 s after the hint, and a new IKE SA at once (not at 5 + 18 s)
+    assert net.sent("client", INFORMATIONAL) == [5.0, 5.25, 5.5]
+    assert gw.manager.endpoint.counters["unknown_spi"] == 3
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 5.75]
+    assert client.counter("invalid_spi_peer_restarted") == 1
+    assert client.counter("peer_dead") == 1
+    assert client.state.status == "established" and client.state.ike_sa is not old_sa
+    assert gw.state.status == "established"
+    # TACACS+ flows again, into gw's new inbound SA
+    net.call(client.send_tacacs)
+    (rec,) = gw.state.children.values()
+    assert rec.inbound.counters.packets == 1
+
+
+def test_forged_hints_with_a_live_peer_cost_one_liveness_exchange_never_a_teardown(
+    net: Net,
+) -> None:
+    client, gw = start(net)
+    (sa,) = client.ike_sas()
+    (child,) = sa.children.values()
+    net.run_until(3.0)
+    rng = random.Random(4).randbytes
+    forged = build_invalid_spi(child.outbound_spi, rng)
+    for _ in range(10):  # an on-path attacker, with gw's address
+        client.manager.on_ike_datagram(forged, (client.address, 500), (gw.address, 500), net.now)
+    net.flush()
+    net.run_until(3.0 + HOLD_DOWN - 0.5)
+    net.call(
+        lambda: client.manager.on_ike_datagram(
+            forged, (client.address, 500), (gw.address, 500), net.now
+        )
+    )
+    net.run_until(9.0)
+    # exactly one liveness exchange, answered; the same SA and Child SA stay up
+    assert net.sent("client", INFORMATIONAL) == [3.0]
+    assert net.sent("gw", INFORMATIONAL, response=True) == [3.0]
+    assert client.counter("invalid_spi_hints") == 11
+    assert client.counter("invalid_spi_probes") == 1
+    assert client.counter("invalid_spi_ignored") == 10
+    assert client.ike_sas() == [sa] and child.child_id in sa.children
+    assert client.state.status == "established" and client.counter("peer_dead") == 0
+    # After the hold-down a hint is worth one more check (the peer may restart later)
+    net.call(
+        lambda: client.manager.on_ike_datagram(
+            forged, (client.address, 500), (gw.address, 500), net.now
+        )
+    )
+    assert net.sent("client", INFORMATIONAL) == [3.0, 9.0]
+    assert client.ike_sas() == [sa]
+
+
+def test_inside_an_ike_sa_invalid_spi_is_authenticated_and_the_child_sa_is_replaced(
+    net: Net,
+) -> None:
+    """gw lost one inbound Child SA but not the IKE SA: it says so inside the IKE
+    SA; the client deletes that Child SA and the next packet creates another."""
+    client, gw = start(net)
+    (rec,) = gw.state.children.values()
+    net.run_until(2.0)
+    gw.saflow.remove(rec.inbound.spi)
+    net.call(client.send_tacacs)
+    assert gw.manager.endpoint.counters["invalid_spi_sent_protected"] == 1
+    assert "invalid_spi_sent" not in gw.manager.endpoint.counters
+    assert client.counter("invalid_spi_authenticated") == 1
+    assert not client.state.children  # deleted (INFORMATIONAL DELETE)
+    net.call(client.send_tacacs)  # the next packet: CREATE_CHILD_SA on the same IKE SA
+    assert net.sent("client", CREATE_CHILD_SA) == [2.0]
+    assert client.counter("child_created_on_demand") == 1
+    net.call(client.send_tacacs)
+    (new,) = gw.state.children.values()
+    assert new.inbound.counters.packets == 1
+
+
+def test_unknown_spi_answers_are_rate_limited_per_source(net: Net) -> None:
+    client, _gw = start(net)
+    gw = restart_gw(net, 5.0)
+    for _ in range(20):  # a burst of ESP into the dead SA within the same second
+        client.send_tacacs()
+    net.flush()
+    assert gw.datapath.counters["esp_unknown_spi"] == 20
+    assert gw.manager.endpoint.counters["invalid_spi_sent"] == 1
+    assert gw.manager.endpoint.counters["invalid_spi_rate_limited"] == 19
+
+
+def test_the_responder_side_waits_for_its_peer_after_the_probe(net: Net) -> None:
+    """gw (role responder) learns that the client restarted while only gw sends:
+    it drops the dead SA in 0.75 s and does not initiate (the client will)."""
+    _client, gw = start(net)
+    net.run_until(5.0)
+    client = wired(net, net.add("client", "client"))
+    net.call(gw.send_tacacs)
+    assert gw.counter("invalid_spi_probes") == 1
+    net.run_until(8.0)
+    assert gw.counter("invalid_spi_peer_restarted") == 1
+    assert gw.state.ike_sa is None and net.sent("gw", IKE_SA_INIT) == []
+    assert client.manager.endpoint.counters["invalid_spi_sent"] == 1
