@@ -21,6 +21,13 @@ up (30 s + 3 × 10 s with the reference's timers). Both halves live here:
   forged hints cost at most one liveness exchange per IKE SA per HOLD_DOWN,
   never a teardown. An authenticated INVALID_SPI (inside the IKE SA, from the
   peer itself) deletes the Child SA it names; the next packet creates another.
+* **Only outgoing traffic.** A peer that sends no INVALID_SPI (strongSwan, a
+  kernel's xfrm) gives no hint; RFC 7296 §2.4: "If there has only been
+  outgoing traffic on all of the SAs associated with an IKE SA, it is
+  essential to confirm liveness". At each dead-peer-detection sample
+  (``dpd.interval / 10``) :meth:`InvalidSpiHints.sample` compares the Child
+  SAs' packet counters: ESP went out and nothing (ESP or IKE) came back for
+  :data:`SILENCE` seconds → the same probe (same hold-down).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+import ike
 from ike import events as ev
 
 if TYPE_CHECKING:
@@ -39,6 +47,7 @@ log = logging.getLogger("ipsecmgr.ike")
 PROBE_TIMEOUT = 0.25  # s between the probe's resends (a LAN peer answers in ms)
 PROBE_TRIES = 2  # resends after the first: no answer 0.75 s after the hint → dead
 HOLD_DOWN = 5.0  # s after an answered probe during which hints for that IKE SA are ignored
+SILENCE = 1.0  # s: ESP went out and nothing came back for at least this long → probe
 
 Address = tuple[str, int]
 
@@ -49,6 +58,9 @@ class InvalidSpiHints:
     def __init__(self) -> None:
         # IKE SA name → when its probe started (kept while the SA lives, for HOLD_DOWN)
         self.probes: dict[str, float] = {}
+        # IKE SA name → (packets out, packets in, last heard, when ESP went out
+        # unanswered) at the previous dead-peer-detection sample
+        self.traffic: dict[str, tuple[int, int, float, float | None]] = {}
 
     def on_unknown_spi(
         self, mgr: Manager, spi: int, src: bytes, family: int, udp: Address | None, now: float
@@ -76,34 +88,63 @@ class InvalidSpiHints:
                 sa.delete_child(event.child_id, now)
             return
         state.bump("invalid_spi_hints")
-        if sa is None or not sa.established:
-            state.bump("invalid_spi_ignored")
+        if sa is None or not sa.established or not self._may_probe(sa, now):
+            state.bump("invalid_spi_ignored")  # a probe is running, or just proved it
             return
-        started = self.probes.get(sa.name)
-        if started is not None:
-            answered = sa.last_heard is not None and sa.last_heard >= started
-            if not answered or now - started < HOLD_DOWN:
-                state.bump("invalid_spi_ignored")  # a probe is running, or just proved it
-                return
-        self.probes[sa.name] = now
         state.bump("invalid_spi_probes")
         log.warning(
             "crypto map %s: %s says it does not know SPI %#010x (unauthenticated hint, "
             "RFC 7296 §1.5): checking at once whether it restarted",
             name, state.cmap.peer, event.spi,
         )  # fmt: skip
+        self._probe(sa, now)
+
+    def _may_probe(self, sa: ike.IkeSA, now: float) -> bool:
+        started = self.probes.get(sa.name)
+        if started is None:
+            return True
+        answered = sa.last_heard is not None and sa.last_heard >= started
+        return answered and now - started >= HOLD_DOWN
+
+    def _probe(self, sa: ike.IkeSA, now: float) -> None:
+        self.probes[sa.name] = now
         sa.probe(now, PROBE_TIMEOUT, PROBE_TRIES)
+
+    def sample(
+        self, mgr: Manager, state: MapState, sa: ike.IkeSA, packets_in: int, now: float
+    ) -> None:
+        """One dead-peer-detection sample of ``sa`` (RFC 7296 §2.4, only outgoing
+        traffic): ``packets_in`` is what its Child SAs received so far."""
+        out = sum(rec.outbound.counters.packets for rec in mgr._children_of(state, sa.name))
+        heard = sa.last_heard or 0.0
+        prev = self.traffic.get(sa.name)
+        noticed = None if prev is None else prev[3]
+        if prev is None or packets_in != prev[1] or heard != prev[2]:
+            noticed = None  # something came back (or the first look)
+        elif noticed is None:
+            noticed = now if out != prev[0] else None
+        elif now - noticed >= SILENCE and self._may_probe(sa, now):
+            noticed = None
+            state.bump("silence_probes")
+            log.warning(
+                "crypto map %s: ESP to %s unanswered for %.1f s (RFC 7296 §2.4: only "
+                "outgoing traffic): checking at once whether it is alive",
+                state.cmap.name, state.cmap.peer, now - (prev[3] or now),
+            )  # fmt: skip
+            self._probe(sa, now)
+        self.traffic[sa.name] = (out, packets_in, heard, noticed)
 
     def on_ike_deleted(
         self, mgr: Manager, state: MapState, event: ev.IkeSaDeleted, now: float
     ) -> None:
         """A probed IKE SA went; if the probe found the peer dead, start again at once."""
+        self.traffic.pop(event.ike_sa, None)
         started = self.probes.pop(event.ike_sa, None)
         if started is None or event.reason != "peer-dead":
             return
-        state.bump("invalid_spi_peer_restarted")
+        state.bump("probe_peer_dead")
         log.warning(
-            "crypto map %s: no answer %.2f s after the INVALID_SPI hint: the peer lost "
+            "crypto map %s: no answer %.2f s after the probe started: the peer lost "
             "its SAs; %s",
             state.cmap.name, now - started,
             "waiting for it (responder)" if state.cmap.role == "responder" else "re-establishing",

@@ -514,6 +514,7 @@ class Manager:
         ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
         dpd = state.cmap.dpd
         packets = sum(rec.inbound.counters.packets for rec in self._children_of(state, sa.name))
+        self.invalid_spi.sample(self, state, sa, packets, now)  # only outgoing ESP?
         esp_seen = packets != lv.packets_in
         if esp_seen:
             lv.packets_in = packets

@@ -51,7 +51,7 @@ def test_gw_restart_is_detected_by_invalid_spi_and_logins_recover_in_seconds(
     assert gw.counter("ike", "invalid_spi_sent") >= 1
     assert client.counter("ike", "invalid_spi_received") >= 1
     assert client.counter("ike", "tacacs/invalid_spi_probes") == 1
-    assert client.counter("ike", "tacacs/invalid_spi_peer_restarted") == 1
+    assert client.counter("ike", "tacacs/probe_peer_dead") == 1
     assert client.counter("ike", "tacacs/ike_initiated") == 2
     (new,) = client.snapshot()["ike_sas"]
     assert new["spi_i"] != old["spi_i"]

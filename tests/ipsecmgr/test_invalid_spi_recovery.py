@@ -74,7 +74,7 @@ def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: N
     assert net.sent("client", INFORMATIONAL) == [5.0, 5.25, 5.5]
     assert gw.manager.endpoint.counters["unknown_spi"] == 3
     assert net.sent("client", IKE_SA_INIT) == [0.0, 5.75]
-    assert client.counter("invalid_spi_peer_restarted") == 1
+    assert client.counter("probe_peer_dead") == 1
     assert client.counter("peer_dead") == 1
     assert client.state.status == "established" and client.state.ike_sa is not old_sa
     assert gw.state.status == "established"
@@ -163,6 +163,49 @@ def test_the_responder_side_waits_for_its_peer_after_the_probe(net: Net) -> None
     net.call(gw.send_tacacs)
     assert gw.counter("invalid_spi_probes") == 1
     net.run_until(8.0)
-    assert gw.counter("invalid_spi_peer_restarted") == 1
+    assert gw.counter("probe_peer_dead") == 1
     assert gw.state.ike_sa is None and net.sent("gw", IKE_SA_INIT) == []
     assert client.manager.endpoint.counters["invalid_spi_sent"] == 1
+
+
+# --- a peer that sends no INVALID_SPI: only outgoing traffic (RFC 7296 §2.4) -------------
+
+
+def test_restarted_peer_without_invalid_spi_is_found_by_unanswered_esp(net: Net) -> None:
+    """strongSwan and kernel xfrm drop unknown-SPI ESP silently. The client samples
+    its counters every interval/10 = 1 s: ESP went out (noticed at 6), nothing came
+    back by the next sample (7): the same short probe, dead at 7.75, rebuilt."""
+    client, _gw = start(net)
+    net.run_until(5.0)
+    gw = net.add("gw", "gw")  # restarted, and (like strongSwan) sends no INVALID_SPI
+    gw.manager.jitter = lambda: 0.5
+    net.call(client.send_tacacs)
+    assert "invalid_spi_sent" not in gw.manager.endpoint.counters
+    net.run_until(6.9)
+    assert net.sent("client", INFORMATIONAL) == []
+    net.run_until(10.0)
+    assert net.sent("client", INFORMATIONAL) == [7.0, 7.25, 7.5]
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 7.75]
+    assert client.counter("silence_probes") == 1 and client.counter("probe_peer_dead") == 1
+    assert client.state.status == "established" and gw.state.status == "established"
+
+
+def test_answered_traffic_never_probes_and_one_way_traffic_costs_one_exchange(
+    net: Net,
+) -> None:
+    client, gw = start(net)
+    for t in range(1, 16):  # request and answer every second: never "only outgoing"
+        net.run_until(float(t))
+        net.call(client.send_tacacs)
+        net.call(gw.send_tacacs)
+    assert client.counter("silence_probes") == 0 and gw.counter("silence_probes") == 0
+    # One-way from 16 on (the peer is alive): noticed at the sample of 17, probed at
+    # 18 and answered; the hold-down keeps the next one HOLD_DOWN (5 s) later
+    for t in range(16, 24):
+        net.run_until(float(t))
+        net.call(client.send_tacacs)
+    assert client.counter("silence_probes") == 2
+    probes = [t for t in net.sent("client", INFORMATIONAL) if t > 15.0]
+    assert probes == [18.0, 23.0]
+    assert net.sent("gw", INFORMATIONAL, response=True)[-2:] == [18.0, 23.0]
+    assert client.counter("peer_dead") == 0 and client.ike_sas()
