@@ -25,8 +25,9 @@ up (30 s + 3 × 10 s with the reference's timers). Both halves live here:
   kernel's xfrm) gives no hint; RFC 7296 §2.4: "If there has only been
   outgoing traffic on all of the SAs associated with an IKE SA, it is
   essential to confirm liveness". At each dead-peer-detection sample
-  (``dpd.interval / 10``) :meth:`InvalidSpiHints.sample` compares the Child
-  SAs' packet counters: ESP went out and nothing (ESP or IKE) came back for
+  (``dpd.interval / 10``, and :data:`SILENCE` after a sample that saw ESP go
+  out) :meth:`InvalidSpiHints.sample` compares the Child SAs' packet
+  counters: ESP went out and nothing (ESP or IKE) came back for
   :data:`SILENCE` seconds → the same probe (same hold-down).
 """
 
@@ -112,18 +113,26 @@ class InvalidSpiHints:
 
     def sample(
         self, mgr: Manager, state: MapState, sa: ike.IkeSA, packets_in: int, now: float
-    ) -> None:
+    ) -> float | None:
         """One dead-peer-detection sample of ``sa`` (RFC 7296 §2.4, only outgoing
-        traffic): ``packets_in`` is what its Child SAs received so far."""
+        traffic): ``packets_in`` is what its Child SAs received so far. Returns when
+        to look again, if sooner than the next sample: :data:`SILENCE` after ESP went
+        out (the counters cannot tell whether it went before or after what came in)."""
         out = sum(rec.outbound.counters.packets for rec in mgr._children_of(state, sa.name))
         heard = sa.last_heard or 0.0
         prev = self.traffic.get(sa.name)
         noticed = None if prev is None else prev[3]
+        again: float | None = None
         if prev is None or packets_in != prev[1] or heard != prev[2]:
             noticed = None  # something came back (or the first look)
+            if prev is not None and out != prev[0]:
+                again = now + SILENCE  # and something went out: was it answered?
         elif noticed is None:
-            noticed = now if out != prev[0] else None
-        elif now - noticed >= SILENCE and self._may_probe(sa, now):
+            if out != prev[0]:
+                noticed, again = now, now + SILENCE
+        elif now - noticed < SILENCE:
+            again = noticed + SILENCE
+        elif self._may_probe(sa, now):
             noticed = None
             state.bump("silence_probes")
             log.warning(
@@ -133,6 +142,7 @@ class InvalidSpiHints:
             )  # fmt: skip
             self._probe(sa, now)
         self.traffic[sa.name] = (out, packets_in, heard, noticed)
+        return again
 
     def on_ike_deleted(
         self, mgr: Manager, state: MapState, event: ev.IkeSaDeleted, now: float

@@ -514,7 +514,7 @@ class Manager:
         ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
         dpd = state.cmap.dpd
         packets = sum(rec.inbound.counters.packets for rec in self._children_of(state, sa.name))
-        self.invalid_spi.sample(self, state, sa, packets, now)  # only outgoing ESP?
+        again = self.invalid_spi.sample(self, state, sa, packets, now)  # only outgoing ESP?
         esp_seen = packets != lv.packets_in
         if esp_seen:
             lv.packets_in = packets
@@ -531,7 +531,7 @@ class Manager:
             # timeout 0: the map's retransmission settings (exponential) apply
             sa.liveness_check(now, dpd.timeout or None, dpd.retries)
             due = now + dpd.interval
-        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
+        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES, again or due)
 
     def _check_volume(self, state: MapState, sa: ike.IkeSA, now: float) -> None:
         """Soft byte/packet/sequence limits → rekey (make-before-break); hard → delete."""

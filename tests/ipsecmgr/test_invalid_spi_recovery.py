@@ -209,3 +209,21 @@ def test_answered_traffic_never_probes_and_one_way_traffic_costs_one_exchange(
     assert probes == [18.0, 23.0]
     assert net.sent("gw", INFORMATIONAL, response=True)[-2:] == [18.0, 23.0]
     assert client.counter("peer_dead") == 0 and client.ike_sas()
+
+
+def test_with_default_timers_the_second_look_comes_one_second_after_the_first(
+    net: Net,
+) -> None:
+    """dpd interval 30 s: samples every 3 s. The sample at 6 sees ESP that went out
+    (at 5) unanswered; the next look is at 7 (SILENCE later), not at 9: probe at 7."""
+    default = {"dpd": {"interval": 30, "timeout": 10, "retries": 3}}
+    client = wired(net, net.add("client", "client", map_options=default))
+    wired(net, net.add("gw", "gw", map_options=default))
+    establish(net)
+    net.run_until(5.0)
+    net.add("gw", "gw", map_options=default).manager.jitter = lambda: 0.5  # no INVALID_SPI
+    net.call(client.send_tacacs)
+    net.run_until(10.0)
+    assert net.sent("client", INFORMATIONAL) == [7.0, 7.25, 7.5]
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 7.75]
+    assert client.state.status == "established" and client.counter("silence_probes") == 1
