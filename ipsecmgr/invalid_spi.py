@@ -120,12 +120,13 @@ class InvalidSpiHints:
         out (the counters cannot tell whether it went before or after what came in)."""
         out = sum(rec.outbound.counters.packets for rec in mgr._children_of(state, sa.name))
         heard = sa.last_heard or 0.0
-        prev = self.traffic.get(sa.name)
-        noticed = None if prev is None else prev[3]
+        # The first look compares with the SA's start (no packet, nothing heard)
+        prev = self.traffic.get(sa.name) or (0, 0, 0.0, None)
+        noticed = prev[3]
         again: float | None = None
-        if prev is None or packets_in != prev[1] or heard != prev[2]:
-            noticed = None  # something came back (or the first look)
-            if prev is not None and out != prev[0]:
+        if packets_in != prev[1] or heard != prev[2]:
+            noticed = None  # something came back
+            if out != prev[0]:
                 again = now + SILENCE  # and something went out: was it answered?
         elif noticed is None:
             if out != prev[0]:

@@ -227,3 +227,26 @@ def test_with_default_timers_the_second_look_comes_one_second_after_the_first(
     assert net.sent("client", INFORMATIONAL) == [7.0, 7.25, 7.5]
     assert net.sent("client", IKE_SA_INIT) == [0.0, 7.75]
     assert client.state.status == "established" and client.counter("silence_probes") == 1
+
+
+def test_a_peer_lost_before_the_first_sample_is_found_as_quickly(net: Net) -> None:
+    """The first sample (3 s after the SA came up) compares with the SA's start:
+    an answered transaction at 0.5, gw restarts at 1, the client's retransmissions
+    at 1.5, 2.5 and 3.5 go unanswered: looks at 3 (answered? unknown), 4 (ESP went
+    out since 3), probe at 5. Without that baseline the first look would only
+    record, and the probe would wait for 7."""
+    default = {"dpd": {"interval": 30, "timeout": 10, "retries": 3}}
+    client = wired(net, net.add("client", "client", map_options=default))
+    gw = wired(net, net.add("gw", "gw", map_options=default))
+    establish(net)
+    net.run_until(0.5)
+    net.call(client.send_tacacs)
+    net.call(gw.send_tacacs)
+    net.run_until(1.0)
+    net.add("gw", "gw", map_options=default).manager.jitter = lambda: 0.5  # no INVALID_SPI
+    for t in (1.5, 2.5, 3.5):
+        net.run_until(t)
+        net.call(client.send_tacacs)
+    net.run_until(8.0)
+    assert net.sent("client", INFORMATIONAL) == [5.0, 5.25, 5.5]
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 5.75]
