@@ -428,6 +428,7 @@ def print_restart(ours: list[dict[str, float]], sw: list[dict[str, float]]) -> N
         for key, label in (
             ("kill_to_ok", "SIGKILL -> first TACACS+ transaction OK"),
             ("restart", "  of which the gw's restart (process up)"),
+            ("ready_to_ok", "  and from the gw up to that transaction"),
             ("kill_to_probe", "SIGKILL -> the client starts its probe"),
             ("probe_to_dead", "probe -> peer declared dead"),
             ("dead_to_new_sa", "dead -> new IKE and Child SA"),
