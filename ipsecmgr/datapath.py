@@ -65,6 +65,9 @@ TUN_READ_SIZE = 65535 + VNET_HDR_LEN  # a TSO super-packet (IP total length <= 6
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 UDP_RECV_SIZE = 65535
+# ESP shorter than this gets no INVALID_SPI: IP + UDP + the 40-byte message (68 bytes)
+# is then never more than the IP + ESP that triggered it (real ESP is >= 76 bytes).
+UNKNOWN_SPI_MIN_ESP = 48
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _VNET_NONE = bytes(VNET_HDR_LEN)  # no checksum to finish, no segmentation
 _NATIVE = sys.byteorder
@@ -489,7 +492,9 @@ class Datapath:
             _bump(self.counters, "esp_unknown_spi")
             if tr is not None:
                 tr("9", "esp_drop", None, reason="unknown SPI", spi=int.from_bytes(data[:4], "big"))
-            if self.on_unknown_spi is not None:  # the sender may have lost nothing: tell it
+            # Tell the sender (RFC 7296 §1.5), never with more bytes than it sent (a
+            # reflector): the answer is 40 bytes of UDP, ESP here has a 16-byte ICV too.
+            if self.on_unknown_spi is not None and len(data) >= UNKNOWN_SPI_MIN_ESP:
                 self.on_unknown_spi(int.from_bytes(data[:4], "big"), src, family, self._udp_src)
             return None
         sa: esp.InboundSA = flow.sa  # type: ignore[assignment]

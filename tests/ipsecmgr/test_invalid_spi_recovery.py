@@ -11,6 +11,7 @@ packet; the INVALID_SPI hint makes it 0.75 s (PROBE_TIMEOUT × (PROBE_TRIES + 1)
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,15 @@ def test_a_peer_lost_before_the_first_sample_is_found_as_quickly(net: Net) -> No
     net.run_until(8.0)
     assert net.sent("client", INFORMATIONAL) == [5.0, 5.25, 5.5]
     assert net.sent("client", IKE_SA_INIT) == [0.0, 5.75]
+
+
+def test_short_unknown_spi_esp_gets_no_answer(net: Net) -> None:
+    """No reflection: ESP shorter than 48 bytes (real ESP here is >= 76) is only
+    counted; the 40-byte INVALID_SPI would be larger than what triggered it."""
+    _client, gw = start(net)
+    src = socket.inet_aton(net.sides["client"].address)
+    gw.datapath.handle_inbound(b"\x12\x34\x56\x78" + bytes(43), src, b"", socket.AF_INET)
+    assert gw.datapath.counters["esp_unknown_spi"] == 1
+    assert "invalid_spi_sent_protected" not in gw.manager.endpoint.counters
+    gw.datapath.handle_inbound(b"\x12\x34\x56\x78" + bytes(44), src, b"", socket.AF_INET)
+    assert gw.manager.endpoint.counters["invalid_spi_sent_protected"] == 1  # (an IKE SA is up)
