@@ -34,7 +34,10 @@ Commands on an ``IkeSA`` (queued; one request in flight per SA, §2.3):
 daemon decides when, from ``IkeSA.last_heard`` and its ESP counters; ``timeout``
 and ``tries``: resend every ``timeout`` s without back-off, DPD style),
 ``delete_child(child_id, now)``, ``delete(now)``, ``abandon(reason)`` (forget
-without telling the peer); ``export_keys()`` gives the IKE keys for Wireshark.
+without telling the peer), ``probe(now, timeout, tries)`` (a liveness check at
+once on a short schedule, after an INVALID_SPI hint); ``export_keys()`` gives
+the IKE keys for Wireshark. On the endpoint, ``send_invalid_spi(spi, peer, now,
+nat_t)`` answers ESP with an unknown SPI (§1.5; ``ike.invalid_spi``).
 The engine also rekeys by itself at 90 % (original initiator) / 93 %
 (responder) of ``IkeConfig.ike_lifetime`` / ``child_lifetime`` and deletes a
 Child SA at its hard lifetime (0 turns either off).

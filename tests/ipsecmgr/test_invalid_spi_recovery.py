@@ -59,8 +59,13 @@ def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: N
     client, _old_gw = start(net)
     (old_sa,) = client.ike_sas()
     gw = restart_gw(net, 5.0)
+    traced: list[tuple[str, dict[str, object]]] = []
+    client.manager.trace = lambda step, name, pkt, **f: traced.append((name, f))
     # Only the client sends: its ESP reaches a gw that knows no SPI
     net.call(client.send_tacacs)
+    client.manager.trace = None
+    (hint,) = [f for name, f in traced if name == "invalid_spi"]
+    assert hint["authenticated"] is False and hint["spi_out"] == old_sa.children[1].outbound_spi
     assert gw.datapath.counters["esp_unknown_spi"] == 1
     assert gw.manager.endpoint.counters["invalid_spi_sent"] == 1
     assert net.sent("gw", INFORMATIONAL) == [5.0]  # the unprotected one-way message
