@@ -49,6 +49,9 @@ PROBE_TIMEOUT = 0.25  # s between the probe's resends (a LAN peer answers in ms)
 PROBE_TRIES = 2  # resends after the first: no answer 0.75 s after the hint → dead
 HOLD_DOWN = 5.0  # s after an answered probe during which hints for that IKE SA are ignored
 SILENCE = 1.0  # s: ESP went out and nothing came back for at least this long → probe
+# s: an authenticated INVALID_SPI for a Child SA younger than this is ignored: its ESP
+# may have overtaken the peer's installation (split data path: over a socketpair)
+INSTALL_GRACE = 1.0
 
 Address = tuple[str, int]
 
@@ -82,6 +85,10 @@ class InvalidSpiHints:
         name = state.cmap.name
         if event.authenticated:
             # The peer itself, inside the IKE SA: it really has no such SA
+            rec = state.children.get((event.ike_sa, event.child_id))
+            if rec is not None and now - rec.installed_at < INSTALL_GRACE:
+                state.bump("invalid_spi_ignored")
+                return
             state.bump("invalid_spi_authenticated")
             log.warning("crypto map %s: peer does not know SPI %#010x (RFC 7296 §1.5), "
                         "deleting Child SA %d", name, event.spi, event.child_id)  # fmt: skip

@@ -134,10 +134,12 @@ def test_inside_an_ike_sa_invalid_spi_is_authenticated_and_the_child_sa_is_repla
     SA; the client deletes that Child SA and the next packet creates another."""
     client, gw = start(net)
     (rec,) = gw.state.children.values()
-    net.run_until(2.0)
     gw.saflow.remove(rec.inbound.spi)
+    net.call(client.send_tacacs)  # at 0: the Child SA is younger than INSTALL_GRACE
+    assert client.counter("invalid_spi_ignored") == 1 and client.state.children
+    net.run_until(2.0)
     net.call(client.send_tacacs)
-    assert gw.manager.endpoint.counters["invalid_spi_sent_protected"] == 1
+    assert gw.manager.endpoint.counters["invalid_spi_sent_protected"] == 2
     assert "invalid_spi_sent" not in gw.manager.endpoint.counters
     assert client.counter("invalid_spi_authenticated") == 1
     assert not client.state.children  # deleted (INFORMATIONAL DELETE)
