@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ipsecmgr.lab.gateways import GatewayProcess
 from tests.integration.test_gateway import Env, make_env
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -29,17 +30,25 @@ def env(tmp_path: Path) -> Iterator[Env]:
     yield from make_env(tmp_path, "tunnel", 4)
 
 
+def start(env: Env, side: str, datapath: str) -> GatewayProcess:
+    conf = env.gws.write_config(side)
+    if datapath == "split":  # the INBOUND worker forwards unknown SPIs to the control
+        conf.write_text(conf.read_text().replace("[gateway]\n", '[gateway]\ndatapath = "split"\n'))
+    return env.gws.start(side, config=conf)
+
+
+@pytest.mark.parametrize("datapath", ["single", "split"])
 def test_gw_restart_is_detected_by_invalid_spi_and_logins_recover_in_seconds(
-    env: Env,
+    env: Env, datapath: str
 ) -> None:
     env.start_server()
-    client = env.gws.start("client")
-    env.gws.start("gw")
+    client = start(env, "client", datapath)
+    start(env, "gw", datapath)
     assert env.login()["status"] == "PASS"
     (old,) = client.snapshot()["ike_sas"]
     env.gws.gateways.pop("gw").kill()
     killed = time.monotonic()
-    gw = env.gws.start("gw")  # the restart: same addresses and config, no SA
+    gw = start(env, "gw", datapath)  # the restart: same addresses and config, no SA
     while True:
         res = env.login()
         if res.get("status") == "PASS":
