@@ -256,3 +256,13 @@ def test_the_child_sa_index_follows_rekeys_and_deaths() -> None:
     assert sa.dead
     net.a.receive_datagram(build_invalid_spi(new.outbound_spi, rng), R_ADDR, net.now)
     assert net.a.counters["invalid_spi_ignored"] == 2
+
+
+def test_the_rate_limiters_memory_is_bounded() -> None:
+    """Spoofed sources cannot grow the sender's memory: past max_sources, the
+    sources older than the interval are dropped (at most per_second are younger)."""
+    lim = SourceLimit(per_second=100, max_sources=500)
+    for i in range(20_000):  # 100 new sources per second, for 200 s
+        lim.allow(f"2001:db8::{i:x}", i / 100)
+    assert len(lim._last) <= 500
+    assert not lim.allow("2001:db8::4e1f", 199.995)  # the last one is still remembered
