@@ -266,3 +266,23 @@ def test_the_rate_limiters_memory_is_bounded() -> None:
         lim.allow(f"2001:db8::{i:x}", i / 100)
     assert len(lim._last) <= 500
     assert not lim.allow("2001:db8::4e1f", 199.995)  # the last one is still remembered
+
+
+def test_mangled_unprotected_messages_never_raise() -> None:
+    """Bad input from the network is dropped and counted, never raised: flipped,
+    cut and extended copies of the message, to an endpoint with a live SA."""
+    net = Net()
+    sa = net.establish()
+    (child,) = sa.children.values()
+    good = build_invalid_spi(child.outbound_spi, random.Random(1).randbytes)
+    rnd = random.Random(42)
+    for _ in range(3000):
+        msg = bytearray(good)
+        for _ in range(rnd.randint(1, 4)):
+            msg[rnd.randrange(len(msg))] = rnd.randrange(256)
+        cut = rnd.choice([len(msg), rnd.randrange(len(msg)), len(msg) + rnd.randint(1, 16)])
+        data = bytes(msg[:cut]) + bytes(rnd.randrange(256) for _ in range(cut - len(msg)))
+        net.a.receive_datagram(data, R_ADDR, net.now)
+    net.run()
+    assert sa.established and child.child_id in sa.children
+    assert not net.sent("a>b", since=net.now)  # nothing answered, nothing probed
