@@ -48,6 +48,9 @@ log = logging.getLogger("ipsecmgr.ike")
 PROBE_TIMEOUT = 0.25  # s between the probe's resends (a LAN peer answers in ms)
 PROBE_TRIES = 2  # resends after the first: no answer 0.75 s after the hint → dead
 HOLD_DOWN = 5.0  # s after an answered probe during which hints for that IKE SA are ignored
+# s: a peer found dead this soon after a probe started was found by the probe (which
+# gives up PROBE_TIMEOUT × (PROBE_TRIES + 1) = 0.75 s after it started), with slack
+PROBE_VERDICT = PROBE_TIMEOUT * (PROBE_TRIES + 1) + 1.0
 SILENCE = 1.0  # s: ESP went out and nothing came back for at least this long → probe
 # s: an authenticated INVALID_SPI for a Child SA younger than this is ignored: its ESP
 # may have overtaken the peer's installation (split data path: over a socketpair)
@@ -57,7 +60,8 @@ Address = tuple[str, int]
 
 
 class InvalidSpiHints:
-    """The manager's reaction to INVALID_SPI, per IKE SA (by name)."""
+    """The manager's fast liveness probes, per IKE SA (by name): after an INVALID_SPI
+    hint, and after only outgoing ESP (:meth:`sample`)."""
 
     def __init__(self) -> None:
         # IKE SA name → when its probe started (kept while the SA lives, for HOLD_DOWN)
@@ -158,8 +162,8 @@ class InvalidSpiHints:
         """A probed IKE SA went; if the probe found the peer dead, start again at once."""
         self.traffic.pop(event.ike_sa, None)
         started = self.probes.pop(event.ike_sa, None)
-        if started is None or event.reason != "peer-dead":
-            return
+        if started is None or event.reason != "peer-dead" or now - started > PROBE_VERDICT:
+            return  # not the probe's verdict (e.g. DPD's, long after an answered probe)
         state.bump("probe_peer_dead")
         log.warning(
             "crypto map %s: no answer %.2f s after the probe started: the peer lost "

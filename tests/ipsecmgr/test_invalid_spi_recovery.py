@@ -270,3 +270,25 @@ def test_short_unknown_spi_esp_gets_no_answer(net: Net) -> None:
     assert "invalid_spi_sent_protected" not in gw.manager.endpoint.counters
     gw.datapath.handle_inbound(b"\x12\x34\x56\x78" + bytes(44), src, b"", socket.AF_INET)
     assert gw.manager.endpoint.counters["invalid_spi_sent_protected"] == 1  # (an IKE SA is up)
+
+
+def test_a_later_dead_peer_verdict_of_dpd_is_not_the_probes(net: Net) -> None:
+    """A forged hint, an answered probe at 3; gw dies at 4: dead-peer detection
+    declares it (heartbeat at 13, dead at 21), not the probe: no re-initiation of
+    its own (the next packet initiates, as after any DPD verdict)."""
+    client, gw = start(net)
+    (sa,) = client.ike_sas()
+    (child,) = sa.children.values()
+    net.run_until(3.0)
+    forged = build_invalid_spi(child.outbound_spi, random.Random(4).randbytes)
+    net.call(
+        lambda: client.manager.on_ike_datagram(
+            forged, (client.address, 500), (gw.address, 500), net.now
+        )
+    )
+    assert client.counter("invalid_spi_probes") == 1
+    net.down.add("gw")
+    net.run_until(30.0)
+    assert client.counter("peer_dead") == 1 and client.state.status == "dead"
+    assert client.counter("probe_peer_dead") == 0
+    assert net.sent("client", IKE_SA_INIT) == [0.0]
