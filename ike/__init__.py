@@ -34,7 +34,10 @@ Commands on an ``IkeSA`` (queued; one request in flight per SA, §2.3):
 daemon decides when, from ``IkeSA.last_heard`` and its ESP counters; ``timeout``
 and ``tries``: resend every ``timeout`` s without back-off, DPD style),
 ``delete_child(child_id, now)``, ``delete(now)``, ``abandon(reason)`` (forget
-without telling the peer); ``export_keys()`` gives the IKE keys for Wireshark.
+without telling the peer), ``probe(now, timeout, tries)`` (a liveness check at
+once on a short schedule, after an INVALID_SPI hint); ``export_keys()`` gives
+the IKE keys for Wireshark. On the endpoint, ``send_invalid_spi(spi, peer, now,
+nat_t)`` answers ESP with an unknown SPI (§1.5; ``ike.invalid_spi``).
 The engine also rekeys by itself at 90 % (original initiator) / 93 %
 (responder) of ``IkeConfig.ike_lifetime`` / ``child_lifetime`` and deletes a
 Child SA at its hard lifetime (0 turns either off).
@@ -54,6 +57,8 @@ Events (``ike.events``), and what the daemon does with them:
 * ``PeerDead`` - retransmissions exhausted; ``IkeSaDeleted`` follows.
 * ``InitialContactReceived`` - the endpoint has already dropped every other
   IKE SA with that peer (they come as ``IkeSaDeleted``).
+* ``InvalidSpiReceived(spi, child_id, authenticated)`` - the peer does not know
+  the SPI we send on (§1.5): unauthenticated, only a hint for ``IkeSA.probe``.
 * ``NatDetected``, ``AuthenticationFailed``, ``ExchangeFailed(exchange,
   notify, by_peer)`` - for logs and statistics.
 
@@ -78,6 +83,7 @@ from .events import (
     IkeSaEstablished,
     IkeSaRekeyed,
     InitialContactReceived,
+    InvalidSpiReceived,
     NatDetected,
     PeerDead,
 )
@@ -107,6 +113,7 @@ __all__ = [
     "IkeSaRekeyed",
     "InitialContactReceived",
     "IntegId",
+    "InvalidSpiReceived",
     "NatDetected",
     "NotifyType",
     "PeerDead",

@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from .buffer import DecodeError
 from .config import IkeConfig
 from .constants import NON_ESP_MARKER, ExchangeType, HeaderFlag, NotifyType
-from .events import IkeEvent, InitialContactReceived
+from .events import IkeEvent, InitialContactReceived, InvalidSpiReceived
+from .invalid_spi import (
+    SourceLimit,
+    build_invalid_spi,
+    is_unprotected_request,
+    unprotected_invalid_spis,
+)
 from .payloads import (
     NoncePayload,
     NotifyPayload,
@@ -108,6 +114,13 @@ class IkeEndpoint:
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
         self.log = log  # handed to every IkeSA: one line per IKE message
+        # INVALID_SPI (RFC 7296 §1.5): the rate limit of what we send (§2.21.4), and
+        # the Child SAs by (peer address, SPI we send on) and the established SAs by
+        # peer address, for what we receive and send: O(1) whatever the number of SAs
+        self.invalid_spi_limit = SourceLimit()
+        self._by_child_out: dict[tuple[str, int], IkeSA] = {}
+        self._child_keys: dict[IkeSA, tuple[tuple[str, int], ...]] = {}
+        self._by_peer_ip: dict[str, IkeSA] = {}
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -170,11 +183,52 @@ class IkeEndpoint:
                 self._new_responder(data, body, addr, now, local_addr)
                 self._collect()
                 return
+        if sa is None and is_unprotected_request(hdr.next_payload, hdr.exchange, hdr.flags):
+            self._unprotected_informational(body, addr)
+            return
         if sa is None:
             self._count("unknown_spi")
             return
         sa.receive_datagram(data, addr, now)
         self._collect()
+
+    def _unprotected_informational(self, body: bytes, addr: Address) -> None:
+        """§1.5: a one-way message outside any IKE SA. INVALID_SPI for an SPI we send
+        on to that address becomes a hint (``InvalidSpiReceived``, unauthenticated);
+        anything else is ignored. Never answered (§1.5: that could loop)."""
+        spis = unprotected_invalid_spis(body)
+        if not spis:
+            self._count("unknown_spi" if spis is None else "unprotected_ignored")
+            return
+        for spi in spis:
+            sa = self._by_child_out.get((addr[0], spi))
+            children = sa.children.values() if sa is not None and sa.established else ()
+            child = next((c for c in children if c.outbound_spi == spi), None)
+            if sa is None or child is None:
+                self._count("invalid_spi_ignored")  # not an SPI we send on to that peer
+                continue
+            self._count("invalid_spi_received")
+            self._events.append(InvalidSpiReceived(sa.name, spi, child.child_id, False))
+
+    def send_invalid_spi(self, spi: int, peer: Address, now: float, nat_t: bool = False) -> bool:
+        """ESP with the unknown SPI ``spi`` came from ``peer`` (§1.5): tell it, at most
+        once per second per source address (§2.21.4). Inside our established IKE SA
+        with that address if there is one; else in the unprotected one-way message,
+        to ``peer`` (the ESP-in-UDP source port, with the non-ESP marker, if
+        ``nat_t``). False when the rate limit held it back."""
+        if not self.invalid_spi_limit.allow(peer[0], now):
+            self._count("invalid_spi_rate_limited")
+            return False
+        sa = self._by_peer_ip.get(peer[0])
+        if sa is not None and sa.established and sa.peer_addr[0] == peer[0]:
+            self._count("invalid_spi_sent_protected")
+            sa.send_invalid_spi(spi, now)
+            self._collect()
+            return True
+        pkt = build_invalid_spi(spi, self.rng)
+        self._out.append(((NON_ESP_MARKER + pkt) if nat_t else pkt, peer))
+        self._count("invalid_spi_sent")
+        return True
 
     def _new_responder(
         self, data: bytes, body: bytes, addr: Address, now: float, local: Address | None
@@ -298,6 +352,11 @@ class IkeEndpoint:
             del self._by_init[key]
         if self._by_name.get(sa.name) is sa:
             del self._by_name[sa.name]
+        for ck in self._child_keys.pop(sa, ()):
+            if self._by_child_out.get(ck) is sa:
+                del self._by_child_out[ck]
+        if self._by_peer_ip.get(sa.peer_addr[0]) is sa:
+            del self._by_peer_ip[sa.peer_addr[0]]
 
     def _collect(self) -> None:
         """Pull datagrams and events from the SAs that changed, re-index their SPIs,
@@ -326,3 +385,20 @@ class IkeEndpoint:
                 for spi in spis:
                     self._by_spi[spi] = sa
                 self._spis[sa] = spis
+            self._index_children(sa)
+
+    def _index_children(self, sa: IkeSA) -> None:
+        """(peer address, outbound Child SPI) → SA, and peer address → SA: what an
+        INVALID_SPI is looked up by (§1.5). Only for SAs that changed (_collect)."""
+        peer = sa.peer_addr[0]
+        keys = tuple((peer, c.outbound_spi) for c in sa.children.values())
+        old = self._child_keys.get(sa, ())
+        if keys != old:
+            for key in old:
+                if key not in keys and self._by_child_out.get(key) is sa:
+                    del self._by_child_out[key]
+            for key in keys:
+                self._by_child_out[key] = sa
+            self._child_keys[sa] = keys
+        if keys and sa.established:
+            self._by_peer_ip[peer] = sa

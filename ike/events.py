@@ -95,6 +95,21 @@ class InitialContactReceived(IkeEvent):
 
 
 @dataclass
+class InvalidSpiReceived(IkeEvent):
+    """The peer says it does not know ``spi``, the SPI of our Child SA ``child_id``
+    (RFC 7296 §1.5, §3.10.1 INVALID_SPI).
+
+    ``authenticated`` False: an unprotected message outside any IKE SA (the peer
+    restarted, or someone forged it): only a hint; check liveness, never tear
+    down on it alone. True: it came inside this IKE SA, from the peer itself.
+    """
+
+    spi: int
+    child_id: int
+    authenticated: bool
+
+
+@dataclass
 class NatDetected(IkeEvent):
     local_behind_nat: bool
     remote_behind_nat: bool

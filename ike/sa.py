@@ -251,6 +251,29 @@ class IkeSA:
         """
         self.queue_task(_t.Liveness(timeout, tries), now)
 
+    def probe(self, now: float, timeout: float, tries: int) -> None:
+        """A liveness check at once, on a short schedule (after an INVALID_SPI hint, §1.5).
+
+        With nothing in flight: an empty INFORMATIONAL (§2.4) ahead of any queued
+        task, resent every ``timeout`` seconds, ``tries`` times; no answer
+        ``timeout`` after the last → PeerDead. With a request in flight (window
+        size 1, §2.3: nothing else may leave) its answer proves liveness just as
+        well (§2.4), so that request is resent now on the same short schedule.
+        """
+        if self.state != State.ESTABLISHED:
+            return
+        self.count("probes")
+        p = self.ch.pending
+        if p is None:
+            self.queue_task(_t.Liveness(timeout, tries), now, front=True)
+            return
+        p.task.retransmit_timeout = timeout
+        p.task.retransmit_tries = tries
+        p.tries = 0
+        p.deadline = now + timeout
+        self.count("retransmitted")
+        self._send(p.packet)
+
     def delete_child(self, child_id: int, now: float) -> None:
         if child_id in self.children:
             self.queue_task(_t.ChildDelete(child_id), now)
@@ -466,6 +489,11 @@ class IkeSA:
         pkt = self.encode(ch, task.exchange, False, msg_id, payloads)
         ch.pending = Pending(task, msg_id, pkt, 0, now + self.config.retransmit_timeout)
         self._send(pkt)
+
+    def send_invalid_spi(self, spi: int, now: float) -> None:
+        """§1.5: ESP for ``spi`` came from this peer and we do not know it: tell the
+        peer inside this IKE SA (INFORMATIONAL with N(INVALID_SPI))."""
+        self.queue_task(_t.InvalidSpiNotify(spi), now)
 
     def send_once(self, exchange: int, payloads: list[Payload]) -> None:
         """A request that expects no answer and is never retransmitted."""

@@ -170,6 +170,7 @@ class Gateway:
                         self.datapath.gso_socks.add(sock)
         self.datapath.on_udp_other = self._on_ike_natt
         self.datapath.on_esp_from = self.manager.on_esp_from
+        self.datapath.on_unknown_spi = self._on_unknown_spi
         self.routing.install_rules()
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
@@ -336,6 +337,11 @@ class Gateway:
         to the manager (NAT rebinding, RFC 7296 §2.23: ``Manager.on_esp_from``).
         Only IKE moves the engine's timers, so ESP alone costs no timer re-arm."""
         self.datapath.on_udp_readable(sock, local)
+
+    def _on_unknown_spi(self, spi: int, src: bytes, family: int, udp: Address | None) -> None:
+        """ESP for an SPI we do not know: INVALID_SPI to its sender (RFC 7296 §1.5)."""
+        if self.manager.on_unknown_spi(spi, src, family, udp, self.now()):
+            self._rearm()  # a protected one waits for its answer (a retransmission timer)
 
     def _on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
         self.manager.on_ike_datagram(data, local, peer, self.now())

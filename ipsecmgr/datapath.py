@@ -65,6 +65,9 @@ TUN_READ_SIZE = 65535 + VNET_HDR_LEN  # a TSO super-packet (IP total length <= 6
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 UDP_RECV_SIZE = 65535
+# ESP shorter than this gets no INVALID_SPI: IP + UDP + the 40-byte message (68 bytes)
+# is then never more than the IP + ESP that triggered it (real ESP is >= 76 bytes).
+UNKNOWN_SPI_MIN_ESP = 48
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _VNET_NONE = bytes(VNET_HDR_LEN)  # no checksum to finish, no segmentation
 _NATIVE = sys.byteorder
@@ -156,6 +159,11 @@ class Datapath:
         # rebinding, RFC 7296 §2.23): the daemon's (or the split worker's) business.
         self.on_udp_other: Callable[[bytes, Address, Address], None] = lambda d, lo, pe: None
         self.on_esp_from: Callable[[str, Address], None] = lambda name, peer: None
+        # ESP with an SPI not in the SA-flow table: (SPI, source address packed, family,
+        # UDP source or None for raw ESP), for INVALID_SPI (RFC 7296 §1.5); rate-limited
+        # by the receiver. None: only counted.
+        self.on_unknown_spi: Callable[[int, bytes, int, Address | None], None] | None = None
+        self._udp_src: Address | None = None  # the sender of the ESP-in-UDP being handled
         # Collected during a batch (None: outside one, send / write at once).
         # id(binding) -> (binding, ESP packets, trace records (index, inner packet, seq)).
         self._out: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] | None = None
@@ -445,6 +453,7 @@ class Datapath:
                 else:
                     budget -= 1
                 reported = None  # the map whose ESP from this sender was reported (once)
+                self._udp_src = peer
                 for start in range(0, n, seg) if seg else (0,):
                     data = view[start : min(start + seg, n)]
                     if self.trace is not None:  # a trace client may keep it: a copy
@@ -462,6 +471,7 @@ class Datapath:
                     else:
                         self.on_udp_other(bytes(data), local, peer)
         finally:
+            self._udp_src = None
             self._tun_out = None
             if pending:
                 self._flush_tun(pending)
@@ -482,6 +492,10 @@ class Datapath:
             _bump(self.counters, "esp_unknown_spi")
             if tr is not None:
                 tr("9", "esp_drop", None, reason="unknown SPI", spi=int.from_bytes(data[:4], "big"))
+            # Tell the sender (RFC 7296 §1.5), never with more bytes than it sent (a
+            # reflector): the answer is 40 bytes of UDP, ESP here has a 16-byte ICV too.
+            if self.on_unknown_spi is not None and len(data) >= UNKNOWN_SPI_MIN_ESP:
+                self.on_unknown_spi(int.from_bytes(data[:4], "big"), src, family, self._udp_src)
             return None
         sa: esp.InboundSA = flow.sa  # type: ignore[assignment]
         if tr is not None:

@@ -88,6 +88,11 @@ class Failover:
         peers = state.peers
         if not peers.all_held(now):
             return False
+        sa = state.ike_sa
+        if sa is not None and not sa.dead and not sa.established:
+            # A new IKE SA is being built all the same (the INVALID_SPI probe found the
+            # peer dead and re-initiates at once): the packet waits for it as usual.
+            return False
         state.bump("hold_down_drops")
         left = peers.hold_down_left(now) or 0.0
         why = f"every peer dead or held down ({peers.hold_reason()}), {left:.1f} s left"

@@ -26,6 +26,7 @@ from ike import events as ev
 from ipsecmgr import config as cfg
 from ipsecmgr import failover, show
 from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.invalid_spi import InvalidSpiHints
 from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES, PeerList, peer_configs
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 
@@ -352,6 +353,8 @@ class Manager:
         # Set by ipsecmgr.metrics: observe(histogram, crypto map, seconds) for the
         # IKE handshake latency and the first-packet wait (queue mode).
         self.observe: Callable[[str, str, float], None] | None = None
+        # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
+        self.invalid_spi = InvalidSpiHints()
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -544,6 +547,7 @@ class Manager:
         ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
         dpd = state.cmap.dpd
         packets = sum(rec.inbound.counters.packets for rec in self._children_of(state, sa.name))
+        again = self.invalid_spi.sample(self, state, sa, packets, now)  # only outgoing ESP?
         esp_seen = packets != lv.packets_in
         if esp_seen:
             lv.packets_in = packets
@@ -560,7 +564,7 @@ class Manager:
             # timeout 0: the map's retransmission settings (exponential) apply
             sa.liveness_check(now, dpd.timeout or None, dpd.retries)
             due = now + dpd.interval
-        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
+        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES, again or due)
 
     def _check_volume(self, state: MapState, sa: ike.IkeSA, now: float) -> None:
         """Soft byte/packet/sequence limits → rekey (make-before-break); hard → delete."""
@@ -641,6 +645,16 @@ class Manager:
         except OSError as exc:
             state.bump("nat_keepalive_errors")
             log.debug("NAT keepalive to %s failed: %s", addr, exc)
+
+    def on_unknown_spi(
+        self, spi: int, src: bytes, family: int, udp: Address | None, now: float
+    ) -> bool:
+        """ESP with an SPI we do not know (``Datapath.on_unknown_spi``): INVALID_SPI to
+        its sender (RFC 7296 §1.5), rate-limited. True if one left."""
+        return self.invalid_spi.on_unknown_spi(self, spi, src, family, udp, now)
+
+    def _on_invalid_spi(self, state: MapState, event: ev.InvalidSpiReceived, now: float) -> None:
+        self.invalid_spi.on_hint(self, state, event, now)
 
     def on_esp_from(self, name: str, peer: Address) -> None:
         """An authentic ESP-in-UDP packet of crypto map ``name`` came from ``peer``.
@@ -762,6 +776,7 @@ class Manager:
             state.ike_sa = None
             state.creating_child = False
         log.info("crypto map %s: IKE SA deleted (%s)", state.cmap.name, event.reason)
+        self.invalid_spi.on_ike_deleted(self, state, event, now)
 
     def _on_peer_dead(self, state: MapState, event: ev.PeerDead, now: float) -> None:
         state.bump("peer_dead")
@@ -1073,4 +1088,5 @@ _EVENT_HANDLERS: dict[type[ev.IkeEvent], Callable[[Manager, MapState, Any, float
     ev.AuthenticationFailed: Manager._on_auth_failed,
     ev.ExchangeFailed: Manager._on_exchange_failed,
     ev.InitialContactReceived: Manager._on_initial_contact,
+    ev.InvalidSpiReceived: Manager._on_invalid_spi,
 }

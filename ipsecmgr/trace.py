@@ -445,6 +445,9 @@ def trace_ike_event(tr: Any, event: ev.IkeEvent, crypto_map: str) -> None:
         name, f["reason"] = "ike_sa_deleted", event.reason
     elif isinstance(event, ev.PeerDead):
         name = "peer_dead"
+    elif isinstance(event, ev.InvalidSpiReceived):  # RFC 7296 §1.5: a hint unless authenticated
+        name = "invalid_spi"
+        f.update(spi_out=event.spi, authenticated=event.authenticated)
     elif isinstance(event, ev.AuthenticationFailed):
         name, f["reason"] = "ike_auth_failed", event.detail
     elif isinstance(event, ev.ExchangeFailed):

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import esp
 import npusim
 from ike import events as ev
+from ike.invalid_spi import SourceLimit
 from ipsecmgr.datapath import Counters, Datapath, OutboundBinding
 from ipsecmgr.manager import npu_selector
 from ipsecmgr.mss import mss_limits
@@ -129,6 +130,10 @@ class Worker:
         # UDP 4500 is read here (INBOUND): IKE and NAT rebinding go to the control process.
         self.dp.on_udp_other = self._ike_to_control
         self.dp.on_esp_from = self._esp_from
+        self.dp.on_unknown_spi = self._unknown_spi_to_control
+        # The control process rate-limits INVALID_SPI per source (RFC 7296 §2.21.4);
+        # the same limit here keeps an unknown-SPI flood off the socketpair.
+        self._unknown_spi_limit = SourceLimit()
         self._esp_peers: dict[str, tuple[str, int]] = {}
         self.out_sas: dict[int, esp.OutboundSA] = {}
 
@@ -144,6 +149,12 @@ class Worker:
         if self._esp_peers.get(name) != peer:
             self._esp_peers[name] = peer
             _send(self.ctrl, ("esp_from", name, peer), timeout=0.0)
+
+    def _unknown_spi_to_control(
+        self, spi: int, src: bytes, family: int, udp: tuple[str, int] | None
+    ) -> None:
+        if self._unknown_spi_limit.allow(src.hex(), time.monotonic()):
+            _send(self.ctrl, ("unknown_spi", spi, src, family, udp), timeout=0.0)
 
     def _on_no_sa(self, name: str, packet: bytes) -> None:
         """Steps 4-5 belong to the control process (IKE, the first-packet policy)."""
@@ -494,6 +505,8 @@ class Workers:
             self.gw._rearm()
         elif msg[0] == "esp_from":
             self.gw.manager.on_esp_from(msg[1], msg[2])
+        elif msg[0] == "unknown_spi":  # ESP for an SPI the INBOUND worker does not know
+            self.gw._on_unknown_spi(msg[1], msg[2], msg[3], msg[4])
         elif msg[0] == "stats":
             _, role, token, stats = msg
             self._seen[role] = max(self._seen.get(role, 0), token)

@@ -33,6 +33,7 @@ from .ike_rekey import IkeRekey, _respond_ike_rekey
 from .informational import (
     ChildDelete,
     IkeDelete,
+    InvalidSpiNotify,
     Liveness,
     _refuse_on_old,
     _respond_informational,
@@ -49,6 +50,7 @@ __all__ = [
     "IkeDelete",
     "IkeInit",
     "IkeRekey",
+    "InvalidSpiNotify",
     "Liveness",
     "Task",
     "algorithms",

@@ -13,6 +13,7 @@ from ..constants import (
 from ..errors import ProtocolError
 from ..payloads import (
     DeletePayload,
+    NotifyPayload,
     Payload,
     notifies,
 )
@@ -40,6 +41,20 @@ class Liveness(Task):
 
     def process(self, sa: IkeSA, msg: Inbound, now: float) -> None:
         sa.count("liveness_ok")
+
+
+class InvalidSpiNotify(Task):
+    """RFC 7296 §1.5: ESP for an unknown SPI came from a peer we have an IKE SA
+    with: tell it inside that SA.   HDR, SK { N(INVALID_SPI, spi) } -->  <-- HDR, SK {}"""
+
+    def __init__(self, spi: int) -> None:
+        self.spi = spi
+
+    def build(self, sa: IkeSA, now: float) -> list[Payload]:
+        return [NotifyPayload(NotifyType.INVALID_SPI, self.spi.to_bytes(4, "big"))]
+
+    def process(self, sa: IkeSA, msg: Inbound, now: float) -> None:
+        sa.count("invalid_spi_acknowledged")
 
 
 class ChildDelete(Task):
@@ -91,6 +106,13 @@ def _respond_informational(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> 
             if n.notify_type == NotifyType.AUTHENTICATION_FAILED:
                 sa.emit(ev.AuthenticationFailed(sa.name, "peer rejected our AUTH"))
                 sa._switch_after_response = lambda: sa.die("auth-failed")
+            elif n.notify_type == NotifyType.INVALID_SPI and len(n.data) == 4:
+                # §1.5 / §3.10.1, protected: the peer itself does not know an SPI
+                # we send on (the Notification Data is that SPI)
+                spi = int.from_bytes(n.data, "big")
+                child = next((c for c in sa.children.values() if c.outbound_spi == spi), None)
+                if child is not None:
+                    sa.emit(ev.InvalidSpiReceived(sa.name, spi, child.child_id, True))
     for d in p:
         if not isinstance(d, DeletePayload):
             continue
