@@ -253,6 +253,43 @@ def storm(
     }
 
 
+def breakdown(n: int) -> dict[str, float]:
+    """Bytes per established peer by where Python allocated them (tracemalloc:
+    ike/, esp/, ipsecmgr/, npusim/, the rest), and what RSS grew by beyond that
+    (OpenSSL contexts of the AESGCM objects, allocator overhead)."""
+    import tracemalloc
+
+    diag = cfg.parse_config(
+        tomllib.loads(config_text(n)), environ={PSK_ENV: PSK}, validate_acl=validate_acl
+    )
+    assert diag.config is not None
+    acls = parse_acls(diag.config)
+    resp = Responder(diag.config, acls)
+    configs = initiator_configs(resp)
+    gc.collect()
+    gc.freeze()
+    tracemalloc.start(1)
+    s0 = tracemalloc.take_snapshot()
+    per, _ = handshakes(resp, configs, 1000.0, WINDOW)
+    gc.collect()
+    s1 = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    root = str(Path(__file__).resolve().parents[2]) + "/"
+    out: dict[str, float] = {}
+    for st in sorted(s1.compare_to(s0, "filename"), key=lambda st: -st.size_diff):
+        name = st.traceback[0].filename
+        where = name[len(root) :].split("/")[0] + "/" if name.startswith(root) else "other"
+        out[where] = out.get(where, 0.0) + st.size_diff / len(per)
+    python = sum(out.values())
+    # RSS from a run of its own (tracemalloc's records would be counted here)
+    cmd = [sys.executable, __file__, "--one", str(n), "--no-storm"]
+    rss = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+    out["= Python objects, total"] = python
+    out["RSS growth (a run without tracemalloc)"] = rss["rss_kb_per_peer"] * 1024
+    out["RSS - Python objects: OpenSSL, allocator"] = rss["rss_kb_per_peer"] * 1024 - python
+    return out
+
+
 def run(n: int, with_storm: bool) -> dict[str, Any]:
     gc.collect()
     text = config_text(n)
@@ -299,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--no-storm", action="store_true", help="skip the restart storm")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # (internal) one N, JSON out
+    ap.add_argument("--breakdown", type=int, metavar="N", help="bytes per peer by package, N peers")
     args = ap.parse_args(argv)
+    if args.breakdown:
+        for where, size in breakdown(args.breakdown).items():
+            print(f"{size:8.0f} B/peer  {where}")
+        return 0
     if args.one is not None:
         print(json.dumps(run(args.one, not args.no_storm)))
         return 0
