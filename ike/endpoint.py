@@ -167,11 +167,12 @@ class IkeEndpoint:
         self._spis: dict[IkeSA, tuple[bytes, ...]] = {}
         self._init_key: dict[IkeSA, tuple[bytes, Address]] = {}
         # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4), and back
-        self._by_peer: dict[PeerKey, dict[IkeSA, None]] = {}
+        # (lists: one SA per key is the rule, and a list of one is a quarter of a dict)
+        self._by_peer: dict[PeerKey, list[IkeSA]] = {}
         self._peer_key: dict[IkeSA, PeerKey] = {}
         # id(IkeConfig) -> its SAs (IkeConfig is mutable, so not hashable; an SA
         # holds its config, so the id is not reused while the SA is listed)
-        self._by_config: dict[int, dict[IkeSA, None]] = {}
+        self._by_config: dict[int, list[IkeSA]] = {}
         # Inbound Child SPIs in use -> their SA, and each SA's own (new SPIs, §2.1 of RFC 4303)
         self._child_spis: dict[int, IkeSA] = {}
         self._sa_child_spis: dict[IkeSA, tuple[int, ...]] = {}
@@ -399,7 +400,7 @@ class IkeEndpoint:
         """A new live SA: listed, found by name and config, looked at by the next _collect."""
         self.sas.add(sa)
         self._by_name.setdefault(sa.name, []).append(sa)
-        self._by_config.setdefault(id(sa.config), {})[sa] = None
+        self._by_config.setdefault(id(sa.config), []).append(sa)
         sa.wake = self._wake
         self._dirty[sa] = None
 
@@ -475,7 +476,7 @@ class IkeEndpoint:
             old_peer = self._peer_key.get(sa)
             if old_peer is not None:
                 _unlink(self._by_peer, old_peer, sa)
-            self._by_peer.setdefault(peer, {})[sa] = None
+            self._by_peer.setdefault(peer, []).append(sa)
             self._peer_key[sa] = peer
         children = tuple(c.inbound_spi for c in sa.children.values())
         old_children = self._sa_child_spis.get(sa, ())
@@ -497,10 +498,10 @@ PeerKey = tuple[Identity, str]
 _K = TypeVar("_K")
 
 
-def _unlink(index: dict[_K, dict[IkeSA, None]], key: _K, sa: IkeSA) -> None:
+def _unlink(index: dict[_K, list[IkeSA]], key: _K, sa: IkeSA) -> None:
     group = index.get(key)
-    if group is not None:
-        group.pop(sa, None)
+    if group is not None and sa in group:
+        group.remove(sa)
         if not group:
             del index[key]
 

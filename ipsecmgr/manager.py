@@ -122,7 +122,7 @@ def _encr_name(encr: int, bits: int) -> str:
     return f"AES-GCM-16-{bits}" if encr == ike.EncrId.AES_GCM_16 else f"AES-CBC-{bits}"
 
 
-@dataclass
+@dataclass(slots=True)  # one per Child SA, 10,000s on a responder
 class ChildRecord:
     child_id: int
     inbound: esp.InboundSA
@@ -161,7 +161,7 @@ class MapState:
         self.counters[name] = self.counters.get(name, 0) + n
 
 
-@dataclass
+@dataclass(slots=True)
 class Liveness:
     """Dead-peer detection of one IKE SA (RFC 7296 §2.4).
 
