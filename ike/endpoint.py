@@ -18,15 +18,19 @@ from typing import TypeVar, overload
 
 from .buffer import DecodeError
 from .config import Identity, IkeConfig
-from .constants import NON_ESP_MARKER, ExchangeType, HeaderFlag, NotifyType
+from .constants import (
+    IKE_HEADER_LEN,
+    NON_ESP_MARKER,
+    ExchangeType,
+    HeaderFlag,
+    NotifyType,
+    PayloadType,
+)
 from .events import IkeEvent, InitialContactReceived
 from .payloads import (
-    NoncePayload,
     NotifyPayload,
     build_plain_message,
-    find,
     parse_header,
-    parse_message,
 )
 from .sa import Address, IkeSA, State
 from .timers import TimerHeap
@@ -291,23 +295,14 @@ class IkeEndpoint:
             return
         if self.half_open() >= cfg.cookie_threshold:
             try:
-                _, payloads, _ = parse_message(body)
+                echoed, nonce = _cookie_and_nonce(body)
             except DecodeError:
                 self._count("malformed")
                 return
-            nonce = find(payloads, NoncePayload)
-            if nonce is None:
-                self._count("malformed")
-                return
-            first = payloads[0] if payloads else None
-            ok = (
-                isinstance(first, NotifyPayload)
-                and first.notify_type == NotifyType.COOKIE
-                and self.cookies.check(first.data, nonce.nonce, addr[0], body[:8], now)
-            )
+            ok = echoed is not None and self.cookies.check(echoed, nonce, addr[0], body[:8], now)
             if not ok:
                 # §2.6: answer statelessly with a COOKIE to echo
-                cookie = self.cookies.make(nonce.nonce, addr[0], body[:8], now)
+                cookie = self.cookies.make(nonce, addr[0], body[:8], now)
                 pkt = build_plain_message(
                     body[:8],
                     ZERO_SPI,
@@ -510,3 +505,37 @@ def _packed(text: str) -> bytes:
     """An address as bytes (a datagram's source may be spelled another way than
     the config's: IPv6 zeros, an IPv4-mapped form is not the same address)."""
     return ipaddress.ip_address(text).packed
+
+
+_NOTIFY = int(PayloadType.NOTIFY)
+_NONCE = int(PayloadType.NONCE)
+_COOKIE = int(NotifyType.COOKIE)
+
+
+def _cookie_and_nonce(body: bytes) -> tuple[bytes | None, bytes]:
+    """The data of a leading N(COOKIE) (§2.6: it is the first payload) and the first
+    nonce of an IKE_SA_INIT request, read from the generic payload headers (§3.2)
+    only: during a storm every request is checked, and the SA and KE payloads
+    need not be decoded for that (the new SA decodes the request once it is let in)."""
+    nxt = body[16]  # (parse_header checked the length: at least the header is there)
+    pos = IKE_HEADER_LEN
+    cookie: bytes | None = None
+    nonce: bytes | None = None
+    first = True
+    while nxt != 0:
+        if pos + 4 > len(body):
+            raise DecodeError("truncated payload header")
+        following = body[pos]
+        length = int.from_bytes(body[pos + 2 : pos + 4], "big")
+        if length < 4 or pos + length > len(body):
+            raise DecodeError(f"payload length {length} at {pos}")
+        if first and nxt == _NOTIFY and length >= 8:
+            spi_size = body[pos + 5]
+            if int.from_bytes(body[pos + 6 : pos + 8], "big") == _COOKIE and 8 + spi_size <= length:
+                cookie = body[pos + 8 + spi_size : pos + length]
+        elif nxt == _NONCE and nonce is None:
+            nonce = body[pos + 4 : pos + length]
+        nxt, pos, first = following, pos + length, False
+    if nonce is None:
+        raise DecodeError("no nonce")
+    return cookie, nonce
