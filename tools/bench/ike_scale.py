@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ike
 import npusim
 from ipsecmgr import config as cfg
-from ipsecmgr.daemon import parse_acls, validate_acl
+from ipsecmgr.daemon import GC_THRESHOLDS, parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Address, Manager
 
@@ -274,6 +274,7 @@ def breakdown(n: int) -> dict[str, float]:
     configs = initiator_configs(resp)
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     tracemalloc.start(1)
     s0 = tracemalloc.take_snapshot()
     per, _ = handshakes(resp, configs, 1000.0, WINDOW)
@@ -308,9 +309,11 @@ def run(n: int, with_storm: bool) -> dict[str, Any]:
     start_s = time.perf_counter() - t0
     configs = initiator_configs(resp)
     now = 1000.0
-    # As the daemon does once it is up: start-up objects out of the collector's reach
+    # As the daemon does once it is up: start-up objects out of the collector's reach,
+    # and its collector thresholds
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     rss0 = rss_kb()
     per, failed = handshakes(resp, configs, now, WINDOW)
     gc.collect()
