@@ -351,8 +351,8 @@ class IkeEndpoint:
     def retime(self, sa: IkeSA) -> None:
         """``sa``'s deadlines were changed from outside (the manager's rekey jitter):
         read its timer again."""
-        if sa.wake is not None:
-            self._dirty[sa] = None
+        if sa.wake is not None and sa not in self._dirty:
+            self.timers.set(sa, sa.get_timer())  # (a dirty SA gets it in _collect)
 
     # --- outputs ---------------------------------------------------------------
 
@@ -457,7 +457,11 @@ class IkeEndpoint:
 
     def _index(self, sa: IkeSA) -> None:
         """Bring ``sa``'s entries in every index up to date (it is alive)."""
-        spis = tuple(spi for spi in sa.local_spis() if spi and spi != ZERO_SPI)
+        if sa.retiring:
+            spis = tuple(spi for spi in sa.local_spis() if spi and spi != ZERO_SPI)
+        else:  # (the common case, without building lists)
+            spi = sa.ch.local_spi
+            spis = (spi,) if spi and spi != ZERO_SPI else ()
         old = self._spis.get(sa, ())
         if spis != old:
             for spi in old:
@@ -466,15 +470,19 @@ class IkeEndpoint:
             for spi in spis:
                 self._by_spi[spi] = sa
             self._spis[sa] = spis
-        peer = (sa.config.remote_id, sa.peer_addr[0])
-        if self._peer_key.get(sa) != peer:
-            old_peer = self._peer_key.get(sa)
+        old_peer = self._peer_key.get(sa)
+        if (
+            old_peer is None
+            or old_peer[1] != sa.peer_addr[0]
+            or old_peer[0] is not sa.config.remote_id
+        ):
             if old_peer is not None:
                 _unlink(self._by_peer, old_peer, sa)
+            peer = (sa.config.remote_id, sa.peer_addr[0])
             self._by_peer.setdefault(peer, []).append(sa)
             self._peer_key[sa] = peer
-        children = tuple(c.inbound_spi for c in sa.children.values())
         old_children = self._sa_child_spis.get(sa, ())
+        children = tuple(c.inbound_spi for c in sa.children.values()) if sa.children else ()
         if children != old_children:
             for cspi in old_children:
                 if cspi not in children and self._child_spis.get(cspi) is sa:
