@@ -13,11 +13,19 @@ import hmac
 import ipaddress
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar, overload
 
 from .buffer import DecodeError
-from .config import IkeConfig
-from .constants import NON_ESP_MARKER, ExchangeType, HeaderFlag, NotifyType
+from .config import Identity, IkeConfig
+from .constants import (
+    IKE_HEADER_LEN,
+    NON_ESP_MARKER,
+    ExchangeType,
+    HeaderFlag,
+    NotifyType,
+    PayloadType,
+)
 from .events import IkeEvent, InitialContactReceived, InvalidSpiReceived
 from .invalid_spi import (
     SourceLimit,
@@ -26,15 +34,12 @@ from .invalid_spi import (
     unprotected_invalid_spis,
 )
 from .payloads import (
-    NoncePayload,
     NotifyPayload,
     build_plain_message,
-    find,
     parse_header,
-    parse_message,
 )
 from .sa import Address, IkeSA, State
-from .state import packed_ip
+from .timers import TimerHeap
 
 ZERO_SPI = b"\x00" * 8
 ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
@@ -84,8 +89,70 @@ class CookieJar:
         return want is not None and hmac.compare_digest(want, cookie)
 
 
+class SaList:
+    """The live IKE SAs in the order they were registered: a list to read, a dict inside
+    (adding and removing one costs the same with 10 or 10,000 SAs)."""
+
+    __slots__ = ("_drop", "_sas")
+
+    def __init__(self, drop: Callable[[IkeSA], None]) -> None:
+        self._sas: dict[IkeSA, None] = {}
+        self._drop = drop
+
+    def add(self, sa: IkeSA) -> None:
+        self._sas[sa] = None
+
+    def discard(self, sa: IkeSA) -> None:
+        self._sas.pop(sa, None)
+
+    def __iter__(self) -> Iterator[IkeSA]:
+        return iter(self._sas)
+
+    def __len__(self) -> int:
+        return len(self._sas)
+
+    def __contains__(self, sa: object) -> bool:
+        return sa in self._sas
+
+    @overload
+    def __getitem__(self, index: int) -> IkeSA: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[IkeSA]: ...
+    def __getitem__(self, index: int | slice) -> IkeSA | list[IkeSA]:
+        return list(self._sas)[index]
+
+    def __setitem__(self, index: slice, keep: Iterable[IkeSA]) -> None:
+        """``sas[:] = [...]``: forget every SA not kept (a test's way to tidy up)."""
+        if index != slice(None):
+            raise TypeError("only sas[:] = ... is supported")
+        kept = set(keep)
+        for sa in list(self._sas):
+            if sa not in kept:
+                self._drop(sa)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SaList):
+            return list(self._sas) == list(other._sas)
+        if isinstance(other, list):
+            return list(self._sas) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SaList({list(self._sas)!r})"
+
+
 class IkeEndpoint:
-    """Owns IKE SAs; the daemon's single entry point to the IKE engine."""
+    """Owns IKE SAs; the daemon's single entry point to the IKE engine.
+
+    Everything looked up per datagram, per handshake or per timer is indexed:
+    configs by peer address, SAs by SPI, by name, by peer (identity and
+    address) and by config, inbound Child SPIs in a set, half-open responders
+    counted, and each SA's next deadline in a heap (``ike.timers``). The
+    indexes are brought up to date in ``_collect``, which looks only at the SAs
+    that woke up (``IkeSA.wake``).
+    """
 
     def __init__(
         self,
@@ -100,13 +167,29 @@ class IkeEndpoint:
         self.rng = rng
         self._find_config = find_config
         self.cookies = CookieJar(rng, cookie_rotation)
-        self.sas: list[IkeSA] = []
+        self.sas = SaList(self._drop)
         self._by_spi: dict[bytes, IkeSA] = {}
         self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
-        self._by_name: dict[str, IkeSA] = {}
+        # Two live SAs may share a name (the peer chose the same SPIi twice, from two
+        # addresses): the first registered is the one found, then the next.
+        self._by_name: dict[str, list[IkeSA]] = {}
         # What each live SA is indexed under in _by_spi, and its _by_init key
         self._spis: dict[IkeSA, tuple[bytes, ...]] = {}
         self._init_key: dict[IkeSA, tuple[bytes, Address]] = {}
+        # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4), and back
+        # (lists: one SA per key is the rule, and a list of one is a quarter of a dict)
+        self._by_peer: dict[PeerKey, list[IkeSA]] = {}
+        self._peer_key: dict[IkeSA, PeerKey] = {}
+        # id(IkeConfig) -> its SAs (IkeConfig is mutable, so not hashable; an SA
+        # holds its config, so the id is not reused while the SA is listed)
+        self._by_config: dict[int, list[IkeSA]] = {}
+        # Inbound Child SPIs in use -> their SA, and each SA's own (new SPIs, §2.1 of RFC 4303)
+        self._child_spis: dict[int, IkeSA] = {}
+        self._sa_child_spis: dict[IkeSA, tuple[int, ...]] = {}
+        # Responders between IKE_SA_INIT and IKE_AUTH (the COOKIE threshold, §2.6)
+        self._half_open: dict[IkeSA, None] = {}
+        # Each live SA's next deadline (IkeSA.get_timer as of its last _collect)
+        self.timers: TimerHeap[IkeSA] = TimerHeap()
         # SAs that may have news since the last _collect (IkeSA.wake), in that order:
         # only those are looked at, so a message costs the same with 10 or 10,000 SAs.
         self._dirty: dict[IkeSA, None] = {}
@@ -121,6 +204,26 @@ class IkeEndpoint:
         self._by_child_out: dict[tuple[str, int], IkeSA] = {}
         self._child_keys: dict[IkeSA, tuple[tuple[str, int], ...]] = {}
         self._by_peer_ip: dict[str, IkeSA] = {}
+        # Told of every live SA that _collect looked at (the daemon's manager follows
+        # peers that moved, per SA rather than over all of them)
+        self.on_change: Callable[[IkeSA], None] | None = None
+
+    @property
+    def configs(self) -> list[IkeConfig]:
+        return self._configs
+
+    @configs.setter
+    def configs(self, configs: Sequence[IkeConfig]) -> None:
+        """New configs (a reload): indexed by peer address, the first one wins."""
+        self._configs = list(configs)
+        self._cfg_by_text: dict[str, IkeConfig] = {}
+        self._cfg_by_packed: dict[bytes, IkeConfig] = {}
+        for c in self._configs:
+            self._cfg_by_text.setdefault(c.peer_addr[0], c)
+            try:
+                self._cfg_by_packed.setdefault(_packed(c.peer_addr[0]), c)
+            except ValueError:
+                continue  # not an address: never matches a datagram's source
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -128,23 +231,37 @@ class IkeEndpoint:
     def config_for(self, addr: Address, local: Address | None) -> IkeConfig | None:
         if self._find_config is not None:
             return self._find_config(addr, local)
-        for c in self.configs:
-            if packed_ip(c.peer_addr[0]) == packed_ip(addr[0]):
-                return c
-        return None
+        c = self._cfg_by_text.get(addr[0])
+        if c is not None:
+            return c
+        try:  # another spelling of the same address (e.g. IPv6 with leading zeros)
+            return self._cfg_by_packed.get(_packed(addr[0]))
+        except ValueError:
+            return None
+
+    def half_open(self) -> int:
+        """Responder SAs that answered IKE_SA_INIT and wait for IKE_AUTH."""
+        if self._dirty:
+            self._collect()
+        return len(self._half_open)
+
+    def sas_of(self, config: IkeConfig) -> list[IkeSA]:
+        """The live SAs built from ``config`` (the object, not an equal one)."""
+        if self._dirty:
+            self._collect()
+        return list(self._by_config.get(id(config), ()))
 
     # --- commands ------------------------------------------------------------
 
     def _spi_taken(self, spi: int) -> bool:
-        return any(c.inbound_spi == spi for s in self.sas for c in s.children.values())
+        return spi in self._child_spis
 
     def initiate(self, config: IkeConfig, now: float) -> IkeSA:
         """Start an IKE SA; INITIAL_CONTACT only if no other SA with that peer is alive."""
         sa = IkeSA(config, True, self.rng)
-        if any(
-            s.config.remote_id == config.remote_id and s.peer_addr[0] == config.peer_addr[0]
-            for s in self.sas
-        ):
+        if self._dirty:
+            self._collect()
+        if self._by_peer.get((config.remote_id, config.peer_addr[0])):
             sa.initial_contact = False
         sa.spi_taken = self._spi_taken
         sa.log = self.log
@@ -154,15 +271,8 @@ class IkeEndpoint:
         return sa
 
     def find_sa(self, name: str) -> IkeSA | None:
-        sa = self._by_name.get(name)
-        if sa is None:
-            # Two live SAs may share a name (the peer chose the same SPIi twice, from
-            # two addresses): the one registered first is indexed; after it went,
-            # the other is found here (and indexed).
-            sa = next((s for s in self.sas if s.name == name), None)
-            if sa is not None:
-                self._by_name[name] = sa
-        return sa
+        found = self._by_name.get(name)
+        return found[0] if found else None
 
     # --- input -----------------------------------------------------------------
 
@@ -237,26 +347,16 @@ class IkeEndpoint:
         if cfg is None:
             self._count("no_config")
             return
-        half_open = sum(1 for s in self.sas if not s.initiator and s.state == State.INIT_DONE)
-        if half_open >= cfg.cookie_threshold:
+        if self.half_open() >= cfg.cookie_threshold:
             try:
-                _, payloads, _ = parse_message(body)
+                echoed, nonce = _cookie_and_nonce(body)
             except DecodeError:
                 self._count("malformed")
                 return
-            nonce = find(payloads, NoncePayload)
-            if nonce is None:
-                self._count("malformed")
-                return
-            first = payloads[0] if payloads else None
-            ok = (
-                isinstance(first, NotifyPayload)
-                and first.notify_type == NotifyType.COOKIE
-                and self.cookies.check(first.data, nonce.nonce, addr[0], body[:8], now)
-            )
+            ok = echoed is not None and self.cookies.check(echoed, nonce, addr[0], body[:8], now)
             if not ok:
                 # §2.6: answer statelessly with a COOKIE to echo
-                cookie = self.cookies.make(nonce.nonce, addr[0], body[:8], now)
+                cookie = self.cookies.make(nonce, addr[0], body[:8], now)
                 pkt = build_plain_message(
                     body[:8],
                     ZERO_SPI,
@@ -284,11 +384,29 @@ class IkeEndpoint:
                 self._events.append(e)
 
     def handle_timer(self, now: float) -> None:
-        for sa in list(self.sas):  # (IkeSA.handle_timer wakes the SA for _collect)
-            t = sa.get_timer()
-            if t is not None and t <= now:
-                sa.handle_timer(now)
-        self._collect()
+        """Run the timers of the SAs due at ``now`` (only those: a heap, not a sweep)."""
+        if self._dirty:
+            self._collect()
+        for sa in self.timers.pop_due(now):
+            if sa.wake is None:
+                continue  # forgotten meanwhile
+            sa.handle_timer(now)
+            # Its next deadline, and its new Child SPIs indexed before the next SA
+            # picks one (_spi_taken)
+            self._dirty[sa] = None
+            self._collect()
+
+    def due(self, now: float) -> list[IkeSA]:
+        """The SAs whose timer is due at ``now`` (``handle_timer`` would run them)."""
+        if self._dirty:
+            self._collect()
+        return self.timers.due(now)
+
+    def retime(self, sa: IkeSA) -> None:
+        """``sa``'s deadlines were changed from outside (the manager's rekey jitter):
+        read its timer again."""
+        if sa.wake is not None and sa not in self._dirty:
+            self.timers.set(sa, sa.get_timer())  # (a dirty SA gets it in _collect)
 
     # --- outputs ---------------------------------------------------------------
 
@@ -299,12 +417,9 @@ class IkeEndpoint:
         return out
 
     def get_timer(self) -> float | None:
-        best: float | None = None
-        for sa in self.sas:
-            t = sa.get_timer()
-            if t is not None and (best is None or t < best):
-                best = t
-        return best
+        if self._dirty:
+            self._collect()
+        return self.timers.next()
 
     def next_event(self) -> IkeEvent | None:
         if self._dirty:
@@ -313,7 +428,7 @@ class IkeEndpoint:
 
     def _initial_contact(self, new: IkeSA) -> None:
         """§2.4: the peer restarted; every other IKE SA with it is stale."""
-        for sa in self.sas:
+        for sa in list(self._by_peer.get((new.config.remote_id, new.peer_addr[0]), ())):
             if (
                 sa is not new
                 and sa.established  # half-open SAs are not authenticated yet
@@ -331,27 +446,46 @@ class IkeEndpoint:
             self.counters["sa_" + k] = self.counters.get("sa_" + k, 0) + v
 
     def _register(self, sa: IkeSA) -> None:
-        """A new live SA: listed, found by name, and looked at by the next _collect."""
-        self.sas.append(sa)
-        self._by_name.setdefault(sa.name, sa)
+        """A new live SA: listed, found by name and config, looked at by the next _collect."""
+        self.sas.add(sa)
+        self._by_name.setdefault(sa.name, []).append(sa)
+        self._by_config.setdefault(id(sa.config), []).append(sa)
         sa.wake = self._wake
         self._dirty[sa] = None
 
     def _wake(self, sa: IkeSA) -> None:
         self._dirty[sa] = None
 
+    def _drop(self, sa: IkeSA) -> None:
+        """Forget ``sa`` without a word to anyone (``sas[:] = ...``)."""
+        if sa.wake is not None:
+            self._forget(sa)
+
     def _forget(self, sa: IkeSA) -> None:
         """A dead SA leaves the list and every index."""
         sa.wake = None
-        self.sas.remove(sa)
+        self.sas.discard(sa)
+        self._dirty.pop(sa, None)
         for spi in self._spis.pop(sa, ()):
             if self._by_spi.get(spi) is sa:
                 del self._by_spi[spi]
         key = self._init_key.pop(sa, None)
         if key is not None and self._by_init.get(key) is sa:
             del self._by_init[key]
-        if self._by_name.get(sa.name) is sa:
-            del self._by_name[sa.name]
+        named = self._by_name.get(sa.name)
+        if named is not None and sa in named:
+            named.remove(sa)
+            if not named:
+                del self._by_name[sa.name]
+        _unlink(self._by_config, id(sa.config), sa)
+        peer = self._peer_key.pop(sa, None)
+        if peer is not None:
+            _unlink(self._by_peer, peer, sa)
+        for cspi in self._sa_child_spis.pop(sa, ()):
+            if self._child_spis.get(cspi) is sa:
+                del self._child_spis[cspi]
+        self._half_open.pop(sa, None)
+        self.timers.cancel(sa)
         for ck in self._child_keys.pop(sa, ()):
             if self._by_child_out.get(ck) is sa:
                 del self._by_child_out[ck]
@@ -359,8 +493,8 @@ class IkeEndpoint:
             del self._by_peer_ip[sa.peer_addr[0]]
 
     def _collect(self) -> None:
-        """Pull datagrams and events from the SAs that changed, re-index their SPIs,
-        drop the dead ones."""
+        """Pull datagrams and events from the SAs that changed, re-index them, drop the
+        dead ones."""
         dirty = self._dirty
         while dirty:
             sa = next(iter(dirty))
@@ -376,16 +510,51 @@ class IkeEndpoint:
                 self._fold(sa)
                 self._forget(sa)
                 continue
+            self._index(sa)
+            if self.on_change is not None:
+                self.on_change(sa)
+
+    def _index(self, sa: IkeSA) -> None:
+        """Bring ``sa``'s entries in every index up to date (it is alive)."""
+        if sa.retiring:
             spis = tuple(spi for spi in sa.local_spis() if spi and spi != ZERO_SPI)
-            old = self._spis.get(sa, ())
-            if spis != old:
-                for spi in old:
-                    if spi not in spis and self._by_spi.get(spi) is sa:
-                        del self._by_spi[spi]
-                for spi in spis:
-                    self._by_spi[spi] = sa
-                self._spis[sa] = spis
-            self._index_children(sa)
+        else:  # (the common case, without building lists)
+            spi = sa.ch.local_spi
+            spis = (spi,) if spi and spi != ZERO_SPI else ()
+        old = self._spis.get(sa, ())
+        if spis != old:
+            for spi in old:
+                if spi not in spis and self._by_spi.get(spi) is sa:
+                    del self._by_spi[spi]
+            for spi in spis:
+                self._by_spi[spi] = sa
+            self._spis[sa] = spis
+        old_peer = self._peer_key.get(sa)
+        if (
+            old_peer is None
+            or old_peer[1] != sa.peer_addr[0]
+            or old_peer[0] is not sa.config.remote_id
+        ):
+            if old_peer is not None:
+                _unlink(self._by_peer, old_peer, sa)
+            peer = (sa.config.remote_id, sa.peer_addr[0])
+            self._by_peer.setdefault(peer, []).append(sa)
+            self._peer_key[sa] = peer
+        old_children = self._sa_child_spis.get(sa, ())
+        children = tuple(c.inbound_spi for c in sa.children.values()) if sa.children else ()
+        if children != old_children:
+            for cspi in old_children:
+                if cspi not in children and self._child_spis.get(cspi) is sa:
+                    del self._child_spis[cspi]
+            for cspi in children:
+                self._child_spis[cspi] = sa
+            self._sa_child_spis[sa] = children
+        if not sa.initiator and sa.state == State.INIT_DONE:
+            self._half_open[sa] = None
+        else:
+            self._half_open.pop(sa, None)
+        self._index_children(sa)
+        self.timers.set(sa, sa.get_timer())
 
     def _index_children(self, sa: IkeSA) -> None:
         """(peer address, outbound Child SPI) → SA, and peer address → SA: what an
@@ -402,3 +571,55 @@ class IkeEndpoint:
             self._child_keys[sa] = keys
         if keys and sa.established:
             self._by_peer_ip[peer] = sa
+
+
+PeerKey = tuple[Identity, str]
+_K = TypeVar("_K")
+
+
+def _unlink(index: dict[_K, list[IkeSA]], key: _K, sa: IkeSA) -> None:
+    group = index.get(key)
+    if group is not None and sa in group:
+        group.remove(sa)
+        if not group:
+            del index[key]
+
+
+def _packed(text: str) -> bytes:
+    """An address as bytes (a datagram's source may be spelled another way than
+    the config's: IPv6 zeros, an IPv4-mapped form is not the same address)."""
+    return ipaddress.ip_address(text).packed
+
+
+_NOTIFY = int(PayloadType.NOTIFY)
+_NONCE = int(PayloadType.NONCE)
+_COOKIE = int(NotifyType.COOKIE)
+
+
+def _cookie_and_nonce(body: bytes) -> tuple[bytes | None, bytes]:
+    """The data of a leading N(COOKIE) (§2.6: it is the first payload) and the first
+    nonce of an IKE_SA_INIT request, read from the generic payload headers (§3.2)
+    only: during a storm every request is checked, and the SA and KE payloads
+    need not be decoded for that (the new SA decodes the request once it is let in)."""
+    nxt = body[16]  # (parse_header checked the length: at least the header is there)
+    pos = IKE_HEADER_LEN
+    cookie: bytes | None = None
+    nonce: bytes | None = None
+    first = True
+    while nxt != 0:
+        if pos + 4 > len(body):
+            raise DecodeError("truncated payload header")
+        following = body[pos]
+        length = int.from_bytes(body[pos + 2 : pos + 4], "big")
+        if length < 4 or pos + length > len(body):
+            raise DecodeError(f"payload length {length} at {pos}")
+        if first and nxt == _NOTIFY and length >= 8:
+            spi_size = body[pos + 5]
+            if int.from_bytes(body[pos + 6 : pos + 8], "big") == _COOKIE and 8 + spi_size <= length:
+                cookie = body[pos + 8 + spi_size : pos + length]
+        elif nxt == _NONCE and nonce is None:
+            nonce = body[pos + 4 : pos + length]
+        nxt, pos, first = following, pos + length, False
+    if nonce is None:
+        raise DecodeError("no nonce")
+    return cookie, nonce

@@ -28,7 +28,6 @@ gets an error NOTIFY from the responder handler.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable
 
 from . import events as ev
@@ -71,6 +70,41 @@ REKEY_SHARE = (0.90, 0.93)
 class IkeSA:
     """A sans-I/O IKEv2 SA with PSK authentication. See ``ike/__init__.py``."""
 
+    # A responder holds one per peer (10,000 and more): no per-instance dict
+    __slots__ = (
+        "_events",
+        "_next_child",
+        "_out",
+        "_queue",
+        "_switch_after_response",
+        "ch",
+        "children",
+        "config",
+        "counters",
+        "half_open_deadline",
+        "ike_rekey_at",
+        "init_request",
+        "init_response",
+        "initial_contact",
+        "initiator",
+        "last_heard",
+        "local_addr",
+        "log",
+        "name",
+        "nat_detected_local",
+        "nat_detected_remote",
+        "nat_t",
+        "ni",
+        "nr",
+        "peer_addr",
+        "retiring",
+        "rng",
+        "spi_taken",
+        "state",
+        "wake",
+        "xch",
+    )
+
     def __init__(
         self,
         config: IkeConfig,
@@ -108,9 +142,10 @@ class IkeSA:
         # liveness check is only needed when nothing has been heard for a while)
         self.last_heard: float | None = None
         self.ike_rekey_at: float | None = None
-        self._queue: deque[_t.Task] = deque()
+        # Lists, not deques: they hold a task or two, and an empty deque costs ~760 bytes
+        self._queue: list[_t.Task] = []
         self._out: list[tuple[bytes, Address]] = []
-        self._events: deque[ev.IkeEvent] = deque()
+        self._events: list[ev.IkeEvent] = []
         self._next_child = 1
         self._switch_after_response: Callable[[], None] | None = None
         # One readable line per message sent or received (no secrets), or None
@@ -351,7 +386,7 @@ class IkeSA:
         return out
 
     def next_event(self) -> ev.IkeEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def linger(self, now: float) -> float:
         """Until when to keep an IKE SA the peer is expected to delete: twice its give-up time."""
@@ -450,18 +485,18 @@ class IkeSA:
         if self.state == State.DEAD:
             return
         if front:
-            self._queue.appendleft(task)
+            self._queue.insert(0, task)
         else:
             self._queue.append(task)
         self._start_next(now)
 
     def drop_queued(self, kind: type[_t.Task]) -> None:
-        self._queue = deque(t for t in self._queue if not isinstance(t, kind))
+        self._queue = [t for t in self._queue if not isinstance(t, kind)]
 
     def retry_task(self, task: _t.Task, now: float) -> None:
         """Send ``task`` again with the same message ID (COOKIE, INVALID_KE, §1.2/§2.6)."""
         self.ch.next_id -= 1
-        self._queue.appendleft(task)
+        self._queue.insert(0, task)
 
     def _start_next(self, now: float) -> None:
         ch = self.ch
@@ -469,7 +504,7 @@ class IkeSA:
             task = self._queue[0]
             if not task.ready(self):
                 return
-            self._queue.popleft()
+            self._queue.pop(0)
             payloads = task.build(self, now)
             if payloads is None:
                 continue
@@ -662,6 +697,7 @@ class IkeSA:
         if self._switch_after_response is not None:
             self._switch_after_response()
             self._switch_after_response = None
+        self._forget_init()
         self._start_next(now)
 
     def _receive_request(
@@ -723,7 +759,15 @@ class IkeSA:
         if self._switch_after_response is not None:
             self._switch_after_response()
             self._switch_after_response = None
+        self._forget_init()
         self._start_next(now)
+
+    def _forget_init(self) -> None:
+        """Once IKE_AUTH is done the IKE_SA_INIT messages (kept for AUTH, §2.15)
+        are not needed any more; a retransmitted IKE_AUTH request is answered
+        from the response cache (§2.1)."""
+        if self.init_request and self.state != State.INIT_DONE and self.state != State.INIT_SENT:
+            self.init_request = self.init_response = b""
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

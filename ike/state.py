@@ -30,7 +30,7 @@ def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     return hashlib.sha1(data).digest()
 
 
-@dataclass
+@dataclass(slots=True)
 class ChildSA:
     child_id: int
     inbound_spi: int
@@ -48,7 +48,7 @@ class ChildSA:
     expire_at: float | None = None  # hard lifetime: we delete it
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """The request in flight on a channel (§2.1)."""
 
@@ -59,7 +59,7 @@ class Pending:
     deadline: float
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class Channel:
     """One IKE SA on the wire: SPIs, keys, message IDs, retransmission state."""
 
@@ -94,7 +94,7 @@ class Channel:
         self.inb = SkCipher(suite.encr, theirs_e, suite.integ, theirs_a)
 
 
-@dataclass
+@dataclass(slots=True)
 class Inbound:
     """A decoded message handed to tasks and responder handlers."""
 

@@ -44,6 +44,11 @@ log = logging.getLogger("ipsecmgr")
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
 SHUTDOWN_GRACE = 1.0  # seconds SIGTERM waits for the peers to answer our DELETEs
+# The collector's thresholds once up (as the split data path's workers): a
+# handshake allocates a few hundred objects, and with 10,000 peers' SAs alive
+# the default (700, 10, 10) made collections a third of a restart storm's cost
+# (tools/bench/ike_scale.py, docs/performance.md "Many peers").
+GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
@@ -494,6 +499,7 @@ async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) ->
         # docs/performance.md, IKE responder).
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         print("ready", flush=True)
         notify.ready(gw.status_line())  # TUNs, routes, sockets up; tunnels come on demand
         notify.start_periodic(loop, gw.status_line)  # WATCHDOG=1 from this loop

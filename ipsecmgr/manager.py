@@ -23,6 +23,7 @@ import esp
 import ike
 import npusim
 from ike import events as ev
+from ike.timers import TimerHeap
 from ipsecmgr import config as cfg
 from ipsecmgr import failover, show
 from ipsecmgr.datapath import Datapath, OutboundBinding
@@ -123,7 +124,7 @@ def _encr_name(encr: int, bits: int) -> str:
     return f"AES-GCM-16-{bits}" if encr == ike.EncrId.AES_GCM_16 else f"AES-CBC-{bits}"
 
 
-@dataclass
+@dataclass(slots=True)  # one per Child SA, 10,000s on a responder
 class ChildRecord:
     child_id: int
     inbound: esp.InboundSA
@@ -173,7 +174,7 @@ class MapState:
         self.counters[name] = self.counters.get(name, 0) + n
 
 
-@dataclass
+@dataclass(slots=True)
 class Liveness:
     """Dead-peer detection of one IKE SA (RFC 7296 §2.4).
 
@@ -355,6 +356,13 @@ class Manager:
         self.observe: Callable[[str, str, float], None] | None = None
         # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
         self.invalid_spi = InvalidSpiHints()
+        # The periodic work (liveness per IKE SA, volume and keepalive per map, each
+        # lingering SPI) by deadline: nothing is swept (see ike.timers)
+        self.deadlines: TimerHeap[tuple[str, str | int]] = TimerHeap()
+        # IKE SAs the engine looked at since the last pump: only their maps can
+        # have a peer that moved (_follow_peers)
+        self._changed: dict[ike.IkeSA, None] = {}
+        self.endpoint.on_change = self._sa_changed
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -376,9 +384,8 @@ class Manager:
         for name, state in old.items():
             if self.maps.get(name) is state:
                 continue
-            for sa in list(self.endpoint.sas):
-                if state.peers.owns(sa.config):
-                    sa.delete(now)
+            for sa in self._sas_of_map(state):
+                sa.delete(now)
             for key in list(state.children):
                 self._remove_child(state, key)
             self.datapath.outbound.pop(name, None)
@@ -465,8 +472,17 @@ class Manager:
         self.pump(now)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self.endpoint.get_timer(), *self._periodic_times()) if t is not None]
+        times = [
+            t
+            for t in (self.endpoint.get_timer(), self.deadlines.next(), self.failover.next_time())
+            if t is not None
+        ]
         return min(times) if times else None
+
+    def _sas_of_map(self, state: MapState) -> list[ike.IkeSA]:
+        """The live IKE SAs of a map, with each of its peers (ordered peers, #20):
+        looked up per config in the engine's index, never by a scan of every SA."""
+        return [sa for c in state.peers.configs for sa in self.endpoint.sas_of(c)]
 
     def pump(self, now: float) -> None:
         # Events first: a responder installs the Child SA before its IKE_AUTH answer
@@ -483,21 +499,6 @@ class Manager:
 
     # -- periodic work: rekeying, liveness checks, NAT keepalives -------------------
 
-    def _periodic_times(self) -> list[float | None]:
-        out: list[float | None] = [
-            self.liveness[sa.name].check_at
-            for sa in self.endpoint.sas
-            if sa.established and sa.name in self.liveness
-        ]
-        for state in self.maps.values():
-            if state.ike_sa is None or not state.ike_sa.established:
-                continue
-            out += [state.keepalive_at, state.volume_at if state.children else None]
-        if self.lingering:
-            out.append(min(self.lingering.values()))
-        out.append(self.failover.next_time())
-        return out
-
     def _schedule(self, state: MapState, now: float) -> None:
         """(Re)start the periodic work of a newly established or rekeyed IKE SA."""
         sa = state.ike_sa
@@ -506,6 +507,8 @@ class Manager:
         ka = state.cmap.nat_keepalive
         state.keepalive_at = now + ka if behind_nat and ka > 0 else None
         state.volume_at = now + self._volume_period(state)
+        self.deadlines.set(("keepalive", state.cmap.name), state.keepalive_at)
+        self.deadlines.set(("volume", state.cmap.name), state.volume_at)
 
     def _volume_period(self, state: MapState) -> float:
         ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
@@ -518,28 +521,55 @@ class Manager:
         """Start what is due: liveness checks (§2.4), volume rekeys, NAT keepalives
         (RFC 3948 §2.3). Time-based rekeys are the engine's (see REKEY_JITTER)."""
         self.failover.periodic(now)  # preemption probes, retiring a backup's IKE SA
-        for spi, until in list(self.lingering.items()):
-            if now >= until:
-                del self.lingering[spi]
-                self.saflow.remove(spi)
-                if self.on_child_removed is not None:
-                    self.on_child_removed("", spi, 0)
-        for ike_sa in list(self.endpoint.sas):
-            lv = self.liveness.get(ike_sa.name)
-            if lv is not None and now >= lv.check_at and ike_sa.established:
-                owner = self._state_for_name(ike_sa.name)
-                if owner is not None:
-                    self._check_liveness(owner, ike_sa, lv, now)
-        for state in self.maps.values():
-            sa = state.ike_sa
-            if sa is None or not sa.established:
-                continue
-            if state.volume_at is not None and now >= state.volume_at:
+        # Only what is due, earliest first (ike.timers): each handler sets its next time
+        for kind, key in self.deadlines.pop_due(now):
+            if kind == "linger":
+                self._linger_expired(int(key), now)
+            elif kind == "liveness":
+                self._liveness_due(str(key), now)
+            else:
+                self._map_work_due(kind, str(key), now)
+
+    def _linger_expired(self, spi: int, now: float) -> None:
+        until = self.lingering.get(spi)
+        if until is None:
+            return
+        if now < until:
+            self.deadlines.set(("linger", spi), until)
+            return
+        del self.lingering[spi]
+        self.saflow.remove(spi)
+        if self.on_child_removed is not None:
+            self.on_child_removed("", spi, 0)
+
+    def _liveness_due(self, name: str, now: float) -> None:
+        lv = self.liveness.get(name)
+        ike_sa = self.endpoint.find_sa(name)
+        if lv is None or ike_sa is None or not ike_sa.established:
+            return  # gone (its IkeSaDeleted dropped the record) or not up any more
+        if now < lv.check_at:
+            self.deadlines.set(("liveness", name), lv.check_at)
+            return
+        owner = self._state_for_name(name)
+        if owner is not None:
+            self._check_liveness(owner, ike_sa, lv, now)
+            self.deadlines.set(("liveness", name), lv.check_at)
+
+    def _map_work_due(self, kind: str, name: str, now: float) -> None:
+        state = self.maps.get(name)
+        sa = state.ike_sa if state is not None else None
+        if state is None or sa is None or not sa.established:
+            return  # _schedule starts it again with the next IKE SA
+        if kind == "volume" and state.volume_at is not None:
+            if now >= state.volume_at:
                 state.volume_at = now + self._volume_period(state)
                 self._check_volume(state, sa, now)
-            if state.keepalive_at is not None and now >= state.keepalive_at:
+            self.deadlines.set(("volume", name), state.volume_at)
+        elif kind == "keepalive" and state.keepalive_at is not None:
+            if now >= state.keepalive_at:
                 state.keepalive_at = now + state.cmap.nat_keepalive
                 self._send_keepalive(state, sa)
+            self.deadlines.set(("keepalive", name), state.keepalive_at)
 
     def _check_liveness(self, state: MapState, sa: ike.IkeSA, lv: Liveness, now: float) -> None:
         """RFC 7296 §2.4: an empty INFORMATIONAL only when nothing has arrived from
@@ -602,16 +632,21 @@ class Manager:
         apply ``rekey lazy``: at the soft lifetime an SA that carried nothing is
         not rekeyed; the engine deletes it at the hard lifetime and the next
         packet creates a new one (``rekey keepalive`` rekeys regardless, as StarOS)."""
-        for state in self.maps.values():
+        # Only the IKE SAs whose engine timer is due (ike.timers), not every map
+        for owner in self.endpoint.due(now):
+            state = self._state_for_name(owner.name)
+            if state is None:
+                continue
             ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
             sa = state.ike_sa
-            due = sa is not None and sa.established and sa.ike_rekey_at is not None
+            due = sa is owner and sa.established and sa.ike_rekey_at is not None
             if due and sa is not None and sa.ike_rekey_at is not None and now >= sa.ike_rekey_at:
                 state.bump("ike_rekey_started")
                 log.info("crypto map %s: IKE SA soft lifetime, rekeying", state.cmap.name)
             for (ike_name, child_id), rec in state.children.items():
-                owner = self.endpoint.find_sa(ike_name)
-                child = owner.children.get(child_id) if owner is not None else None
+                if ike_name != owner.name:
+                    continue
+                child = owner.children.get(child_id)
                 if child is None or child.rekey_at is None or now < child.rekey_at:
                     continue
                 if child.expire_at is not None and now >= child.expire_at:
@@ -670,14 +705,24 @@ class Manager:
         if binding.peer[1] == 0 or sa.nat_detected_local or not sa.established:
             return  # raw ESP, or we are the one behind the NAT: keep our mapping
         sa.peer_addr = peer  # IKE follows too (its next request goes there)
+        self._changed[sa] = None
         self._follow_peers()
+
+    def _sa_changed(self, sa: ike.IkeSA) -> None:
+        self._changed[sa] = None
 
     def _follow_peers(self) -> None:
         """NAT rebinding (RFC 7296 §2.23): the engine follows the peer's address
-        when an authenticated request arrives from a new one; ESP follows it."""
+        when an authenticated request arrives from a new one; ESP follows it.
+        Only the maps of the IKE SAs that changed since the last look."""
+        changed, self._changed = self._changed, {}
         if self.esp_socket_for is None:
             return
-        for name, state in self.maps.items():
+        for changed_sa in changed:
+            state = self._state_for_name(changed_sa.name)
+            if state is None or state.ike_sa is not changed_sa:
+                continue
+            name = state.cmap.name
             sa, binding = state.ike_sa, self.datapath.outbound.get(name)
             if sa is None or binding is None or not sa.established:
                 continue
@@ -727,8 +772,10 @@ class Manager:
         self._schedule(state, now)
         if (sa := state.ike_sa) is not None:
             sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
+            self.endpoint.retime(sa)
             if (interval := state.cmap.dpd.interval) > 0:
                 self.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
+                self.deadlines.set(("liveness", sa.name), now + interval / DPD_SAMPLES)
         log.info(
             "crypto map %s: IKE SA up with %s (%s)",
             state.cmap.name,
@@ -740,6 +787,7 @@ class Manager:
         state.bump("ike_rekeyed")
         if (sa := self.endpoint.find_sa(event.ike_sa)) is not None:
             sa.ike_rekey_at = self._jitter(sa.ike_rekey_at, state.ike_config.ike_lifetime)
+            self.endpoint.retime(sa)
         if state.ike_sa is not None:
             self._schedule(state, now)
         log.info(
@@ -768,6 +816,7 @@ class Manager:
     def _on_ike_deleted(self, state: MapState, event: ev.IkeSaDeleted, now: float) -> None:
         self.liveness.pop(event.ike_sa, None)
         self.failover.deleted(state, event.ike_sa, event.reason, now)
+        self.deadlines.cancel(("liveness", event.ike_sa))
         for key in [k for k in state.children if k[0] == event.ike_sa]:
             self._remove_child(state, key)
         if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
@@ -849,9 +898,11 @@ class Manager:
         state.creating_child = False
         sa = self.endpoint.find_sa(event.ike_sa)
         child = sa.children.get(event.child_id) if sa is not None else None
-        if child is not None:
+        if child is not None and sa is not None:
             child.rekey_at = self._jitter(child.rekey_at, state.ike_config.child_lifetime)
-        self.lingering.pop(event.inbound_spi, None)  # reused at once: the new SA wins
+            self.endpoint.retime(sa)
+        if self.lingering.pop(event.inbound_spi, None) is not None:  # reused: the new SA wins
+            self.deadlines.cancel(("linger", event.inbound_spi))
         self.saflow.add(
             event.inbound_spi,
             inbound,
@@ -912,6 +963,7 @@ class Manager:
         state.bump("retired_bytes_out", record.outbound.counters.bytes)
         if linger is not None:
             self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
+            self.deadlines.set(("linger", record.inbound.spi), linger)
         else:
             self.saflow.remove(record.inbound.spi)
         if self.on_child_removed is not None:
@@ -947,12 +999,8 @@ class Manager:
         §2.4 yet: it may be another handshake of the same peer in flight (the
         engine's endpoint spares it too), and dropping it silently would leave
         that handshake hanging until the peer's retransmissions give up."""
-        for sa in list(self.endpoint.sas):
-            if (
-                sa.name != keep
-                and state.peers.owns(sa.config)
-                and (sa.initiator or sa.state not in _UNAUTHENTICATED)
-            ):
+        for sa in self._sas_of_map(state):
+            if sa.name != keep and (sa.initiator or sa.state not in _UNAUTHENTICATED):
                 sa.die("replaced (INITIAL_CONTACT)")
                 state.bump("replaced_by_initial_contact")
 
@@ -966,8 +1014,8 @@ class Manager:
                 continue
             state.peers.reset()  # `clear crypto` ends every hold-down (#15.5)
             # Every IKE SA of the map, a stale one (no INITIAL_CONTACT) included
-            for sa in list(self.endpoint.sas):
-                if self._state_for_name(sa.name) is state and sa.established:
+            for sa in self.endpoint.sas_of(state.ike_config):
+                if sa.established:
                     sa.delete(now)
                     n += 1
         self.pump(now)

@@ -39,9 +39,20 @@ match found.  Sets of many host or prefix rules that share a few masks are
 therefore nearly as cheap as small ones; a set with hundreds of distinct
 wildcard masks degrades towards a linear scan (each mask is a group).
 
-Rule indices are global across maps (map order, then line order).  The "deny
-moves on to the next map" rule is a search with a floor: after a deny in map
-*m* the search repeats for indices at or beyond the first rule of map *m + 1*.
+Rule indices are global across maps (map order, then line order).  The
+search above finds the lowest matching index; when that rule is a permit (the
+common case) it decides.  When it is a deny ("not via this map", move on to the
+next map) the packet takes the deny path, which never restarts the search:
+every bucket the packet hits is split at build time into *classes*, candidates
+with the same port conditions (they match or not together), each with an id.
+The ids of the classes the packet matches are the key of a bounded memo whose
+value is the exact outcome, computed once from those classes' rules in index
+order (skip the rest of a map after its first deny).  A packet that every map
+denies with the same line (10,000 maps) costs one pass over the groups and one
+dict probe, not one restart per map.  Deny counters of such an outcome are
+added in bulk when ``counters`` is read.  A packet whose ports were cut off
+takes the same path with address-only classes (a rule that needs the missing
+ports and comes first drops it).
 
 Counters: ``counters[map_name]`` has ``protect`` and ``deny`` (a deny line of
 that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
@@ -51,6 +62,7 @@ that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
@@ -124,6 +136,9 @@ own; they are neither protected nor sent out of the management interface."""
 _CLASSIFIER_DROPS: Final = (*ALL_DROP_REASONS, DROP_LINK_SCOPE)
 _DROPS: Final = {reason: Drop(reason) for reason in _CLASSIFIER_DROPS}
 
+# Candidates of one bucket with the same port conditions: (class id, source port
+# ranges, destination port ranges; None = no condition). They match together.
+_Class = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
 # One candidate in a group's bucket: (global rule index, source port ranges,
 # destination port ranges still to check; None = nothing to check).
 _Candidate = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
@@ -131,12 +146,96 @@ _Candidate = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int
 # The dport mask is -1 when the group's rules all have one exact destination
 # port (it is part of the key) and 0 otherwise; a packet without visible ports
 # carries dport -1, which no exact-port key equals.
-_Group = tuple[int, int, int, int, int, dict[tuple[int, int, int], list[_Candidate]]]
+_Group = tuple[
+    int,
+    int,
+    int,
+    int,
+    int,
+    dict[tuple[int, int, int], "list[_Candidate] | _PortIndex"],
+    dict[tuple[int, int, int], "list[_Class] | _PortIndex"],
+]
 # Per family: groups by exact protocol, and the groups for other protocols
 # (rules with protocol "ip" only).
 _Index = tuple[dict[int, list[_Group]], list[_Group]]
 
 _NO_MATCH: Final = 1 << 62
+_DROP_TRUNCATED: Final = -1
+# Probe value of the destination port for a packet whose ports were cut off: the
+# groups keyed on an exact port then answer with all their candidates (address only).
+_ANY_PORT: Final = -2
+# Deny-path outcomes remembered (a full memo is folded and cleared, see _remember)
+_MEMO_MAX: Final = 65536
+# An outcome with more denies than this adds them to the counters in bulk, later
+_BULK_DENIES: Final = 8
+
+
+# A bucket with more candidates than this, some with port conditions, gets a _PortIndex
+_PORT_INDEX_MIN: Final = 8
+_PORT_MEMO_MAX: Final = 256
+
+
+class _PortIndex:
+    """A bucket of many candidates with port conditions (every map denies its own
+    port range, say): instead of testing each, the ports are cut into elementary
+    intervals (every range start and end + 1 is a boundary), inside which every
+    condition is true or false throughout. What matches in a pair of intervals
+    (a *cell*) is computed once; a few hundred cells are remembered."""
+
+    __slots__ = ("_db", "_memo", "_sb", "all", "cands", "uid")
+
+    def __init__(self, cands: list[_Candidate], uid: int) -> None:
+        self.cands = cands
+        self.uid = uid
+        self.all = tuple(i for i, _, _ in cands)  # address-only match (ports cut off)
+        sb: set[int] = set()
+        db: set[int] = set()
+        for _, sr, dr in cands:
+            for lo, hi in sr or ():
+                sb.update((lo, hi + 1))
+            for lo, hi in dr or ():
+                db.update((lo, hi + 1))
+        self._sb = sorted(sb)
+        self._db = sorted(db)
+        self._memo: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}
+
+    def cell(self, sport: int, dport: int, ports: bool) -> tuple[int, int]:
+        if not ports:
+            return (-1, -1)  # only candidates without port conditions can match
+        return bisect_right(self._sb, sport), bisect_right(self._db, dport)
+
+    def lookup(
+        self, cell: tuple[int, int], sport: int, dport: int, ports: bool
+    ) -> tuple[int, tuple[int, ...]]:
+        """(lowest matching index or _NO_MATCH, every matching index) in ``cell``,
+        which (sport, dport, ports) lie in."""
+        found = self._memo.get(cell)
+        if found is None:
+            matching = tuple(
+                i
+                for i, sr, dr in self.cands
+                if (sr is None or (ports and in_ranges(sport, sr)))
+                and (dr is None or (ports and in_ranges(dport, dr)))
+            )
+            found = (matching[0] if matching else _NO_MATCH, matching)
+            if len(self._memo) >= _PORT_MEMO_MAX:
+                self._memo.clear()
+            self._memo[cell] = found
+        return found
+
+
+class _Outcome:
+    """What a set of matched classes decides: a rule index (or _NO_MATCH,
+    _DROP_TRUNCATED), and the counters of the maps whose deny came first."""
+
+    __slots__ = ("denies", "hits", "index")
+
+    def __init__(self, index: int, denies: tuple[dict[str, int], ...]) -> None:
+        self.index = index
+        self.denies = denies
+        self.hits = 0  # deny counts not yet added (only with many denies)
+
+
 # Rules with the same masked address pair that one group may hold before the
 # exact destination port becomes part of the key (see _groups).
 _MAX_CANDIDATES: Final = 4
@@ -152,10 +251,12 @@ class Classifier:
         if len(set(names)) != len(names):
             raise ValueError("crypto map names must be unique")
         self.crypto_maps: tuple[CryptoMap, ...] = tuple(crypto_maps)
-        self.counters: dict[str, dict[str, int]] = {
+        self._memo: dict[tuple[int, ...], _Outcome] = {}
+        self._unfolded: dict[_Outcome, None] = {}
+        self._counters: dict[str, dict[str, int]] = {
             m.name: {"protect": 0, "deny": 0} for m in self.crypto_maps
         }
-        self.counters[GLOBAL] = self._global = dict.fromkeys(
+        self._counters[GLOBAL] = self._global = dict.fromkeys(
             ("bypass", "bypass_ike_esp", "drop", *_CLASSIFIER_DROPS), 0
         )
         # Per global rule index: (rule, Protect verdict or None for deny,
@@ -163,10 +264,13 @@ class Classifier:
         self._entries: list[tuple[Rule, Protect | None, dict[str, int], int]] = []
         for cmap in self.crypto_maps:
             end = len(self._entries) + len(cmap.acl.rules)
-            counters = self.counters[cmap.name]
+            counters = self._counters[cmap.name]
             for rule in cmap.acl.rules:
                 verdict = Protect(cmap, rule) if rule.permit else None
                 self._entries.append((rule, verdict, counters, end))
+        # Class id -> the rule indices of that class, ascending
+        self._members: list[tuple[int, ...]] = []
+        self._port_indexes: list[_PortIndex] = []  # by uid - 1
         self._index: dict[int, _Index] = {4: self._build(4), 6: self._build(6)}
         # Peer addresses as ints per family, for the IKE/ESP exemption.
         peers: dict[int, set[int]] = {4: set(), 6: set()}
@@ -186,11 +290,31 @@ class Classifier:
         # Partitioning by protocol first keeps a TCP packet from probing the
         # groups of UDP-only rules, and takes the protocol out of the key.
         by_proto = {
-            p: _groups([(i, r) for i, r in applicable if r.protocol in (p, ANY_PROTOCOL)])
+            p: _groups(
+                [(i, r) for i, r in applicable if r.protocol in (p, ANY_PROTOCOL)],
+                self._members,
+                self._port_indexes,
+            )
             for p in protocols
         }
-        other = _groups([(i, r) for i, r in applicable if r.protocol == ANY_PROTOCOL])
+        other = _groups(
+            [(i, r) for i, r in applicable if r.protocol == ANY_PROTOCOL],
+            self._members,
+            self._port_indexes,
+        )
         return by_proto, other
+
+    @property
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per map ``protect``/``deny``, and the global counters (``GLOBAL``)."""
+        self._fold()
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: dict[str, dict[str, int]]) -> None:
+        # (the split data path shows the OUTBOUND worker's counters through this object)
+        self._fold()
+        self._counters = value
 
     def classify(self, packet: bytes | bytearray | memoryview) -> Verdict:
         """Verdict for one outbound IP packet (as read from the TUN)."""
@@ -216,62 +340,154 @@ class Classifier:
         ports = pstate == PORTS_OK
         by_proto, other = self._index[version]
         groups = by_proto.get(proto, other)
-        entries = self._entries
-        floor = 0
-        while True:
-            # Tuple-space search (inlined: this is the per-packet hot path) for
-            # the lowest matching rule index at or above `floor`.
-            best = _NO_MATCH
-            for lo, hi, sm, dm, dpm, table in groups:
-                if lo >= best:
-                    break  # groups are sorted by lowest index: none can do better
-                if hi < floor:
+        # Tuple-space search (inlined: this is the per-packet hot path) for the
+        # lowest matching rule index.
+        best = _NO_MATCH
+        for lo, _, sm, dm, dpm, table, _ in groups:
+            if lo >= best:
+                break  # groups are sorted by lowest index: none can do better
+            cands = table.get((src & sm, dst & dm, dport & dpm))
+            if cands is None:
+                continue
+            if isinstance(cands, _PortIndex):
+                first = cands.lookup(cands.cell(sport, dport, ports), sport, dport, ports)[0]
+                if first < best:
+                    best = first
+                continue
+            for index, sr, dr in cands:
+                if index >= best:
+                    break
+                if sr is not None and not (ports and in_ranges(sport, sr)):
                     continue
-                cands = table.get((src & sm, dst & dm, dport & dpm))
-                if cands is None:
+                if dr is not None and not (ports and in_ranges(dport, dr)):
                     continue
-                for index, sr, dr in cands:
-                    if index >= best:
-                        break
-                    if index < floor:
-                        continue
+                best = index
+                break
+        if best == _NO_MATCH:
+            self._global["bypass"] += 1
+            return BYPASS
+        _, verdict, counters, _ = self._entries[best]
+        if verdict is not None:
+            counters["protect"] += 1
+            return verdict
+        # A deny line: not via this map. The other maps decide (the deny path).
+        return self._deny_path(groups, src, dst, sport, dport, ports, False)
+
+    def clear_counters(self) -> None:
+        """Zero every counter (the dicts stay the same objects)."""
+        for outcome in self._unfolded:
+            outcome.hits = 0
+        self._unfolded.clear()
+        zero(self._counters)
+
+    def _classify_truncated(self, version: int, proto: int, src: int, dst: int) -> Verdict:
+        """The rare path for a packet whose TCP/UDP ports were cut off."""
+        by_proto, other = self._index[version]
+        groups = by_proto.get(proto, other)
+        return self._deny_path(groups, src, dst, _ANY_PORT, _ANY_PORT, False, True)
+
+    def _deny_path(
+        self,
+        groups: list[_Group],
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        ports: bool,
+        truncated: bool,
+    ) -> Verdict:
+        """The verdict from every class the packet matches, remembered by their ids.
+
+        Bounded: one probe per group and one test per class of the buckets hit;
+        the outcome itself is computed once per set of classes (_decide)."""
+        hit: list[int] = [truncated]
+        for _, _, sm, dm, dpm, _, classes in groups:
+            found = classes.get((src & sm, dst & dm, dport & dpm))
+            if found is None:
+                continue
+            if isinstance(found, _PortIndex):
+                # the cell stands for its matching candidates (-uid: not a class id)
+                hit += (
+                    (-found.uid, -2, -2)
+                    if truncated
+                    else (-found.uid, *found.cell(sport, dport, ports))
+                )
+                continue
+            for cid, sr, dr in found:
+                if not truncated:
                     if sr is not None and not (ports and in_ranges(sport, sr)):
                         continue
                     if dr is not None and not (ports and in_ranges(dport, dr)):
                         continue
-                    best = index
-                    break
-            if best == _NO_MATCH:
-                self._global["bypass"] += 1
-                return BYPASS
-            _, verdict, counters, floor = entries[best]
-            if verdict is not None:
-                counters["protect"] += 1
-                return verdict
-            # A deny line: not via this map; search again from the next map.
-            counters["deny"] += 1
+                hit.append(cid)
+        key = tuple(hit)
+        outcome = self._memo.get(key)
+        if outcome is None:
+            outcome = self._decide(hit[1:], truncated, sport, dport, ports)
+            self._remember(key, outcome)
+        if len(outcome.denies) > _BULK_DENIES:
+            outcome.hits += 1
+            self._unfolded[outcome] = None
+        else:
+            for counters in outcome.denies:
+                counters["deny"] += 1
+        index = outcome.index
+        if index == _NO_MATCH:
+            self._global["bypass"] += 1
+            return BYPASS
+        if index == _DROP_TRUNCATED:
+            self._global["drop"] += 1
+            self._global[DROP_TRUNCATED_L4] += 1
+            return _DROPS[DROP_TRUNCATED_L4]
+        _, verdict, counters, _ = self._entries[index]
+        assert verdict is not None
+        counters["protect"] += 1
+        return verdict
 
-    def clear_counters(self) -> None:
-        """Zero every counter (the dicts stay the same objects)."""
-        zero(self.counters)
-
-    def _classify_truncated(self, version: int, proto: int, src: int, dst: int) -> Verdict:
-        """The rare path for a packet whose TCP/UDP ports were cut off."""
-        floor = 0
-        while True:
-            index = self._scan(version, proto, src, dst, floor)
-            if index < 0:
-                self._global["drop"] += 1
-                self._global[DROP_TRUNCATED_L4] += 1
-                return _DROPS[DROP_TRUNCATED_L4]
-            if index == _NO_MATCH:
-                self._global["bypass"] += 1
-                return BYPASS
-            _, verdict, counters, floor = self._entries[index]
+    def _decide(
+        self, hit: list[int], truncated: bool, sport: int, dport: int, ports: bool
+    ) -> _Outcome:
+        """First-match per map over the matched classes' rules, maps in order: a
+        permit decides, a deny skips the rest of its map (Cisco crypto ACLs)."""
+        members = self._members
+        found: set[int] = set()
+        it = iter(hit)
+        for cid in it:
+            if cid >= 0:
+                found.update(members[cid])
+                continue
+            pi = self._port_indexes[-cid - 1]
+            cell = (next(it), next(it))
+            found.update(pi.all if truncated else pi.lookup(cell, sport, dport, ports)[1])
+        indices = sorted(found)
+        denies: list[dict[str, int]] = []
+        skip = -1
+        for index in indices:
+            if index < skip:
+                continue
+            rule, verdict, counters, end = self._entries[index]
+            if truncated and rule.needs_ports:
+                # RFC 4301 §5.1: the rule that decides needs the missing ports
+                return _Outcome(_DROP_TRUNCATED, tuple(denies))
             if verdict is not None:
-                counters["protect"] += 1
-                return verdict
-            counters["deny"] += 1
+                return _Outcome(index, tuple(denies))
+            denies.append(counters)
+            skip = end
+        return _Outcome(_NO_MATCH, tuple(denies))
+
+    def _remember(self, key: tuple[int, ...], outcome: _Outcome) -> None:
+        if len(self._memo) >= _MEMO_MAX:
+            self._fold()
+            self._memo.clear()
+        self._memo[key] = outcome
+
+    def _fold(self) -> None:
+        """Add the deny counts kept in bulk to the maps' counters."""
+        for outcome in self._unfolded:
+            for counters in outcome.denies:
+                counters["deny"] += outcome.hits
+            outcome.hits = 0
+        self._unfolded.clear()
 
     def _is_control(
         self, version: int, proto: int, src: int, dst: int, sport: int, dport: int, pstate: int
@@ -283,19 +499,6 @@ class Classifier:
             return True
         return pstate == PORTS_OK and (sport in _IKE_PORTS or dport in _IKE_PORTS)
 
-    def _scan(self, version: int, proto: int, src: int, dst: int, floor: int) -> int:
-        """Linear search for a packet whose ports were cut off.
-
-        Returns the first index >= floor whose rule matches without needing
-        ports, _NO_MATCH, or -1 when a rule needing the missing ports comes
-        first (the packet cannot be classified: RFC 4301 §5.1 discards it).
-        """
-        for index in range(floor, len(self._entries)):
-            rule = self._entries[index][0]
-            if rule.matches_addresses(version, proto, src, dst):
-                return -1 if rule.needs_ports else index
-        return _NO_MATCH
-
 
 def _link_scoped(src: int, dst: int) -> bool:
     # fe80::/10 link-local or :: unspecified source; ff01::/16 or ff02::/16
@@ -303,7 +506,11 @@ def _link_scoped(src: int, dst: int) -> bool:
     return src >> 118 == 0x3FA or src == 0 or (dst >> 120 == 0xFF and (dst >> 112) & 0xF in (1, 2))
 
 
-def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:
+def _groups(
+    rules: list[tuple[int, Rule]],
+    class_members: list[tuple[int, ...]],
+    port_indexes: list[_PortIndex],
+) -> list[_Group]:
     """Tuple-space groups for (global index, rule) pairs, in index order.
 
     Rules sharing a (source mask, destination mask) pair form one group, keyed
@@ -312,6 +519,11 @@ def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:
     the exact-port rules get a group of their own with the port in the key.
     One probe fewer per packet in the common case, no long candidate lists in
     the port-heavy one.
+
+    Each bucket is also split into classes for the deny path (see the module
+    docstring); their rule indices are appended to ``class_members``. A group keyed
+    on exact ports also answers ``_ANY_PORT`` with one class per address pair
+    holding all its rules (for packets whose ports were cut off).
     """
     by_masks: dict[tuple[int, int], list[tuple[int, Rule]]] = {}
     for index, rule in rules:
@@ -323,7 +535,7 @@ def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:
             pair = (rule.src, rule.dst)
             per_pair[pair] = per_pair.get(pair, 0) + 1
         split = max(per_pair.values()) > _MAX_CANDIDATES
-        tables: dict[int, dict[tuple[int, int, int], list[_Candidate]]] = {}
+        tables: dict[int, dict[tuple[int, int, int], list[_Candidate] | _PortIndex]] = {}
         bounds: dict[int, list[int]] = {}
         for index, rule in members:
             dp = rule.dst_ports
@@ -331,9 +543,47 @@ def _groups(rules: list[tuple[int, Rule]]) -> list[_Group]:
             dpm = -1 if exact else 0
             key = (rule.src, rule.dst, dp[0][0] if dp is not None and exact else 0)
             cand: _Candidate = (index, rule.src_ports, None if exact else dp)
-            tables.setdefault(dpm, {}).setdefault(key, []).append(cand)
+            bucket = tables.setdefault(dpm, {}).setdefault(key, [])
+            assert isinstance(bucket, list)
+            bucket.append(cand)
             bounds.setdefault(dpm, [index, index])[1] = index
         for dpm, table in tables.items():
-            groups.append((bounds[dpm][0], bounds[dpm][1], sm, dm, dpm, table))
+            classes = _classes(table, dpm, class_members)
+            for key, cands in list(table.items()):
+                assert isinstance(cands, list)
+                if len(cands) > _PORT_INDEX_MIN and any(sr or dr for _, sr, dr in cands):
+                    pi = _PortIndex(cands, len(port_indexes) + 1)
+                    port_indexes.append(pi)
+                    table[key] = classes[key] = pi
+            groups.append((bounds[dpm][0], bounds[dpm][1], sm, dm, dpm, table, classes))
     groups.sort(key=lambda g: g[0])
     return groups
+
+
+def _classes(
+    table: dict[tuple[int, int, int], list[_Candidate] | _PortIndex],
+    dpm: int,
+    members: list[tuple[int, ...]],
+) -> dict[tuple[int, int, int], list[_Class] | _PortIndex]:
+    """Per bucket: its candidates grouped by their port conditions, one class id each."""
+    out: dict[tuple[int, int, int], list[_Class] | _PortIndex] = {}
+    every: dict[tuple[int, int, int], list[int]] = {}
+    for key, cands in table.items():
+        assert isinstance(cands, list)
+        by_ports: dict[tuple[object, object], list[int]] = {}
+        conditions: dict[tuple[object, object], _Class] = {}
+        for index, sr, dr in cands:
+            by_ports.setdefault((sr, dr), []).append(index)
+            conditions.setdefault((sr, dr), (0, sr, dr))
+        found: list[_Class] = []
+        out[key] = found
+        for cond, indices in by_ports.items():
+            _, sr, dr = conditions[cond]
+            found.append((len(members), sr, dr))
+            members.append(tuple(indices))
+        if dpm == -1:
+            every.setdefault((key[0], key[1], _ANY_PORT), []).extend(i for i, _, _ in cands)
+    for key, indices in every.items():
+        out[key] = [(len(members), None, None)]
+        members.append(tuple(sorted(indices)))
+    return out

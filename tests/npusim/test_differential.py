@@ -282,23 +282,29 @@ def packets_near(draw: st.DrawFn, rule: RuleSpec) -> PacketSpec:
     # How many rules per address pair before exact ports are keyed: 0 always
     # keys them, 1000 never does; both index layouts must give the same answer.
     split_limit=st.sampled_from([0, 4, 1000]),
+    # Candidates in a bucket before their port conditions get an interval index
+    # (npusim.classifier._PortIndex): 0 gives every bucket with ports one.
+    port_index_min=st.sampled_from([0, 8]),
 )
 def test_classifier_agrees_with_the_ipaddress_oracle(
-    maps: list[list[RuleSpec]], data: st.DataObject, split_limit: int
+    maps: list[list[RuleSpec]], data: st.DataObject, split_limit: int, port_index_min: int
 ) -> None:
     pkts = data.draw(st.lists(packets(), min_size=1, max_size=4))
     all_rules = [r for m in maps for r in m]
     if all_rules:
         near = st.sampled_from(all_rules).flatmap(packets_near)
         pkts += data.draw(st.lists(near, min_size=2, max_size=8))
-    with mock.patch("npusim.classifier._MAX_CANDIDATES", split_limit):
+    with (
+        mock.patch("npusim.classifier._MAX_CANDIDATES", split_limit),
+        mock.patch("npusim.classifier._PORT_INDEX_MIN", port_index_min),
+    ):
         clf = Classifier(
             [
                 CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
                 for i, rules in enumerate(maps)
             ]
         )
-    for pkt in pkts:
+    for pkt in pkts * 2:  # twice: the deny path's remembered outcomes must agree too
         expected = oracle(maps, pkt)
         v = clf.classify(pkt.build())
         if isinstance(v, Protect):
@@ -308,5 +314,39 @@ def test_classifier_agrees_with_the_ipaddress_oracle(
             got = ("drop", -1, -1)
         else:
             assert v is BYPASS
+            got = ("bypass", -1, -1)
+        assert got == expected, ([[r.text() for r in m] for m in maps], pkt)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    common=st.lists(rules(), min_size=1, max_size=3),
+    own=st.lists(st.lists(rules(), max_size=3), min_size=10, max_size=30),
+    data=st.data(),
+)
+def test_many_maps_with_the_same_first_lines_agree_with_the_oracle(
+    common: list[RuleSpec], own: list[list[RuleSpec]], data: st.DataObject
+) -> None:
+    """Every map starts with the same lines (the adversarial case of #19: a packet
+    each map denies), so buckets hold one candidate per map and the deny path and
+    the port interval index decide, remembered outcomes included."""
+    maps = [common + rest for rest in own]
+    pkts = data.draw(st.lists(packets(), min_size=1, max_size=4))
+    near = st.sampled_from([r for m in maps for r in m]).flatmap(packets_near)
+    pkts += data.draw(st.lists(near, min_size=4, max_size=10))
+    clf = Classifier(
+        [
+            CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
+            for i, rules in enumerate(maps)
+        ]
+    )
+    for pkt in pkts * 2:
+        expected = oracle(maps, pkt)
+        v = clf.classify(pkt.build())
+        if isinstance(v, Protect):
+            got = ("protect", int(v.crypto_map.name[1:]), v.rule.line)
+        elif isinstance(v, Drop):
+            got = ("drop", -1, -1)
+        else:
             got = ("bypass", -1, -1)
         assert got == expected, ([[r.text() for r in m] for m in maps], pkt)

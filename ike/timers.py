@@ -1,0 +1,96 @@
+"""Deadlines by key in a binary heap: the next one in O(1), a change in O(log n).
+
+The engine keeps one deadline per IKE SA here (the earliest of its
+retransmissions, lifetimes and half-open limit), the daemon's manager one per
+piece of periodic work. Nothing is swept: a timer event costs the same with 10
+or 10,000 SAs.
+
+Changing or cancelling a deadline does not search the heap: the old entry
+stays and is skipped when it surfaces (``_when`` says which entry is current).
+The heap is rebuilt when stale entries outnumber live ones, so its size stays
+within twice the number of keys.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class TimerHeap(Generic[K]):
+    """At most one deadline per key; ``None`` means none."""
+
+    __slots__ = ("_heap", "_seq", "_when")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, K]] = []
+        self._when: dict[K, float] = {}
+        self._seq = itertools.count()  # ties: first set, first out; keys never compared
+
+    def __len__(self) -> int:
+        return len(self._when)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._when
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._when)
+
+    def get(self, key: K) -> float | None:
+        return self._when.get(key)
+
+    def set(self, key: K, when: float | None) -> None:
+        """Give ``key`` the deadline ``when`` (replacing its old one; None: cancel)."""
+        if when is None:
+            self._when.pop(key, None)
+            return
+        if self._when.get(key) == when:
+            return
+        self._when[key] = when
+        heapq.heappush(self._heap, (when, next(self._seq), key))
+        if len(self._heap) > 2 * len(self._when) + 64:
+            self._compact()
+
+    def cancel(self, key: K) -> None:
+        self._when.pop(key, None)
+
+    def next(self) -> float | None:
+        """The earliest deadline, or None (stale entries on top are dropped)."""
+        heap, when = self._heap, self._when
+        while heap:
+            t, _, key = heap[0]
+            if when.get(key) == t:
+                return t
+            heapq.heappop(heap)
+        return None
+
+    def pop_due(self, now: float) -> list[K]:
+        """The keys whose deadline is ``now`` or earlier, earliest first; their
+        deadlines are removed (whoever handles them sets the next one)."""
+        return [key for key, _ in self._pop_due(now)]
+
+    def due(self, now: float) -> list[K]:
+        """The keys due at ``now``, earliest first, keeping their deadlines."""
+        entries = self._pop_due(now)
+        for key, t in entries:
+            self.set(key, t)
+        return [key for key, _ in entries]
+
+    def _pop_due(self, now: float) -> list[tuple[K, float]]:
+        heap, when = self._heap, self._when
+        out: list[tuple[K, float]] = []
+        while heap and heap[0][0] <= now:
+            t, _, key = heapq.heappop(heap)
+            if when.get(key) == t:
+                del when[key]  # a duplicate entry (same key, same time) is now stale
+                out.append((key, t))
+        return out
+
+    def _compact(self) -> None:
+        when = self._when
+        self._heap = [e for e in self._heap if when.get(e[2]) == e[0]]
+        heapq.heapify(self._heap)

@@ -1,0 +1,155 @@
+"""One responder endpoint with many peers (#19): indexes and timers that must
+give the same answers as the scans they replaced, and the COOKIE check's
+payload walk against the full decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from ike.buffer import DecodeError
+from ike.config import Identity, IkeConfig
+from ike.constants import ExchangeType, IdType, NotifyType
+from ike.endpoint import IkeEndpoint, _cookie_and_nonce
+from ike.payloads import KEPayload, NoncePayload, NotifyPayload, build_plain_message
+from ike.sa import IkeSA, State
+
+R_ADDR = ("2001:db8::1", 500)
+PSK = b"correct horse battery staple"
+
+
+def peer(i: int) -> tuple[str, int]:
+    return (f"2001:db8:1::{i + 1:x}", 500)
+
+
+def responder_configs(n: int, half_open_timeout: float = 30.0) -> list[IkeConfig]:
+    return [
+        IkeConfig(
+            R_ADDR,
+            peer(i),
+            Identity.address(R_ADDR[0]),
+            Identity(IdType.ID_FQDN, f"nas{i}.example"),
+            PSK,
+            name=f"m{i}",
+            half_open_timeout=half_open_timeout,
+        )
+        for i in range(n)
+    ]
+
+
+def initiator(cr: IkeConfig, seed: int) -> IkeSA:
+    ci = dataclasses.replace(
+        cr,
+        local_addr=cr.peer_addr,
+        peer_addr=cr.local_addr,
+        local_id=cr.remote_id,
+        remote_id=cr.local_id,
+        name="i",
+    )
+    return IkeSA(ci, True, random.Random(seed).randbytes)
+
+
+def exchange(ep: IkeEndpoint, sas: dict[tuple[str, int], IkeSA], now: float) -> None:
+    """Move datagrams between the initiators and the endpoint until quiet."""
+    for _ in range(10):
+        moved = False
+        for addr, sa in sas.items():
+            for data, _ in sa.datagrams_to_send(now):
+                ep.receive_datagram(data, addr, now)
+                moved = True
+        for data, dst in ep.datagrams_to_send(now):
+            sas[dst].receive_datagram(data, R_ADDR, now)
+            moved = True
+        if not moved:
+            return
+
+
+def earliest(ep: IkeEndpoint) -> float:
+    """What the old IkeEndpoint.get_timer computed: a scan of every SA."""
+    return min(t for t in (s.get_timer() for s in ep.sas) if t is not None)
+
+
+def test_config_for_finds_each_peer_among_many() -> None:
+    cfgs = responder_configs(3000)
+    ep = IkeEndpoint(cfgs)
+    assert ep.config_for(peer(2999), None) is cfgs[2999]
+    # another spelling of the same IPv6 address finds it too
+    assert ep.config_for(("2001:0db8:0001:0000:0000:0000:0000:0bb8", 500), None) is cfgs[2999]
+    assert ep.config_for(("2001:db8:2::1", 500), None) is None
+    assert ep.config_for(("not an address", 500), None) is None
+    # a reload replaces the index; the first config for an address wins, as the scan did
+    twin = dataclasses.replace(cfgs[5], name="twin")
+    ep.configs = [*cfgs[:3], twin, cfgs[5]]
+    assert ep.config_for(peer(5), None) is twin and ep.config_for(peer(10), None) is None
+
+
+def test_half_open_count_timers_and_child_spis_follow_the_sas() -> None:
+    """20 peers: 12 complete, 8 stop after IKE_SA_INIT; the counter, the timer heap
+    and the Child SPI index agree with what a scan of the SAs says."""
+    cfgs = responder_configs(20, half_open_timeout=30.0)
+    ep = IkeEndpoint(cfgs, rng=random.Random(7).randbytes)
+    sas = {c.peer_addr: initiator(c, i) for i, c in enumerate(cfgs)}
+    for sa in sas.values():
+        sa.initiate(0.0)
+    # IKE_SA_INIT only, for everyone
+    for addr, sa in sas.items():
+        for data, _ in sa.datagrams_to_send(0.0):
+            ep.receive_datagram(data, addr, 0.0)
+    for data, dst in ep.datagrams_to_send(0.0):
+        sas[dst].receive_datagram(data, R_ADDR, 0.0)
+    assert ep.half_open() == 20
+    # 12 send IKE_AUTH
+    done = dict(list(sas.items())[:12])
+    exchange(ep, done, 1.0)
+    assert all(sa.established for sa in done.values())
+    scan = [s for s in ep.sas if not s.initiator and s.state == State.INIT_DONE]
+    assert ep.half_open() == len(scan) == 8
+    spis = {c.inbound_spi for s in ep.sas for c in s.children.values()}
+    assert len(spis) == 12 and all(ep._spi_taken(spi) for spi in spis)
+    assert ep.get_timer() == earliest(ep) == 30.0  # the half-open limit of the first 8
+    # Only the due SAs run: the 8 half-open ones go, the 12 established stay
+    ep.handle_timer(30.0)
+    assert len(ep.sas) == 12 and ep.half_open() == 0
+    assert ep.counters["sa_half_open_expired"] == 8
+    assert ep.get_timer() == earliest(ep)
+    # A peer restarts (INITIAL_CONTACT): its old SA is replaced, the index follows
+    first = next(iter(done))
+    again = initiator(cfgs[0], 99)
+    again.initiate(2.0)
+    exchange(ep, {first: again}, 2.0)
+    assert again.established and len(ep.sas) == 12
+    assert ep.counters["replaced_by_initial_contact"] == 1
+    assert [s.name for s in ep.sas_of(cfgs[0])] == [f"m0-{again.ch.spi_i.hex()}"]
+
+
+def _init_request(first_cookie: bytes | None, nonce: bytes) -> bytes:
+    payloads = [KEPayload(31, bytes(32)), NoncePayload(nonce)]
+    if first_cookie is not None:
+        payloads.insert(0, NotifyPayload(NotifyType.COOKIE, first_cookie))
+    return build_plain_message(b"\x11" * 8, bytes(8), ExchangeType.IKE_SA_INIT, 0x08, 0, payloads)
+
+
+def test_cookie_walk_reads_what_the_decoder_reads() -> None:
+    nonce = bytes(range(32))
+    assert _cookie_and_nonce(_init_request(b"\x00\x00\x00\x01" + bytes(32), nonce)) == (
+        b"\x00\x00\x00\x01" + bytes(32),
+        nonce,
+    )
+    assert _cookie_and_nonce(_init_request(None, nonce)) == (None, nonce)
+
+
+@pytest.mark.parametrize("cut", [30, 31, 40, 60])
+def test_cookie_walk_refuses_truncated_payloads(cut: int) -> None:
+    msg = _init_request(b"\x01" * 36, bytes(32))
+    with pytest.raises(DecodeError):
+        _cookie_and_nonce(msg[:cut])
+
+
+def test_cookie_walk_without_a_nonce_is_malformed() -> None:
+    msg = build_plain_message(
+        b"\x11" * 8, bytes(8), ExchangeType.IKE_SA_INIT, 0x08, 0, [KEPayload(31, bytes(32))]
+    )
+    with pytest.raises(DecodeError):
+        _cookie_and_nonce(msg)
