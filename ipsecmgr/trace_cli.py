@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -90,6 +91,9 @@ class _Follower:
 
 def _collect_live(args: argparse.Namespace, tfilter: TraceFilter) -> list[Event]:
     client = TraceClient(args.socket, tfilter.terms, args.rate)
+    # Ctrl-C (SIGINT) is how a live trace ends, also when a shell started us in the
+    # background, where SIGINT arrives ignored (POSIX: asynchronous lists).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"tracing {args.socket} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     timer = None
     if args.duration:
