@@ -67,6 +67,8 @@ REKEY_POLICIES = ("keepalive", "lazy")
 FIRST_PACKET = ("drop", "queue")
 #: [gateway] datapath: one process, or a control process + one worker per direction.
 DATAPATHS = ("single", "split")
+#: [gateway] on_stop: what SIGTERM leaves (docs/security.md, fail closed).
+ON_STOP = ("block", "clear")
 ENCAPSULATIONS = ("auto", "always", "never")
 ID_TYPES = ("ipv4", "ipv6", "fqdn", "email")
 ROLES = ("initiator", "responder")
@@ -204,6 +206,9 @@ class Gateway:
     # Kernel offloads (docs/performance.md): TUN super-packets (IFF_VNET_HDR + TSO) and
     # UDP GSO/GRO on the ESP-in-UDP socket. One warning and off when the kernel refuses.
     offload: bool = True
+    # SIGTERM/SIGINT: "block" leaves the fail-closed routes and rules (protected
+    # traffic refused until the next start or `ipsecmgr down`); "clear" removes all.
+    on_stop: str = "block"
 
 
 @dataclass(frozen=True)
@@ -586,7 +591,7 @@ class _Parser:
             t,
             path,
             ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port",
-             "datapath", "mss_clamp", "offload"),
+             "datapath", "mss_clamp", "offload", "on_stop"),
         )  # fmt: skip
         n = len(self.errors)
         raw = self.str_list(t, "local_addresses", path, required=True) or ()
@@ -610,9 +615,10 @@ class _Parser:
             self.err(f"{path}.mss_clamp", f"{mss_clamp!r} is not true, false or 536..65495")
             mss_clamp = True
         offload = self.boolean(t, "offload", path, True)
+        on_stop = self.choice(t, "on_stop", path, ON_STOP, "block")
         return Gateway(
             tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
-            datapath, mss_clamp, offload,
+            datapath, mss_clamp, offload, on_stop=on_stop,
         )  # fmt: skip
 
     def identity(self, v: Any, path: str, default: IPAddress) -> Identity | None:

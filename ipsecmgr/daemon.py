@@ -3,9 +3,11 @@ engines and the kernel).
 
 One asyncio loop in one process: readers on the TUN fds, the raw ESP sockets
 and the IKE UDP sockets; one timer re-armed to the IKE engine's next
-deadline; the control socket for ``show``/``clear``. Start-up cleans what a
-crash may have left (our TUNs, rules, the routing table) before creating
-anything; SIGTERM sends DELETE to every peer and removes it all again.
+deadline; the control socket for ``show``/``clear``. Start-up installs the
+fail-closed routes, then takes over what a crash may have left (our TUNs,
+stale routes; ipsecmgr.failclosed) before creating anything; SIGTERM sends
+DELETE to every peer and removes the TUNs, leaving the fail-closed block in
+place unless ``[gateway] on_stop = "clear"``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ipsecmgr import config as cfg
 from ipsecmgr import show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
+from ipsecmgr.failclosed import InstanceLock, protected_prefixes, take_over
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
@@ -137,13 +140,13 @@ class Gateway:
     # -- set-up and tear-down ---------------------------------------------------
 
     def cleanup_stale(self) -> None:
-        """Remove what a killed daemon left: rules, routes and our TUN names."""
-        self.routing.remove_rules()
-        self.routing.flush_table()
-        for t in self.config.tuns:
-            if self.routing.link_exists(t.name):
-                log.info("removing stale TUN %s", t.name)
-                self.routing.delete_link(t.name)
+        """Fail-closed routes first, then remove what a killed daemon left (stale
+        routes, our TUN names), rules only where missing (ipsecmgr.failclosed)."""
+        prefixes, notes = protected_prefixes(self.config, self.acls)
+        for note in notes:
+            log.warning("fail closed: %s", note)
+        for failed in take_over(self.routing, self.config, prefixes):
+            log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
 
     def setup(self) -> None:
         """Sockets, TUNs, routes and rules. Runs before the event loop starts:
@@ -166,7 +169,6 @@ class Gateway:
                         self.datapath.gso_socks.add(sock)
         self.datapath.on_udp_other = self._on_ike_natt
         self.datapath.on_esp_from = self.manager.on_esp_from
-        self.routing.install_rules()
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
             if offload and not tun_offload_pays(t.mtu):
@@ -265,8 +267,14 @@ class Gateway:
         for tun in self.tuns:
             tun.close()
         self.tuns.clear()
-        self.routing.remove_rules()
-        self.routing.flush_table()
+        if self.config.gateway.on_stop == "clear":
+            self.routing.remove_rules()
+            self.routing.flush_table()
+        else:  # "block": the TUN routes went with the TUNs; the blocks and rules stay
+            prefixes, _ = protected_prefixes(self.config, self.acls)
+            self.routing.flush_except_blocks(prefixes)
+            log.warning("stopped; protected destinations stay blocked (on_stop = \"block\") "
+                        "until the next start or 'ipsecmgr down'")  # fmt: skip
         self.routing.close()
 
     def reload(self, config: cfg.Config) -> None:
@@ -492,8 +500,15 @@ def run(config_path: str) -> int:
     for w in config.warnings:
         log.warning("%s", w)
     gw = Gateway(config)
+    lock = InstanceLock(gw.routing.table)
+    try:
+        lock.acquire()  # before touching anything: a second instance changes nothing
+    except BaseException:
+        gw.routing.close()
+        raise
     try:
         gw.setup()
         return asyncio.run(serve(gw, config_path))
     finally:
         gw.teardown()
+        lock.release()

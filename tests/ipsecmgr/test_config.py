@@ -148,7 +148,7 @@ match_address = "bar"
             "'aes-gcm-128' | 'aes-gcm-256' | 'aes-cbc-256'",
             "ike_transform_set.ikesa-foo.dh_group: 2 is not one of 14 | 19 | 20 | 31",
             "gateway.bogus: unknown key (allowed: local_addresses, management_interface, "
-            "control_socket, ike_port, natt_port, datapath, mss_clamp, offload)",
+            "control_socket, ike_port, natt_port, datapath, mss_clamp, offload, on_stop)",
         ]
     )
     with pytest.raises(ConfigError) as ei:

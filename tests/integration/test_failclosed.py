@@ -1,0 +1,172 @@
+"""Fail closed (issue #14, docs/security.md): whatever happens to the client
+gateway's daemon (SIGKILL, SIGTERM in both ``on_stop`` modes, its TUN deleted,
+never restarted), not one TACACS+ segment to or from the protected server
+crosses the WAN in clear; the local client gets an error at once; bypass
+traffic keeps flowing in clear; a restart takes the state over by itself.
+
+Every test captures the client's WAN interface for its whole run and counts
+clear-text TCP port 49 segments with the protected server's address.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipsecmgr.lab.capture import Capture
+from ipsecmgr.lab.gateways import GatewayProcess
+from ipsecmgr.lab.topology import python_env
+from tests.integration.test_gateway import Env, _leftovers, make_env, tcp_port_49
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+#: A refused connect returns at once; the TACACS+ client's own timeout is 5 s.
+IMMEDIATE = 2.0
+
+
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    yield from make_env(tmp_path, "tunnel", request.param)
+
+
+@pytest.fixture
+def env4(tmp_path: Path) -> Iterator[Env]:
+    yield from make_env(tmp_path, "tunnel", 4)
+
+
+def start(env: Env, side: str, **options: object) -> GatewayProcess:
+    return env.gws.start(side, family=env.family, first_packet="queue", **options)  # type: ignore[arg-type]
+
+
+def table(env: Env, side: str = "client") -> list[str]:
+    v = "-6" if env.family == 6 else "-4"
+    out = env.lab.ns(side).run(["ip", v, "route", "show", "table", "18768"], check=False)
+    return out.stdout.strip().splitlines()
+
+
+def refused_at_once(env: Env) -> dict[str, object]:
+    """A login while the client gateway is gone: an error, quickly, not a timeout."""
+    t0 = time.monotonic()
+    res = env.login()
+    took = time.monotonic() - t0
+    assert res.get("status") != "PASS", res
+    assert res.get("ok") is False, res
+    # EACCES from the prohibit route ("Permission denied"), not a 5 s timeout
+    assert "timeout" not in str(res.get("error")), res
+    assert took < IMMEDIATE + 1.5, (took, res)  # + the client's interpreter start-up
+    return res
+
+
+def ipsecmgr(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "ipsecmgr.cli", *args]
+    return subprocess.run(
+        env.lab.client.argv(cmd), env=python_env(), capture_output=True, text=True, timeout=30
+    )
+
+
+def test_sigkill_without_restart_refuses_locally_and_the_wan_stays_silent(
+    env: Env, tmp_path: Path
+) -> None:
+    env.start_server()
+    env.start_server("bypass")
+    client = start(env, "client")
+    start(env, "gw")
+    wan = env.lab.interfaces["client.wan"]
+    with Capture(env.lab.client, wan, tmp_path / "wan.pcap") as cap:
+        assert env.login()["status"] == "PASS"
+        env.gws.gateways.pop("client").kill()
+        # The TUN and its routes went with the process; the block stayed.
+        assert any(r.startswith(f"prohibit {env.server}") for r in table(env)), table(env)
+        assert not any("ipsm0" in r for r in table(env))
+        for _ in range(3):
+            res = refused_at_once(env)
+            assert "Permission denied" in str(res["error"]), res
+        # Bypass traffic is not protected and keeps flowing in clear.
+        assert env.login(server=env.bypass_server)["status"] == "PASS"
+    packets = cap.packets()
+    assert tcp_port_49(packets, env.server) == [], client.log[-2000:]
+    assert len(tcp_port_49(packets, env.bypass_server)) >= 5  # the capture does see TCP/49
+    # The next start takes the state over without a manual step.
+    start(env, "client")
+    assert env.login()["status"] == "PASS"
+
+
+def test_sigterm_on_stop_block_keeps_the_block_until_ipsecmgr_down(
+    env4: Env, tmp_path: Path
+) -> None:
+    env = env4
+    env.start_server()
+    start(env, "gw")
+    client = start(env, "client")
+    wan = env.lab.interfaces["client.wan"]
+    with Capture(env.lab.client, wan, tmp_path / "wan.pcap") as cap:
+        assert env.login()["status"] == "PASS"
+        assert env.gws.gateways.pop("client").terminate() == 0
+        assert "protected destinations stay blocked" in client.log
+        tuns, rules, routes = _leftovers(env, "client")
+        assert tuns == [] and len(rules) == 4  # two per family
+        assert routes == [f"prohibit {env.server} proto static metric 32767"]
+        refused_at_once(env)
+    assert tcp_port_49(cap.packets(), env.server) == []
+    # `ipsecmgr down` removes the block and says what it removed.
+    out = ipsecmgr(env, "down", "--config", str(client.config))
+    assert out.returncode == 0, out.stderr
+    assert f"removed route prohibit {env.server}/32 metric 32767 (table 18768)" in out.stdout
+    assert "removed IPv4 rule priority 1000" in out.stdout
+    assert _leftovers(env, "client") == ([], [], [])
+    assert ipsecmgr(env, "down").stdout.strip() == "nothing to remove"
+
+
+def test_sigterm_on_stop_clear_removes_everything_as_before(env4: Env, tmp_path: Path) -> None:
+    """The explicit opt-out: after the stop, protected traffic takes the main table
+    in clear. Also the capture's positive control: the counter does see such SYNs."""
+    env = env4
+    env.start_server()
+    start(env, "gw")
+    start(env, "client", gateway_options={"on_stop": "clear"})
+    assert env.login()["status"] == "PASS"
+    assert env.gws.gateways.pop("client").terminate() == 0
+    assert _leftovers(env, "client") == ([], [], [])
+    wan = env.lab.interfaces["client.wan"]
+    with Capture(env.lab.client, wan, tmp_path / "wan.pcap") as cap:
+        env.lab.tacacs_query("client", server=env.server, secret_file=env.secret, user="alice",
+                             password="x", timeout=1.0)  # fmt: skip
+    assert len(tcp_port_49(cap.packets(), env.server)) >= 1
+
+
+def test_tun_deleted_under_a_running_daemon_opens_no_clear_path(env4: Env, tmp_path: Path) -> None:
+    env = env4
+    env.start_server()
+    start(env, "gw")
+    client = start(env, "client")
+    wan = env.lab.interfaces["client.wan"]
+    with Capture(env.lab.client, wan, tmp_path / "wan.pcap") as cap:
+        assert env.login()["status"] == "PASS"
+        env.lab.client.run(["ip", "link", "del", "ipsm0"])
+        assert table(env) == [f"prohibit {env.server} proto static metric 32767"]
+        refused_at_once(env)
+        refused_at_once(env)
+    assert tcp_port_49(cap.packets(), env.server) == [], client.log[-2000:]
+    # A restart brings the TUN back.
+    env.gws.gateways.pop("client").terminate()
+    start(env, "client")
+    assert env.login()["status"] == "PASS"
+
+
+def test_one_instance_per_namespace_and_down_refuses_while_it_runs(env4: Env) -> None:
+    env = env4
+    client = start(env, "client")
+    out = ipsecmgr(env, "run", "--config", str(client.config))
+    assert out.returncode == 1
+    assert f"another ipsecmgr daemon (pid {client.proc.pid}) is running" in out.stderr
+    out = ipsecmgr(env, "down")
+    assert out.returncode == 1 and "only cleans up after a daemon that is gone" in out.stderr
+    # Neither touched the running daemon's state.
+    assert client.proc.poll() is None
+    assert any(r.startswith(f"{env.server} dev ipsm0") for r in table(env)), table(env)
+    assert client.snapshot()["crypto_maps"]

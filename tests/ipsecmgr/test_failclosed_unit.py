@@ -1,0 +1,84 @@
+"""The fail-closed prefix set and the ``on_stop`` key (no root): which
+destinations get a prohibit route, from the ACL lines as npusim compiles them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ipsecmgr.config import ConfigError, load_config
+from ipsecmgr.daemon import parse_acls, validate_acl
+from ipsecmgr.failclosed import protected_prefixes
+
+CONFIG = """
+[access_list.tacacs]
+rules = [{rules}]
+
+[ike_transform_set.default]
+[ipsec_transform_set.default]
+mode = "transport"
+
+[crypto_map.tacacs]
+peer = "198.51.100.2"
+match_address = "tacacs"
+local_psk = {{ file = "{psk}" }}
+
+[tun.ipsm0]
+addresses = []
+routes = ["203.0.113.0/24"]
+crypto_maps = ["tacacs"]
+
+[gateway]
+local_addresses = ["198.51.100.1"]
+{gateway}
+"""
+
+
+def load(tmp_path: Path, rules: list[str], gateway: str = "") -> object:
+    psk = tmp_path / "psk"
+    psk.write_bytes(b"0123456789abcdef")
+    psk.chmod(0o600)
+    conf = tmp_path / "c.toml"
+    quoted = ", ".join(f'"{r}"' for r in rules)
+    conf.write_text(CONFIG.format(rules=quoted, psk=psk, gateway=gateway))
+    return load_config(conf, validate_acl=validate_acl)
+
+
+def prefixes(tmp_path: Path, rules: list[str]) -> tuple[list[str], list[str]]:
+    config = load(tmp_path, rules)
+    return protected_prefixes(config, parse_acls(config))  # type: ignore[arg-type]
+
+
+def test_every_permit_destination_both_families_deny_lines_not(tmp_path: Path) -> None:
+    got, notes = prefixes(
+        tmp_path,
+        [
+            "deny tcp host 192.0.2.1 host 203.0.113.9 eq 22",
+            "permit tcp host 192.0.2.1 203.0.113.0 0.0.0.255 eq 49",
+            "permit ip any host 203.0.113.49",
+            "permit tcp any 2001:db8:49::/64 eq 49",
+            "permit tcp host 192.0.2.1 203.0.113.0 0.0.0.255 eq 4949",  # same prefix: once
+        ],
+    )
+    assert got == ["203.0.113.0/24", "203.0.113.49/32", "2001:db8:49::/64"]
+    assert notes == []
+
+
+def test_permit_any_any_blocks_both_default_routes(tmp_path: Path) -> None:
+    got, _ = prefixes(tmp_path, ["permit ip any any"])
+    assert got == ["0.0.0.0/0", "::/0"]
+
+
+def test_non_contiguous_wildcard_blocks_the_covering_prefix_and_says_so(tmp_path: Path) -> None:
+    got, notes = prefixes(tmp_path, ["permit ip any 203.0.113.7 0.0.255.0"])
+    assert got == ["203.0.0.0/16"]
+    assert len(notes) == 1 and "non-contiguous" in notes[0] and "203.0.0.0/16" in notes[0]
+
+
+def test_on_stop_defaults_to_block_and_takes_clear(tmp_path: Path) -> None:
+    assert load(tmp_path, ["permit ip any any"]).gateway.on_stop == "block"  # type: ignore[attr-defined]
+    c = load(tmp_path, ["permit ip any any"], 'on_stop = "clear"')
+    assert c.gateway.on_stop == "clear"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"gateway\.on_stop: 'open' is not one of"):
+        load(tmp_path, ["permit ip any any"], 'on_stop = "open"')
