@@ -34,6 +34,7 @@ from ipsecmgr.failclosed import InstanceLock, protected_prefixes, take_over
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
+from ipsecmgr.privileges import apply_least_privilege
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
@@ -103,6 +104,9 @@ def _family(address: str) -> int:
 
 class Gateway:
     """Everything the daemon owns, created in :meth:`start`, removed in :meth:`stop`."""
+
+    #: ``run`` sets it: drop to CAP_NET_* etc. at the end of :meth:`setup` (privileges.py).
+    least_privilege = False
 
     def __init__(self, config: cfg.Config, *, routing: Routing | None = None) -> None:
         self.config = config
@@ -183,6 +187,8 @@ class Gateway:
             for name in t.crypto_maps:
                 self.datapath.tun_for_map[name] = tun.fd
             self.datapath.mss_limits[tun.fd] = mss_limits(tun.mtu, self.config.gateway.mss_clamp)
+        if self.least_privilege:  # before the fork: the workers inherit the reduced set
+            apply_least_privilege()
         if self.config.gateway.datapath == "split":
             self.workers = Workers(self)
             self.workers.start()
@@ -500,6 +506,7 @@ def run(config_path: str) -> int:
     for w in config.warnings:
         log.warning("%s", w)
     gw = Gateway(config)
+    gw.least_privilege = True
     lock = InstanceLock(gw.routing.table)
     try:
         lock.acquire()  # before touching anything: a second instance changes nothing
