@@ -82,3 +82,23 @@ def test_on_stop_defaults_to_block_and_takes_clear(tmp_path: Path) -> None:
     assert c.gateway.on_stop == "clear"  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match=r"gateway\.on_stop: 'open' is not one of"):
         load(tmp_path, ["permit ip any any"], 'on_stop = "open"')
+
+
+def test_run_and_check_config_refuse_a_group_readable_psk_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    load(tmp_path, ["permit ip any any"])  # writes c.toml and a 0600 psk
+    psk = tmp_path / "psk"
+    psk.chmod(0o640)
+    fix = f"{psk} has mode 0640: group or others may read or change this key; " \
+        f"refusing to use it (fix: chmod 600 {psk})"  # fmt: skip
+    for cmd in (
+        ["run", "--config", str(tmp_path / "c.toml")],
+        ["check-config", str(tmp_path / "c.toml")],
+    ):
+        out = subprocess.run([sys.executable, "-m", "ipsecmgr.cli", *cmd], capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+        assert out.returncode == 1, (cmd, out.stderr)
+        assert fix in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
