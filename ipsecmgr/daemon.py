@@ -30,7 +30,7 @@ from ipsecmgr import config as cfg
 from ipsecmgr import show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.failclosed import InstanceLock, protected_prefixes, take_over
+from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
@@ -292,6 +292,10 @@ class Gateway:
             log.warning("reload: TUN or gateway settings changed; they need a restart")
             return
         acls = parse_acls(config)
+        for failed in sync_blocks(
+            protected_prefixes(self.config, self.acls)[0], protected_prefixes(config, acls)[0]
+        ):
+            log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
         keep = {
             name
             for name, m in config.crypto_maps.items()

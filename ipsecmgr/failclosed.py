@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -100,6 +101,33 @@ def take_over(routing: Routing, config: cfg.Config, prefixes: Iterable[str]) -> 
             log.info("removing stale TUN %s", t.name)
             routing.delete_link(t.name)
     failed += routing.install_rules()
+    return failed
+
+
+def sync_blocks(old: Iterable[str], new: Iterable[str]) -> list[str]:
+    """SIGHUP: block what the new ACLs protect before unblocking what they no longer
+    do. Runs in a thread with its own netlink socket: pyroute2's synchronous API
+    drives an asyncio loop of its own, which cannot nest in the daemon's running one.
+    Returns what could not be protected."""
+    old_set, new_list = set(old), list(new)
+    if old_set == set(new_list):
+        return []
+    failed: list[str] = []
+
+    def work() -> None:
+        rt = Routing()
+        try:
+            failed.extend(rt.install_blocks(p for p in new_list if p not in old_set))
+            for r in rt.remove_blocks(p for p in old_set if p not in new_list):
+                log.info("reload: removed %s", r)
+        except Exception as exc:  # reported, the reload itself goes on
+            failed.append(f"fail-closed routes not updated: {exc}")
+        finally:
+            rt.close()
+
+    t = threading.Thread(target=work, name="ipsecmgr-blocks")
+    t.start()
+    t.join()
     return failed
 
 

@@ -186,6 +186,12 @@ class Routing:
             out += [describe_route(r) for r in routes if _is_block(r)]
         return out
 
+    def remove_blocks(self, prefixes: Iterable[str]) -> list[str]:
+        """Remove the fail-closed routes of ``prefixes`` (no longer protected after a
+        reload); TUN routes stay. Returns them, described."""
+        gone = {str(ipaddress.ip_network(p)) for p in prefixes}
+        return self._flush(lambda route: _is_block(route) and _prefix(route) in gone)
+
     def install_blocks(self, prefixes: Iterable[str]) -> list[str]:
         """A fail-closed route per prefix (``replace``: idempotent on a takeover).
 

@@ -10,6 +10,7 @@ clear-text TCP port 49 segments with the protected server's address.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def start(env: Env, side: str, **options: object) -> GatewayProcess:
 def table(env: Env, side: str = "client") -> list[str]:
     v = "-6" if env.family == 6 else "-4"
     out = env.lab.ns(side).run(["ip", v, "route", "show", "table", "18768"], check=False)
-    return out.stdout.strip().splitlines()
+    return [line.strip() for line in out.stdout.strip().splitlines()]
 
 
 def refused_at_once(env: Env) -> dict[str, object]:
@@ -204,3 +205,27 @@ def test_kill_loop_30_sigkills_no_clear_segment_and_logins_resume(
             assert c.handshake is not None, info
             assert c.recovery <= c.handshake + 1.0 + fastest * 2, (c, fastest, info)
     assert res.wall < 120, info
+
+
+def test_sighup_blocks_a_newly_protected_prefix_and_unblocks_a_removed_one(env4: Env) -> None:
+    env = env4
+    client = start(env, "client")
+    original = client.config.read_text()
+    assert "rules = [" in original
+
+    def hup(text: str) -> None:
+        n = client.log.count("reloaded:")
+        client.config.write_text(text)
+        client.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while client.log.count("reloaded:") == n:
+            assert time.monotonic() < deadline, client.log[-2000:]
+            time.sleep(0.05)
+
+    hup(original.replace("rules = [", 'rules = ["permit ip any 203.0.113.192 0.0.0.63", ', 1))
+    assert "prohibit 203.0.113.192/26 proto static metric 32767" in table(env)
+    assert f"prohibit {env.server} proto static metric 32767" in table(env)
+    hup(original)
+    assert not any("203.0.113.192" in r for r in table(env))
+    assert f"prohibit {env.server} proto static metric 32767" in table(env)
+    assert "NOT protected" not in client.log
