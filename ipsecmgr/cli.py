@@ -154,12 +154,13 @@ def _cmd_clear(words: Sequence[str], socket_path: Path, peer: str | None) -> int
 
 
 def _cmd_down(path: Path | None) -> int:
-    from ipsecmgr.config import ConfigError, load_config
-    from ipsecmgr.daemon import validate_acl
     from ipsecmgr.failclosed import down
 
     config = None
     if path is not None:
+        from ipsecmgr.config import ConfigError, load_config
+        from ipsecmgr.daemon import validate_acl
+
         try:
             config = load_config(path, validate_acl=validate_acl)
         except ConfigError as exc:
