@@ -229,3 +229,52 @@ def test_sighup_blocks_a_newly_protected_prefix_and_unblocks_a_removed_one(env4:
     assert not any("203.0.113.192" in r for r in table(env))
     assert f"prohibit {env.server} proto static metric 32767" in table(env)
     assert "NOT protected" not in client.log
+
+
+@pytest.mark.parametrize("moment", ["handshake", "rekey"])
+def test_sigkill_with_an_exchange_in_flight_leaks_nothing(
+    env4: Env, tmp_path: Path, moment: str
+) -> None:
+    """Deterministic versions of the kill loop's random moments: gw is frozen
+    (SIGSTOP) so that the client's IKE_SA_INIT or CREATE_CHILD_SA request stays
+    unanswered, the client is SIGKILLed with it in flight, gw thawed, the client
+    restarted."""
+    from ipsecmgr.lab.killloop import OPTIONS
+
+    env = env4
+    env.start_server()
+    gw = env.gws.start("gw", **OPTIONS)
+    client = env.gws.start("client", **OPTIONS)
+
+    def in_flight() -> bool:
+        ike = client.snapshot()["statistics"]["ike"]
+        if moment == "handshake":
+            return bool(ike.get("tacacs/ike_initiated", 0) >= 1)
+        return bool(ike.get("tacacs/child_rekey_started", 0) > ike.get("tacacs/child_rekeyed", 0))
+
+    wan = env.lab.interfaces["client.wan"]
+    with Capture(env.lab.client, wan, tmp_path / "wan.pcap") as cap:
+        pending = None
+        if moment == "rekey":
+            assert env.login()["status"] == "PASS"
+        gw.proc.send_signal(signal.SIGSTOP)
+        try:
+            if moment == "handshake":  # the SYN is queued in the client, IKE waits for gw
+                cmd = [sys.executable, "-m", "ipsecmgr.lab.tacacs_client", "--server",
+                       env.server, "--secret-file", str(env.secret), "--user", USER,
+                       "--password-env", "PW", "--timeout", "3"]  # fmt: skip
+                pending = env.lab.client.popen(cmd, env=python_env({"PW": PASSWORD}))
+            deadline = time.monotonic() + 15
+            while not in_flight():
+                assert time.monotonic() < deadline, client.log[-2000:]
+                time.sleep(0.02)
+            env.gws.gateways.pop("client").kill()
+            refused_at_once(env)
+        finally:
+            gw.proc.send_signal(signal.SIGCONT)
+        if pending is not None:
+            out, _ = pending.communicate(timeout=30)
+            assert '"ok": false' in out or '"ok":false' in out, out  # its SYN died with the daemon
+        env.gws.start("client", **OPTIONS)
+        assert env.login()["status"] == "PASS"
+    assert tcp_port_49(cap.packets(), env.server) == []
