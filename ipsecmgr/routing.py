@@ -124,12 +124,6 @@ class Routing:
             if exc.code != _EEXIST:
                 raise
 
-    def has_rules(self) -> bool:
-        return any(
-            self._ipr.get_rules(family=f, priority=p)
-            for f in (socket.AF_INET, socket.AF_INET6)
-            for p in (self.priority, self.priority + 1)
-        )
 
     def remove_rules(self) -> list[str]:
         """Remove our rules (``on_stop = "clear"``, ``ipsecmgr down``); returns them."""

@@ -92,9 +92,11 @@ def test_sigkill_without_restart_refuses_locally_and_the_wan_stays_silent(
     packets = cap.packets()
     assert tcp_port_49(packets, env.server) == [], client.log[-2000:]
     assert len(tcp_port_49(packets, env.bypass_server)) >= 5  # the capture does see TCP/49
-    # The next start takes the state over without a manual step.
+    # The next start takes the state over without a manual step (and adds no rule twice).
     start(env, "client")
     assert env.login()["status"] == "PASS"
+    assert len(_leftovers(env, "client")[1]) == 4
+    assert sum(r.startswith("prohibit ") for r in table(env)) == 1
 
 
 def test_sigterm_on_stop_block_keeps_the_block_until_ipsecmgr_down(
