@@ -124,7 +124,6 @@ class Routing:
             if exc.code != _EEXIST:
                 raise
 
-
     def remove_rules(self) -> list[str]:
         """Remove our rules (``on_stop = "clear"``, ``ipsecmgr down``); returns them."""
         removed = []

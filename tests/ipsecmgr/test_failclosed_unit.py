@@ -102,3 +102,68 @@ def test_run_and_check_config_refuse_a_group_readable_psk_file(tmp_path: Path) -
         assert out.returncode == 1, (cmd, out.stderr)
         assert fix in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+
+
+class _KernelWithoutIPv6:
+    """Stands in for pyroute2's IPRoute on a kernel booted with ipv6.disable=1 (which
+    this machine is not): every AF_INET6 request fails with EAFNOSUPPORT, as there."""
+
+    def __init__(self) -> None:
+        self.routes: list[dict[str, object]] = []
+        self.rules: list[dict[str, object]] = []
+
+    def _check(self, kwargs: dict[str, object]) -> None:
+        import socket
+
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        if kwargs.get("family") == socket.AF_INET6:
+            raise NetlinkError(97, "Address family not supported by protocol")
+
+    def route(self, op: str, **kwargs: object) -> None:
+        self._check(kwargs)
+        self.routes.append(kwargs)
+
+    def rule(self, op: str, **kwargs: object) -> None:
+        self._check(kwargs)
+        self.rules.append(kwargs)
+
+    def get_rules(self, **kwargs: object) -> list[object]:
+        self._check(kwargs)
+        return []
+
+    def get_routes(self, **kwargs: object) -> list[object]:
+        self._check(kwargs)
+        return []
+
+    def link_lookup(self, **kwargs: object) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_without_ipv6_ipv4_is_still_protected_and_ipv6_is_named(tmp_path: Path) -> None:
+    from ipsecmgr.failclosed import take_over
+    from ipsecmgr.routing import BLOCK_METRIC, RTN_PROHIBIT, Routing
+
+    config = load(
+        tmp_path, ["permit ip any host 203.0.113.49", "permit tcp any 2001:db8::/64 eq 49"]
+    )
+    rt = Routing.__new__(Routing)
+    rt.table, rt.mark, rt.priority = 0x4950, 0x4950, 1000
+    fake = _KernelWithoutIPv6()
+    rt._ipr = fake  # type: ignore[assignment]
+    prefixes, _ = protected_prefixes(config, parse_acls(config))  # type: ignore[arg-type]
+    failed = take_over(rt, config, prefixes)  # type: ignore[arg-type]
+    assert fake.routes == [
+        {"dst": "203.0.113.49/32", "table": 0x4950, "family": 2, "type": RTN_PROHIBIT,
+         "priority": BLOCK_METRIC},
+    ]  # fmt: skip
+    assert [r["priority"] for r in fake.rules] == [1000, 1001]
+    err = "Address family not supported by protocol"
+    assert failed == [
+        f"2001:db8::/64: no fail-closed route (prohibit: {err}; unreachable: {err}; "
+        f"blackhole: {err})",
+        f"IPv6 policy rules: {err}",
+    ]
