@@ -119,7 +119,11 @@ def test_reload_show_clear_rekeys_keys_export_and_stop_work_with_the_reduced_set
     env: Env,
 ) -> None:
     env.start_server()
-    opts = {"first_packet": "queue", "ipsec_options": {"lifetime_seconds": 3}}
+    opts = {
+        "first_packet": "queue",
+        "ike_options": {"lifetime": 4},
+        "ipsec_options": {"lifetime_seconds": 3},
+    }
     client = env.gws.start("client", **opts)  # type: ignore[arg-type]
     env.gws.start("gw", **opts)  # type: ignore[arg-type]
     assert env.login()["status"] == "PASS"
@@ -129,9 +133,12 @@ def test_reload_show_clear_rekeys_keys_export_and_stop_work_with_the_reduced_set
     # trace key export (ipsecmgr trace --wireshark-keys)
     keys = client.command({"command": "trace-keys"})
     assert keys["ok"] and keys["result"]["esp"], keys
-    # rekeys (Child SA lifetime 3 s)
+    # rekeys (Child SA lifetime 3 s, IKE SA 4 s; either side may start them)
     deadline = time.monotonic() + 20
-    while client.counter("ike", "tacacs/child_rekeyed") < 1:
+    while (
+        client.counter("ike", "tacacs/child_rekeyed") < 1
+        or client.counter("ike", "tacacs/ike_rekeyed") < 1
+    ):
         assert time.monotonic() < deadline, client.log[-2000:]
         time.sleep(0.1)
     assert env.login()["status"] == "PASS"
