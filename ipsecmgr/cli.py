@@ -3,6 +3,7 @@
     ipsecmgr run --config FILE [-v|-vv]        the gateway daemon (root)
     ipsecmgr check-config FILE                 validate without touching the system
     ipsecmgr import-staros FILE -o OUT.toml    convert a StarOS configuration, with a report
+    ipsecmgr down [--config FILE]              remove what a stopped/crashed daemon left
     ipsecmgr show crypto map [--json]          and the reference's other show commands
     ipsecmgr clear crypto sa [--peer ADDR]     DELETE SAs (all, or one peer's)
     ipsecmgr trace [--follow] [--filter K=V]   packet-flow trace of a running daemon
@@ -98,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
 
+    for name in ("down", "cleanup"):
+        down = sub.add_parser(
+            name,
+            help="remove what a stopped or crashed daemon left (the fail-closed block too)"
+            if name == "down"
+            else "same as down",
+        )
+        down.add_argument(
+            "--config", "-c", type=Path, help="also remove its TUNs and stale control socket"
+        )
+
     sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
 
     from ipsecmgr.staros_cli import add_arguments as add_staros_arguments
@@ -178,6 +190,25 @@ def _cmd_clear(words: Sequence[str], socket_path: Path, peer: str | None) -> int
     return 0
 
 
+def _cmd_down(path: Path | None) -> int:
+    from ipsecmgr.failclosed import down
+
+    config = None
+    if path is not None:
+        from ipsecmgr.config import ConfigError, load_config
+        from ipsecmgr.daemon import validate_acl
+
+        try:
+            config = load_config(path, validate_acl=validate_acl)
+        except ConfigError as exc:
+            print(f"ipsecmgr down: {exc}", file=sys.stderr)
+            return 1
+    code, lines = down(config)
+    for line in lines:
+        print(line, file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _run_profiled(run: Callable[[str], int], config: str) -> int:
     """``run(config)``, under cProfile if ``IPSECMGR_PROFILE=PATH`` is set: the stats go
     to ``PATH.<pid>`` when the daemon exits (tools/bench/tunnel.py --profile uses it)."""
@@ -200,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.config import ConfigError
         from ipsecmgr.control import ControlError
         from ipsecmgr.daemon import run
+        from ipsecmgr.failclosed import AlreadyRunning
 
         level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
         logging.basicConfig(
@@ -216,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PermissionError as exc:
             print(f"ipsecmgr: {exc} (the daemon needs root)", file=sys.stderr)
             return 1
+        except AlreadyRunning as exc:
+            print(f"ipsecmgr: {exc}", file=sys.stderr)
+            return 1
+    if args.command in ("down", "cleanup"):
+        return _cmd_down(args.config)
     if args.command == "check-config":
         return _cmd_check_config(args.config)
     if args.command == "show":

@@ -70,6 +70,8 @@ FIRST_PACKET = ("drop", "queue")
 ON_UNREACHABLE = ("icmp", "rst", "drop")
 #: [gateway] datapath: one process, or a control process + one worker per direction.
 DATAPATHS = ("single", "split")
+#: [gateway] on_stop: what SIGTERM leaves (docs/security.md, fail closed).
+ON_STOP = ("block", "clear")
 ENCAPSULATIONS = ("auto", "always", "never")
 ID_TYPES = ("ipv4", "ipv6", "fqdn", "email")
 ROLES = ("initiator", "responder")
@@ -213,6 +215,9 @@ class Gateway:
     # Kernel offloads (docs/performance.md): TUN super-packets (IFF_VNET_HDR + TSO) and
     # UDP GSO/GRO on the ESP-in-UDP socket. One warning and off when the kernel refuses.
     offload: bool = True
+    # SIGTERM/SIGINT: "block" leaves the fail-closed routes and rules (protected
+    # traffic refused until the next start or `ipsecmgr down`); "clear" removes all.
+    on_stop: str = "block"
 
 
 @dataclass(frozen=True)
@@ -618,7 +623,7 @@ class _Parser:
             t,
             path,
             ("local_addresses", "management_interface", "control_socket", "ike_port", "natt_port",
-             "datapath", "mss_clamp", "offload"),
+             "datapath", "mss_clamp", "offload", "on_stop"),
         )  # fmt: skip
         n = len(self.errors)
         raw = self.str_list(t, "local_addresses", path, required=True) or ()
@@ -642,9 +647,10 @@ class _Parser:
             self.err(f"{path}.mss_clamp", f"{mss_clamp!r} is not true, false or 536..65495")
             mss_clamp = True
         offload = self.boolean(t, "offload", path, True)
+        on_stop = self.choice(t, "on_stop", path, ON_STOP, "block")
         return Gateway(
             tuple(a for a in addrs if a is not None), mgmt, Path(sock), ike_port, natt_port,
-            datapath, mss_clamp, offload,
+            datapath, mss_clamp, offload, on_stop=on_stop,
         )  # fmt: skip
 
     def metrics(self, v: Any) -> Metrics | None:

@@ -3,9 +3,11 @@ engines and the kernel).
 
 One asyncio loop in one process: readers on the TUN fds, the raw ESP sockets
 and the IKE UDP sockets; one timer re-armed to the IKE engine's next
-deadline; the control socket for ``show``/``clear``. Start-up cleans what a
-crash may have left (our TUNs, rules, the routing table) before creating
-anything; SIGTERM sends DELETE to every peer and removes it all again.
+deadline; the control socket for ``show``/``clear``. Start-up installs the
+fail-closed routes, then takes over what a crash may have left (our TUNs,
+stale routes; ipsecmgr.failclosed) before creating anything; SIGTERM sends
+DELETE to every peer and removes the TUNs, leaving the fail-closed block in
+place unless ``[gateway] on_stop = "clear"``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from ipsecmgr import config as cfg
 from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
+from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
 from ipsecmgr.manager import Address, Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
+from ipsecmgr.privileges import apply_least_privilege
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config
@@ -110,6 +114,9 @@ def _family(address: str) -> int:
 class Gateway:
     """Everything the daemon owns, created in :meth:`start`, removed in :meth:`stop`."""
 
+    #: ``run`` sets it: drop to CAP_NET_* etc. at the end of :meth:`setup` (privileges.py).
+    least_privilege = False
+
     def __init__(self, config: cfg.Config, *, routing: Routing | None = None) -> None:
         self.config = config
         self.acls = parse_acls(config)
@@ -146,13 +153,13 @@ class Gateway:
     # -- set-up and tear-down ---------------------------------------------------
 
     def cleanup_stale(self) -> None:
-        """Remove what a killed daemon left: rules, routes and our TUN names."""
-        self.routing.remove_rules()
-        self.routing.flush_table()
-        for t in self.config.tuns:
-            if self.routing.link_exists(t.name):
-                log.info("removing stale TUN %s", t.name)
-                self.routing.delete_link(t.name)
+        """Fail-closed routes first, then remove what a killed daemon left (stale
+        routes, our TUN names), rules only where missing (ipsecmgr.failclosed)."""
+        prefixes, notes = protected_prefixes(self.config, self.acls)
+        for note in notes:
+            log.warning("fail closed: %s", note)
+        for failed in take_over(self.routing, self.config, prefixes):
+            log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
 
     def setup(self) -> None:
         """Sockets, TUNs, routes and rules. Runs before the event loop starts:
@@ -176,7 +183,6 @@ class Gateway:
         self.datapath.on_udp_other = self._on_ike_natt
         self.datapath.on_esp_from = self.manager.on_esp_from
         self.datapath.on_unknown_spi = self._on_unknown_spi
-        self.routing.install_rules()
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
             if offload and not tun_offload_pays(t.mtu):
@@ -191,6 +197,8 @@ class Gateway:
             for name in t.crypto_maps:
                 self.datapath.tun_for_map[name] = tun.fd
             self.datapath.mss_limits[tun.fd] = mss_limits(tun.mtu, self.config.gateway.mss_clamp)
+        if self.least_privilege:  # before the fork: the workers inherit the reduced set
+            apply_least_privilege()
         if self.config.gateway.datapath == "split":
             self.workers = Workers(self)
             self.workers.start()
@@ -275,8 +283,14 @@ class Gateway:
         for tun in self.tuns:
             tun.close()
         self.tuns.clear()
-        self.routing.remove_rules()
-        self.routing.flush_table()
+        if self.config.gateway.on_stop == "clear":
+            self.routing.remove_rules()
+            self.routing.flush_table()
+        else:  # "block": the TUN routes went with the TUNs; the blocks and rules stay
+            prefixes, _ = protected_prefixes(self.config, self.acls)
+            self.routing.flush_except_blocks(prefixes)
+            log.warning("stopped; protected destinations stay blocked (on_stop = \"block\") "
+                        "until the next start or 'ipsecmgr down'")  # fmt: skip
         self.routing.close()
 
     def reload(self, config: cfg.Config) -> None:
@@ -288,6 +302,10 @@ class Gateway:
             log.warning("reload: TUN or gateway settings changed; they need a restart")
             return
         acls = parse_acls(config)
+        for failed in sync_blocks(
+            protected_prefixes(self.config, self.acls)[0], protected_prefixes(config, acls)[0]
+        ):
+            log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
         keep = {
             name
             for name, m in config.crypto_maps.items()
@@ -572,6 +590,13 @@ def run(config_path: str) -> int:
     for w in config.warnings:
         log.warning("%s", w)
     gw = Gateway(config)
+    gw.least_privilege = True
+    lock = InstanceLock(gw.routing.table)
+    try:
+        lock.acquire()  # before touching anything: a second instance changes nothing
+    except BaseException:
+        gw.routing.close()
+        raise
     # [tls_map]: TACACS+ over TLS 1.3 (ipsecmgr.tls); routes in the gateway's table.
     r = gw.routing
     tls = TlsService(config, table=r.table, priority=r.priority, mark=r.mark)
@@ -583,3 +608,4 @@ def run(config_path: str) -> int:
     finally:
         tls.teardown()
         gw.teardown()
+        lock.release()

@@ -84,8 +84,12 @@ class SecretSource:
         return f"file {self.file}" if self.file is not None else f"environment variable {self.env}"
 
 
-def read_secret_file(path: Path) -> tuple[Secret, list[str]]:
+def read_secret_file(path: Path, *, strict: bool = False) -> tuple[Secret, list[str]]:
     """Read a secret from ``path``; return it and warnings about the file's permissions.
+
+    ``strict`` (the gateway's own keys): a file readable or writable by group or
+    others is refused, as ssh refuses such a private key; the message names the
+    file and the fix. The lab's tools keep the warning.
 
     One trailing newline (``\\n`` or ``\\r\\n``) is stripped: editors add it, and
     a key that differs from the peer's by a newline fails IKE AUTH with no hint.
@@ -100,6 +104,11 @@ def read_secret_file(path: Path) -> tuple[Secret, list[str]]:
     if not stat.S_ISREG(st.st_mode):
         raise SecretError(f"{path} is not a regular file")
     mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 and strict:
+        raise SecretError(
+            f"{path} has mode {mode:04o}: group or others may read or change this key; "
+            f"refusing to use it (fix: chmod 600 {path})"
+        )
     if mode & 0o077:
         warnings.append(
             f"{path} has mode {mode:04o}; "
@@ -130,9 +139,10 @@ def read_secret_env(name: str, environ: Mapping[str, str] | None = None) -> Secr
 def load_secret(
     source: SecretSource, environ: Mapping[str, str] | None = None
 ) -> tuple[Secret, list[str]]:
-    """Resolve a :class:`SecretSource`; return the secret and any warnings."""
+    """Resolve a :class:`SecretSource` of the gateway's config (key files strictly:
+    mode 0600/0400 or refused); return the secret and any warnings."""
     if source.file is not None:
-        return read_secret_file(source.file)
+        return read_secret_file(source.file, strict=True)
     if source.env is not None:
         return read_secret_env(source.env, environ), []
     raise SecretError("no secret source given")

@@ -67,6 +67,7 @@ def lab_gateway_config(
     ipsec_options: Mapping[str, Any] | None = None,
     map_options: Mapping[str, Any] | None = None,
     more_ipsec_sets: Mapping[str, Mapping[str, Any]] | None = None,
+    gateway_options: Mapping[str, Any] | None = None,
 ) -> str:
     """The config of ``side`` ("client" or "gw") for this lab, as TOML text.
 
@@ -151,6 +152,7 @@ def lab_gateway_config(
     ]
     if control_socket is not None:
         lines.append(f"control_socket = {_q(control_socket)}")
+    lines += _extra(gateway_options)  # e.g. {"on_stop": "clear"}
     return "\n".join(lines) + "\n"
 
 

@@ -160,7 +160,18 @@ class LabGateways:
         return self.gateways[side]
 
     def stop(self) -> dict[str, int]:
+        """SIGTERM every gateway, then ``ipsecmgr down`` in its namespace: a stop
+        leaves the fail-closed block (docs/security.md), and a lab shared by several
+        cases (the interop tests) must not refuse the next case's traffic."""
         codes = {side: gw.terminate() for side, gw in self.gateways.items()}
+        downs = [
+            self.lab.ns(side).popen(
+                [sys.executable, "-m", "ipsecmgr.cli", "down"], env=python_env()
+            )
+            for side in self.gateways
+        ]
+        for p in downs:  # in parallel: each is an interpreter start
+            p.communicate(timeout=60)
         self.gateways.clear()
         return codes
 

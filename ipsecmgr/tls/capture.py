@@ -134,7 +134,11 @@ class CaptureRoutes:
         rules = {(int(socket.AF_INET6 if a.version == 6 else socket.AF_INET), p) for a, p in want}
         with IPRoute() as ipr:
             for family, port in sorted(rules - set(self.rules)):
-                self._rule(ipr, "add", family, port)
+                try:
+                    self._rule(ipr, "add", family, port)
+                except NetlinkError as exc:
+                    if exc.code != _EEXIST:  # kept from a daemon that died (fail closed)
+                        raise
                 self.rules.append((family, port))
             for a in sorted(routes - set(self.routes), key=str):
                 try:
@@ -161,12 +165,19 @@ class CaptureRoutes:
     def remove(self) -> None:
         self.sync(())
 
-    def flush_stale(self) -> None:
-        """Routes a killed daemon left in our table (its rules go with the gateway's)."""
+    def flush_stale(self, keep: Iterable[IPAddress] = ()) -> list[IPAddress]:
+        """Routes a killed or stopped daemon left in our table, but those in ``keep``:
+        a capture still wanted stays in place through a restart, so that its port-49
+        rule never points at an empty table (the lookup would go on to main: clear).
+        Returns the addresses whose capture was removed."""
+        wanted = {str(a) for a in keep}
+        removed: list[IPAddress] = []
         with IPRoute() as ipr:
             for family in (socket.AF_INET, socket.AF_INET6):
                 for r in ipr.get_routes(family=family, table=self.table):
                     dst = r.get_attr("RTA_DST")
-                    if dst:
+                    if dst and str(ipaddress.ip_address(dst)) not in wanted:
                         with contextlib.suppress(NetlinkError):
                             self._route(ipr, "del", ipaddress.ip_address(dst))
+                            removed.append(ipaddress.ip_address(dst))
+        return removed

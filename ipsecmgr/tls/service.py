@@ -92,8 +92,11 @@ class TlsService:
     def setup(self) -> None:
         """Rules, routes and bound listening sockets (before the loop: pyroute2 is sync)."""
         if self.routes is not None and self.proxies:
-            self.routes.flush_stale()
-            self.routes.sync(_captures(self.config))
+            captures = _captures(self.config)
+            # Captures first (one left by a dead daemon is taken over as it is), then
+            # the stale ones no longer wanted: no window in which port 49 goes clear.
+            self.routes.sync(captures)
+            self.routes.flush_stale(a for a, _ in captures)
         for m in self.config.tls_maps.values():
             for key in _listener_keys(m):
                 self._listeners[key] = self._bind(m.name, key)
@@ -141,8 +144,13 @@ class TlsService:
                 lst.server = None
 
     def teardown(self) -> None:
-        if self.routes is not None:
+        if self.routes is not None and self.config.gateway.on_stop == "clear":
             self.routes.remove()
+        elif self.routes is not None and self.routes.routes:
+            # on_stop = "block" (#14): the captures stay, with no listener behind them a
+            # client's SYN is refused locally (RST) until the next start or 'ipsecmgr down'.
+            log.warning("stopped; TLS-protected servers stay captured (refused) until the "
+                        "next start or 'ipsecmgr down'")  # fmt: skip
         for lst in self._listeners.values():
             lst.sock.close()
         self._listeners.clear()

@@ -300,6 +300,18 @@ def _leftovers(env: Env, side: str) -> tuple[list[str], list[str], list[str]]:
     return tuns, rules, routes
 
 
+def down_after_block(env: Env, side: str) -> tuple[list[str], list[str], list[str]]:
+    """After a SIGTERM with ``on_stop = "block"`` (the default): no TUN, the rules and
+    one prohibit route per protected prefix stay; ``ipsecmgr down`` removes them.
+    Returns what is left after that."""
+    tuns, rules, routes = _leftovers(env, side)
+    assert tuns == [] and len(rules) == 4, (tuns, rules)
+    assert routes and all(r.startswith("prohibit ") for r in routes), routes
+    out = env.lab.ns(side).run([sys.executable, "-m", "ipsecmgr.cli", "down"], check=False)
+    assert out.returncode == 0, out.stderr
+    return _leftovers(env, side)
+
+
 def test_sigterm_leaves_nothing_and_sigkill_restart_works(tunnel4: Env) -> None:
     env = tunnel4
     env.start_server()
@@ -316,15 +328,15 @@ def test_sigterm_leaves_nothing_and_sigkill_restart_works(tunnel4: Env) -> None:
     deadline = time.monotonic() + 10
     while len(gw.snapshot()["ike_sas"]) != 1:
         assert time.monotonic() < deadline, gw.snapshot()["ike_sas"]
-    # SIGTERM: DELETE sent, then no TUN, rule, route or process left.
+    # SIGTERM: DELETE sent, then no TUN; only the fail-closed block, until `down`.
     assert client.terminate() == 0
-    assert _leftovers(env, "client") == ([], [], [])
+    assert down_after_block(env, "client") == ([], [], [])
     deadline = time.monotonic() + 10
     while gw.snapshot()["ike_sas"]:
         assert time.monotonic() < deadline, "responder kept the SA after DELETE"
     assert gw.terminate() == 0
     env.gws.gateways.clear()
-    assert _leftovers(env, "gw") == ([], [], [])
+    assert down_after_block(env, "gw") == ([], [], [])
 
 
 def test_check_config_names_the_bad_key_and_fails(tmp_path: Path) -> None:

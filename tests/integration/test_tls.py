@@ -29,7 +29,7 @@ from ipsecmgr.lab import tls_pki
 from ipsecmgr.lab.capture import Capture
 from ipsecmgr.lab.gateways import GatewayProcess, LabGateways
 from ipsecmgr.lab.tls_lab import TLS_PORT, start_tls_server, tls_client_config
-from ipsecmgr.lab.topology import Lab
+from ipsecmgr.lab.topology import Lab, python_env
 from tests.integration.test_gateway import tcp_port_49
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -322,7 +322,9 @@ def _capture_state(env: TlsEnv) -> tuple[list[str], list[str]]:
     return rules, [r for r in routes if r.strip()]
 
 
-def test_sigkill_fails_closed_restart_cleans_sigterm_leaves_nothing(tls_env: TlsEnv) -> None:
+def test_sigkill_and_sigterm_fail_closed_restart_takes_over_down_leaves_nothing(
+    tls_env: TlsEnv,
+) -> None:
     env = tls_env
     a = env.lab.addresses
     start_tls_server(env.lab, pki=env.pki, users_file=env.users)
@@ -337,11 +339,20 @@ def test_sigkill_fails_closed_restart_cleans_sigterm_leaves_nothing(tls_env: Tls
     with env.capture("killed.pcap") as cap:
         assert env.login()["exit_code"] == 2
     assert tcp_port_49(cap.packets(), a.server4) == []
-    gw = env.start_gateway()  # cleans what the killed one left, works again
+    gw = env.start_gateway()  # takes over what the killed one left, works again
     assert env.login()["status"] == "PASS"
     assert len(_capture_state(env)[0]) == 1
+    # SIGTERM with on_stop = "block" (the default, #14): the capture stays, refusing.
     assert gw.terminate() == 0
     env.gws.gateways.clear()
+    assert _capture_state(env) == (rules, routes)
+    with env.capture("stopped.pcap") as cap:
+        assert env.login()["exit_code"] == 2
+    assert tcp_port_49(cap.packets(), a.server4) == []
+    # 'ipsecmgr down' removes the rules and the capture table.
+    down = env.lab.client.popen([sys.executable, "-m", "ipsecmgr.cli", "down"], env=python_env())
+    out, err = down.communicate(timeout=60)
+    assert down.returncode == 0 and a.server4 in out, (out, err)
     assert _capture_state(env) == ([], [])
 
 

@@ -29,8 +29,8 @@ from ipsecmgr.lab.gateways import GatewayProcess
 from ipsecmgr.mss import clamp_mss, mss_limits
 from tests.integration.test_gateway import (
     Env,
-    _leftovers,
     _send_raw,
+    down_after_block,
     esp_packets,
     make_env,
     retransmitted_segments,
@@ -321,11 +321,11 @@ def test_split_sigterm_leaves_nothing_and_sigkill_takes_the_workers_along(split4
     deadline = time.monotonic() + 10
     while len(gw.snapshot()["ike_sas"]) != 1:
         assert time.monotonic() < deadline, gw.snapshot()["ike_sas"]
-    # SIGTERM: DELETE sent, workers stopped first, then no TUN, rule, route or process left.
+    # SIGTERM: DELETE sent, workers stopped first, then no TUN or process; the block until `down`.
     workers = children(client.proc.pid)
     assert client.terminate() == 0
     assert not any(alive(p) for p in workers)
-    assert _leftovers(env, "client") == ([], [], [])
+    assert down_after_block(env, "client") == ([], [], [])
     deadline = time.monotonic() + 10
     while gw.snapshot()["ike_sas"]:
         assert time.monotonic() < deadline, "responder kept the SA after DELETE"
@@ -333,7 +333,7 @@ def test_split_sigterm_leaves_nothing_and_sigkill_takes_the_workers_along(split4
     assert gw.terminate() == 0
     env.gws.gateways.clear()
     assert not any(alive(p) for p in gw_workers)
-    assert _leftovers(env, "gw") == ([], [], [])
+    assert down_after_block(env, "gw") == ([], [], [])
 
 
 @pytest.mark.root

@@ -149,7 +149,7 @@ match_address = "bar"
             "'aes-gcm-128' | 'aes-gcm-256' | 'aes-cbc-256'",
             "ike_transform_set.ikesa-foo.dh_group: 2 is not one of 14 | 19 | 20 | 31",
             "gateway.bogus: unknown key (allowed: local_addresses, management_interface, "
-            "control_socket, ike_port, natt_port, datapath, mss_clamp, offload)",
+            "control_socket, ike_port, natt_port, datapath, mss_clamp, offload, on_stop)",
         ]
     )
     with pytest.raises(ConfigError) as ei:
@@ -199,13 +199,19 @@ def test_env_psk_unset_or_empty(tmp_path: Path, psk_file: Path) -> None:
     ]
 
 
-def test_world_readable_psk_file_warns(tmp_path: Path, psk_file: Path) -> None:
-    psk_file.chmod(0o644)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_psk_file_open_to_group_or_others_is_refused_naming_file_and_fix(
+    tmp_path: Path, psk_file: Path, mode: int
+) -> None:
+    psk_file.chmod(mode)
     d = diagnose_config(write(tmp_path, psk_file))
-    assert d.errors == []
-    assert any(
-        "mode 0644" in w and w.startswith("crypto_map.foo.local_psk.file:") for w in d.warnings
-    )
+    assert d.config is None
+    assert d.errors == [
+        f"crypto_map.foo.local_psk.file: {psk_file} has mode {mode:04o}: group or others may "
+        f"read or change this key; refusing to use it (fix: chmod 600 {psk_file})"
+    ]
+    psk_file.chmod(0o400)
+    assert diagnose_config(write(tmp_path, psk_file)).errors == []
 
 
 def test_cross_references(tmp_path: Path, psk_file: Path) -> None:

@@ -1,0 +1,212 @@
+"""Fail closed: what the gateway leaves in the kernel so that protected traffic
+never leaves in clear, whoever stops the daemon and however.
+
+* :func:`protected_prefixes`: the destinations the ``permit`` lines of the crypto
+  maps' ACLs cover; each gets a ``prohibit`` route in the gateway's table
+  (:meth:`ipsecmgr.routing.Routing.install_blocks`), which outlives the process.
+* :func:`take_over`: start-up after a crash or a stop with ``on_stop = "block"``:
+  the blocks are (re)installed first, then stale TUN routes and devices go, and
+  the rules are added only where missing, so there is no moment without them.
+* :class:`InstanceLock`: one daemon per network namespace (the routing state is
+  per namespace). An abstract unix socket, not a file: the kernel releases it
+  when the process dies however it dies, so a SIGKILL leaves no stale lock.
+* :func:`down`: ``ipsecmgr down``, what removes the block (and whatever a crashed
+  daemon left) on purpose, and says what it removed.
+
+docs/security.md has the threat model and how each property is tested.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import npusim
+from ipsecmgr import config as cfg
+from ipsecmgr.routing import Routing
+from ipsecmgr.tls.capture import CaptureRoutes
+
+log = logging.getLogger("ipsecmgr.failclosed")
+
+#: Abstract unix socket name (per network namespace, see :class:`InstanceLock`).
+LOCK_NAME = b"\0ipsecmgr-gateway-%x"
+
+
+class AlreadyRunning(RuntimeError):
+    """Another daemon holds this namespace's lock."""
+
+
+def _prefix(version: int, addr: int, mask: int) -> tuple[str, bool]:
+    """The prefix of an ACL address and whether the wildcard was contiguous.
+
+    A non-contiguous wildcard (``0.0.255.0``) has no route; the covering prefix
+    (the mask's leading ones) blocks a superset, which is the safe side."""
+    bits = 128 if version == 6 else 32
+    full = (1 << bits) - 1
+    plen = 0
+    while plen < bits and mask >> (bits - 1 - plen) & 1:
+        plen += 1
+    contiguous = mask == (full ^ ((1 << (bits - plen)) - 1))
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    if version == 6:
+        net = ipaddress.IPv6Network((addr & mask, plen), strict=False)
+    else:
+        net = ipaddress.IPv4Network((addr & mask, plen), strict=False)
+    return str(net), contiguous
+
+
+def protected_prefixes(
+    config: cfg.Config, acls: Mapping[str, npusim.Acl]
+) -> tuple[list[str], list[str]]:
+    """Every destination prefix a ``permit`` of a crypto map's ACL covers (v4 and v6),
+    in configuration order without repeats; and notes about over-blocking.
+
+    Routes match destinations only: a permit narrowed by source or port blocks its
+    whole destination prefix while the daemon is gone (bypass traffic to other
+    destinations is untouched)."""
+    out: dict[str, None] = {}
+    notes: list[str] = []
+    for name, m in config.crypto_maps.items():
+        for rule in acls[m.match_address].rules:
+            if not rule.permit:
+                continue
+            versions = (rule.version,) if rule.version else (4, 6)
+            for v in versions:
+                mask = rule.dst_mask if rule.version else 0
+                prefix, contiguous = _prefix(v, rule.dst if rule.version else 0, mask)
+                if not contiguous:
+                    notes.append(
+                        f"crypto map {name}: {rule.where} has a non-contiguous destination "
+                        f"wildcard; {prefix} is blocked while the daemon is down"
+                    )
+                out[prefix] = None
+    return list(out), notes
+
+
+def take_over(routing: Routing, config: cfg.Config, prefixes: Iterable[str]) -> list[str]:
+    """Start-up: blocks first, then remove what a dead daemon left, rules last.
+
+    Returns what could not be protected (logged by the caller at start)."""
+    wanted = list(prefixes)
+    failed = routing.install_blocks(wanted)
+    for r in routing.flush_except_blocks(wanted):
+        log.info("removed stale route %s", r)
+    for t in config.tuns:
+        if routing.link_exists(t.name):
+            log.info("removing stale TUN %s", t.name)
+            routing.delete_link(t.name)
+    failed += routing.install_rules()
+    return failed
+
+
+def sync_blocks(old: Iterable[str], new: Iterable[str]) -> list[str]:
+    """SIGHUP: block what the new ACLs protect before unblocking what they no longer
+    do. Runs in a thread with its own netlink socket: pyroute2's synchronous API
+    drives an asyncio loop of its own, which cannot nest in the daemon's running one.
+    Returns what could not be protected."""
+    old_set, new_list = set(old), list(new)
+    if old_set == set(new_list):
+        return []
+    failed: list[str] = []
+
+    def work() -> None:
+        rt = Routing()
+        try:
+            failed.extend(rt.install_blocks(p for p in new_list if p not in old_set))
+            for r in rt.remove_blocks(p for p in old_set if p not in new_list):
+                log.info("reload: removed %s", r)
+        except Exception as exc:  # reported, the reload itself goes on
+            failed.append(f"fail-closed routes not updated: {exc}")
+        finally:
+            rt.close()
+
+    t = threading.Thread(target=work, name="ipsecmgr-blocks")
+    t.start()
+    t.join()
+    return failed
+
+
+class InstanceLock:
+    """One gateway per network namespace: an abstract unix socket bound for life.
+
+    The listening socket is never accepted on; :func:`holder_pid` connects only
+    to learn the holder's pid (SO_PEERCRED)."""
+
+    def __init__(self, table: int) -> None:
+        self.name = LOCK_NAME % table
+        self.sock: socket.socket | None = None
+
+    def acquire(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.name)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            pid = self.holder_pid()
+            who = f" (pid {pid})" if pid else ""
+            raise AlreadyRunning(
+                f"another ipsecmgr daemon{who} is running in this network namespace; "
+                "stop it first (one gateway per namespace owns the routing table)"
+            ) from None
+        sock.listen(8)
+        self.sock = sock
+
+    def holder_pid(self) -> int | None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(self.name)
+            cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid: int = struct.unpack("3i", cred)[0]
+            return pid
+        except OSError:
+            return None
+        finally:
+            probe.close()
+
+    def release(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def down(config: cfg.Config | None, *, routing: Routing | None = None) -> tuple[int, list[str]]:
+    """``ipsecmgr down``: remove rules, routes (blocks included) and TUNs a stopped or
+    crashed daemon left. Refuses while a daemon runs. Returns (exit code, lines)."""
+    rt = routing or Routing()
+    lock = InstanceLock(rt.table)
+    try:
+        lock.acquire()  # held while we remove: no daemon starts half-way through
+    except AlreadyRunning as exc:
+        rt.close()
+        return 1, [f"{exc}; 'ipsecmgr down' only cleans up after a daemon that is gone"]
+    lines: list[str] = []
+    try:
+        lines += [f"removed {r}" for r in rt.remove_rules()]
+        lines += [f"removed route {r} (table {rt.table})" for r in rt.flush_table()]
+        # [tls_map] captures: local routes in the next table; their rules share our
+        # priority and went with remove_rules above.
+        captures = CaptureRoutes(rt.table + 1, rt.priority)
+        lines += [f"removed TLS capture of {a} (table {captures.table})"
+                  for a in captures.flush_stale()]  # fmt: skip
+        for t in config.tuns if config is not None else ():
+            if rt.link_exists(t.name):
+                rt.delete_link(t.name)
+                lines.append(f"removed TUN {t.name}")
+        if config is not None:
+            sock = Path(config.gateway.control_socket)
+            if sock.is_socket():
+                sock.unlink()
+                lines.append(f"removed stale control socket {sock}")
+    finally:
+        lock.release()
+        rt.close()
+    return 0, lines or ["nothing to remove"]
