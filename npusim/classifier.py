@@ -251,6 +251,46 @@ class Classifier:
             # A deny line: not via this map; search again from the next map.
             counters["deny"] += 1
 
+    def permits_reply(
+        self,
+        name: str,
+        version: int,
+        proto: int,
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        pstate: int,
+    ) -> bool:
+        """Inbound ACL check (RFC 4301 §5.2) for a packet decrypted from crypto map
+        ``name``: whether :meth:`classify` would protect its reply (addresses and
+        ports swapped) with that same map. A Cisco crypto ACL is written for the
+        outbound direction and mirrored for inbound. Counts nothing: the SA-flow
+        table counts the verdict."""
+        src, dst, sport, dport = dst, src, dport, sport
+        if version == 6 and _link_scoped(src, dst):
+            return False
+        if proto in _CONTROL_PROTOCOLS and self._is_control(
+            version, proto, src, dst, sport, dport, pstate
+        ):
+            return False  # the reply would bypass: never via a tunnel
+        floor = 0
+        while True:
+            if pstate == PORTS_TRUNCATED:
+                best = self._scan(version, proto, src, dst, floor)
+                if best < 0:
+                    return False
+            else:
+                by_proto, other = self._index[version]
+                best = _search(
+                    by_proto.get(proto, other), floor, src, dst, sport, dport, pstate == PORTS_OK
+                )
+            if best == _NO_MATCH:
+                return False
+            _, verdict, _, floor = self._entries[best]
+            if verdict is not None:
+                return verdict.crypto_map.name == name
+
     def clear_counters(self) -> None:
         """Zero every counter (the dicts stay the same objects)."""
         zero(self.counters)
@@ -295,6 +335,34 @@ class Classifier:
             if rule.matches_addresses(version, proto, src, dst):
                 return -1 if rule.needs_ports else index
         return _NO_MATCH
+
+
+def _search(
+    groups: list[_Group], floor: int, src: int, dst: int, sport: int, dport: int, ports: bool
+) -> int:
+    """The tuple-space search of :meth:`Classifier.classify` (inlined there, the
+    outbound hot path): the lowest matching rule index at or above ``floor``."""
+    best = _NO_MATCH
+    for lo, hi, sm, dm, dpm, table in groups:
+        if lo >= best:
+            break
+        if hi < floor:
+            continue
+        cands = table.get((src & sm, dst & dm, dport & dpm))
+        if cands is None:
+            continue
+        for index, sr, dr in cands:
+            if index >= best:
+                break
+            if index < floor:
+                continue
+            if sr is not None and not (ports and in_ranges(sport, sr)):
+                continue
+            if dr is not None and not (ports and in_ranges(dport, dr)):
+                continue
+            best = index
+            break
+    return best
 
 
 def _link_scoped(src: int, dst: int) -> bool:
