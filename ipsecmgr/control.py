@@ -65,14 +65,23 @@ def prepare_socket_dir(path: Path) -> None:
         d.mkdir(mode=0o700, parents=True)
         os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
         return
+    problem = socket_dir_problem(d)
+    if problem is not None:
+        raise ControlError(problem)
+
+
+def socket_dir_problem(d: Path) -> str | None:
+    """Why an existing directory cannot hold the control socket (None: it can).
+    Also ``check-config``'s check, so that it refuses what ``run`` would."""
     st = d.stat()
     if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"{d} is not a directory")
+        return f"{d} is not a directory"
     if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.geteuid():
-        raise ControlError(
+        return (
             f"{d} has mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}: "
             "the control socket needs a directory of mode 0700 owned by this user"
         )
+    return None
 
 
 def _remove_stale(path: Path) -> None:
