@@ -30,7 +30,7 @@ MAX_SOCKET_PATH: Final = 107
 #: IFNAMSIZ - 1 (include/uapi/linux/if.h).
 MAX_IFNAME: Final = 15
 #: ACLs longer than this are not checked for shadowed lines (the check is quadratic).
-MAX_SHADOW_CHECK: Final = 2000
+MAX_SHADOW_CHECK: Final = 500
 
 
 def file_problem(raw: bytes) -> str | None:
