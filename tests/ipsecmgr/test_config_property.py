@@ -11,10 +11,12 @@ UnicodeDecodeError, RecursionError, TypeError.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from ipsecmgr.config import Config, ConfigError, diagnose_config, load_config
 from ipsecmgr.daemon import validate_acl
 
 _DIR = tempfile.mkdtemp(prefix="ipsecmgr-config-prop-")
+atexit.register(shutil.rmtree, _DIR, True)
 os.chmod(_DIR, 0o700)
 PSK = os.path.join(_DIR, "psk")
 with open(PSK, "wb") as _f:
