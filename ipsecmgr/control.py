@@ -49,6 +49,9 @@ MAX_REQUEST = 64 * 1024  # the largest request (a trace filter) is a few hundred
 MAX_DEPTH = 32  # requests are flat objects; a deeper one is an attack
 MAX_CONNECTIONS = 32
 IDLE_TIMEOUT = 30.0  # seconds to send a request (a person typing uses the CLI, not the socket)
+#: Answers to a connection whose request was never read: :func:`request` retries them.
+BUSY = "too many connections"
+EVICTED = "evicted: too many connections (no request was read)"
 
 #: A command handler: takes the request, returns a JSON-able result (or an awaitable of one).
 Handler = Callable[[dict[str, Any]], Any]
@@ -177,7 +180,11 @@ class ControlServer:
                     continue  # its request has arrived, unread: not idle
                 del self._idle[victim]
                 self._open.discard(victim)
-                victim.transport.abort()  # its _client ends on the closed reader
+                # It sent nothing: tell it so (its client may retry), and close; its
+                # _client ends on the closed reader.
+                with contextlib.suppress(ConnectionError):
+                    victim.write(_line({"ok": False, "error": EVICTED}))
+                victim.close()
                 self.counters["evicted"] += 1
                 break
             else:
@@ -189,7 +196,7 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._admit(writer):
             with contextlib.suppress(ConnectionError):
-                writer.write(_line({"ok": False, "error": "too many connections"}))
+                writer.write(_line({"ok": False, "error": BUSY}))
             writer.close()
             return
         try:
@@ -315,7 +322,19 @@ def _line(obj: object) -> bytes:
 
 
 def request(path: Path | str, command: Mapping[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send one command to the daemon and return its response (blocking)."""
+    """Send one command to the daemon and return its response (blocking). While a
+    client floods the socket the daemon may refuse or evict this connection before
+    it reads the request (:data:`BUSY`, :data:`EVICTED`): nothing was done, so the
+    request is sent again on a new connection until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = _request_once(path, command, max(0.1, deadline - time.monotonic()))
+        if response.get("error") not in (BUSY, EVICTED) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.01)
+
+
+def _request_once(path: Path | str, command: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         deadline = time.monotonic() + timeout
@@ -330,10 +349,17 @@ def request(path: Path | str, command: Mapping[str, Any], timeout: float = 5.0) 
                     if time.monotonic() > deadline:
                         raise TimeoutError from None
                     time.sleep(0.01)
-            s.sendall(_line(dict(command)))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # Refused or evicted before the request went out: the answer says which.
+                s.sendall(_line(dict(command)))
             buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
+            while b"\n" not in buf:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    # The daemon closed this connection with our request unread (an
+                    # eviction; Linux resets a Unix socket closed with data queued).
+                    return {"ok": False, "error": EVICTED}
                 if not chunk:
                     raise ControlError(f"{path}: connection closed before a response")
                 buf += chunk
@@ -347,8 +373,12 @@ def request(path: Path | str, command: Mapping[str, Any], timeout: float = 5.0) 
             raise ControlError(f"{path}: permission denied (the socket is for its owner)") from None
         except TimeoutError:
             raise ControlError(f"{path}: no response within {timeout} s") from None
+        except ConnectionError as e:
+            raise ControlError(f"{path}: {e.strerror or e}") from None
     try:
-        response = json.loads(buf)
+        # One line: after it the daemon may already have closed this (now idle)
+        # connection with a notice, which is not ours to read.
+        response = json.loads(buf.split(b"\n", 1)[0])
     except ValueError as e:
         raise ControlError(f"{path}: response is not JSON: {e}") from None
     if not isinstance(response, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ipsecmgr.control import request
+from ipsecmgr.control import EVICTED, request
 from ipsecmgr.lab.gateways import LabGateways
 from ipsecmgr.lab.topology import Lab
 
@@ -72,8 +72,8 @@ def test_flooded_control_socket_keeps_answering_and_forwarding(
                                  b'{"command": "show", "a": ' + b"[" * 20000 + b"]" * 20000
                                  + b"}\n"):  # fmt: skip
                         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as a:
+                            a.connect(str(path))  # blocking, as above
                             a.settimeout(10)
-                            a.connect(str(path))
                             a.sendall(line)
                             abuse.append(a.makefile("rb").readline())
         finally:
@@ -97,14 +97,15 @@ def test_flooded_control_socket_keeps_answering_and_forwarding(
         assert len(held) == FLOOD
         assert gw.proc.poll() is None
         assert gw.show("crypto statistics").startswith("Uptime")
-        # The daemon closed (evicted) all but its newest connections.
+        # The daemon closed (evicted) all but its newest connections, each with a notice.
         closed = 0
         for s in held:
             s.settimeout(5)
             try:
-                closed += s.recv(1) == b""
+                notice = s.makefile("rb").read()  # to the end: the daemon closed it
             except (TimeoutError, ConnectionError):
                 continue
+            closed += not notice or json.loads(notice) == {"ok": False, "error": EVICTED}
         assert closed >= FLOOD - 64, closed
         rss_growth = _rss_kib(gw.proc.pid) - rss_before
         # Before the limits: +13 MB for 3,000 held connections.

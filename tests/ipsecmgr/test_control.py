@@ -7,13 +7,21 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipsecmgr.control import ControlError, ControlServer, prepare_socket_dir, request
+from ipsecmgr.control import (
+    BUSY,
+    EVICTED,
+    ControlError,
+    ControlServer,
+    prepare_socket_dir,
+    request,
+)
 
 
 def _run_with_server(path: Path, body: Any) -> Any:
@@ -204,6 +212,7 @@ def test_connection_limit_evicts_the_oldest_idle_and_refuses_when_none_is(tmp_pa
         time.sleep(0.2)  # let the server accept them; the check below does not rely on it
         # A fifth connection: the oldest idle one makes room, the request is answered.
         got: dict[str, Any] = {"answered": request(path, {"command": "echo", "arg": 5})}
+        got["oldest_told"] = _answer(idle[0])
         got["oldest_closed"] = idle[0].recv(100) == b""
         for s in idle:
             s.close()
@@ -213,7 +222,7 @@ def test_connection_limit_evicts_the_oldest_idle_and_refuses_when_none_is(tmp_pa
             s.sendall(b'{"command": "stream"}\n')
             assert _answer(s) == {"ok": True, "stream": True}
             streams.append(s)
-        got["refused"] = request(path, {"command": "echo", "arg": 6})
+        got["refused"] = request(path, {"command": "echo", "arg": 6}, timeout=0.5)
         for s in streams:
             s.close()
         deadline = time.monotonic() + 10
@@ -225,8 +234,9 @@ def test_connection_limit_evicts_the_oldest_idle_and_refuses_when_none_is(tmp_pa
 
     got, server = _bounded(path, client, max_connections=4)
     assert got["answered"] == {"ok": True, "result": 5}
+    assert got["oldest_told"] == {"ok": False, "error": EVICTED}  # request() retries it
     assert got["oldest_closed"] is True
-    assert got["refused"] == {"ok": False, "error": "too many connections"}
+    assert got["refused"] == {"ok": False, "error": BUSY}
     assert got["after"] == {"ok": True, "result": 7}
     assert server.counters["evicted"] >= 1 and server.counters["refused"] >= 1
 
@@ -251,3 +261,34 @@ def test_a_flood_of_idle_connections_never_locks_out_a_request(tmp_path: Path) -
     answers, server = _bounded(path, client, max_connections=16)
     assert answers == [{"ok": True, "result": i} for i in range(299, flood, 300)]
     assert server.counters["evicted"] >= flood - 16
+
+
+def test_requests_during_a_concurrent_flood_are_all_answered(tmp_path: Path) -> None:
+    # A flooder thread connects as fast as it can while requests are made: a request's
+    # connection may be evicted before the daemon reads it (another thread ran between
+    # its connect and its send); request() is told so and sends it again.
+    path = tmp_path / "d" / "c.sock"
+
+    def client() -> list[dict[str, Any]]:
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def flood() -> None:
+            for _ in range(3000):
+                if stop.is_set():
+                    return
+                held.append(_connect(path))
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            return [request(path, {"command": "echo", "arg": i}, timeout=20) for i in range(20)]
+        finally:
+            stop.set()
+            flooder.join(timeout=30)
+            for s in held:
+                s.close()
+
+    answers, server = _bounded(path, client, max_connections=8)
+    assert answers == [{"ok": True, "result": i} for i in range(20)]
+    assert server.counters["evicted"] > 0
