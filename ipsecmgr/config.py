@@ -41,6 +41,7 @@ reported by ``check-config``, not at the first IKE exchange.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ipsecmgr.config_checks import (
+    MAX_CONFIG_BYTES,
+    acl_shadow_warnings,
+    control_socket_problem,
+    file_problem,
+    interface_name_problem,
+)
 from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
 from ipsecmgr.tls.config import TlsMap, overlap_errors, parse_tls_map
 
@@ -79,6 +87,13 @@ DEFAULT_CONTROL_SOCKET = Path("/run/ipsecmgr/control.sock")
 # Seconds. Short lifetimes make rekeying testable (the interop tests use a few
 # seconds); production configs keep the defaults (hours).
 MIN_LIFETIME = 2
+# Bounds of lifetimes, timers and counts (docs/configuration.md "Bounds"): a value
+# outside is an error naming the key and the range, never a late failure.
+MAX_LIFETIME = 7 * 86400  # seconds, IKE and Child SA: rekeying at least weekly
+MAX_VOLUME = (1 << 63) - 1  # lifetime_bytes / lifetime_packets: TOML's largest integer
+MIN_TIMER, MAX_TIMER = 0.1, 86400.0  # dpd.interval, nat_keepalive (0: off)
+MAX_DPD_TIMEOUT = 3600.0
+MAX_RETRIES = 20  # dpd.retries, max_retransmission
 
 
 class ConfigError(ValueError):
@@ -288,11 +303,18 @@ def diagnose_config(
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        return ConfigDiagnosis(None, [f"{path}: cannot read: {e.strerror or e}"], [])
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        return ConfigDiagnosis(None, [f"{path}: cannot read: {getattr(e, 'strerror', 0) or e}"], [])
+    problem = file_problem(raw)
+    if problem is not None:
+        return ConfigDiagnosis(None, [f"{path}: {problem}"], [])
+    try:
+        data = tomllib.loads(raw.decode())
     except tomllib.TOMLDecodeError as e:
         return ConfigDiagnosis(None, [f"{path}: not valid TOML: {e}"], [])
+    except RecursionError:  # tomllib recurses per nesting level of arrays and tables
+        return ConfigDiagnosis(None, [f"{path}: not valid TOML: nested too deeply"], [])
     return parse_config(data, base_dir=path.parent, environ=environ, validate_acl=validate_acl)
 
 
@@ -413,12 +435,27 @@ class _Parser:
             return default
         return v
 
-    def number(self, t: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    def number(
+        self,
+        t: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: float,
+        *,
+        lo: float = 0.0,
+        hi: float = MAX_TIMER,
+        off: bool = False,
+    ) -> float:
+        """A finite number in lo..hi seconds (``off``: 0 is also allowed, meaning off)."""
         v = t.get(key, _MISSING)
         if v is _MISSING:
             return default
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-            self.err(f"{path}.{key}", f"expected a non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            self.err(f"{path}.{key}", f"expected a number, got {_tname(v)} {v!r}")
+            return default
+        if not (lo <= v <= hi or (off and v == 0)):
+            rng = ("0 (off) or " if off else "") + f"{lo:g}..{hi:g}"
+            self.err(f"{path}.{key}", f"{v!r} is out of range (expected {rng})")
             return default
         return float(v)
 
@@ -545,6 +582,7 @@ class _Parser:
                 self.err(f"{path}.rules", msg)
             if problems:
                 return None
+        self.warnings.extend(f"{path}.rules: {w}" for w in acl_shadow_warnings(name, rules))
         return AccessList(name, rules)
 
     def ike_set(self, name: str, t: dict[str, Any]) -> IkeTransformSet | None:
@@ -555,7 +593,7 @@ class _Parser:
         prf = self.choice(t, "prf", path, PRFS, "sha256")
         integ = self.choice(t, "integrity", path, INTEGRITIES, None)
         group = self.choice(t, "dh_group", path, DH_GROUPS, 14)
-        life = self.integer(t, "lifetime", path, 86400, lo=MIN_LIFETIME)
+        life = self.integer(t, "lifetime", path, 86400, lo=MIN_LIFETIME, hi=MAX_LIFETIME)
         self._short_lifetime(f"{path}.lifetime", life)
         if enc.startswith("aes-cbc") and integ is None and "integrity" not in t:
             self.err(
@@ -602,10 +640,10 @@ class _Parser:
             else:
                 pfs = int(pfs_raw)
         mode = self.choice(t, "mode", path, MODES, "tunnel")
-        secs = self.integer(t, "lifetime_seconds", path, 3600, lo=MIN_LIFETIME)
+        secs = self.integer(t, "lifetime_seconds", path, 3600, lo=MIN_LIFETIME, hi=MAX_LIFETIME)
         self._short_lifetime(f"{path}.lifetime_seconds", secs)
-        nbytes = self.integer(t, "lifetime_bytes", path, None, lo=1)
-        npkts = self.integer(t, "lifetime_packets", path, None, lo=1)
+        nbytes = self.integer(t, "lifetime_bytes", path, None, lo=1, hi=MAX_VOLUME)
+        npkts = self.integer(t, "lifetime_packets", path, None, lo=1, hi=MAX_VOLUME)
         rekey = self.choice(t, "rekey", path, REKEY_POLICIES, "keepalive")
         if len(self.errors) > n:
             return None
@@ -626,14 +664,17 @@ class _Parser:
              "datapath", "mss_clamp", "offload", "on_stop"),
         )  # fmt: skip
         n = len(self.errors)
-        raw = self.str_list(t, "local_addresses", path, required=True) or ()
+        listed = self.str_list(t, "local_addresses", path, required=True)
+        raw = listed or ()
         addrs = [self.address(a, f"{path}.local_addresses[{i}]") for i, a in enumerate(raw)]
-        if raw == () and "local_addresses" in t:
+        if listed == () and "local_addresses" in t:
             self.err(f"{path}.local_addresses", "empty: at least one address is needed")
         mgmt = self.string(t, "management_interface", path)
+        if mgmt is not None and (bad := interface_name_problem(mgmt)) is not None:
+            self.err(f"{path}.management_interface", bad)
         sock = self.string(t, "control_socket", path, str(DEFAULT_CONTROL_SOCKET))
-        if not Path(sock).is_absolute():
-            self.err(f"{path}.control_socket", f"{sock!r} is not an absolute path")
+        if (bad := control_socket_problem(Path(sock))) is not None:
+            self.err(f"{path}.control_socket", bad)
         ike_port = self.integer(t, "ike_port", path, 500, lo=1, hi=65535)
         natt_port = self.integer(t, "natt_port", path, 4500, lo=1, hi=65535)
         if len(self.errors) > n:
@@ -752,7 +793,7 @@ class _Parser:
         src = SecretSource(file=(self.base_dir / f) if f else None, env=e)
         try:
             secret, warnings = load_secret(src, self.environ)
-        except SecretError as exc:
+        except (SecretError, ValueError) as exc:  # ValueError: a NUL in the name
             self.err(f"{path}.{'file' if f else 'env'}", str(exc))
             return None
         self.warnings.extend(f"{path}.file: {w}" for w in warnings)
@@ -866,16 +907,18 @@ class _Parser:
         )
 
         rto = self.integer(t, "retransmission_timeout", path, 2000, lo=100, hi=600_000)
-        maxr = self.integer(t, "max_retransmission", path, 3, lo=0, hi=20)
+        maxr = self.integer(t, "max_retransmission", path, 3, lo=0, hi=MAX_RETRIES)
         dpd = Dpd()
         if "dpd" in t:
             dt = self.table(t["dpd"], f"{path}.dpd")
             if dt is not None:
                 self.keys(dt, f"{path}.dpd", ("interval", "timeout", "retries"))
                 dpd = Dpd(
-                    self.number(dt, "interval", f"{path}.dpd", 30.0),
-                    self.number(dt, "timeout", f"{path}.dpd", 10.0),
-                    self.integer(dt, "retries", f"{path}.dpd", 3, lo=0, hi=20),
+                    self.number(dt, "interval", f"{path}.dpd", 30.0, lo=MIN_TIMER, off=True),
+                    self.number(
+                        dt, "timeout", f"{path}.dpd", 10.0, lo=MIN_TIMER, hi=MAX_DPD_TIMEOUT
+                    ),
+                    self.integer(dt, "retries", f"{path}.dpd", 3, lo=0, hi=MAX_RETRIES),
                 )
         first = self.choice(t, "first_packet", path, FIRST_PACKET, "drop")
         qsize = self.integer(t, "queue_size", path, 8, lo=1, hi=1024)
@@ -883,12 +926,18 @@ class _Parser:
             self.warnings.append(f'{path}.queue_size: ignored unless first_packet = "queue"')
         encap = self.choice(t, "encapsulation", path, ENCAPSULATIONS, "auto")
         ic = self.boolean(t, "initial_contact", path, True)
-        keepalive = self.number(t, "nat_keepalive", path, 20.0)
+        keepalive = self.number(t, "nat_keepalive", path, 20.0, lo=MIN_TIMER, off=True)
         preempt = self.boolean(t, "preempt", path, True)
         on_unreachable = self.choice(t, "on_unreachable", path, ON_UNREACHABLE, "icmp")
         if len(self.errors) > n:
             return None
-        assert peer is not None and local is not None and acl is not None
+        if None in (peer, local, acl, local_psk, remote_psk, local_id, remote_id):
+            # Only when another section is broken (no valid [gateway]: no local
+            # address to pick); that section's error says what to fix.
+            if not self.errors:
+                self.err(path, "incomplete (peer, local address, match_address or PSK missing)")
+            return None
+        assert peer is not None and local is not None and acl is not None  # for mypy
         assert local_psk is not None and remote_psk is not None
         assert local_id is not None and remote_id is not None
         return CryptoMap(
@@ -956,6 +1005,8 @@ class _Parser:
                     path if key_name else f"{path}.name",
                     f"interface name {name!r} is longer than 15 characters",
                 )
+            elif (bad := interface_name_problem(name)) is not None:
+                self.err(path if key_name else f"{path}.name", bad)
             if name in seen:
                 self.err(path, f"tun {name!r} is defined twice (also at {seen[name]})")
             seen[name] = path

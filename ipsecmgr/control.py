@@ -10,22 +10,48 @@ it: the file is mode 0600 in a directory of mode 0700 that the daemon creates
 (default ``/run/ipsecmgr``); a directory that others can enter is refused
 rather than silently tightened (it might be /tmp). A stale socket file left by
 a crashed daemon is replaced; a live one (another daemon answers) is an error.
+
+Bounds (a local client must not be able to exhaust the daemon, issue #15):
+
+* at most ``max_connections`` (:data:`MAX_CONNECTIONS`) at once. A connection
+  over the limit evicts the oldest one that is idle (waiting for a request,
+  nothing sent yet); if none is idle it is answered "too many connections"
+  and closed. A flood of idle connections therefore never locks out ``show``.
+* ``idle_timeout`` (:data:`IDLE_TIMEOUT`) seconds to send the next request,
+  then the connection is answered "idle timeout" and closed (a ``trace``
+  stream is not idle: it ends when the client closes it).
+* a request line of at most :data:`MAX_REQUEST` bytes, JSON nested at most
+  :data:`MAX_DEPTH` deep (checked before decoding: ``json.loads`` would recurse
+  into a RecursionError).
+
+``counters`` counts what each bound refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import inspect
 import json
 import os
 import socket
 import stat
+import sys
+import termios
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 MAX_LINE = 1 << 20  # a show snapshot of many SAs fits; anything larger is refused
+MAX_REQUEST = 64 * 1024  # the largest request (a trace filter) is a few hundred bytes
+MAX_DEPTH = 32  # requests are flat objects; a deeper one is an attack
+MAX_CONNECTIONS = 32
+IDLE_TIMEOUT = 30.0  # seconds to send a request (a person typing uses the CLI, not the socket)
+#: Answers to a connection whose request was never read: :func:`request` retries them.
+BUSY = "too many connections"
+EVICTED = "evicted: too many connections (no request was read)"
 
 #: A command handler: takes the request, returns a JSON-able result (or an awaitable of one).
 Handler = Callable[[dict[str, Any]], Any]
@@ -42,14 +68,23 @@ def prepare_socket_dir(path: Path) -> None:
         d.mkdir(mode=0o700, parents=True)
         os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
         return
+    problem = socket_dir_problem(d)
+    if problem is not None:
+        raise ControlError(problem)
+
+
+def socket_dir_problem(d: Path) -> str | None:
+    """Why an existing directory cannot hold the control socket (None: it can).
+    Also ``check-config``'s check, so that it refuses what ``run`` would."""
     st = d.stat()
     if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"{d} is not a directory")
+        return f"{d} is not a directory"
     if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.geteuid():
-        raise ControlError(
+        return (
             f"{d} has mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}: "
             "the control socket needs a directory of mode 0700 owned by this user"
         )
+    return None
 
 
 def _remove_stale(path: Path) -> None:
@@ -69,15 +104,36 @@ def _remove_stale(path: Path) -> None:
 class ControlServer:
     """Serves commands from ``handlers`` (name -> function of the request dict)."""
 
-    def __init__(self, path: Path | str, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        handlers: Mapping[str, Handler],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_request: int = MAX_REQUEST,
+        max_depth: int = MAX_DEPTH,
+    ) -> None:
         self.path = Path(path)
         self.handlers = dict(handlers)
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_request = max_request
+        self.max_depth = max_depth
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("refused", "evicted", "idle_timeouts", "too_long", "too_deep"), 0
+        )
         self._server: asyncio.AbstractServer | None = None
+        # Open connections; the idle ones (waiting for a request) oldest first.
+        self._open: set[asyncio.StreamWriter] = set()
+        self._idle: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self) -> None:
         prepare_socket_dir(self.path)
         _remove_stale(self.path)
-        self._server = await asyncio.start_unix_server(self._client, str(self.path), limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(
+            self._client, str(self.path), limit=self.max_request
+        )
         # The directory is 0700, so nobody else can reach the socket between
         # bind() and this chmod.
         os.chmod(self.path, 0o600)
@@ -116,30 +172,78 @@ class ControlServer:
             return {"ok": False, "error": f"{request['command']}: {type(e).__name__}: {e}"}
         return {"ok": True, "result": result}
 
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Room for one more connection: evict the oldest idle one if need be."""
+        if len(self._open) >= self.max_connections:
+            for victim in list(self._idle):
+                if _pending(victim):
+                    continue  # its request has arrived, unread: not idle
+                del self._idle[victim]
+                self._open.discard(victim)
+                # It sent nothing: tell it so (its client may retry), and close; its
+                # _client ends on the closed reader.
+                with contextlib.suppress(ConnectionError):
+                    victim.write(_line({"ok": False, "error": EVICTED}))
+                victim.close()
+                self.counters["evicted"] += 1
+                break
+            else:
+                self.counters["refused"] += 1
+                return False
+        self._open.add(writer)
+        return True
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            with contextlib.suppress(ConnectionError):
+                writer.write(_line({"ok": False, "error": BUSY}))
+            writer.close()
+            return
         try:
             while True:
+                self._idle[writer] = None
                 try:
-                    line = await reader.readuntil(b"\n")
+                    async with asyncio.timeout(self.idle_timeout):
+                        line = await reader.readuntil(b"\n")
                 except asyncio.IncompleteReadError:
                     return
-                except asyncio.LimitOverrunError:
-                    writer.write(_line({"ok": False, "error": "request too long"}))
+                except TimeoutError:
+                    self.counters["idle_timeouts"] += 1
+                    writer.write(_line({"ok": False, "error": "idle timeout"}))
                     return
-                try:
-                    request = json.loads(line)
-                except ValueError as e:
-                    response: dict[str, Any] = {"ok": False, "error": f"not JSON: {e}"}
+                except asyncio.LimitOverrunError:
+                    self.counters["too_long"] += 1
+                    writer.write(
+                        _line(
+                            {"ok": False, "error": f"request longer than {self.max_request} bytes"}
+                        )
+                    )
+                    return
+                finally:
+                    self._idle.pop(writer, None)
+                if _too_deep(line, self.max_depth):
+                    self.counters["too_deep"] += 1
+                    response: dict[str, Any] = {
+                        "ok": False,
+                        "error": f"request nested deeper than {self.max_depth}",
+                    }
                 else:
-                    response = await self.dispatch(request)
-                    if response["ok"] and hasattr(response["result"], "__aiter__"):
-                        await self._stream(response["result"], reader, writer)
-                        return
+                    try:
+                        request = json.loads(line)
+                    except ValueError as e:
+                        response = {"ok": False, "error": f"not JSON: {e}"}
+                    else:
+                        response = await self.dispatch(request)
+                        if response["ok"] and hasattr(response["result"], "__aiter__"):
+                            await self._stream(response["result"], reader, writer)
+                            return
                 writer.write(_line(response))
                 await writer.drain()
         except ConnectionError:
             pass
         finally:
+            self._open.discard(writer)
+            self._idle.pop(writer, None)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -174,20 +278,88 @@ class ControlServer:
                 await aclose()
 
 
+def _pending(writer: asyncio.StreamWriter) -> bool:
+    """Whether the kernel holds bytes the client sent that asyncio has not read yet
+    (FIONREAD, which is SIOCINQ on a socket: asyncio's socket wrapper has no recv)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(unread, sys.byteorder) > 0
+
+
+def _too_deep(line: bytes, limit: int) -> bool:
+    """Whether ``[`` and ``{`` nest deeper than ``limit`` outside strings (a scan,
+    no recursion; a line with no more brackets than the limit is not scanned)."""
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 def _line(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, default=str).encode() + b"\n"
 
 
 def request(path: Path | str, command: Mapping[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send one command to the daemon and return its response (blocking)."""
+    """Send one command to the daemon and return its response (blocking). While a
+    client floods the socket the daemon may refuse or evict this connection before
+    it reads the request (:data:`BUSY`, :data:`EVICTED`): nothing was done, so the
+    request is sent again on a new connection until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = _request_once(path, command, max(0.1, deadline - time.monotonic()))
+        if response.get("error") not in (BUSY, EVICTED) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.01)
+
+
+def _request_once(path: Path | str, command: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
-            s.connect(str(path))
-            s.sendall(_line(dict(command)))
+            while True:
+                try:
+                    s.connect(str(path))
+                    break
+                except BlockingIOError:
+                    # The listen backlog is full (a client floods the socket): the
+                    # daemon drains it; retry until the deadline.
+                    if time.monotonic() > deadline:
+                        raise TimeoutError from None
+                    time.sleep(0.01)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # Refused or evicted before the request went out: the answer says which.
+                s.sendall(_line(dict(command)))
             buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
+            while b"\n" not in buf:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    # The daemon closed this connection with our request unread (an
+                    # eviction; Linux resets a Unix socket closed with data queued).
+                    return {"ok": False, "error": EVICTED}
                 if not chunk:
                     raise ControlError(f"{path}: connection closed before a response")
                 buf += chunk
@@ -201,8 +373,12 @@ def request(path: Path | str, command: Mapping[str, Any], timeout: float = 5.0) 
             raise ControlError(f"{path}: permission denied (the socket is for its owner)") from None
         except TimeoutError:
             raise ControlError(f"{path}: no response within {timeout} s") from None
+        except ConnectionError as e:
+            raise ControlError(f"{path}: {e.strerror or e}") from None
     try:
-        response = json.loads(buf)
+        # One line: after it the daemon may already have closed this (now idle)
+        # connection with a notice, which is not ours to read.
+        response = json.loads(buf.split(b"\n", 1)[0])
     except ValueError as e:
         raise ControlError(f"{path}: response is not JSON: {e}") from None
     if not isinstance(response, dict):

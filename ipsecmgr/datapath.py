@@ -514,17 +514,28 @@ class Datapath:
                     crypto_map=flow.crypto_map,
                 )
             return None
+        # RFC 4301 §5.2: every decrypted packet, in both modes, must lie inside the
+        # SA's selectors and be permitted by the map's ACL (read for the reply).
         if sa.mode == "tunnel":
-            if nh not in (4, 41) or not self.saflow.check_inbound(flow, payload):
-                _bump(self.counters, "policy_drops")
-                if tr is not None:
-                    tr("10", "policy_drop", payload, spi=sa.spi, crypto_map=flow.crypto_map)
-                return None
+            if nh not in (4, 41):
+                drop: str | None = "protocol"
+            else:
+                drop = self.saflow.inbound_drop(flow, payload, self.classifier)
             packet = payload
         else:
             if not dst:
                 dst = self.transport_local.get(src) or self._learn_local(family, src)
             packet = build_ip_header(family, src, dst, nh, len(payload)) + payload
+            drop = self.saflow.inbound_drop_transport(
+                flow, src, dst, nh, payload[:4], self.classifier
+            )
+        if drop is not None:
+            _bump(self.counters, "policy_drops")
+            _bump(self.counters, "policy_drop_" + drop)
+            if tr is not None:
+                tr("10", "policy_drop", packet, spi=sa.spi, crypto_map=flow.crypto_map,
+                   reason=drop)  # fmt: skip
+            return None
         name: str = flow.crypto_map
         if tr is not None:
             tr("10", "decrypted", packet, spi=sa.spi, crypto_map=name)

@@ -69,7 +69,7 @@ _TEXTS = {
     "esp_sent": "IpsecMgr → {peer}: ESP SPI {spi} seq {seq}, {wire_len} bytes",
     "esp_received": "{outer_src} → IpsecMgr: ESP received, {wire_len} bytes",
     "saflow_match": "NPUSIM: SA flow SPI {spi} matched (crypto map {crypto_map})",
-    "policy_drop": "IpsecMgr: dropped: outside the selectors of SPI {spi}",
+    "policy_drop": "IpsecMgr: dropped by the inbound policy ({reason}) of SPI {spi}: {tcp}",
     "decrypted": "IpsecMgr: decrypted, policy check passed: {tcp}",
     "tun_write": "IpsecMgr → TUN: written ({len} bytes)",
     "lost": "({count} events lost: rate limit or slow reader)",

@@ -344,10 +344,12 @@ class ControlDatapath(Datapath):
 
     @classifier.setter
     def classifier(self, value: npusim.Classifier) -> None:
-        # SIGHUP swaps the classifier; the OUTBOUND worker classifies, so it gets a copy.
+        # SIGHUP swaps the classifier; the OUTBOUND worker classifies and the INBOUND
+        # worker checks decrypted packets against the ACL with it: each gets a copy.
         self._classifier = value
         if self.workers.started:
             self.workers.to(OUTBOUND, ("classifier", value))
+            self.workers.to(INBOUND, ("classifier", value))
 
     def send_protected(self, binding: OutboundBinding, packet: bytes) -> None:
         name = next((n for n, b in self.outbound.items() if b is binding), None)

@@ -373,6 +373,40 @@ class Classifier:
         # A deny line: not via this map. The other maps decide (the deny path).
         return self._deny_path(groups, src, dst, sport, dport, ports, False)
 
+    def permits_reply(
+        self,
+        name: str,
+        version: int,
+        proto: int,
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        pstate: int,
+    ) -> bool:
+        """Inbound ACL check (RFC 4301 §5.2) for a packet decrypted from crypto map
+        ``name``: whether :meth:`classify` would protect its reply (addresses and
+        ports swapped) with that same map. A Cisco crypto ACL is written for the
+        outbound direction and mirrored for inbound. Counts nothing: the SA-flow
+        table counts the verdict. Bounded like the deny path (:meth:`_outcome`)."""
+        src, dst, sport, dport = dst, src, dport, sport
+        if version == 6 and _link_scoped(src, dst):
+            return False
+        if proto in _CONTROL_PROTOCOLS and self._is_control(
+            version, proto, src, dst, sport, dport, pstate
+        ):
+            return False  # the reply would bypass: never via a tunnel
+        by_proto, other = self._index[version]
+        groups = by_proto.get(proto, other)
+        if pstate == PORTS_TRUNCATED:
+            outcome = self._outcome(groups, src, dst, _ANY_PORT, _ANY_PORT, False, True)
+        else:
+            outcome = self._outcome(groups, src, dst, sport, dport, pstate == PORTS_OK, False)
+        if outcome.index in (_NO_MATCH, _DROP_TRUNCATED):
+            return False
+        verdict = self._entries[outcome.index][1]
+        return verdict is not None and verdict.crypto_map.name == name
+
     def clear_counters(self) -> None:
         """Zero every counter (the dicts stay the same objects)."""
         for outcome in self._unfolded:
@@ -386,7 +420,7 @@ class Classifier:
         groups = by_proto.get(proto, other)
         return self._deny_path(groups, src, dst, _ANY_PORT, _ANY_PORT, False, True)
 
-    def _deny_path(
+    def _outcome(
         self,
         groups: list[_Group],
         src: int,
@@ -395,11 +429,10 @@ class Classifier:
         dport: int,
         ports: bool,
         truncated: bool,
-    ) -> Verdict:
-        """The verdict from every class the packet matches, remembered by their ids.
-
-        Bounded: one probe per group and one test per class of the buckets hit;
-        the outcome itself is computed once per set of classes (_decide)."""
+    ) -> _Outcome:
+        """The decision from every class the packet matches, remembered by their ids
+        (nothing counted). Bounded: one probe per group and one test per class of the
+        buckets hit; the outcome itself is computed once per set of classes (_decide)."""
         hit: list[int] = [truncated]
         for _, _, sm, dm, dpm, _, classes in groups:
             found = classes.get((src & sm, dst & dm, dport & dpm))
@@ -425,6 +458,21 @@ class Classifier:
         if outcome is None:
             outcome = self._decide(hit[1:], truncated, sport, dport, ports)
             self._remember(key, outcome)
+        return outcome
+
+    def _deny_path(
+        self,
+        groups: list[_Group],
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        ports: bool,
+        truncated: bool,
+    ) -> Verdict:
+        """The verdict of a packet the first matching line does not protect (a deny
+        line, or ports cut off), with its counters: see :meth:`_outcome`."""
+        outcome = self._outcome(groups, src, dst, sport, dport, ports, truncated)
         if len(outcome.denies) > _BULK_DENIES:
             outcome.hits += 1
             self._unfolded[outcome] = None

@@ -30,10 +30,21 @@ the "port" is ``type << 8 | code`` (RFC 7296 §3.13.1) on both sides.
 The table holds the caller's SA object (``flow.sa``) without knowing its type:
 npusim imports nothing from esp.
 
+Drop reasons.  :meth:`SaFlowTable.inbound_drop` and
+:meth:`SaFlowTable.inbound_drop_transport` say why a packet is refused, one of
+:data:`POLICY_REASONS`: ``protocol`` (no selector pair carries its protocol),
+``address`` (the protocol is allowed, an address is outside), ``port`` (the
+addresses are inside, a port is not), ``acl`` (inside the selectors, but the
+map's ACL, read in the reply direction, does not permit it: a deny line, or a
+combination of two permit lines that the selector cross product admits) and
+``inner_malformed``.  The ACL check is the classifier's own index
+(:meth:`npusim.Classifier.permits_reply`), so it costs one lookup, not one test
+per rule.
+
 Counters: ``counters[GLOBAL]`` has ``unknown_spi`` and ``malformed_esp``;
 ``counters[crypto_map]`` has ``policy_ok``, ``policy_violation`` and
 ``inner_malformed`` (the decrypted packet is not a readable IP packet; it is
-also refused).
+also refused), and, once one happened, ``policy_<reason>`` per drop reason.
 """
 
 from __future__ import annotations
@@ -43,10 +54,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from npusim.classifier import Classifier
 from npusim.counters import GLOBAL, zero
-from npusim.packet import PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, parse_selectors
+from npusim.packet import (
+    PORT_PROTOCOLS,
+    PORTS_NONE,
+    PORTS_OK,
+    PORTS_TRUNCATED,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    parse_selectors,
+)
 
 _FAMILY_MAX: Final = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
+
+POLICY_PROTOCOL: Final = "protocol"
+POLICY_ADDRESS: Final = "address"
+POLICY_PORT: Final = "port"
+POLICY_ACL: Final = "acl"
+POLICY_MALFORMED: Final = "inner_malformed"
+POLICY_REASONS: Final = (POLICY_PROTOCOL, POLICY_ADDRESS, POLICY_PORT, POLICY_ACL, POLICY_MALFORMED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,12 +219,7 @@ class SaFlowTable:
 
     def check_inbound(self, flow: SaFlow, inner_packet: bytes | bytearray | memoryview) -> bool:
         """Tunnel mode: whether the decrypted inner IP packet may be delivered."""
-        sel = parse_selectors(inner_packet)
-        if isinstance(sel, str):
-            flow.counters["inner_malformed"] += 1
-            return False
-        version, proto, src, dst, sport, dport, _ = sel
-        return self._verdict(flow, version, proto, src, dst, sport, dport)
+        return self.inbound_drop(flow, inner_packet) is None
 
     def check_inbound_transport(
         self,
@@ -209,31 +231,83 @@ class SaFlowTable:
     ) -> bool:
         """Transport mode: check the outer addresses, ESP's Next Header and the
         first bytes of the decrypted payload (for the ports)."""
+        return self.inbound_drop_transport(flow, outer_src, outer_dst, protocol, l4_header) is None
+
+    def inbound_drop(
+        self,
+        flow: SaFlow,
+        inner_packet: bytes | bytearray | memoryview,
+        acl: Classifier | None = None,
+    ) -> str | None:
+        """Tunnel mode: None to deliver the decrypted inner IP packet, or why not
+        (one of :data:`POLICY_REASONS`). With ``acl``, the map's ACL must also
+        permit the packet's reply (RFC 4301 §5.2: the SPD entry, not only the SA)."""
+        sel = parse_selectors(inner_packet)
+        if isinstance(sel, str):
+            flow.counters["inner_malformed"] += 1
+            return POLICY_MALFORMED
+        version, proto, src, dst, sport, dport, pstate = sel
+        return self._drop(flow, version, proto, src, dst, sport, dport, pstate, acl)
+
+    def inbound_drop_transport(
+        self,
+        flow: SaFlow,
+        outer_src: bytes | bytearray | memoryview,
+        outer_dst: bytes | bytearray | memoryview,
+        protocol: int,
+        l4_header: bytes | bytearray | memoryview,
+        acl: Classifier | None = None,
+    ) -> str | None:
+        """Transport mode (RFC 4301 §5.2 applies in both modes): the outer
+        addresses, ESP's Next Header and the payload's first bytes (the ports)
+        against the SA's selectors and, with ``acl``, the map's ACL."""
         n = len(outer_src)
         if n != len(outer_dst) or n not in (4, 16):
             flow.counters["inner_malformed"] += 1
-            return False
+            return POLICY_MALFORMED
         version = 4 if n == 4 else 6
         src = int.from_bytes(outer_src, "big")
         dst = int.from_bytes(outer_dst, "big")
         sport = dport = -1
+        pstate = PORTS_NONE
         if protocol in PORT_PROTOCOLS:
+            pstate = PORTS_TRUNCATED
             if len(l4_header) >= 4:
                 sport = l4_header[0] << 8 | l4_header[1]
                 dport = l4_header[2] << 8 | l4_header[3]
+                pstate = PORTS_OK
         elif protocol in (PROTO_ICMP, PROTO_ICMPV6) and len(l4_header) >= 2:
             sport = dport = l4_header[0] << 8 | l4_header[1]
-        return self._verdict(flow, version, protocol, src, dst, sport, dport)
+        return self._drop(flow, version, protocol, src, dst, sport, dport, pstate, acl)
 
     @staticmethod
-    def _verdict(
-        flow: SaFlow, version: int, proto: int, src: int, dst: int, sport: int, dport: int
-    ) -> bool:
-        ok = _inside(flow.src_selectors, version, proto, src, sport) and _inside(
+    def _drop(
+        flow: SaFlow,
+        version: int,
+        proto: int,
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        pstate: int,
+        acl: Classifier | None,
+    ) -> str | None:
+        c = flow.counters
+        if _inside(flow.src_selectors, version, proto, src, sport) and _inside(
             flow.dst_selectors, version, proto, dst, dport
-        )
-        flow.counters["policy_ok" if ok else "policy_violation"] += 1
-        return ok
+        ):
+            if acl is None or acl.permits_reply(
+                flow.crypto_map, version, proto, src, dst, sport, dport, pstate
+            ):
+                c["policy_ok"] += 1
+                return None
+            reason = POLICY_ACL
+        else:
+            reason = _reason(flow, version, proto, src, dst)
+        c["policy_violation"] += 1
+        key = "policy_" + reason
+        c[key] = c.get(key, 0) + 1
+        return reason
 
     def clear_counters(self) -> None:
         """Zero every counter (the dicts stay the same objects)."""
@@ -256,3 +330,21 @@ def _inside(
         if ts.contains(version, proto, addr, port):
             return True
     return False
+
+
+def _reason(flow: SaFlow, version: int, proto: int, src: int, dst: int) -> str:
+    """Why a packet is outside the selectors (the drop path only): the first of
+    protocol, address, port that no selector pair admits."""
+    pairs = [(s, d) for s in flow.src_selectors for d in flow.dst_selectors]
+    pairs = [
+        (s, d)
+        for s, d in pairs
+        if s.version == d.version == version
+        and s.protocol in (0, proto)
+        and d.protocol in (0, proto)
+    ]
+    if not pairs:
+        return POLICY_PROTOCOL
+    if not any(s.start <= src <= s.end and d.start <= dst <= d.end for s, d in pairs):
+        return POLICY_ADDRESS
+    return POLICY_PORT

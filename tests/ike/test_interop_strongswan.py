@@ -236,8 +236,20 @@ def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_pa
     us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
     us.command("release1")  # our request reaches strongSwan while its own is in flight...
     us.wait(lambda m: "received CREATE_CHILD_SA response" in m.get("log", ""))
-    us.command("release")  # ...and only then our answer to its request
-    deadline = time.monotonic() + 15
+    # ...and only then our answer to its request. We have decided the collision and
+    # queued a DELETE (of the old IKE SA, or of our redundant new one): it goes only
+    # once strongSwan has decided too. Released together, strongSwan's worker threads
+    # could take the DELETE first; a DELETE of the redundant SA, which strongSwan
+    # registers only while deciding, is then dropped and the outcome waited for our
+    # retransmissions (2, 6, 14 s): the flaky failure of issue #15.
+    us.command("release1")
+    deadline = time.monotonic() + 30
+    while "rekeyed between" not in sw.log():
+        assert time.monotonic() < deadline, sw.log()[-3000:]
+        us.poll(0.1)
+    us.command("release")
+    # Generous: a lost datagram costs our retransmission schedule (2 + 4 + 8 s).
+    deadline = time.monotonic() + 30
     while True:
         rekeys = [e for e in us.events if e.get("event") == "IkeSaRekeyed"]
         text = sw.sas()

@@ -11,7 +11,8 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.layers.ipsec import ESP
 from scapy.packet import Raw
 
-from npusim import GLOBAL, SaFlowTable, TrafficSelector
+from npusim import GLOBAL, Classifier, CryptoMap, SaFlow, SaFlowTable, TrafficSelector, parse_acl
+from npusim.packet import PORTS_OK, PORTS_TRUNCATED
 
 SERVER = "209.165.201.1"
 CLIENT = "209.165.200.225"
@@ -77,28 +78,30 @@ def test_remove() -> None:
 
 
 @pytest.mark.parametrize(
-    ("inner", "ok"),
+    ("inner", "reason"),
     [
-        (IP(src=SERVER, dst=CLIENT) / TCP(sport=49, dport=40000, flags="SA"), True),
-        (IP(src=SERVER, dst=CLIENT) / TCP(sport=50, dport=40000), False),  # port
-        (IP(src=SERVER, dst=CLIENT) / UDP(sport=49, dport=40000), False),  # protocol
-        (IP(src="209.165.201.2", dst=CLIENT) / TCP(sport=49), False),  # spoofed source
-        (IP(src=SERVER, dst="209.165.200.224") / TCP(sport=49), False),  # not for us
-        (IP(src=CLIENT, dst=SERVER) / TCP(dport=49), False),  # wrong orientation
+        (IP(src=SERVER, dst=CLIENT) / TCP(sport=49, dport=40000, flags="SA"), None),
+        (IP(src=SERVER, dst=CLIENT) / TCP(sport=50, dport=40000), "port"),
+        (IP(src=SERVER, dst=CLIENT) / UDP(sport=49, dport=40000), "protocol"),
+        (IP(src="209.165.201.2", dst=CLIENT) / TCP(sport=49), "address"),  # spoofed source
+        (IP(src=SERVER, dst="209.165.200.224") / TCP(sport=49), "address"),  # not for us
+        (IP(src=CLIENT, dst=SERVER) / TCP(dport=49), "address"),  # wrong orientation
         # A non-first fragment shows no port; the source selector needs one.
-        (IP(src=SERVER, dst=CLIENT, proto=6, frag=10) / Raw(b"\x00\x31" * 8), False),
+        (IP(src=SERVER, dst=CLIENT, proto=6, frag=10) / Raw(b"\x00\x31" * 8), "port"),
     ],
 )
-def test_tunnel_policy_check(inner: IP, ok: bool) -> None:
+def test_tunnel_policy_check(inner: IP, reason: str | None) -> None:
     table, _ = tunnel_table()
     flow = table.lookup(0x1000)
     assert flow is not None
-    assert table.check_inbound(flow, bytes(inner)) is ok
+    assert table.inbound_drop(flow, bytes(inner)) == reason
+    assert table.check_inbound(flow, bytes(inner)) is (reason is None)
+    ok = reason is None
     assert table.counters["foo"] == {
-        "policy_ok": int(ok),
-        "policy_violation": int(not ok),
+        "policy_ok": 2 * int(ok),
+        "policy_violation": 2 * int(not ok),
         "inner_malformed": 0,
-    }
+    } | ({} if ok else {f"policy_{reason}": 2})
 
 
 def test_malformed_inner_packet_is_refused_and_counted() -> None:
@@ -259,3 +262,77 @@ def test_selector_constructors() -> None:
         TrafficSelector.from_prefix("2001:db8::1").start
         == TrafficSelector.from_prefix("2001:db8::1").end
     )
+
+
+def _acl_table(rules: list[str]) -> tuple[SaFlowTable, SaFlow, Classifier]:
+    """An SA whose selectors are the cross product of the ACL's permit lines
+    (as ipsecmgr.manager.selectors_from_acl builds them) and the classifier."""
+    from ipsecmgr.manager import npu_selector, selectors_from_acl
+
+    acl = parse_acl("tacacs", rules)
+    local, remote = selectors_from_acl(acl)
+    table = SaFlowTable()
+    flow = table.add(
+        0x6000,
+        None,
+        [npu_selector(t) for t in remote],
+        [npu_selector(t) for t in local],
+        "foo",
+    )
+    return table, flow, Classifier([CryptoMap("foo", acl)])
+
+
+def test_acl_deny_line_drops_what_the_selectors_admit() -> None:
+    # The selectors come from the permit line only; the deny line exists only in the ACL.
+    table, flow, acl = _acl_table(
+        [f"deny tcp host {CLIENT} host {SERVER} eq 23", f"permit ip host {CLIENT} host {SERVER}"]
+    )
+    telnet = bytes(IP(src=SERVER, dst=CLIENT) / TCP(sport=23, dport=40000))
+    tacacs = bytes(IP(src=SERVER, dst=CLIENT) / TCP(sport=49, dport=40000))
+    assert table.inbound_drop(flow, telnet) is None  # the selectors alone admit it
+    assert table.inbound_drop(flow, telnet, acl) == "acl"
+    assert table.inbound_drop(flow, tacacs, acl) is None
+    assert table.counters["foo"]["policy_acl"] == 1
+    assert acl.counters["foo"] == {"protect": 0, "deny": 0}  # the outbound counters stay
+
+
+def test_acl_check_refuses_a_cross_product_of_two_permit_lines() -> None:
+    # Two lines, two local hosts each with its own server: the selectors' cross product
+    # admits server A talking to client 2; the ACL does not.
+    a, b, client2 = SERVER, "209.165.201.3", "209.165.200.226"
+    table, flow, acl = _acl_table(
+        [f"permit tcp host {CLIENT} host {a} eq 49", f"permit tcp host {client2} host {b} eq 49"]
+    )
+    crossed = bytes(IP(src=a, dst=client2) / TCP(sport=49, dport=40000))
+    assert table.inbound_drop(flow, crossed) is None
+    assert table.inbound_drop(flow, crossed, acl) == "acl"
+    assert table.inbound_drop(flow, bytes(IP(src=b, dst=client2) / TCP(sport=49)), acl) is None
+    assert table.inbound_drop(flow, bytes(IP(src=a, dst=CLIENT) / TCP(sport=49)), acl) is None
+
+
+def test_transport_mode_reasons_and_acl() -> None:
+    table, flow, acl = _acl_table([f"permit tcp host {CLIENT} host {SERVER} eq 49"])
+    src, dst = _packed(SERVER), _packed(CLIENT)
+    seg = bytes(TCP(sport=49, dport=40000))
+    check = table.inbound_drop_transport
+    assert check(flow, src, dst, 6, seg, acl) is None
+    assert check(flow, src, dst, 6, bytes(TCP(sport=22, dport=40000)), acl) == "port"
+    assert check(flow, src, dst, 17, bytes(UDP(sport=49, dport=40000)), acl) == "protocol"
+    assert check(flow, _packed("209.165.201.9"), dst, 6, seg, acl) == "address"
+    assert check(flow, src, dst, 6, seg[:3], acl) == "port"  # ports cut off
+    c = table.counters["foo"]
+    assert (c["policy_ok"], c["policy_violation"]) == (1, 4)
+    assert (c["policy_port"], c["policy_protocol"], c["policy_address"]) == (2, 1, 1)
+
+
+def test_permits_reply_is_the_mirror_of_classify() -> None:
+    acl = parse_acl("a", [f"permit tcp host {CLIENT} host {SERVER} eq 49"])
+    clf = Classifier(
+        [CryptoMap("foo", acl), CryptoMap("bar", parse_acl("b", ["permit ip any any"]))]
+    )
+    c, s = int(ipaddress.ip_address(CLIENT)), int(ipaddress.ip_address(SERVER))
+    assert clf.permits_reply("foo", 4, 6, s, c, 49, 40000, PORTS_OK)
+    assert not clf.permits_reply("bar", 4, 6, s, c, 49, 40000, PORTS_OK)  # foo's, not bar's
+    assert not clf.permits_reply("foo", 4, 6, s, c, 50, 40000, PORTS_OK)
+    assert clf.permits_reply("bar", 4, 6, s, c, 50, 40000, PORTS_OK)
+    assert not clf.permits_reply("foo", 4, 6, s, c, -1, -1, PORTS_TRUNCATED)
