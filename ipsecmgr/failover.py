@@ -1,6 +1,6 @@
 """The manager's failover glue: which peer IKE goes to, what a packet gets when no
 peer can be reached, and how unauthenticated noise is logged (issues #20, #15.4,
-#15.5; docs/recovery.md "Failover", docs/security-failover.md).
+#15.5; docs/recovery.md "Failover", docs/security.md "Refusals and noise").
 
 The decisions live in :mod:`ipsecmgr.peers` (ordered peers and their hold-downs)
 and :mod:`ipsecmgr.reject` (the answer's bytes); this module applies them to the
