@@ -435,10 +435,25 @@ async def _serve(args: argparse.Namespace) -> int:
     except (SecretError, OSError, ValueError) as e:
         _print({"event": "fatal", "message": str(e)})
         return 2
+    return await serve_until_stopped(secret, users, args.listen, args.port)
+
+
+async def serve_until_stopped(
+    secret: Secret | None,
+    users: Mapping[str, User],
+    listen: Sequence[str],
+    port: int,
+    ssl: ssl_.SSLContext | None = None,
+) -> int:
+    """Run a server until SIGTERM/SIGINT, printing JSON lines: "listening" per
+    address (with ``"tls": true`` over TLS), one line per transaction, "stopped"."""
     server = TacacsServer(secret, users, on_transaction=lambda tr: print(tr.to_json(), flush=True))
-    bound = await server.start(args.listen, args.port)
-    for host, port in bound:
-        _print({"event": "listening", "address": host, "port": port})
+    bound = await server.start(listen, port, ssl=ssl)
+    for host, bport in bound:
+        line: dict[str, object] = {"event": "listening", "address": host, "port": bport}
+        if ssl is not None:
+            line["tls"] = True
+        _print(line)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ipsecmgr.lab.tacacs_server import TacacsServer, load_users
+from ipsecmgr.lab.tacacs_server import load_users, serve_until_stopped
 
 
 def server_context(ca: Path, cert: Path, key: Path, *, tls12_only: bool = False) -> ssl.SSLContext:
@@ -72,18 +71,7 @@ async def _serve(args: argparse.Namespace) -> int:
         _print({"event": "fatal", "message": str(e)})
         return 2
     # RFC 9887 §4: no TACACS+ obfuscation inside TLS (secret None: UNENCRYPTED flag).
-    server = TacacsServer(None, users, on_transaction=lambda tr: print(tr.to_json(), flush=True))
-    bound = await server.start(args.listen, args.port, ssl=ctx)
-    for host, port in bound:
-        _print({"event": "listening", "address": host, "port": port, "tls": True})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.close()
-    _print({"event": "stopped"})
-    return 0
+    return await serve_until_stopped(None, users, args.listen, args.port, ssl=ctx)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
