@@ -507,7 +507,7 @@ async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) ->
         if gw.config.metrics is not None:
             from ipsecmgr import metrics  # prometheus-client only when configured
 
-            exporter = await metrics.serve(gw, gw.config.metrics)
+            exporter = await metrics.serve(gw, gw.config.metrics, tls)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _reload_notified, gw, config_path, notify, tls)

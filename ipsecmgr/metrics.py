@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -39,11 +39,12 @@ from ipsecmgr.config import Metrics as MetricsConfig
 
 if TYPE_CHECKING:
     from ipsecmgr.daemon import Gateway
+    from ipsecmgr.tls.service import TlsService
 
 log = logging.getLogger("ipsecmgr")
 
 #: Every value ``ipsecmgr_crypto_map_state`` reports (one-hot), as ``show crypto map`` names them.
-MAP_STATES = ("up", "down", "connecting", "failed", "dead")
+MAP_STATES = ("up", "down", "connecting", "failed", "dead", "hold-down")
 #: IKE SA states as ``show crypto ikev2-ikesa`` names them.
 IKE_STATES = ("CONNECTING", "ESTABLISHED", "REKEYING", "DELETING")
 
@@ -241,6 +242,88 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
     yield uptime
 
 
+# [tls_map] client-side refusals (ipsecmgr.tls.proxy counters) -> reason label
+_TLS_REFUSALS = {
+    "refused_all_down": "all_servers_down",
+    "bad_secret": "bad_secret",
+    "bad_packet": "bad_packet",
+}
+
+
+def tls_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
+    """The TACACS+ over TLS families from ``show tacacs tls --json`` (pure). Labels:
+    ``map`` (TLS map names) and ``server`` (its configured servers): bounded by the
+    configuration, like the crypto-map families."""
+    conns = CounterMetricFamily(
+        "ipsecmgr_tls_client_connections",
+        "Legacy TACACS+ client connections a TLS map accepted",
+        labels=["map"],
+    )
+    active = GaugeMetricFamily(
+        "ipsecmgr_tls_client_connections_active", "Client connections open now", labels=["map"]
+    )
+    refused = CounterMetricFamily(
+        "ipsecmgr_tls_client_refusals",
+        "Client connections closed without an answer, by reason",
+        labels=["map", "reason"],
+    )
+    messages = CounterMetricFamily(
+        "ipsecmgr_tls_messages",
+        "TACACS+ packets relayed (request: client to server, response: back)",
+        labels=["map", "kind"],
+    )
+    failovers = CounterMetricFamily(
+        "ipsecmgr_tls_failovers", "Transactions moved to the next server", labels=["map"]
+    )
+    server_up = GaugeMetricFamily(
+        "ipsecmgr_tls_server_up",
+        "1 while the server is usable (not held down after a failure)",
+        labels=["map", "server"],
+    )
+    server_conns = CounterMetricFamily(
+        "ipsecmgr_tls_server_connections", "TLS connections to the server", labels=["map", "server"]
+    )
+    handshakes = CounterMetricFamily(
+        "ipsecmgr_tls_handshakes",
+        "TLS 1.3 handshakes with the server (full, or resumed from a ticket)",
+        labels=["map", "server", "kind"],
+    )
+    failures = CounterMetricFamily(
+        "ipsecmgr_tls_server_failures",
+        "Connect, handshake or response failures of the server",
+        labels=["map", "server"],
+    )
+    for m in snap.get("maps", ()):
+        name, c = m["name"], m["counters"]
+        conns.add_metric([name], c.get("accepted", 0))
+        active.add_metric([name], c.get("active", 0))
+        for key, reason in _TLS_REFUSALS.items():
+            refused.add_metric([name, reason], c.get(key, 0))
+        messages.add_metric([name, "request"], c.get("requests", 0))
+        messages.add_metric([name, "response"], c.get("responses", 0))
+        failovers.add_metric([name], c.get("failovers", 0))
+        for srv in m["servers"]:
+            labels = [name, srv["server"]]
+            server_up.add_metric(labels, 0.0 if srv["state"] == "held-down" else 1.0)
+            server_conns.add_metric(labels, srv["connections"])
+            handshakes.add_metric([*labels, "full"], srv["handshakes"])
+            handshakes.add_metric([*labels, "resumed"], srv["resumed"])
+            failures.add_metric(labels, srv["failures"])
+    yield from (conns, active, refused, messages, failovers)
+    yield from (server_up, server_conns, handshakes, failures)
+
+
+class TlsCollector(Collector):
+    """Reads the TLS service's snapshot at scrape time (same source as
+    ``show tacacs tls``)."""
+
+    def __init__(self, tls: TlsService) -> None:
+        self.tls = tls
+
+    def collect(self) -> Iterable[Metric]:
+        return list(tls_families(self.tls.snapshot()))
+
+
 class GatewayCollector(Collector):
     """Reads the gateway's snapshot at scrape time (same source as ``show``)."""
 
@@ -254,11 +337,13 @@ class GatewayCollector(Collector):
 class Exporter:
     """The registry: the collector and the two histograms the manager observes."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, tls: TlsService | None = None) -> None:
         self.gw = gw
         self._observed: set[str] = set()  # crypto maps with histogram series
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gw))
+        if tls is not None:
+            self.registry.register(TlsCollector(tls))
         self.histograms = {
             "ike_handshake": Histogram(
                 "ipsecmgr_ike_handshake_seconds",
@@ -309,8 +394,8 @@ class MetricsServer:
         await self.server.wait_closed()
 
 
-async def serve(gw: Gateway, conf: MetricsConfig) -> MetricsServer:
-    exporter = Exporter(gw)
+async def serve(gw: Gateway, conf: MetricsConfig, tls: TlsService | None = None) -> MetricsServer:
+    exporter = Exporter(gw, tls)
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
