@@ -496,10 +496,11 @@ def test_a_wrong_psk_on_one_map_leaves_the_other_map_working(tunnel4: Env, tmp_p
     shown = client.show("crypto map")
     failed = shown[shown.index("Map Name : transport-map") :]
     assert "Last Error" in failed and "AUTHENTICATION_FAILED" in failed, shown
-    assert {m["name"]: m["status"] for m in client.snapshot()["crypto_maps"]} == {
-        "tunnel-map": "up",
-        "transport-map": "failed",
-    }
+    status = {m["name"]: m["status"] for m in client.snapshot()["crypto_maps"]}
+    # The refused map waits (#15.5: 1 s, doubling) before trying again: "hold-down"
+    # while that runs, "failed" after it.
+    assert status["tunnel-map"] == "up"
+    assert status["transport-map"] in ("hold-down", "failed"), status
 
 
 def test_mss_clamping_is_on_by_default(tunnel4: Env, tmp_path: Path) -> None:
