@@ -84,6 +84,18 @@ class SecretSource:
         return f"file {self.file}" if self.file is not None else f"environment variable {self.env}"
 
 
+def key_mode_error(path: Path, mode: int) -> str | None:
+    """The one rule for the gateway's key files (PSKs, the TLS client key): a file
+    group or others may read or change is refused, as ssh refuses such a private
+    key. The message names the file and the fix; ``None``: the mode is fine."""
+    if mode & 0o077:
+        return (
+            f"{path} has mode {mode:04o}: group or others may read or change this key; "
+            f"refusing to use it (fix: chmod 600 {path})"
+        )
+    return None
+
+
 def read_secret_file(path: Path, *, strict: bool = False) -> tuple[Secret, list[str]]:
     """Read a secret from ``path``; return it and warnings about the file's permissions.
 
@@ -104,11 +116,8 @@ def read_secret_file(path: Path, *, strict: bool = False) -> tuple[Secret, list[
     if not stat.S_ISREG(st.st_mode):
         raise SecretError(f"{path} is not a regular file")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077 and strict:
-        raise SecretError(
-            f"{path} has mode {mode:04o}: group or others may read or change this key; "
-            f"refusing to use it (fix: chmod 600 {path})"
-        )
+    if strict and (refusal := key_mode_error(path, mode)) is not None:
+        raise SecretError(refusal)
     if mode & 0o077:
         warnings.append(
             f"{path} has mode {mode:04o}; "

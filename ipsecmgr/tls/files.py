@@ -1,9 +1,7 @@
 """Permission rules for the TLS key material (the private key, PSK files).
 
-A private key readable by group or others is refused, not warned about: unlike
-a TACACS+ secret (which the product warns about, see :mod:`ipsecmgr.secret`),
-the client key authenticates the gateway to every upstream server, and the
-operator creating a new file for TLS can create it 0600 from the start.
+A private key readable by group or others is refused by the same rule as the
+gateway's PSK files (:func:`ipsecmgr.secret.key_mode_error`).
 """
 
 from __future__ import annotations
@@ -11,6 +9,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+
+from ipsecmgr.secret import key_mode_error
 
 
 def check_key_file(path: Path) -> list[str]:
@@ -23,12 +23,8 @@ def check_key_file(path: Path) -> list[str]:
     if not stat.S_ISREG(st.st_mode):
         return [f"{path} is not a regular file"]
     errors = []
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        errors.append(
-            f"{path} has mode {mode:04o}; a private key must be 0600 or 0400 "
-            "(readable by its owner only)"
-        )
+    if (refusal := key_mode_error(path, stat.S_IMODE(st.st_mode))) is not None:
+        errors.append(refusal)
     if st.st_uid not in (0, os.geteuid()):
         errors.append(f"{path} is owned by uid {st.st_uid}, neither root nor this user")
     return errors
