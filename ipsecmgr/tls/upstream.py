@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipsecmgr.peers import HoldDown
 from ipsecmgr.tls.config import TlsMap, TlsServer
 from ipsecmgr.tls.tlsconn import TlsConn, TlsError, open_tls
 
@@ -39,14 +40,15 @@ class ServerState:
     handshakes: int = 0  # full handshakes
     resumed: int = 0  # resumed handshakes (session ticket accepted)
     failures: int = 0  # connect/handshake/relay failures, total
-    consecutive_failures: int = 0
-    hold_until: float = 0.0  # monotonic
+    # Skipped after a failure, doubled per failure in a row (the crypto maps' own
+    # mechanism, ipsecmgr.peers.HoldDown; times on the pool's monotonic clock)
+    hold: HoldDown = field(default_factory=HoldDown)
     requests: int = 0
     responses: int = 0
     session: ssl.SSLSession | None = field(default=None, repr=False)
 
     def held(self, now: float) -> bool:
-        return self.consecutive_failures > 0 and now < self.hold_until
+        return self.hold.held(now)
 
     def view(self, now: float) -> dict[str, Any]:
         state = "held-down" if self.held(now) else self.state
@@ -55,7 +57,7 @@ class ServerState:
             "server": str(self.server),
             "identity": self.server.identity,
             "state": state,
-            "hold_down_left": max(0.0, self.hold_until - now) if self.held(now) else 0.0,
+            "hold_down_left": self.hold.left(now) or 0.0,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "connections": self.connections,
@@ -81,7 +83,10 @@ class UpstreamPool:
         self.ctx = ctx
         self.mark = mark
         self.clock = clock
-        self.servers = [ServerState(s, i + 1) for i, s in enumerate(m.servers)]
+        self.servers = [
+            ServerState(s, i + 1, hold=HoldDown(m.hold_down, m.hold_down_max))
+            for i, s in enumerate(m.servers)
+        ]
 
     def order(self) -> list[ServerState]:
         """Servers to try, in priority order: those not held down, else all."""
@@ -91,13 +96,11 @@ class UpstreamPool:
 
     def failed(self, s: ServerState, reason: str) -> None:
         s.failures += 1
-        s.consecutive_failures += 1
+        s.hold.fail(self.clock(), reason)
         s.state = "down"
         s.last_error = reason
         s.last_error_at = time.time()
         s.session = None  # do not offer a ticket a failing server may have lost
-        hold = min(self.map.hold_down * 2 ** (s.consecutive_failures - 1), self.map.hold_down_max)
-        s.hold_until = self.clock() + hold
 
     async def connect(
         self, trace: Trace, exclude: set[int] | None = None
@@ -121,7 +124,7 @@ class UpstreamPool:
                 errors.append(f"{s.server}: {e}")
                 continue
             s.state = "up"
-            s.consecutive_failures = 0
+            s.hold.reset()
             s.connections += 1
             if conn.session_reused:
                 s.resumed += 1

@@ -178,7 +178,7 @@ def test_hold_down_doubles_per_failure_up_to_the_maximum(rig: Rig, pki: Pki) -> 
     holds = []
     for _ in range(4):
         pool.failed(first, "x")
-        holds.append(first.hold_until - now[0])
+        holds.append(first.hold.left(now[0]))
     assert holds == [10.0, 20.0, 35.0, 35.0]
     assert [s.priority for s in pool.order()] == [2]  # first skipped while held
     now[0] += 35.0
