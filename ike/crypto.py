@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -294,7 +294,7 @@ class IkeSuite:
         return self.encr == EncrId.AES_GCM_16
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class IkeKeys:
     """SK_d, SK_ai, SK_ar, SK_ei, SK_er, SK_pi, SK_pr (§2.14), in that order."""
 
@@ -308,6 +308,10 @@ class IkeKeys:
 
     def __repr__(self) -> str:
         return "IkeKeys(<secret>)"
+
+    def after_auth(self) -> IkeKeys:
+        """The keys without SK_pi and SK_pr, which only the AUTH payloads use (§2.15)."""
+        return replace(self, sk_pi=b"", sk_pr=b"")
 
 
 def derive_ike_keys(
