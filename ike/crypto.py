@@ -279,7 +279,7 @@ def integ_key_size(integ: int) -> int:
     return 0 if integ == IntegId.NONE else _INTEG[IntegId(integ)][1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one or more per IKE SA
 class IkeSuite:
     """The negotiated IKE SA transforms."""
 

@@ -197,6 +197,9 @@ class IkeEndpoint:
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
         self.log = log  # handed to every IkeSA: one line per IKE message
+        # Bound once: each SA holds these, and a bound method is 72 bytes per SA
+        self._spi_taken_fn = self._spi_taken
+        self._wake_fn = self._wake
         # INVALID_SPI (RFC 7296 §1.5): the rate limit of what we send (§2.21.4), and
         # the Child SAs by (peer address, SPI we send on) and the established SAs by
         # peer address, for what we receive and send: O(1) whatever the number of SAs
@@ -263,7 +266,7 @@ class IkeEndpoint:
             self._collect()
         if self._by_peer.get((config.remote_id, config.peer_addr[0])):
             sa.initial_contact = False
-        sa.spi_taken = self._spi_taken
+        sa.spi_taken = self._spi_taken_fn
         sa.log = self.log
         self._register(sa)
         sa.initiate(now)
@@ -371,7 +374,7 @@ class IkeEndpoint:
                 return
             self._count("cookie_accepted")
         sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log)
-        sa.spi_taken = self._spi_taken
+        sa.spi_taken = self._spi_taken_fn
         self._out.extend(sa.datagrams_to_send(now))
         if not sa.dead:
             self._register(sa)
@@ -450,7 +453,7 @@ class IkeEndpoint:
         self.sas.add(sa)
         self._by_name.setdefault(sa.name, []).append(sa)
         self._by_config.setdefault(id(sa.config), []).append(sa)
-        sa.wake = self._wake
+        sa.wake = self._wake_fn
         self._dirty[sa] = None
 
     def _wake(self, sa: IkeSA) -> None:

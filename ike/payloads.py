@@ -98,7 +98,7 @@ class DeletePayload:
     type: int = PayloadType.DELETE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one or more per IKE SA
 class TrafficSelector:
     start_addr: IPAddress
     end_addr: IPAddress
