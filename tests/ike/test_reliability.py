@@ -67,11 +67,12 @@ def test_reordered_stale_messages_are_ignored() -> None:
 
 
 def test_init_messages_dropped_after_auth_and_a_late_init_retransmission() -> None:
-    """Once IKE_AUTH is done neither side keeps the IKE_SA_INIT messages, the nonces and
-    SK_pi/SK_pr (kept only for the AUTH payloads, §2.15, and the first Child SA, §2.17). A retransmitted IKE_SA_INIT request that arrives after
-    that is older than the last request answered: dropped unanswered and counted
-    (§2.2), no second SA; the retransmitted IKE_AUTH request is still answered,
-    byte-identical, from the response cache (§2.1)."""
+    """Once IKE_AUTH is done neither side keeps the IKE_SA_INIT messages, the nonces
+    and SK_pi/SK_pr (kept only for the AUTH payloads, §2.15, and the first Child SA,
+    §2.17). A retransmitted IKE_SA_INIT request that arrives after that is older than
+    the last request answered: dropped unanswered and counted (§2.2), no second SA;
+    the retransmitted IKE_AUTH request is still answered, byte-identical, from the
+    response cache (§2.1)."""
     p = Pair(*configs())
     p.handshake()
     assert p.i.established and p.r.established
