@@ -77,7 +77,7 @@ Address = tuple[str, int]
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 
 
-@dataclass
+@dataclass(slots=True)  # one per crypto map with a Child SA
 class OutboundBinding:
     """What step 7 needs for one crypto map: the SA, the socket and the peer.
 

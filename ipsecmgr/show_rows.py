@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import ike
 from ipsecmgr import show
+from ipsecmgr.translate import ts_text
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
@@ -103,8 +104,8 @@ def child_sa_states(mgr: Manager, now: float, wall: float) -> list[show.ChildSaS
                     "state": "INSTALLED" if binding and binding.sa is rec.outbound else "REKEYED",
                     "spi_in": f"{rec.inbound.spi:08x}",
                     "spi_out": f"{rec.outbound.spi:08x}",
-                    "local_ts": rec.local_ts,
-                    "remote_ts": rec.remote_ts,
+                    "local_ts": ts_text(rec.local_ts),
+                    "remote_ts": ts_text(rec.remote_ts),
                     "encryption": f"AES-GCM-16-{rec.key_bits}",
                     "esn": rec.esn,
                     "encap": bool(binding and binding.peer[1] != 0),
