@@ -225,7 +225,7 @@ class OutboundSA(_SecurityAssociation):
             spi,
             self._last_seq,
             self.esn,
-            self._aead.encrypt,
+            self._aead,
             int.from_bytes(self._salt, "big"),
             iv_source,
             self.counters,
@@ -239,7 +239,7 @@ class OutboundSA(_SecurityAssociation):
         Raises :class:`SequenceExhausted` once the last sequence number was used, and
         ``ValueError`` for a next header outside 0..255 (a caller bug, not a packet).
         """
-        spi, last_seq, esn, encrypt, salt, iv_source, counters = self._fixed
+        spi, last_seq, esn, aead, salt, iv_source, counters = self._fixed
         seq = self.next_seq
         if seq > last_seq:
             # RFC 4303 §3.3.3: the counter MUST NOT cycle; only a new SA may send.
@@ -259,7 +259,7 @@ class OutboundSA(_SecurityAssociation):
         else:
             header = _pack_header(spi, seq, iv)
             aad = header[:8]
-        sealed = encrypt(_pack_nonce(salt, iv), payload + trailer, aad)
+        sealed = aead.encrypt(_pack_nonce(salt, iv), payload + trailer, aad)
         counters.packets += 1
         counters.bytes += n
         return header + sealed
@@ -285,7 +285,7 @@ class InboundSA(_SecurityAssociation):
         super().__init__(spi, key, **options)
         self.window = ReplayWindow(replay_window, esn=self.esn)
         # What decapsulate reads per packet and never changes (see OutboundSA)
-        self._fixed = (spi, self.esn, self.window, self._aead.decrypt, self._salt, self.counters)
+        self._fixed = (spi, self.esn, self.window, self._aead, self._salt, self.counters)
 
     def status(self, now: float) -> LifetimeStatus:
         """Soft/hard expiry by packets, bytes, seconds and the highest sequence seen."""
@@ -297,7 +297,7 @@ class InboundSA(_SecurityAssociation):
         Nothing else escapes: whatever the bytes, the caller sees a payload or a typed
         error whose drop counter has already been bumped.
         """
-        own_spi, esn, window, decrypt, salt, counters = self._fixed
+        own_spi, esn, window, aead, salt, counters = self._fixed
         try:
             if len(esp_packet) < MIN_PACKET_LEN:
                 raise TruncatedError(f"{len(esp_packet)} bytes")
@@ -314,7 +314,7 @@ class InboundSA(_SecurityAssociation):
                 seq = seq_low if seq_low > top else window.check(seq_low)
                 aad = esp_packet[:8]
             try:
-                plain = decrypt(salt + iv, esp_packet[16:], aad)
+                plain = aead.decrypt(salt + iv, esp_packet[16:], aad)
             except InvalidTag:
                 # With ESN this also covers a wrong guess of the high bits (A2.3).
                 raise IntegrityError(f"seq {seq}") from None
