@@ -131,7 +131,10 @@ class PeerDriver:
     def __init__(self, n: int, psk: bytes) -> None:
         self.sel = selectors.DefaultSelector()
         self.peers: list[_Peer] = []
-        self.timers: list[tuple[float, int]] = []  # (deadline, peer index), stale ones skipped
+        # (deadline, peer index); an entry whose deadline is no longer its peer's ``armed``
+        # one is stale and skipped when it comes up
+        self.timers: list[tuple[float, int]] = []
+        self.armed: list[float | None] = [None] * n
         self.t0 = time.monotonic()
         self.round = 0
         self.round_start = 0.0
@@ -184,8 +187,10 @@ class PeerDriver:
                 self._probe(p, e)
             elif isinstance(e, ev.IkeSaDeleted):
                 self.deleted += 1
-        if (t := p.endpoint.get_timer()) is not None:
-            heapq.heappush(self.timers, (t, idx))
+        if (t := p.endpoint.get_timer()) != self.armed[idx]:
+            self.armed[idx] = t
+            if t is not None:
+                heapq.heappush(self.timers, (t, idx))
         if self.up == len(self.peers) and self.round_start >= 0:
             self.out(event="up", round=self.round, up=self.up, probes=self.probes,
                      seconds=now - self.round_start)  # fmt: skip
@@ -196,7 +201,9 @@ class PeerDriver:
         packet = sa.encapsulate(probe_packet(p.addr, self.probes), NH_IPV6)
         # The kernel builds the IPv6 header of a raw socket; IPV6_PKTINFO picks the source
         pktinfo = ipaddress.IPv6Address(p.addr).packed + struct.pack("@I", 0)
-        self.esp.sendmsg([packet], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)], 0, (GW, 0))
+        self.esp.sendmsg(
+            [packet], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)], 0, (GW, 0)
+        )
         self.probes += 1
 
     def _commands(self) -> bool:
@@ -219,6 +226,8 @@ class PeerDriver:
     def _status(self, seq: int) -> None:
         counters: dict[str, int] = {}
         for p in self.peers:
+            for k, v in p.endpoint.counters.items():
+                counters[k] = counters.get(k, 0) + v
             for sa in p.endpoint.sas:
                 for k, v in sa.counters.items():
                     counters[k] = counters.get(k, 0) + v
@@ -230,10 +239,10 @@ class PeerDriver:
         while True:
             now = self.now()
             while self.timers and self.timers[0][0] <= now:
-                _, idx = heapq.heappop(self.timers)
-                ep = self.peers[idx].endpoint
-                if (t := ep.get_timer()) is not None and t <= now:
-                    ep.handle_timer(now)
+                t, idx = heapq.heappop(self.timers)
+                if t == self.armed[idx]:
+                    self.armed[idx] = None
+                    self.peers[idx].endpoint.handle_timer(now)
                     self._service(idx, now)
             timeout = max(0.0, self.timers[0][0] - now) if self.timers else None
             for key, _ in self.sel.select(timeout):
@@ -304,10 +313,9 @@ class ManyPeersLab:
         if proc.returncode != 0:
             raise ManyPeersError(f"adding {n} peer addresses: {proc.stderr.strip()}")
         self.config = workdir / "gw.toml"
-        self.config.write_text(
-            responder_config(n, psk_file=self.psk_file, control_socket=self.control,
-                             management_interface=self.gw_if)  # fmt: skip
-        )
+        text = responder_config(n, psk_file=self.psk_file, control_socket=self.control,
+                                management_interface=self.gw_if)  # fmt: skip
+        self.config.write_text(text)
         self.gw: GatewayProcess | None = None
         self.driver: LabProcess | None = None
         self._asked = 0
@@ -328,7 +336,9 @@ class ManyPeersLab:
         gw.start_log_reader()
         if ready != "ready":
             code = gw.terminate()
-            raise GatewayError(f"gw did not start in {timeout:.0f} s (exit {code}):\n{gw.log[-3000:]}")
+            raise GatewayError(
+                f"gw did not start in {timeout:.0f} s (exit {code}):\n{gw.log[-3000:]}"
+            )
         self.gw = gw
         return seconds
 
@@ -354,8 +364,9 @@ class ManyPeersLab:
             raise ManyPeersError(f"peer driver did not start: {exc}") from exc
 
     def _tell(self, cmd: str) -> None:
-        assert self.driver is not None and self.driver.proc.stdin is not None
+        assert self.driver is not None
         proc = self.driver.proc
+        assert proc.stdin is not None
         try:
             proc.stdin.write(cmd + "\n")
             proc.stdin.flush()
