@@ -52,6 +52,7 @@ from typing import Any
 import esp
 import ike
 from ike import events as ev
+from ike.constants import NON_ESP_MARKER
 from ipsecmgr.control import request
 from ipsecmgr.lab.gateways import GatewayError, GatewayProcess
 from ipsecmgr.lab.topology import LabProcess, python_env
@@ -119,7 +120,8 @@ def probe_packet(peer: str, seq: int) -> bytes:
 @dataclass
 class _Peer:
     addr: str
-    sock: socket.socket
+    sock: socket.socket  # UDP 500
+    sock_natt: socket.socket  # UDP 4500: IKE after a float (RFC 7296 §2.23), ESP-in-UDP
     config: ike.IkeConfig
     endpoint: ike.IkeEndpoint
     up: bool = False
@@ -145,18 +147,21 @@ class PeerDriver:
         self.esp = socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_ESP)
         for i in range(1, n + 1):
             addr = peer_address(i)
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            sock.bind((addr, 500))
-            sock.setblocking(False)
+            socks = []
+            for port in (500, 4500):
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                sock.bind((addr, port))
+                sock.setblocking(False)
+                self.sel.register(sock, selectors.EVENT_READ, (len(self.peers), port))
+                socks.append(sock)
             cfg = ike.IkeConfig(
                 (addr, 500), (GW, 500), ike.Identity.address(addr), ike.Identity.address(GW),
                 psk, ike_proposals=(IKE_PROPOSAL,),
                 local_ts=(ike.TrafficSelector.from_network(addr),),
                 remote_ts=(ike.TrafficSelector.from_network(SERVER),), name=f"p{i}",
             )  # fmt: skip
-            self.sel.register(sock, selectors.EVENT_READ, len(self.peers))
-            self.peers.append(_Peer(addr, sock, cfg, ike.IkeEndpoint([cfg])))
-        self.sel.register(sys.stdin, selectors.EVENT_READ, -1)
+            self.peers.append(_Peer(addr, socks[0], socks[1], cfg, ike.IkeEndpoint([cfg])))
+        self.sel.register(sys.stdin, selectors.EVENT_READ, None)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -179,7 +184,7 @@ class PeerDriver:
         """Send what the endpoint has queued, act on its events, re-arm its timer."""
         p = self.peers[idx]
         for data, addr in p.endpoint.datagrams_to_send(now):
-            p.sock.sendto(data, addr)
+            (p.sock_natt if addr[1] == 4500 else p.sock).sendto(data, addr)
         while (e := p.endpoint.next_event()) is not None:
             if isinstance(e, ev.ChildSaInstalled) and not p.up:
                 p.up = True
@@ -199,6 +204,11 @@ class PeerDriver:
     def _probe(self, p: _Peer, e: ev.ChildSaInstalled) -> None:
         sa = esp.OutboundSA(e.outbound_spi, e.outbound_key, esn=e.esn)
         packet = sa.encapsulate(probe_packet(p.addr, self.probes), NH_IPV6)
+        ike_sa = p.endpoint.find_sa(e.ike_sa)
+        if ike_sa is not None and ike_sa.nat_t:  # RFC 3948 §2.1: ESP in UDP 4500, no marker
+            p.sock_natt.sendto(packet, (GW, 4500))
+            self.probes += 1
+            return
         # The kernel builds the IPv6 header of a raw socket; IPV6_PKTINFO picks the source
         pktinfo = ipaddress.IPv6Address(p.addr).packed + struct.pack("@I", 0)
         self.esp.sendmsg(
@@ -246,18 +256,21 @@ class PeerDriver:
                     self._service(idx, now)
             timeout = max(0.0, self.timers[0][0] - now) if self.timers else None
             for key, _ in self.sel.select(timeout):
-                idx = key.data
-                if idx < 0:
+                if key.data is None:
                     if not self._commands():
                         return
                     continue
+                idx, port = key.data
                 p = self.peers[idx]
+                sock = p.sock_natt if port == 4500 else p.sock
                 while True:
                     try:
-                        data, addr = p.sock.recvfrom(65535)
+                        data, addr = sock.recvfrom(65535)
                     except BlockingIOError:
                         break
-                    p.endpoint.receive_datagram(data, addr[:2], self.now(), (p.addr, 500))
+                    if port == 4500 and data[:4] != NON_ESP_MARKER:
+                        continue  # ESP-in-UDP or a keepalive: the peers only send ESP
+                    p.endpoint.receive_datagram(data, addr[:2], self.now(), (p.addr, port))
                 self._service(idx, self.now())
 
 

@@ -20,10 +20,12 @@ socket, 2001:db8:1::1 .. ::N, one selector loop). Measured:
   SIGTERM to all N up again.
 
 The two sides share the machine's 2 cores: the peers' CPU (the same handshake
-work) is in the wall time. The reference of the same run is the in-process figure
-for the same N (``tools/bench/ike_scale.py --one N``: the daemon's Manager with the
-datagrams passed in memory, its restart storm), not strongSwan: see
-docs/performance.md.
+work) is in the wall time. References of the same run: the same lab, peers and N
+against strongSwan 5.9.8's charon as the responder (one connection for the peer
+prefix; its first start only; it fakes a NAT, so the peers float to UDP 4500 and
+send their probes in UDP, which this run does not count at charon), and the
+in-process figure for the same N (``tools/bench/ike_scale.py --one N``: the
+daemon's Manager with the datagrams passed in memory, its restart storm).
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lab import cpu_times
+from ike_responder import CHARON_OPTS
 
-from ipsecmgr.lab.many_peers import ManyPeersLab
+from ipsecmgr.lab.many_peers import GW, PEER_NET, SERVER, ManyPeersLab, rss_kb
+from ipsecmgr.lab.strongswan import PeerOptions, StrongSwanPeer
 from ipsecmgr.netns import NetnsPool, is_root
+from ipsecmgr.secret import Secret
 
 IKE_SCALE = Path(__file__).resolve().parent / "ike_scale.py"
 
@@ -60,7 +65,10 @@ def one_round(lab: ManyPeersLab, timeout: float) -> dict[str, Any]:
     pid = lab.gw.proc.pid
     cpu0 = cpu(pid)
     up = lab.bring_up(timeout)
+    all_up_at = time.monotonic()
     cpu1 = cpu(pid)  # every IKE_AUTH response is out: the handshakes' work is done
+    rss = lab.gateway_rss_kb()  # before the snapshots (1.8 KB JSON per peer) grow the heap
+    retransmitted = lab.status()["counters"].get("retransmitted", 0)
     snap = lab.wait_counted(timeout)
     stats = lab.show_statistics()
     if stats["esp"].get("esp_in_packets") != lab.n:
@@ -68,12 +76,15 @@ def one_round(lab: ManyPeersLab, timeout: float) -> dict[str, Any]:
     return {
         "up_s": up["seconds"],
         "probes": up["probes"],
+        "retransmitted": retransmitted,
         "responder_cpu_s": cpu1 - cpu0,
         "ike_sas": sum(1 for sa in snap["ike_sas"] if sa["state"] == "ESTABLISHED"),
         "child_sas": len(snap["child_sas"]),
         "esp_in_packets": stats["esp"]["esp_in_packets"],
         "cookies_sent": stats["ike"].get("cookie_sent", 0),
-        "rss_up_kb": lab.gateway_rss_kb(),
+        "rss_up_kb": rss,
+        "rss_after_show_kb": lab.gateway_rss_kb(),
+        "all_up_at": all_up_at,
     }
 
 
@@ -91,9 +102,43 @@ def lab_run(n: int, timeout: float) -> dict[str, Any]:
             res["restart_start_s"] = lab.start_gateway(timeout)
             res["rss_idle_restart_kb"] = lab.gateway_rss_kb()
             res["restart"] = one_round(lab, timeout)
-            res["restart"]["sigterm_to_all_up_s"] = time.monotonic() - t0
+            res["restart"]["sigterm_to_all_up_s"] = res["restart"]["all_up_at"] - t0
         finally:
             lab.close()
+    return res
+
+
+def charon_run(n: int, timeout: float) -> dict[str, Any]:
+    """The same N peers against strongSwan's charon as the responder: one connection for
+    the whole peer range (``remote_addrs`` a prefix, its selector narrowed to each peer),
+    the same algorithms, tuned as in tools/bench/ike_responder.py. bookworm's charon
+    fakes a NAT (kernel-libipsec only does ESP in UDP), so the peers float to UDP 4500."""
+    with NetnsPool("lsw") as pool, tempfile.TemporaryDirectory(prefix="lab-scale-") as tmp:
+        lab = ManyPeersLab(pool, n, Path(tmp))
+        charon = StrongSwanPeer(lab.gw_ns, Path(tmp) / "charon")
+        try:
+            opts = PeerOptions(
+                ike="aes256gcm16-prfsha256-curve25519", esp="aes256gcm16",
+                local_ts=f"{SERVER}/128", remote_ts="dynamic", remote_id="%any",
+                log_level=0, charon_opts=CHARON_OPTS,
+            )  # fmt: skip
+            charon.start(local=GW, remote=PEER_NET, psk=Secret(lab.psk_file.read_bytes()),
+                         options=opts, timeout=timeout)  # fmt: skip
+            pid = charon.pid
+            if pid is None:
+                raise RuntimeError("charon did not start")
+            res: dict[str, Any] = {"rss_idle_kb": rss_kb(pid)}
+            lab.start_driver(timeout)
+            cpu0 = cpu(pid)
+            up = lab.bring_up(timeout)
+            res |= {"up_s": up["seconds"], "up": up["up"], "responder_cpu_s": cpu(pid) - cpu0,
+                    "rss_up_kb": rss_kb(pid),
+                    "retransmitted": lab.status()["counters"].get("retransmitted", 0)}  # fmt: skip
+            stats = charon.swanctl("--stats").stdout
+            res["charon_stats"] = " ".join(stats.split())[:200]
+        finally:
+            lab.close()
+            charon.stop()
     return res
 
 
@@ -109,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--peers", type=int, default=1000, help="N peers (default 1,000)")
     ap.add_argument("--timeout", type=float, default=300.0, help="bound on every wait, s")
+    ap.add_argument("--no-charon", action="store_true", help="skip the charon reference")
     ap.add_argument("--no-reference", action="store_true", help="skip the in-process run")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = ap.parse_args(argv)
@@ -117,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = args.peers
     res = lab_run(n, args.timeout)
+    if not args.no_charon:
+        res["charon"] = charon_run(n, args.timeout)
     if not args.no_reference:
         res["reference"] = reference(n)
     res["loadavg"] = os.getloadavg()
@@ -134,12 +182,28 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name}: {r['ike_sas']}/{n} IKE SAs, {r['child_sas']} Child SAs, "
             f"{r['esp_in_packets']} probes decrypted; all up in {r['up_s']:.2f} s "
             f"({n / r['up_s']:.0f} handshakes/s), responder CPU {r['responder_cpu_s']:.2f} s "
-            f"({r['responder_cpu_s'] / n * 1e6:.0f} µs/handshake), {r['cookies_sent']} COOKIEs; "
-            f"RSS {r['rss_up_kb'] / 1024:.1f} MB ({per / n:.1f} KB/peer)"
+            f"({r['responder_cpu_s'] / n * 1e6:.0f} µs/handshake), {r['cookies_sent']} COOKIEs, "
+            f"{r['retransmitted']} retransmissions by the peers; "
+            f"RSS {r['rss_up_kb'] / 1024:.1f} MB ({per / n:.1f} KB/peer; "
+            f"{r['rss_after_show_kb'] / 1024:.1f} MB after the snapshots)"
         )
     print(f"  restart: SIGTERM -> exit {res['stop_s']:.2f} s ({res['deleted_seen_by_peers']} "
           f"DELETEs seen by the peers), start {res['restart_start_s']:.2f} s, SIGTERM -> all "
           f"{n} up {again['sigterm_to_all_up_s']:.2f} s")  # fmt: skip
+    if "charon" in res:
+        sw = res["charon"]
+        print(
+            f"reference, strongSwan 5.9.8 charon as the responder (same lab, peers and N, this "
+            f"run): {sw['up']}/{n} up in {sw['up_s']:.2f} s ({n / sw['up_s']:.0f} "
+            f"handshakes/s), responder CPU {sw['responder_cpu_s']:.2f} s, "
+            f"{sw['retransmitted']} retransmissions by the peers; RSS "
+            f"{sw['rss_idle_kb'] / 1024:.1f} -> {sw['rss_up_kb'] / 1024:.1f} MB "
+            f"({(sw['rss_up_kb'] - sw['rss_idle_kb']) / n:.1f} KB/peer)"
+        )
+        print(
+            f"  ours / charon: time for all up x{first['up_s'] / sw['up_s']:.2f}, responder "
+            f"CPU x{first['responder_cpu_s'] / sw['responder_cpu_s']:.2f}"
+        )
     if "reference" in res:
         ref = res["reference"]
         print(
