@@ -325,6 +325,11 @@ class ManyPeersLab:
                               capture_output=True, text=True, check=False)  # fmt: skip
         if proc.returncode != 0:
             raise ManyPeersError(f"adding {n} peer addresses: {proc.stderr.strip()}")
+        # Neighbour discovery before the storm: an unresolved neighbour queues only
+        # ~200 KB of packets (unres_qlen_bytes), the rest of a storm would be dropped
+        ping = self.peers_ns.run(["ping", "-6", "-n", "-c", "1", "-W", "5", GW], check=False)
+        if ping.returncode != 0:
+            raise ManyPeersError(f"peers cannot reach {GW}: {ping.stdout}{ping.stderr}")
         self.config = workdir / "gw.toml"
         text = responder_config(n, psk_file=self.psk_file, control_socket=self.control,
                                 management_interface=self.gw_if)  # fmt: skip
