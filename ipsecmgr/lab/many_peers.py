@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from ipsecmgr.control import request
 from ipsecmgr.lab.gateways import GatewayError, GatewayProcess
 from ipsecmgr.lab.topology import LabProcess, python_env
 from ipsecmgr.netns import Netns, NetnsPool
+from ipsecmgr.peers import HoldDown
 
 GW = "2001:db8:100::2"
 PEERS_LINK = "2001:db8:100::1"
@@ -125,6 +126,10 @@ class _Peer:
     config: ike.IkeConfig
     endpoint: ike.IkeEndpoint
     up: bool = False
+    # A handshake that failed (retransmissions exhausted, an error notify) is tried
+    # again after the daemon's hold-down (1 s, doubling), as an initiator map would
+    hold: HoldDown = field(default_factory=HoldDown)
+    retry_at: float | None = None
 
 
 class PeerDriver:
@@ -143,6 +148,7 @@ class PeerDriver:
         self.up = 0
         self.probes = 0
         self.deleted = 0  # IKE SAs the responder deleted (its SIGTERM)
+        self.retries = 0  # handshakes of this round started again after a failure
         self._pending = ""
         self.esp = socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_ESP)
         for i in range(1, n + 1):
@@ -172,10 +178,12 @@ class PeerDriver:
     def start_round(self) -> None:
         """Fresh endpoints for every peer, all initiating at once (a reconnect storm)."""
         self.round += 1
-        self.up = self.probes = 0
+        self.up = self.probes = self.retries = 0
         self.round_start = now = self.now()
         for idx, p in enumerate(self.peers):
             p.up = False
+            p.hold.reset()
+            p.retry_at = None
             p.endpoint = ike.IkeEndpoint([p.config])
             p.endpoint.initiate(p.config, now)
             self._service(idx, now)
@@ -192,13 +200,17 @@ class PeerDriver:
                 self._probe(p, e)
             elif isinstance(e, ev.IkeSaDeleted):
                 self.deleted += 1
+                if not p.up and self.round and p.retry_at is None:
+                    p.hold.fail(now, e.reason)
+                    p.retry_at = p.hold.until
+                    heapq.heappush(self.timers, (p.hold.until or now, idx))
         if (t := p.endpoint.get_timer()) != self.armed[idx]:
             self.armed[idx] = t
             if t is not None:
                 heapq.heappush(self.timers, (t, idx))
         if self.up == len(self.peers) and self.round_start >= 0:
             self.out(event="up", round=self.round, up=self.up, probes=self.probes,
-                     seconds=now - self.round_start)  # fmt: skip
+                     retries=self.retries, seconds=now - self.round_start)  # fmt: skip
             self.round_start = -1.0  # reported once per round
 
     def _probe(self, p: _Peer, e: ev.ChildSaInstalled) -> None:
@@ -242,7 +254,7 @@ class PeerDriver:
                 for k, v in sa.counters.items():
                     counters[k] = counters.get(k, 0) + v
         self.out(event="status", seq=seq, round=self.round, up=self.up, probes=self.probes,
-                 deleted=self.deleted, counters=counters)  # fmt: skip
+                 deleted=self.deleted, retries=self.retries, counters=counters)  # fmt: skip
 
     def run(self) -> None:
         self.out(event="ready", peers=len(self.peers))
@@ -250,9 +262,15 @@ class PeerDriver:
             now = self.now()
             while self.timers and self.timers[0][0] <= now:
                 t, idx = heapq.heappop(self.timers)
-                if t == self.armed[idx]:
+                p = self.peers[idx]
+                if t == p.retry_at:
+                    p.retry_at = None
+                    self.retries += 1
+                    p.endpoint.initiate(p.config, now)
+                    self._service(idx, now)
+                elif t == self.armed[idx]:
                     self.armed[idx] = None
-                    self.peers[idx].endpoint.handle_timer(now)
+                    p.endpoint.handle_timer(now)
                     self._service(idx, now)
             timeout = max(0.0, self.timers[0][0] - now) if self.timers else None
             for key, _ in self.sel.select(timeout):

@@ -68,7 +68,8 @@ def one_round(lab: ManyPeersLab, timeout: float) -> dict[str, Any]:
     all_up_at = time.monotonic()
     cpu1 = cpu(pid)  # every IKE_AUTH response is out: the handshakes' work is done
     rss = lab.gateway_rss_kb()  # before the snapshots (1.8 KB JSON per peer) grow the heap
-    retransmitted = lab.status()["counters"].get("retransmitted", 0)
+    peers = lab.status()
+    retransmitted = peers["counters"].get("retransmitted", 0)
     snap = lab.wait_counted(timeout)
     stats = lab.show_statistics()
     if stats["esp"].get("esp_in_packets") != lab.n:
@@ -77,6 +78,7 @@ def one_round(lab: ManyPeersLab, timeout: float) -> dict[str, Any]:
         "up_s": up["seconds"],
         "probes": up["probes"],
         "retransmitted": retransmitted,
+        "retries": peers["retries"],
         "responder_cpu_s": cpu1 - cpu0,
         "ike_sas": sum(1 for sa in snap["ike_sas"] if sa["state"] == "ESTABLISHED"),
         "child_sas": len(snap["child_sas"]),
@@ -132,8 +134,10 @@ def charon_run(n: int, timeout: float) -> dict[str, Any]:
             cpu0 = cpu(pid)
             up = lab.bring_up(timeout)
             res |= {"up_s": up["seconds"], "up": up["up"], "responder_cpu_s": cpu(pid) - cpu0,
-                    "rss_up_kb": rss_kb(pid),
-                    "retransmitted": lab.status()["counters"].get("retransmitted", 0)}  # fmt: skip
+                    "rss_up_kb": rss_kb(pid)}  # fmt: skip
+            peers = lab.status()
+            res |= {"retransmitted": peers["counters"].get("retransmitted", 0),
+                    "retries": peers["retries"]}  # fmt: skip
             stats = charon.swanctl("--stats").stdout
             res["charon_stats"] = " ".join(stats.split())[:200]
         finally:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['esp_in_packets']} probes decrypted; all up in {r['up_s']:.2f} s "
             f"({n / r['up_s']:.0f} handshakes/s), responder CPU {r['responder_cpu_s']:.2f} s "
             f"({r['responder_cpu_s'] / n * 1e6:.0f} µs/handshake), {r['cookies_sent']} COOKIEs, "
-            f"{r['retransmitted']} retransmissions by the peers; "
+            f"{r['retransmitted']} retransmissions and {r['retries']} retries by the peers; "
             f"RSS {r['rss_up_kb'] / 1024:.1f} MB ({per / n:.1f} KB/peer; "
             f"{r['rss_after_show_kb'] / 1024:.1f} MB after the snapshots)"
         )
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             f"reference, strongSwan 5.9.8 charon as the responder (same lab, peers and N, this "
             f"run): {sw['up']}/{n} up in {sw['up_s']:.2f} s ({n / sw['up_s']:.0f} "
             f"handshakes/s), responder CPU {sw['responder_cpu_s']:.2f} s, "
-            f"{sw['retransmitted']} retransmissions by the peers; RSS "
+            f"{sw['retransmitted']} retransmissions and {sw['retries']} retries by the peers; RSS "
             f"{sw['rss_idle_kb'] / 1024:.1f} -> {sw['rss_up_kb'] / 1024:.1f} MB "
             f"({(sw['rss_up_kb'] - sw['rss_idle_kb']) / n:.1f} KB/peer)"
         )
