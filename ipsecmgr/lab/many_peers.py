@@ -9,8 +9,11 @@ Two namespaces joined by one veth pair::
 
 The peers are not N daemons but one process (``python -m ipsecmgr.lab.many_peers``,
 run in ``peers``): one :class:`ike.IkeEndpoint` per peer, each on its own UDP
-socket bound to ``[peer]:500``, driven by one selector loop whose timers sit in a
-heap (``get_timer`` of the endpoint that was touched, no sweep over all of them).
+sockets bound to ``[peer]:500`` and ``[peer]:4500`` (used when a responder that
+reports a NAT makes it float, RFC 7296 §2.23, as strongSwan 5.9.8's charon does),
+driven by one selector loop whose timers sit in a heap (``get_timer`` of the
+endpoint that was touched, no sweep over all of them). A handshake that fails is
+started again after the daemon's own hold-down (:class:`ipsecmgr.peers.HoldDown`).
 IPv6 because the three IPv4 documentation /24s hold fewer than 1,000 hosts. Each
 peer's Child SA is a tunnel between its own address and the server's
 (``2001:db8:113::49``, on the gw's loopback): the crypto map's ACL is
@@ -18,7 +21,8 @@ peer's Child SA is a tunnel between its own address and the server's
 
 As soon as a peer's Child SA is installed it sends one ESP probe, built with
 :class:`esp.OutboundSA` from the keys its own engine negotiated, over a raw
-IPv6 ESP socket with that peer's source address (``IPV6_PKTINFO``): an inner
+IPv6 ESP socket with that peer's source address (``IPV6_PKTINFO``; in UDP 4500
+after a float, RFC 3948): an inner
 IPv6 packet PEER -> SERVER with next header 59 (RFC 8200 §4.7, no next header),
 which the daemon decrypts, checks against the SA's selectors (RFC 4301 §5.2) and
 writes to its TUN, and which the gw's kernel then discards without an answer.
