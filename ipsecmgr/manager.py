@@ -216,8 +216,8 @@ class Manager:
         while (event := self.endpoint.next_event()) is not None:
             self.on_event(event, now)
         self.failover.after_events(now)  # fail over to the next peer, preempt
-        for data, peer in self.endpoint.datagrams_to_send(now):
-            self.send(data, peer)
+        for data, peer, local in self.endpoint.datagrams_from(now):
+            self.send(data, peer, local)
             if self.trace is not None:
                 trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
         self._follow_peers()

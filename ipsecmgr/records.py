@@ -19,7 +19,7 @@ from ipsecmgr import config as cfg
 from ipsecmgr.peers import PeerList, peer_configs
 
 Address = tuple[str, int]
-SendFn = Callable[[bytes, Address], None]  # (datagram, peer)
+SendFn = Callable[[bytes, Address, Address | None], None]  # (datagram, peer, our address)
 EspSocketFn = Callable[[Address, bool], tuple[Any, Address]]
 
 
