@@ -27,7 +27,7 @@ from ipsecmgr import config as cfg
 from ipsecmgr import failover, lifecycle, periodic, show, show_rows
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.invalid_spi import InvalidSpiHints
-from ipsecmgr.records import Address, ChildRecord, EspSocketFn, Liveness, MapState, SendFn
+from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, SendFn
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 from ipsecmgr.translate import build_ike_config
 
@@ -161,7 +161,7 @@ class Manager:
         elif (
             state.ike_sa.established
             and not state.creating_child
-            and not self._children_of(state, state.ike_sa.name)
+            and not state.children_of(state.ike_sa.name)
         ):
             # "rekey lazy": the idle Child SA expired; the IKE SA lives on, so a
             # CREATE_CHILD_SA (§1.3) is enough to carry traffic again
@@ -221,9 +221,6 @@ class Manager:
             if self.trace is not None:
                 trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
         self._follow_peers()
-
-    def _children_of(self, state: MapState, ike_name: str) -> list[ChildRecord]:
-        return [rec for (name, _), rec in state.children.items() if name == ike_name]
 
     def periodic(self, now: float) -> None:
         """Start what is due: liveness checks, volume rekeys, NAT keepalives

@@ -69,6 +69,10 @@ class MapState:
         """A map's state with one IKE config per peer (the first one is ``base``)."""
         return cls(cmap, base, peers=PeerList(peer_configs(cmap.peers, base), cmap.preempt))
 
+    def children_of(self, ike_name: str) -> list[ChildRecord]:
+        """The Child SAs of the map's IKE SA named ``ike_name``."""
+        return [rec for (name, _), rec in self.children.items() if name == ike_name]
+
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
