@@ -27,7 +27,7 @@ from ipsecmgr import config as cfg
 from ipsecmgr import failover, lifecycle, periodic, show, show_rows
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.invalid_spi import InvalidSpiHints
-from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, SendFn
+from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, MapStatus, SendFn
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 from ipsecmgr.translate import build_ike_config
 
@@ -176,7 +176,7 @@ class Manager:
         state.peers.active = peer
         state.peers.bind(sa.name, peer)
         state.ike_sa = sa
-        state.status = "connecting"
+        state.status = MapStatus.CONNECTING
         state.initiated_at = now
         state.bump("ike_initiated")
         log.info("crypto map %s: no SA, initiating IKE with %s", state.cmap.name, peer.address)
