@@ -29,6 +29,7 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
+from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
 from ipsecmgr.manager import Manager
@@ -141,7 +142,7 @@ class Gateway:
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self.started_at = time.time()
         # [gateway] datapath = "split": the forked data-path workers (ipsecmgr.workers).
         self.workers: Workers | None = None
@@ -420,7 +421,7 @@ class Gateway:
         self._rearm()
 
     def _bump(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self.counters[name] += 1
 
     def status_line(self) -> str:
         """systemd's STATUS= (ipsecmgr.sdnotify): maps up/total, SA counts."""

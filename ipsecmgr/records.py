@@ -17,6 +17,7 @@ from typing import Any
 import esp
 import ike
 from ipsecmgr import config as cfg
+from ipsecmgr.counters import Counters
 from ipsecmgr.peers import PeerList, peer_configs
 
 Address = tuple[str, int]
@@ -70,7 +71,7 @@ class MapState:
     # Keyed by (IKE SA name, child id): child ids are only unique per IKE SA.
     children: dict[tuple[str, int], ChildRecord] = field(default_factory=dict)
     queue: deque[bytes] = field(default_factory=deque)
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
     established_at: float | None = None
     # Periodic work on the established IKE SA (absolute loop times, None: off)
     keepalive_at: float | None = None
@@ -93,7 +94,7 @@ class MapState:
         return [rec for (name, _), rec in self.children.items() if name == ike_name]
 
     def bump(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+        self.counters[name] += n
 
 
 @dataclass(slots=True)
