@@ -360,7 +360,7 @@ class Exporter:
                 buckets=HANDSHAKE_BUCKETS,
             ),
         }
-        gw.manager.observe = self.observe
+        gw.manager.set_observer(self.observe)
 
     def observe(self, what: str, crypto_map: str, seconds: float) -> None:
         h = self.histograms.get(what)
@@ -370,7 +370,7 @@ class Exporter:
 
     def render(self) -> bytes:
         # A crypto map removed by a reload takes its histogram series with it.
-        for name in self._observed - set(self.gw.manager.maps):
+        for name in self._observed - self.gw.manager.map_names():
             for h in self.histograms.values():
                 with contextlib.suppress(KeyError):
                     h.remove(name)
