@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import esp
 from ike import events as ev
+from ike.state import State
 from ipsecmgr.datapath import OutboundBinding
 from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
 from ipsecmgr.periodic import DPD_SAMPLES, REKEY_JITTER, SOFT_VOLUME, jittered, schedule
@@ -29,7 +30,7 @@ log = logging.getLogger("ipsecmgr.ike")
 # sent on it before it saw the DELETE may be read after the IKE answer (another socket).
 REKEY_LINGER = 1.0
 # A responder's IKE SA before IKE_AUTH: the peer has not proved who it is (§2.4, §2.6)
-_UNAUTHENTICATED = ("new", "init-done")
+_UNAUTHENTICATED = (State.NEW, State.INIT_DONE)
 
 
 # RFC 7296 §3.10.1 error notifies in plain words, as seen from the side that

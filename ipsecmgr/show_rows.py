@@ -9,19 +9,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import ike
+from ike.state import State
 from ipsecmgr import show
 from ipsecmgr.records import ChildState, MapStatus
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
 
+# The engine's IKE SA states as ``show crypto ikev2-ikesa`` names them
 _IKE_STATE = {
-    "new": "CONNECTING",
-    "init-sent": "CONNECTING",
-    "init-done": "CONNECTING",
-    "established": "ESTABLISHED",
-    "deleting": "DELETING",
-    "dead": "DELETING",
+    State.NEW: "CONNECTING",
+    State.INIT_SENT: "CONNECTING",
+    State.INIT_DONE: "CONNECTING",
+    State.ESTABLISHED: "ESTABLISHED",
+    State.DELETING: "DELETING",
+    State.DEAD: "DELETING",
 }
 # Every map status as ``show`` prints it (and metrics label it)
 MAP_STATUS_SHOWN: dict[MapStatus, str] = {
