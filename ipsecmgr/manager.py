@@ -89,15 +89,6 @@ class Manager:
         self._changed: dict[ike.IkeSA, None] = {}
         self.endpoint.on_change = self._sa_changed
 
-    def set_observer(self, observe: Callable[[str, str, float], None] | None) -> None:
-        """``observe(histogram, crypto map, seconds)`` is told the IKE handshake
-        latency and the first-packet wait (queue mode) from now on (ipsecmgr.metrics)."""
-        self.observe = observe
-
-    def map_names(self) -> set[str]:
-        """The configured crypto maps (a reload may add or remove some)."""
-        return set(self.maps)
-
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
     ) -> None:
@@ -351,3 +342,12 @@ class Manager:
 
     def map_status(self, now: float | None = None) -> dict[str, str]:
         return show_rows.map_status(self, now)
+
+    def set_observer(self, observe: Callable[[str, str, float], None] | None) -> None:
+        """``observe(histogram, crypto map, seconds)`` is told the IKE handshake
+        latency and the first-packet wait (queue mode) from now on (ipsecmgr.metrics)."""
+        self.observe = observe
+
+    def map_names(self) -> set[str]:
+        """The configured crypto maps (a reload may add or remove some)."""
+        return set(self.maps)
