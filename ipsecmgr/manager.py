@@ -495,6 +495,8 @@ class Manager:
             self.send(data, peer)
             if self.trace is not None:
                 trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
+        if self.invalid_spi.held:  # a probe held a map's packets: answered?
+            self.invalid_spi.release(self, now)
         self._follow_peers()
 
     # -- periodic work: rekeying, liveness checks, NAT keepalives -------------------
@@ -527,6 +529,8 @@ class Manager:
                 self._linger_expired(int(key), now)
             elif kind == "liveness":
                 self._liveness_due(str(key), now)
+            elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
+                self.invalid_spi.silence_due(self, str(key), now)
             else:
                 self._map_work_due(kind, str(key), now)
 
@@ -577,7 +581,6 @@ class Manager:
         ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
         dpd = state.cmap.dpd
         packets = sum(rec.inbound.counters.packets for rec in self._children_of(state, sa.name))
-        again = self.invalid_spi.sample(self, state, sa, packets, now)  # only outgoing ESP?
         esp_seen = packets != lv.packets_in
         if esp_seen:
             lv.packets_in = packets
@@ -594,7 +597,7 @@ class Manager:
             # timeout 0: the map's retransmission settings (exponential) apply
             sa.liveness_check(now, dpd.timeout or None, dpd.retries)
             due = now + dpd.interval
-        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES, again or due)
+        lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
 
     def _check_volume(self, state: MapState, sa: ike.IkeSA, now: float) -> None:
         """Soft byte/packet/sequence limits → rekey (make-before-break); hard → delete."""
@@ -687,6 +690,11 @@ class Manager:
         """ESP with an SPI we do not know (``Datapath.on_unknown_spi``): INVALID_SPI to
         its sender (RFC 7296 §1.5), rate-limited. True if one left."""
         return self.invalid_spi.on_unknown_spi(self, spi, src, family, udp, now)
+
+    def on_esp_out(self, name: str, packet: bytes, now: float) -> None:
+        """The first ESP on crypto map ``name`` after a quiet spell (``Datapath.on_esp_out``;
+        ``packet``: what it carried): was it answered? (RFC 7296 §2.4, ipsecmgr.invalid_spi)"""
+        self.invalid_spi.on_esp_out(self, name, packet, now)
 
     def _on_invalid_spi(self, state: MapState, event: ev.InvalidSpiReceived, now: float) -> None:
         self.invalid_spi.on_hint(self, state, event, now)
@@ -988,7 +996,7 @@ class Manager:
         peer: Address = sa.peer_addr if sa is not None else (str(state.cmap.peer), 500)
         assert self.esp_socket_for is not None, "the daemon sets esp_socket_for"
         sock, addr = self.esp_socket_for(peer, nat_t)
-        return OutboundBinding(outbound, sock, addr, outbound.mode)
+        return OutboundBinding(outbound, sock, addr, outbound.mode, state.cmap.name)
 
     def _drop_others(self, state: MapState, keep: str) -> None:
         """RFC 7296 §2.4 INITIAL_CONTACT: the peer has no other SA with us any more.
