@@ -183,6 +183,7 @@ class InvalidSpiHints:
         sa = state.ike_sa
         if sa is not None and sa.established and answer_expected(packet):
             self.armed[name] = (sa.name, now, *self._counts(mgr, state, sa))
+            state.bump("silence_armed")
         # else (nothing answers it, or no IKE SA up to check): the deadline only turns
         # the watch on again, so a stream of bare ACKs costs one look per SILENCE
         mgr.deadlines.set(("silence", name), now + SILENCE)
