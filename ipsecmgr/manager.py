@@ -424,6 +424,8 @@ class Manager:
         if tr is not None:
             peer = state.cmap.peer
             why = f"responder: waiting for {peer}" if responder else f"IKE with {peer} not up"
+            if name in self.invalid_spi.held:
+                why = f"held while a liveness probe asks whether {peer} lost its SAs"
             tr("5", what, packet, crypto_map=name, reason=why)
         if what == "first_packet_dropped" and not responder and state.peers.failed_once():
             self.failover.answer(state, packet, now, "IKE already failed once")

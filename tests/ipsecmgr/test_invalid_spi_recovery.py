@@ -309,8 +309,14 @@ def test_while_the_probe_runs_packets_wait_and_go_on_the_new_sa(net: Net) -> Non
     net.call(client.send_tacacs)
     net.run_until(6.0)
     assert client.counter("probe_holds") == 1 and "tacacs" not in client.datapath.outbound
+    traced: list[tuple[str, str, dict[str, object]]] = []
+    client.manager.trace = lambda step, name, pkt, **f: traced.append((step, name, f))
     net.call(client.send_tacacs)  # the retransmission
+    client.manager.trace = None
     assert client.counter("first_packet_queued") == 2 and len(client.state.queue) == 1
+    ((step, what, fields),) = traced
+    assert (step, what) == ("5", "first_packet_queued")
+    assert "held while a liveness probe" in str(fields["reason"])
     assert gw.datapath.counters["esp_unknown_spi"] == 1  # only the packet of 5
     net.run_until(6.25)
     assert net.sent("client", IKE_SA_INIT) == [0.0, 6.25]
