@@ -31,10 +31,11 @@ up (30 s + 3 × 10 s with the reference's timers). Both halves live here:
   the manager's timer heap (O(log n), only while traffic flows, nothing is
   swept), and :meth:`InvalidSpiHints.silence_due` compares the Child SAs'
   counters with those at that moment: nothing (ESP or IKE) came back → the
-  same probe (same hold-down); something did → the watch is on again (and the
-  deadline re-armed if more ESP went out meanwhile). In the split data path
-  the inbound counters are the INBOUND worker's: a "nothing came back" is
-  confirmed with a fresh count of that map's inbound SAs first
+  same probe (same hold-down); something did → the watch is on again, and the
+  next ESP arms the next deadline. A bare TCP ACK expects no answer
+  (:func:`answer_expected`): it only turns the watch off for SILENCE. In the
+  split data path the inbound counters are the INBOUND worker's: a "nothing
+  came back" is confirmed with a fresh count of that map's inbound SAs first
   (:attr:`InvalidSpiHints.confirm`).
 * **Hold while probing.** With ``first_packet = "queue"`` the map's outbound
   binding is taken out of the data path while a probe runs: packets wait in
