@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from ike.invalid_spi import build_invalid_spi
-from ipsecmgr.invalid_spi import HOLD_DOWN, PROBE_TIMEOUT, PROBE_TRIES, SILENCE
+from ipsecmgr.datapath import build_ip_header
+from ipsecmgr.invalid_spi import (
+    HOLD_DOWN,
+    PROBE_TIMEOUT,
+    PROBE_TRIES,
+    SILENCE,
+    answer_expected,
+)
 
 from .test_manager_timers import (
     CREATE_CHILD_SA,
@@ -412,3 +419,35 @@ def test_a_later_dead_peer_verdict_of_dpd_is_not_the_probes(net: Net) -> None:
     assert client.counter("peer_dead") == 1 and client.state.status == "dead"
     assert client.counter("probe_peer_dead") == 0
     assert net.sent("client", IKE_SA_INIT) == [0.0]
+
+
+_ADDRS = {
+    socket.AF_INET: (socket.inet_aton("192.0.2.1"), socket.inet_aton("203.0.113.49")),
+    socket.AF_INET6: (
+        socket.inet_pton(socket.AF_INET6, "2001:db8:1::1"),
+        socket.inet_pton(socket.AF_INET6, "2001:db8:3::49"),
+    ),
+}
+
+
+def _packet(family: int, proto: int, l4: bytes) -> bytes:
+    return build_ip_header(family, *_ADDRS[family], proto, len(l4)) + l4
+
+
+def _tcp(family: int, flags: int, data: bytes = b"") -> bytes:
+    """Ports 40000 → 49, data offset 5 words, ``flags``, then ``data``."""
+    return _packet(family, 6, b"\x9c\x40\x00\x31" + bytes(8) + bytes([0x50, flags])
+                   + b"\xff\xff" + bytes(4) + data)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_answer_expected_by_tcp_flags_and_payload(family: int) -> None:
+    """SYN (0x02), FIN (0x01) and data are answered; a bare ACK (0x10) and RST (0x04)
+    are not (RFC 9293 §3.4, §3.5.2); anything but TCP is assumed to be a request."""
+    assert answer_expected(_tcp(family, 0x02))
+    assert answer_expected(_tcp(family, 0x11))
+    assert answer_expected(_tcp(family, 0x18, b"tacacs+ body"))
+    assert not answer_expected(_tcp(family, 0x10))
+    assert not answer_expected(_tcp(family, 0x14))
+    assert not answer_expected(_tcp(family, 0x04))
+    assert answer_expected(_packet(family, 17, bytes(8)))
