@@ -59,7 +59,8 @@ from ike import events as ev
 
 if TYPE_CHECKING:
     from ipsecmgr.datapath import OutboundBinding
-    from ipsecmgr.manager import Manager, MapState
+    from ipsecmgr.manager import Manager
+    from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.ike")
 
