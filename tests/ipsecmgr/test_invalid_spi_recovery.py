@@ -248,6 +248,11 @@ def test_answered_traffic_never_probes_and_one_way_traffic_costs_one_exchange(
         net.call(lambda: send(client, bare_ack(client)))
     assert client.counter("silence_probes") == 0 and gw.counter("silence_probes") == 0
     assert net.sent("client", INFORMATIONAL) == net.sent("gw", INFORMATIONAL) == []
+    assert client.counter("silence_armed") == gw.counter("silence_armed") == 15
+    net.run_until(15.9)  # traffic stopped: no deadline is left, nothing looks again
+    assert ("silence", "tacacs") not in client.manager.deadlines
+    assert ("silence", "tacacs") not in gw.manager.deadlines
+    assert client.datapath.outbound["tacacs"].watch == "tacacs"
     # One-way from 16 on (the peer is alive): probed at 16.5 and answered; the
     # hold-down keeps the next one HOLD_DOWN (5 s) later
     for t in range(16, 24):
