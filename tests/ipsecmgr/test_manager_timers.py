@@ -79,6 +79,8 @@ class Side:
         self.name, self.role, self.net = name, role, net
         self.datapath = Datapath(self.classifier, self.saflow, {}, {}, self._no_sa)
         self.manager = Manager(self.config, acls, self.datapath, self.saflow, self._send)
+        # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
+        self.datapath.on_esp_out = lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now)
         sock = FakeSock(net, name)
         self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
         self.manager.jitter = lambda: 0.5
