@@ -65,7 +65,7 @@ that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
 from __future__ import annotations
 
 import ipaddress
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +77,7 @@ from npusim.counters import GLOBAL, zero
 from npusim.packet import (
     ALL_DROP_REASONS,
     DROP_TRUNCATED_L4,
+    PORT_PROTOCOLS,
     PORTS_OK,
     PORTS_TRUNCATED,
     PROTO_ESP,
@@ -151,6 +152,16 @@ _CUT: Final = -2
 _MEMO_MAX: Final = 65536
 # An outcome with more denying maps than this adds them to the counters in bulk, later
 _BULK_DENIES: Final = 8
+# Cells (products of elementary intervals) covers_reply looks at before it gives
+# up and answers False (the SA-flow table then checks each packet)
+_COVER_CELLS: Final = 64
+_V6_LINK_LOCAL: Final = (0xFE80 << 112, (0xFEC0 << 112) - 1)  # fe80::/10
+_V6_MULTICAST: Final = (0xFF << 120, (1 << 128) - 1)  # ff00::/8
+
+Box = tuple[int, int, int, int, int, int, int, int, int, int]
+"""Packets as an SA's selectors admit them (one source and one destination
+selector): (version, protocol or 0 for any, source first, last, destination
+first, last, source port first, last, destination port first, last)."""
 
 
 def _bits(positions: Sequence[int]) -> int:
@@ -386,6 +397,7 @@ class Classifier:
                 ip = ipaddress.ip_address(peer)
                 peers[ip.version].add(int(ip))
         self._peers: dict[int, frozenset[int]] = {v: frozenset(s) for v, s in peers.items()}
+        self._peer_list = {v: sorted(s) for v, s in peers.items()}
 
     @property
     def counters(self) -> dict[str, dict[str, int]]:
@@ -476,6 +488,75 @@ class Classifier:
             outcome = self._outcome(key)
         verdict = outcome.verdict
         return isinstance(verdict, Protect) and verdict.crypto_map.name == name
+
+    def covers_reply(self, name: str, boxes: Sequence[Box]) -> bool:
+        """Whether :meth:`permits_reply` is True for every packet inside ``boxes``
+        (what an SA's selectors admit), decrypted from map ``name``: then the SA's
+        selectors alone decide (RFC 4301 §5.2) and the per-packet ACL check can be
+        skipped. Exact on the cells it looks at (every combination of the fields'
+        elementary intervals inside a box, every protocol class, and the packets
+        without visible ports where the selectors admit them); False, the safe
+        answer, when the boxes span more than _COVER_CELLS cells, an IPv4 wildcard
+        field a range of more addresses, or may hold a packet that permits_reply
+        refuses before the ACL (IKE/ESP of a peer, IPv6 link scope)."""
+        budget = _COVER_CELLS
+        for box in boxes:
+            cells = self._cells(box, budget)
+            if cells is None:
+                return False
+            budget -= len(cells)
+            for key in cells:
+                outcome = self._memo.get(key) or self._outcome(key)
+                verdict = outcome.verdict
+                if not (isinstance(verdict, Protect) and verdict.crypto_map.name == name):
+                    return False
+        return True
+
+    def _cells(self, box: Box, budget: int) -> list[_Key] | None:
+        """The memo keys of the replies to the packets in ``box``, or None."""
+        version, protocol, slo, shi, dlo, dhi, splo, sphi, dplo, dphi = box
+        # The reply: addresses and ports swapped.
+        slo, shi, dlo, dhi = dlo, dhi, slo, shi
+        splo, sphi, dplo, dphi = dplo, dphi, splo, sphi
+        if protocol in (0, PROTO_UDP, PROTO_ESP):
+            peers = self._peer_list[version]
+            for lo, hi in ((slo, shi), (dlo, dhi)):
+                at = bisect_left(peers, lo)
+                if at < len(peers) and peers[at] <= hi:
+                    return None  # the IKE/ESP exemption may apply
+        if version == 6 and (
+            _overlaps(slo, shi, *_V6_LINK_LOCAL) or slo == 0 or _overlaps(dlo, dhi, *_V6_MULTICAST)
+        ):
+            return None
+        fam = self._families[version]
+        src = _classes(fam.src, slo, shi, budget)
+        dst = _classes(fam.dst, dlo, dhi, budget)
+        if src is None or dst is None or len(src) * len(dst) > budget:
+            return None
+        if protocol == 0:
+            protocols = [*fam.protocols, ANY_PROTOCOL]
+        else:
+            protocols = [protocol if protocol in fam.protocols else ANY_PROTOCOL]
+        ports: list[tuple[int, int]] = [(_OPAQUE, _OPAQUE)]
+        sports = _classes(fam.sport, splo, sphi, budget)
+        dports = _classes(fam.dport, dplo, dphi, budget)
+        if sports is None or dports is None:
+            return None
+        visible = [(sp, dp) for sp in sports for dp in dports]
+        if splo == dplo == 0 and sphi == dphi == 65535:
+            # ports unknown pass a selector only when it has no port range
+            visible += [(_OPAQUE, _OPAQUE), (_CUT, _CUT)]
+        cells: list[_Key] = []
+        for p in protocols:
+            # ("ip" rules, the only ones of the other-protocol class, have no
+            # port conditions: one port cell stands for all)
+            for sp, dp in visible if p in PORT_PROTOCOLS else ports:
+                for s in src:
+                    for d in dst:
+                        cells.append((version, p, s, d, sp, dp))
+                        if len(cells) > budget:
+                            return None
+        return cells
 
     def clear_counters(self) -> None:
         """Zero every counter (the dicts stay the same objects)."""
@@ -570,6 +651,19 @@ class Classifier:
         if proto == PROTO_ESP:
             return True
         return pstate == PORTS_OK and (sport in _IKE_PORTS or dport in _IKE_PORTS)
+
+
+def _classes(field: _Intervals | _ByteTables, lo: int, hi: int, budget: int) -> list[int] | None:
+    """The classes of the values lo..hi of a field, or None if more than budget."""
+    if isinstance(field, _ByteTables):
+        return list(range(lo, hi + 1)) if hi - lo < budget else None
+    first = field.find(lo)
+    last = field.find(hi)
+    return list(range(first, last + 1)) if last - first < budget else None
+
+
+def _overlaps(lo: int, hi: int, first: int, last: int) -> bool:
+    return lo <= last and first <= hi
 
 
 def _link_scoped(src: int, dst: int) -> bool:
