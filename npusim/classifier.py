@@ -51,11 +51,17 @@ only, and a rule that needs ports is then terminal like a permit (it drops).
 
 The elementary-interval numbers (and the address itself for a byte-table
 field) key a bounded memo of the outcome: the steady per-packet cost is the
-parse, one ``bisect`` per field and one dict probe, independent of the number
-of maps and rules; a new key costs the bit-vector work, bounded by the tree
-height and the int length (rules / 30 machine words per operation). The deny
-counts of an outcome with many denying maps are kept as a bit mask and added
-to the maps' counters when ``counters`` is read.
+parse, one ``bisect`` per field (O(log intervals)) and one dict probe, whatever
+the masks, ranges, denies or number of maps; a new key costs the bit-vector
+work, bounded by the tree height (at most 17 ORs per field) and the int length
+(rules / 30 machine words per operation). The deny counts of an outcome with
+many denying maps are kept as a bit mask and added to the maps' counters when
+``counters`` is read. Memory: one int per segment-tree node, the size of the
+span of its rules; a byte-table field 1,024 ints of rules / 8 bytes each.
+
+The same index answers the inbound check (RFC 4301 §5.2) per packet
+(:meth:`Classifier.permits_reply`) or once per SA (:meth:`Classifier.covers_reply`:
+every cell an SA's selectors span is protected by its map).
 
 Counters: ``counters[map_name]`` has ``protect`` and ``deny`` (a deny line of
 that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
