@@ -24,7 +24,9 @@ from ipsecmgr.daemon import parse_acls
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import NAT_KEEPALIVE, Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.periodic import NAT_KEEPALIVE
+from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
 NON_ESP_MARKER = b"\x00" * 4
@@ -62,7 +64,7 @@ class Side:
         self.manager.esp_socket_for = self._esp_socket_for
         self.local = A.client_wan4 if side == "client" else A.gw_wan4
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.outbox.append((data, peer))
 
     def _esp_socket_for(self, peer: Address, nat_t: bool) -> tuple[Any, Address]:

@@ -31,7 +31,8 @@ from ipsecmgr.daemon import parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath, build_ip_header
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
 DPD = {"interval": 10, "timeout": 2, "retries": 3}
@@ -93,7 +94,7 @@ class Side:
     def _no_sa(self, name: str, packet: bytes) -> None:
         self.manager.on_no_sa(name, packet, self.net.now)
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.net.ike(self.name, data)
 
     def packet(self) -> bytes:

@@ -55,7 +55,8 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import GC_THRESHOLDS, parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 GW = "2001:db8::1"
 SERVER = "2001:db8:ffff::49"
@@ -123,7 +124,7 @@ class Responder:
         self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
         self.busy = 0.0  # seconds spent in the responder
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.out.append((data, peer))
 
     def datagram(self, data: bytes, peer: Address, now: float) -> list[tuple[bytes, Address]]:
