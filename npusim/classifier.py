@@ -49,15 +49,15 @@ D)`` are the permits no earlier deny of their map hides, and its lowest bit
 decides. A packet whose ports were cut off matches on protocol and addresses
 only, and a rule that needs ports is then terminal like a permit (it drops).
 
-The elementary-interval numbers (and the address itself for a byte-table
-field) key a bounded memo of the outcome: the steady per-packet cost is the
+The elementary-interval numbers (the byte classes for a byte-table field)
+key a bounded memo of the outcome: the steady per-packet cost is the
 parse, one ``bisect`` per field (O(log intervals)) and one dict probe, whatever
 the masks, ranges, denies or number of maps; a new key costs the bit-vector
 work, bounded by the tree height (at most 17 ORs per field) and the int length
 (rules / 30 machine words per operation). The deny counts of an outcome with
 many denying maps are kept as a bit mask and added to the maps' counters when
 ``counters`` is read. Memory: one int per segment-tree node, the size of the
-span of its rules; a byte-table field 1,024 ints of rules / 8 bytes each.
+span of its rules; a byte-table field at most 1,024 ints of rules / 8 bytes.
 
 The same index answers the inbound check (RFC 4301 §5.2) per packet
 (:meth:`Classifier.permits_reply`) or once per SA (:meth:`Classifier.covers_reply`:
@@ -75,7 +75,6 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from operator import pos as _same
 from typing import ClassVar, Final
 
 from npusim.acl import ANY_FAMILY, ANY_PROTOCOL, Acl, PortRanges, Rule
@@ -247,15 +246,17 @@ class _Intervals:
 
 class _ByteTables:
     """An IPv4 address field with a non-contiguous wildcard (Cisco allows any
-    mask): no longer intervals, so one table per byte of the address, 256 ints
-    each; a rule holds when it holds for every byte (``a & mask == value``
-    bytewise). ``find`` is the identity: the address is its own class."""
+    mask): no longer intervals, so one table per byte of the address; a rule
+    holds when it holds for every byte (``a & mask == value`` bytewise). The
+    bytes of a table with the same rules share a class, and ``find`` packs the
+    four byte classes into one int (the memo key), so that addresses with the
+    same rules share their memo entries."""
 
     __slots__ = ("find", "tables")
 
     def __init__(self, items: list[tuple[int, int, int]]) -> None:
-        tables: list[list[list[int]]] = [[[] for _ in range(256)] for _ in range(4)]
-        for k, table in enumerate(tables):
+        by_byte: list[list[list[int]]] = [[[] for _ in range(256)] for _ in range(4)]
+        for k, table in enumerate(by_byte):
             shift = 24 - 8 * k
             groups: dict[tuple[int, int], list[int]] = {}
             for pos, value, mask in items:
@@ -264,17 +265,22 @@ class _ByteTables:
                 for byte in (value,) if mask == 255 else range(256):
                     if byte & mask == value:
                         table[byte].extend(positions)
-        self.tables = [[_bits(positions) for positions in table] for table in tables]
-        self.find: Callable[[int], int] = _same  # (+x is x: the address itself)
+        classes: list[list[int]] = []
+        self.tables: list[list[int]] = []  # per byte position: class -> rule bits
+        for table in by_byte:
+            ids: dict[int, int] = {}
+            classes.append([ids.setdefault(_bits(ps), len(ids)) for ps in table])
+            self.tables.append(list(ids))
+        c0, c1, c2, c3 = classes
+        self.find: Callable[[int], int] = partial(_byte_classes, c0, c1, c2, c3)
 
-    def bits(self, address: int) -> int:
+    def bits(self, key: int) -> int:
         t0, t1, t2, t3 = self.tables
-        return (
-            t0[address >> 24]
-            & t1[(address >> 16) & 255]
-            & t2[(address >> 8) & 255]
-            & t3[address & 255]
-        )
+        return t0[key >> 24] & t1[(key >> 16) & 255] & t2[(key >> 8) & 255] & t3[key & 255]
+
+
+def _byte_classes(c0: list[int], c1: list[int], c2: list[int], c3: list[int], a: int) -> int:
+    return c0[a >> 24] << 24 | c1[(a >> 16) & 255] << 16 | c2[(a >> 8) & 255] << 8 | c3[a & 255]
 
 
 class _Family:
@@ -662,7 +668,9 @@ class Classifier:
 def _classes(field: _Intervals | _ByteTables, lo: int, hi: int, budget: int) -> list[int] | None:
     """The classes of the values lo..hi of a field, or None if more than budget."""
     if isinstance(field, _ByteTables):
-        return list(range(lo, hi + 1)) if hi - lo < budget else None
+        if hi - lo >= budget:
+            return None
+        return list(dict.fromkeys(field.find(a) for a in range(lo, hi + 1)))
     first = field.find(lo)
     last = field.find(hi)
     return list(range(first, last + 1)) if last - first < budget else None
