@@ -15,7 +15,7 @@ Hot path notes (measure with tools/bench/esp.py): one AESGCM object per SA, buil
 once; precompiled structs; trailers (padding ‖ Pad Length ‖ Next Header) precomputed
 for every (next header, pad length) pair; the per-packet methods read what is fixed
 for the SA's life from one tuple (``_fixed``: one slot read and an unpack, as fast as
-the per-SA closures they replace, measured in one process with thread time, without
+the per-SA closures they replace, by tools/bench/esp_ab.py, and without
 their ~1 KB of cells and function objects per SA pair: a responder holds 10,000s).
 Per packet, encapsulate makes two payload-sized copies
 (payload ‖ trailer for AESGCM, header ‖ sealed for the wire) and decapsulate two
