@@ -536,8 +536,9 @@ class _Parser:
         ipsecs.setdefault("default", IpsecTransformSet("default"))
         gw = self.gateway(data.get("gateway", _MISSING))
         maps: dict[str, CryptoMap] = {}
+        acl_names = set(sections["access_list"])  # once: per map it would be O(maps x ACLs)
         for n, t in sections["crypto_map"].items():
-            cm = self.crypto_map(n, t, acls, ikes, ipsecs, gw, set(sections["access_list"]))
+            cm = self.crypto_map(n, t, acls, ikes, ipsecs, gw, acl_names)
             if cm is not None:
                 maps[n] = cm
         tuns = self.tuns(data.get("tun", _MISSING), set(sections["crypto_map"]))
@@ -553,10 +554,10 @@ class _Parser:
             if (tm := parse_tls_map(self, n, t, acl_rules)) is not None:
                 tls_maps[n] = tm
         self.errors.extend(overlap_errors(tls_maps))
+        used = {cm.match_address for cm in maps.values()}  # a set: not O(ACLs x maps)
+        used.update(tm.match_address for tm in tls_maps.values())
         for n in acls:
-            if any(tm.match_address == n for tm in tls_maps.values()):
-                continue
-            if not any(cm.match_address == n for cm in maps.values()):
+            if n not in used:
                 self.warnings.append(f"access_list.{n}: not used by any crypto map")
         metrics = self.metrics(data.get("metrics", _MISSING))
         if self.errors or gw is None:
