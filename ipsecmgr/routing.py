@@ -28,12 +28,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+import npusim
+from ipsecmgr import config as cfg
 
 DEFAULT_TABLE = 0x4950  # "IP"
 DEFAULT_MARK = 0x4950
@@ -181,9 +184,26 @@ class Routing:
 
     def remove_blocks(self, prefixes: Iterable[str]) -> list[str]:
         """Remove the fail-closed routes of ``prefixes`` (no longer protected after a
-        reload); TUN routes stay. Returns them, described."""
-        gone = {str(ipaddress.ip_network(p)) for p in prefixes}
-        return self._flush(lambda route: _is_block(route) and _prefix(route) in gone)
+        reload); TUN routes stay. Returns them, described. One delete per prefix (by
+        its metric and type), no dump of the table: a reload's cost follows what it
+        unblocks, not the size of the table."""
+        removed = []
+        for prefix in prefixes:
+            net = ipaddress.ip_network(prefix)
+            family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+            for rtype in BLOCK_TYPES:
+                try:
+                    self._ipr.route(
+                        "del", dst=str(net), table=self.table, family=family, type=rtype,
+                        priority=BLOCK_METRIC,
+                    )  # fmt: skip
+                except NetlinkError as exc:
+                    if exc.code not in (_ENOENT, _ESRCH):
+                        raise
+                    continue
+                removed.append(f"{BLOCK_TYPE_NAMES[rtype]} {net} metric {BLOCK_METRIC}")
+                break
+        return removed
 
     def install_blocks(self, prefixes: Iterable[str]) -> list[str]:
         """A fail-closed route per prefix (``replace``: idempotent on a takeover).
@@ -304,3 +324,35 @@ def _route_key(route: object, table: int) -> dict[str, object]:
         key["priority"] = prio
     key["type"] = msg["type"]  # type: ignore[index]
     return key
+
+
+def tun_routes(
+    config: cfg.Config, acls: Mapping[str, npusim.Acl], tun: cfg.TunInterface
+) -> list[TunRoute]:
+    """Routes into ``tun`` with the source address the kernel should use: ``src_ip``
+    of the first tunnel-mode crypto map (in the TUN's order) with a permit line that
+    can match a destination in the prefix, our own outer address for the rest
+    (those may be bypassed in clear, step 3b).
+
+    One pass over the maps' permit lines builds an index (family, wildcard mask,
+    masked destination) -> first map; each route then costs one probe per distinct
+    mask, not a test of every map (10,000 routes x 10,000 maps was 10^8 tests)."""
+    first: dict[tuple[int, int, int], tuple[int, str]] = {}
+    masks: dict[int, set[int]] = {4: set(), 6: set()}
+    for order, name in enumerate(tun.crypto_maps):
+        m = config.crypto_maps[name]
+        if m.mode != "tunnel" or m.src_ip is None:
+            continue
+        v = m.src_ip.version
+        for r in acls[m.match_address].rules:
+            if r.permit and r.version in (v, 0):
+                first.setdefault((v, r.dst_mask, r.dst), (order, str(m.src_ip)))
+                masks[v].add(r.dst_mask)
+    outer = {a.version: str(a) for a in reversed(config.gateway.local_addresses)}
+    routes = []
+    for prefix in tun.routes:
+        net = int(prefix.network_address)
+        v = prefix.version
+        hits = [hit for mask in masks[v] if (hit := first.get((v, mask, net & mask)))]
+        routes.append(TunRoute(str(prefix), min(hits)[1] if hits else outer.get(v)))
+    return routes
