@@ -22,7 +22,7 @@ import npusim
 from ipsecmgr import config as cfg
 
 if TYPE_CHECKING:
-    from ipsecmgr.manager import MapState
+    from ipsecmgr.records import MapState
 
 
 def map_definitions(config: cfg.Config) -> dict[str, object]:

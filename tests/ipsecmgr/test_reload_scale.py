@@ -27,7 +27,8 @@ from ipsecmgr import reload
 from ipsecmgr.daemon import build_classifier, parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import ProtectedPrefixes, protected_prefixes
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 GW = "2001:db8::1"
 SERVER = "2001:db8:ffff::49"
