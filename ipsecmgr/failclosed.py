@@ -19,7 +19,6 @@ docs/security.md has the threat model and how each property is tested.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import socket
 import struct
@@ -46,19 +45,16 @@ def _prefix(version: int, addr: int, mask: int) -> tuple[str, bool]:
     """The prefix of an ACL address and whether the wildcard was contiguous.
 
     A non-contiguous wildcard (``0.0.255.0``) has no route; the covering prefix
-    (the mask's leading ones) blocks a superset, which is the safe side."""
+    (the mask's leading ones) blocks a superset, which is the safe side. Spelled
+    by ``inet_ntop``, as the kernel's routes are read back (ipsecmgr.nlbatch), and
+    with int operations only: 10,000 maps, 10,000 prefixes at every start."""
     bits = 128 if version == 6 else 32
     full = (1 << bits) - 1
-    plen = 0
-    while plen < bits and mask >> (bits - 1 - plen) & 1:
-        plen += 1
-    contiguous = mask == (full ^ ((1 << (bits - plen)) - 1))
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network
-    if version == 6:
-        net = ipaddress.IPv6Network((addr & mask, plen), strict=False)
-    else:
-        net = ipaddress.IPv4Network((addr & mask, plen), strict=False)
-    return str(net), contiguous
+    plen = bits - ((full ^ mask).bit_length())  # the mask's leading ones
+    cover = full ^ ((1 << (bits - plen)) - 1)
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    text = socket.inet_ntop(family, (addr & cover).to_bytes(bits // 8, "big"))
+    return f"{text}/{plen}", mask == cover
 
 
 def protected_prefixes(
