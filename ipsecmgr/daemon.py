@@ -57,7 +57,12 @@ GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
-    return {name: npusim.parse_acl(name, list(a.rules)) for name, a in config.access_lists.items()}
+    # Compiled once, by the configuration's own check (config.compiled_acls)
+    done = config.compiled_acls
+    return {
+        name: done.get(name) or npusim.parse_acl(name, list(a.rules))
+        for name, a in config.access_lists.items()
+    }
 
 
 def build_classifier(config: cfg.Config, acls: dict[str, npusim.Acl]) -> npusim.Classifier:

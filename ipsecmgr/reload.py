@@ -71,9 +71,9 @@ _ABSENT = object()
 def reuse_acls(
     old: cfg.Config, old_acls: Mapping[str, npusim.Acl], new: cfg.Config
 ) -> tuple[dict[str, npusim.Acl], int]:
-    """The new configuration's parsed ACLs: the running objects for ACLs whose rules
-    did not change, npusim's parser for the others. Returns them and how many were
-    parsed."""
+    """The new configuration's compiled ACLs: the running objects for ACLs whose rules
+    did not change, the new ones (compiled by the configuration's check, else by
+    npusim here) for the others. Returns them and how many are new."""
     out: dict[str, npusim.Acl] = {}
     parsed = 0
     for name, a in new.access_lists.items():
@@ -81,7 +81,7 @@ def reuse_acls(
         if before is not None and before.rules == a.rules and name in old_acls:
             out[name] = old_acls[name]
         else:
-            out[name] = npusim.parse_acl(name, list(a.rules))
+            out[name] = new.compiled_acls.get(name) or npusim.parse_acl(name, list(a.rules))
             parsed += 1
     return out, parsed
 

@@ -7,7 +7,7 @@ import ipaddress
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipsecmgr.config.model import (
     ID_TYPES,
@@ -17,6 +17,9 @@ from ipsecmgr.config.model import (
     IPAddress,
 )
 from ipsecmgr.secret import Secret, SecretError, SecretSource, load_secret
+
+if TYPE_CHECKING:
+    import npusim
 
 _MISSING = object()
 
@@ -48,6 +51,8 @@ class Getters:
         # second error (the set's own error says what to fix).
         self.declared_ike: set[str] = set()
         self.declared_ipsec: set[str] = set()
+        # The ACLs npusim compiled (the shadowed-line check), handed on in the Config
+        self.compiled_acls: dict[str, npusim.Acl] = {}
 
     def err(self, path: str, msg: str) -> None:
         self.errors.append(f"{path}: {msg}")

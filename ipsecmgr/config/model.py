@@ -7,9 +7,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from ipsecmgr.secret import Secret
 from ipsecmgr.tls.config import TlsMap
+
+if TYPE_CHECKING:
+    import npusim
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -208,6 +212,11 @@ class Config:
     metrics: Metrics | None = None
     # [tls_map.NAME]: flows protected by TLS 1.3 instead of ESP (ipsecmgr.tls).
     tls_maps: Mapping[str, TlsMap] = field(default_factory=lambda: MappingProxyType({}))
+    # The ACLs as npusim compiled them for the shadowed-line check, so that the daemon
+    # does not compile them again (10,000 maps); not part of what the file says.
+    compiled_acls: Mapping[str, npusim.Acl] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True)

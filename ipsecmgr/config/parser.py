@@ -35,9 +35,10 @@ from ipsecmgr.config.model import (
     TunInterface,
 )
 from ipsecmgr.config_checks import (
-    acl_shadow_warnings,
+    compile_acl,
     control_socket_problem,
     interface_name_problem,
+    shadow_warnings,
 )
 from ipsecmgr.tls.config import TlsMap, overlap_errors, parse_tls_map
 
@@ -91,6 +92,7 @@ class _Parser(Getters):
             MappingProxyType(acls), MappingProxyType(ikes), MappingProxyType(ipsecs),
             MappingProxyType(maps), tuple(tuns), gw, tuple(self.warnings),
             metrics=metrics, tls_maps=MappingProxyType(tls_maps),
+            compiled_acls=MappingProxyType(self.compiled_acls),
         )  # fmt: skip
 
     def _named_sets(
@@ -138,7 +140,10 @@ class _Parser(Getters):
                 self.err(f"{path}.rules", msg)
             if problems:
                 return None
-        self.warnings.extend(f"{path}.rules: {w}" for w in acl_shadow_warnings(name, rules))
+        compiled = compile_acl(name, rules)
+        if compiled is not None:
+            self.compiled_acls[name] = compiled
+        self.warnings.extend(f"{path}.rules: {w}" for w in shadow_warnings(compiled))
         return AccessList(name, rules)
 
     def ike_set(self, name: str, t: dict[str, Any]) -> IkeTransformSet | None:
