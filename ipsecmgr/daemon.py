@@ -29,6 +29,7 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr import reload, sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
+from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import InstanceLock, ProtectedPrefixes, sync_blocks, take_over
 from ipsecmgr.manager import Manager
@@ -125,7 +126,7 @@ class Gateway:
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self.started_at = time.time()
         # [gateway] datapath = "split": the forked data-path workers (ipsecmgr.workers).
         self.workers: Workers | None = None
@@ -167,6 +168,7 @@ class Gateway:
         self.datapath.on_udp_other = self._on_ike_natt
         self.datapath.on_esp_from = self.manager.on_esp_from
         self.datapath.on_unknown_spi = self._on_unknown_spi
+        self.datapath.on_esp_out = self._on_esp_out
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
             if offload and not tun_offload_pays(t.mtu):
@@ -274,17 +276,16 @@ class Gateway:
             self.classifier = build_classifier(config, acls)
             self.datapath.classifier = self.classifier
         self.manager.reconfigure(config, acls, set(diff.kept), self.now())
-        self.reload_work = {
-            "acls_parsed": parsed, "blocks_added": len(block), "blocks_removed": len(unblock),
-            "classifier_rebuilt": int(rebuild), "maps_built": len(self.manager.last_reload.built),
-            "sas_deleted": self.manager.last_reload.sas_deleted,
-        }  # fmt: skip
         ike.forget_psk_keys()  # replaced PSKs must not linger in the engine's cache
         self.tracer.peers = peers_from_config(config)
         self._rearm()
         changed = sorted(diff.changed | diff.added)
-        log.info("reloaded: kept %d map(s), rebuilt %s, removed %s", len(diff.kept),
-                 changed or "none", sorted(diff.removed) or "none")  # fmt: skip
+        work = self.manager.last_reload
+        log.info("reloaded: kept %d map(s), rebuilt %s, removed %s; work: %d map state(s) "
+                 "built, %d IKE SA(s) deleted, %d ACL(s) new, fail-closed +%d -%d, "
+                 "classifier %s", len(diff.kept), changed or "none",
+                 sorted(diff.removed) or "none", len(work.built), work.sas_deleted, parsed,
+                 len(block), len(unblock), "rebuilt" if rebuild else "kept")  # fmt: skip
 
     # -- data path glue ----------------------------------------------------------------
 
@@ -330,25 +331,26 @@ class Gateway:
         if self.manager.on_unknown_spi(spi, src, family, udp, self.now()):
             self._rearm()  # a protected one waits for its answer (a retransmission timer)
 
+    def _on_esp_out(self, name: str, packet: bytes) -> None:
+        """The first ESP after a quiet spell on a map: its answer is due (RFC 7296 §2.4)."""
+        self.manager.on_esp_out(name, packet, self.now())
+        self._rearm()
+
     def _on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
         self.manager.on_ike_datagram(data, local, peer, self.now())
         self._rearm()
 
-    def _send_ike(self, data: bytes, peer: Address) -> None:
-        fam = _family(peer[0])
+    def _send_ike(self, data: bytes, peer: Address, local: Address | None) -> None:
         port = (
             self.config.gateway.natt_port
             if data[:4] == NON_ESP_MARKER
             else self.config.gateway.ike_port
         )
-        sock = self._ike_sock_for.get((fam, port))
-        if sock is None:
-            sock = next(
-                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
-                None,
-            )
-            if sock is not None:
-                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
+        # From the SA's own address (RFC 7296 §2.11: a response leaves from the
+        # address its request was received at), with several local addresses too
+        sock = self.ike_socks.get((local[0], port)) if local is not None else None
+        if sock is None:  # no address (unprotected INVALID_SPI): any of the family
+            sock = self._ike_sock_of_family(_family(peer[0]), port)
         if sock is None:
             self._bump("ike_no_socket")
             return
@@ -357,6 +359,17 @@ class Gateway:
         except OSError as exc:
             self._bump("ike_send_errors")
             log.debug("IKE send to %s failed: %s", peer, exc)
+
+    def _ike_sock_of_family(self, fam: int, port: int) -> socket.socket | None:
+        sock = self._ike_sock_for.get((fam, port))
+        if sock is None:
+            sock = next(
+                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
+                None,
+            )
+            if sock is not None:
+                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
+        return sock
 
     def _rearm(self) -> None:
         if self.loop is None:
@@ -376,7 +389,7 @@ class Gateway:
         self._rearm()
 
     def _bump(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self.counters[name] += 1
 
     def status_line(self) -> str:
         """systemd's STATUS= (ipsecmgr.sdnotify): maps up/total, SA counts."""

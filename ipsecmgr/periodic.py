@@ -64,6 +64,8 @@ def periodic(mgr: Manager, now: float) -> None:
             _linger_expired(mgr, int(key), now)
         elif kind == "liveness":
             _liveness_due(mgr, str(key), now)
+        elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
+            mgr.invalid_spi.silence_due(mgr, str(key), now)
         else:
             _map_work_due(mgr, kind, str(key), now)
 
@@ -117,8 +119,7 @@ def _check_liveness(mgr: Manager, state: MapState, sa: ike.IkeSA, lv: Liveness, 
     the peer for ``dpd.interval``; it is resent every ``dpd.timeout`` seconds,
     ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
     dpd = state.cmap.dpd
-    packets = sum(rec.inbound.counters.packets for rec in mgr._children_of(state, sa.name))
-    again = mgr.invalid_spi.sample(mgr, state, sa, packets, now)  # only outgoing ESP?
+    packets = sum(rec.inbound.counters.packets for rec in state.children_of(sa.name))
     esp_seen = packets != lv.packets_in
     if esp_seen:
         lv.packets_in = packets
@@ -135,7 +136,7 @@ def _check_liveness(mgr: Manager, state: MapState, sa: ike.IkeSA, lv: Liveness, 
         # timeout 0: the map's retransmission settings (exponential) apply
         sa.liveness_check(now, dpd.timeout or None, dpd.retries)
         due = now + dpd.interval
-    lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES, again or due)
+    lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
 
 
 def _check_volume(mgr: Manager, state: MapState, sa: ike.IkeSA, now: float) -> None:

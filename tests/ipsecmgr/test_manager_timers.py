@@ -79,6 +79,8 @@ class Side:
         self.name, self.role, self.net = name, role, net
         self.datapath = Datapath(self.classifier, self.saflow, {}, {}, self._no_sa)
         self.manager = Manager(self.config, acls, self.datapath, self.saflow, self._send)
+        # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
+        self.datapath.on_esp_out = lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now)
         sock = FakeSock(net, name)
         self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
         self.manager.jitter = lambda: 0.5
@@ -94,7 +96,7 @@ class Side:
     def _no_sa(self, name: str, packet: bytes) -> None:
         self.manager.on_no_sa(name, packet, self.net.now)
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.net.ike(self.name, data)
 
     def packet(self) -> bytes:
