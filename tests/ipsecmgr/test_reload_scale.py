@@ -86,7 +86,7 @@ class Responder:
         sock = NullSock()
         self.manager.esp_socket_for = lambda p, nat_t: (sock, (p[0], 0))
 
-    def _send(self, data: bytes, dst: Address) -> None:
+    def _send(self, data: bytes, dst: Address, local: Address | None) -> None:
         self.sent.append((data, dst))
 
     def establish(self, names: list[str], now: float) -> None:
