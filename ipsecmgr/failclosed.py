@@ -4,6 +4,8 @@ never leaves in clear, whoever stops the daemon and however.
 * :func:`protected_prefixes`: the destinations the ``permit`` lines of the crypto
   maps' ACLs cover; each gets a ``prohibit`` route in the gateway's table
   (:meth:`ipsecmgr.routing.Routing.install_blocks`), which outlives the process.
+  :class:`ProtectedPrefixes` keeps them per crypto map, so that a SIGHUP blocks
+  and unblocks by looking at the changed maps only (:func:`sync_blocks`).
 * :func:`take_over`: start-up after a crash or a stop with ``on_stop = "block"``:
   the blocks are (re)installed first, then stale TUN routes and devices go, and
   the rules are added only where missing, so there is no moment without them.
