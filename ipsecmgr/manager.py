@@ -24,7 +24,7 @@ import npusim
 from ike import events as ev
 from ike.timers import TimerHeap
 from ipsecmgr import config as cfg
-from ipsecmgr import failover, lifecycle, periodic, show, show_rows
+from ipsecmgr import failover, lifecycle, periodic, reload, show, show_rows
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.invalid_spi import InvalidSpiHints
 from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, MapStatus, SendFn
@@ -93,31 +93,31 @@ class Manager:
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
     ) -> None:
         """SIGHUP: maps in ``keep`` keep their SAs; the others are deleted
-        (DELETE sent to the peer) and rebuilt from the new configuration."""
-        old = self.maps
+        (DELETE sent to the peer) and rebuilt from the new configuration. The
+        work follows the changed maps, not all of them (ipsecmgr.reload)."""
         self.config = config
-        self.maps = {}
-        for name, cmap in config.crypto_maps.items():
-            acl = acls[cmap.match_address]
-            if name in keep and name in old:
-                state = old[name]
-                state.cmap = cmap
-                self.maps[name] = state
-            else:
-                self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
-            self.maps[name].peers.reset()  # SIGHUP ends every hold-down (#15.5)
-        for name, state in old.items():
-            if self.maps.get(name) is state:
-                continue
+        self.maps, work = reload.rebuild_states(
+            self.maps,
+            config.crypto_maps,
+            keep,
+            lambda cmap: MapState.build(
+                cmap, build_ike_config(config, cmap, acls[cmap.match_address])
+            ),
+        )
+        for state in work.dropped:
             for sa in self._sas_of_map(state):
                 sa.delete(now)
+                work.sas_deleted += 1
             for key in list(state.children):
                 self._remove_child(state, key)
-            self.datapath.outbound.pop(name, None)
-            log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
-        # Responders are matched against the new configs from now on; the IKE
-        # SAs of kept maps keep the config object they were built with.
-        self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+                work.children_removed += 1
+            self.datapath.outbound.pop(state.cmap.name, None)
+            log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
+        if work.built or work.dropped:
+            # Responders are matched against the new configs from now on; the IKE
+            # SAs of kept maps keep the config object they were built with.
+            self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+        self.last_reload = work
         self.pump(now)
 
     # -- steps 4 and 5 ------------------------------------------------------------
