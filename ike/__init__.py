@@ -43,7 +43,7 @@ lifetimes in seconds, packets and bytes, ``rekey_jitter`` (its random source
 ``jitter``) and ``rekey_lazy``, it rekeys IKE and Child SAs at their soft
 limits, once per generation, make-before-break, and deletes them at their
 hard limits. Volume is counted by the daemon's data path: the engine asks the
-endpoint's ``usage(ike_sa_name, child_id) -> ChildUsage`` when the daemon calls
+endpoint's ``usage(ike_sa_name, child_id, now) -> ChildUsage`` when the daemon calls
 ``IkeSA.check_usage(now)`` (now and then), and at a soft deadline under
 ``rekey_lazy``. Read-only facts for display: ``IkeSA.spi_i``, ``spi_r``,
 ``role``, ``suite``, ``state`` (``ike.State``; Child SAs ``ike.ChildState``).

@@ -17,8 +17,8 @@ and reports what its data path counted, never edits these deadlines):
   hard deadline and the daemon creates a new one for the next packet.
 * Volume (bytes, packets, and the ESP sequence number space, RFC 4303 §3.3.3).
   The data path counts; the daemon calls :meth:`IkeSA.check_usage` now and
-  then, and the engine asks the SA's ``usage`` function what each Child SA
-  carried (:class:`ChildUsage`). A soft limit (``VOLUME_SHARE`` minus jitter of
+  then, and the engine asks the SA's ``usage(ike_sa_name, child_id, now)``
+  what each Child SA carried (:class:`ChildUsage`). A soft limit (``VOLUME_SHARE`` minus jitter of
   the configured one) starts a rekey, a hard one deletes the Child SA; each
   only once per Child SA.
 * Make-before-break (§2.8): a rekey installs the new Child SA
@@ -132,7 +132,7 @@ def on_timer(sa: IkeSA, now: float) -> None:
             c.rekey_at = None
             if c.state != ChildState.INSTALLED:
                 continue  # being rekeyed or deleted already
-            if sa.config.rekey_lazy and _idle(sa, c):
+            if sa.config.rekey_lazy and _idle(sa, c, now):
                 sa.count("child_lazy_expiry")
                 sa.emit(ev.LifetimeExpired(sa.name, c.child_id, False, "seconds", "idle"))
                 continue
@@ -141,9 +141,9 @@ def on_timer(sa: IkeSA, now: float) -> None:
             sa.rekey_child(c.child_id, now)
 
 
-def _idle(sa: IkeSA, child: ChildSA) -> bool:
+def _idle(sa: IkeSA, child: ChildSA, now: float) -> bool:
     """The Child SA carried nothing either way (unknown usage counts as busy)."""
-    usage = sa.usage(sa.name, child.child_id) if sa.usage is not None else None
+    usage = sa.usage(sa.name, child.child_id, now) if sa.usage is not None else None
     return usage is not None and usage.packets == 0
 
 
@@ -155,7 +155,7 @@ def check_usage(sa: IkeSA, now: float) -> None:
     for c in list(sa.children.values()):
         if c.volume_done or c.state == ChildState.DELETING:
             continue
-        usage = sa.usage(sa.name, c.child_id)
+        usage = sa.usage(sa.name, c.child_id, now)
         if usage is None:
             continue
         hard = _reached(usage, cfg.child_lifetime_packets, cfg.child_lifetime_bytes, True)

@@ -64,8 +64,8 @@ from .state import Address, Channel, ChildSA, ChildState, Inbound, Pending, Stat
 
 __all__ = ["Address", "ChildSA", "ChildState", "IkeSA", "State"]
 
-# What the daemon's data path counted for a Child SA: (IKE SA name, child id) -> usage
-UsageFn = Callable[[str, int], lifetimes.ChildUsage | None]
+# What the daemon's data path counted for a Child SA: (IKE SA name, child id, now) -> usage
+UsageFn = Callable[[str, int, float], lifetimes.ChildUsage | None]
 
 
 class IkeSA:

@@ -62,7 +62,7 @@ class Counted:
         self.seq_soft = False
         self.asked = 0
 
-    def __call__(self, name: str, child_id: int) -> ChildUsage | None:
+    def __call__(self, name: str, child_id: int, now: float) -> ChildUsage | None:
         self.asked += 1
         n = self.packets.get((name, child_id), 0)
         return ChildUsage(n, 40 * n, self.seq_soft)

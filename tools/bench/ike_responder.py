@@ -104,7 +104,7 @@ def initiator(config: Path, seconds: float, window: int) -> dict[str, Any]:
             sa = ike_sa.IkeSA(ike_cfg, True)
             sa.initiate(now)
             send(sa, now)
-            inflight[sa.ch.spi_i] = (sa, now)
+            inflight[sa.spi_i] = (sa, now)
         ready = select.select(list(socks.values()), [], [], 0.2)[0]
         now = time.monotonic()
         for sock in ready:

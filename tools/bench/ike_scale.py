@@ -173,9 +173,9 @@ def handshakes(
         for c in todo:
             sa = ike.IkeSA(c, True)
             sa.initiate(now)
-            inflight[sa.ch.spi_i] = (sa, 0.0)
+            inflight[sa.spi_i] = (sa, 0.0)
             for data, _ in sa.datagrams_to_send(now):
-                pending.append((data, c.local_addr, sa.ch.spi_i))
+                pending.append((data, c.local_addr, sa.spi_i))
             if len(inflight) >= window:
                 return
 
@@ -237,8 +237,8 @@ def storm(
     for c in configs:
         sa = ike.IkeSA(c, True)
         sa.initiate(now)
-        sas[sa.ch.spi_i] = sa
-        pending += [(d, c.local_addr, sa.ch.spi_i) for d, _ in sa.datagrams_to_send(now)]
+        sas[sa.spi_i] = sa
+        pending += [(d, c.local_addr, sa.spi_i) for d, _ in sa.datagrams_to_send(now)]
     rounds = 0
     while pending and rounds < 20:
         rounds += 1
