@@ -67,6 +67,11 @@ __all__ = ["Address", "ChildSA", "ChildState", "IkeSA", "State"]
 # What the daemon's data path counted for a Child SA: (IKE SA name, child id, now) -> usage
 UsageFn = Callable[[str, int, float], lifetimes.ChildUsage | None]
 
+# Read per datagram and per timer: an enum member read through its class costs
+# ~0.2 µs in Python 3.11 (EnumType.__getattr__ defeats the attribute cache)
+_DEAD = State.DEAD
+_ESTABLISHED = State.ESTABLISHED
+
 
 class IkeSA:
     """A sans-I/O IKEv2 SA with PSK authentication. See ``ike/__init__.py``."""
@@ -244,7 +249,7 @@ class IkeSA:
 
     @property
     def established(self) -> bool:
-        return self.state == State.ESTABLISHED
+        return self.state is _ESTABLISHED
 
     # Read-only facts of the current IKE SA (after a rekey, the new one), for show
 
@@ -269,7 +274,7 @@ class IkeSA:
 
     @property
     def dead(self) -> bool:
-        return self.state == State.DEAD
+        return self.state is _DEAD
 
     def abandon(self, reason: str) -> None:
         """Forget this IKE SA without telling the peer (e.g. after INITIAL_CONTACT, §2.4)."""
@@ -430,7 +435,7 @@ class IkeSA:
         # The earliest of: retransmissions, retiring channels' expiry, the half-open
         # limit, and once established the IKE and Child SA lifetimes. The daemon asks
         # after every datagram, for every SA: one pass, no lists.
-        if self.state == State.DEAD:
+        if self.state is _DEAD:
             return None
         t = self.half_open_deadline
         if self.ch.pending is not None:
@@ -439,7 +444,7 @@ class IkeSA:
             if c.pending is not None:
                 t = _earliest(t, c.pending.deadline)
             t = _earliest(t, c.expire_at)
-        if self.state == State.ESTABLISHED:
+        if self.state is _ESTABLISHED:
             t = _earliest(_earliest(t, self.ike_rekey_at), self.ike_expire_at)
             for child in self.children.values():
                 t = _earliest(_earliest(t, child.rekey_at), child.expire_at)
@@ -497,7 +502,7 @@ class IkeSA:
     # --- task queue -------------------------------------------------------------------
 
     def queue_task(self, task: _t.Task, now: float, front: bool = False) -> None:
-        if self.state == State.DEAD:
+        if self.state is _DEAD:
             return
         if front:
             self._queue.insert(0, task)
@@ -515,7 +520,7 @@ class IkeSA:
 
     def _start_next(self, now: float) -> None:
         ch = self.ch
-        while ch.pending is None and self._queue and self.state != State.DEAD:
+        while ch.pending is None and self._queue and self.state is not _DEAD:
             task = self._queue[0]
             if not task.ready(self):
                 return
@@ -637,7 +642,7 @@ class IkeSA:
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """Feed one UDP payload (with or without the non-ESP marker) from ``addr``."""
-        if self.state == State.DEAD:
+        if self.state is _DEAD:
             self.count("dropped_dead")
             return
         if self.wake is not None:
