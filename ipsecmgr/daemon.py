@@ -31,10 +31,11 @@ from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.privileges import apply_least_privilege
+from ipsecmgr.records import Address
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config

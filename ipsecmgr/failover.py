@@ -30,11 +30,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from ipsecmgr.lifecycle import notify_meaning
 from ipsecmgr.peers import DEAD, PeerRow
 from ipsecmgr.reject import RateLimit, answer_for
 
 if TYPE_CHECKING:
-    from ipsecmgr.manager import Manager, MapState
+    from ipsecmgr.manager import Manager
+    from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.ike")
 
@@ -208,8 +210,6 @@ class Failover:
         counter = "auth_failed" if notify == "AUTHENTICATION_FAILED" else "exchange_failed"
         state.bump(counter)
         state.bump("unauthenticated_errors")
-        from ipsecmgr.manager import notify_meaning  # (manager imports this module)
-
         # Last Error and log line worded as the manager words them for its own SAs
         if hasattr(event, "detail"):  # AuthenticationFailed
             text = f"AUTHENTICATION_FAILED: {event.detail}"

@@ -41,7 +41,8 @@ import ike
 from ike import events as ev
 
 if TYPE_CHECKING:
-    from ipsecmgr.manager import Manager, MapState
+    from ipsecmgr.manager import Manager
+    from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.ike")
 

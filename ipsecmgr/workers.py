@@ -54,8 +54,8 @@ import npusim
 from ike import events as ev
 from ike.invalid_spi import SourceLimit
 from ipsecmgr.datapath import Counters, Datapath, OutboundBinding
-from ipsecmgr.manager import npu_selector
 from ipsecmgr.mss import mss_limits
+from ipsecmgr.translate import npu_selector
 
 if TYPE_CHECKING:
     import asyncio

@@ -24,7 +24,9 @@ from ipsecmgr.daemon import parse_acls
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import NAT_KEEPALIVE, Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.periodic import NAT_KEEPALIVE
+from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
 NON_ESP_MARKER = b"\x00" * 4

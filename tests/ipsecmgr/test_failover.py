@@ -36,8 +36,9 @@ from ipsecmgr.datapath import Datapath
 from ipsecmgr.failover import NOISE_INTERVAL, PREEMPT_GRACE
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
 from ipsecmgr.peers import HoldDown
+from ipsecmgr.records import Address
 from ipsecmgr.reject import icmp_unreachable
 from ipsecmgr.trace import Peer, Tracer
 from ipsecmgr.trace_render import describe

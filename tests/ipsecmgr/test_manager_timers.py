@@ -32,7 +32,8 @@ from ipsecmgr.daemon import parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath, build_ip_header
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
 DPD = {"interval": 10, "timeout": 2, "retries": 3}

@@ -266,8 +266,8 @@ def test_selector_constructors() -> None:
 
 def _acl_table(rules: list[str]) -> tuple[SaFlowTable, SaFlow, Classifier]:
     """An SA whose selectors are the cross product of the ACL's permit lines
-    (as ipsecmgr.manager.selectors_from_acl builds them) and the classifier."""
-    from ipsecmgr.manager import npu_selector, selectors_from_acl
+    (as ipsecmgr.translate.selectors_from_acl builds them) and the classifier."""
+    from ipsecmgr.translate import npu_selector, selectors_from_acl
 
     acl = parse_acl("tacacs", rules)
     local, remote = selectors_from_acl(acl)

@@ -55,7 +55,8 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import GC_THRESHOLDS, parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 GW = "2001:db8::1"
 SERVER = "2001:db8:ffff::49"

@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from ipsecmgr.lab.gateways import GatewayProcess, LabGateways  # noqa: E402
 from ipsecmgr.lab.topology import Lab, python_env  # noqa: E402
-from ipsecmgr.manager import DPD_SAMPLES  # noqa: E402
+from ipsecmgr.periodic import DPD_SAMPLES  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-recovery-pw"
 DPD = {"interval": 1.0, "timeout": 0.5, "retries": 2}
