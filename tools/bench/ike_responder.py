@@ -136,7 +136,7 @@ def initiator(config: Path, seconds: float, window: int) -> dict[str, Any]:
                 if now - started > STUCK:
                     del inflight[key]
                     failed += 1
-                    stuck[sa.state] = stuck.get(sa.state, 0) + 1
+                    stuck[str(sa.state)] = stuck.get(str(sa.state), 0) + 1
     elapsed = time.monotonic() - t0
     user, system = cpu_times(os.getpid())
     return {"handshakes": done, "failed": failed, "stuck": stuck, "no_child": no_child,
