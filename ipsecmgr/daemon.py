@@ -29,6 +29,7 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
+from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
 from ipsecmgr.manager import Manager
@@ -141,7 +142,7 @@ class Gateway:
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self.started_at = time.time()
         # [gateway] datapath = "split": the forked data-path workers (ipsecmgr.workers).
         self.workers: Workers | None = None
@@ -371,21 +372,17 @@ class Gateway:
         self.manager.on_ike_datagram(data, local, peer, self.now())
         self._rearm()
 
-    def _send_ike(self, data: bytes, peer: Address) -> None:
-        fam = _family(peer[0])
+    def _send_ike(self, data: bytes, peer: Address, local: Address | None) -> None:
         port = (
             self.config.gateway.natt_port
             if data[:4] == NON_ESP_MARKER
             else self.config.gateway.ike_port
         )
-        sock = self._ike_sock_for.get((fam, port))
-        if sock is None:
-            sock = next(
-                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
-                None,
-            )
-            if sock is not None:
-                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
+        # From the SA's own address (RFC 7296 §2.11: a response leaves from the
+        # address its request was received at), with several local addresses too
+        sock = self.ike_socks.get((local[0], port)) if local is not None else None
+        if sock is None:  # no address (unprotected INVALID_SPI): any of the family
+            sock = self._ike_sock_of_family(_family(peer[0]), port)
         if sock is None:
             self._bump("ike_no_socket")
             return
@@ -394,6 +391,17 @@ class Gateway:
         except OSError as exc:
             self._bump("ike_send_errors")
             log.debug("IKE send to %s failed: %s", peer, exc)
+
+    def _ike_sock_of_family(self, fam: int, port: int) -> socket.socket | None:
+        sock = self._ike_sock_for.get((fam, port))
+        if sock is None:
+            sock = next(
+                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
+                None,
+            )
+            if sock is not None:
+                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
+        return sock
 
     def _rearm(self) -> None:
         if self.loop is None:
@@ -413,7 +421,7 @@ class Gateway:
         self._rearm()
 
     def _bump(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self.counters[name] += 1
 
     def status_line(self) -> str:
         """systemd's STATUS= (ipsecmgr.sdnotify): maps up/total, SA counts."""

@@ -54,6 +54,7 @@ from typing import Any
 import esp
 import npusim
 from esp.udp_encap import classify_udp4500
+from ipsecmgr.counters import Counters
 from ipsecmgr.mss import clamp_mss
 from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, internet_checksum, split_tun_read
 from ipsecmgr.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
@@ -91,11 +92,8 @@ class OutboundBinding:
     mode: str  # "tunnel" | "transport"
 
 
-Counters = dict[str, int]
-
-
 def _bump(counters: Counters, name: str, n: int = 1) -> None:
-    counters[name] = counters.get(name, 0) + n
+    counters[name] += n
 
 
 def tun_write_segments(buf: bytes) -> int:
@@ -146,7 +144,7 @@ class Datapath:
         self.on_no_sa = on_no_sa
         self.outbound: dict[str, OutboundBinding] = {}
         self.transport_local: dict[bytes, bytes] = {}
-        self.counters: Counters = {}
+        self.counters = Counters()
         # TUN fd -> (IPv4, IPv6) MSS limits for SYNs read from it, None: no clamping.
         self.mss_limits: dict[int, tuple[int, int] | None] = {}
         # Tracing (issue: ipsecmgr trace): None = off, the only cost is the branch.

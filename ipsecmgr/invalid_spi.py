@@ -130,7 +130,7 @@ class InvalidSpiHints:
         traffic): ``packets_in`` is what its Child SAs received so far. Returns when
         to look again, if sooner than the next sample: :data:`SILENCE` after ESP went
         out (the counters cannot tell whether it went before or after what came in)."""
-        out = sum(rec.outbound.counters.packets for rec in mgr._children_of(state, sa.name))
+        out = sum(rec.outbound.counters.packets for rec in state.children_of(sa.name))
         heard = sa.last_heard or 0.0
         # The first look compares with the SA's start (no packet, nothing heard)
         prev = self.traffic.get(sa.name) or (0, 0, 0.0, None)

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import esp
 import ike
 from ike import events as ev
+from ike.state import State
 from ipsecmgr.datapath import OutboundBinding
 from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
 from ipsecmgr.periodic import DPD_SAMPLES, schedule
-from ipsecmgr.records import Address, ChildRecord, Liveness, MapState
+from ipsecmgr.records import Address, ChildRecord, Liveness, MapState, MapStatus
 from ipsecmgr.translate import npu_selector, ts_text
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ log = logging.getLogger("ipsecmgr.ike")
 # sent on it before it saw the DELETE may be read after the IKE answer (another socket).
 REKEY_LINGER = 1.0
 # A responder's IKE SA before IKE_AUTH: the peer has not proved who it is (§2.4, §2.6)
-_UNAUTHENTICATED = (ike.State.NEW, ike.State.INIT_DONE)
+_UNAUTHENTICATED = (State.NEW, State.INIT_DONE)
 
 
 # RFC 7296 §3.10.1 error notifies in plain words, as seen from the side that
@@ -66,7 +67,7 @@ def _on_ike_established(
 ) -> None:
     mgr.failover.established(state, event.ike_sa, now)
     state.ike_sa = mgr.endpoint.find_sa(event.ike_sa)
-    state.status = "established"
+    state.status = MapStatus.ESTABLISHED
     state.last_error = ""
     state.established_at = now
     state.bump("ike_established")
@@ -122,8 +123,8 @@ def _on_ike_deleted(mgr: Manager, state: MapState, event: ev.IkeSaDeleted, now: 
     for key in [k for k in state.children if k[0] == event.ike_sa]:
         remove_child(mgr, state, key)
     if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
-        if state.status != "failed":
-            state.status = "dead" if event.reason == "peer-dead" else "idle"
+        if state.status != MapStatus.FAILED:
+            state.status = MapStatus.DEAD if event.reason == "peer-dead" else MapStatus.IDLE
         state.ike_sa = None
         state.creating_child = False
     log.info("crypto map %s: IKE SA deleted (%s)", state.cmap.name, event.reason)
@@ -132,10 +133,10 @@ def _on_ike_deleted(mgr: Manager, state: MapState, event: ev.IkeSaDeleted, now: 
 
 def _on_peer_dead(mgr: Manager, state: MapState, event: ev.PeerDead, now: float) -> None:
     state.bump("peer_dead")
-    if state.status == "connecting":  # no answer to our IKE_SA_INIT / IKE_AUTH
+    if state.status == MapStatus.CONNECTING:  # no answer to our IKE_SA_INIT / IKE_AUTH
         state.bump("handshake_timeouts")
     if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
-        state.status = "dead"  # not for a stale SA a newer one replaced
+        state.status = MapStatus.DEAD  # not for a stale SA a newer one replaced
     peer = mgr.failover.failed(state, event.ike_sa, DEAD, now)
     log.warning("crypto map %s: peer %s is dead", state.cmap.name, peer or state.cmap.peer)
 
@@ -147,7 +148,7 @@ def _on_auth_failed(
         return  # #15.4: rate-limited, never the Last Error of a map that is up
     mgr.failover.failed(state, event.ike_sa, "AUTHENTICATION_FAILED", now)
     if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
-        state.status = "failed"  # not for a preemption probe while the backup is up
+        state.status = MapStatus.FAILED  # not for a preemption probe while the backup is up
     state.last_error = f"AUTHENTICATION_FAILED: {event.detail}"
     state.bump("auth_failed")
     log.error(
@@ -167,7 +168,8 @@ def _on_exchange_failed(
         return  # #15.4: rate-limited, never the Last Error of a map that is up
     if event.notify in HOLD_DOWN_NOTIFIES:
         mgr.failover.failed(state, event.ike_sa, event.notify, now)
-    state.status = "failed" if state.status != "established" else state.status
+    if state.status != MapStatus.ESTABLISHED:
+        state.status = MapStatus.FAILED
     who = "peer sent" if event.by_peer else "we sent"
     state.last_error = f"{event.exchange}: {who} {event.notify}"
     state.bump("exchange_failed")

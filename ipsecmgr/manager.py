@@ -27,7 +27,7 @@ from ipsecmgr import config as cfg
 from ipsecmgr import failover, lifecycle, periodic, show, show_rows
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.invalid_spi import InvalidSpiHints
-from ipsecmgr.records import Address, ChildRecord, EspSocketFn, Liveness, MapState, SendFn
+from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, MapStatus, SendFn
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 from ipsecmgr.translate import build_ike_config
 
@@ -166,7 +166,7 @@ class Manager:
         elif (
             state.ike_sa.established
             and not state.creating_child
-            and not self._children_of(state, state.ike_sa.name)
+            and not state.children_of(state.ike_sa.name)
         ):
             # "rekey lazy": the idle Child SA expired; the IKE SA lives on, so a
             # CREATE_CHILD_SA (§1.3) is enough to carry traffic again
@@ -181,7 +181,7 @@ class Manager:
         state.peers.active = peer
         state.peers.bind(sa.name, peer)
         state.ike_sa = sa
-        state.status = "connecting"
+        state.status = MapStatus.CONNECTING
         state.initiated_at = now
         state.bump("ike_initiated")
         log.info("crypto map %s: no SA, initiating IKE with %s", state.cmap.name, peer.address)
@@ -220,14 +220,11 @@ class Manager:
         while (event := self.endpoint.next_event()) is not None:
             self.on_event(event, now)
         self.failover.after_events(now)  # fail over to the next peer, preempt
-        for data, peer in self.endpoint.datagrams_to_send(now):
-            self.send(data, peer)
+        for data, peer, local in self.endpoint.datagrams_from(now):
+            self.send(data, peer, local)
             if self.trace is not None:
                 trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
         self._follow_peers()
-
-    def _children_of(self, state: MapState, ike_name: str) -> list[ChildRecord]:
-        return [rec for (name, _), rec in state.children.items() if name == ike_name]
 
     def periodic(self, now: float) -> None:
         """Start what is due: liveness checks, volume looks, NAT keepalives
@@ -354,3 +351,12 @@ class Manager:
 
     def map_status(self, now: float | None = None) -> dict[str, str]:
         return show_rows.map_status(self, now)
+
+    def set_observer(self, observe: Callable[[str, str, float], None] | None) -> None:
+        """``observe(histogram, crypto map, seconds)`` is told the IKE handshake
+        latency and the first-packet wait (queue mode) from now on (ipsecmgr.metrics)."""
+        self.observe = observe
+
+    def map_names(self) -> set[str]:
+        """The configured crypto maps (a reload may add or remove some)."""
+        return set(self.maps)

@@ -113,7 +113,7 @@ def _check_liveness(mgr: Manager, state: MapState, sa: ike.IkeSA, lv: Liveness, 
     the peer for ``dpd.interval``; it is resent every ``dpd.timeout`` seconds,
     ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
     dpd = state.cmap.dpd
-    packets = sum(rec.inbound.counters.packets for rec in mgr._children_of(state, sa.name))
+    packets = sum(rec.inbound.counters.packets for rec in state.children_of(sa.name))
     again = mgr.invalid_spi.sample(mgr, state, sa, packets, now)  # only outgoing ESP?
     esp_seen = packets != lv.packets_in
     if esp_seen:

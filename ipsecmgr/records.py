@@ -11,16 +11,36 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import esp
 import ike
 from ipsecmgr import config as cfg
+from ipsecmgr.counters import Counters
 from ipsecmgr.peers import PeerList, peer_configs
 
 Address = tuple[str, int]
-SendFn = Callable[[bytes, Address], None]  # (datagram, peer)
+SendFn = Callable[[bytes, Address, Address | None], None]  # (datagram, peer, our address)
 EspSocketFn = Callable[[Address, bool], tuple[Any, Address]]
+
+
+class MapStatus(StrEnum):
+    """Where a crypto map's IKE stands (``MapState.status``); ``show`` words it
+    its own way (:data:`ipsecmgr.show_rows.MAP_STATUS_SHOWN`)."""
+
+    IDLE = "idle"  # no IKE SA (none yet, or it was deleted)
+    CONNECTING = "connecting"  # our IKE_SA_INIT / IKE_AUTH is under way
+    ESTABLISHED = "established"
+    FAILED = "failed"  # refused (AUTHENTICATION_FAILED, a hold-down notify)
+    DEAD = "dead"  # the peer stopped answering (RFC 7296 §2.4)
+
+
+class ChildState(StrEnum):
+    """A Child SA as ``show`` names it: the one the map sends on, or one being replaced."""
+
+    INSTALLED = "INSTALLED"
+    REKEYED = "REKEYED"  # a newer Child SA of the map carries the outbound traffic
 
 
 @dataclass(slots=True)  # one per Child SA, 10,000s on a responder
@@ -45,12 +65,12 @@ class MapState:
     cmap: cfg.CryptoMap
     ike_config: ike.IkeConfig
     ike_sa: ike.IkeSA | None = None
-    status: str = "idle"  # idle, connecting, established, failed, dead
+    status: MapStatus = MapStatus.IDLE
     last_error: str = ""
     # Keyed by (IKE SA name, child id): child ids are only unique per IKE SA.
     children: dict[tuple[str, int], ChildRecord] = field(default_factory=dict)
     queue: deque[bytes] = field(default_factory=deque)
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
     established_at: float | None = None
     # Periodic work on the established IKE SA (absolute loop times, None: off)
     keepalive_at: float | None = None
@@ -68,8 +88,12 @@ class MapState:
         """A map's state with one IKE config per peer (the first one is ``base``)."""
         return cls(cmap, base, peers=PeerList(peer_configs(cmap.peers, base), cmap.preempt))
 
+    def children_of(self, ike_name: str) -> list[ChildRecord]:
+        """The Child SAs of the map's IKE SA named ``ike_name``."""
+        return [rec for (name, _), rec in self.children.items() if name == ike_name]
+
     def bump(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+        self.counters[name] += n
 
 
 @dataclass(slots=True)

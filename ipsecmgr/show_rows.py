@@ -9,20 +9,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import ike
+from ike.state import State
 from ipsecmgr import show
+from ipsecmgr.records import ChildState, MapStatus
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
 
+# The engine's IKE SA states as ``show crypto ikev2-ikesa`` names them
 _IKE_STATE = {
-    ike.State.NEW: "CONNECTING",
-    ike.State.INIT_SENT: "CONNECTING",
-    ike.State.INIT_DONE: "CONNECTING",
-    ike.State.ESTABLISHED: "ESTABLISHED",
-    ike.State.DELETING: "DELETING",
-    ike.State.DEAD: "DELETING",
+    State.NEW: "CONNECTING",
+    State.INIT_SENT: "CONNECTING",
+    State.INIT_DONE: "CONNECTING",
+    State.ESTABLISHED: "ESTABLISHED",
+    State.DELETING: "DELETING",
+    State.DEAD: "DELETING",
 }
-_MAP_STATUS = {"idle": "down", "established": "up", "connecting": "connecting"}
+# Every map status as ``show`` prints it (and metrics label it)
+MAP_STATUS_SHOWN: dict[MapStatus, str] = {
+    MapStatus.IDLE: "down",
+    MapStatus.CONNECTING: "connecting",
+    MapStatus.ESTABLISHED: "up",
+    MapStatus.FAILED: "failed",
+    MapStatus.DEAD: "dead",
+}
 
 
 def _encr_name(encr: int, bits: int) -> str:
@@ -100,7 +110,11 @@ def child_sa_states(mgr: Manager, now: float, wall: float) -> list[show.ChildSaS
                     "crypto_map": name,
                     "ike_spi_i": ike_sa.spi_i.hex() if ike_sa else "",
                     "mode": rec.mode,
-                    "state": "INSTALLED" if binding and binding.sa is rec.outbound else "REKEYED",
+                    "state": str(
+                        ChildState.INSTALLED
+                        if binding and binding.sa is rec.outbound
+                        else ChildState.REKEYED
+                    ),
                     "spi_in": f"{rec.inbound.spi:08x}",
                     "spi_out": f"{rec.outbound.spi:08x}",
                     "local_ts": rec.local_ts,
@@ -126,7 +140,7 @@ def map_errors(mgr: Manager) -> dict[str, str]:
 
 
 def map_status(mgr: Manager, now: float | None = None) -> dict[str, str]:
-    out = {name: _MAP_STATUS.get(s.status, s.status) for name, s in mgr.maps.items()}
+    out = {name: MAP_STATUS_SHOWN[s.status] for name, s in mgr.maps.items()}
     if now is not None:
         out.update(mgr.failover.status(now))
     return out

@@ -45,7 +45,6 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +52,8 @@ import esp
 import npusim
 from ike import events as ev
 from ike.invalid_spi import SourceLimit
-from ipsecmgr.datapath import Counters, Datapath, OutboundBinding
+from ipsecmgr.counters import Counters
+from ipsecmgr.datapath import Datapath, OutboundBinding
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.translate import npu_selector
 
@@ -139,8 +139,7 @@ class Worker:
 
     def _ike_to_control(self, data: bytes, local: tuple[str, int], peer: tuple[str, int]) -> None:
         if not _send(self.ctrl, ("ike_in", data, local, peer), timeout=0.0):
-            c = self.dp.counters
-            c["ike_forward_drops"] = c.get("ike_forward_drops", 0) + 1
+            self.dp.counters["ike_forward_drops"] += 1
 
     def _esp_from(self, name: str, peer: tuple[str, int]) -> None:
         """An authentic ESP-in-UDP packet of ``name`` from ``peer``: the control process
@@ -159,9 +158,7 @@ class Worker:
     def _on_no_sa(self, name: str, packet: bytes) -> None:
         """Steps 4-5 belong to the control process (IKE, the first-packet policy)."""
         if not _send(self.ctrl, ("no_sa", name, packet), timeout=0.0):
-            self.dp.counters["no_sa_forward_drops"] = (
-                self.dp.counters.get("no_sa_forward_drops", 0) + 1
-            )
+            self.dp.counters["no_sa_forward_drops"] += 1
 
     def _sock(self, ref: SockRef) -> socket.socket:
         kind, key = ref
@@ -336,7 +333,7 @@ class ControlDatapath(Datapath):
         self.vnet_fds = base.vnet_fds  # write_tun (ipsecmgr.reject's answers) from here
         self.trace = base.trace
         self.outbound = ForwardingOutbound(workers)
-        self.own: Counters = {}  # counted here (forwarding failures), merged into counters
+        self.own = Counters()  # counted here (forwarding failures), merged into counters
 
     @property
     def classifier(self) -> npusim.Classifier:
@@ -557,10 +554,10 @@ class Workers:
         assert isinstance(dp, ControlDatapath)
         self._last = getattr(self, "_last", {})
         self._last[role] = stats["dp"]
-        merged: Counter[str] = Counter(dp.own)
+        merged = Counters(dp.own)
         for counters in self._last.values():
             merged.update(counters)
-        dp.counters = dict(merged)
+        dp.counters = merged
         if stats["classifier"] is not None:
             gw.classifier.counters = stats["classifier"]
         if stats["saflow"] is not None:

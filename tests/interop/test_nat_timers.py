@@ -64,7 +64,7 @@ class Side:
         self.manager.esp_socket_for = self._esp_socket_for
         self.local = A.client_wan4 if side == "client" else A.gw_wan4
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.outbox.append((data, peer))
 
     def _esp_socket_for(self, peer: Address, nat_t: bool) -> tuple[Any, Address]:

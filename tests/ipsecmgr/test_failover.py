@@ -95,7 +95,7 @@ class Side:
     def _no_sa(self, name: str, packet: bytes) -> None:
         self.manager.on_no_sa(name, packet, self.net.now)
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         if self.name not in self.net.down:
             self.net.log.append((self.net.now, self.name, peer[0], data[18], data[19] & 0x20))
             self.net.queue.append(("ike", self.address, peer[0], data))
@@ -570,7 +570,7 @@ def _rogue_handshake(net: Net, gw: Side, config: ike.IkeConfig) -> None:
     rogue.initiate(net.now)
     answers: list[bytes] = []
     send = gw.manager.send
-    gw.manager.send = lambda data, peer: answers.append(data)  # type: ignore[method-assign]
+    gw.manager.send = lambda data, peer, local: answers.append(data)  # type: ignore[method-assign]
     try:
         for _ in range(4):
             for data, _peer in rogue.datagrams_to_send(net.now):

@@ -129,7 +129,7 @@ class Responder:
         self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
         self.busy = 0.0  # seconds spent in the responder
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.out.append((data, peer))
 
     def datagram(self, data: bytes, peer: Address, now: float) -> list[tuple[bytes, Address]]:
