@@ -32,11 +32,12 @@ KEY_PAD = b"Key Pad for IKEv2"  # RFC 7296 §2.15
 class EngineCaches:
     """Bounded lookup tables of one endpoint (see the module docstring)."""
 
-    __slots__ = ("_addresses", "_hosts", "_identities", "_psk_keys", "selectors")
+    __slots__ = ("_addresses", "_encoded", "_hosts", "_identities", "_psk_keys", "selectors")
 
     def __init__(self) -> None:
         self._psk_keys: dict[tuple[Prf, bytes], KeyedHmac] = {}
         self._identities: dict[tuple[int, bytes], Identity] = {}
+        self._encoded: dict[Identity, bytes] = {}
         self._addresses: dict[str, bytes] = {}
         self._hosts: dict[str, TrafficSelector] = {}
         # TS payload wire record (type .. end address) -> TrafficSelector, filled by
@@ -64,6 +65,14 @@ class EngineCaches:
             ident = Identity.decode(id_type, data)
             _bounded_put(self._identities, key, ident, IDENTITIES_MAX)
         return ident
+
+    def encoded(self, ident: Identity) -> bytes:
+        """``ident.encode()`` once per identity (sent in every IKE_AUTH, §3.5)."""
+        octets = self._encoded.get(ident)
+        if octets is None:
+            octets = ident.encode()
+            _bounded_put(self._encoded, ident, octets, IDENTITIES_MAX)
+        return octets
 
     def packed_ip(self, text: str) -> bytes:
         """An address as octets (NAT detection hashes, §2.23)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import random
 from collections.abc import Callable
@@ -21,11 +20,8 @@ class Identity:
     value: str
 
     def encode(self) -> bytes:
-        return self._encoded
-
-    # Sent in every IKE_AUTH: encoded once per (immutable) identity, kept on it
-    @functools.cached_property
-    def _encoded(self) -> bytes:
+        """The ID payload's octets (§3.5; the endpoint keeps them:
+        ``EngineCaches.encoded``)."""
         if self.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
             return ipaddress.ip_address(self.value).packed
         return self.value.encode()

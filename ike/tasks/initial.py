@@ -282,11 +282,13 @@ class IkeAuth(Task):
 
     def build(self, sa: IkeSA, now: float) -> list[Payload]:
         cfg = sa.config
-        idi = IDPayload(cfg.local_id.id_type, cfg.local_id.encode(), PayloadType.IDi)
+        idi = IDPayload(cfg.local_id.id_type, sa.caches.encoded(cfg.local_id), PayloadType.IDi)
         out: list[Payload] = [idi]
         if sa.initial_contact:
             out.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
-        out.append(IDPayload(cfg.remote_id.id_type, cfg.remote_id.encode(), PayloadType.IDr))
+        out.append(
+            IDPayload(cfg.remote_id.id_type, sa.caches.encoded(cfg.remote_id), PayloadType.IDr)
+        )
         out.append(AuthPayload(AuthMethod.SHARED_KEY_MIC, psk_auth(sa, cfg.local_psk, True, idi)))
         self.offer = _offer(sa, with_pfs=False)
         out += _offer_payloads(sa, self.offer, None)
@@ -341,7 +343,7 @@ def respond_auth(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
     if find_notify(p, NotifyType.INITIAL_CONTACT) is not None:
         sa.emit(ev.InitialContactReceived(sa.name, str(cfg.remote_id)))
     _established(sa, now)
-    idr = IDPayload(cfg.local_id.id_type, cfg.local_id.encode(), PayloadType.IDr)
+    idr = IDPayload(cfg.local_id.id_type, sa.caches.encoded(cfg.local_id), PayloadType.IDr)
     out: list[Payload] = [
         idr,
         AuthPayload(AuthMethod.SHARED_KEY_MIC, psk_auth(sa, cfg.local_psk, True, idr)),

@@ -151,7 +151,8 @@ def test_identity_decode_cached_values_and_errors() -> None:
     assert caches.identity(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 1])) is a
     assert caches.identity(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 2])).value == "198.51.100.2"
     assert caches.identity(IdType.ID_FQDN, b"gw.example").value == "gw.example"
-    assert a.encode() == bytes([198, 51, 100, 1])  # §3.5: the four octets
+    assert a.encode() == caches.encoded(a) == bytes([198, 51, 100, 1])  # §3.5: the four octets
+    assert caches.encoded(Identity(IdType.ID_FQDN, "gw.example")) == b"gw.example"
     for _ in range(2):  # an error is raised every time, not cached as a value
         with pytest.raises(ValueError):
             caches.identity(IdType.ID_IPV4_ADDR, b"\x01\x02\x03")
