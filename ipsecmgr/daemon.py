@@ -185,6 +185,7 @@ class Gateway:
         self.datapath.on_udp_other = self._on_ike_natt
         self.datapath.on_esp_from = self.manager.on_esp_from
         self.datapath.on_unknown_spi = self._on_unknown_spi
+        self.datapath.on_esp_out = self._on_esp_out
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
             if offload and not tun_offload_pays(t.mtu):
@@ -367,6 +368,11 @@ class Gateway:
         """ESP for an SPI we do not know: INVALID_SPI to its sender (RFC 7296 §1.5)."""
         if self.manager.on_unknown_spi(spi, src, family, udp, self.now()):
             self._rearm()  # a protected one waits for its answer (a retransmission timer)
+
+    def _on_esp_out(self, name: str, packet: bytes) -> None:
+        """The first ESP after a quiet spell on a map: its answer is due (RFC 7296 §2.4)."""
+        self.manager.on_esp_out(name, packet, self.now())
+        self._rearm()
 
     def _on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
         self.manager.on_ike_datagram(data, local, peer, self.now())

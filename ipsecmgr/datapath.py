@@ -90,6 +90,10 @@ class OutboundBinding:
     sock: socket.socket
     peer: tuple[str, int]
     mode: str  # "tunnel" | "transport"
+    # The crypto map to report the next ESP sent on this binding for (Datapath.
+    # on_esp_out, RFC 7296 §2.4 "only outgoing traffic", ipsecmgr.invalid_spi); None
+    # after that until the manager asks again (watch_outbound): one compare per packet.
+    watch: str | None = None
 
 
 def _bump(counters: Counters, name: str, n: int = 1) -> None:
@@ -162,6 +166,9 @@ class Datapath:
         # by the receiver. None: only counted.
         self.on_unknown_spi: Callable[[int, bytes, int, Address | None], None] | None = None
         self._udp_src: Address | None = None  # the sender of the ESP-in-UDP being handled
+        # The first ESP sent on a watched binding: its crypto map and the inner packet
+        # (ipsecmgr.invalid_spi)
+        self.on_esp_out: Callable[[str, bytes], None] = lambda name, packet: None
         # Collected during a batch (None: outside one, send / write at once).
         # id(binding) -> (binding, ESP packets, trace records (index, inner packet, seq)).
         self._out: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] | None = None
@@ -271,6 +278,9 @@ class Datapath:
         except esp.EspError as exc:
             _bump(self.counters, "out_" + exc.counter)
             return
+        if binding.watch is not None:  # the first ESP after a quiet spell: answered?
+            name, binding.watch = binding.watch, None
+            self.on_esp_out(name, packet)
         pending = self._out
         if pending is not None and binding.sock in self.gso_socks:
             entry = pending.get(id(binding))
@@ -290,6 +300,12 @@ class Datapath:
             tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
                peer=binding.peer)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
+
+    def watch_outbound(self, name: str) -> None:
+        """Report the next ESP sent for crypto map ``name`` (:attr:`on_esp_out`)."""
+        binding = self.outbound.get(name)
+        if binding is not None:
+            binding.watch = name
 
     def _flush_out(
         self, pending: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]]

@@ -331,7 +331,7 @@ def _binding(
     peer: Address = sa.peer_addr if sa is not None else (str(state.cmap.peer), 500)
     assert mgr.esp_socket_for is not None, "the daemon sets esp_socket_for"
     sock, addr = mgr.esp_socket_for(peer, nat_t)
-    return OutboundBinding(outbound, sock, addr, outbound.mode)
+    return OutboundBinding(outbound, sock, addr, outbound.mode, state.cmap.name)
 
 
 def _drop_others(mgr: Manager, state: MapState, keep: str) -> None:

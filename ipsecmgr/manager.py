@@ -154,6 +154,8 @@ class Manager:
         if tr is not None:
             peer = state.cmap.peer
             why = f"responder: waiting for {peer}" if responder else f"IKE with {peer} not up"
+            if name in self.invalid_spi.held:
+                why = f"held while a liveness probe asks whether {peer} lost its SAs"
             tr("5", what, packet, crypto_map=name, reason=why)
         if what == "first_packet_dropped" and not responder and state.peers.failed_once():
             self.failover.answer(state, packet, now, "IKE already failed once")
@@ -224,6 +226,8 @@ class Manager:
             self.send(data, peer, local)
             if self.trace is not None:
                 trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
+        if self.invalid_spi.held:  # a probe held a map's packets: answered?
+            self.invalid_spi.release(self, now)
         self._follow_peers()
 
     def periodic(self, now: float) -> None:
@@ -242,6 +246,11 @@ class Manager:
         """ESP with an SPI we do not know (``Datapath.on_unknown_spi``): INVALID_SPI to
         its sender (RFC 7296 §1.5), rate-limited. True if one left."""
         return self.invalid_spi.on_unknown_spi(self, spi, src, family, udp, now)
+
+    def on_esp_out(self, name: str, packet: bytes, now: float) -> None:
+        """The first ESP on crypto map ``name`` after a quiet spell (``Datapath.on_esp_out``;
+        ``packet``: what it carried): was it answered? (RFC 7296 §2.4, ipsecmgr.invalid_spi)"""
+        self.invalid_spi.on_esp_out(self, name, packet, now)
 
     def on_esp_from(self, name: str, peer: Address) -> None:
         """An authentic ESP-in-UDP packet of crypto map ``name`` came from ``peer``.

@@ -60,6 +60,8 @@ def periodic(mgr: Manager, now: float) -> None:
             _linger_expired(mgr, int(key), now)
         elif kind == "liveness":
             _liveness_due(mgr, str(key), now)
+        elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
+            mgr.invalid_spi.silence_due(mgr, str(key), now)
         else:
             _map_work_due(mgr, kind, str(key), now)
 
@@ -114,7 +116,6 @@ def _check_liveness(mgr: Manager, state: MapState, sa: ike.IkeSA, lv: Liveness, 
     ``dpd.retries`` times, and the peer is dead ``dpd.timeout`` after the last."""
     dpd = state.cmap.dpd
     packets = sum(rec.inbound.counters.packets for rec in state.children_of(sa.name))
-    again = mgr.invalid_spi.sample(mgr, state, sa, packets, now)  # only outgoing ESP?
     esp_seen = packets != lv.packets_in
     if esp_seen:
         lv.packets_in = packets
@@ -131,7 +132,7 @@ def _check_liveness(mgr: Manager, state: MapState, sa: ike.IkeSA, lv: Liveness, 
         # timeout 0: the map's retransmission settings (exponential) apply
         sa.liveness_check(now, dpd.timeout or None, dpd.retries)
         due = now + dpd.interval
-    lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES, again or due)
+    lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
 
 
 def usage(mgr: Manager, ike_name: str, child_id: int, now: float) -> ike.ChildUsage | None:

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from ipsecmgr.daemon import Gateway
+    from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.workers")
 
@@ -69,6 +70,7 @@ MAX_MESSAGE = 1 << 18  # a packet (<= 64 KiB) plus its envelope
 STATS_TIMEOUT = 1.0  # s a snapshot waits for the workers' counters
 STATS_PERIOD = 1.0  # s between background counter pulls (DPD's "did anything arrive")
 PR_SET_PDEATHSIG = 1
+HEADERS = 120  # bytes of an inner packet: IPv6 + TCP headers with options (esp_out)
 
 Message = tuple[Any, ...]
 SockRef = tuple[str, Any]  # ("esp", family) | ("udp", (address, port))
@@ -131,6 +133,7 @@ class Worker:
         self.dp.on_udp_other = self._ike_to_control
         self.dp.on_esp_from = self._esp_from
         self.dp.on_unknown_spi = self._unknown_spi_to_control
+        self.dp.on_esp_out = self._esp_out_to_control
         # The control process rate-limits INVALID_SPI per source (RFC 7296 §2.21.4);
         # the same limit here keeps an unknown-SPI flood off the socketpair.
         self._unknown_spi_limit = SourceLimit()
@@ -155,6 +158,11 @@ class Worker:
         if self._unknown_spi_limit.allow(src.hex(), time.monotonic()):
             _send(self.ctrl, ("unknown_spi", spi, src, family, udp), timeout=0.0)
 
+    def _esp_out_to_control(self, name: str, packet: bytes) -> None:
+        """The first ESP after a quiet spell on ``name`` (ipsecmgr.invalid_spi): its
+        inner packet's headers say whether anything answers it."""
+        _send(self.ctrl, ("esp_out", name, bytes(packet[:HEADERS])), timeout=0.0)
+
     def _on_no_sa(self, name: str, packet: bytes) -> None:
         """Steps 4-5 belong to the control process (IKE, the first-packet policy)."""
         if not _send(self.ctrl, ("no_sa", name, packet), timeout=0.0):
@@ -175,7 +183,14 @@ class Worker:
                 if not key:  # a rebinding to an SA already forgotten: nothing to send with
                     return
                 sa = self.out_sas[spi] = esp.OutboundSA(spi, key, mode=mode, esn=esn)
-            dp.outbound[name] = OutboundBinding(sa, self._sock(ref), peer, mode)
+            dp.outbound[name] = OutboundBinding(sa, self._sock(ref), peer, mode, name)
+        elif kind == "watch":  # report the next ESP of this map (ipsecmgr.invalid_spi)
+            dp.watch_outbound(msg[1])
+        elif kind == "in_counts":  # a map's inbound packet counts, fresh (invalid_spi)
+            _, name, spis = msg
+            counts = {spi: flow.sa.counters.packets  # type: ignore[attr-defined]
+                      for spi in spis if (flow := dp.saflow.lookup(spi)) is not None}  # fmt: skip
+            _send(self.ctrl, ("in_counts", name, counts))
         elif kind == "unbind":
             dp.outbound.pop(msg[1], None)
         elif kind == "send":  # a queued first packet (step 5, first_packet = "queue")
@@ -353,6 +368,9 @@ class ControlDatapath(Datapath):
         if name is None or not self.workers.to(OUTBOUND, ("send", name, packet)):
             self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
 
+    def watch_outbound(self, name: str) -> None:
+        self.workers.to(OUTBOUND, ("watch", name))
+
     def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> str | None:
         if not self.workers.to(INBOUND, ("esp_in", data, src, dst, family)):
             self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
@@ -401,6 +419,7 @@ class Workers:
         gw.manager.datapath = control
         gw.manager.on_child_installed = self.child_installed
         gw.manager.on_child_removed = self.child_removed
+        gw.manager.invalid_spi.confirm = self.confirm_silence
         log.info("split data path: outbound worker %d, inbound worker %d",
                  self.pids[OUTBOUND], self.pids[INBOUND])  # fmt: skip
 
@@ -460,6 +479,24 @@ class Workers:
         for role in (OUTBOUND, INBOUND):
             self.to(role, ("forget", in_spi, out_spi))
 
+    def confirm_silence(self, state: MapState) -> None:
+        """Nothing came back on ``state``'s map, by counters up to STATS_PERIOD old: ask
+        the INBOUND worker for its Child SAs' counts now (ipsecmgr.invalid_spi)."""
+        spis = [rec.inbound.spi for rec in state.children.values()]
+        if not self.to(INBOUND, ("in_counts", state.cmap.name, spis)):
+            self._silence_confirmed(state.cmap.name, {})  # decide on what we have
+
+    def _silence_confirmed(self, name: str, counts: dict[int, int]) -> None:
+        mgr = self.gw.manager
+        state = mgr.maps.get(name)
+        if state is not None:
+            for rec in state.children.values():
+                got = counts.get(rec.inbound.spi)
+                if got is not None:
+                    rec.inbound.counters.packets = max(rec.inbound.counters.packets, got)
+        mgr.invalid_spi.confirmed(mgr, name, self.gw.now())
+        self.gw._rearm()
+
     def bind(self, name: str, binding: OutboundBinding) -> None:
         sa = binding.sa
         key = self.keys.get(sa.spi)
@@ -504,6 +541,10 @@ class Workers:
             self.gw._rearm()
         elif msg[0] == "esp_from":
             self.gw.manager.on_esp_from(msg[1], msg[2])
+        elif msg[0] == "esp_out":  # the first ESP after a quiet spell (invalid_spi)
+            self.gw._on_esp_out(msg[1], msg[2])
+        elif msg[0] == "in_counts":
+            self._silence_confirmed(msg[1], msg[2])
         elif msg[0] == "unknown_spi":  # ESP for an SPI the INBOUND worker does not know
             self.gw._on_unknown_spi(msg[1], msg[2], msg[3], msg[4])
         elif msg[0] == "stats":

@@ -83,6 +83,8 @@ class Side:
         self.manager = Manager(
             self.config, acls, self.datapath, self.saflow, self._send, jitter=lambda: 0.5
         )
+        # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
+        self.datapath.on_esp_out = lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now)
         sock = FakeSock(net, name)
         self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
         self.address = A.client_wan4 if role == "client" else A.gw_wan4
