@@ -78,7 +78,9 @@ class EngineCaches:
         """An address as octets (NAT detection hashes, §2.23)."""
         packed = self._addresses.get(text)
         if packed is None:
-            packed = ipaddress.ip_address(text).packed
+            # (ip_address() tries IPv4 first and pays for an exception on IPv6 text)
+            cls = ipaddress.IPv6Address if ":" in text else ipaddress.IPv4Address
+            packed = cls(text).packed
             _bounded_put(self._addresses, text, packed, ADDRESSES_MAX)
         return packed
 
