@@ -43,6 +43,7 @@ from .sa import Address, IkeSA, State, UsageFn
 from .timers import TimerHeap
 
 ZERO_SPI = b"\x00" * 8
+_INIT_DONE = State.INIT_DONE  # read per datagram (an enum member via its class: ~0.2 µs)
 ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
 
 
@@ -562,7 +563,7 @@ class IkeEndpoint:
             for cspi in children:
                 self._child_spis[cspi] = sa
             self._sa_child_spis[sa] = children
-        if not sa.initiator and sa.state == State.INIT_DONE:
+        if not sa.initiator and sa.state is _INIT_DONE:
             self._half_open[sa] = None
         else:
             self._half_open.pop(sa, None)

@@ -71,6 +71,7 @@ UsageFn = Callable[[str, int, float], lifetimes.ChildUsage | None]
 # ~0.2 µs in Python 3.11 (EnumType.__getattr__ defeats the attribute cache)
 _DEAD = State.DEAD
 _ESTABLISHED = State.ESTABLISHED
+_NEW, _INIT_SENT, _INIT_DONE = State.NEW, State.INIT_SENT, State.INIT_DONE
 
 
 class IkeSA:
@@ -127,7 +128,7 @@ class IkeSA:
         # The endpoint's lookup tables (ike.caches); a lone SA gets its own
         self.caches = caches if caches is not None else EngineCaches()
         self.initiator = initiator  # original initiator of the first IKE SA
-        self.state = State.NEW
+        self.state = _NEW
         self.peer_addr: Address = config.peer_addr
         self.local_addr: Address = config.local_addr
         self.nat_t = False  # floated to UDP 4500 (§2.23): datagrams carry the non-ESP marker
@@ -769,12 +770,12 @@ class IkeSA:
             _t.responder_failed(self, hdr.exchange, exc)
         finally:
             self.xch = None
-        if self.state == State.DEAD and hdr.exchange == ExchangeType.IKE_SA_INIT:
+        if self.state is _DEAD and hdr.exchange == ExchangeType.IKE_SA_INIT:
             # stateless refusal (§2.6, §1.2): no responder SPI
             ch.spi_r = b"\x00" * 8
         pkt = self.encode(ch, hdr.exchange, True, hdr.msg_id, answer)
         ch.cached = (hdr.msg_id, hdr.exchange, pkt)
-        if hdr.exchange == ExchangeType.IKE_SA_INIT and self.state == State.INIT_DONE:
+        if hdr.exchange == ExchangeType.IKE_SA_INIT and self.state is _INIT_DONE:
             self.init_response = pkt
         self._send(pkt)
         if self._switch_after_response is not None:
@@ -787,7 +788,7 @@ class IkeSA:
         """Once IKE_AUTH is done the IKE_SA_INIT messages (kept for AUTH, §2.15)
         are not needed any more; a retransmitted IKE_AUTH request is answered
         from the response cache (§2.1)."""
-        if self.init_request and self.state != State.INIT_DONE and self.state != State.INIT_SENT:
+        if self.init_request and self.state is not _INIT_DONE and self.state is not _INIT_SENT:
             self.init_request = self.init_response = b""
 
 

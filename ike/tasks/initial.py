@@ -58,6 +58,9 @@ from .child import _accept_child, _offer, _offer_payloads, _respond_child
 if TYPE_CHECKING:
     from ..sa import IkeSA
 
+# Read in every handshake: an enum member read through its class costs ~0.2 µs (3.11)
+_NEW, _INIT_SENT, _INIT_DONE = State.NEW, State.INIT_SENT, State.INIT_DONE
+
 
 # --- NAT detection (§2.23) ---------------------------------------------------------
 
@@ -125,7 +128,7 @@ class IkeInit(Task):
         self.retries = 0
 
     def ready(self, sa: IkeSA) -> bool:
-        return sa.state in (State.NEW, State.INIT_SENT)
+        return sa.state is _NEW or sa.state is _INIT_SENT
 
     def build(self, sa: IkeSA, now: float) -> list[Payload]:
         if self.dh is None or self.dh.group != self.group:
@@ -278,7 +281,7 @@ class IkeAuth(Task):
     exchange = ExchangeType.IKE_AUTH
 
     def ready(self, sa: IkeSA) -> bool:
-        return sa.state == State.INIT_DONE
+        return sa.state is _INIT_DONE
 
     def build(self, sa: IkeSA, now: float) -> list[Payload]:
         cfg = sa.config
