@@ -275,8 +275,8 @@ class Gateway:
         if rebuild:  # an ACL, a peer or the maps' order changed
             self.classifier = build_classifier(config, acls)
             self.datapath.classifier = self.classifier
+        # (the endpoint drops its PSK-derived keys when it gets the new configs)
         self.manager.reconfigure(config, acls, set(diff.kept), self.now())
-        ike.forget_psk_keys()  # replaced PSKs must not linger in the engine's cache
         self.tracer.peers = peers_from_config(config)
         self._rearm()
         changed = sorted(diff.changed | diff.added)
@@ -440,7 +440,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while loop.time() < deadline and any(
-            sa.established or sa.state == "deleting" for sa in self.manager.endpoint.sas
+            sa.established or sa.state == ike.State.DELETING for sa in self.manager.endpoint.sas
         ):
             await asyncio.sleep(0.01)  # the readers and the timer process the answers
 
