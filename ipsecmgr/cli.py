@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
 
-    from ipsecmgr.staros_cli import add_arguments as add_staros_arguments
+    from ipsecmgr.staros.cli import add_arguments as add_staros_arguments
 
     add_staros_arguments(
         sub.add_parser(
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
     if args.command == "import-staros":
-        from ipsecmgr.staros_cli import run_import
+        from ipsecmgr.staros.cli import run_import
 
         return run_import(args)
     if args.command == "esp-demo":
