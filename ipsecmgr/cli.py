@@ -44,32 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway daemon (as root)")
-    run.add_argument("--config", "-c", required=True, type=Path, help="TOML configuration file")
-    run.add_argument(
-        "-v", "--verbose", action="count", default=0, help="-v: IKE exchanges, -vv: debug"
-    )
+    _add_run(sub)
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", type=Path)
 
-    for name, helptext in (("show", "show state of a running daemon"), ("clear", "clear SAs")):
-        p = sub.add_parser(
-            name,
-            help=helptext,
-            epilog=SHOW_HELP if name == "show" else None,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.add_argument(
-            "words", nargs="+", help="e.g. 'crypto map'" if name == "show" else "crypto sa"
-        )
-        p.add_argument(
-            "--socket", type=Path, default=DEFAULT_CONTROL_SOCKET, help="daemon control socket"
-        )
-        if name == "show":
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-        else:
-            p.add_argument("--peer", help="only the SAs with this peer address")
+    _add_show_clear(sub)
 
     from ipsecmgr.trace_cli import add_arguments as add_trace_arguments
 
@@ -80,24 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_trace_arguments(trace)
 
-    lab = sub.add_parser("lab", help="network-namespace lab (root)")
-    lab.add_argument(
-        "action",
-        choices=["demo", "up", "down"],
-        help="demo: build, run a TACACS+ login, tear down; up: build and leave it; down: remove",
-    )
-    lab.add_argument(
-        "--state", type=Path, default=Path("/run/ipsecmgr-lab"), help="state directory (up/down)"
-    )
-    lab.add_argument(
-        "--mode", choices=["tunnel", "transport", "tls"], default="tunnel",
-        help="tls: the client's gateway protects the server by TLS 1.3 (RFC 9887), not ESP",
-    )  # fmt: skip
-    lab.add_argument(
-        "--tls-pki", type=Path, default=None,
-        help="--mode tls: use this PKI (ca.crt server.crt server.key client.crt client.key)",
-    )  # fmt: skip
-    lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
+    _add_lab(sub)
 
     for name in ("down", "cleanup"):
         down = sub.add_parser(
@@ -124,6 +87,55 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     return parser
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser("run", help="run the gateway daemon (as root)")
+    run.add_argument("--config", "-c", required=True, type=Path, help="TOML configuration file")
+    run.add_argument(
+        "-v", "--verbose", action="count", default=0, help="-v: IKE exchanges, -vv: debug"
+    )
+
+
+def _add_show_clear(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, helptext in (("show", "show state of a running daemon"), ("clear", "clear SAs")):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            epilog=SHOW_HELP if name == "show" else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "words", nargs="+", help="e.g. 'crypto map'" if name == "show" else "crypto sa"
+        )
+        p.add_argument(
+            "--socket", type=Path, default=DEFAULT_CONTROL_SOCKET, help="daemon control socket"
+        )
+        if name == "show":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            p.add_argument("--peer", help="only the SAs with this peer address")
+
+
+def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lab = sub.add_parser("lab", help="network-namespace lab (root)")
+    lab.add_argument(
+        "action",
+        choices=["demo", "up", "down"],
+        help="demo: build, run a TACACS+ login, tear down; up: build and leave it; down: remove",
+    )
+    lab.add_argument(
+        "--state", type=Path, default=Path("/run/ipsecmgr-lab"), help="state directory (up/down)"
+    )
+    lab.add_argument(
+        "--mode", choices=["tunnel", "transport", "tls"], default="tunnel",
+        help="tls: the client's gateway protects the server by TLS 1.3 (RFC 9887), not ESP",
+    )  # fmt: skip
+    lab.add_argument(
+        "--tls-pki", type=Path, default=None,
+        help="--mode tls: use this PKI (ca.crt server.crt server.key client.crt client.key)",
+    )  # fmt: skip
+    lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
 
 
 def _version() -> str:
@@ -224,33 +236,53 @@ def _run_profiled(run: Callable[[str], int], config: str) -> int:
         prof.dump_stats(f"{path}.{os.getpid()}")
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ipsecmgr.config import ConfigError
+    from ipsecmgr.control import ControlError
+    from ipsecmgr.daemon import run
+    from ipsecmgr.failclosed import AlreadyRunning
+
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    try:
+        return _run_profiled(run, str(args.config))
+    except ConfigError as exc:
+        print(f"ipsecmgr: {exc}", file=sys.stderr)
+        return 1
+    except ControlError as exc:
+        print(f"ipsecmgr: control socket: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"ipsecmgr: {exc} (the daemon needs root)", file=sys.stderr)
+        return 1
+    except AlreadyRunning as exc:
+        print(f"ipsecmgr: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    if args.mode == "tls" and args.action in ("up", "demo"):
+        from ipsecmgr.lab.tls_lab import run_tls_demo, tls_lab_up
+
+        if args.action == "up":
+            return tls_lab_up(args.state, args.tls_pki)
+        return run_tls_demo(args.tls_pki)
+    if args.action in ("up", "down"):
+        from ipsecmgr.lab.persist import lab_down, lab_up
+
+        return lab_up(args.mode, args.state) if args.action == "up" else lab_down(args.state)
+    from ipsecmgr.lab.demo import run_lab_demo
+
+    return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
-        from ipsecmgr.config import ConfigError
-        from ipsecmgr.control import ControlError
-        from ipsecmgr.daemon import run
-        from ipsecmgr.failclosed import AlreadyRunning
-
-        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-        )
-        try:
-            return _run_profiled(run, str(args.config))
-        except ConfigError as exc:
-            print(f"ipsecmgr: {exc}", file=sys.stderr)
-            return 1
-        except ControlError as exc:
-            print(f"ipsecmgr: control socket: {exc}", file=sys.stderr)
-            return 1
-        except PermissionError as exc:
-            print(f"ipsecmgr: {exc} (the daemon needs root)", file=sys.stderr)
-            return 1
-        except AlreadyRunning as exc:
-            print(f"ipsecmgr: {exc}", file=sys.stderr)
-            return 1
+        return _cmd_run(args)
     if args.command in ("down", "cleanup"):
         return _cmd_down(args.config)
     if args.command == "check-config":
@@ -263,20 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.trace_cli import run_trace
 
         return run_trace(args)
-    if args.command == "lab" and args.mode == "tls" and args.action in ("up", "demo"):
-        from ipsecmgr.lab.tls_lab import run_tls_demo, tls_lab_up
-
-        if args.action == "up":
-            return tls_lab_up(args.state, args.tls_pki)
-        return run_tls_demo(args.tls_pki)
-    if args.command == "lab" and args.action in ("up", "down"):
-        from ipsecmgr.lab.persist import lab_down, lab_up
-
-        return lab_up(args.mode, args.state) if args.action == "up" else lab_down(args.state)
     if args.command == "lab":
-        from ipsecmgr.lab.demo import run_lab_demo
-
-        return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
+        return _cmd_lab(args)
     if args.command == "import-staros":
         from ipsecmgr.staros.cli import run_import
 
