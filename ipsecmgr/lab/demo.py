@@ -36,14 +36,23 @@ def _counter(snap: Snapshot, group: str, name: str) -> int:
     return int(counters.get(name, 0))
 
 
+def write_tacacs_files(
+    directory: Path, secret: bytes, user: str, password: str
+) -> tuple[Path, Path]:
+    """``tacacs-secret`` (mode 0600) and ``users.json`` (one user) in ``directory``,
+    for the lab's TACACS+ server and client; returns both paths."""
+    secret_file = directory / "tacacs-secret"
+    secret_file.write_bytes(secret)
+    secret_file.chmod(0o600)
+    users = directory / "users.json"
+    users.write_text(json.dumps({user: {"password": password}}))
+    return secret_file, users
+
+
 def run_lab_demo(mode: str = "tunnel", first_packet: str = "drop") -> int:
     with tempfile.TemporaryDirectory(prefix="ipsecmgr-demo-") as tmp:
         work = Path(tmp)
-        secret = work / "tacacs-secret"
-        secret.write_bytes(b"demo-tacacs-key")
-        secret.chmod(0o600)
-        users = work / "users.json"
-        users.write_text(json.dumps({USER: {"password": PASSWORD}}))
+        secret, users = write_tacacs_files(work, b"demo-tacacs-key", USER, PASSWORD)
         try:
             with Lab(mode) as lab, LabGateways(lab) as gws:
                 return _demo(lab, gws, secret, users, first_packet)

@@ -143,6 +143,7 @@ def tls_lab_up(state_dir: Path, pki_dir: Path | None = None) -> int:
     import os
     import secrets
 
+    from ipsecmgr.lab.demo import write_tacacs_files
     from ipsecmgr.netns import NetnsPool
 
     state_file = state_dir / "lab.json"
@@ -160,11 +161,10 @@ def tls_lab_up(state_dir: Path, pki_dir: Path | None = None) -> int:
     state_file.write_text(json.dumps(desc, indent=2))
     a = lab.addresses
     pki = ensure_pki(state_dir, pki_dir, a)
-    secret = state_dir / "tacacs-secret"  # the downstream (client-side) secret
-    secret.write_bytes(secrets.token_urlsafe(12).encode())
-    secret.chmod(0o600)
-    users = state_dir / "users.json"
-    users.write_text(json.dumps({"alice": {"password": "alice-lab-pw"}}))
+    # the downstream (client-side) secret
+    secret, users = write_tacacs_files(
+        state_dir, secrets.token_urlsafe(12).encode(), "alice", "alice-lab-pw"
+    )
     (state_dir / "client.toml").write_text(
         tls_client_config(
             a,
@@ -210,18 +210,14 @@ def _print_tls_lab_up(
 def run_tls_demo(pki_dir: Path | None = None) -> int:
     """``ipsecmgr lab demo --mode tls``: build, start the TLS server and the client's
     gateway, log in (authentication, authorization, accounting), show, tear down."""
-    import json
     import tempfile
 
+    from ipsecmgr.lab.demo import write_tacacs_files
     from ipsecmgr.lab.gateways import LabGateways
 
     with tempfile.TemporaryDirectory(prefix="ipsecmgr-tls-demo-") as tmp:
         work = Path(tmp)
-        secret = work / "tacacs-secret"
-        secret.write_bytes(b"demo-downstream-key")
-        secret.chmod(0o600)
-        users = work / "users.json"
-        users.write_text(json.dumps({DEMO_USER: {"password": DEMO_PASSWORD}}))
+        secret, users = write_tacacs_files(work, b"demo-downstream-key", DEMO_USER, DEMO_PASSWORD)
         try:
             with Lab("tunnel") as lab, LabGateways(lab) as gws:
                 return _tls_demo(lab, gws, work, pki_dir, secret, users)

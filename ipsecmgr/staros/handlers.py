@@ -22,6 +22,15 @@ from ipsecmgr.staros.model import (
 if TYPE_CHECKING:
     from ipsecmgr.staros.reader import _Reader
 
+
+def _name(r: _Reader, toks: list[str], i: int, n: int, what: str) -> str | None:
+    """The name a mode command gives at ``toks[i]``; a missing one is an error note."""
+    name = _arg(toks, i)
+    if name is None:
+        r.note(n, "error", f"{what} without a name")
+    return name
+
+
 # --- root / configure / context
 
 
@@ -59,9 +68,8 @@ def _h_shared_subnet(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
 
 
 def _h_acl(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
-    name = _arg(toks, 2)
+    name = _name(r, toks, 2, n, "ip access-list")
     if name is None:
-        r.note(n, "error", "ip access-list without a name")
         return
     acl = r.acls.setdefault(name, _Acl(name, n))
     r.push("acl", acl)
@@ -80,17 +88,15 @@ def _h_acl_other(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
 
 
 def _h_ipsec_set(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
-    name = _arg(toks, 2)
+    name = _name(r, toks, 2, n, "ipsec transform-set")
     if name is None:
-        r.note(n, "error", "ipsec transform-set without a name")
         return
     r.push("ipsec-set", r.ipsec_sets.setdefault(name, _IpsecSet(name, n)))
 
 
 def _h_ike_set(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
-    name = _arg(toks, 2)
+    name = _name(r, toks, 2, n, "ikev2-ikesa transform-set")
     if name is None:
-        r.note(n, "error", "ikev2-ikesa transform-set without a name")
         return
     r.push("ike-set", r.ike_sets.setdefault(name, _IkeSet(name, n)))
 
@@ -109,9 +115,8 @@ def _h_set_value(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
 
 def _h_ikev1_ipsec_set(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
     # crypto ipsec transform-set NAME esp hmac H cipher C
-    name = _arg(toks, 3)
+    name = _name(r, toks, 3, n, "crypto ipsec transform-set")
     if name is None:
-        r.note(n, "error", "crypto ipsec transform-set without a name")
         return
     s = r.ipsec_sets.setdefault(name, _IpsecSet(name, n, ikev1=True))
     low = [t.lower() for t in toks]
@@ -164,9 +169,8 @@ def _h_ikev1_dpd(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
 
 
 def _h_map(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
-    name, kind = _arg(toks, 2), (_arg(toks, 3) or "").lower()
+    name, kind = _name(r, toks, 2, n, "crypto map"), (_arg(toks, 3) or "").lower()
     if name is None:
-        r.note(n, "error", "crypto map without a name")
         return
     if kind not in ("ikev2-ipv4", "ikev2-ipv6", "ipsec-ikev1"):
         r.note(n, "error", f"crypto map type {kind!r} is not imported (ikev2-ipv4, ipsec-ikev1)")
@@ -302,9 +306,8 @@ def _h_payload_lifetime(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
 
 
 def _h_interface(r: _Reader, f: _Frame, toks: list[str], n: int) -> None:
-    name = _arg(toks, 1)
+    name = _name(r, toks, 1, n, "interface")
     if name is None:
-        r.note(n, "error", "interface without a name")
         return
     r.push("interface", r.interfaces.setdefault(name, _Interface(name, n)))
 
