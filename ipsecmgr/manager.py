@@ -24,7 +24,7 @@ import npusim
 from ike import events as ev
 from ike.timers import TimerHeap
 from ipsecmgr import config as cfg
-from ipsecmgr import failover, lifecycle, periodic, show, show_rows
+from ipsecmgr import failover, lifecycle, periodic, reload, show, show_rows
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.invalid_spi import InvalidSpiHints
 from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, MapStatus, SendFn
@@ -44,21 +44,27 @@ class Manager:
         datapath: Datapath,
         saflow: npusim.SaFlowTable,
         send: SendFn,
+        *,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        """``jitter``: uniform in [0, 1), the source of the engine's rekey jitter,
+        put into every IKE config (a constant in tests: rekeys at known times)."""
         self.config = config
+        self._jitter = jitter
         self.datapath = datapath
         self.saflow = saflow
         self.send = send
         self.maps: dict[str, MapState] = {}
         for name, cmap in config.crypto_maps.items():
             acl = acls[cmap.match_address]
-            self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
+            self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl, jitter))
         # One log line per IKE message (exchange, payloads, size, peer), at -v. Without
         # -v the engine gets no hook and so builds no line (the level is set before the
         # daemon builds its manager and stays; logging.basicConfig in ipsecmgr.cli).
         self.endpoint = ike.IkeEndpoint(
             [c for m in self.maps.values() for c in m.peers.configs],
             log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
+            usage=self._usage,  # the engine asks what the data path counted (lifetimes)
         )
         # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
         self.esp_socket_for: EspSocketFn | None = None
@@ -68,8 +74,6 @@ class Manager:
         self.liveness: dict[str, Liveness] = {}
         # Inbound SPIs of rekeyed Child SAs still in the SA-flow table, and until when
         self.lingering: dict[int, float] = {}
-        # Uniform in [0, 1): the share of REKEY_JITTER taken off a soft lifetime
-        self.jitter: Callable[[], float] = random.random
         # Set by the daemon's split data path (ipsecmgr.workers): told of every Child SA
         # installed (with its keys) and removed, so the workers keep their own copies.
         self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
@@ -93,31 +97,31 @@ class Manager:
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
     ) -> None:
         """SIGHUP: maps in ``keep`` keep their SAs; the others are deleted
-        (DELETE sent to the peer) and rebuilt from the new configuration."""
-        old = self.maps
+        (DELETE sent to the peer) and rebuilt from the new configuration. The
+        work follows the changed maps, not all of them (ipsecmgr.reload)."""
         self.config = config
-        self.maps = {}
-        for name, cmap in config.crypto_maps.items():
-            acl = acls[cmap.match_address]
-            if name in keep and name in old:
-                state = old[name]
-                state.cmap = cmap
-                self.maps[name] = state
-            else:
-                self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
-            self.maps[name].peers.reset()  # SIGHUP ends every hold-down (#15.5)
-        for name, state in old.items():
-            if self.maps.get(name) is state:
-                continue
+        self.maps, work = reload.rebuild_states(
+            self.maps,
+            config.crypto_maps,
+            keep,
+            lambda cmap: MapState.build(
+                cmap, build_ike_config(config, cmap, acls[cmap.match_address], self._jitter)
+            ),
+        )
+        for state in work.dropped:
             for sa in self._sas_of_map(state):
                 sa.delete(now)
+                work.sas_deleted += 1
             for key in list(state.children):
                 self._remove_child(state, key)
-            self.datapath.outbound.pop(name, None)
-            log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
-        # Responders are matched against the new configs from now on; the IKE
-        # SAs of kept maps keep the config object they were built with.
-        self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+                work.children_removed += 1
+            self.datapath.outbound.pop(state.cmap.name, None)
+            log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
+        if work.built or work.dropped:
+            # Responders are matched against the new configs from now on; the IKE
+            # SAs of kept maps keep the config object they were built with.
+            self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+        self.last_reload = work
         self.pump(now)
 
     # -- steps 4 and 5 ------------------------------------------------------------
@@ -193,7 +197,6 @@ class Manager:
         self.pump(now)
 
     def on_timer(self, now: float) -> None:
-        periodic.before_engine_timers(self, now)
         self.endpoint.handle_timer(now)
         self.periodic(now)
         self.pump(now)
@@ -227,9 +230,14 @@ class Manager:
         self._follow_peers()
 
     def periodic(self, now: float) -> None:
-        """Start what is due: liveness checks, volume rekeys, NAT keepalives
+        """Start what is due: liveness checks, volume looks, NAT keepalives
         (:func:`ipsecmgr.periodic.periodic`)."""
         periodic.periodic(self, now)
+
+    def _usage(self, ike_name: str, child_id: int, now: float) -> ike.ChildUsage | None:
+        """What the data path counted for a Child SA, when the engine asks
+        (:func:`ipsecmgr.periodic.usage`)."""
+        return periodic.usage(self, ike_name, child_id, now)
 
     def on_unknown_spi(
         self, spi: int, src: bytes, family: int, udp: Address | None, now: float

@@ -79,10 +79,11 @@ class Side:
         self.tun, self.tun_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.tun_peer.setblocking(False)
         self.datapath.tun_for_map["tacacs"] = self.tun.fileno()
-        self.manager = Manager(self.config, acls, self.datapath, self.saflow, self._send)
+        self.manager = Manager(
+            self.config, acls, self.datapath, self.saflow, self._send, jitter=lambda: 0.5
+        )
         sock = FakeSock(net, self)
         self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))  # type: ignore[assignment,return-value]
-        self.manager.jitter = lambda: 0.5
 
     @property
     def state(self) -> Any:
