@@ -232,6 +232,10 @@ def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_pa
     us.event("ChildSaInstalled")
     us.command("hold")  # what we send waits "in the network"...
     us.command("rekeyike")
+    # Our request must exist (held) before strongSwan's arrives: commands on stdin and
+    # a datagram are not ordered in udp_peer's select, and a request handled first is
+    # answered as a plain rekey, with no collision (and "release1" found nothing).
+    us.wait(lambda m: "sending CREATE_CHILD_SA request" in m.get("log", ""))
     sw.swanctl("--rekey", "--ike", "peer")
     us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
     # Released by kind, not by age: if strongSwan's request came more than our 2 s
@@ -277,6 +281,7 @@ def test_simultaneous_child_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_
     us.event("ChildSaInstalled")
     us.command("hold")
     us.command("rekeychild")
+    us.wait(lambda m: "sending CREATE_CHILD_SA request" in m.get("log", ""))  # as above
     sw.swanctl("--rekey", "--child", "child")
     us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
     us.command("release1")
