@@ -313,6 +313,37 @@ def test_simultaneous_ike_rekey_with_reordering(seed: int) -> None:
         assert sa.counters.get("internal_error", 0) == 0
 
 
+def test_simultaneous_ike_rekey_with_a_retransmitted_request() -> None:
+    """§2.8.2 when the peer's request arrives after our first retransmission (§2.1):
+    the peer answers the copy from its cache and our answer to its request arrives
+    last, the order the strongSwan interop test met under CPU load. The duplicate
+    answer is ignored and both sides keep the same IKE SA."""
+    p = up()
+    p.i.rekey_ike(p.now)
+    ((req, _),) = p.i.datagrams_to_send(p.now)
+    p.now += p.i.config.retransmit_timeout
+    p.i.handle_timer(p.now)
+    ((copy, _),) = p.i.datagrams_to_send(p.now)
+    assert copy == req
+    p.r.rekey_ike(p.now)
+    ((theirs, _),) = p.ep.datagrams_to_send(p.now)
+    p.i.receive_datagram(theirs, R_ADDR, p.now)
+    ((answer, _),) = p.i.datagrams_to_send(p.now)  # held back until the end
+    for data in (req, copy):
+        p.ep.receive_datagram(data, p.i_src, p.now)
+        for out, _ in p.ep.datagrams_to_send(p.now):
+            p.i.receive_datagram(out, R_ADDR, p.now)
+    assert p.r.counters["retransmit_answered"] == 1
+    p.ep.receive_datagram(answer, p.i_src, p.now)
+    p.roundtrip()
+    p.advance(p.now + 200.0)  # retransmissions and expiries run out
+    assert sorted(
+        k for sa in (p.i, p.r) for k in sa.counters if k.startswith("ike_rekey_collision_")
+    ) == ["ike_rekey_collision_lost", "ike_rekey_collision_won"]
+    _same_ike_sa(p)
+    assert not p.events_of("i", ExchangeFailed) and not p.events_of("r", ExchangeFailed)
+
+
 def test_initiator_reports_bad_responder_auth() -> None:
     """§2.21.2: a failing responder AUTH is told to the responder in an INFORMATIONAL."""
     p = Pair(*configs(i_remote_psk=b"not what the responder uses"))

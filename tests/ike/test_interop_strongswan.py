@@ -232,9 +232,18 @@ def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_pa
     us.event("ChildSaInstalled")
     us.command("hold")  # what we send waits "in the network"...
     us.command("rekeyike")
+    # Our request must exist (held) before strongSwan's arrives: commands on stdin and
+    # a datagram are not ordered in udp_peer's select, and a request handled first is
+    # answered as a plain rekey, with no collision (and "release1" found nothing).
+    us.wait(lambda m: "sending CREATE_CHILD_SA request" in m.get("log", ""))
     sw.swanctl("--rekey", "--ike", "peer")
     us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
-    us.command("release1")  # our request reaches strongSwan while its own is in flight...
+    # Released by kind, not by age: if strongSwan's request came more than our 2 s
+    # retransmission timeout after "rekeyike" (CPU load), a retransmission of our
+    # request was held before our answer, and "the oldest" sent that retransmission
+    # where the answer was meant: strongSwan re-answered it from its cache, never saw
+    # our answer and never decided (the flaky failure under load).
+    us.command("release1 request")  # our request reaches strongSwan while its own is in flight
     us.wait(lambda m: "received CREATE_CHILD_SA response" in m.get("log", ""))
     # ...and only then our answer to its request. We have decided the collision and
     # queued a DELETE (of the old IKE SA, or of our redundant new one): it goes only
@@ -242,7 +251,7 @@ def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_pa
     # could take the DELETE first; a DELETE of the redundant SA, which strongSwan
     # registers only while deciding, is then dropped and the outcome waited for our
     # retransmissions (2, 6, 14 s): the flaky failure of issue #15.
-    us.command("release1")
+    us.command("release1 response")
     deadline = time.monotonic() + 30
     while "rekeyed between" not in sw.log():
         assert time.monotonic() < deadline, sw.log()[-3000:]
@@ -262,6 +271,7 @@ def test_simultaneous_ike_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_pa
     log = sw.log()
     assert "collision" in log.lower()
     assert not any(e.get("event") in ("IkeSaDeleted", "PeerDead") for e in us.events)
+    assert not any("error" in e for e in us.events)  # every release found its datagram
 
 
 def test_simultaneous_child_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_path: Path) -> None:
@@ -271,6 +281,7 @@ def test_simultaneous_child_rekey_with_strongswan(lab: tuple[Netns, Netns], tmp_
     us.event("ChildSaInstalled")
     us.command("hold")
     us.command("rekeychild")
+    us.wait(lambda m: "sending CREATE_CHILD_SA request" in m.get("log", ""))  # as above
     sw.swanctl("--rekey", "--child", "child")
     us.wait(lambda m: "sending CREATE_CHILD_SA response" in m.get("log", ""))
     us.command("release1")

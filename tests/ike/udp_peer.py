@@ -5,7 +5,8 @@ Runs inside a network namespace as a child process of the test:
     python udp_peer.py init|resp LOCAL_IP PEER_IP GROUP PSK_HEX
 
 Commands arrive on stdin, one per line (live, newchild, rekeychild, rekeyike,
-delchild, delete, quit; hold, release1 and release delay what we send); every
+delchild, delete, quit; hold, release1 [request|response] and release delay what
+we send); every
 event goes to stdout as one JSON line (keys left out). The loop is the whole
 "daemon": a selector over both sockets and stdin, and
 ``IkeEndpoint.get_timer()`` as the only timeout.
@@ -35,6 +36,7 @@ from ike import (
     PrfId,
 )
 from ike.constants import NON_ESP_MARKER
+from ike.payloads import parse_header
 
 
 def _plain(v: Any) -> Any:
@@ -45,6 +47,13 @@ def _plain(v: Any) -> Any:
     if isinstance(v, list):
         return [str(x) for x in v]
     return str(v)
+
+
+def _kind(data: bytes) -> str:
+    """Held datagram: "request" or "response", from the R flag in the IKE header (§3.1)."""
+    if data[:4] == NON_ESP_MARKER:
+        data = data[4:]
+    return "response" if parse_header(data).is_response else "request"
 
 
 def command(sa: IkeSA, cmd: str, now: float) -> None:
@@ -120,8 +129,16 @@ def main() -> None:
                     if cmd == "hold":
                         holding = True
                         continue
-                    if cmd == "release1" and held:  # only the oldest held datagram
-                        data, (ip, port) = held.pop(0)
+                    if cmd.startswith("release1"):
+                        # Only the oldest held datagram, or with a kind the oldest held
+                        # request or response: our retransmissions are held too, so
+                        # which datagram is oldest depends on how long the test took.
+                        want = cmd.partition(" ")[2].strip()
+                        i = next((i for i, h in enumerate(held) if want in ("", _kind(h[0]))), -1)
+                        if i < 0:
+                            out(error=f"nothing held for {cmd}")
+                            continue
+                        data, (ip, port) = held.pop(i)
                         socks[4500 if port == 4500 else 500].sendto(data, (ip, port))
                         continue
                     if cmd == "release":
