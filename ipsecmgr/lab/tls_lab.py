@@ -209,8 +209,8 @@ def run_tls_demo(pki_dir: Path | None = None) -> int:
     from ipsecmgr.lab.gateways import LabGateways
     from ipsecmgr.tls.show import format_tls
     from ipsecmgr.trace import Event
-    from ipsecmgr.trace_io import TraceClient
-    from ipsecmgr.trace_render import group_flows, render_timelines, with_inferred
+    from ipsecmgr.trace.io import TraceClient
+    from ipsecmgr.trace.render import group_flows, render_timelines, with_inferred
 
     def say(text: str = "") -> None:
         print(text, flush=True)

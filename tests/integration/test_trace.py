@@ -26,8 +26,8 @@ import pytest
 from ipsecmgr.lab.gateways import LabGateways
 from ipsecmgr.lab.topology import Lab, python_env
 from ipsecmgr.trace import Event
-from ipsecmgr.trace_io import read_events
-from ipsecmgr.trace_render import group_flows, pick_flow, with_inferred
+from ipsecmgr.trace.io import read_events
+from ipsecmgr.trace.render import group_flows, pick_flow, with_inferred
 
 pytestmark = pytest.mark.root
 

@@ -40,7 +40,7 @@ from ipsecmgr.manager import Address, Manager
 from ipsecmgr.peers import HoldDown
 from ipsecmgr.reject import icmp_unreachable
 from ipsecmgr.trace import Peer, Tracer
-from ipsecmgr.trace_render import describe
+from ipsecmgr.trace.render import describe
 
 T = LabAddresses.for_mode("tunnel")
 GW_B4 = "198.51.100.4"

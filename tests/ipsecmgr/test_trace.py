@@ -286,7 +286,7 @@ def test_tracing_off_costs_no_events_and_changes_nothing() -> None:
 
 def test_control_streams_events_and_unsubscribes_when_the_client_leaves(tmp_path: Path) -> None:
     from ipsecmgr.control import ControlServer
-    from ipsecmgr.trace_io import TraceClient
+    from ipsecmgr.trace.io import TraceClient
 
     rig = Rig()
     rig.sub.close()
@@ -343,7 +343,7 @@ def test_no_daemon_or_a_bad_filter_is_a_clear_error(
 ) -> None:
     from ipsecmgr.cli import main
     from ipsecmgr.control import ControlError, ControlServer
-    from ipsecmgr.trace_io import TraceClient
+    from ipsecmgr.trace.io import TraceClient
 
     assert main(["trace", "--socket", str(tmp_path / "none.sock"), "--count", "1"]) == 1
     assert "is the daemon running?" in capsys.readouterr().err

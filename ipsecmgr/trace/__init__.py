@@ -1,4 +1,11 @@
-"""Structured trace events with the reference's step numbers (the daemon side).
+"""``ipsecmgr trace``: structured events with the reference's step numbers.
+
+The package: this module is the daemon side (the :class:`Tracer` hook, event
+format, filters, subscriptions); the client side is :mod:`ipsecmgr.trace.cli`
+(the command), :mod:`~ipsecmgr.trace.io` (control-socket client, JSON lines
+files), :mod:`~ipsecmgr.trace.render` (timelines, inferred steps),
+:mod:`~ipsecmgr.trace.pcap` (pcap and Wireshark key files) and
+:mod:`~ipsecmgr.trace.svg` (the sequence diagram).
 
 The data path and the manager call a hook ``trace(step, event, packet,
 **fields)`` at every stage; the hook is ``None`` unless someone is tracing, so
