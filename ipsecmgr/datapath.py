@@ -49,11 +49,12 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import esp
 import npusim
-from esp.udp_encap import classify_udp4500
+from esp.udp_encap import NAT_KEEPALIVE, classify_udp4500
 from ipsecmgr.mss import clamp_mss
 from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, internet_checksum, split_tun_read
 from ipsecmgr.sasink import Address, Counters, SaPair, TraceHook, esp_peer
@@ -76,8 +77,12 @@ _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _VNET_NONE = bytes(VNET_HDR_LEN)  # no checksum to finish, no segmentation
 _NATIVE = sys.byteorder
 
-NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3: one octet 0xFF
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
+
+# _TRACE_BEFORE: a packet that leaves (step 7: ESP sent; step 12: written to the TUN) is
+# traced once the send succeeded, with the time taken before it (``at``): the answer
+# it causes may be traced by another process (the split data path's other worker)
+# before this one's send returns, and must not look earlier than its cause.
 
 
 @dataclass
@@ -414,15 +419,17 @@ class Datapath:
             if self.trace is not None:
                 entry[2].append((len(entry[1]) - 1, packet, sa.next_seq - 1))
             return
+        tr = self.trace
+        if tr is not None:
+            at = monotonic()  # (see _TRACE_BEFORE)
         try:
             binding.sock.sendto(data, binding.peer)
         except OSError:
             _bump(self.counters, "esp_send_errors")
             return
-        tr = self.trace
         if tr is not None:
             tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
-               peer=binding.peer)  # fmt: skip
+               peer=binding.peer, at=at)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
 
     def _flush_out(
@@ -433,8 +440,11 @@ class Datapath:
         cuts it into datagrams of that size (UDP GSO, Linux 4.18). A failed send counts
         every packet in it; a refused GSO send is retried one datagram at a time."""
         c = self.counters
+        tr = self.trace
         for binding, datas, traces in pending.values():
             sock, peer = binding.sock, binding.peer
+            if tr is not None:
+                at = monotonic()  # (see _TRACE_BEFORE)
             n, i = len(datas), 0
             if n == 1 and not traces:  # one packet (a round trip after idle time): no runs
                 try:
@@ -477,11 +487,11 @@ class Datapath:
                 if sent != count:
                     c["esp_send_errors"] = c.get("esp_send_errors", 0) + count - sent
                 i = j
-            tr = self.trace
             if tr is not None and traces:
                 sa = binding.sa
                 for k, packet, seq in traces:
-                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer)
+                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer,
+                       at=at)  # fmt: skip
 
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
@@ -666,13 +676,15 @@ class Datapath:
             else:
                 queued.append(packet)
             return name
+        if tr is not None:
+            at = monotonic()  # (see _TRACE_BEFORE)
         try:
             os.write(fd, _VNET_NONE + packet if fd in self.vnet_fds else packet)  # step 12
         except OSError:
             _bump(self.counters, "tun_write_errors")
             return name
         if tr is not None:
-            tr("12", "tun_write", packet)
+            tr("12", "tun_write", packet, at=at)
         _bump(self.counters, "esp_in_packets")
         return name
 
@@ -711,6 +723,8 @@ class Datapath:
             else:
                 hdr = _VNET_NONE if fd in self.vnet_fds else b""
                 for packet in packets:
+                    if tr is not None:
+                        at = monotonic()  # (see _TRACE_BEFORE)
                     try:
                         write(fd, hdr + packet if hdr else packet)
                     except OSError:
@@ -718,7 +732,7 @@ class Datapath:
                         continue
                     written += 1
                     if tr is not None:
-                        tr("12", "tun_write", packet)
+                        tr("12", "tun_write", packet, at=at)
             if written:
                 c["esp_in_packets"] = c.get("esp_in_packets", 0) + written
             if failed:

@@ -26,9 +26,9 @@ from ike import events as ev
 from ike.timers import TimerHeap
 from ipsecmgr import config as cfg
 from ipsecmgr import failover, show
-from ipsecmgr.datapath import Datapath, OutboundBinding
 from ipsecmgr.invalid_spi import InvalidSpiHints
 from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES, PeerList, peer_configs
+from ipsecmgr.sasink import SaPair, SaSink, TraceHook, esp_peer
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 
 log = logging.getLogger("ipsecmgr.ike")
@@ -51,11 +51,9 @@ DPD_SAMPLES = 10
 # A rekeyed-away inbound SA still decrypts this long after its DELETE: ESP the peer
 # sent on it before it saw the DELETE may be read after the IKE answer (another socket).
 REKEY_LINGER = 1.0
-NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3: one octet 0xFF on UDP 4500
 
 Address = tuple[str, int]
 SendFn = Callable[[bytes, Address], None]  # (datagram, peer)
-EspSocketFn = Callable[[Address, bool], tuple[Any, Address]]
 
 _ENCR = {
     "aes-gcm-128": (ike.EncrId.AES_GCM_16, 128),
@@ -316,13 +314,12 @@ class Manager:
         self,
         config: cfg.Config,
         acls: dict[str, npusim.Acl],
-        datapath: Datapath,
-        saflow: npusim.SaFlowTable,
+        datapath: SaSink,
         send: SendFn,
     ) -> None:
         self.config = config
+        # The data path, single or split (ipsecmgr.sasink): SA pairs, bindings, counters
         self.datapath = datapath
-        self.saflow = saflow
         self.send = send
         self.maps: dict[str, MapState] = {}
         for name, cmap in config.crypto_maps.items():
@@ -335,20 +332,14 @@ class Manager:
             [c for m in self.maps.values() for c in m.peers.configs],
             log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
         )
-        # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
-        self.esp_socket_for: EspSocketFn | None = None
         # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
-        self.trace: Callable[..., None] | None = None
+        self.trace: TraceHook | None = None
         # Dead-peer detection per IKE SA name (a map can have a stale SA and a new one)
         self.liveness: dict[str, Liveness] = {}
         # Inbound SPIs of rekeyed Child SAs still in the SA-flow table, and until when
         self.lingering: dict[int, float] = {}
         # Uniform in [0, 1): the share of REKEY_JITTER taken off a soft lifetime
         self.jitter: Callable[[], float] = random.random
-        # Set by the daemon's split data path (ipsecmgr.workers): told of every Child SA
-        # installed (with its keys) and removed, so the workers keep their own copies.
-        self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
-        self.on_child_removed: Callable[[str, int, int], None] | None = None
         # Failover, fail-fast answers and rate-limited noise (ipsecmgr.failover)
         self.failover = failover.Failover(self)
         # Set by ipsecmgr.metrics: observe(histogram, crypto map, seconds) for the
@@ -363,6 +354,10 @@ class Manager:
         # have a peer that moved (_follow_peers)
         self._changed: dict[ike.IkeSA, None] = {}
         self.endpoint.on_change = self._sa_changed
+
+    def set_trace(self, hook: TraceHook | None) -> None:
+        """The Tracer while someone traces (``ipsecmgr trace``), None when none does."""
+        self.trace = hook
 
     def reconfigure(
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
@@ -388,7 +383,7 @@ class Manager:
                 sa.delete(now)
             for key in list(state.children):
                 self._remove_child(state, key)
-            self.datapath.outbound.pop(name, None)
+            self.datapath.unbind(name)
             log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
         # Responders are matched against the new configs from now on; the IKE
         # SAs of kept maps keep the config object they were built with.
@@ -538,9 +533,7 @@ class Manager:
             self.deadlines.set(("linger", spi), until)
             return
         del self.lingering[spi]
-        self.saflow.remove(spi)
-        if self.on_child_removed is not None:
-            self.on_child_removed("", spi, 0)
+        self.datapath.remove(spi, None)
 
     def _liveness_due(self, name: str, now: float) -> None:
         lv = self.liveness.get(name)
@@ -672,14 +665,12 @@ class Manager:
         return None if soft is None else soft - self.jitter() * REKEY_JITTER * lifetime
 
     def _send_keepalive(self, state: MapState, sa: ike.IkeSA) -> None:
-        assert self.esp_socket_for is not None, "the daemon sets esp_socket_for"
-        sock, addr = self.esp_socket_for(sa.peer_addr, True)
         try:
-            sock.sendto(NAT_KEEPALIVE, addr)
+            self.datapath.send_keepalive(sa.peer_addr)
             state.bump("nat_keepalives_sent")
         except OSError as exc:
             state.bump("nat_keepalive_errors")
-            log.debug("NAT keepalive to %s failed: %s", addr, exc)
+            log.debug("NAT keepalive to %s failed: %s", sa.peer_addr, exc)
 
     def on_unknown_spi(
         self, spi: int, src: bytes, family: int, udp: Address | None, now: float
@@ -698,7 +689,7 @@ class Manager:
         the address and port of a validated packet (the peer's NAT rebound).
         """
         state = self.maps.get(name)
-        binding = self.datapath.outbound.get(name)
+        binding = self.datapath.binding(name)
         sa = state.ike_sa if state is not None else None
         if state is None or sa is None or binding is None or binding.peer == peer:
             return
@@ -716,18 +707,16 @@ class Manager:
         when an authenticated request arrives from a new one; ESP follows it.
         Only the maps of the IKE SAs that changed since the last look."""
         changed, self._changed = self._changed, {}
-        if self.esp_socket_for is None:
-            return
         for changed_sa in changed:
             state = self._state_for_name(changed_sa.name)
             if state is None or state.ike_sa is not changed_sa:
                 continue
             name = state.cmap.name
-            sa, binding = state.ike_sa, self.datapath.outbound.get(name)
+            sa, binding = state.ike_sa, self.datapath.binding(name)
             if sa is None or binding is None or not sa.established:
                 continue
-            sock, addr = self.esp_socket_for(sa.peer_addr, sa.nat_t)
-            if addr != binding.peer or sock is not binding.sock:
+            addr = esp_peer(sa.peer_addr, sa.nat_t)
+            if addr != binding.peer:
                 log.info(
                     "crypto map %s: peer moved from %s:%d to %s:%d, ESP follows",
                     name,
@@ -735,7 +724,7 @@ class Manager:
                     *addr,
                 )
                 state.bump("nat_rebinding")
-                binding.sock, binding.peer = sock, addr
+                self.datapath.bind(name, binding.sa, sa.peer_addr, sa.nat_t)
 
     # -- events -----------------------------------------------------------------------
 
@@ -903,17 +892,20 @@ class Manager:
             self.endpoint.retime(sa)
         if self.lingering.pop(event.inbound_spi, None) is not None:  # reused: the new SA wins
             self.deadlines.cancel(("linger", event.inbound_spi))
-        self.saflow.add(
-            event.inbound_spi,
-            inbound,
-            [npu_selector(t) for t in event.remote_ts],
-            [npu_selector(t) for t in event.local_ts],
-            state.cmap.name,
+        self.datapath.install(
+            SaPair(
+                state.cmap.name,
+                inbound,
+                outbound,
+                event.inbound_key,
+                event.outbound_key,
+                [npu_selector(t) for t in event.remote_ts],
+                [npu_selector(t) for t in event.local_ts],
+            )
         )
-        if self.on_child_installed is not None:
-            self.on_child_installed(state.cmap.name, event)
+        name = state.cmap.name
         old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
-        if old is not None and old.state == "rekeyed" and state.cmap.name in self.datapath.outbound:
+        if old is not None and old.state == "rekeyed" and self.datapath.binding(name) is not None:
             # We answered the peer's rekey ("rekeyed": the peer deletes the old SA
             # next; had we started it, our DELETE would be out: "deleting"). The
             # peer may not have the new SA yet, so keep sending on the old one until
@@ -921,7 +913,7 @@ class Manager:
             # moves sending to the newest Child SA.
             state.bump("rekey_send_deferred")
         else:
-            self.datapath.outbound[state.cmap.name] = self._binding(state, event.ike_sa, outbound)
+            self._bind(state, event.ike_sa, outbound)
         state.children[(event.ike_sa, event.child_id)] = ChildRecord(
             event.child_id,
             inbound,
@@ -943,11 +935,10 @@ class Manager:
             event.outbound_spi,
             event.mode,
         )
-        binding = self.datapath.outbound[state.cmap.name]
         if state.queue and self.observe is not None and state.queued_at is not None:
             self.observe("first_packet_wait", state.cmap.name, now - state.queued_at)
         while state.queue:
-            self.datapath.send_protected(binding, state.queue.popleft())
+            self.datapath.send(name, state.queue.popleft())
             state.bump("queued_sent")
 
     def _remove_child(
@@ -964,31 +955,23 @@ class Manager:
         if linger is not None:
             self.lingering[record.inbound.spi] = linger  # make-before-break, receive side
             self.deadlines.set(("linger", record.inbound.spi), linger)
-        else:
-            self.saflow.remove(record.inbound.spi)
-        if self.on_child_removed is not None:
-            # The split data path forgets the outbound SA now; a lingering inbound
-            # SA is forgotten when it expires (periodic).
-            in_spi = 0 if linger is not None else record.inbound.spi
-            self.on_child_removed(state.cmap.name, in_spi, record.outbound.spi)
-        binding = self.datapath.outbound.get(state.cmap.name)
+        # The outbound SA goes now; a lingering inbound SA when it expires (periodic).
+        in_spi = None if linger is not None else record.inbound.spi
+        self.datapath.remove(in_spi, record.outbound.spi)
+        binding = self.datapath.binding(state.cmap.name)
         if binding is not None and binding.sa is record.outbound:
-            del self.datapath.outbound[state.cmap.name]
-            # A newer child of the same map takes over sending, if any.
+            self.datapath.unbind(state.cmap.name)
             # The most recently installed child of the same map takes over sending.
             if state.children:
                 (ike_name, _), newer = list(state.children.items())[-1]
-                self.datapath.outbound[state.cmap.name] = self._binding(
-                    state, ike_name, newer.outbound
-                )
+                self._bind(state, ike_name, newer.outbound)
 
-    def _binding(self, state: MapState, ike_name: str, outbound: esp.OutboundSA) -> OutboundBinding:
+    def _bind(self, state: MapState, ike_name: str, outbound: esp.OutboundSA) -> None:
+        """The crypto map's packets go out on ``outbound``, to its IKE SA's peer."""
         sa = self.endpoint.find_sa(ike_name)
         nat_t = bool(sa is not None and sa.nat_t)
         peer: Address = sa.peer_addr if sa is not None else (str(state.cmap.peer), 500)
-        assert self.esp_socket_for is not None, "the daemon sets esp_socket_for"
-        sock, addr = self.esp_socket_for(peer, nat_t)
-        return OutboundBinding(outbound, sock, addr, outbound.mode)
+        self.datapath.bind(state.cmap.name, outbound, peer, nat_t)
 
     def _drop_others(self, state: MapState, keep: str) -> None:
         """RFC 7296 §2.4 INITIAL_CONTACT: the peer has no other SA with us any more.
@@ -1086,7 +1069,7 @@ class Manager:
             ike_sa = state.ike_sa
             for rec in state.children.values():
                 ts = self.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
-                binding = self.datapath.outbound.get(name)
+                binding = self.datapath.binding(name)
                 out.append(
                     {
                         "crypto_map": name,

@@ -74,13 +74,14 @@ class Side:
         )
         self.saflow = npusim.SaFlowTable()
         self.name, self.net, self.address = name, net, address
-        self.datapath = Datapath(self.classifier, self.saflow, {}, {}, self._no_sa)
+        sock = FakeSock(net, self)
+        # One fake socket stands for both families' raw ESP sockets.
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock, socket.AF_INET6: sock}
+        self.datapath = Datapath(self.classifier, self.saflow, esp_socks, {}, self._no_sa)
         self.tun, self.tun_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.tun_peer.setblocking(False)
-        self.datapath.tun_for_map["tacacs"] = self.tun.fileno()
-        self.manager = Manager(self.config, acls, self.datapath, self.saflow, self._send)
-        sock = FakeSock(net, self)
-        self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))  # type: ignore[assignment,return-value]
+        self.datapath.add_tun(self.tun.fileno(), ["tacacs"], None, False)
+        self.manager = Manager(self.config, acls, self.datapath, self._send)
         self.manager.jitter = lambda: 0.5
 
     @property

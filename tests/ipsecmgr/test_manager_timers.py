@@ -76,10 +76,10 @@ class Side:
         )
         self.saflow = npusim.SaFlowTable()
         self.name, self.role, self.net = name, role, net
-        self.datapath = Datapath(self.classifier, self.saflow, {}, {}, self._no_sa)
-        self.manager = Manager(self.config, acls, self.datapath, self.saflow, self._send)
         sock = FakeSock(net, name)
-        self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock}
+        self.datapath = Datapath(self.classifier, self.saflow, esp_socks, {}, self._no_sa)
+        self.manager = Manager(self.config, acls, self.datapath, self._send)
         self.manager.jitter = lambda: 0.5
         self.address = A.client_wan4 if role == "client" else A.gw_wan4
 
