@@ -193,7 +193,8 @@ class IkeEndpoint:
         # SAs that may have news since the last _collect (IkeSA.wake), in that order:
         # only those are looked at, so a message costs the same with 10 or 10,000 SAs.
         self._dirty: dict[IkeSA, None] = {}
-        self._out: list[tuple[bytes, Address]] = []
+        # (datagram, peer, our address it leaves from; None: the engine does not know)
+        self._out: list[tuple[bytes, Address, Address | None]] = []
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
         self.log = log  # handed to every IkeSA: one line per IKE message
@@ -336,7 +337,8 @@ class IkeEndpoint:
             self._collect()
             return True
         pkt = build_invalid_spi(spi, self.rng)
-        self._out.append(((NON_ESP_MARKER + pkt) if nat_t else pkt, peer))
+        # The ESP's destination (our address) is not known here: the daemon picks one
+        self._out.append(((NON_ESP_MARKER + pkt) if nat_t else pkt, peer, None))
         self._count("invalid_spi_sent")
         return True
 
@@ -366,13 +368,13 @@ class IkeEndpoint:
                     [NotifyPayload(NotifyType.COOKIE, cookie)],
                 )
                 marker = NON_ESP_MARKER if data[:4] == NON_ESP_MARKER else b""
-                self._out.append((marker + pkt, addr))
+                self._out.append((marker + pkt, addr, local))
                 self._count("cookie_sent")
                 return
             self._count("cookie_accepted")
         sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log)
         sa.spi_taken = self._spi_taken
-        self._out.extend(sa.datagrams_to_send(now))
+        self._out.extend((d, p, sa.local_addr) for d, p in sa.datagrams_to_send(now))
         if not sa.dead:
             self._register(sa)
             self._by_init[(sa.ch.spi_i, addr)] = sa
@@ -411,6 +413,15 @@ class IkeEndpoint:
     # --- outputs ---------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """What to send, as (datagram, peer): :meth:`datagrams_from` without our address."""
+        return [(d, p) for d, p, _ in self.datagrams_from(now)]
+
+    def datagrams_from(self, now: float) -> list[tuple[bytes, Address, Address | None]]:
+        """What to send, as (datagram, peer, our address): an SA's datagrams leave from
+        its ``local_addr`` (a responder's: where the peer's request arrived). RFC 7296
+        §2.11: a response "MUST specify the address and port at which the request was
+        received as the source address and port", which matters with several local
+        addresses. None for the unprotected INVALID_SPI (§1.5): the caller picks one."""
         if self._dirty:
             self._collect()
         out, self._out = self._out, []
@@ -501,7 +512,7 @@ class IkeEndpoint:
             del dirty[sa]
             if sa.wake is None:
                 continue  # already forgotten
-            self._out.extend(sa.datagrams_to_send(0.0))
+            self._out.extend((d, p, sa.local_addr) for d, p in sa.datagrams_to_send(0.0))
             while (e := sa.next_event()) is not None:
                 self._events.append(e)
                 if isinstance(e, InitialContactReceived):

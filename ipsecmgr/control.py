@@ -44,7 +44,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-MAX_LINE = 1 << 20  # a show snapshot of many SAs fits; anything larger is refused
+# A show snapshot is ~1.8 KB per peer (IKE SA, Child SA, crypto map: 1.8 MB at 1,000 peers,
+# tools/bench/lab_scale.py), so 64 MiB holds some 35,000; anything larger is refused
+MAX_LINE = 64 << 20
 MAX_REQUEST = 64 * 1024  # the largest request (a trace filter) is a few hundred bytes
 MAX_DEPTH = 32  # requests are flat objects; a deeper one is an attack
 MAX_CONNECTIONS = 32
@@ -352,8 +354,9 @@ def _request_once(path: Path | str, command: Mapping[str, Any], timeout: float) 
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 # Refused or evicted before the request went out: the answer says which.
                 s.sendall(_line(dict(command)))
-            buf = b""
-            while b"\n" not in buf:
+            buf = bytearray()  # appended in place: a many-peer snapshot is megabytes
+            chunk = b""
+            while b"\n" not in chunk:  # the new chunk only: a rescan of buf is quadratic
                 try:
                     chunk = s.recv(65536)
                 except ConnectionResetError:

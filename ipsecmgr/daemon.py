@@ -29,12 +29,14 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr import sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
+from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.privileges import apply_least_privilege
+from ipsecmgr.records import Address
 from ipsecmgr.routing import Routing, TunRoute
 from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config
@@ -140,9 +142,12 @@ class Gateway:
             on_udp_other=self.on_ike_natt,
             on_esp_from=self.on_esp_from,
             on_unknown_spi=self.on_unknown_spi,
+            on_esp_out=self.on_esp_out,
         )
         self.datapath: Datapath | SplitDatapath = (
-            SplitDatapath(base) if config.gateway.datapath == "split" else base
+            SplitDatapath(base, on_inbound_counted=self.on_inbound_counted)
+            if config.gateway.datapath == "split"
+            else base
         )
         self.manager = Manager(config, self.acls, self.datapath, self._send_ike)
         # Installed on the data path and the manager only while a trace client is attached.
@@ -152,7 +157,7 @@ class Gateway:
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self.started_at = time.time()
 
     # -- time ----------------------------------------------------------------------
@@ -347,6 +352,17 @@ class Gateway:
         if self.manager.on_unknown_spi(spi, src, family, udp, self.now()):
             self._rearm()  # a protected one waits for its answer (a retransmission timer)
 
+    def on_esp_out(self, name: str, packet: bytes) -> None:
+        """The first ESP after a quiet spell on a map: its answer is due (RFC 7296 §2.4)."""
+        self.manager.on_esp_out(name, packet, self.now())
+        self._rearm()
+
+    def on_inbound_counted(self, name: str) -> None:
+        """Split data path: crypto map ``name``'s inbound counters are fresh (asked by
+        ``SaSink.refresh_inbound``): did anything come back (ipsecmgr.invalid_spi)?"""
+        self.manager.on_inbound_counted(name, self.now())
+        self._rearm()
+
     def on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
         """IKE on UDP 4500 (RFC 3948): the data path reads that socket in batches (UDP
         GRO) and hands IKE back here; ESP that decrypted reports its sender through
@@ -355,21 +371,17 @@ class Gateway:
         self.manager.on_ike_datagram(data, local, peer, self.now())
         self._rearm()
 
-    def _send_ike(self, data: bytes, peer: Address) -> None:
-        fam = _family(peer[0])
+    def _send_ike(self, data: bytes, peer: Address, local: Address | None) -> None:
         port = (
             self.config.gateway.natt_port
             if data[:4] == NON_ESP_MARKER
             else self.config.gateway.ike_port
         )
-        sock = self._ike_sock_for.get((fam, port))
-        if sock is None:
-            sock = next(
-                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
-                None,
-            )
-            if sock is not None:
-                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
+        # From the SA's own address (RFC 7296 §2.11: a response leaves from the
+        # address its request was received at), with several local addresses too
+        sock = self.ike_socks.get((local[0], port)) if local is not None else None
+        if sock is None:  # no address (unprotected INVALID_SPI): any of the family
+            sock = self._ike_sock_of_family(_family(peer[0]), port)
         if sock is None:
             self._bump("ike_no_socket")
             return
@@ -378,6 +390,17 @@ class Gateway:
         except OSError as exc:
             self._bump("ike_send_errors")
             log.debug("IKE send to %s failed: %s", peer, exc)
+
+    def _ike_sock_of_family(self, fam: int, port: int) -> socket.socket | None:
+        sock = self._ike_sock_for.get((fam, port))
+        if sock is None:
+            sock = next(
+                (s for (a, p), s in self.ike_socks.items() if p == port and _family(a) == fam),
+                None,
+            )
+            if sock is not None:
+                self._ike_sock_for[(fam, port)] = sock  # the sockets live as long as we do
+        return sock
 
     def _rearm(self) -> None:
         if self.loop is None:
@@ -397,7 +420,7 @@ class Gateway:
         self._rearm()
 
     def _bump(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+        self.counters[name] += 1
 
     def status_line(self) -> str:
         """systemd's STATUS= (ipsecmgr.sdnotify): maps up/total, SA counts."""

@@ -55,9 +55,10 @@ from typing import TYPE_CHECKING, Any
 import esp
 import npusim
 from esp.udp_encap import NAT_KEEPALIVE, classify_udp4500
+from ipsecmgr.counters import Counters
 from ipsecmgr.mss import clamp_mss
 from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, internet_checksum, split_tun_read
-from ipsecmgr.sasink import Address, Counters, SaPair, TraceHook, esp_peer
+from ipsecmgr.sasink import Address, SaPair, TraceHook, esp_peer
 from ipsecmgr.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 
 if TYPE_CHECKING:
@@ -97,10 +98,14 @@ class OutboundBinding:
     sock: socket.socket
     peer: tuple[str, int]
     mode: str  # "tunnel" | "transport"
+    # The crypto map to report the next ESP sent on this binding for (Datapath.
+    # on_esp_out, RFC 7296 §2.4 "only outgoing traffic", ipsecmgr.invalid_spi); None
+    # after that until the manager asks again (watch_outbound): one compare per packet.
+    watch: str | None = None
 
 
 def _bump(counters: Counters, name: str, n: int = 1) -> None:
-    counters[name] = counters.get(name, 0) + n
+    counters[name] += n
 
 
 def tun_write_segments(buf: bytes) -> int:
@@ -145,6 +150,7 @@ class Datapath:
         on_udp_other: Callable[[bytes, Address, Address], None] = lambda d, lo, pe: None,
         on_esp_from: Callable[[str, Address], None] = lambda name, peer: None,
         on_unknown_spi: Callable[[int, bytes, int, Address | None], None] | None = None,
+        on_esp_out: Callable[[str, bytes], None] = lambda name, packet: None,
     ) -> None:
         self.classifier = classifier
         self.saflow = saflow
@@ -159,7 +165,7 @@ class Datapath:
         self.on_no_sa = on_no_sa
         self.outbound: dict[str, OutboundBinding] = {}
         self.transport_local: dict[bytes, bytes] = {}
-        self.counters: Counters = {}
+        self.counters = Counters()
         # TUN fd -> (IPv4, IPv6) MSS limits for SYNs read from it, None: no clamping.
         self.mss_limits: dict[int, tuple[int, int] | None] = {}
         # Tracing (issue: ipsecmgr trace): None = off, the only cost is the branch.
@@ -177,6 +183,9 @@ class Datapath:
         # by the receiver. None: only counted.
         self.on_unknown_spi = on_unknown_spi
         self._udp_src: Address | None = None  # the sender of the ESP-in-UDP being handled
+        # The first ESP sent on a watched binding: its crypto map and the inner packet
+        # (ipsecmgr.invalid_spi)
+        self.on_esp_out = on_esp_out
         # Collected during a batch (None: outside one, send / write at once).
         # id(binding) -> (binding, ESP packets, trace records (index, inner packet, seq)).
         self._out: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] | None = None
@@ -267,13 +276,16 @@ class Datapath:
         if binding is not None and binding.sa is sa:  # the peer moved: same SA, in place
             binding.sock, binding.peer = sock, addr
         else:
-            self.outbound[name] = OutboundBinding(sa, sock, addr, sa.mode)
+            self.outbound[name] = OutboundBinding(sa, sock, addr, sa.mode, name)
 
     def unbind(self, name: str) -> None:
         self.outbound.pop(name, None)
 
     def binding(self, name: str) -> OutboundBinding | None:
         return self.outbound.get(name)
+
+    def refresh_inbound(self, name: str, spis: list[int]) -> bool:
+        return True  # counted in this process: always up to date
 
     def send(self, name: str, packet: bytes) -> None:
         binding = self.outbound.get(name)
@@ -329,7 +341,7 @@ class Datapath:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                self.counters[error_counter] = self.counters.get(error_counter, 0) + 1
+                self.counters[error_counter] += 1
                 return
 
     def on_tun_readable(self, fd: int) -> None:
@@ -410,6 +422,9 @@ class Datapath:
         except esp.EspError as exc:
             _bump(self.counters, "out_" + exc.counter)
             return
+        if binding.watch is not None:  # the first ESP after a quiet spell: answered?
+            name, binding.watch = binding.watch, None
+            self.on_esp_out(name, packet)
         pending = self._out
         if pending is not None and binding.sock in self.gso_socks:
             entry = pending.get(id(binding))
@@ -431,6 +446,12 @@ class Datapath:
             tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
                peer=binding.peer, at=at)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
+
+    def watch_outbound(self, name: str) -> None:
+        """Report the next ESP sent for crypto map ``name`` (:attr:`on_esp_out`)."""
+        binding = self.outbound.get(name)
+        if binding is not None:
+            binding.watch = name
 
     def _flush_out(
         self, pending: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]]

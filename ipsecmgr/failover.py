@@ -30,11 +30,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from ipsecmgr.lifecycle import notify_meaning
 from ipsecmgr.peers import DEAD, PeerRow
+from ipsecmgr.records import MapStatus
 from ipsecmgr.reject import RateLimit, answer_for
 
 if TYPE_CHECKING:
-    from ipsecmgr.manager import Manager, MapState
+    from ipsecmgr.manager import Manager
+    from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.ike")
 
@@ -208,8 +211,6 @@ class Failover:
         counter = "auth_failed" if notify == "AUTHENTICATION_FAILED" else "exchange_failed"
         state.bump(counter)
         state.bump("unauthenticated_errors")
-        from ipsecmgr.manager import notify_meaning  # (manager imports this module)
-
         # Last Error and log line worded as the manager words them for its own SAs
         if hasattr(event, "detail"):  # AuthenticationFailed
             text = f"AUTHENTICATION_FAILED: {event.detail}"
@@ -220,9 +221,9 @@ class Failover:
             text = f"{event.exchange}: {who} {notify}"
             line = (f"{event.exchange} failed: {who} {notify} "
                     f"({notify_meaning(notify, event.by_peer)})")  # fmt: skip
-        if state.status != "established":
+        if state.status != MapStatus.ESTABLISHED:
             state.last_error = text
-            state.status = "failed"
+            state.status = MapStatus.FAILED
         noise = self._noise.get(name)
         if noise is None:
             noise = self._noise[name] = _Noise()
@@ -289,7 +290,7 @@ class Failover:
             name: "hold-down"
             for name, state in self.m.maps.items()
             if state.cmap.role == "initiator"
-            and state.status != "dead"
+            and state.status != MapStatus.DEAD
             and not state.children  # nothing carries traffic (an IKE SA alone may be up)
             and state.peers.all_held(now)
         }
@@ -297,10 +298,10 @@ class Failover:
     def rows(self, now: float) -> dict[str, MapFailover]:
         out: dict[str, MapFailover] = {}
         for name, state in self.m.maps.items():
-            up = state.status == "established"
+            up = state.status == MapStatus.ESTABLISHED
             held = not state.children and state.peers.all_held(now)
             out[name] = {
-                "peers": state.peers.rows(now, up, state.status == "connecting"),
+                "peers": state.peers.rows(now, up, state.status == MapStatus.CONNECTING),
                 "hold_down_left": state.peers.hold_down_left(now) if held else None,
                 "hold_down_reason": state.peers.hold_reason() if held else "",
                 "preempt": state.peers.preempt,

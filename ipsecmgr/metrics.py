@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from ipsecmgr import show
 from ipsecmgr.config import ConfigError
 from ipsecmgr.config import Metrics as MetricsConfig
+from ipsecmgr.records import ChildState
 
 if TYPE_CHECKING:
     from ipsecmgr.daemon import Gateway
@@ -84,7 +85,18 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
     stats = snap["statistics"]
     maps = [m["name"] for m in snap["crypto_maps"]]
     per_map = _per_map(stats["ike"])
+    yield from _map_state(snap)
+    yield from _esp_per_map(snap, maps, per_map)
+    yield from _esp_drops(stats)
+    yield from _map_events(maps, per_map)
+    yield from _ike_sas(snap, maps)
+    yield from _child_sas(snap, maps)
+    uptime = GaugeMetricFamily("ipsecmgr_uptime_seconds", "Seconds since the daemon started")
+    uptime.add_metric([], snap["uptime"])
+    yield uptime
 
+
+def _map_state(snap: show.Snapshot) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         "ipsecmgr_crypto_map_state",
         "Crypto map state as show crypto map reports it (1 for the current state)",
@@ -95,6 +107,10 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
             up.add_metric([m["name"], st], 1.0 if m["status"] == st else 0.0)
     yield up
 
+
+def _esp_per_map(
+    snap: show.Snapshot, maps: list[str], per_map: dict[str, dict[str, int]]
+) -> Iterator[Metric]:
     # ESP per crypto map: the live Child SAs plus those already removed.
     packets = CounterMetricFamily(
         "ipsecmgr_esp_packets",
@@ -121,6 +137,8 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
     yield packets
     yield octets
 
+
+def _esp_drops(stats: show.Statistics) -> Iterator[Metric]:
     drops = CounterMetricFamily(
         "ipsecmgr_esp_drops",
         "Packets the data path dropped, gateway-wide, by reason (show crypto statistics, esp)",
@@ -137,6 +155,8 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
         drops.add_metric([d, reason], value)
     yield drops
 
+
+def _map_events(maps: list[str], per_map: dict[str, dict[str, int]]) -> Iterator[Metric]:
     map_drops = CounterMetricFamily(
         "ipsecmgr_crypto_map_drops",
         "Packets a crypto map dropped before an SA existed, by reason "
@@ -184,6 +204,8 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
         dpd.add_metric([name, "peer_dead"], c.get("peer_dead", 0))
     yield from (map_drops, started, succeeded, failed, rekeys, dpd)
 
+
+def _ike_sas(snap: show.Snapshot, maps: list[str]) -> Iterator[Metric]:
     # SA state and age: gauges of the live SAs (they vanish with the SA).
     now = snap["time"]
     ike_count = GaugeMetricFamily("ipsecmgr_ike_sas", "IKE SAs by state", labels=["map", "state"])
@@ -203,6 +225,9 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
     yield ike_count
     yield ike_age
 
+
+def _child_sas(snap: show.Snapshot, maps: list[str]) -> Iterator[Metric]:
+    now = snap["time"]
     child_count = GaugeMetricFamily(
         "ipsecmgr_child_sas", "Child SAs by state", labels=["map", "state"]
     )
@@ -221,9 +246,7 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
         "Payload bytes of one live Child SA",
         labels=["map", "spi_in", "direction"],
     )
-    ccounts: dict[tuple[str, str], int] = {
-        (n, s): 0 for n in maps for s in ("INSTALLED", "REKEYED")
-    }
+    ccounts: dict[tuple[str, str], int] = {(n, str(s)): 0 for n in maps for s in ChildState}
     for sa in snap["child_sas"]:
         name, spi = sa["crypto_map"], sa["spi_in"]
         ccounts[(name, sa["state"])] = ccounts.get((name, sa["state"]), 0) + 1
@@ -236,10 +259,6 @@ def families(snap: show.Snapshot) -> Iterator[Metric]:
     for (n, s), v in sorted(ccounts.items()):
         child_count.add_metric([n, s], v)
     yield from (child_count, child_age, sa_packets, sa_bytes)
-
-    uptime = GaugeMetricFamily("ipsecmgr_uptime_seconds", "Seconds since the daemon started")
-    uptime.add_metric([], snap["uptime"])
-    yield uptime
 
 
 # [tls_map] client-side refusals (ipsecmgr.tls.proxy counters) -> reason label
@@ -360,7 +379,7 @@ class Exporter:
                 buckets=HANDSHAKE_BUCKETS,
             ),
         }
-        gw.manager.observe = self.observe
+        gw.manager.set_observer(self.observe)
 
     def observe(self, what: str, crypto_map: str, seconds: float) -> None:
         h = self.histograms.get(what)
@@ -370,7 +389,7 @@ class Exporter:
 
     def render(self) -> bytes:
         # A crypto map removed by a reload takes its histogram series with it.
-        for name in self._observed - set(self.gw.manager.maps):
+        for name in self._observed - self.gw.manager.map_names():
             for h in self.histograms.values():
                 with contextlib.suppress(KeyError):
                     h.remove(name)

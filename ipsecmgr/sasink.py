@@ -20,6 +20,9 @@ What the Manager asks of it:
 - Counters: :attr:`SaSink.counters`, fresh after :meth:`SaSink.refresh_counters`
   (the split data path pulls them from its workers; they also land in the SA
   objects given to :meth:`SaSink.install`).
+- "Only outgoing traffic" (RFC 7296 §2.4, ipsecmgr.invalid_spi):
+  :meth:`SaSink.watch_outbound` reports the next ESP a map sends, and
+  :meth:`SaSink.refresh_inbound` brings its inbound counts up to date first.
 - The trace hook: :meth:`SaSink.set_trace` (``ipsecmgr trace``; ``None`` off).
 
 What a data path reports back goes through callbacks given to it at
@@ -35,12 +38,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import esp
 import npusim
+from ipsecmgr.counters import Counters
 
 if TYPE_CHECKING:
     from ipsecmgr.datapath import OutboundBinding
 
 Address = tuple[str, int]
-Counters = dict[str, int]
 #: ``hook(step, event, packet, **fields)`` (ipsecmgr.trace.Tracer); None: tracing off.
 TraceHook = Callable[..., None]
 
@@ -86,6 +89,14 @@ class SaSink(Protocol):
 
     def unbind(self, name: str) -> None:
         """Crypto map ``name`` has no SA to send with (its packets go to ``on_no_sa``)."""
+
+    def watch_outbound(self, name: str) -> None:
+        """Report the next ESP sent for crypto map ``name`` (the ``on_esp_out`` callback)."""
+
+    def refresh_inbound(self, name: str, spis: list[int]) -> bool:
+        """Bring the packet counts of these inbound SAs (of crypto map ``name``) up to
+        date. True: they are (decide now); False: they will be when the split data
+        path's ``on_inbound_counted(name)`` callback runs."""
 
     def binding(self, name: str) -> OutboundBinding | None:
         """Crypto map ``name``'s current binding (read only: change it with bind)."""

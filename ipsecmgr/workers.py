@@ -45,15 +45,15 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import esp
 import npusim
 from ike.invalid_spi import SourceLimit
+from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath, OutboundBinding
-from ipsecmgr.sasink import Address, Counters, SaPair, TraceHook
+from ipsecmgr.sasink import Address, SaPair, TraceHook
 
 if TYPE_CHECKING:
     import asyncio
@@ -65,6 +65,7 @@ MAX_MESSAGE = 1 << 18  # a packet (<= 64 KiB) plus its envelope
 STATS_TIMEOUT = 1.0  # s a snapshot waits for the workers' counters
 STATS_PERIOD = 1.0  # s between background counter pulls (DPD's "did anything arrive")
 PR_SET_PDEATHSIG = 1
+HEADERS = 120  # bytes of an inner packet: IPv6 + TCP headers with options (esp_out)
 
 Message = tuple[Any, ...]
 
@@ -119,6 +120,7 @@ class Worker:
             on_udp_other=self._ike_to_control,
             on_esp_from=self._esp_from,
             on_unknown_spi=self._unknown_spi_to_control,
+            on_esp_out=self._esp_out_to_control,
         )
         # The control process rate-limits INVALID_SPI per source (RFC 7296 §2.21.4);
         # the same limit here keeps an unknown-SPI flood off the socketpair.
@@ -128,8 +130,7 @@ class Worker:
 
     def _ike_to_control(self, data: bytes, local: Address, peer: Address) -> None:
         if not _send(self.ctrl, ("ike_in", data, local, peer), timeout=0.0):
-            c = self.dp.counters
-            c["ike_forward_drops"] = c.get("ike_forward_drops", 0) + 1
+            self.dp.counters["ike_forward_drops"] += 1
 
     def _esp_from(self, name: str, peer: Address) -> None:
         """An authentic ESP-in-UDP packet of ``name`` from ``peer``: the control process
@@ -145,12 +146,15 @@ class Worker:
         if self._unknown_spi_limit.allow(src.hex(), time.monotonic()):
             _send(self.ctrl, ("unknown_spi", spi, src, family, udp), timeout=0.0)
 
+    def _esp_out_to_control(self, name: str, packet: bytes) -> None:
+        """The first ESP after a quiet spell on ``name`` (ipsecmgr.invalid_spi): its
+        inner packet's headers say whether anything answers it."""
+        _send(self.ctrl, ("esp_out", name, bytes(packet[:HEADERS])), timeout=0.0)
+
     def _on_no_sa(self, name: str, packet: bytes) -> None:
         """Steps 4-5 belong to the control process (IKE, the first-packet policy)."""
         if not _send(self.ctrl, ("no_sa", name, packet), timeout=0.0):
-            self.dp.counters["no_sa_forward_drops"] = (
-                self.dp.counters.get("no_sa_forward_drops", 0) + 1
-            )
+            self.dp.counters["no_sa_forward_drops"] += 1
 
     def _trace_to_control(
         self, step: str, event: str, packet: bytes | None, at: float | None = None, **fields: Any
@@ -164,8 +168,7 @@ class Worker:
         msg = ("trace", time.monotonic() if at is None else at, step, event,
                None if packet is None else bytes(packet), fields)  # fmt: skip
         if not _send(self.ctrl, msg, timeout=0.0):
-            c = self.dp.counters
-            c["trace_lost"] = c.get("trace_lost", 0) + 1
+            self.dp.counters["trace_lost"] += 1
 
     def handle(self, msg: Message) -> None:
         """One control message; called between packet batches."""
@@ -176,6 +179,13 @@ class Worker:
             sa = self.out_sas.get(spi)
             if sa is not None:  # (an SA already forgotten: nothing to send with)
                 dp.bind(name, sa, peer, nat_t)
+        elif kind == "watch":  # report the next ESP of this map (ipsecmgr.invalid_spi)
+            dp.watch_outbound(msg[1])
+        elif kind == "in_counts":  # a map's inbound packet counts, fresh (invalid_spi)
+            _, name, spis = msg
+            counts = {spi: flow.sa.counters.packets  # type: ignore[attr-defined]
+                      for spi in spis if (flow := dp.saflow.lookup(spi)) is not None}  # fmt: skip
+            _send(self.ctrl, ("in_counts", name, counts))
         elif kind == "unbind":
             dp.unbind(msg[1])
         elif kind == "send":  # a queued first packet (step 5, first_packet = "queue")
@@ -244,8 +254,7 @@ class Worker:
                                 self.handle(msg)
                             except (ValueError, KeyError, IndexError, TypeError):
                                 # A bad SA from the control process must not stop traffic.
-                                c = self.dp.counters
-                                c["control_errors"] = c.get("control_errors", 0) + 1
+                                self.dp.counters["control_errors"] += 1
                     except EOFError:
                         return
                 else:
@@ -303,8 +312,10 @@ class SplitDatapath:
     workers are forked from it (:meth:`start`), and it writes ipsecmgr.reject's
     answers into the TUNs from here."""
 
-    def __init__(self, base: Datapath) -> None:
+    def __init__(self, base: Datapath, *, on_inbound_counted: Callable[[str], None]) -> None:
         self.base = base
+        # refresh_inbound's answer: a crypto map's inbound counters are fresh now
+        self.on_inbound_counted = on_inbound_counted
         self.started = False
         self.pids: dict[str, int] = {}
         self.socks: dict[str, socket.socket] = {}
@@ -315,8 +326,8 @@ class SplitDatapath:
         self.outbound: dict[str, OutboundBinding] = {}
         self._in_sas: dict[int, esp.InboundSA] = {}
         self._out_sas: dict[int, esp.OutboundSA] = {}
-        self.own: Counters = {}  # counted here (forwarding failures), merged into counters
-        self._counters: Counters = {}
+        self.own = Counters()  # counted here (forwarding failures), merged into counters
+        self._counters = Counters()
         self._last: dict[str, Counters] = {}
         self._token = 0
         self._seen: dict[str, int] = {}
@@ -431,6 +442,14 @@ class SplitDatapath:
         if self.outbound.pop(name, None) is not None:
             self._to(OUTBOUND, ("unbind", name))
 
+    def watch_outbound(self, name: str) -> None:
+        self._to(OUTBOUND, ("watch", name))
+
+    def refresh_inbound(self, name: str, spis: list[int]) -> bool:
+        """The INBOUND worker's counts of these SAs, now (the periodic pull's are up to
+        STATS_PERIOD old): they land in our SA objects, then ``on_inbound_counted``."""
+        return not self._to(INBOUND, ("in_counts", name, spis))  # failed: decide now
+
     def binding(self, name: str) -> OutboundBinding | None:
         return self.outbound.get(name)
 
@@ -493,7 +512,7 @@ class SplitDatapath:
         if sock is not None and _send(sock, msg):
             return True
         if self.started:
-            self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
+            self.own["forward_errors"] += 1
         return False
 
     # -- workers -> control ------------------------------------------------------------------
@@ -528,6 +547,15 @@ class SplitDatapath:
             base.on_udp_other(msg[1], msg[2], msg[3])
         elif kind == "esp_from":
             base.on_esp_from(msg[1], msg[2])
+        elif kind == "esp_out":  # the first ESP after a quiet spell (invalid_spi)
+            base.on_esp_out(msg[1], msg[2])
+        elif kind == "in_counts":
+            _, name, counts = msg
+            for spi, packets in counts.items():
+                sa = self._in_sas.get(spi)
+                if sa is not None:
+                    sa.counters.packets = max(sa.counters.packets, packets)
+            self.on_inbound_counted(name)
         elif kind == "unknown_spi":  # ESP for an SPI the INBOUND worker does not know
             if base.on_unknown_spi is not None:
                 base.on_unknown_spi(msg[1], msg[2], msg[3], msg[4])
@@ -545,10 +573,10 @@ class SplitDatapath:
 
     def _apply(self, role: str, stats: dict[str, Any]) -> None:
         self._last[role] = stats["dp"]
-        merged: Counter[str] = Counter(self.own)
+        merged = Counters(self.own)
         for counters in self._last.values():
             merged.update(counters)
-        self._counters = dict(merged)
+        self._counters = merged
         if stats["classifier"] is not None:
             self.base.classifier.counters = stats["classifier"]
         if stats["saflow"] is not None:

@@ -27,32 +27,41 @@ Semantics (Cisco crypto maps; RFC 4301 §4.4.1 SPD ordering):
   conditions.  A packet whose TCP/UDP header is cut short is dropped if a rule
   that would need its ports could decide it, and classified otherwise.
 
-Matching is a tuple-space search (the scheme Open vSwitch uses): rules are
-partitioned by address family and protocol (an ``ip`` rule joins every
-partition of its family), then grouped by (source mask, destination mask,
-and, where many rules share an address pair, exact destination port), and
-each group is a dict from the masked header
-fields to the rule indices that have them.  A lookup costs one dict probe per group,
-not one test per rule, and groups are visited in the order of their lowest
-rule index so that the search stops as soon as no group can beat the best
-match found.  Sets of many host or prefix rules that share a few masks are
-therefore nearly as cheap as small ones; a set with hundreds of distinct
-wildcard masks degrades towards a linear scan (each mask is a group).
+Matching is per-field bit-vector intersection (Lakshman and Stiliadis, "High-speed
+policy-based packet forwarding using efficient multi-dimensional range matching",
+SIGCOMM 1998), per address family. Every rule is one bit of a Python int, in
+global order (map order, then line order, one spare bit after each map). Each
+field (protocol, source and destination address, source and destination port)
+maps a packet's value to the int of the rules whose condition on that field
+holds; their AND is every rule the packet matches, whatever the masks, ranges
+or number of maps. A prefix or port range is an interval: a field's interval
+ends, sorted, cut it into elementary intervals (one ``bisect``), and a segment
+tree over them gives an interval's rule bits with at most one OR per tree level.
+An IPv4 field with a non-contiguous wildcard is four byte tables instead (a
+rule holds for an address when it holds for each byte: one AND per byte).
 
-Rule indices are global across maps (map order, then line order).  The
-search above finds the lowest matching index; when that rule is a permit (the
-common case) it decides.  When it is a deny ("not via this map", move on to the
-next map) the packet takes the deny path, which never restarts the search:
-every bucket the packet hits is split at build time into *classes*, candidates
-with the same port conditions (they match or not together), each with an id.
-The ids of the classes the packet matches are the key of a bounded memo whose
-value is the exact outcome, computed once from those classes' rules in index
-order (skip the rest of a map after its first deny).  A packet that every map
-denies with the same line (10,000 maps) costs one pass over the groups and one
-dict probe, not one restart per map.  Deny counters of such an outcome are
-added in bulk when ``counters`` is read.  A packet whose ports were cut off
-takes the same path with address-only classes (a rule that needs the missing
-ports and comes first drops it).
+First match with Cisco's deny ("not via this map", RFC 4301 §4.4.1 ordering
+per map) is three big-int operations, not a loop over maps: with ``R`` the
+bits of every rule (the spare bit after each map is 0), ``P`` the matched
+permits and ``D`` the matched denies, ``R + D`` carries from each map's first
+matched deny up to its spare bit, clearing the rest of that map, so ``P & (R +
+D)`` are the permits no earlier deny of their map hides, and its lowest bit
+decides. A packet whose ports were cut off matches on protocol and addresses
+only, and a rule that needs ports is then terminal like a permit (it drops).
+
+The elementary-interval numbers (the byte classes for a byte-table field)
+key a bounded memo of the outcome: the steady per-packet cost is the
+parse, one ``bisect`` per field (O(log intervals)) and one dict probe, whatever
+the masks, ranges, denies or number of maps; a new key costs the bit-vector
+work, bounded by the tree height (at most 17 ORs per field) and the int length
+(rules / 30 machine words per operation). The deny counts of an outcome with
+many denying maps are kept as a bit mask and added to the maps' counters when
+``counters`` is read. Memory: one int per segment-tree node, the size of the
+span of its rules; a byte-table field at most 1,024 ints of rules / 8 bytes.
+
+The same index answers the inbound check (RFC 4301 §5.2) per packet
+(:meth:`Classifier.permits_reply`) or once per SA (:meth:`Classifier.covers_reply`:
+every cell an SA's selectors span is protected by its map).
 
 Counters: ``counters[map_name]`` has ``protect`` and ``deny`` (a deny line of
 that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
@@ -62,16 +71,18 @@ that map matched); ``counters[GLOBAL]`` has ``bypass``, ``bypass_ike_esp``,
 from __future__ import annotations
 
 import ipaddress
-from bisect import bisect_right
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar, Final
 
-from npusim.acl import ANY_FAMILY, ANY_PROTOCOL, Acl, Rule, in_ranges
+from npusim.acl import ANY_FAMILY, ANY_PROTOCOL, Acl, PortRanges, Rule
 from npusim.counters import GLOBAL, zero
 from npusim.packet import (
     ALL_DROP_REASONS,
     DROP_TRUNCATED_L4,
+    PORT_PROTOCOLS,
     PORTS_OK,
     PORTS_TRUNCATED,
     PROTO_ESP,
@@ -133,112 +144,210 @@ link-local or unspecified source, or an interface- or link-local multicast
 destination.  The TUN sees router solicitations and neighbour discovery of its
 own; they are neither protected nor sent out of the management interface."""
 
+
 _CLASSIFIER_DROPS: Final = (*ALL_DROP_REASONS, DROP_LINK_SCOPE)
 _DROPS: Final = {reason: Drop(reason) for reason in _CLASSIFIER_DROPS}
 
-# Candidates of one bucket with the same port conditions: (class id, source port
-# ranges, destination port ranges; None = no condition). They match together.
-_Class = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
-# One candidate in a group's bucket: (global rule index, source port ranges,
-# destination port ranges still to check; None = nothing to check).
-_Candidate = tuple[int, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]
-# A group: (lowest index, highest index, src mask, dst mask, dport mask, bucket).
-# The dport mask is -1 when the group's rules all have one exact destination
-# port (it is part of the key) and 0 otherwise; a packet without visible ports
-# carries dport -1, which no exact-port key equals.
-_Group = tuple[
-    int,
-    int,
-    int,
-    int,
-    int,
-    dict[tuple[int, int, int], "list[_Candidate] | _PortIndex"],
-    dict[tuple[int, int, int], "list[_Class] | _PortIndex"],
-]
-# Per family: groups by exact protocol, and the groups for other protocols
-# (rules with protocol "ip" only).
-_Index = tuple[dict[int, list[_Group]], list[_Group]]
-
-_NO_MATCH: Final = 1 << 62
-_DROP_TRUNCATED: Final = -1
-# Probe value of the destination port for a packet whose ports were cut off: the
-# groups keyed on an exact port then answer with all their candidates (address only).
-_ANY_PORT: Final = -2
-# Deny-path outcomes remembered (a full memo is folded and cleared, see _remember)
+# Port class of a packet whose ports are not visible (a non-first fragment, RFC
+# 4301 §7: only rules without port conditions can match) and of one whose TCP/UDP
+# header was cut short (ports ignored; a rule that needs them drops it).
+_OPAQUE: Final = -1
+_CUT: Final = -2
+# Outcomes remembered (a full memo is folded and cleared, see _remember)
 _MEMO_MAX: Final = 65536
-# An outcome with more denies than this adds them to the counters in bulk, later
+# An outcome with more denying maps than this adds them to the counters in bulk, later
 _BULK_DENIES: Final = 8
+# Cells (products of elementary intervals) covers_reply looks at before it gives
+# up and answers False (the SA-flow table then checks each packet)
+_COVER_CELLS: Final = 64
+_V6_LINK_LOCAL: Final = (0xFE80 << 112, (0xFEC0 << 112) - 1)  # fe80::/10
+_V6_MULTICAST: Final = (0xFF << 120, (1 << 128) - 1)  # ff00::/8
+
+Box = tuple[int, int, int, int, int, int, int, int, int, int]
+"""Packets as an SA's selectors admit them (one source and one destination
+selector): (version, protocol or 0 for any, source first, last, destination
+first, last, source port first, last, destination port first, last)."""
 
 
-# A bucket with more candidates than this, some with port conditions, gets a _PortIndex
-_PORT_INDEX_MIN: Final = 8
-_PORT_MEMO_MAX: Final = 256
+def _bits(positions: Sequence[int]) -> int:
+    """The int with exactly these bits set, in O(len + max / 8) (no int per bit)."""
+    if not positions:
+        return 0
+    buf = bytearray((max(positions) >> 3) + 1)
+    for p in positions:
+        buf[p >> 3] |= 1 << (p & 7)
+    return int.from_bytes(buf, "little")
 
 
-class _PortIndex:
-    """A bucket of many candidates with port conditions (every map denies its own
-    port range, say): instead of testing each, the ports are cut into elementary
-    intervals (every range start and end + 1 is a boundary), inside which every
-    condition is true or false throughout. What matches in a pair of intervals
-    (a *cell*) is computed once; a few hundred cells are remembered."""
+def _positions(bits: int) -> list[int]:
+    """The set bits of ``bits``, lowest first, in one pass over its binary text."""
+    text = format(bits, "b")[::-1]
+    found: list[int] = []
+    at = text.find("1")
+    while at >= 0:
+        found.append(at)
+        at = text.find("1", at + 1)
+    return found
 
-    __slots__ = ("_db", "_memo", "_sb", "all", "cands", "uid")
 
-    def __init__(self, cands: list[_Candidate], uid: int) -> None:
-        self.cands = cands
-        self.uid = uid
-        self.all = tuple(i for i, _, _ in cands)  # address-only match (ports cut off)
-        sb: set[int] = set()
-        db: set[int] = set()
-        for _, sr, dr in cands:
-            for lo, hi in sr or ():
-                sb.update((lo, hi + 1))
-            for lo, hi in dr or ():
-                db.update((lo, hi + 1))
-        self._sb = sorted(sb)
-        self._db = sorted(db)
-        self._memo: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}
+class _Intervals:
+    """One field whose conditions are ranges (ports; addresses under prefixes).
 
-    def cell(self, sport: int, dport: int, ports: bool) -> tuple[int, int]:
-        if not ports:
-            return (-1, -1)  # only candidates without port conditions can match
-        return bisect_right(self._sb, sport), bisect_right(self._db, dport)
+    ``find(value)`` is the value's elementary interval (the ranges' ends cut the
+    field); ``bits(interval)`` the rules whose ranges contain it: the rules
+    without a condition, ORed with the nodes of a segment tree on the path from
+    the interval's leaf to the root (a range is stored in the O(log n) nodes that
+    tile it). A node keeps its rules as (lowest bit, bits shifted down) so a node
+    of one rule of the ten-thousandth map is a small int, not a 20,000-bit one."""
 
-    def lookup(
-        self, cell: tuple[int, int], sport: int, dport: int, ports: bool
-    ) -> tuple[int, tuple[int, ...]]:
-        """(lowest matching index or _NO_MATCH, every matching index) in ``cell``,
-        which (sport, dport, ports) lie in."""
-        found = self._memo.get(cell)
-        if found is None:
-            matching = tuple(
-                i
-                for i, sr, dr in self.cands
-                if (sr is None or (ports and in_ranges(sport, sr)))
-                and (dr is None or (ports and in_ranges(dport, dr)))
-            )
-            found = (matching[0] if matching else _NO_MATCH, matching)
-            if len(self._memo) >= _PORT_MEMO_MAX:
-                self._memo.clear()
-            self._memo[cell] = found
-        return found
+    __slots__ = ("always", "find", "nodes", "size")
+
+    def __init__(self, ranged: list[tuple[int, PortRanges]], always: list[int]) -> None:
+        bounds = sorted({b for _, ranges in ranged for lo, hi in ranges for b in (lo, hi + 1)})
+        size = 1
+        while size < len(bounds) + 1:
+            size <<= 1
+        found: dict[int, list[int]] = {}
+        for pos, ranges in ranged:
+            for lo, hi in ranges:
+                left = bisect_right(bounds, lo) + size
+                right = bisect_right(bounds, hi) + size + 1
+                while left < right:
+                    if left & 1:
+                        found.setdefault(left, []).append(pos)
+                        left += 1
+                    if right & 1:
+                        right -= 1
+                        found.setdefault(right, []).append(pos)
+                    left >>= 1
+                    right >>= 1
+        self.nodes: dict[int, tuple[int, int]] = {}
+        for node, positions in found.items():
+            low = min(positions)
+            self.nodes[node] = (low, _bits([p - low for p in positions]))
+        self.always = _bits(always)
+        self.size = size
+        self.find: Callable[[int], int] = partial(bisect_right, bounds)
+
+    def bits(self, interval: int) -> int:
+        """Rules holding in ``interval``; _OPAQUE: those without a condition."""
+        acc = self.always
+        if interval < 0:
+            return acc
+        node = interval + self.size
+        nodes = self.nodes
+        while node:
+            found = nodes.get(node)
+            if found is not None:
+                acc |= found[1] << found[0]
+            node >>= 1
+        return acc
+
+
+class _ByteTables:
+    """An IPv4 address field with a non-contiguous wildcard (Cisco allows any
+    mask): no longer intervals, so one table per byte of the address; a rule
+    holds when it holds for every byte (``a & mask == value`` bytewise). The
+    bytes of a table with the same rules share a class, and ``find`` packs the
+    four byte classes into one int (the memo key), so that addresses with the
+    same rules share their memo entries."""
+
+    __slots__ = ("find", "tables")
+
+    def __init__(self, items: list[tuple[int, int, int]]) -> None:
+        by_byte: list[list[list[int]]] = [[[] for _ in range(256)] for _ in range(4)]
+        for k, table in enumerate(by_byte):
+            shift = 24 - 8 * k
+            groups: dict[tuple[int, int], list[int]] = {}
+            for pos, value, mask in items:
+                groups.setdefault(((mask >> shift) & 255, (value >> shift) & 255), []).append(pos)
+            for (mask, value), positions in groups.items():
+                for byte in (value,) if mask == 255 else range(256):
+                    if byte & mask == value:
+                        table[byte].extend(positions)
+        classes: list[list[int]] = []
+        self.tables: list[list[int]] = []  # per byte position: class -> rule bits
+        for table in by_byte:
+            ids: dict[int, int] = {}
+            classes.append([ids.setdefault(_bits(ps), len(ids)) for ps in table])
+            self.tables.append(list(ids))
+        c0, c1, c2, c3 = classes
+        self.find: Callable[[int], int] = partial(_byte_classes, c0, c1, c2, c3)
+
+    def bits(self, key: int) -> int:
+        t0, t1, t2, t3 = self.tables
+        return t0[key >> 24] & t1[(key >> 16) & 255] & t2[(key >> 8) & 255] & t3[key & 255]
+
+
+def _byte_classes(c0: list[int], c1: list[int], c2: list[int], c3: list[int], a: int) -> int:
+    return c0[a >> 24] << 24 | c1[(a >> 16) & 255] << 16 | c2[(a >> 8) & 255] << 8 | c3[a & 255]
+
+
+class _Family:
+    """The fields of one address family over the rules that apply to it."""
+
+    __slots__ = ("any_protocol", "dport", "dst", "protocols", "sport", "src")
+
+    def __init__(self, rules: list[tuple[int, Rule]], version: int) -> None:
+        by_protocol: dict[int, list[int]] = {}
+        any_protocol: list[int] = []
+        for position, rule in rules:
+            if rule.protocol == ANY_PROTOCOL:
+                any_protocol.append(position)
+            else:
+                by_protocol.setdefault(rule.protocol, []).append(position)
+        self.any_protocol = _bits(any_protocol)
+        # ("ip" rules join every protocol)
+        self.protocols = {p: _bits(ps) | self.any_protocol for p, ps in by_protocol.items()}
+        full = (1 << (32 if version == 4 else 128)) - 1
+        self.src = _address_field([(p, r.src, r.src_mask) for p, r in rules], full)
+        self.dst = _address_field([(p, r.dst, r.dst_mask) for p, r in rules], full)
+        self.sport = _port_field([(p, r.src_ports) for p, r in rules])
+        self.dport = _port_field([(p, r.dst_ports) for p, r in rules])
+
+
+def _address_field(items: list[tuple[int, int, int]], full: int) -> _Intervals | _ByteTables:
+    ranged: list[tuple[int, PortRanges]] = []
+    always: list[int] = []
+    for position, value, mask in items:
+        free = ~mask & full
+        if free & (free + 1):
+            return _ByteTables(items)  # a non-contiguous wildcard (IPv4 only)
+        if mask:
+            ranged.append((position, ((value, value | free),)))
+        else:
+            always.append(position)
+    return _Intervals(ranged, always)
+
+
+def _port_field(items: list[tuple[int, PortRanges | None]]) -> _Intervals:
+    # A condition that covers 0-65535 is still a condition: it needs visible ports.
+    ranged = [(position, ranges) for position, ranges in items if ranges is not None]
+    return _Intervals(ranged, [position for position, ranges in items if ranges is None])
 
 
 class _Outcome:
-    """What a set of matched classes decides: a rule index (or _NO_MATCH,
-    _DROP_TRUNCATED), and the counters of the maps whose deny came first."""
+    """What one key (protocol and field classes) decides: the verdict, the counters
+    it bumps, and the maps whose deny came first (a tuple of their counters, or
+    with many, ``deny_bits`` and ``hits`` not yet added: see Classifier._fold)."""
 
-    __slots__ = ("denies", "hits", "index")
+    __slots__ = ("count", "denies", "deny_bits", "hits", "verdict")
 
-    def __init__(self, index: int, denies: tuple[dict[str, int], ...]) -> None:
-        self.index = index
+    def __init__(
+        self,
+        verdict: Verdict,
+        count: tuple[tuple[dict[str, int], str], ...],
+        denies: tuple[dict[str, int], ...] | None,
+        deny_bits: int,
+    ) -> None:
+        self.verdict = verdict
+        self.count = count
         self.denies = denies
-        self.hits = 0  # deny counts not yet added (only with many denies)
+        self.deny_bits = deny_bits
+        self.hits = 0
 
 
-# Rules with the same masked address pair that one group may hold before the
-# exact destination port becomes part of the key (see _groups).
-_MAX_CANDIDATES: Final = 4
+_Key = tuple[int, int, int, int, int, int]
 
 
 class Classifier:
@@ -251,7 +360,7 @@ class Classifier:
         if len(set(names)) != len(names):
             raise ValueError("crypto map names must be unique")
         self.crypto_maps: tuple[CryptoMap, ...] = tuple(crypto_maps)
-        self._memo: dict[tuple[int, ...], _Outcome] = {}
+        self._memo: dict[_Key, _Outcome] = {}
         self._unfolded: dict[_Outcome, None] = {}
         self._counters: dict[str, dict[str, int]] = {
             m.name: {"protect": 0, "deny": 0} for m in self.crypto_maps
@@ -259,19 +368,40 @@ class Classifier:
         self._counters[GLOBAL] = self._global = dict.fromkeys(
             ("bypass", "bypass_ike_esp", "drop", *_CLASSIFIER_DROPS), 0
         )
-        # Per global rule index: (rule, Protect verdict or None for deny,
-        # counter dict of its map, first index of the next map).
-        self._entries: list[tuple[Rule, Protect | None, dict[str, int], int]] = []
+        # Bit layout: the rules of each map in line order, then one spare bit that
+        # no rule uses (it stops the carry of R + D, see the module docstring).
+        # Per bit: the Protect verdict (None for deny or spare) and the map's counters.
+        self._verdicts: list[Protect | None] = []
+        self._map_counters: list[dict[str, int]] = []
+        rules: list[tuple[int, Rule]] = []
+        permits: list[int] = []
+        needs_ports: list[int] = []
         for cmap in self.crypto_maps:
-            end = len(self._entries) + len(cmap.acl.rules)
             counters = self._counters[cmap.name]
             for rule in cmap.acl.rules:
-                verdict = Protect(cmap, rule) if rule.permit else None
-                self._entries.append((rule, verdict, counters, end))
-        # Class id -> the rule indices of that class, ascending
-        self._members: list[tuple[int, ...]] = []
-        self._port_indexes: list[_PortIndex] = []  # by uid - 1
-        self._index: dict[int, _Index] = {4: self._build(4), 6: self._build(6)}
+                position = len(self._verdicts)
+                rules.append((position, rule))
+                if rule.permit:
+                    permits.append(position)
+                if rule.needs_ports:
+                    needs_ports.append(position)
+                self._verdicts.append(Protect(cmap, rule) if rule.permit else None)
+                self._map_counters.append(counters)
+            self._verdicts.append(None)
+            self._map_counters.append(counters)
+        self._runs = _bits([p for p, _ in rules])
+        self._permits = _bits(permits)
+        self._needs_ports = _bits(needs_ports)
+        self._families = {
+            v: _Family([(p, r) for p, r in rules if r.version in (ANY_FAMILY, v)], v)
+            for v in (4, 6)
+        }
+        g = self._global
+        self._bypass: tuple[tuple[dict[str, int], str], ...] = ((g, "bypass"),)
+        self._drop_cut: tuple[tuple[dict[str, int], str], ...] = (
+            (g, "drop"),
+            (g, DROP_TRUNCATED_L4),
+        )
         # Peer addresses as ints per family, for the IKE/ESP exemption.
         peers: dict[int, set[int]] = {4: set(), 6: set()}
         for cmap in self.crypto_maps:
@@ -279,30 +409,7 @@ class Classifier:
                 ip = ipaddress.ip_address(peer)
                 peers[ip.version].add(int(ip))
         self._peers: dict[int, frozenset[int]] = {v: frozenset(s) for v, s in peers.items()}
-
-    def _build(self, version: int) -> _Index:
-        applicable = [
-            (index, rule)
-            for index, (rule, _, _, _) in enumerate(self._entries)
-            if rule.version in (ANY_FAMILY, version)
-        ]
-        protocols = {rule.protocol for _, rule in applicable if rule.protocol >= 0}
-        # Partitioning by protocol first keeps a TCP packet from probing the
-        # groups of UDP-only rules, and takes the protocol out of the key.
-        by_proto = {
-            p: _groups(
-                [(i, r) for i, r in applicable if r.protocol in (p, ANY_PROTOCOL)],
-                self._members,
-                self._port_indexes,
-            )
-            for p in protocols
-        }
-        other = _groups(
-            [(i, r) for i, r in applicable if r.protocol == ANY_PROTOCOL],
-            self._members,
-            self._port_indexes,
-        )
-        return by_proto, other
+        self._peer_list = {v: sorted(s) for v, s in peers.items()}
 
     @property
     def counters(self) -> dict[str, dict[str, int]]:
@@ -335,43 +442,34 @@ class Classifier:
         ):
             self._global["bypass_ike_esp"] += 1
             return BYPASS
-        if pstate == PORTS_TRUNCATED:
-            return self._classify_truncated(version, proto, src, dst)
-        ports = pstate == PORTS_OK
-        by_proto, other = self._index[version]
-        groups = by_proto.get(proto, other)
-        # Tuple-space search (inlined: this is the per-packet hot path) for the
-        # lowest matching rule index.
-        best = _NO_MATCH
-        for lo, _, sm, dm, dpm, table, _ in groups:
-            if lo >= best:
-                break  # groups are sorted by lowest index: none can do better
-            cands = table.get((src & sm, dst & dm, dport & dpm))
-            if cands is None:
-                continue
-            if isinstance(cands, _PortIndex):
-                first = cands.lookup(cands.cell(sport, dport, ports), sport, dport, ports)[0]
-                if first < best:
-                    best = first
-                continue
-            for index, sr, dr in cands:
-                if index >= best:
-                    break
-                if sr is not None and not (ports and in_ranges(sport, sr)):
-                    continue
-                if dr is not None and not (ports and in_ranges(dport, dr)):
-                    continue
-                best = index
-                break
-        if best == _NO_MATCH:
-            self._global["bypass"] += 1
-            return BYPASS
-        _, verdict, counters, _ = self._entries[best]
-        if verdict is not None:
-            counters["protect"] += 1
-            return verdict
-        # A deny line: not via this map. The other maps decide (the deny path).
-        return self._deny_path(groups, src, dst, sport, dport, ports, False)
+        # (inlined _key: this is the per-packet hot path)
+        fam = self._families[version]
+        if pstate == PORTS_OK:
+            sp = fam.sport.find(sport)
+            dp = fam.dport.find(dport)
+        else:
+            sp = dp = _CUT if pstate == PORTS_TRUNCATED else _OPAQUE
+        key = (
+            version,
+            proto if proto in fam.protocols else ANY_PROTOCOL,
+            fam.src.find(src),
+            fam.dst.find(dst),
+            sp,
+            dp,
+        )
+        outcome = self._memo.get(key)
+        if outcome is None:
+            outcome = self._outcome(key)
+        denies = outcome.denies
+        if denies is None:
+            outcome.hits += 1
+            self._unfolded[outcome] = None
+        else:
+            for counters in denies:
+                counters["deny"] += 1
+        for counters, name in outcome.count:
+            counters[name] += 1
+        return outcome.verdict
 
     def permits_reply(
         self,
@@ -388,7 +486,7 @@ class Classifier:
         ``name``: whether :meth:`classify` would protect its reply (addresses and
         ports swapped) with that same map. A Cisco crypto ACL is written for the
         outbound direction and mirrored for inbound. Counts nothing: the SA-flow
-        table counts the verdict. Bounded like the deny path (:meth:`_outcome`)."""
+        table counts the verdict. The same memo and bounds as :meth:`classify`."""
         src, dst, sport, dport = dst, src, dport, sport
         if version == 6 and _link_scoped(src, dst):
             return False
@@ -396,16 +494,81 @@ class Classifier:
             version, proto, src, dst, sport, dport, pstate
         ):
             return False  # the reply would bypass: never via a tunnel
-        by_proto, other = self._index[version]
-        groups = by_proto.get(proto, other)
-        if pstate == PORTS_TRUNCATED:
-            outcome = self._outcome(groups, src, dst, _ANY_PORT, _ANY_PORT, False, True)
+        key = self._key(version, proto, src, dst, sport, dport, pstate)
+        outcome = self._memo.get(key)
+        if outcome is None:
+            outcome = self._outcome(key)
+        verdict = outcome.verdict
+        return isinstance(verdict, Protect) and verdict.crypto_map.name == name
+
+    def covers_reply(self, name: str, boxes: Sequence[Box]) -> bool:
+        """Whether :meth:`permits_reply` is True for every packet inside ``boxes``
+        (what an SA's selectors admit), decrypted from map ``name``: then the SA's
+        selectors alone decide (RFC 4301 §5.2) and the per-packet ACL check can be
+        skipped. Exact on the cells it looks at (every combination of the fields'
+        elementary intervals inside a box, every protocol class, and the packets
+        without visible ports where the selectors admit them); False, the safe
+        answer, when the boxes span more than _COVER_CELLS cells, an IPv4 wildcard
+        field a range of more addresses, or may hold a packet that permits_reply
+        refuses before the ACL (IKE/ESP of a peer, IPv6 link scope)."""
+        budget = _COVER_CELLS
+        for box in boxes:
+            cells = self._cells(box, budget)
+            if cells is None:
+                return False
+            budget -= len(cells)
+            for key in cells:
+                outcome = self._memo.get(key) or self._outcome(key)
+                verdict = outcome.verdict
+                if not (isinstance(verdict, Protect) and verdict.crypto_map.name == name):
+                    return False
+        return True
+
+    def _cells(self, box: Box, budget: int) -> list[_Key] | None:
+        """The memo keys of the replies to the packets in ``box``, or None."""
+        version, protocol, slo, shi, dlo, dhi, splo, sphi, dplo, dphi = box
+        # The reply: addresses and ports swapped.
+        slo, shi, dlo, dhi = dlo, dhi, slo, shi
+        splo, sphi, dplo, dphi = dplo, dphi, splo, sphi
+        if protocol in (0, PROTO_UDP, PROTO_ESP):
+            peers = self._peer_list[version]
+            for lo, hi in ((slo, shi), (dlo, dhi)):
+                at = bisect_left(peers, lo)
+                if at < len(peers) and peers[at] <= hi:
+                    return None  # the IKE/ESP exemption may apply
+        if version == 6 and (
+            _overlaps(slo, shi, *_V6_LINK_LOCAL) or slo == 0 or _overlaps(dlo, dhi, *_V6_MULTICAST)
+        ):
+            return None
+        fam = self._families[version]
+        src = _classes(fam.src, slo, shi, budget)
+        dst = _classes(fam.dst, dlo, dhi, budget)
+        if src is None or dst is None or len(src) * len(dst) > budget:
+            return None
+        if protocol == 0:
+            protocols = [*fam.protocols, ANY_PROTOCOL]
         else:
-            outcome = self._outcome(groups, src, dst, sport, dport, pstate == PORTS_OK, False)
-        if outcome.index in (_NO_MATCH, _DROP_TRUNCATED):
-            return False
-        verdict = self._entries[outcome.index][1]
-        return verdict is not None and verdict.crypto_map.name == name
+            protocols = [protocol if protocol in fam.protocols else ANY_PROTOCOL]
+        ports: list[tuple[int, int]] = [(_OPAQUE, _OPAQUE)]
+        sports = _classes(fam.sport, splo, sphi, budget)
+        dports = _classes(fam.dport, dplo, dphi, budget)
+        if sports is None or dports is None:
+            return None
+        visible = [(sp, dp) for sp in sports for dp in dports]
+        if splo == dplo == 0 and sphi == dphi == 65535:
+            # ports unknown pass a selector only when it has no port range
+            visible += [(_OPAQUE, _OPAQUE), (_CUT, _CUT)]
+        cells: list[_Key] = []
+        for p in protocols:
+            # ("ip" rules, the only ones of the other-protocol class, have no
+            # port conditions: one port cell stands for all)
+            for sp, dp in visible if p in PORT_PROTOCOLS else ports:
+                for s in src:
+                    for d in dst:
+                        cells.append((version, p, s, d, sp, dp))
+                        if len(cells) > budget:
+                            return None
+        return cells
 
     def clear_counters(self) -> None:
         """Zero every counter (the dicts stay the same objects)."""
@@ -414,116 +577,70 @@ class Classifier:
         self._unfolded.clear()
         zero(self._counters)
 
-    def _classify_truncated(self, version: int, proto: int, src: int, dst: int) -> Verdict:
-        """The rare path for a packet whose TCP/UDP ports were cut off."""
-        by_proto, other = self._index[version]
-        groups = by_proto.get(proto, other)
-        return self._deny_path(groups, src, dst, _ANY_PORT, _ANY_PORT, False, True)
+    def _key(
+        self, version: int, proto: int, src: int, dst: int, sport: int, dport: int, pstate: int
+    ) -> _Key:
+        """The memo key: the packet's protocol (if some rule names it) and the class
+        of each field's value (its elementary interval, or the address itself)."""
+        fam = self._families[version]
+        if pstate == PORTS_OK:
+            sp = fam.sport.find(sport)
+            dp = fam.dport.find(dport)
+        else:
+            sp = dp = _CUT if pstate == PORTS_TRUNCATED else _OPAQUE
+        return (
+            version,
+            proto if proto in fam.protocols else ANY_PROTOCOL,
+            fam.src.find(src),
+            fam.dst.find(dst),
+            sp,
+            dp,
+        )
 
-    def _outcome(
-        self,
-        groups: list[_Group],
-        src: int,
-        dst: int,
-        sport: int,
-        dport: int,
-        ports: bool,
-        truncated: bool,
-    ) -> _Outcome:
-        """The decision from every class the packet matches, remembered by their ids
-        (nothing counted). Bounded: one probe per group and one test per class of the
-        buckets hit; the outcome itself is computed once per set of classes (_decide)."""
-        hit: list[int] = [truncated]
-        for _, _, sm, dm, dpm, _, classes in groups:
-            found = classes.get((src & sm, dst & dm, dport & dpm))
-            if found is None:
-                continue
-            if isinstance(found, _PortIndex):
-                # the cell stands for its matching candidates (-uid: not a class id)
-                hit += (
-                    (-found.uid, -2, -2)
-                    if truncated
-                    else (-found.uid, *found.cell(sport, dport, ports))
-                )
-                continue
-            for cid, sr, dr in found:
-                if not truncated:
-                    if sr is not None and not (ports and in_ranges(sport, sr)):
-                        continue
-                    if dr is not None and not (ports and in_ranges(dport, dr)):
-                        continue
-                hit.append(cid)
-        key = tuple(hit)
-        outcome = self._memo.get(key)
-        if outcome is None:
-            outcome = self._decide(hit[1:], truncated, sport, dport, ports)
-            self._remember(key, outcome)
+    def _outcome(self, key: _Key) -> _Outcome:
+        """Compute and remember what ``key`` decides (nothing counted). Bounded: a
+        few ANDs per field, a tree walk per interval field, three big-int operations
+        for first match per map (see the module docstring)."""
+        version, protocol, s, d, sp, dp = key
+        fam = self._families[version]
+        matched = fam.protocols.get(protocol, fam.any_protocol)
+        matched &= fam.src.bits(s) & fam.dst.bits(d)
+        if sp == _CUT:
+            # RFC 4301 §5.1: ports unknown; a rule that needs them and comes
+            # first (before any permit) decides: drop.
+            terminal = matched & (self._permits | self._needs_ports)
+        else:
+            matched &= fam.sport.bits(sp) & fam.dport.bits(dp)
+            terminal = matched & self._permits
+        runs = self._runs
+        deny = matched ^ terminal
+        # Each map's first matched deny carries to its spare bit: the terminal
+        # rules left are those before their map's first deny.
+        valid = terminal & (runs + deny)
+        # The lowest matched rule of each map (R + M clears all but later ones).
+        first = matched ^ (matched & (runs + matched))
+        count = self._bypass
+        verdict: Verdict = BYPASS
+        if valid:
+            lowest = valid & -valid
+            first &= lowest - 1  # only the maps before the deciding one
+            if lowest & self._needs_ports and sp == _CUT:
+                verdict = _DROPS[DROP_TRUNCATED_L4]
+                count = self._drop_cut
+            else:
+                protect = self._verdicts[lowest.bit_length() - 1]
+                assert protect is not None
+                verdict = protect
+                count = ((self._map_counters[lowest.bit_length() - 1], "protect"),)
+        denied = first & deny
+        denies: tuple[dict[str, int], ...] | None = None
+        if denied.bit_count() <= _BULK_DENIES:
+            denies = tuple(self._map_counters[p] for p in _positions(denied))
+        outcome = _Outcome(verdict, count, denies, denied)
+        self._remember(key, outcome)
         return outcome
 
-    def _deny_path(
-        self,
-        groups: list[_Group],
-        src: int,
-        dst: int,
-        sport: int,
-        dport: int,
-        ports: bool,
-        truncated: bool,
-    ) -> Verdict:
-        """The verdict of a packet the first matching line does not protect (a deny
-        line, or ports cut off), with its counters: see :meth:`_outcome`."""
-        outcome = self._outcome(groups, src, dst, sport, dport, ports, truncated)
-        if len(outcome.denies) > _BULK_DENIES:
-            outcome.hits += 1
-            self._unfolded[outcome] = None
-        else:
-            for counters in outcome.denies:
-                counters["deny"] += 1
-        index = outcome.index
-        if index == _NO_MATCH:
-            self._global["bypass"] += 1
-            return BYPASS
-        if index == _DROP_TRUNCATED:
-            self._global["drop"] += 1
-            self._global[DROP_TRUNCATED_L4] += 1
-            return _DROPS[DROP_TRUNCATED_L4]
-        _, verdict, counters, _ = self._entries[index]
-        assert verdict is not None
-        counters["protect"] += 1
-        return verdict
-
-    def _decide(
-        self, hit: list[int], truncated: bool, sport: int, dport: int, ports: bool
-    ) -> _Outcome:
-        """First-match per map over the matched classes' rules, maps in order: a
-        permit decides, a deny skips the rest of its map (Cisco crypto ACLs)."""
-        members = self._members
-        found: set[int] = set()
-        it = iter(hit)
-        for cid in it:
-            if cid >= 0:
-                found.update(members[cid])
-                continue
-            pi = self._port_indexes[-cid - 1]
-            cell = (next(it), next(it))
-            found.update(pi.all if truncated else pi.lookup(cell, sport, dport, ports)[1])
-        indices = sorted(found)
-        denies: list[dict[str, int]] = []
-        skip = -1
-        for index in indices:
-            if index < skip:
-                continue
-            rule, verdict, counters, end = self._entries[index]
-            if truncated and rule.needs_ports:
-                # RFC 4301 §5.1: the rule that decides needs the missing ports
-                return _Outcome(_DROP_TRUNCATED, tuple(denies))
-            if verdict is not None:
-                return _Outcome(index, tuple(denies))
-            denies.append(counters)
-            skip = end
-        return _Outcome(_NO_MATCH, tuple(denies))
-
-    def _remember(self, key: tuple[int, ...], outcome: _Outcome) -> None:
+    def _remember(self, key: _Key, outcome: _Outcome) -> None:
         if len(self._memo) >= _MEMO_MAX:
             self._fold()
             self._memo.clear()
@@ -532,8 +649,8 @@ class Classifier:
     def _fold(self) -> None:
         """Add the deny counts kept in bulk to the maps' counters."""
         for outcome in self._unfolded:
-            for counters in outcome.denies:
-                counters["deny"] += outcome.hits
+            for p in _positions(outcome.deny_bits):
+                self._map_counters[p]["deny"] += outcome.hits
             outcome.hits = 0
         self._unfolded.clear()
 
@@ -548,90 +665,22 @@ class Classifier:
         return pstate == PORTS_OK and (sport in _IKE_PORTS or dport in _IKE_PORTS)
 
 
+def _classes(field: _Intervals | _ByteTables, lo: int, hi: int, budget: int) -> list[int] | None:
+    """The classes of the values lo..hi of a field, or None if more than budget."""
+    if isinstance(field, _ByteTables):
+        if hi - lo >= budget:
+            return None
+        return list(dict.fromkeys(field.find(a) for a in range(lo, hi + 1)))
+    first = field.find(lo)
+    last = field.find(hi)
+    return list(range(first, last + 1)) if last - first < budget else None
+
+
+def _overlaps(lo: int, hi: int, first: int, last: int) -> bool:
+    return lo <= last and first <= hi
+
+
 def _link_scoped(src: int, dst: int) -> bool:
     # fe80::/10 link-local or :: unspecified source; ff01::/16 or ff02::/16
     # (any flags) interface-/link-local multicast destination.
     return src >> 118 == 0x3FA or src == 0 or (dst >> 120 == 0xFF and (dst >> 112) & 0xF in (1, 2))
-
-
-def _groups(
-    rules: list[tuple[int, Rule]],
-    class_members: list[tuple[int, ...]],
-    port_indexes: list[_PortIndex],
-) -> list[_Group]:
-    """Tuple-space groups for (global index, rule) pairs, in index order.
-
-    Rules sharing a (source mask, destination mask) pair form one group, keyed
-    on the masked addresses, unless that would pile many exact-port rules onto
-    the same address pair (``permit tcp any host X eq N`` for many N): then
-    the exact-port rules get a group of their own with the port in the key.
-    One probe fewer per packet in the common case, no long candidate lists in
-    the port-heavy one.
-
-    Each bucket is also split into classes for the deny path (see the module
-    docstring); their rule indices are appended to ``class_members``. A group keyed
-    on exact ports also answers ``_ANY_PORT`` with one class per address pair
-    holding all its rules (for packets whose ports were cut off).
-    """
-    by_masks: dict[tuple[int, int], list[tuple[int, Rule]]] = {}
-    for index, rule in rules:
-        by_masks.setdefault((rule.src_mask, rule.dst_mask), []).append((index, rule))
-    groups: list[_Group] = []
-    for (sm, dm), members in by_masks.items():
-        per_pair: dict[tuple[int, int], int] = {}
-        for _, rule in members:
-            pair = (rule.src, rule.dst)
-            per_pair[pair] = per_pair.get(pair, 0) + 1
-        split = max(per_pair.values()) > _MAX_CANDIDATES
-        tables: dict[int, dict[tuple[int, int, int], list[_Candidate] | _PortIndex]] = {}
-        bounds: dict[int, list[int]] = {}
-        for index, rule in members:
-            dp = rule.dst_ports
-            exact = split and dp is not None and len(dp) == 1 and dp[0][0] == dp[0][1]
-            dpm = -1 if exact else 0
-            key = (rule.src, rule.dst, dp[0][0] if dp is not None and exact else 0)
-            cand: _Candidate = (index, rule.src_ports, None if exact else dp)
-            bucket = tables.setdefault(dpm, {}).setdefault(key, [])
-            assert isinstance(bucket, list)
-            bucket.append(cand)
-            bounds.setdefault(dpm, [index, index])[1] = index
-        for dpm, table in tables.items():
-            classes = _classes(table, dpm, class_members)
-            for key, cands in list(table.items()):
-                assert isinstance(cands, list)
-                if len(cands) > _PORT_INDEX_MIN and any(sr or dr for _, sr, dr in cands):
-                    pi = _PortIndex(cands, len(port_indexes) + 1)
-                    port_indexes.append(pi)
-                    table[key] = classes[key] = pi
-            groups.append((bounds[dpm][0], bounds[dpm][1], sm, dm, dpm, table, classes))
-    groups.sort(key=lambda g: g[0])
-    return groups
-
-
-def _classes(
-    table: dict[tuple[int, int, int], list[_Candidate] | _PortIndex],
-    dpm: int,
-    members: list[tuple[int, ...]],
-) -> dict[tuple[int, int, int], list[_Class] | _PortIndex]:
-    """Per bucket: its candidates grouped by their port conditions, one class id each."""
-    out: dict[tuple[int, int, int], list[_Class] | _PortIndex] = {}
-    every: dict[tuple[int, int, int], list[int]] = {}
-    for key, cands in table.items():
-        assert isinstance(cands, list)
-        by_ports: dict[tuple[object, object], list[int]] = {}
-        conditions: dict[tuple[object, object], _Class] = {}
-        for index, sr, dr in cands:
-            by_ports.setdefault((sr, dr), []).append(index)
-            conditions.setdefault((sr, dr), (0, sr, dr))
-        found: list[_Class] = []
-        out[key] = found
-        for cond, indices in by_ports.items():
-            _, sr, dr = conditions[cond]
-            found.append((len(members), sr, dr))
-            members.append(tuple(indices))
-        if dpm == -1:
-            every.setdefault((key[0], key[1], _ANY_PORT), []).extend(i for i, _, _ in cands)
-    for key, indices in every.items():
-        out[key] = [(len(members), None, None)]
-        members.append(tuple(sorted(indices)))
-    return out

@@ -39,7 +39,11 @@ map's ACL, read in the reply direction, does not permit it: a deny line, or a
 combination of two permit lines that the selector cross product admits) and
 ``inner_malformed``.  The ACL check is the classifier's own index
 (:meth:`npusim.Classifier.permits_reply`), so it costs one lookup, not one test
-per rule.
+per rule; and none when the SA's selectors lie wholly inside what the map
+permits (:meth:`npusim.Classifier.covers_reply`): then the selectors alone
+decide. That is decided once per SA and classifier, on the SA's first packet
+checked against that classifier (a reconfiguration brings a new classifier,
+and the SA is judged again against it).
 
 Counters: ``counters[GLOBAL]`` has ``unknown_spi`` and ``malformed_esp``;
 ``counters[crypto_map]`` has ``policy_ok``, ``policy_violation`` and
@@ -54,7 +58,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from npusim.classifier import Classifier
+from npusim.classifier import Box, Classifier
 from npusim.counters import GLOBAL, zero
 from npusim.packet import (
     PORT_PROTOCOLS,
@@ -158,6 +162,36 @@ class SaFlow:
     dst_selectors: tuple[TrafficSelector, ...]
     crypto_map: str
     counters: dict[str, int] = field(repr=False)
+    # The classifier the selectors were last judged against, and whether that
+    # map permits everything they admit (Classifier.covers_reply).
+    acl: Classifier | None = field(default=None, repr=False)
+    acl_covered: bool = False
+
+    def boxes(self) -> list[Box]:
+        """The selector cross product (RFC 7296 §2.9) as covers_reply takes it:
+        pairs of one family and compatible protocols (0 is any)."""
+        out: list[Box] = []
+        for s in self.src_selectors:
+            for d in self.dst_selectors:
+                if s.version != d.version or (
+                    s.protocol and d.protocol and s.protocol != d.protocol
+                ):
+                    continue
+                out.append(
+                    (
+                        s.version,
+                        s.protocol or d.protocol,
+                        s.start,
+                        s.end,
+                        d.start,
+                        d.end,
+                        s.start_port,
+                        s.end_port,
+                        d.start_port,
+                        d.end_port,
+                    )
+                )
+        return out
 
 
 class SaFlowTable:
@@ -296,8 +330,15 @@ class SaFlowTable:
         if _inside(flow.src_selectors, version, proto, src, sport) and _inside(
             flow.dst_selectors, version, proto, dst, dport
         ):
-            if acl is None or acl.permits_reply(
-                flow.crypto_map, version, proto, src, dst, sport, dport, pstate
+            if acl is not None and flow.acl is not acl:
+                flow.acl = acl
+                flow.acl_covered = acl.covers_reply(flow.crypto_map, flow.boxes())
+            if (
+                acl is None
+                or flow.acl_covered
+                or acl.permits_reply(
+                    flow.crypto_map, version, proto, src, dst, sport, dport, pstate
+                )
             ):
                 c["policy_ok"] += 1
                 return None

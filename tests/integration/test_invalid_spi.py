@@ -10,10 +10,12 @@ here are generous (2 shared cores).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,8 +32,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
     yield from make_env(tmp_path, "tunnel", 4)
 
 
-def start(env: Env, side: str, datapath: str) -> GatewayProcess:
-    conf = env.gws.write_config(side)
+def start(env: Env, side: str, datapath: str, **options: Any) -> GatewayProcess:
+    conf = env.gws.write_config(side, **options)
     if datapath == "split":  # the INBOUND worker forwards unknown SPIs to the control
         conf.write_text(conf.read_text().replace("[gateway]\n", '[gateway]\ndatapath = "split"\n'))
     return env.gws.start(side, config=conf)
@@ -68,6 +70,51 @@ def test_gw_restart_is_detected_by_invalid_spi_and_logins_recover_in_seconds(
     stats = client.show("crypto statistics")
     assert "invalid_spi_received" in stats and "tacacs/invalid_spi_probes" in stats
     assert "invalid_spi_sent" in gw.show("crypto statistics")
+
+
+def _mute_invalid_spi(env: Env) -> None:
+    """gw's unprotected INVALID_SPI (40 bytes of IKE, UDP length 48) never leaves:
+    gw then behaves like strongSwan 5.9.8 or a kernel's xfrm, which send none."""
+    ns = env.lab.gw
+    rules = (
+        "table inet ipsm_test_mute_invalid_spi {\n"
+        "  chain out { type filter hook output priority 0; udp sport 500 udp length 48 drop; }\n"
+        "}\n"
+    )
+    proc = subprocess.run(ns.argv(["nft", "-f", "-"]), input=rules, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("datapath", ["single", "split"])
+def test_gw_restart_without_invalid_spi_is_found_by_the_silence_deadline(
+    env: Env, datapath: str
+) -> None:
+    """RFC 7296 §2.4, only outgoing traffic: the client's unanswered ESP arms a
+    deadline (``silence_armed``; in split mode the OUTBOUND worker reports the ESP
+    and the INBOUND worker's counts confirm the silence); the probe holds the
+    client's packets (first_packet = "queue") and finds gw dead; the new SA sends them."""
+    env.start_server()
+    client = start(env, "client", datapath, first_packet="queue")
+    start(env, "gw", datapath)
+    assert env.login()["status"] == "PASS"
+    armed = client.counter("ike", "tacacs/silence_armed")
+    assert armed >= 1, client.log[-3000:]
+    env.gws.gateways.pop("gw").kill()
+    _mute_invalid_spi(env)
+    killed = time.monotonic()
+    gw = start(env, "gw", datapath)
+    while (res := env.login()).get("status") != "PASS":
+        assert time.monotonic() - killed < 25, (res, client.log[-3000:])
+    assert gw.counter("ike", "invalid_spi_sent") >= 1  # sent, and dropped on the way
+    assert client.counter("ike", "invalid_spi_received") == 0
+    assert client.counter("ike", "tacacs/silence_armed") > armed
+    assert client.counter("ike", "tacacs/silence_probes") == 1, client.log[-3000:]
+    assert client.counter("ike", "tacacs/probe_holds") == 1
+    assert client.counter("ike", "tacacs/probe_peer_dead") == 1
+    assert client.counter("ike", "tacacs/ike_initiated") == 2
+    assert client.counter("ike", "tacacs/queued_sent") >= 2  # the first SYN, a held one
+    assert "unanswered for" in client.log
 
 
 _FORGE = """

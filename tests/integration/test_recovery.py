@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ipsecmgr.lab.gateways import GatewayProcess, LabGateways
-from ipsecmgr.manager import DPD_SAMPLES
+from ipsecmgr.periodic import DPD_SAMPLES
 from tests.integration.test_gateway import Env, make_env
 from tests.interop.harness import Case, InteropLab, wait_for
 

@@ -26,7 +26,8 @@ from ipsecmgr.daemon import parse_acls
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
 NON_ESP_MARKER = b"\x00" * 4
@@ -66,7 +67,7 @@ class Side:
         self.outbox: list[tuple[bytes, Address]] = []
         self.manager = Manager(config, acls, self.datapath, self._send)
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.outbox.append((data, peer))
 
     @property

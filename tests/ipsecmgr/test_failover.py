@@ -36,8 +36,9 @@ from ipsecmgr.datapath import Datapath
 from ipsecmgr.failover import NOISE_INTERVAL, PREEMPT_GRACE
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
 from ipsecmgr.peers import HoldDown
+from ipsecmgr.records import Address
 from ipsecmgr.reject import icmp_unreachable
 from ipsecmgr.trace import Peer, Tracer
 from ipsecmgr.trace.render import describe
@@ -94,7 +95,7 @@ class Side:
     def _no_sa(self, name: str, packet: bytes) -> None:
         self.manager.on_no_sa(name, packet, self.net.now)
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         if self.name not in self.net.down:
             self.net.log.append((self.net.now, self.name, peer[0], data[18], data[19] & 0x20))
             self.net.queue.append(("ike", self.address, peer[0], data))
@@ -569,7 +570,7 @@ def _rogue_handshake(net: Net, gw: Side, config: ike.IkeConfig) -> None:
     rogue.initiate(net.now)
     answers: list[bytes] = []
     send = gw.manager.send
-    gw.manager.send = lambda data, peer: answers.append(data)  # type: ignore[method-assign]
+    gw.manager.send = lambda data, peer, local: answers.append(data)  # type: ignore[method-assign]
     try:
         for _ in range(4):
             for data, _peer in rogue.datagrams_to_send(net.now):

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from ike.invalid_spi import build_invalid_spi
-from ipsecmgr.invalid_spi import HOLD_DOWN, PROBE_TIMEOUT, PROBE_TRIES
+from ipsecmgr.datapath import build_ip_header
+from ipsecmgr.invalid_spi import (
+    HOLD_DOWN,
+    PROBE_TIMEOUT,
+    PROBE_TRIES,
+    SILENCE,
+    answer_expected,
+)
 
 from .test_manager_timers import (
     CREATE_CHILD_SA,
@@ -179,51 +186,107 @@ def test_the_responder_side_waits_for_its_peer_after_the_probe(net: Net) -> None
 # --- a peer that sends no INVALID_SPI: only outgoing traffic (RFC 7296 §2.4) -------------
 
 
+def bare_ack(side: Side) -> bytes:
+    """A TCP segment with only ACK set and no data: nothing answers it (RFC 9293 §3.4)."""
+    pkt = bytearray(side.packet()[:40])
+    pkt[2:4] = (40).to_bytes(2, "big")  # IP total length: headers only
+    pkt[10:12] = b"\0\0"
+    pkt[32], pkt[33] = 0x50, 0x10  # data offset 5 words, flags ACK
+    return bytes(pkt)
+
+
+def send(side: Side, packet: bytes) -> None:
+    side.datapath.handle_outbound(packet, side.classifier.classify(packet))
+
+
 def test_restarted_peer_without_invalid_spi_is_found_by_unanswered_esp(net: Net) -> None:
-    """strongSwan and kernel xfrm drop unknown-SPI ESP silently. The client samples
-    its counters every interval/10 = 1 s: ESP went out (noticed at 6), nothing came
-    back by the next sample (7): the same short probe, dead at 7.75, rebuilt."""
+    """strongSwan and kernel xfrm drop unknown-SPI ESP silently. The ESP the client
+    sends at 5 arms a deadline SILENCE (0.5 s) later in the manager's timer heap;
+    nothing came back by then: the same short probe, dead at 6.25, rebuilt."""
     client, _gw = start(net)
     net.run_until(5.0)
     gw = net.add("gw", "gw")  # restarted, and (like strongSwan) sends no INVALID_SPI
     gw.manager.jitter = lambda: 0.5
     net.call(client.send_tacacs)
     assert "invalid_spi_sent" not in gw.manager.endpoint.counters
-    net.run_until(6.9)
+    assert client.manager.deadlines.get(("silence", "tacacs")) == 5.0 + SILENCE
+    net.run_until(5.0 + SILENCE - 0.01)
     assert net.sent("client", INFORMATIONAL) == []
     net.run_until(10.0)
-    assert net.sent("client", INFORMATIONAL) == [7.0, 7.25, 7.5]
-    assert net.sent("client", IKE_SA_INIT) == [0.0, 7.75]
+    assert net.sent("client", INFORMATIONAL) == [5.5, 5.75, 6.0]
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 6.25]
     assert client.counter("silence_probes") == 1 and client.counter("probe_peer_dead") == 1
     assert client.state.status == "established" and gw.state.status == "established"
+
+
+def test_the_data_path_reports_one_packet_per_watch_and_costs_a_compare_otherwise(
+    net: Net,
+) -> None:
+    """``OutboundBinding.watch``: the first ESP reports its map and turns the watch off;
+    the packets after it only compare; the manager turns it on again."""
+    client, _gw = start(net)
+    seen: list[tuple[str, bytes]] = []
+    client.datapath.on_esp_out = lambda name, pkt: seen.append((name, pkt))
+    binding = client.datapath.outbound["tacacs"]
+    assert binding.watch == "tacacs"  # a new binding watches from birth
+    for _ in range(3):
+        net.call(client.send_tacacs)
+    assert seen == [("tacacs", client.packet())] and binding.watch is None
+    client.datapath.watch_outbound("tacacs")
+    net.call(client.send_tacacs)
+    assert len(seen) == 2
 
 
 def test_answered_traffic_never_probes_and_one_way_traffic_costs_one_exchange(
     net: Net,
 ) -> None:
     client, gw = start(net)
-    for t in range(1, 16):  # request and answer every second: never "only outgoing"
+    for t in range(1, 16):  # request, answer, the client's bare ACK, every second
         net.run_until(float(t))
         net.call(client.send_tacacs)
         net.call(gw.send_tacacs)
+        net.call(lambda: send(client, bare_ack(client)))
     assert client.counter("silence_probes") == 0 and gw.counter("silence_probes") == 0
-    # One-way from 16 on (the peer is alive): noticed at the sample of 17, probed at
-    # 18 and answered; the hold-down keeps the next one HOLD_DOWN (5 s) later
+    assert net.sent("client", INFORMATIONAL) == net.sent("gw", INFORMATIONAL) == []
+    assert client.counter("silence_armed") == gw.counter("silence_armed") == 15
+    net.run_until(15.9)  # traffic stopped: no deadline is left, nothing looks again
+    assert ("silence", "tacacs") not in client.manager.deadlines
+    assert ("silence", "tacacs") not in gw.manager.deadlines
+    assert client.datapath.outbound["tacacs"].watch == "tacacs"
+    # One-way from 16 on (the peer is alive): probed at 16.5 and answered; the
+    # hold-down keeps the next one HOLD_DOWN (5 s) later
     for t in range(16, 24):
         net.run_until(float(t))
         net.call(client.send_tacacs)
+    net.run_until(24.0)
     assert client.counter("silence_probes") == 2
     probes = [t for t in net.sent("client", INFORMATIONAL) if t > 15.0]
-    assert probes == [18.0, 23.0]
-    assert net.sent("gw", INFORMATIONAL, response=True)[-2:] == [18.0, 23.0]
+    assert probes == [16.5, 16.5 + HOLD_DOWN]
+    assert net.sent("gw", INFORMATIONAL, response=True)[-2:] == probes
     assert client.counter("peer_dead") == 0 and client.ike_sas()
 
 
-def test_with_default_timers_the_second_look_comes_one_second_after_the_first(
+def test_a_bare_ack_expects_no_answer(net: Net) -> None:
+    """A connection's last segment is a bare ACK: it never starts a probe (else every
+    transaction would end in one); a segment with data after it does."""
+    client, _gw = start(net)
+    net.run_until(5.0)
+    net.add("gw", "gw").manager.jitter = lambda: 0.5  # restarted, no INVALID_SPI
+    for t in (5.0, 6.0, 7.0):
+        net.run_until(t)
+        net.call(lambda: send(client, bare_ack(client)))
+    net.run_until(8.0)
+    assert net.sent("client", INFORMATIONAL) == [] and client.counter("silence_probes") == 0
+    net.call(client.send_tacacs)
+    net.run_until(10.0)
+    assert net.sent("client", INFORMATIONAL) == [8.5, 8.75, 9.0]
+
+
+def test_with_default_timers_the_probe_follows_the_first_unanswered_esp(
     net: Net,
 ) -> None:
-    """dpd interval 30 s: samples every 3 s. The sample at 6 sees ESP that went out
-    (at 5) unanswered; the next look is at 7 (SILENCE later), not at 9: probe at 7."""
+    """dpd interval 30 s (dead-peer detection samples every 3 s): the probe does not
+    wait for a sample: ESP at 5, probe at 5.5 (before: the sample at 6, then 7)."""
     default = {"dpd": {"interval": 30, "timeout": 10, "retries": 3}}
     client = wired(net, net.add("client", "client", map_options=default))
     wired(net, net.add("gw", "gw", map_options=default))
@@ -232,32 +295,105 @@ def test_with_default_timers_the_second_look_comes_one_second_after_the_first(
     net.add("gw", "gw", map_options=default).manager.jitter = lambda: 0.5  # no INVALID_SPI
     net.call(client.send_tacacs)
     net.run_until(10.0)
-    assert net.sent("client", INFORMATIONAL) == [7.0, 7.25, 7.5]
-    assert net.sent("client", IKE_SA_INIT) == [0.0, 7.75]
+    assert net.sent("client", INFORMATIONAL) == [5.5, 5.75, 6.0]
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 6.25]
     assert client.state.status == "established" and client.counter("silence_probes") == 1
 
 
-def test_a_peer_lost_before_the_first_sample_is_found_as_quickly(net: Net) -> None:
-    """The first sample (3 s after the SA came up) compares with the SA's start:
-    an answered transaction at 0.5, gw restarts at 1, the client's retransmissions
-    at 1.5, 2.5 and 3.5 go unanswered: looks at 3 (answered? unknown), 4 (ESP went
-    out since 3), probe at 5. Without that baseline the first look would only
-    record, and the probe would wait for 7."""
-    default = {"dpd": {"interval": 30, "timeout": 10, "retries": 3}}
-    client = wired(net, net.add("client", "client", map_options=default))
-    gw = wired(net, net.add("gw", "gw", map_options=default))
-    establish(net)
-    net.run_until(0.5)
+def queue_pair(net: Net) -> tuple[Side, Side]:
+    """``first_packet = "queue"`` on the client: the first packet waits for the SA."""
+    client = wired(net, net.add("client", "client", first_packet="queue"))
+    gw = wired(net, net.add("gw", "gw"))
+    net.call(client.send_tacacs)
+    net.call(gw.send_tacacs)  # answered: no probe
+    assert client.state.status == "established" and client.counter("queued_sent") == 1
+    return client, gw
+
+
+def test_while_the_probe_runs_packets_wait_and_go_on_the_new_sa(net: Net) -> None:
+    """The client's retransmission at 6 (the probe runs from 5.5 to 6.25) is held, not
+    sent into the SA gw lost, and leaves on the new SA at once (6.25): the client's
+    next retransmission (3 s after the first packet, RFC 6298) is not needed."""
+    client, _gw = queue_pair(net)
+    net.run_until(5.0)
+    gw = net.add("gw", "gw")  # restarted, no INVALID_SPI
+    gw.manager.jitter = lambda: 0.5
+    net.call(client.send_tacacs)
+    net.run_until(6.0)
+    assert client.counter("probe_holds") == 1 and "tacacs" not in client.datapath.outbound
+    traced: list[tuple[str, str, dict[str, object]]] = []
+    client.manager.trace = lambda step, name, pkt, **f: traced.append((step, name, f))
+    net.call(client.send_tacacs)  # the retransmission
+    client.manager.trace = None
+    assert client.counter("first_packet_queued") == 2 and len(client.state.queue) == 1
+    ((step, what, fields),) = traced
+    assert (step, what) == ("5", "first_packet_queued")
+    assert "held while a liveness probe" in str(fields["reason"])
+    assert gw.datapath.counters["esp_unknown_spi"] == 1  # only the packet of 5
+    net.run_until(6.25)
+    assert net.sent("client", IKE_SA_INIT) == [0.0, 6.25]
+    (rec,) = gw.state.children.values()
+    assert rec.inbound.counters.packets == 1 and not client.state.queue
+    assert client.counter("probe_released") == 0
+
+
+def test_a_forged_hint_holds_packets_for_one_answer_only(net: Net) -> None:
+    """A live peer answers the probe: the same SA sends the held packet, at once."""
+    client, gw = queue_pair(net)
+    (sa,) = client.ike_sas()
+    (child,) = sa.children.values()
+    net.run_until(3.0)
+    net.hold.add("gw")  # gw's answer to the probe is on its way
+    forged = build_invalid_spi(child.outbound_spi, random.Random(4).randbytes)
+    net.call(
+        lambda: client.manager.on_ike_datagram(
+            forged, (client.address, 500), (gw.address, 500), net.now
+        )
+    )
+    assert client.counter("probe_holds") == 1
+    net.call(client.send_tacacs)
+    (rec,) = gw.state.children.values()
+    before = rec.inbound.counters.packets
+    assert len(client.state.queue) == 1
+    net.release()
+    assert client.counter("probe_released") == 1 and not client.state.queue
+    assert rec.inbound.counters.packets == before + 1
+    assert client.datapath.outbound["tacacs"].sa.spi == child.outbound_spi
+    net.run_until(10.0)
+    assert client.ike_sas() == [sa] and client.counter("peer_dead") == 0
+
+
+def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) -> None:
+    """``SaSink.refresh_inbound`` answering later (the split data path): the control
+    process's inbound counters may be a second old, so "nothing came back" is asked
+    again first; an answer the INBOUND worker saw meanwhile means no probe."""
+    client, gw = start(net)
+    asked: list[str] = []
+
+    def refresh_later(name: str, spis: list[int]) -> bool:
+        asked.append(name)
+        return False  # the counts come with Manager.on_inbound_counted
+
+    client.datapath.refresh_inbound = refresh_later  # type: ignore[method-assign]
+    net.run_until(5.0)
     net.call(client.send_tacacs)
     net.call(gw.send_tacacs)
-    net.run_until(1.0)
-    net.add("gw", "gw", map_options=default).manager.jitter = lambda: 0.5  # no INVALID_SPI
-    for t in (1.5, 2.5, 3.5):
-        net.run_until(t)
-        net.call(client.send_tacacs)
-    net.run_until(8.0)
-    assert net.sent("client", INFORMATIONAL) == [5.0, 5.25, 5.5]
-    assert net.sent("client", IKE_SA_INIT) == [0.0, 5.75]
+    (rec,) = client.state.children.values()
+    rec.inbound.counters.packets -= 1  # the control's copy has not seen the answer yet
+    net.run_until(5.5)
+    assert asked == ["tacacs"] and net.sent("client", INFORMATIONAL) == []
+    rec.inbound.counters.packets += 1  # the INBOUND worker's fresh count
+    client.manager.on_inbound_counted("tacacs", net.now)
+    assert client.counter("silence_probes") == 0
+    assert client.datapath.outbound["tacacs"].watch == "tacacs"
+    # Unanswered, confirmed: the probe
+    net.run_until(6.0)
+    net.call(client.send_tacacs)
+    net.run_until(6.5)
+    assert asked == ["tacacs", "tacacs"]
+    net.call(lambda: client.manager.on_inbound_counted("tacacs", net.now))
+    assert client.counter("silence_probes") == 1
+    assert net.sent("client", INFORMATIONAL) == [6.5]
 
 
 def test_short_unknown_spi_esp_gets_no_answer(net: Net) -> None:
@@ -292,3 +428,35 @@ def test_a_later_dead_peer_verdict_of_dpd_is_not_the_probes(net: Net) -> None:
     assert client.counter("peer_dead") == 1 and client.state.status == "dead"
     assert client.counter("probe_peer_dead") == 0
     assert net.sent("client", IKE_SA_INIT) == [0.0]
+
+
+_ADDRS = {
+    socket.AF_INET: (socket.inet_aton("192.0.2.1"), socket.inet_aton("203.0.113.49")),
+    socket.AF_INET6: (
+        socket.inet_pton(socket.AF_INET6, "2001:db8:1::1"),
+        socket.inet_pton(socket.AF_INET6, "2001:db8:3::49"),
+    ),
+}
+
+
+def _packet(family: int, proto: int, l4: bytes) -> bytes:
+    return build_ip_header(family, *_ADDRS[family], proto, len(l4)) + l4
+
+
+def _tcp(family: int, flags: int, data: bytes = b"") -> bytes:
+    """Ports 40000 → 49, data offset 5 words, ``flags``, then ``data``."""
+    return _packet(family, 6, b"\x9c\x40\x00\x31" + bytes(8) + bytes([0x50, flags])
+                   + b"\xff\xff" + bytes(4) + data)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_answer_expected_by_tcp_flags_and_payload(family: int) -> None:
+    """SYN (0x02), FIN (0x01) and data are answered; a bare ACK (0x10) and RST (0x04)
+    are not (RFC 9293 §3.4, §3.5.2); anything but TCP is assumed to be a request."""
+    assert answer_expected(_tcp(family, 0x02))
+    assert answer_expected(_tcp(family, 0x11))
+    assert answer_expected(_tcp(family, 0x18, b"tacacs+ body"))
+    assert not answer_expected(_tcp(family, 0x10))
+    assert not answer_expected(_tcp(family, 0x14))
+    assert not answer_expected(_tcp(family, 0x04))
+    assert answer_expected(_packet(family, 17, bytes(8)))

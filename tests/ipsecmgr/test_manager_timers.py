@@ -31,7 +31,8 @@ from ipsecmgr.daemon import parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath, build_ip_header
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
 DPD = {"interval": 10, "timeout": 2, "retries": 3}
@@ -78,7 +79,15 @@ class Side:
         self.name, self.role, self.net = name, role, net
         sock = FakeSock(net, name)
         esp_socks: dict[int, Any] = {socket.AF_INET: sock}
-        self.datapath = Datapath(self.classifier, self.saflow, esp_socks, {}, self._no_sa)
+        self.datapath = Datapath(
+            self.classifier,
+            self.saflow,
+            esp_socks,
+            {},
+            self._no_sa,
+            # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
+            on_esp_out=lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now),
+        )
         self.manager = Manager(self.config, acls, self.datapath, self._send)
         self.manager.jitter = lambda: 0.5
         self.address = A.client_wan4 if role == "client" else A.gw_wan4
@@ -93,7 +102,7 @@ class Side:
     def _no_sa(self, name: str, packet: bytes) -> None:
         self.manager.on_no_sa(name, packet, self.net.now)
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.net.ike(self.name, data)
 
     def packet(self) -> bytes:

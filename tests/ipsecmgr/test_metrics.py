@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -239,11 +239,25 @@ def test_no_spi_labels_on_counters_that_outlive_sas() -> None:
     assert _v(after, "ipsecmgr_esp_packets_total", map="tacacs", direction="out") == 18
 
 
-class _FakeGateway:
-    """What the Exporter reads: the manager's maps and observe hook, the snapshot."""
+class _Manager:
+    """The part of :class:`ipsecmgr.manager.Manager` the Exporter uses."""
 
     def __init__(self) -> None:
-        self.manager = type("M", (), {"maps": {"tacacs": None, "backup": None}, "observe": None})()
+        self.maps: dict[str, None] = {"tacacs": None, "backup": None}
+        self.observe: Callable[[str, str, float], None] | None = None
+
+    def set_observer(self, observe: Callable[[str, str, float], None] | None) -> None:
+        self.observe = observe
+
+    def map_names(self) -> set[str]:
+        return set(self.maps)
+
+
+class _FakeGateway:
+    """What the Exporter reads: the manager's map names and observe hook, the snapshot."""
+
+    def __init__(self) -> None:
+        self.manager = _Manager()
 
     def snapshot(self) -> dict[str, Any]:
         return SNAP
@@ -255,10 +269,12 @@ def test_histograms_are_observed_and_follow_the_configured_maps() -> None:
     gw = _FakeGateway()
     exporter = Exporter(gw)  # type: ignore[arg-type]
     assert gw.manager.observe == exporter.observe  # the manager's hook is set
-    gw.manager.observe("ike_handshake", "tacacs", 0.03)
-    gw.manager.observe("ike_handshake", "backup", 7.0)
-    gw.manager.observe("first_packet_wait", "tacacs", 0.04)
-    gw.manager.observe("unknown", "tacacs", 1.0)  # ignored
+    observe = gw.manager.observe
+    assert observe is not None
+    observe("ike_handshake", "tacacs", 0.03)
+    observe("ike_handshake", "backup", 7.0)
+    observe("first_packet_wait", "tacacs", 0.04)
+    observe("unknown", "tacacs", 1.0)  # ignored
     s = {}
     for fam in text_string_to_metric_families(exporter.render().decode()):
         for smp in fam.samples:

@@ -153,13 +153,22 @@ class PacketSpec:
 
 def oracle(maps: list[list[RuleSpec]], pkt: PacketSpec) -> tuple[str, int, int]:
     """(kind, map index, 1-based line) with the documented semantics."""
+    return oracle_with_denies(maps, pkt)[0]
+
+
+def oracle_with_denies(
+    maps: list[list[RuleSpec]], pkt: PacketSpec
+) -> tuple[tuple[str, int, int], list[int]]:
+    """The verdict, and the maps whose deny line matched before it was reached
+    (each counts one ``deny``)."""
+    denied: list[int] = []
     for m, rules in enumerate(maps):
         for line, rule in enumerate(rules, start=1):
             if not rule.matches_no_ports(pkt):
                 continue
             if rule.needs_ports():
                 if pkt.frag == "truncated" and pkt.proto in (6, 17):
-                    return ("drop", -1, -1)
+                    return ("drop", -1, -1), denied
                 if not pkt.ports_known():
                     continue
                 if rule.sports and not rule.sports.matches(pkt.sport):
@@ -167,9 +176,50 @@ def oracle(maps: list[list[RuleSpec]], pkt: PacketSpec) -> tuple[str, int, int]:
                 if rule.dports and not rule.dports.matches(pkt.dport):
                     continue
             if rule.permit:
-                return ("protect", m, line)
+                return ("protect", m, line), denied
+            denied.append(m)
             break  # deny: not via this map, try the next one
+    return ("bypass", -1, -1), denied
+
+
+def verdict_of(v: object) -> tuple[str, int, int]:
+    if isinstance(v, Protect):
+        return ("protect", int(v.crypto_map.name[1:]), v.rule.line)
+    if isinstance(v, Drop):
+        assert v.reason == "truncated_l4_header"
+        return ("drop", -1, -1)
+    assert v is BYPASS
     return ("bypass", -1, -1)
+
+
+def check_against_oracle(
+    maps: list[list[RuleSpec]], pkts: list[PacketSpec], memo_max: int = 65536, bulk: int = 8
+) -> None:
+    """Every packet twice (the remembered outcomes must agree too), with the memo
+    and bulk-count limits given; then the per-map protect and deny counters."""
+    clf = Classifier(
+        [
+            CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
+            for i, rules in enumerate(maps)
+        ]
+    )
+    protect = [0] * len(maps)
+    deny = [0] * len(maps)
+    for pkt in pkts * 2:
+        expected, denied = oracle_with_denies(maps, pkt)
+        with (
+            mock.patch("npusim.classifier._MEMO_MAX", memo_max),
+            mock.patch("npusim.classifier._BULK_DENIES", bulk),
+        ):
+            got = verdict_of(clf.classify(pkt.build()))
+        assert got == expected, ([[r.text() for r in m] for m in maps], pkt)
+        if expected[0] == "protect":
+            protect[expected[1]] += 1
+        for m in denied:
+            deny[m] += 1
+    counters = clf.counters
+    assert [counters[f"m{i}"]["protect"] for i in range(len(maps))] == protect
+    assert [counters[f"m{i}"]["deny"] for i in range(len(maps))] == deny
 
 
 @st.composite
@@ -279,43 +329,21 @@ def packets_near(draw: st.DrawFn, rule: RuleSpec) -> PacketSpec:
 @given(
     maps=st.lists(st.lists(rules(), max_size=8), min_size=1, max_size=3),
     data=st.data(),
-    # How many rules per address pair before exact ports are keyed: 0 always
-    # keys them, 1000 never does; both index layouts must give the same answer.
-    split_limit=st.sampled_from([0, 4, 1000]),
-    # Candidates in a bucket before their port conditions get an interval index
-    # (npusim.classifier._PortIndex): 0 gives every bucket with ports one.
-    port_index_min=st.sampled_from([0, 8]),
+    # Outcomes remembered before the memo is folded and cleared (1: every
+    # packet recomputes), and denying maps counted one by one below the bulk
+    # limit (0: every deny count goes through the bulk fold).
+    memo_max=st.sampled_from([1, 65536]),
+    bulk_denies=st.sampled_from([0, 8]),
 )
 def test_classifier_agrees_with_the_ipaddress_oracle(
-    maps: list[list[RuleSpec]], data: st.DataObject, split_limit: int, port_index_min: int
+    maps: list[list[RuleSpec]], data: st.DataObject, memo_max: int, bulk_denies: int
 ) -> None:
     pkts = data.draw(st.lists(packets(), min_size=1, max_size=4))
     all_rules = [r for m in maps for r in m]
     if all_rules:
         near = st.sampled_from(all_rules).flatmap(packets_near)
         pkts += data.draw(st.lists(near, min_size=2, max_size=8))
-    with (
-        mock.patch("npusim.classifier._MAX_CANDIDATES", split_limit),
-        mock.patch("npusim.classifier._PORT_INDEX_MIN", port_index_min),
-    ):
-        clf = Classifier(
-            [
-                CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
-                for i, rules in enumerate(maps)
-            ]
-        )
-    for pkt in pkts * 2:  # twice: the deny path's remembered outcomes must agree too
-        expected = oracle(maps, pkt)
-        v = clf.classify(pkt.build())
-        if isinstance(v, Protect):
-            got = ("protect", int(v.crypto_map.name[1:]), v.rule.line)
-        elif isinstance(v, Drop):
-            assert v.reason == "truncated_l4_header"
-            got = ("drop", -1, -1)
-        else:
-            assert v is BYPASS
-            got = ("bypass", -1, -1)
-        assert got == expected, ([[r.text() for r in m] for m in maps], pkt)
+    check_against_oracle(maps, pkts, memo_max, bulk_denies)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -334,19 +362,67 @@ def test_many_maps_with_the_same_first_lines_agree_with_the_oracle(
     pkts = data.draw(st.lists(packets(), min_size=1, max_size=4))
     near = st.sampled_from([r for m in maps for r in m]).flatmap(packets_near)
     pkts += data.draw(st.lists(near, min_size=4, max_size=10))
-    clf = Classifier(
-        [
-            CryptoMap(f"m{i}", parse_acl(f"m{i}", [r.text() for r in rules]))
-            for i, rules in enumerate(maps)
-        ]
-    )
-    for pkt in pkts * 2:
-        expected = oracle(maps, pkt)
-        v = clf.classify(pkt.build())
-        if isinstance(v, Protect):
-            got = ("protect", int(v.crypto_map.name[1:]), v.rule.line)
-        elif isinstance(v, Drop):
-            got = ("drop", -1, -1)
+    check_against_oracle(maps, pkts)
+
+
+@st.composite
+def adversarial_maps(draw: st.DrawFn) -> list[list[RuleSpec]]:
+    """10-40 maps in one of the shapes of tools/bench/npusim_adversarial.py (#19),
+    small enough for the oracle: every map its own (source, destination) mask
+    pair; its own IPv4 wildcards (non-contiguous too); nested prefixes of the same
+    addresses; its own overlapping port ranges (source and destination, ``neq``);
+    or the same first deny line everywhere."""
+    kind = draw(st.sampled_from(["mask-pairs", "wildcards", "nested", "port-ranges", "same-deny"]))
+    n = draw(st.integers(10, 40))
+    v6_len = st.sampled_from([120, 123, 124, 125, 126, 127, 128])
+    wildcard = st.integers(0, 255) | st.sampled_from([0x0100, 0xFF01, 0x8000FF, 0x00FF00FF])
+    port = st.sampled_from(PORTS) | st.integers(0, 65535)
+    common = draw(st.lists(rules(), min_size=1, max_size=2))
+    maps: list[list[RuleSpec]] = []
+    for _ in range(n):
+        permit = draw(st.booleans())
+        if kind == "mask-pairs":
+            src = Addr("prefix", draw(st.sampled_from(V6_POOL)), draw(v6_len))
+            dst = Addr("prefix", draw(st.sampled_from(V6_POOL)), draw(v6_len))
+            lines = [RuleSpec(False, "tcp", 6, src, dst, None, Ports("eq", 23))]
+            lines.append(RuleSpec(permit, "tcp", 6, src, dst, None, None))
+        elif kind == "wildcards":
+            src = Addr("wildcard", draw(st.sampled_from(V4_POOL)), draw(wildcard))
+            dst = Addr("wildcard", draw(st.sampled_from(V4_POOL)), draw(wildcard))
+            lines = [
+                RuleSpec(permit, draw(st.sampled_from(["ip", "tcp"])), 4, src, dst, None, None)
+            ]
+        elif kind == "nested":
+            dst = Addr("prefix", "2001:db8::5", draw(v6_len))
+            lines = [
+                RuleSpec(False, "tcp", 6, Addr("any"), dst, None, Ports("eq", 23)),
+                RuleSpec(permit, "ipv6", 6, Addr("prefix", "2001:db8::1", draw(v6_len)), dst,
+                         None, None),
+            ]  # fmt: skip
+        elif kind == "port-ranges":
+            a, b = sorted((draw(port), draw(port)))
+            c, d = sorted((draw(port), draw(port)))
+            dports = draw(st.sampled_from([Ports("range", c, d), Ports("neq", c), None]))
+            lines = [
+                RuleSpec(False, "tcp", 6, Addr("host", "2001:db8::1"), Addr("any"),
+                         Ports("range", a, b), dports),
+                RuleSpec(permit, "tcp", 6, Addr("host", "2001:db8::1"),
+                         Addr("host", draw(st.sampled_from(V6_POOL))), None, None),
+            ]  # fmt: skip
         else:
-            got = ("bypass", -1, -1)
-        assert got == expected, ([[r.text() for r in m] for m in maps], pkt)
+            lines = [*common, *draw(st.lists(rules(), max_size=2))]
+        maps.append(lines)
+    return maps
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(maps=adversarial_maps(), data=st.data(), bulk=st.sampled_from([0, 8]))
+def test_adversarial_rule_sets_agree_with_the_oracle(
+    maps: list[list[RuleSpec]], data: st.DataObject, bulk: int
+) -> None:
+    """#19: the rule sets that defeat a tuple-space index (many mask pairs, many
+    ranges, one deny everywhere) classify and count like the oracle."""
+    pkts = data.draw(st.lists(packets(), min_size=1, max_size=4))
+    near = st.sampled_from([r for m in maps for r in m]).flatmap(packets_near)
+    pkts += data.draw(st.lists(near, min_size=6, max_size=14))
+    check_against_oracle(maps, pkts, bulk=bulk)

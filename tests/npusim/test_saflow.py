@@ -266,8 +266,8 @@ def test_selector_constructors() -> None:
 
 def _acl_table(rules: list[str]) -> tuple[SaFlowTable, SaFlow, Classifier]:
     """An SA whose selectors are the cross product of the ACL's permit lines
-    (as ipsecmgr.manager.selectors_from_acl builds them) and the classifier."""
-    from ipsecmgr.manager import npu_selector, selectors_from_acl
+    (as ipsecmgr.translate.selectors_from_acl builds them) and the classifier."""
+    from ipsecmgr.translate import npu_selector, selectors_from_acl
 
     acl = parse_acl("tacacs", rules)
     local, remote = selectors_from_acl(acl)
@@ -336,3 +336,78 @@ def test_permits_reply_is_the_mirror_of_classify() -> None:
     assert not clf.permits_reply("foo", 4, 6, s, c, 50, 40000, PORTS_OK)
     assert clf.permits_reply("bar", 4, 6, s, c, 50, 40000, PORTS_OK)
     assert not clf.permits_reply("foo", 4, 6, s, c, -1, -1, PORTS_TRUNCATED)
+
+
+def test_an_sa_inside_the_permit_line_is_judged_once_and_skips_the_acl_check() -> None:
+    # The usual TACACS+ map: its selectors (client any port <-> server port 49) lie
+    # wholly inside the one permit line, so the selectors alone decide (#19).
+    table, flow, acl = _acl_table([f"permit tcp host {CLIENT} host {SERVER} eq 49"])
+    assert acl.covers_reply("foo", flow.boxes())
+    tacacs = bytes(IP(src=SERVER, dst=CLIENT) / TCP(sport=49, dport=40000))
+    assert table.inbound_drop(flow, tacacs, acl) is None
+    assert flow.acl is acl and flow.acl_covered
+    assert table.inbound_drop(flow, bytes(IP(src=SERVER, dst=CLIENT) / TCP(sport=23)), acl) == (
+        "port"  # outside the selectors: still refused, by them
+    )
+    # Another map protects the same traffic first: foo's SA is not covered.
+    first = Classifier([CryptoMap("bar", parse_acl("b", ["permit tcp any any"])), *acl.crypto_maps])
+    assert not first.covers_reply("foo", flow.boxes())
+    assert table.inbound_drop(flow, tacacs, first) == "acl"
+    assert flow.acl is first and not flow.acl_covered
+
+
+def test_a_wider_sa_is_not_covered_and_still_drops_what_the_acl_denies() -> None:
+    table, flow, acl = _acl_table(
+        [f"deny tcp host {CLIENT} host {SERVER} eq 23", f"permit ip host {CLIENT} host {SERVER}"]
+    )
+    assert not acl.covers_reply("foo", flow.boxes())
+    telnet = bytes(IP(src=SERVER, dst=CLIENT) / TCP(sport=23, dport=40000))
+    assert table.inbound_drop(flow, telnet, acl) == "acl"
+    assert flow.acl is acl and not flow.acl_covered
+    # A reconfiguration (a new classifier) without the deny line covers the SA:
+    # judged again on the next packet.
+    wider = Classifier([CryptoMap("foo", parse_acl("t", [f"permit ip host {CLIENT} any"]))])
+    assert table.inbound_drop(flow, telnet, wider) is None
+    assert flow.acl is wider and flow.acl_covered
+
+
+@pytest.mark.parametrize(
+    ("sel", "covered"),
+    [
+        # (reply direction: the client's ports are the packet's destination ports)
+        (((49, 49), (0, 65535)), True),
+        (((49, 49), (1024, 65535)), True),
+        (((48, 49), (0, 65535)), False),  # 48 is not permitted
+        (((0, 65535), (0, 65535)), False),
+    ],
+)
+def test_covers_reply_follows_the_ports(
+    sel: tuple[tuple[int, int], tuple[int, int]], covered: bool
+) -> None:
+    clf = Classifier(
+        [CryptoMap("foo", parse_acl("a", [f"permit tcp host {CLIENT} host {SERVER} eq 49"]))]
+    )
+    s, c = int(ipaddress.ip_address(SERVER)), int(ipaddress.ip_address(CLIENT))
+    (slo, shi), (dlo, dhi) = sel
+    assert clf.covers_reply("foo", [(4, 6, s, s, c, c, slo, shi, dlo, dhi)]) is covered
+    # any protocol: UDP and the rest are not permitted
+    assert not clf.covers_reply("foo", [(4, 0, s, s, c, c, slo, shi, dlo, dhi)])
+
+
+def test_covers_reply_refuses_selectors_holding_a_peer_or_link_scope() -> None:
+    # The reply of IKE/ESP to a peer bypasses (never via a tunnel), and an IPv6
+    # link-local reply is dropped: permits_reply refuses them, so covers_reply must.
+    clf = Classifier(
+        [
+            CryptoMap("foo", parse_acl("a", ["permit ip 192.0.2.0/24 any"]), ["198.51.100.7"]),
+            CryptoMap("six", parse_acl("b", ["permit ipv6 any any"])),
+        ]
+    )
+    net = (int(ipaddress.ip_address("192.0.2.0")), int(ipaddress.ip_address("192.0.2.255")))
+    peer = int(ipaddress.ip_address("198.51.100.7"))
+    assert clf.covers_reply("foo", [(4, 6, peer + 1, peer + 1, *net, 0, 65535, 0, 65535)])
+    assert not clf.covers_reply("foo", [(4, 0, peer, peer, *net, 0, 65535, 0, 65535)])
+    ll = int(ipaddress.ip_address("fe80::1"))
+    doc = int(ipaddress.ip_address("2001:db8::1"))
+    assert clf.covers_reply("six", [(6, 0, doc, doc, doc, doc, 0, 65535, 0, 65535)])
+    assert not clf.covers_reply("six", [(6, 0, doc, doc, ll, ll, 0, 65535, 0, 65535)])

@@ -16,7 +16,8 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.packet import Packet, Raw
 
-from npusim import SaFlowTable, TrafficSelector
+from npusim import Classifier, CryptoMap, SaFlowTable, TrafficSelector, parse_acl
+from npusim.packet import parse_selectors
 
 NETS = {
     4: ["192.0.2.0/24", "192.0.2.0/30", "192.0.2.4/31", "198.51.100.7/32", "0.0.0.0/0"],
@@ -152,3 +153,72 @@ def test_policy_check_agrees_with_the_ipaddress_oracle(
         )
         assert table.check_inbound(flow, pkt.build()) is expected, pkt
     assert table.counters["m"]["policy_ok"] + table.counters["m"]["policy_violation"] == len(pkts)
+
+
+@st.composite
+def acl_lines(draw: st.DrawFn) -> str:
+    """A crypto ACL line over the same addresses (outbound: our side first)."""
+    v = draw(st.sampled_from([4, 6]))
+    proto = draw(st.sampled_from(["ip" if v == 4 else "ipv6", "tcp", "udp", "tcp"]))
+
+    def addr() -> str:
+        kind = draw(st.sampled_from(["any", "host", "net"]))
+        if kind == "host":
+            return f"host {draw(st.sampled_from(ADDRS[v]))}"
+        if kind == "net":
+            return draw(st.sampled_from([n for n in NETS[v] if not n.endswith("/0")]))
+        return "any" if proto != "ip" or v == 6 else "0.0.0.0/0"
+
+    def ports() -> str:
+        if proto not in ("tcp", "udp"):
+            return ""
+        lo, hi = sorted((draw(st.sampled_from(PORTS)), draw(st.sampled_from(PORTS))))
+        return draw(st.sampled_from(["", "", f" eq {lo}", f" range {lo} {hi}", f" neq {lo}"]))
+
+    action = draw(st.sampled_from(["permit", "permit", "deny"]))
+    return f"{action} {proto} {addr()}{ports()} {addr()}{ports()}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    earlier=st.lists(acl_lines(), max_size=2),
+    lines=st.lists(acl_lines(), min_size=1, max_size=4),
+    src_sels=st.lists(selectors(), min_size=1, max_size=2),
+    dst_sels=st.lists(selectors(), min_size=1, max_size=2),
+    pkts=st.lists(packets(), min_size=4, max_size=12),
+)
+def test_skipping_the_acl_check_never_changes_a_verdict(
+    earlier: list[str],
+    lines: list[str],
+    src_sels: list[Sel],
+    dst_sels: list[Sel],
+    pkts: list[Pkt],
+) -> None:
+    """#19: when covers_reply says the selectors lie inside what map "m" permits,
+    the SA-flow table skips permits_reply; every packet must get the verdict the
+    per-packet check would give (an earlier map, a deny line, a port or address
+    outside the permit lines all make covers_reply say no)."""
+    clf = Classifier(
+        [
+            CryptoMap("first", parse_acl("first", earlier)),
+            CryptoMap("m", parse_acl("m", lines)),
+        ]
+    )
+    table = SaFlowTable()
+    flow = table.add(
+        0x1234, None, [s.build() for s in src_sels], [s.build() for s in dst_sels], "m"
+    )
+    inside = 0
+    for pkt in pkts:
+        data = pkt.build()
+        sel = parse_selectors(data)
+        assert not isinstance(sel, str)
+        got = table.inbound_drop(flow, data, clf)
+        if table.inbound_drop(flow, data) is None:  # inside the selectors
+            inside += 1
+            assert (got is None) is clf.permits_reply("m", *sel), (lines, pkt, flow.acl_covered)
+        else:
+            assert got is not None and got != "acl"
+    assert flow.acl is clf or inside == 0
+    if flow.acl_covered:
+        assert table.counters["m"].get("policy_acl", 0) == 0

@@ -57,8 +57,8 @@ from ipsecmgr.lab.configs import lab_strongswan_args
 from ipsecmgr.lab.gateways import LabGateways
 from ipsecmgr.lab.strongswan import StrongSwanPeer
 from ipsecmgr.lab.topology import Lab, python_env
-from ipsecmgr.manager import build_ike_config
 from ipsecmgr.secret import Secret
+from ipsecmgr.translate import build_ike_config
 
 TARGET = 1.5  # ours / strongSwan, at least
 PSK = b"bench-ike-psk-0123456789"

@@ -56,7 +56,8 @@ import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import GC_THRESHOLDS, parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.manager import Address, Manager
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
 
 GW = "2001:db8::1"
 SERVER = "2001:db8:ffff::49"
@@ -124,7 +125,7 @@ class Responder:
         self.manager = Manager(config, acls, datapath, self._send)
         self.busy = 0.0  # seconds spent in the responder
 
-    def _send(self, data: bytes, peer: Address) -> None:
+    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.out.append((data, peer))
 
     def datagram(self, data: bytes, peer: Address, now: float) -> list[tuple[bytes, Address]]:

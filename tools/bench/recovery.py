@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from ipsecmgr.lab.gateways import GatewayProcess, LabGateways  # noqa: E402
 from ipsecmgr.lab.topology import Lab, python_env  # noqa: E402
-from ipsecmgr.manager import DPD_SAMPLES  # noqa: E402
+from ipsecmgr.periodic import DPD_SAMPLES  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-recovery-pw"
 DPD = {"interval": 1.0, "timeout": 0.5, "retries": 2}
@@ -185,6 +185,7 @@ def restart_figures(
         out["dead_to_new_sa"] = up - dead
     out["invalid_spi_received"] = float(client.counter("ike", "invalid_spi_received"))
     out["silence_probes"] = float(client.counter("ike", "tacacs/silence_probes"))
+    out["probe_holds"] = float(client.counter("ike", "tacacs/probe_holds"))
     return out
 
 
@@ -440,8 +441,9 @@ def print_restart(ours: list[dict[str, float]], sw: list[dict[str, float]]) -> N
         how = ("INVALID_SPI hints received" if rows[0]["invalid_spi_received"] else
                "no INVALID_SPI received; silence probes")  # fmt: skip
         print(f"    trigger: {how}: {[int(r['invalid_spi_received']) for r in rows]} / "
-              f"{[int(r['silence_probes']) for r in rows]}; failed attempts before the "
-              f"first OK: {[int(r['failed_attempts']) for r in rows]}")  # fmt: skip
+              f"{[int(r['silence_probes']) for r in rows]}; probes that held the client's "
+              f"packets: {[int(r.get('probe_holds', 0)) for r in rows]}; failed attempts "
+              f"before the first OK: {[int(r['failed_attempts']) for r in rows]}")  # fmt: skip
         k = statistics.median(r["kill_to_ok"] for r in rows)
         met = "met" if k <= RESTART_GOAL else "NOT met"
         print(f"    reference: goal {RESTART_GOAL:.1f} s ({met}, ratio {k / RESTART_GOAL:.2f}); "
