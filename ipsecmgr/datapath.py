@@ -80,10 +80,11 @@ _NATIVE = sys.byteorder
 
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 
-# _TRACE_BEFORE: a packet that leaves (step 7: ESP sent; step 12: written to the TUN) is
-# traced once the send succeeded, with the time taken before it (``at``): the answer
-# it causes may be traced by another process (the split data path's other worker)
-# before this one's send returns, and must not look earlier than its cause.
+# _TRACE_BEFORE: a packet written to the TUN in a batch (step 12) is traced once the
+# write succeeded, with the time taken before it (``at``): the client's answer may be
+# traced by the split data path's other worker before this write returns, and must
+# not look earlier than its cause. (ESP sent at step 7 needs none: its answer crosses
+# the network first.) The reader's batch is the only way the workers write the TUN.
 
 
 @dataclass
@@ -434,17 +435,15 @@ class Datapath:
             if self.trace is not None:
                 entry[2].append((len(entry[1]) - 1, packet, sa.next_seq - 1))
             return
-        tr = self.trace
-        if tr is not None:
-            at = monotonic()  # (see _TRACE_BEFORE)
         try:
             binding.sock.sendto(data, binding.peer)
         except OSError:
             _bump(self.counters, "esp_send_errors")
             return
+        tr = self.trace
         if tr is not None:
             tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
-               peer=binding.peer, at=at)  # fmt: skip
+               peer=binding.peer)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
 
     def watch_outbound(self, name: str) -> None:
@@ -461,11 +460,8 @@ class Datapath:
         cuts it into datagrams of that size (UDP GSO, Linux 4.18). A failed send counts
         every packet in it; a refused GSO send is retried one datagram at a time."""
         c = self.counters
-        tr = self.trace
         for binding, datas, traces in pending.values():
             sock, peer = binding.sock, binding.peer
-            if tr is not None:
-                at = monotonic()  # (see _TRACE_BEFORE)
             n, i = len(datas), 0
             if n == 1 and not traces:  # one packet (a round trip after idle time): no runs
                 try:
@@ -508,11 +504,11 @@ class Datapath:
                 if sent != count:
                     c["esp_send_errors"] = c.get("esp_send_errors", 0) + count - sent
                 i = j
+            tr = self.trace
             if tr is not None and traces:
                 sa = binding.sa
                 for k, packet, seq in traces:
-                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer,
-                       at=at)  # fmt: skip
+                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer)
 
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
@@ -697,15 +693,13 @@ class Datapath:
             else:
                 queued.append(packet)
             return name
-        if tr is not None:
-            at = monotonic()  # (see _TRACE_BEFORE)
         try:
             os.write(fd, _VNET_NONE + packet if fd in self.vnet_fds else packet)  # step 12
         except OSError:
             _bump(self.counters, "tun_write_errors")
             return name
         if tr is not None:
-            tr("12", "tun_write", packet, at=at)
+            tr("12", "tun_write", packet)
         _bump(self.counters, "esp_in_packets")
         return name
 

@@ -12,16 +12,23 @@ plane for itself::
     4500), timers, control socket,      encrypt + send (7)          to control), SPI lookup (9)
     first packets (steps 4-5)                                       decrypt, policy (10)
           |   install / remove SA,        owns every OutboundSA       TUN write (12)
-          |   queued packets, stats       and its sequence numbers    owns every InboundSA
-          +--------- socketpair ---------->+                           and its replay window
+          |   bind, queued packets,       and its sequence numbers    owns every InboundSA
+          |   trace on/off, stats                                     and its replay window
+          +--------- socketpair ---------->+
           +--------- socketpair ------------------------------------->+
-          <-- PROTECT without SA (4-5), counters -+------------------+
+          <-- PROTECT without SA (4-5), counters, trace events -+----+
+
+The Manager sees neither the workers nor the socketpairs: :class:`SplitDatapath`
+is the data path it was given (ipsecmgr.sasink.SaSink, as the single mode's
+Datapath), and forwards each call to the worker that owns what it changes.
 
 Both workers run the same :class:`ipsecmgr.datapath.Datapath` code as the
 single-process mode: one copy of the per-packet logic. Each SA lives in exactly
 one process, so sequence numbers (RFC 4303 §3.3.3) and the anti-replay window
 (§3.4.3) have a single owner; the control process keeps its own objects only
-for ``show`` and copies the workers' counters into them on request.
+for ``show`` and copies the workers' counters into them on request. While
+someone traces, each worker's data path sends its events to the control
+process, where the daemon's tracer gets them (docs/trace.md).
 
 Control messages are processed between packet batches (``Datapath.BATCH``), so
 installing, rekeying or deleting an SA never pauses traffic. A worker exits

@@ -173,8 +173,9 @@ class Case:
             return
         if self.ctrl is not None:
             while (msg := workers._recv(self.ctrl)) is not None:
-                _, at, step, event, packet, fields = msg
-                tracer(step, event, packet, at=at, source="worker", **fields)
+                if msg[0] == "trace":  # (the first ESP's "esp_out" report is not)
+                    _, at, step, event, packet, fields = msg
+                    tracer(step, event, packet, at=at, source="worker", **fields)
         q = self.sub.queue
         while not q.empty():
             q.get_nowait()
