@@ -28,6 +28,7 @@ MIN_WINDOW = 32  # RFC 4303 §3.4.3: "a minimum window size of 32 packets MUST b
 MAX_WINDOW = 65536
 
 _M32 = 0xFFFFFFFF
+_MASKS: dict[int, int] = {}  # window size -> (1 << size) - 1
 
 
 class ReplayWindow:
@@ -40,7 +41,8 @@ class ReplayWindow:
             raise ValueError(f"replay window must be {MIN_WINDOW}..{MAX_WINDOW}, got {size}")
         self.size = size
         self.esn = esn
-        self._mask = (1 << size) - 1
+        # One int per window size, shared: a 128-bit int is 44 bytes, per Child SA
+        self._mask = _MASKS.setdefault(size, (1 << size) - 1)
         self.top = 0
         self.missing = 0
         self.reset(top)

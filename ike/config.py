@@ -10,7 +10,7 @@ from .constants import DhGroup, EncrId, IdType, IntegId, PrfId
 from .payloads import TrafficSelector
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one or more per IKE SA
 class Identity:
     """An IKE identity (§3.5). ``value`` is text: an address, FQDN or e-mail."""
 

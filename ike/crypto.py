@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -279,7 +279,7 @@ def integ_key_size(integ: int) -> int:
     return 0 if integ == IntegId.NONE else _INTEG[IntegId(integ)][1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one or more per IKE SA
 class IkeSuite:
     """The negotiated IKE SA transforms."""
 
@@ -294,7 +294,7 @@ class IkeSuite:
         return self.encr == EncrId.AES_GCM_16
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class IkeKeys:
     """SK_d, SK_ai, SK_ar, SK_ei, SK_er, SK_pi, SK_pr (§2.14), in that order."""
 
@@ -308,6 +308,10 @@ class IkeKeys:
 
     def __repr__(self) -> str:
         return "IkeKeys(<secret>)"
+
+    def after_auth(self) -> IkeKeys:
+        """The keys without SK_pi and SK_pr, which only the AUTH payloads use (§2.15)."""
+        return replace(self, sk_pi=b"", sk_pr=b"")
 
 
 def derive_ike_keys(
@@ -329,22 +333,30 @@ def derive_ike_keys(
 # --- SK payload protection (§3.14, RFC 5282) -----------------------------------------
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class SkCipher:
-    """Protects SK payloads in one direction."""
+    """Protects SK payloads in one direction.
+
+    One per direction of every IKE SA, so 10,000s on a responder: no AESGCM object is
+    kept. Each holds two OpenSSL cipher contexts (~1.3 KB outside Python's heap, the
+    largest single cost of an idle IKE SA); building one costs ~1 µs, nothing next to
+    an IKE message, which is rare once the SA is up (liveness, rekey).
+    """
 
     encr: int
     enc_key: bytes = field(repr=False)
     integ: int = IntegId.NONE
     integ_key: bytes = field(default=b"", repr=False)
     _iv_counter: int = 0
+    _gcm: bool = field(default=False, init=False)
+    _hash: str = field(default="", init=False)
+    _trunc: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.encr == EncrId.AES_GCM_16:
-            self._gcm: AESGCM | None = AESGCM(self.enc_key[:-GCM_SALT])
-            self._salt = self.enc_key[-GCM_SALT:]
+            AESGCM(self.enc_key[:-GCM_SALT])  # a bad key length fails here, not later
+            self._gcm = True
         else:
-            self._gcm = None
             name, _, trunc = _INTEG[IntegId(self.integ)]
             self._hash, self._trunc = name, trunc
 
@@ -353,13 +365,14 @@ class SkCipher:
 
     def seal(self, inner: bytes, prefix: Callable[[int], bytes]) -> bytes:
         """Whole message: ``prefix(total_len)`` (IKE header ... SK header), IV, ciphertext, ICV."""
-        if self._gcm is not None:
+        if self._gcm:
             # RFC 5282 §3: 8-byte IV, unique per key; a counter cannot repeat
             self._iv_counter += 1
             iv = self._iv_counter.to_bytes(GCM_IV, "big")
             pt = inner + b"\x00"  # Pad Length 0: GCM needs no block padding
             aad = prefix(len_prefix_probe(prefix) + GCM_IV + len(pt) + GCM_ICV)
-            return aad + iv + self._gcm.encrypt(self._salt + iv, pt, aad)
+            key, salt = self.enc_key[:-GCM_SALT], self.enc_key[-GCM_SALT:]
+            return aad + iv + AESGCM(key).encrypt(salt + iv, pt, aad)
         iv = os.urandom(16)  # §3.14: CBC IVs must be unpredictable
         padlen = 15 - len(inner) % 16
         pt = inner + bytes(padlen) + bytes([padlen])
@@ -373,11 +386,14 @@ class SkCipher:
         """Decrypt the SK payload at ``sk_offset``; return the inner payload chain."""
         start = sk_offset + 4
         try:
-            if self._gcm is not None:
+            if self._gcm:
                 if len(data) - start < GCM_IV + GCM_ICV + 1:
                     raise IntegrityError("SK payload too short")
                 iv = data[start : start + GCM_IV]
-                pt = self._gcm.decrypt(self._salt + iv, data[start + GCM_IV :], data[:start])
+                gcm = AESGCM(self.enc_key[:-GCM_SALT])
+                pt = gcm.decrypt(
+                    self.enc_key[-GCM_SALT:] + iv, data[start + GCM_IV :], data[:start]
+                )
             else:
                 n = len(data) - start - 16 - self._trunc
                 if n <= 0 or n % 16:

@@ -172,13 +172,13 @@ class IkeEndpoint:
         self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
         # Two live SAs may share a name (the peer chose the same SPIi twice, from two
         # addresses): the first registered is the one found, then the next.
-        self._by_name: dict[str, list[IkeSA]] = {}
+        self._by_name: dict[str, tuple[IkeSA, ...]] = {}
         # What each live SA is indexed under in _by_spi, and its _by_init key
         self._spis: dict[IkeSA, tuple[bytes, ...]] = {}
         self._init_key: dict[IkeSA, tuple[bytes, Address]] = {}
         # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4), and back
-        # (lists: one SA per key is the rule, and a list of one is a quarter of a dict)
-        self._by_peer: dict[PeerKey, list[IkeSA]] = {}
+        # (tuples: one SA per key is the rule, and a tuple of one is 56 bytes, a list ~90)
+        self._by_peer: dict[PeerKey, tuple[IkeSA, ...]] = {}
         self._peer_key: dict[IkeSA, PeerKey] = {}
         # id(IkeConfig) -> its SAs (IkeConfig is mutable, so not hashable; an SA
         # holds its config, so the id is not reused while the SA is listed)
@@ -198,6 +198,9 @@ class IkeEndpoint:
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
         self.log = log  # handed to every IkeSA: one line per IKE message
+        # Bound once: each SA holds these, and a bound method is 72 bytes per SA
+        self._spi_taken_fn = self._spi_taken
+        self._wake_fn = self._wake
         # INVALID_SPI (RFC 7296 §1.5): the rate limit of what we send (§2.21.4), and
         # the Child SAs by (peer address, SPI we send on) and the established SAs by
         # peer address, for what we receive and send: O(1) whatever the number of SAs
@@ -264,7 +267,7 @@ class IkeEndpoint:
             self._collect()
         if self._by_peer.get((config.remote_id, config.peer_addr[0])):
             sa.initial_contact = False
-        sa.spi_taken = self._spi_taken
+        sa.spi_taken = self._spi_taken_fn
         sa.log = self.log
         self._register(sa)
         sa.initiate(now)
@@ -373,7 +376,7 @@ class IkeEndpoint:
                 return
             self._count("cookie_accepted")
         sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log)
-        sa.spi_taken = self._spi_taken
+        sa.spi_taken = self._spi_taken_fn
         self._out.extend((d, p, sa.local_addr) for d, p in sa.datagrams_to_send(now))
         if not sa.dead:
             self._register(sa)
@@ -459,9 +462,9 @@ class IkeEndpoint:
     def _register(self, sa: IkeSA) -> None:
         """A new live SA: listed, found by name and config, looked at by the next _collect."""
         self.sas.add(sa)
-        self._by_name.setdefault(sa.name, []).append(sa)
+        _link(self._by_name, sa.name, sa)
         self._by_config.setdefault(id(sa.config), []).append(sa)
-        sa.wake = self._wake
+        sa.wake = self._wake_fn
         self._dirty[sa] = None
 
     def _wake(self, sa: IkeSA) -> None:
@@ -483,12 +486,12 @@ class IkeEndpoint:
         key = self._init_key.pop(sa, None)
         if key is not None and self._by_init.get(key) is sa:
             del self._by_init[key]
-        named = self._by_name.get(sa.name)
-        if named is not None and sa in named:
-            named.remove(sa)
-            if not named:
-                del self._by_name[sa.name]
-        _unlink(self._by_config, id(sa.config), sa)
+        _unlink(self._by_name, sa.name, sa)
+        group = self._by_config.get(id(sa.config))
+        if group is not None and sa in group:
+            group.remove(sa)
+            if not group:
+                del self._by_config[id(sa.config)]
         peer = self._peer_key.pop(sa, None)
         if peer is not None:
             _unlink(self._by_peer, peer, sa)
@@ -549,7 +552,7 @@ class IkeEndpoint:
             if old_peer is not None:
                 _unlink(self._by_peer, old_peer, sa)
             peer = (sa.config.remote_id, sa.peer_addr[0])
-            self._by_peer.setdefault(peer, []).append(sa)
+            _link(self._by_peer, peer, sa)
             self._peer_key[sa] = peer
         old_children = self._sa_child_spis.get(sa, ())
         children = tuple(c.inbound_spi for c in sa.children.values()) if sa.children else ()
@@ -588,11 +591,19 @@ PeerKey = tuple[Identity, str]
 _K = TypeVar("_K")
 
 
-def _unlink(index: dict[_K, list[IkeSA]], key: _K, sa: IkeSA) -> None:
+def _link(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
+    """For keys that hold one SA as a rule (a name, a peer): a tuple of one is
+    56 bytes, a list ~90; never for a key many SAs may share (a config)."""
+    index[key] = (*index.get(key, ()), sa)
+
+
+def _unlink(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
     group = index.get(key)
     if group is not None and sa in group:
-        group.remove(sa)
-        if not group:
+        rest = tuple(other for other in group if other is not sa)
+        if rest:
+            index[key] = rest
+        else:
             del index[key]
 
 

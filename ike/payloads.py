@@ -98,7 +98,7 @@ class DeletePayload:
     type: int = PayloadType.DELETE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one or more per IKE SA
 class TrafficSelector:
     start_addr: IPAddress
     end_addr: IPAddress
@@ -114,7 +114,9 @@ class TrafficSelector:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        span = (self.start_addr.version, int(self.start_addr), int(self.end_addr))
+        start = int(self.start_addr)
+        end = start if self.end_addr is self.start_addr else int(self.end_addr)
+        span = (self.start_addr.version, start, end)
         # frozen: both set once, here
         object.__setattr__(self, "span", span)
         object.__setattr__(
@@ -334,7 +336,8 @@ def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
         if ts is None:
             _, _, _, sp, ep = _TS_HEAD.unpack_from(record)
             a = cls(record[8 : 8 + alen])
-            b = cls(record[8 + alen :])
+            # A host (start = end, the usual peer selector) holds one address object
+            b = a if record[8 : 8 + alen] == record[8 + alen :] else cls(record[8 + alen :])
             ts = TrafficSelector(a, b, proto, sp, ep)
             if len(cache) >= _TS_CACHE_MAX:
                 cache.clear()

@@ -763,11 +763,14 @@ class IkeSA:
         self._start_next(now)
 
     def _forget_init(self) -> None:
-        """Once IKE_AUTH is done the IKE_SA_INIT messages (kept for AUTH, §2.15)
-        are not needed any more; a retransmitted IKE_AUTH request is answered
-        from the response cache (§2.1)."""
+        """Once IKE_AUTH is done the IKE_SA_INIT messages, the nonces and SK_pi/SK_pr
+        (kept for AUTH, §2.15, and the first Child SA's keys, §2.17) are not needed any
+        more; a retransmitted IKE_AUTH request is answered from the response cache
+        (§2.1), a retransmitted IKE_SA_INIT request is older than that and dropped."""
         if self.init_request and self.state != State.INIT_DONE and self.state != State.INIT_SENT:
-            self.init_request = self.init_response = b""
+            self.init_request = self.init_response = self.ni = self.nr = b""
+            if self.ch.keys is not None:
+                self.ch.keys = self.ch.keys.after_auth()
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -87,7 +87,7 @@ _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 # the network first.) The reader's batch is the only way the workers write the TUN.
 
 
-@dataclass
+@dataclass(slots=True)  # one per crypto map with a Child SA
 class OutboundBinding:
     """What step 7 needs for one crypto map: the SA, the socket and the peer.
 

@@ -19,7 +19,7 @@ from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
 from ipsecmgr.periodic import DPD_SAMPLES, REKEY_JITTER, SOFT_VOLUME, jittered, schedule
 from ipsecmgr.records import Address, ChildRecord, Liveness, MapState, MapStatus
 from ipsecmgr.sasink import SaPair
-from ipsecmgr.translate import npu_selector, ts_text
+from ipsecmgr.translate import npu_selector
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
@@ -255,8 +255,8 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
         outbound,
         event.mode,
         now,
-        ts_text(event.local_ts),
-        ts_text(event.remote_ts),
+        event.local_ts,
+        event.remote_ts,
         event.esn,
         event.key_bits,
         (event.inbound_key, event.outbound_key),

@@ -12,6 +12,7 @@ import ike
 from ike.state import State
 from ipsecmgr import show
 from ipsecmgr.records import ChildState, MapStatus
+from ipsecmgr.translate import ts_text
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
@@ -117,8 +118,8 @@ def child_sa_states(mgr: Manager, now: float, wall: float) -> list[show.ChildSaS
                     ),
                     "spi_in": f"{rec.inbound.spi:08x}",
                     "spi_out": f"{rec.outbound.spi:08x}",
-                    "local_ts": rec.local_ts,
-                    "remote_ts": rec.remote_ts,
+                    "local_ts": ts_text(rec.local_ts),
+                    "remote_ts": ts_text(rec.remote_ts),
                     "encryption": f"AES-GCM-16-{rec.key_bits}",
                     "esn": rec.esn,
                     "encap": bool(binding and binding.peer[1] != 0),

@@ -112,14 +112,8 @@ def selectors_from_acl(
 # Both selector types are frozen: the few selectors in use are converted once.
 @functools.lru_cache(maxsize=1024)
 def npu_selector(ts: ike.TrafficSelector) -> npusim.TrafficSelector:
-    return npusim.TrafficSelector(
-        ts.start_addr.version,
-        ts.ip_proto,
-        int(ts.start_addr),
-        int(ts.end_addr),
-        ts.start_port,
-        ts.end_port,
-    )
+    version, start, end = ts.span  # the ints the engine's selector holds (no new ones)
+    return npusim.TrafficSelector(version, ts.ip_proto, start, end, ts.start_port, ts.end_port)
 
 
 def ts_text(selectors: Sequence[ike.TrafficSelector]) -> list[str]:

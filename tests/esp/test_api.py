@@ -110,3 +110,32 @@ def test_counters_as_dict() -> None:
         **dict.fromkeys(esp.DROP_REASONS, 0),
         "truncated": 1,
     }
+
+
+def test_drops_store_only_what_was_counted() -> None:
+    """A reason never counted reads 0 without being stored (an idle SA keeps an empty
+    dict, not one entry per reason); counts copied in as a plain dict (the data-path
+    worker's snapshot) read the same way."""
+    sa = esp.InboundSA(SPI, KEY)
+    assert dict(sa.counters.drops) == {}
+    assert all(sa.counters.drops[reason] == 0 for reason in esp.DROP_REASONS)
+    assert dict(sa.counters.drops) == {}  # reading stored nothing
+    for _ in range(2):
+        with pytest.raises(esp.UnknownSpiError):
+            sa.decapsulate(struct.pack(">I", SPI + 1) + bytes(esp.MIN_PACKET_LEN))
+    assert dict(sa.counters.drops) == {"unknown_spi": 2}
+    sa.counters.drops = {"replayed": 3}
+    assert sa.counters.drops["replayed"] == 3
+    assert sa.counters.drops["icv_failed"] == 0
+    assert sa.counters.as_dict()["replayed"] == 3
+
+
+def test_sas_without_limits_report_nothing() -> None:
+    """SAs without lifetime limits share one (frozen) Lifetime; the status stays empty."""
+    a, b = esp.OutboundSA(SPI, KEY), esp.InboundSA(SPI, KEY)
+    assert a.lifetime is b.lifetime
+    assert not a.status(1e9).soft and not b.status(1e9).hard
+    limited = esp.OutboundSA(SPI, KEY, soft_packets=1, hard_packets=2)
+    assert limited.lifetime is not a.lifetime
+    limited.encapsulate(b"x", 4)
+    assert limited.status(0.0).soft == {"packets"} and not limited.status(0.0).hard

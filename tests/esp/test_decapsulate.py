@@ -54,7 +54,8 @@ def test_bad_padding_bytes(seal: Seal, trailer: bytes) -> None:
     with pytest.raises(esp.PadError) as info:
         sa.decapsulate(seal(KEY, SPI, 1, b"abcd" + trailer))
     assert isinstance(info.value, esp.MalformedError)
-    assert sa.counters.drops == {**dict.fromkeys(esp.DROP_REASONS, 0), "bad_padding": 1}
+    drops = {reason: sa.counters.drops[reason] for reason in esp.DROP_REASONS}
+    assert drops == {**dict.fromkeys(esp.DROP_REASONS, 0), "bad_padding": 1}
     assert sa.counters.packets == 0
     # authentic, so its sequence number is used up (RFC 4303 §3.4.3 updates the
     # window after the ICV verified): a replay is a replay

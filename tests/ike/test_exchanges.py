@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from ike.constants import DhGroup
@@ -161,7 +163,7 @@ def test_ike_rekey_moves_children(by: str) -> None:
     (rr,) = p.events_of("r", IkeSaRekeyed)
     assert (ri.old_spi_i, ri.old_spi_r) == old_spis
     assert (ri.spi_i, ri.spi_r) == (rr.spi_i, rr.spi_r) != old_spis
-    assert vars(p.i.ch.keys) == vars(p.r.ch.keys) != vars(old_keys)
+    assert asdict(p.i.ch.keys) == asdict(p.r.ch.keys) != asdict(old_keys)
     # the rekey initiator is the new IKE SA's initiator (§2.18)
     assert a.ch.initiator and not (p.r if a is p.i else p.i).ch.initiator
     assert p.i.old_ch is None and p.r.old_ch is None  # old SA deleted
@@ -255,7 +257,7 @@ def test_hard_child_lifetime_deletes() -> None:
 
 def _same_ike_sa(p: Pair) -> None:
     assert (p.i.ch.spi_i, p.i.ch.spi_r) == (p.r.ch.spi_i, p.r.ch.spi_r)
-    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert asdict(p.i.ch.keys) == asdict(p.r.ch.keys)
     assert p.i.ch.initiator != p.r.ch.initiator
     assert not p.i.retiring and not p.r.retiring
     assert p.i.established and p.r.established and list(p.i.children) == list(p.r.children)
@@ -407,7 +409,7 @@ def test_back_to_back_ike_rekeys() -> None:
     first, second = p.events_of("r", IkeSaRekeyed)
     assert (first.spi_i, first.spi_r) == (second.old_spi_i, second.old_spi_r)
     assert len(p.events_of("i", IkeSaRekeyed)) == 2
-    assert vars(p.i.ch.keys) == vars(p.r.ch.keys)
+    assert asdict(p.i.ch.keys) == asdict(p.r.ch.keys)
     assert p.i.old_ch is None and p.r.old_ch is None and p.i.established and p.r.established
     p.i.liveness_check(p.now)
     p.roundtrip()

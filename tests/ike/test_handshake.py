@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import asdict
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_every_suite(group: DhGroup, encr: tuple[EncrId, int, IntegId], prf: Prf
     assert p.i.state == p.r.state == State.ESTABLISHED
     ki, kr = p.i.ch.keys, p.r.ch.keys
     assert ki is not None and kr is not None
-    assert vars(ki) == vars(kr)
+    assert asdict(ki) == asdict(kr)
     assert len(ki.sk_d) == {5: 32, 6: 48, 7: 64}[prf]
     assert len(ki.sk_ei) == encr[1] // 8 + (4 if encr[0] == EncrId.AES_GCM_16 else 0)
     ci, cr = installed(p)

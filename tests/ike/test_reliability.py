@@ -66,6 +66,31 @@ def test_reordered_stale_messages_are_ignored() -> None:
     assert len(p.events_of("r", IkeSaEstablished)) == 1
 
 
+def test_init_messages_dropped_after_auth_and_a_late_init_retransmission() -> None:
+    """Once IKE_AUTH is done neither side keeps the IKE_SA_INIT messages, the nonces
+    and SK_pi/SK_pr (kept only for the AUTH payloads, §2.15, and the first Child SA,
+    §2.17). A retransmitted IKE_SA_INIT request that arrives after that is older than
+    the last request answered: dropped unanswered and counted (§2.2), no second SA;
+    the retransmitted IKE_AUTH request is still answered, byte-identical, from the
+    response cache (§2.1)."""
+    p = Pair(*configs())
+    p.handshake()
+    assert p.i.established and p.r.established
+    for sa in (p.i, p.r):
+        assert sa.init_request == sa.init_response == sa.ni == sa.nr == b""
+        assert sa.ch.keys is not None and sa.ch.keys.sk_pi == sa.ch.keys.sk_pr == b""
+    init_req, auth_req = [d for who, _, d in p.wire if who == "i>r"][:2]
+    auth_resp = [d for who, _, d in p.wire if who == "r>i"][1]
+    p.ep.receive_datagram(init_req, p.i_src, p.now)
+    assert p.ep.datagrams_to_send(p.now) == []
+    assert p.r.counters["bad_msg_id"] == 1
+    assert len(p.ep.sas) == 1
+    p.ep.receive_datagram(auth_req, p.i_src, p.now)
+    assert [d for d, _ in p.ep.datagrams_to_send(p.now)] == [auth_resp]
+    assert p.r.counters["retransmit_answered"] == 1
+    assert len(p.events_of("r", IkeSaEstablished)) == 1
+
+
 def test_gives_up_after_configured_retransmissions() -> None:
     p = Pair(*configs())
     p.handshake()

@@ -48,3 +48,16 @@ def test_stale_entries_are_bounded() -> None:
         h.set("k", float(i))
     assert len(h._heap) <= 2 * len(h) + 65
     assert h.next() == 9999.0
+
+
+def test_one_stale_entry_per_key_is_compacted() -> None:
+    """Each of many keys moved once (as the manager moves each new IKE SA's rekey
+    deadline): the stale entries do not stay, the heap stays within 1.5x the keys."""
+    h: TimerHeap[int] = TimerHeap()
+    for k in range(1000):
+        h.set(k, 100.0 + k)
+        h.set(k, 50.0 + k)
+    assert len(h) == 1000
+    assert len(h._heap) <= 1000 * 3 // 2 + 65
+    assert h.pop_due(50.0 + 999) == list(range(1000))
+    assert h.next() is None

@@ -261,10 +261,13 @@ def storm(
     }
 
 
-def breakdown(n: int) -> dict[str, float]:
+def breakdown(n: int, sites: int = 0) -> dict[str, float]:
     """Bytes per established peer by where Python allocated them (tracemalloc:
     ike/, esp/, ipsecmgr/, npusim/, the rest), and what RSS grew by beyond that
-    (OpenSSL contexts of the AESGCM objects, allocator overhead)."""
+    (OpenSSL contexts of the AESGCM objects, allocator overhead). With ``sites``,
+    also that many lines of this repository that allocated the most (the snapshot
+    grouped by traceback, each traceback charged to its innermost frame in the
+    repository, outside tools/)."""
     import tracemalloc
 
     diag = cfg.parse_config(
@@ -277,13 +280,27 @@ def breakdown(n: int) -> dict[str, float]:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    tracemalloc.start(1)
+    tracemalloc.start(25 if sites else 1)
     s0 = tracemalloc.take_snapshot()
     per, _ = handshakes(resp, configs, 1000.0, WINDOW)
     gc.collect()
     s1 = tracemalloc.take_snapshot()
     tracemalloc.stop()
     root = str(Path(__file__).resolve().parents[2]) + "/"
+    if sites:
+        by_site: dict[str, list[float]] = {}
+        for st in s1.compare_to(s0, "traceback"):
+            site = "other"
+            for fr in reversed(st.traceback):  # innermost first
+                if fr.filename.startswith(root) and "/tools/" not in fr.filename:
+                    site = f"{fr.filename[len(root) :]}:{fr.lineno}"
+                    break
+            acc = by_site.setdefault(site, [0.0, 0.0])
+            acc[0] += st.size_diff / len(per)
+            acc[1] += st.count_diff / len(per)
+        for site, (size, count) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:sites]:
+            print(f"{size:8.0f} B/peer {count:5.1f} objects  {site}")
+        print()
     out: dict[str, float] = {}
     for st in sorted(s1.compare_to(s0, "filename"), key=lambda st: -st.size_diff):
         name = st.traceback[0].filename
@@ -348,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-storm", action="store_true", help="skip the restart storm")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # (internal) one N, JSON out
     ap.add_argument("--breakdown", type=int, metavar="N", help="bytes per peer by package, N peers")
+    ap.add_argument(
+        "--sites", type=int, default=0, metavar="K", help="with --breakdown: the top K lines"
+    )
     args = ap.parse_args(argv)
     if args.breakdown:
-        for where, size in breakdown(args.breakdown).items():
+        for where, size in breakdown(args.breakdown, args.sites).items():
             print(f"{size:8.0f} B/peer  {where}")
         return 0
     if args.one is not None:
