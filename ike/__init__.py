@@ -7,7 +7,7 @@ How the daemon drives it
 ------------------------
 ::
 
-    ep = ike.IkeEndpoint(configs)              # one per process; owns every IkeSA
+    ep = ike.IkeEndpoint(configs, usage=fn)    # owns every IkeSA (and its caches)
     sa = ep.initiate(config, now)              # first matching packet: start IKE
 
     # on every UDP datagram (port 500, or 4500 with the 4-byte non-ESP marker
@@ -38,9 +38,15 @@ without telling the peer), ``probe(now, timeout, tries)`` (a liveness check at
 once on a short schedule, after an INVALID_SPI hint); ``export_keys()`` gives
 the IKE keys for Wireshark. On the endpoint, ``send_invalid_spi(spi, peer, now,
 nat_t)`` answers ESP with an unknown SPI (§1.5; ``ike.invalid_spi``).
-The engine also rekeys by itself at 90 % (original initiator) / 93 %
-(responder) of ``IkeConfig.ike_lifetime`` / ``child_lifetime`` and deletes a
-Child SA at its hard lifetime (0 turns either off).
+The engine owns SA lifetimes (``ike.lifetimes``): from ``IkeConfig``'s
+lifetimes in seconds, packets and bytes, ``rekey_jitter`` (its random source
+``jitter``) and ``rekey_lazy``, it rekeys IKE and Child SAs at their soft
+limits, once per generation, make-before-break, and deletes them at their
+hard limits. Volume is counted by the daemon's data path: the engine asks the
+endpoint's ``usage(ike_sa_name, child_id, now) -> ChildUsage`` when the daemon calls
+``IkeSA.check_usage(now)`` (now and then), and at a soft deadline under
+``rekey_lazy``. Read-only facts for display: ``IkeSA.spi_i``, ``spi_r``,
+``role``, ``suite``, ``state`` (``ike.State``; Child SAs ``ike.ChildState``).
 
 Events (``ike.events``), and what the daemon does with them:
 
@@ -59,6 +65,9 @@ Events (``ike.events``), and what the daemon does with them:
   IKE SA with that peer (they come as ``IkeSaDeleted``).
 * ``InvalidSpiReceived(spi, child_id, authenticated)`` - the peer does not know
   the SPI we send on (§1.5): unauthenticated, only a hint for ``IkeSA.probe``.
+* ``LifetimeExpired(child_id, hard, limits, action)`` - the engine started a
+  rekey or a delete at a lifetime limit, or left an idle SA to expire
+  (``rekey_lazy``); for logs and statistics.
 * ``NatDetected``, ``AuthenticationFailed``, ``ExchangeFailed(exchange,
   notify, by_peer)`` - for logs and statistics.
 
@@ -84,12 +93,14 @@ from .events import (
     IkeSaRekeyed,
     InitialContactReceived,
     InvalidSpiReceived,
+    LifetimeExpired,
     NatDetected,
     PeerDead,
 )
+from .lifetimes import ChildUsage
 from .payloads import TrafficSelector
 from .sa import IkeSA
-from .tasks.initial import forget_psk_keys
+from .state import ChildState, State
 
 __all__ = [
     "DEFAULT_IKE_PROPOSALS",
@@ -97,6 +108,8 @@ __all__ = [
     "ChildSaDeleted",
     "ChildSaInstalled",
     "ChildSaRekeyed",
+    "ChildState",
+    "ChildUsage",
     "DhGroup",
     "EncrId",
     "EspProposal",
@@ -114,10 +127,11 @@ __all__ = [
     "InitialContactReceived",
     "IntegId",
     "InvalidSpiReceived",
+    "LifetimeExpired",
     "NatDetected",
     "NotifyType",
     "PeerDead",
     "PrfId",
+    "State",
     "TrafficSelector",
-    "forget_psk_keys",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .constants import DhGroup, EncrId, IdType, IntegId, PrfId
+from .lifetimes import REKEY_JITTER
 from .payloads import TrafficSelector
 
 
@@ -18,12 +20,24 @@ class Identity:
     value: str
 
     def encode(self) -> bytes:
-        return _encode_identity(self)
+        """The ID payload's octets (§3.5; the endpoint keeps them:
+        ``EngineCaches.encoded``)."""
+        if self.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
+            return ipaddress.ip_address(self.value).packed
+        return self.value.encode()
 
     @classmethod
     def decode(cls, id_type: int, data: bytes) -> Identity:
-        """Raises ValueError on an unknown type or bad encoding."""
-        return _decode_identity(id_type, data)
+        """Raises ValueError on an unknown type or bad encoding (the endpoint keeps
+        decoded identities: ``EngineCaches.identity``)."""
+        t = IdType(id_type)
+        if (t == IdType.ID_IPV4_ADDR and len(data) == 4) or (
+            t == IdType.ID_IPV6_ADDR and len(data) == 16
+        ):
+            return cls(t, str(ipaddress.ip_address(data)))
+        if t in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR, IdType.ID_KEY_ID):
+            return cls(t, data.decode("utf-8", "strict"))
+        raise ValueError(f"unsupported identity {t.name}/{len(data)}")
 
     @classmethod
     def address(cls, addr: str) -> Identity:
@@ -32,28 +46,6 @@ class Identity:
 
     def __str__(self) -> str:
         return f"{self.id_type.name}:{self.value}"
-
-
-# A peer sends the same identity in every IKE_AUTH: decoding it (an IntEnum, and
-# ipaddress for an address) costs more than a lookup. Identity is immutable;
-# errors (ValueError) are not cached.
-@functools.lru_cache(maxsize=256)
-def _decode_identity(id_type: int, data: bytes) -> Identity:
-    t = IdType(id_type)
-    if (t == IdType.ID_IPV4_ADDR and len(data) == 4) or (
-        t == IdType.ID_IPV6_ADDR and len(data) == 16
-    ):
-        return Identity(t, str(ipaddress.ip_address(data)))
-    if t in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR, IdType.ID_KEY_ID):
-        return Identity(t, data.decode("utf-8", "strict"))
-    raise ValueError(f"unsupported identity {t.name}/{len(data)}")
-
-
-@functools.lru_cache(maxsize=1024)
-def _encode_identity(ident: Identity) -> bytes:
-    if ident.id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
-        return ipaddress.ip_address(ident.value).packed
-    return ident.value.encode()
 
 
 @dataclass(frozen=True)
@@ -107,11 +99,20 @@ class IkeConfig:
     mode: str = "tunnel"  # or "transport" (USE_TRANSPORT_MODE, §1.3.1)
     retransmit_timeout: float = 2.0  # §2.1: first timeout, doubled at every retry
     retransmit_tries: int = 3  # retransmissions after the first send, then give up
-    # Lifetimes in seconds (0 = none). The engine rekeys at a soft share of them
-    # (REKEY_SHARE: the original initiator a little earlier than the responder, so
-    # the two rarely collide) and deletes a Child SA that reaches its hard lifetime.
+    # Lifetimes (0 = none): the engine's policy, see ike.lifetimes. In seconds it
+    # rekeys at a soft share of them (REKEY_SHARE minus jitter) and deletes an SA
+    # that reaches the hard one; in packets and bytes (a Child SA, either
+    # direction, as counted by the data path: IkeSA.check_usage) likewise.
     ike_lifetime: float = 86400.0
     child_lifetime: float = 3600.0
+    child_lifetime_packets: int = 0
+    child_lifetime_bytes: int = 0
+    # §2.8: a soft limit comes earlier by a random share of up to this much of the
+    # lifetime; ``jitter`` draws that share, uniform in [0, 1) (tests inject a constant)
+    rekey_jitter: float = REKEY_JITTER
+    jitter: Callable[[], float] = field(default=random.random, repr=False, compare=False)
+    # StarOS "rekey lazy": a Child SA idle at its soft lifetime is left to expire
+    rekey_lazy: bool = False
     initial_contact: bool = True  # §2.4: on the first IKE SA to this peer
     fake_nat: bool = False  # strongSwan encap=yes: send a bogus NAT_DETECTION_SOURCE_IP
     # False: no NAT_DETECTION notifies, never float to 4500 (encapsulation = "never")
@@ -124,13 +125,11 @@ class IkeConfig:
     def peer_psk(self) -> bytes:
         return self.local_psk if self.remote_psk is None else self.remote_psk
 
-    def traffic_selectors(self) -> tuple[list[TrafficSelector], list[TrafficSelector]]:
-        """(local, remote); by default the two hosts' own addresses, all protocols."""
-        local = list(self.local_ts) or [_host_ts(self.local_addr[0])]
-        remote = list(self.remote_ts) or [_host_ts(self.peer_addr[0])]
+    def traffic_selectors(
+        self, host_ts: Callable[[str], TrafficSelector] = TrafficSelector.from_network
+    ) -> tuple[list[TrafficSelector], list[TrafficSelector]]:
+        """(local, remote); by default the two hosts' own addresses, all protocols
+        (``host_ts``: one host's selector, e.g. ``EngineCaches.host_ts``)."""
+        local = list(self.local_ts) or [host_ts(self.local_addr[0])]
+        remote = list(self.remote_ts) or [host_ts(self.peer_addr[0])]
         return local, remote
-
-
-@functools.lru_cache(maxsize=1024)
-def _host_ts(addr: str) -> TrafficSelector:
-    return TrafficSelector.from_network(addr)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar, overload
 
 from .buffer import DecodeError
+from .caches import EngineCaches
 from .config import Identity, IkeConfig
 from .constants import (
     IKE_HEADER_LEN,
@@ -38,10 +39,11 @@ from .payloads import (
     build_plain_message,
     parse_header,
 )
-from .sa import Address, IkeSA, State
+from .sa import Address, IkeSA, State, UsageFn
 from .timers import TimerHeap
 
 ZERO_SPI = b"\x00" * 8
+_INIT_DONE = State.INIT_DONE  # read per datagram (an enum member via its class: ~0.2 µs)
 ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
 
 
@@ -162,7 +164,14 @@ class IkeEndpoint:
         find_config: ConfigLookup | None = None,
         cookie_rotation: float = 300.0,
         log: Callable[[str], None] | None = None,
+        usage: UsageFn | None = None,
     ) -> None:
+        # Decoded identities, selectors, addresses and PSK-derived keys of this
+        # endpoint's SAs (ike.caches): never shared with another endpoint
+        self.caches = EngineCaches()
+        # Handed to every IkeSA: what the data path counted per Child SA (volume
+        # lifetimes and rekey lazy, ike.lifetimes); None: volume limits never trigger
+        self.usage = usage
         self.configs = list(configs)
         self.rng = rng
         self._find_config = find_config
@@ -218,7 +227,11 @@ class IkeEndpoint:
 
     @configs.setter
     def configs(self, configs: Sequence[IkeConfig]) -> None:
-        """New configs (a reload): indexed by peer address, the first one wins."""
+        """New configs (a reload): indexed by peer address, the first one wins.
+
+        The keys derived from PSKs are dropped: a replaced PSK's must not outlive
+        its configuration (those still in use are derived again on demand)."""
+        self.caches.forget_secrets()
         self._configs = list(configs)
         self._cfg_by_text: dict[str, IkeConfig] = {}
         self._cfg_by_packed: dict[bytes, IkeConfig] = {}
@@ -262,7 +275,8 @@ class IkeEndpoint:
 
     def initiate(self, config: IkeConfig, now: float) -> IkeSA:
         """Start an IKE SA; INITIAL_CONTACT only if no other SA with that peer is alive."""
-        sa = IkeSA(config, True, self.rng)
+        sa = IkeSA(config, True, self.rng, caches=self.caches)
+        sa.usage = self.usage
         if self._dirty:
             self._collect()
         if self._by_peer.get((config.remote_id, config.peer_addr[0])):
@@ -375,8 +389,9 @@ class IkeEndpoint:
                 self._count("cookie_sent")
                 return
             self._count("cookie_accepted")
-        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log)
+        sa = IkeSA.respond_to(cfg, data, addr, now, self.rng, local, self.log, self.caches)
         sa.spi_taken = self._spi_taken_fn
+        sa.usage = self.usage
         self._out.extend((d, p, sa.local_addr) for d, p in sa.datagrams_to_send(now))
         if not sa.dead:
             self._register(sa)
@@ -400,18 +415,6 @@ class IkeEndpoint:
             # picks one (_spi_taken)
             self._dirty[sa] = None
             self._collect()
-
-    def due(self, now: float) -> list[IkeSA]:
-        """The SAs whose timer is due at ``now`` (``handle_timer`` would run them)."""
-        if self._dirty:
-            self._collect()
-        return self.timers.due(now)
-
-    def retime(self, sa: IkeSA) -> None:
-        """``sa``'s deadlines were changed from outside (the manager's rekey jitter):
-        read its timer again."""
-        if sa.wake is not None and sa not in self._dirty:
-            self.timers.set(sa, sa.get_timer())  # (a dirty SA gets it in _collect)
 
     # --- outputs ---------------------------------------------------------------
 
@@ -563,7 +566,7 @@ class IkeEndpoint:
             for cspi in children:
                 self._child_spis[cspi] = sa
             self._sa_child_spis[sa] = children
-        if not sa.initiator and sa.state == State.INIT_DONE:
+        if not sa.initiator and sa.state is _INIT_DONE:
             self._half_open[sa] = None
         else:
             self._half_open.pop(sa, None)

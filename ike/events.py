@@ -83,6 +83,23 @@ class ChildSaDeleted(IkeEvent):
 
 
 @dataclass
+class LifetimeExpired(IkeEvent):
+    """A lifetime limit was reached and the engine acted on it (``ike.lifetimes``).
+
+    ``child_id`` None: the IKE SA itself. ``hard``: the hard limit (else the
+    soft one). ``limits``: what was reached, "seconds" or a comma-separated
+    subset of "bytes", "packets", "seq". ``action``: "rekey" (started), "delete"
+    (started), or "idle" (``rekey_lazy``: an SA that carried nothing is not
+    rekeyed and goes at its hard lifetime).
+    """
+
+    child_id: int | None
+    hard: bool
+    limits: str
+    action: str
+
+
+@dataclass
 class PeerDead(IkeEvent):
     """Retransmissions exhausted (§2.4); an IkeSaDeleted follows."""
 

@@ -302,22 +302,25 @@ def _build_sa(p: SAPayload) -> bytes:
 _TS_HEAD = struct.Struct("!BBHHH")  # type, protocol, length, start port, end port
 
 
-# Wire record (type .. end address) -> TrafficSelector. A peer sends the same
-# selectors in every IKE_AUTH and CREATE_CHILD_SA, and building the two ipaddress
-# objects costs more than the rest of the TS payload. TrafficSelector and the
-# addresses are immutable, so one object can be shared; the size is bounded
-# (emptied when full) whatever a peer sends.
-_TS_CACHE: dict[bytes, TrafficSelector] = {}
-_TS_CACHE_MAX = 256
+# A peer sends the same selectors in every IKE_AUTH and CREATE_CHILD_SA, and
+# building the two ipaddress objects costs more than the rest of the TS payload.
+# TrafficSelector and the addresses are immutable, so one object can be shared:
+# the caller may pass a table wire record (type .. end address) -> TrafficSelector
+# (its endpoint's, ``EngineCaches.selectors``), bounded here (emptied when full)
+# whatever a peer sends.
+TS_CACHE_MAX = 256
 
 
-def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
+def _parse_ts(
+    data: bytes, pos: int, end: int, ptype: int, cache: dict[bytes, TrafficSelector] | None
+) -> TSPayload:
     if pos + 4 > end:
         raise _underrun(pos, 4 if pos < end else 1, end)
     count = data[pos]
     pos += 4
     selectors: list[TrafficSelector] = []
-    cache = _TS_CACHE
+    if cache is None:
+        cache = {}
     for _ in range(count):
         if pos + 4 > end:
             raise _underrun(pos, 4, end)
@@ -339,7 +342,7 @@ def _parse_ts(data: bytes, pos: int, end: int, ptype: int) -> TSPayload:
             # A host (start = end, the usual peer selector) holds one address object
             b = a if record[8 : 8 + alen] == record[8 + alen :] else cls(record[8 + alen :])
             ts = TrafficSelector(a, b, proto, sp, ep)
-            if len(cache) >= _TS_CACHE_MAX:
+            if len(cache) >= TS_CACHE_MAX:
                 cache.clear()
             cache[record] = ts
         pos += slen
@@ -390,7 +393,14 @@ _SA, _KE, _IDI, _IDR, _AUTH, _NONCE, _NOTIFY, _DELETE, _VENDOR, _TSI, _TSR = (
 )
 
 
-def _parse_body(ptype: int, critical: bool, data: bytes, pos: int, end: int) -> Payload:
+def _parse_body(
+    ptype: int,
+    critical: bool,
+    data: bytes,
+    pos: int,
+    end: int,
+    selectors: dict[bytes, TrafficSelector] | None,
+) -> Payload:
     """One payload body, ``data[pos:end]`` (the generic header already read)."""
     if ptype == _SA:
         return _parse_sa(data, pos, end)
@@ -416,7 +426,7 @@ def _parse_body(ptype: int, critical: bool, data: bytes, pos: int, end: int) -> 
         body = _head4(data, pos, end)
         return AuthPayload(data[pos], data[body:end])
     if ptype in (_TSI, _TSR):
-        return _parse_ts(data, pos, end, ptype)
+        return _parse_ts(data, pos, end, ptype, selectors)
     if ptype == _DELETE:
         body = _head4(data, pos, end)
         protocol, spi_size, count = _GENERIC.unpack_from(data, pos)
@@ -494,8 +504,12 @@ class EncryptedBody:
     offset: int  # of the SK generic payload header inside the message
 
 
-def parse_chain(buf: Buffer, first: int) -> tuple[list[Payload], EncryptedBody | None]:
+def parse_chain(
+    buf: Buffer, first: int, selectors: dict[bytes, TrafficSelector] | None = None
+) -> tuple[list[Payload], EncryptedBody | None]:
     """Parse a payload chain starting with type ``first`` until next-payload 0.
+
+    ``selectors``: a table of traffic selectors already decoded (see ``_parse_ts``).
 
     An SK payload ends the chain (§3.14: it must be the last payload) and must
     reach exactly the end of ``buf``.
@@ -517,7 +531,9 @@ def parse_chain(buf: Buffer, first: int) -> tuple[list[Payload], EncryptedBody |
         if body_end > end:
             raise _underrun(pos + GENERIC_HEADER_LEN, plen - GENERIC_HEADER_LEN, end)
         payloads.append(
-            _parse_body(ptype, bool(flags & 0x80), data, pos + GENERIC_HEADER_LEN, body_end)
+            _parse_body(
+                ptype, bool(flags & 0x80), data, pos + GENERIC_HEADER_LEN, body_end, selectors
+            )
         )
         pos = body_end
         ptype = nxt

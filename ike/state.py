@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .crypto import IkeKeys, IkeSuite, Prf, SkCipher
@@ -19,15 +19,36 @@ Address = tuple[str, int]
 NAT_T_PORT = 4500
 
 
-@functools.lru_cache(maxsize=1024)
-def packed_ip(text: str) -> bytes:
-    return ipaddress.ip_address(text).packed
-
-
-def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
-    """§2.23: SHA-1(SPIi | SPIr | IP | Port)."""
-    data = spi_i + spi_r + packed_ip(addr[0]) + addr[1].to_bytes(2, "big")
+def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address, packed: Callable[[str], bytes]) -> bytes:
+    """§2.23: SHA-1(SPIi | SPIr | IP | Port). ``packed``: an address as octets
+    (the endpoint's cache, ``EngineCaches.packed_ip``)."""
+    data = spi_i + spi_r + packed(addr[0]) + addr[1].to_bytes(2, "big")
     return hashlib.sha1(data).digest()
+
+
+class State(StrEnum):
+    """States of an IKE SA (str values: ``info()`` and logs print them as before)."""
+
+    NEW = "new"
+    INIT_SENT = "init-sent"
+    INIT_DONE = "init-done"  # IKE_SA_INIT done, IKE_AUTH not yet
+    ESTABLISHED = "established"
+    DELETING = "deleting"
+    DEAD = "dead"
+
+
+class ChildState(StrEnum):
+    """States of a Child SA.
+
+    INSTALLED: in use. REKEYING: our CREATE_CHILD_SA rekey is in flight (§1.3.3).
+    REKEYED: replaced by a newer Child SA, the DELETE of this one follows
+    (make-before-break, §2.8). DELETING: our DELETE is in flight (§1.4.1).
+    """
+
+    INSTALLED = "installed"
+    REKEYING = "rekeying"
+    REKEYED = "rekeyed"
+    DELETING = "deleting"
 
 
 @dataclass(slots=True)
@@ -43,9 +64,15 @@ class ChildSA:
     local_ts: list[TrafficSelector]
     remote_ts: list[TrafficSelector]
     installed_at: float
-    state: str = "installed"  # installed | rekeying | rekeyed | deleting
-    rekey_at: float | None = None  # soft lifetime: we start a rekey (§2.8)
-    expire_at: float | None = None  # hard lifetime: we delete it
+    state: ChildState = ChildState.INSTALLED
+    # Lifetime policy (ike.lifetimes): soft deadline in seconds, at which we start a
+    # rekey (§2.8; None once started or skipped: one rekey per generation), hard
+    # deadline, at which we delete it, and the soft volume limits (0: none)
+    rekey_at: float | None = None
+    expire_at: float | None = None
+    soft_packets: int = 0
+    soft_bytes: int = 0
+    volume_done: bool = False  # a volume limit was acted on (rekey or delete): only once
 
 
 @dataclass(slots=True)
@@ -102,12 +129,3 @@ class Inbound:
     payloads: list[Payload]
     raw: bytes
     addr: Address
-
-
-class State:
-    NEW = "new"
-    INIT_SENT = "init-sent"
-    INIT_DONE = "init-done"  # IKE_SA_INIT done, IKE_AUTH not yet
-    ESTABLISHED = "established"
-    DELETING = "deleting"
-    DEAD = "dead"

@@ -89,9 +89,20 @@ def acl_shadow_warnings(name: str, rules: Sequence[str]) -> list[str]:
     line matches every packet the later one would (same family and protocol or
     broader, addresses and ports a superset), so the later line never decides.
     Lines that do not parse are left to the ACL validator."""
+    return shadow_warnings(compile_acl(name, rules))
+
+
+def compile_acl(name: str, rules: Sequence[str]) -> npusim.Acl | None:
+    """npusim's compiled ACL, or None if a line does not parse (the validator says why)."""
     try:
-        acl = npusim.parse_acl(name, list(rules))
+        return npusim.parse_acl(name, list(rules))
     except (npusim.AclSyntaxError, ValueError):
+        return None
+
+
+def shadow_warnings(acl: npusim.Acl | None) -> list[str]:
+    """:func:`acl_shadow_warnings` of an ACL already compiled."""
+    if acl is None:
         return []
     if len(acl.rules) > MAX_SHADOW_CHECK:
         return [f"not checked for shadowed lines (more than {MAX_SHADOW_CHECK} lines)"]

@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING, Any
 import ike
 import npusim
 from ipsecmgr import config as cfg
-from ipsecmgr import sdnotify, show, sockets
+from ipsecmgr import reload, sdnotify, show, sockets
 from ipsecmgr.control import ControlServer
 from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.failclosed import InstanceLock, protected_prefixes, sync_blocks, take_over
+from ipsecmgr.failclosed import InstanceLock, ProtectedPrefixes, sync_blocks, take_over
 from ipsecmgr.manager import Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.privileges import apply_least_privilege
 from ipsecmgr.records import Address
-from ipsecmgr.routing import Routing, TunRoute
+from ipsecmgr.routing import Routing, TunRoute, tun_routes
 from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
@@ -58,7 +58,12 @@ GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
-    return {name: npusim.parse_acl(name, list(a.rules)) for name, a in config.access_lists.items()}
+    # Compiled once, by the configuration's own check (config.compiled_acls)
+    done = config.compiled_acls
+    return {
+        name: done.get(name) or npusim.parse_acl(name, list(a.rules))
+        for name, a in config.access_lists.items()
+    }
 
 
 def build_classifier(config: cfg.Config, acls: dict[str, npusim.Acl]) -> npusim.Classifier:
@@ -80,31 +85,8 @@ def validate_acl(name: str, rules: list[str]) -> list[str]:
     return []
 
 
-def _acl_protects(acl: npusim.Acl, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    """Whether some permit line of ``acl`` can match a destination in ``prefix``."""
-    net = int(prefix.network_address)
-    return any(
-        r.permit and r.version in (prefix.version, 0) and (net & r.dst_mask) == r.dst
-        for r in acl.rules
-    )
-
-
 def _tun_layout(config: cfg.Config) -> object:
     return sorted((t.name, t.addresses, t.mtu, t.routes) for t in config.tuns)
-
-
-def _map_definition(config: cfg.Config, name: str) -> object:
-    """Everything that shapes a crypto map's SAs; equal means keep them."""
-    m = config.crypto_maps.get(name)
-    if m is None:
-        return None
-    return (
-        m,
-        config.access_lists[m.match_address],
-        [config.ike_transform_sets[t] for t in m.ike_transform_sets],
-        [config.ipsec_transform_sets[t] for t in m.ipsec_transform_sets],
-        [t.name for t in config.tuns if name in t.crypto_maps],
-    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -123,6 +105,8 @@ class Gateway:
         self.config = config
         self.acls = parse_acls(config)
         self.classifier = build_classifier(config, self.acls)
+        # The fail-closed routes, per crypto map (a reload touches the changed maps')
+        self.blocks = ProtectedPrefixes(config, self.acls)
         self.saflow = npusim.SaFlowTable()
         self.routing = routing or Routing()
         self.tuns: list[Tun] = []
@@ -170,10 +154,9 @@ class Gateway:
     def cleanup_stale(self) -> None:
         """Fail-closed routes first, then remove what a killed daemon left (stale
         routes, our TUN names), rules only where missing (ipsecmgr.failclosed)."""
-        prefixes, notes = protected_prefixes(self.config, self.acls)
-        for note in notes:
+        for note in self.blocks.notes:
             log.warning("fail closed: %s", note)
-        for failed in take_over(self.routing, self.config, prefixes):
+        for failed in take_over(self.routing, self.config, self.blocks.prefixes()):
             log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
 
     def setup(self) -> None:
@@ -227,33 +210,7 @@ class Gateway:
         )
 
     def _routes_for(self, t: cfg.TunInterface) -> list[TunRoute]:
-        """Routes into the TUN with the source address the kernel should use:
-        ``src_ip`` for destinations a tunnel-mode crypto map protects, our own
-        outer address for the rest (those may be bypassed in clear, step 3b)."""
-        routes = []
-        for prefix in t.routes:
-            src: str | None = None
-            for name in t.crypto_maps:
-                m = self.config.crypto_maps[name]
-                if (
-                    m.mode == "tunnel"
-                    and m.src_ip is not None
-                    and m.src_ip.version == prefix.version
-                    and _acl_protects(self.acls[m.match_address], prefix)
-                ):
-                    src = str(m.src_ip)
-                    break
-            if src is None:
-                src = next(
-                    (
-                        str(a)
-                        for a in self.config.gateway.local_addresses
-                        if a.version == prefix.version
-                    ),
-                    None,
-                )
-            routes.append(TunRoute(str(prefix), src))
-        return routes
+        return tun_routes(self.config, self.acls, t)
 
     def detach(self) -> None:
         """Leaving the loop: DELETE to every peer (RFC 7296 §1.4.1), stop reading."""
@@ -286,8 +243,7 @@ class Gateway:
             self.routing.remove_rules()
             self.routing.flush_table()
         else:  # "block": the TUN routes went with the TUNs; the blocks and rules stay
-            prefixes, _ = protected_prefixes(self.config, self.acls)
-            self.routing.flush_except_blocks(prefixes)
+            self.routing.flush_except_blocks(self.blocks.prefixes())
             log.warning("stopped; protected destinations stay blocked (on_stop = \"block\") "
                         "until the next start or 'ipsecmgr down'")  # fmt: skip
         self.routing.close()
@@ -300,26 +256,32 @@ class Gateway:
         ):
             log.warning("reload: TUN or gateway settings changed; they need a restart")
             return
-        acls = parse_acls(config)
-        for failed in sync_blocks(
-            protected_prefixes(self.config, self.acls)[0], protected_prefixes(config, acls)[0]
-        ):
+        # Only the changed maps are looked at further (ipsecmgr.reload, issue #19.7)
+        diff = reload.MapDiff.between(
+            reload.map_definitions(self.config), reload.map_definitions(config)
+        )
+        acls, parsed = reload.reuse_acls(self.config, self.acls, config)
+        touched = diff.changed | diff.added | diff.removed
+        block, unblock = self.blocks.update(config, acls, touched)
+        for failed in sync_blocks(block, unblock):
             log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
-        keep = {
-            name
-            for name, m in config.crypto_maps.items()
-            if _map_definition(config, name) == _map_definition(self.config, name)
-        }
+        rebuild = reload.classifier_inputs(config) != reload.classifier_inputs(self.config)
         self.acls = acls
         self.config = config
-        self.classifier = build_classifier(config, acls)
-        self.datapath.set_classifier(self.classifier)
-        self.manager.reconfigure(config, acls, keep, self.now())
-        ike.forget_psk_keys()  # replaced PSKs must not linger in the engine's cache
+        if rebuild:  # an ACL, a peer or the maps' order changed
+            self.classifier = build_classifier(config, acls)
+            self.datapath.set_classifier(self.classifier)
+        # (the endpoint drops its PSK-derived keys when it gets the new configs)
+        self.manager.reconfigure(config, acls, set(diff.kept), self.now())
         self.tracer.peers = peers_from_config(config)
         self._rearm()
-        changed = sorted(set(config.crypto_maps) - keep)
-        log.info("reloaded: kept %s, rebuilt %s", sorted(keep) or "none", changed or "none")
+        changed = sorted(diff.changed | diff.added)
+        work = self.manager.last_reload
+        log.info("reloaded: kept %d map(s), rebuilt %s, removed %s; work: %d map state(s) "
+                 "built, %d IKE SA(s) deleted, %d ACL(s) new, fail-closed +%d -%d, "
+                 "classifier %s", len(diff.kept), changed or "none",
+                 sorted(diff.removed) or "none", len(work.built), work.sas_deleted, parsed,
+                 len(block), len(unblock), "rebuilt" if rebuild else "kept")  # fmt: skip
 
     # -- data path glue ----------------------------------------------------------------
 
@@ -470,7 +432,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while loop.time() < deadline and any(
-            sa.established or sa.state == "deleting" for sa in self.manager.endpoint.sas
+            sa.established or sa.state == ike.State.DELETING for sa in self.manager.endpoint.sas
         ):
             await asyncio.sleep(0.01)  # the readers and the timer process the answers
 

@@ -3,7 +3,8 @@
 One handler per event class (:data:`EVENT_HANDLERS`, dispatched by
 :meth:`Manager.on_event`): IKE SA up, rekeyed, deleted, dead peer, refusals;
 Child SA installed (ESP SAs in the SA-flow table and the outbound binding),
-rekeyed and deleted (make-before-break, RFC 7296 §2.8).
+rekeyed and deleted (make-before-break, RFC 7296 §2.8); the engine's lifetime
+decisions (``LifetimeExpired``) as log lines and counters.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import esp
+import ike
 from ike import events as ev
 from ike.state import State
 from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
-from ipsecmgr.periodic import DPD_SAMPLES, REKEY_JITTER, SOFT_VOLUME, jittered, schedule
+from ipsecmgr.periodic import DPD_SAMPLES, schedule
 from ipsecmgr.records import Address, ChildRecord, Liveness, MapState, MapStatus
 from ipsecmgr.sasink import SaPair
 from ipsecmgr.translate import npu_selector
@@ -73,12 +75,9 @@ def _on_ike_established(
         mgr.observe("ike_handshake", state.cmap.name, now - state.initiated_at)
     state.initiated_at = None
     schedule(mgr, state, now)
-    if (sa := state.ike_sa) is not None:
-        sa.ike_rekey_at = jittered(mgr, sa.ike_rekey_at, state.ike_config.ike_lifetime)
-        mgr.endpoint.retime(sa)
-        if (interval := state.cmap.dpd.interval) > 0:
-            mgr.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
-            mgr.deadlines.set(("liveness", sa.name), now + interval / DPD_SAMPLES)
+    if (sa := state.ike_sa) is not None and (interval := state.cmap.dpd.interval) > 0:
+        mgr.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
+        mgr.deadlines.set(("liveness", sa.name), now + interval / DPD_SAMPLES)
     log.info(
         "crypto map %s: IKE SA up with %s (%s)",
         state.cmap.name,
@@ -89,9 +88,6 @@ def _on_ike_established(
 
 def _on_ike_rekeyed(mgr: Manager, state: MapState, event: ev.IkeSaRekeyed, now: float) -> None:
     state.bump("ike_rekeyed")
-    if (sa := mgr.endpoint.find_sa(event.ike_sa)) is not None:
-        sa.ike_rekey_at = jittered(mgr, sa.ike_rekey_at, state.ike_config.ike_lifetime)
-        mgr.endpoint.retime(sa)
     if state.ike_sa is not None:
         schedule(mgr, state, now)
     log.info(
@@ -201,30 +197,50 @@ def _on_invalid_spi(
     mgr.invalid_spi.on_hint(mgr, state, event, now)
 
 
-def _sa_options(mgr: Manager, state: MapState, event: ev.ChildSaInstalled) -> esp.SaOptions:
-    """Mode, ESN, soft/hard limits in bytes and packets (seconds: the engine's)."""
-    ts = mgr.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
-    opts: esp.SaOptions = {"mode": event.mode, "esn": event.esn}
-    share = SOFT_VOLUME - mgr.jitter() * REKEY_JITTER
-    if ts.lifetime_bytes:
-        opts["hard_bytes"] = ts.lifetime_bytes
-        opts["soft_bytes"] = max(1, int(ts.lifetime_bytes * share))
-    if ts.lifetime_packets:
-        opts["hard_packets"] = ts.lifetime_packets
-        opts["soft_packets"] = max(1, int(ts.lifetime_packets * share))
-    return opts
+def _on_lifetime(mgr: Manager, state: MapState, event: ev.LifetimeExpired, now: float) -> None:
+    """The engine reached a lifetime limit and acted (ike.lifetimes): say so, count it."""
+    name, child = state.cmap.name, event.child_id
+    if child is None:
+        if event.hard:
+            state.bump("ike_hard_expired")
+            log.warning("crypto map %s: IKE SA hard lifetime, deleting", name)
+        elif state.ike_sa is not None and state.ike_sa.name == event.ike_sa:
+            state.bump("ike_rekey_started")
+            log.info("crypto map %s: IKE SA soft lifetime, rekeying", name)
+    elif event.action == "idle":
+        state.bump("child_lazy_expiry")
+        log.info("crypto map %s: Child SA %d idle, left to expire (rekey lazy)", name, child)
+    elif event.limits == "seconds":
+        if not event.hard:
+            state.bump("child_rekey_started")
+        what = "hard lifetime, deleting" if event.hard else "soft lifetime, rekeying"
+        log.info("crypto map %s: Child SA %d %s", name, child, what)
+    elif event.hard:
+        state.bump("child_hard_expired")
+        log.warning(
+            "crypto map %s: Child SA %d reached its hard limit (%s), deleting",
+            name,
+            child,
+            event.limits,
+        )
+    else:
+        state.bump("child_rekey_volume")
+        state.bump("child_rekey_started")
+        log.info(
+            "crypto map %s: Child SA %d reached its soft limit (%s), rekeying",
+            name,
+            child,
+            event.limits,
+        )
 
 
 def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, now: float) -> None:
-    opts = _sa_options(mgr, state, event)
+    # Mode and ESN only: the lifetimes (seconds, bytes, packets) are the engine's
+    opts: esp.SaOptions = {"mode": event.mode, "esn": event.esn}
     inbound = esp.InboundSA(event.inbound_spi, event.inbound_key, **opts)
     outbound = esp.OutboundSA(event.outbound_spi, event.outbound_key, **opts)
     state.creating_child = False
     sa = mgr.endpoint.find_sa(event.ike_sa)
-    child = sa.children.get(event.child_id) if sa is not None else None
-    if child is not None and sa is not None:
-        child.rekey_at = jittered(mgr, child.rekey_at, state.ike_config.child_lifetime)
-        mgr.endpoint.retime(sa)
     if mgr.lingering.pop(event.inbound_spi, None) is not None:  # reused: the new SA wins
         mgr.deadlines.cancel(("linger", event.inbound_spi))
     name = state.cmap.name
@@ -240,7 +256,8 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
         )
     )
     old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
-    if old is not None and old.state == "rekeyed" and mgr.datapath.binding(name) is not None:
+    rekeyed = old is not None and old.state == ike.ChildState.REKEYED
+    if rekeyed and mgr.datapath.binding(name) is not None:
         # We answered the peer's rekey ("rekeyed": the peer deletes the old SA
         # next; had we started it, our DELETE would be out: "deleting"). The
         # peer may not have the new SA yet, so keep sending on the old one until
@@ -340,4 +357,5 @@ EVENT_HANDLERS: dict[type[ev.IkeEvent], Callable[[Manager, MapState, Any, float]
     ev.ExchangeFailed: _on_exchange_failed,
     ev.InitialContactReceived: _on_initial_contact,
     ev.InvalidSpiReceived: _on_invalid_spi,
+    ev.LifetimeExpired: _on_lifetime,
 }

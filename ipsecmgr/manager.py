@@ -24,7 +24,7 @@ import npusim
 from ike import events as ev
 from ike.timers import TimerHeap
 from ipsecmgr import config as cfg
-from ipsecmgr import failover, lifecycle, periodic, show, show_rows
+from ipsecmgr import failover, lifecycle, periodic, reload, show, show_rows
 from ipsecmgr.invalid_spi import InvalidSpiHints
 from ipsecmgr.records import Address, Liveness, MapState, MapStatus, SendFn
 from ipsecmgr.sasink import SaSink, TraceHook, esp_peer
@@ -43,21 +43,27 @@ class Manager:
         acls: dict[str, npusim.Acl],
         datapath: SaSink,
         send: SendFn,
+        *,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        """``jitter``: uniform in [0, 1), the source of the engine's rekey jitter,
+        put into every IKE config (a constant in tests: rekeys at known times)."""
         self.config = config
+        self._jitter = jitter
         # The data path, single or split (ipsecmgr.sasink): SA pairs, bindings, counters
         self.datapath = datapath
         self.send = send
         self.maps: dict[str, MapState] = {}
         for name, cmap in config.crypto_maps.items():
             acl = acls[cmap.match_address]
-            self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
+            self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl, jitter))
         # One log line per IKE message (exchange, payloads, size, peer), at -v. Without
         # -v the engine gets no hook and so builds no line (the level is set before the
         # daemon builds its manager and stays; logging.basicConfig in ipsecmgr.cli).
         self.endpoint = ike.IkeEndpoint(
             [c for m in self.maps.values() for c in m.peers.configs],
             log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
+            usage=self._usage,  # the engine asks what the data path counted (lifetimes)
         )
         # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
         self.trace: TraceHook | None = None
@@ -65,8 +71,6 @@ class Manager:
         self.liveness: dict[str, Liveness] = {}
         # Inbound SPIs of rekeyed Child SAs still in the SA-flow table, and until when
         self.lingering: dict[int, float] = {}
-        # Uniform in [0, 1): the share of REKEY_JITTER taken off a soft lifetime
-        self.jitter: Callable[[], float] = random.random
         # Failover, fail-fast answers and rate-limited noise (ipsecmgr.failover)
         self.failover = failover.Failover(self)
         # Set by ipsecmgr.metrics: observe(histogram, crypto map, seconds) for the
@@ -86,31 +90,31 @@ class Manager:
         self, config: cfg.Config, acls: dict[str, npusim.Acl], keep: set[str], now: float
     ) -> None:
         """SIGHUP: maps in ``keep`` keep their SAs; the others are deleted
-        (DELETE sent to the peer) and rebuilt from the new configuration."""
-        old = self.maps
+        (DELETE sent to the peer) and rebuilt from the new configuration. The
+        work follows the changed maps, not all of them (ipsecmgr.reload)."""
         self.config = config
-        self.maps = {}
-        for name, cmap in config.crypto_maps.items():
-            acl = acls[cmap.match_address]
-            if name in keep and name in old:
-                state = old[name]
-                state.cmap = cmap
-                self.maps[name] = state
-            else:
-                self.maps[name] = MapState.build(cmap, build_ike_config(config, cmap, acl))
-            self.maps[name].peers.reset()  # SIGHUP ends every hold-down (#15.5)
-        for name, state in old.items():
-            if self.maps.get(name) is state:
-                continue
+        self.maps, work = reload.rebuild_states(
+            self.maps,
+            config.crypto_maps,
+            keep,
+            lambda cmap: MapState.build(
+                cmap, build_ike_config(config, cmap, acls[cmap.match_address], self._jitter)
+            ),
+        )
+        for state in work.dropped:
             for sa in self._sas_of_map(state):
                 sa.delete(now)
+                work.sas_deleted += 1
             for key in list(state.children):
                 self._remove_child(state, key)
-            self.datapath.unbind(name)
-            log.info("crypto map %s: changed or removed by reload, SAs deleted", name)
-        # Responders are matched against the new configs from now on; the IKE
-        # SAs of kept maps keep the config object they were built with.
-        self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+                work.children_removed += 1
+            self.datapath.unbind(state.cmap.name)
+            log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
+        if work.built or work.dropped:
+            # Responders are matched against the new configs from now on; the IKE
+            # SAs of kept maps keep the config object they were built with.
+            self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+        self.last_reload = work
         self.pump(now)
 
     # -- steps 4 and 5 ------------------------------------------------------------
@@ -186,7 +190,6 @@ class Manager:
         self.pump(now)
 
     def on_timer(self, now: float) -> None:
-        periodic.before_engine_timers(self, now)
         self.endpoint.handle_timer(now)
         self.periodic(now)
         self.pump(now)
@@ -220,9 +223,14 @@ class Manager:
         self._follow_peers()
 
     def periodic(self, now: float) -> None:
-        """Start what is due: liveness checks, volume rekeys, NAT keepalives
+        """Start what is due: liveness checks, volume looks, NAT keepalives
         (:func:`ipsecmgr.periodic.periodic`)."""
         periodic.periodic(self, now)
+
+    def _usage(self, ike_name: str, child_id: int, now: float) -> ike.ChildUsage | None:
+        """What the data path counted for a Child SA, when the engine asks
+        (:func:`ipsecmgr.periodic.usage`)."""
+        return periodic.usage(self, ike_name, child_id, now)
 
     def on_unknown_spi(
         self, spi: int, src: bytes, family: int, udp: Address | None, now: float

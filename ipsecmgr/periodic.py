@@ -1,9 +1,12 @@
-"""The manager's periodic work: liveness checks, volume rekeys, NAT keepalives.
+"""The manager's periodic work: liveness checks, volume looks, NAT keepalives.
 
-Dead-peer detection (RFC 7296 §2.4), byte/packet/sequence limits of the Child
-SAs (soft: rekey, hard: delete), ``rekey lazy``, NAT keepalives (RFC 3948 §2.3)
+Dead-peer detection (RFC 7296 §2.4), the engine's looks at what the Child SAs
+carried (:meth:`ike.IkeSA.check_usage`: the engine asks :func:`usage` and
+decides on the byte/packet/sequence limits), NAT keepalives (RFC 3948 §2.3)
 and the expiry of lingering inbound SPIs, each by deadline in the manager's
-timer heap (:attr:`Manager.deadlines`): nothing is swept.
+timer heap (:attr:`Manager.deadlines`): nothing is swept. Lifetimes themselves
+(seconds, volume, jitter, ``rekey lazy``) are the engine's policy
+(``ike.lifetimes``).
 """
 
 from __future__ import annotations
@@ -19,14 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipsecmgr.ike")
 
-# Time-based rekeying belongs to the IKE engine (90 % / 93 % of the lifetime in
-# seconds, see ike/__init__.py); the manager only moves that soft deadline
-# earlier by a random share of up to REKEY_JITTER of the lifetime (RFC 7296
-# §2.8: jitter, so that two peers rarely rekey at once), and vetoes it for
-# "rekey lazy" SAs that carried nothing. Volume limits are the manager's:
-SOFT_VOLUME = 0.9  # soft limit = 90 % (minus jitter) of lifetime_bytes / lifetime_packets
-REKEY_JITTER = 0.05
-# Seconds between looks at the ESP counters (zero per-packet cost): every second
+# Seconds between the engine's looks at the ESP counters (zero per-packet cost): every second
 # with byte/packet lifetimes, else every 5 s for the sequence number only (its
 # soft limit leaves 2^20 packets: 5 s at 200 kpps, more than this gateway sends).
 VOLUME_CHECK = 1.0
@@ -55,7 +51,7 @@ def _volume_period(mgr: Manager, state: MapState) -> float:
 
 def periodic(mgr: Manager, now: float) -> None:
     """Start what is due: liveness checks (§2.4), volume rekeys, NAT keepalives
-    (RFC 3948 §2.3). Time-based rekeys are the engine's (see REKEY_JITTER)."""
+    (RFC 3948 §2.3). Rekeys and expiry are the engine's (ike.lifetimes)."""
     mgr.failover.periodic(now)  # preemption probes, retiring a backup's IKE SA
     # Only what is due, earliest first (ike.timers): each handler sets its next time
     for kind, key in mgr.deadlines.pop_due(now):
@@ -102,7 +98,7 @@ def _map_work_due(mgr: Manager, kind: str, name: str, now: float) -> None:
     if kind == "volume" and state.volume_at is not None:
         if now >= state.volume_at:
             state.volume_at = now + _volume_period(mgr, state)
-            _check_volume(mgr, state, sa, now)
+            sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
         mgr.deadlines.set(("volume", name), state.volume_at)
     elif kind == "keepalive" and state.keepalive_at is not None:
         if now >= state.keepalive_at:
@@ -136,82 +132,23 @@ def _check_liveness(mgr: Manager, state: MapState, sa: ike.IkeSA, lv: Liveness, 
     lv.check_at = min(due, now + dpd.interval / DPD_SAMPLES)
 
 
-def _check_volume(mgr: Manager, state: MapState, sa: ike.IkeSA, now: float) -> None:
-    """Soft byte/packet/sequence limits → rekey (make-before-break); hard → delete."""
-    for (ike_name, child_id), rec in list(state.children.items()):
-        if ike_name != sa.name or rec.rekey_started or child_id not in sa.children:
-            continue
-        out, inb = rec.outbound.status(now), rec.inbound.status(now)
-        if out.hard_expired or inb.hard_expired:
-            rec.rekey_started = True
-            state.bump("child_hard_expired")
-            log.warning(
-                "crypto map %s: Child SA %d reached its hard limit (%s), deleting",
-                state.cmap.name,
-                child_id,
-                ",".join(sorted(out.hard | inb.hard)),
-            )
-            sa.delete_child(child_id, now)
-        elif out.soft_expired or inb.soft_expired:
-            rec.rekey_started = True
-            why = ",".join(sorted(out.soft | inb.soft))
-            state.bump("child_rekey_volume")
-            state.bump("child_rekey_started")
-            log.info(
-                "crypto map %s: Child SA %d reached its soft limit (%s), rekeying",
-                state.cmap.name,
-                child_id,
-                why,
-            )
-            child = sa.children[child_id]
-            child.rekey_at = None  # one rekey only: the engine's timer stands down
-            sa.rekey_child(child_id, now)
-
-
-def before_engine_timers(mgr: Manager, now: float) -> None:
-    """The engine is about to start the rekeys due at ``now``: count them, and
-    apply ``rekey lazy``: at the soft lifetime an SA that carried nothing is
-    not rekeyed; the engine deletes it at the hard lifetime and the next
-    packet creates a new one (``rekey keepalive`` rekeys regardless, as StarOS)."""
-    # Only the IKE SAs whose engine timer is due (ike.timers), not every map
-    for owner in mgr.endpoint.due(now):
-        state = mgr._state_for_name(owner.name)
-        if state is None:
-            continue
-        ts = mgr.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
-        sa = state.ike_sa
-        due = sa is owner and sa.established and sa.ike_rekey_at is not None
-        if due and sa is not None and sa.ike_rekey_at is not None and now >= sa.ike_rekey_at:
-            state.bump("ike_rekey_started")
-            log.info("crypto map %s: IKE SA soft lifetime, rekeying", state.cmap.name)
-        for (ike_name, child_id), rec in state.children.items():
-            if ike_name != owner.name:
-                continue
-            child = owner.children.get(child_id)
-            if child is None or child.rekey_at is None or now < child.rekey_at:
-                continue
-            if child.expire_at is not None and now >= child.expire_at:
-                continue  # hard lifetime: the engine deletes it
-            idle = rec.inbound.counters.packets == 0 and rec.outbound.counters.packets == 0
-            if ts.rekey == "lazy" and idle:
-                child.rekey_at = None
-                state.bump("child_lazy_expiry")
-                log.info(
-                    "crypto map %s: Child SA %d idle, left to expire (rekey lazy)",
-                    state.cmap.name,
-                    child_id,
-                )
-            elif child.state == "installed":
-                state.bump("child_rekey_started")
-                log.info(
-                    "crypto map %s: Child SA %d soft lifetime, rekeying",
-                    state.cmap.name,
-                    child_id,
-                )
-
-
-def jittered(mgr: Manager, soft: float | None, lifetime: float) -> float | None:
-    return None if soft is None else soft - mgr.jitter() * REKEY_JITTER * lifetime
+def usage(mgr: Manager, ike_name: str, child_id: int, now: float) -> ike.ChildUsage | None:
+    """What the data path counted for a Child SA (the engine asks: volume lifetimes,
+    ``rekey lazy``): the larger direction, and whether the sequence numbers run out."""
+    state = mgr._state_for_name(ike_name)
+    rec = state.children.get((ike_name, child_id)) if state is not None else None
+    if rec is None:
+        return None
+    out, inb = rec.outbound, rec.inbound
+    # The ESP SAs carry no volume limits (the engine's), only the sequence number's
+    # (RFC 4303 §3.3.3: it never wraps)
+    so, si = out.status(now), inb.status(now)
+    return ike.ChildUsage(
+        max(out.counters.packets, inb.counters.packets),
+        max(out.counters.bytes, inb.counters.bytes),
+        "seq" in so.soft or "seq" in si.soft,
+        "seq" in so.hard or "seq" in si.hard,
+    )
 
 
 def _send_keepalive(mgr: Manager, state: MapState, sa: ike.IkeSA) -> None:

@@ -56,7 +56,6 @@ class ChildRecord:
     key_bits: int
     # (inbound, outbound) AES key ‖ salt, kept only for ``trace --wireshark-keys``
     keys: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
-    rekey_started: bool = False  # a volume/sequence rekey (or our delete) is under way
 
 
 @dataclass

@@ -28,12 +28,19 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from ipsecmgr import nlbatch
+from ipsecmgr.nlbatch import Route, RouteRequest
+
+if TYPE_CHECKING:
+    import npusim
+    from ipsecmgr import config as cfg
 
 DEFAULT_TABLE = 0x4950  # "IP"
 DEFAULT_MARK = 0x4950
@@ -86,6 +93,9 @@ class Routing:
         self.mark = mark
         self.priority = priority
         self._ipr = IPRoute()
+        # Bulk route changes (blocks, TUN routes): many per netlink send (ipsecmgr.nlbatch)
+        self._apply: Callable[[Sequence[RouteRequest]], list[int]] = nlbatch.apply
+        self._dump: Callable[[int], list[Route]] = nlbatch.dump
 
     def close(self) -> None:
         self._ipr.close()
@@ -147,90 +157,83 @@ class Routing:
     def flush_except_blocks(self, keep: Iterable[str]) -> list[str]:
         """Remove every route of our table but the fail-closed routes for ``keep``
         (a takeover: stale TUN routes and blocks for prefixes no longer protected go)."""
-        wanted = {str(ipaddress.ip_network(p)) for p in keep}
-        return self._flush(lambda route: not (_is_block(route) and _prefix(route) in wanted))
+        wanted = {nlbatch.canonical(p) for p in keep}
+        return self._flush(lambda route: not (_is_block(route) and route.dst in wanted))
 
-    def _flush(self, select: Callable[[Any], bool]) -> list[str]:
+    def _flush(self, select: Callable[[Route], bool]) -> list[str]:
+        """Delete the routes of our table ``select`` picks (one dump, batched deletes)."""
+        routes = [r for r in self._dump(self.table) if select(r)]
         removed = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                routes = self._ipr.get_routes(family=family, table=self.table)
-            except NetlinkError:
-                continue  # IPv6 disabled: nothing there
-            for route in routes:
-                if not select(route):
-                    continue
-                try:
-                    self._ipr.route("del", **_route_key(route, self.table))
-                except NetlinkError as exc:
-                    if exc.code not in (_ENOENT, _ESRCH):
-                        raise
-                removed.append(describe_route(route))
+        for route, code in zip(routes, self._apply([r.delete() for r in routes]), strict=True):
+            if code not in (0, _ENOENT, _ESRCH):
+                raise NetlinkError(code, f"route {route.dst}: {os.strerror(code)}")
+            removed.append(describe_route(route))
         return removed
 
     def block_routes(self) -> list[str]:
         """The fail-closed routes in our table, described (``prohibit 192.0.2.0/24``)."""
-        out = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                routes = self._ipr.get_routes(family=family, table=self.table)
-            except NetlinkError:
-                continue
-            out += [describe_route(r) for r in routes if _is_block(r)]
-        return out
+        return [describe_route(r) for r in self._dump(self.table) if _is_block(r)]
 
     def remove_blocks(self, prefixes: Iterable[str]) -> list[str]:
         """Remove the fail-closed routes of ``prefixes`` (no longer protected after a
-        reload); TUN routes stay. Returns them, described."""
-        gone = {str(ipaddress.ip_network(p)) for p in prefixes}
-        return self._flush(lambda route: _is_block(route) and _prefix(route) in gone)
+        reload); TUN routes stay. Returns them, described. One delete per prefix (by
+        its metric and type), no dump of the table: a reload's cost follows what it
+        unblocks, not the size of the table."""
+        nets = [str(ipaddress.ip_network(p)) for p in prefixes]
+        removed: list[str] = []
+        todo = list(range(len(nets)))
+        for rtype in BLOCK_TYPES:
+            if not todo:
+                break
+            requests = [
+                RouteRequest("del", nets[i], self.table, rtype, priority=BLOCK_METRIC) for i in todo
+            ]
+            left = []
+            for i, code in zip(todo, self._apply(requests), strict=True):
+                if code == 0:
+                    removed.append(f"{BLOCK_TYPE_NAMES[rtype]} {nets[i]} metric {BLOCK_METRIC}")
+                elif code in (_ENOENT, _ESRCH):
+                    left.append(i)  # not there, or of another type
+                else:
+                    raise NetlinkError(code, os.strerror(code))
+            todo = left
+        return removed
 
     def install_blocks(self, prefixes: Iterable[str]) -> list[str]:
         """A fail-closed route per prefix (``replace``: idempotent on a takeover).
 
         Tries prohibit, then unreachable, then blackhole; returns what could not be
         protected (IPv6 disabled, no such route type), one line each, so the daemon
-        says so at start and still protects the rest."""
-        failed: list[str] = []
-        for prefix in prefixes:
-            net = ipaddress.ip_network(prefix)
-            family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
-            errors = []
-            for rtype in BLOCK_TYPES:
-                try:
-                    self._ipr.route(
-                        "replace",
-                        dst=str(net),
-                        table=self.table,
-                        family=family,
-                        type=rtype,
-                        priority=BLOCK_METRIC,
-                    )
-                    break
-                except NetlinkError as exc:
-                    errors.append(f"{BLOCK_TYPE_NAMES[rtype]}: {_strerror(exc)}")
-            else:
-                failed.append(f"{net}: no fail-closed route ({'; '.join(errors)})")
-        return failed
+        says so at start and still protects the rest. In batches (ipsecmgr.nlbatch)."""
+        nets = [nlbatch.canonical(p) for p in prefixes]
+        errors: list[list[str]] = [[] for _ in nets]
+        todo = list(range(len(nets)))
+        for rtype in BLOCK_TYPES:
+            if not todo:
+                break
+            requests = [
+                RouteRequest("replace", nets[i], self.table, rtype, priority=BLOCK_METRIC)
+                for i in todo
+            ]
+            left = []
+            for i, code in zip(todo, self._apply(requests), strict=True):
+                if code:
+                    errors[i].append(f"{BLOCK_TYPE_NAMES[rtype]}: {os.strerror(code)}")
+                    left.append(i)
+            todo = left
+        return [f"{nets[i]}: no fail-closed route ({'; '.join(errors[i])})" for i in todo]
 
     # -- routes --------------------------------------------------------------
 
     def add_tun_routes(self, ifname: str, routes: Iterable[TunRoute]) -> None:
+        """Routes into the TUN (in batches: 10,000 NAS, 10,000 routes)."""
         (index,) = self._ipr.link_lookup(ifname=ifname)
-        for r in routes:
-            kwargs: dict[str, object] = {
-                "dst": r.prefix,
-                "oif": index,
-                "table": self.table,
-                "family": r.family,
-            }
-            if r.src:
-                kwargs["prefsrc"] = r.src
-            try:
-                self._ipr.route("add", **kwargs)
-            except NetlinkError as exc:
-                if exc.code != _EEXIST:
-                    raise
+        requests = [
+            RouteRequest("add", r.prefix, self.table, oif=index, prefsrc=r.src) for r in routes
+        ]
+        for req, code in zip(requests, self._apply(requests), strict=True):
+            if code and code != _EEXIST:
+                raise NetlinkError(code, f"route {req.dst} dev {ifname}: {os.strerror(code)}")
 
     def add_address(self, ifname: str, address: str) -> None:
         """Put an address (e.g. the tunnel-mode ``src_ip``) on the TUN."""
@@ -261,46 +264,48 @@ def _strerror(exc: NetlinkError) -> str:
     return os.strerror(exc.code) if exc.code else str(exc)
 
 
-def _is_block(route: Any) -> bool:
-    return route["type"] in BLOCK_TYPES
+def _is_block(route: Route) -> bool:
+    return route.type in BLOCK_TYPES
 
 
-def _prefix(route: Any) -> str:
-    dst = route.get_attr("RTA_DST")
-    if dst is None:
-        dst = "::" if route["family"] == socket.AF_INET6 else "0.0.0.0"
-    return str(ipaddress.ip_network(f"{dst}/{route['dst_len']}"))
-
-
-def describe_route(route: Any) -> str:
+def describe_route(route: Route) -> str:
     """``prohibit 192.0.2.7/32 metric 32767`` / ``192.0.2.7/32 oif 5``."""
-    kind = BLOCK_TYPE_NAMES.get(route["type"], "")
-    parts = [kind, _prefix(route)] if kind else [_prefix(route)]
-    oif = route.get_attr("RTA_OIF")
-    if oif:
-        parts.append(f"oif {oif}")
-    prio = route.get_attr("RTA_PRIORITY")
-    if prio:
-        parts.append(f"metric {prio}")
+    kind = BLOCK_TYPE_NAMES.get(route.type, "")
+    parts = [kind, route.dst] if kind else [route.dst]
+    if route.oif:
+        parts.append(f"oif {route.oif}")
+    if route.priority:
+        parts.append(f"metric {route.priority}")
     return " ".join(parts)
 
 
-def _route_key(route: object, table: int) -> dict[str, object]:
-    msg = route  # a pyroute2 rtmsg
-    get_attr = msg.get_attr  # type: ignore[attr-defined]
-    key: dict[str, object] = {
-        "table": table,
-        "family": msg["family"],  # type: ignore[index]
-        "dst_len": msg["dst_len"],  # type: ignore[index]
-    }
-    dst = get_attr("RTA_DST")
-    if dst:
-        key["dst"] = dst
-    oif = get_attr("RTA_OIF")
-    if oif:
-        key["oif"] = oif
-    prio = get_attr("RTA_PRIORITY")
-    if prio:
-        key["priority"] = prio
-    key["type"] = msg["type"]  # type: ignore[index]
-    return key
+def tun_routes(
+    config: cfg.Config, acls: Mapping[str, npusim.Acl], tun: cfg.TunInterface
+) -> list[TunRoute]:
+    """Routes into ``tun`` with the source address the kernel should use: ``src_ip``
+    of the first tunnel-mode crypto map (in the TUN's order) with a permit line that
+    can match a destination in the prefix, our own outer address for the rest
+    (those may be bypassed in clear, step 3b).
+
+    One pass over the maps' permit lines builds an index (family, wildcard mask,
+    masked destination) -> first map; each route then costs one probe per distinct
+    mask, not a test of every map (10,000 routes x 10,000 maps was 10^8 tests)."""
+    first: dict[tuple[int, int, int], tuple[int, str]] = {}
+    masks: dict[int, set[int]] = {4: set(), 6: set()}
+    for order, name in enumerate(tun.crypto_maps):
+        m = config.crypto_maps[name]
+        if m.mode != "tunnel" or m.src_ip is None:
+            continue
+        v = m.src_ip.version
+        for r in acls[m.match_address].rules:
+            if r.permit and r.version in (v, 0):
+                first.setdefault((v, r.dst_mask, r.dst), (order, str(m.src_ip)))
+                masks[v].add(r.dst_mask)
+    outer = {a.version: str(a) for a in reversed(config.gateway.local_addresses)}
+    routes = []
+    for prefix in tun.routes:
+        net = int(prefix.network_address)
+        v = prefix.version
+        hits = [hit for mask in masks[v] if (hit := first.get((v, mask, net & mask)))]
+        routes.append(TunRoute(str(prefix), min(hits)[1] if hits else outer.get(v)))
+    return routes

@@ -72,16 +72,16 @@ def ike_sa_states(mgr: Manager, now: float, wall: float) -> list[show.IkeSaState
     out: list[show.IkeSaState] = []
     for sa in mgr.endpoint.sas:
         state = mgr.maps.get(sa.name.rsplit("-", 1)[0])
-        suite = sa.ch.suite
+        suite = sa.suite
         established = state.established_at if state and state.ike_sa is sa else None
         out.append(
             {
                 "crypto_map": state.cmap.name if state else "?",
                 "local": f"{sa.local_addr[0]}:{sa.local_addr[1]}",
                 "remote": f"{sa.peer_addr[0]}:{sa.peer_addr[1]}",
-                "spi_i": sa.ch.spi_i.hex(),
-                "spi_r": sa.ch.spi_r.hex(),
-                "role": "initiator" if sa.ch.initiator else "responder",
+                "spi_i": sa.spi_i.hex(),
+                "spi_r": sa.spi_r.hex(),
+                "role": sa.role,
                 "state": _IKE_STATE.get(sa.state, sa.state.upper()),
                 "encryption": _encr_name(suite.encr, suite.key_bits) if suite else "-",
                 "prf": ike.PrfId(suite.prf).name if suite else "-",
@@ -109,7 +109,7 @@ def child_sa_states(mgr: Manager, now: float, wall: float) -> list[show.ChildSaS
             out.append(
                 {
                     "crypto_map": name,
-                    "ike_spi_i": ike_sa.ch.spi_i.hex() if ike_sa else "",
+                    "ike_spi_i": ike_sa.spi_i.hex() if ike_sa else "",
                     "mode": rec.mode,
                     "state": str(
                         ChildState.INSTALLED

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
 import ike
 import npusim
@@ -126,7 +127,15 @@ def _one_ts_text(ts: ike.TrafficSelector) -> str:
     return str(ts)
 
 
-def build_ike_config(config: cfg.Config, cmap: cfg.CryptoMap, acl: npusim.Acl) -> ike.IkeConfig:
+def build_ike_config(
+    config: cfg.Config,
+    cmap: cfg.CryptoMap,
+    acl: npusim.Acl,
+    jitter: Callable[[], float] = random.random,
+) -> ike.IkeConfig:
+    """The engine's config of a crypto map, its lifetime policy included (the engine
+    owns rekeys and expiry, ike.lifetimes); ``jitter``: the random source of the
+    rekey jitter (RFC 7296 §2.8), uniform in [0, 1)."""
     ts = config.ipsec_transform_sets[cmap.ipsec_transform_sets[0]]
     local_ts, remote_ts = selectors_from_acl(acl)
     return ike.IkeConfig(
@@ -149,5 +158,9 @@ def build_ike_config(config: cfg.Config, cmap: cfg.CryptoMap, acl: npusim.Acl) -
         nat_traversal=cmap.encapsulation != "never",
         ike_lifetime=float(config.ike_transform_sets[cmap.ike_transform_sets[0]].lifetime),
         child_lifetime=float(ts.lifetime_seconds),
+        child_lifetime_packets=ts.lifetime_packets or 0,
+        child_lifetime_bytes=ts.lifetime_bytes or 0,
+        jitter=jitter,
+        rekey_lazy=ts.rekey == "lazy",
         name=cmap.name,
     )

@@ -26,7 +26,7 @@ from ..payloads import (
     SAPayload,
     find_notify,
 )
-from ..state import Channel, Inbound, State
+from ..state import Channel, ChildState, Inbound, State
 from .base import NONCE_LEN, Task, _nonce, _require, algorithms, wireshark_names
 from .child import ChildCreate, ChildRekey, _respond_child
 from .ike_rekey import IkeRekey, _respond_ike_rekey
@@ -43,6 +43,7 @@ from .initial import IkeAuth, IkeInit, respond_auth, respond_init
 
 __all__ = [
     "RESPONDERS",
+    "RETIRING",
     "ChildCreate",
     "ChildDelete",
     "ChildRekey",
@@ -77,7 +78,7 @@ def _respond_create_child(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> l
     old = next((c for c in sa.children.values() if c.outbound_spi == spi), None)
     if old is None:
         raise ProtocolError(NotifyType.CHILD_SA_NOT_FOUND, "rekey of unknown Child SA")
-    if old.state in ("deleting", "rekeyed"):
+    if old.state in (ChildState.DELETING, ChildState.REKEYED):
         # §2.25.1: we are closing it already
         raise ProtocolError(NotifyType.TEMPORARY_FAILURE, "Child SA is going away")
     pending = sa.ch.pending
@@ -96,11 +97,14 @@ def _respond_create_child(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> l
         or not isinstance(pending.task, ChildRekey)
         or pending.task.child_id != old.child_id
     ):
-        old.state = "rekeyed"  # the peer deletes it next (make-before-break)
+        old.state = ChildState.REKEYED  # the peer deletes it next (make-before-break)
     return out
 
 
 Responder = Callable[["IkeSA", Channel, Inbound, float], list[Payload]]
+
+# The row for a request on a replaced IKE SA (a retiring channel), whatever the state
+RETIRING = "old"
 
 RESPONDERS: dict[tuple[int, str], Responder] = {
     (ExchangeType.IKE_SA_INIT, State.NEW): respond_init,
@@ -108,8 +112,8 @@ RESPONDERS: dict[tuple[int, str], Responder] = {
     (ExchangeType.CREATE_CHILD_SA, State.ESTABLISHED): _respond_create_child,
     (ExchangeType.INFORMATIONAL, State.ESTABLISHED): _respond_informational,
     (ExchangeType.INFORMATIONAL, State.DELETING): _respond_informational,
-    (ExchangeType.INFORMATIONAL, "old"): _respond_old,
-    (ExchangeType.CREATE_CHILD_SA, "old"): _refuse_on_old,
+    (ExchangeType.INFORMATIONAL, RETIRING): _respond_old,
+    (ExchangeType.CREATE_CHILD_SA, RETIRING): _refuse_on_old,
 }
 
 

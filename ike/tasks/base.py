@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 _P = TypeVar("_P", bound=Payload)
 
 NONCE_LEN = 32
-KEY_PAD = b"Key Pad for IKEv2"  # §2.15
 MAX_INIT_RETRIES = 5
 
 
@@ -85,8 +84,9 @@ def wireshark_names(suite: IkeSuite) -> tuple[str, str]:
     return encr, (f"{integ[suite.integ]} [RFC4868]" if suite.integ else "NONE [RFC4306]")
 
 
-@functools.lru_cache(maxsize=64)  # IkeSuite is frozen: one string per suite in use
-@functools.lru_cache(maxsize=64)  # per suite (frozen): every IkeSaEstablished names it
+# A table more than a cache: keyed by the algorithm numbers of a suite (a small,
+# fixed set), never by what a peer sends; every IkeSaEstablished names its suite
+@functools.lru_cache(maxsize=64)
 def algorithms(suite: IkeSuite) -> str:
     from ..constants import DhGroup, IntegId, PrfId
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import events as ev
+from .. import lifetimes
 from ..config import EspProposal
 from ..constants import (
     EncrId,
@@ -41,7 +42,7 @@ from ..proposals import (
     narrow,
     select_esp,
 )
-from ..state import ChildSA, Inbound
+from ..state import ChildSA, ChildState, Inbound
 from .base import NONCE_LEN, Task, _error_notify, _nonce, _require, _retry_later, _shared, _ts
 from .informational import ChildDelete
 
@@ -71,7 +72,7 @@ def _offer(sa: IkeSA, with_pfs: bool, rekey: ChildSA | None = None) -> ChildOffe
     if rekey is not None:
         lts, rts, transport = rekey.local_ts, rekey.remote_ts, rekey.mode == "transport"
     else:
-        lts, rts = sa.config.traffic_selectors()
+        lts, rts = sa.config.traffic_selectors(sa.caches.host_ts)
         transport = sa.config.mode == "transport"
     pfs = int(sa.config.pfs_group) if with_pfs and sa.config.pfs_group else None
     return ChildOffer(
@@ -139,9 +140,7 @@ def _install(
         list(remote_ts),
         now,
     )
-    child.rekey_at = sa.rekey_time(now, sa.config.child_lifetime)
-    if sa.config.child_lifetime > 0:
-        child.expire_at = now + sa.config.child_lifetime
+    lifetimes.arm_child(sa, child, now)
     sa.children[child.child_id] = child
     sa.emit(
         ev.ChildSaInstalled(
@@ -232,7 +231,7 @@ def _respond_child(
     if ts_from is not None:
         local_allowed, remote_allowed = ts_from.local_ts, ts_from.remote_ts
     else:
-        local_allowed, remote_allowed = sa.config.traffic_selectors()
+        local_allowed, remote_allowed = sa.config.traffic_selectors(sa.caches.host_ts)
     # TSi are the initiator's (our remote) selectors, TSr ours (§2.9)
     tsi_n, tsr_n = narrow(tsi, remote_allowed), narrow(tsr, local_allowed)
     if not tsi_n or not tsr_n:
@@ -324,9 +323,9 @@ class ChildRekey(_ChildTask):
 
     def build(self, sa: IkeSA, now: float) -> list[Payload] | None:
         old = sa.children.get(self.child_id)
-        if old is None or old.state not in ("installed", "rekeying"):
+        if old is None or old.state not in (ChildState.INSTALLED, ChildState.REKEYING):
             return None
-        old.state = "rekeying"
+        old.state = ChildState.REKEYING
         if self.offer is None:
             self.offer = _offer(sa, with_pfs=True, rekey=old)
         self.ni = sa.rng(NONCE_LEN)
@@ -346,20 +345,20 @@ class ChildRekey(_ChildTask):
             # §2.8.1: our exchange holds the lowest nonce, so the SA we created is
             # redundant and we close it; the peer deletes the old one.
             sa.count("rekey_collision_lost")
-            new.state = "rekeyed"
+            new.state = ChildState.REKEYED
             sa.queue_task(ChildDelete(new.child_id, "rekey-collision"), now, front=True)
             return
         if self.collision is not None:
             sa.count("rekey_collision_won")
         sa.emit(ev.ChildSaRekeyed(sa.name, self.child_id, new.child_id))
         if old is not None:
-            old.state = "rekeyed"
+            old.state = ChildState.REKEYED
             sa.queue_task(ChildDelete(self.child_id, "rekeyed"), now, front=True)
 
     def fail(self, sa: IkeSA, exc: ProtocolError, now: float) -> None:
         old = sa.children.get(self.child_id)
-        if old is not None and old.state == "rekeying":
-            old.state = "installed"
+        if old is not None and old.state == ChildState.REKEYING:
+            old.state = ChildState.INSTALLED
             if exc.notify == NotifyType.TEMPORARY_FAILURE:
                 old.rekey_at = _retry_later(sa, now)  # §2.25: retry after a while
         super().fail(sa, exc, now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import events as ev
+from .. import lifetimes
 from ..constants import (
     ExchangeType,
     NotifyType,
@@ -151,7 +152,7 @@ def _switch_channel(sa: IkeSA, new: Channel, now: float, we_delete_old: bool) ->
     new.expire_at = None
     if not we_delete_old:
         old.expire_at = sa.linger(now)  # the peer deletes it; do not wait forever
-    sa.ike_rekey_at = sa.rekey_time(now, sa.config.ike_lifetime)
+    lifetimes.arm_ike(sa, now)  # a new generation: new soft and hard deadlines
     sa.drop_queued(IkeRekey)  # the IKE SA was just renewed
     sa.emit(ev.IkeSaRekeyed(sa.name, old.spi_i, old.spi_r, new.spi_i, new.spi_r))
     if we_delete_old:

@@ -17,7 +17,7 @@ from ..payloads import (
     Payload,
     notifies,
 )
-from ..state import Channel, Inbound, State
+from ..state import Channel, ChildState, Inbound, State
 from .base import Task
 from .ike_rekey import IkeRekey, _adopt, _OldIkeDelete
 
@@ -66,7 +66,7 @@ class ChildDelete(Task):
         child = sa.children.get(self.child_id)
         if child is None:
             return None
-        child.state = "deleting"
+        child.state = ChildState.DELETING
         return [DeletePayload(ProtocolId.ESP, [child.inbound_spi.to_bytes(4, "big")])]
 
     def process(self, sa: IkeSA, msg: Inbound, now: float) -> None:
@@ -144,13 +144,14 @@ def _respond_informational(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> 
             if child is None:
                 continue
             del sa.children[child.child_id]
-            reason = "rekeyed" if child.state in ("rekeyed", "rekeying") else "deleted-by-peer"
+            rekeyed = child.state in (ChildState.REKEYED, ChildState.REKEYING)
+            reason = "rekeyed" if rekeyed else "deleted-by-peer"
             sa.emit(
                 ev.ChildSaDeleted(
                     sa.name, child.child_id, child.inbound_spi, child.outbound_spi, reason
                 )
             )
-            if child.state != "deleting":  # §1.4.1: crossing deletes are not echoed
+            if child.state != ChildState.DELETING:  # §1.4.1: crossing deletes are not echoed
                 ours.append(child.inbound_spi.to_bytes(4, "big"))
         if ours:
             out.append(DeletePayload(ProtocolId.ESP, ours))

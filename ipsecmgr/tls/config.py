@@ -97,7 +97,7 @@ class TlsMap:
 
 
 class ParserLike(Protocol):
-    """The getters of :class:`ipsecmgr.config._Parser` this module uses."""
+    """The getters of :class:`ipsecmgr.config.getters.Getters` this module uses."""
 
     base_dir: Path
 

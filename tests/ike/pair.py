@@ -24,13 +24,21 @@ Filter = Callable[[str, int, bytes], list[bytes]]
 
 
 def configs(psk: bytes = b"correct horse battery staple", **kw: Any) -> tuple[IkeConfig, IkeConfig]:
-    """Matching initiator/responder configs; ``i_x``/``r_x`` keys override one side."""
+    """Matching initiator/responder configs; ``i_x``/``r_x`` keys override one side.
+
+    The rekey jitter is 0 unless a test says otherwise (``jitter=...``): soft
+    lifetimes at exactly 90 % / 93 %, so timings are deterministic."""
+    kw.setdefault("jitter", no_jitter)
     ci = IkeConfig(I_ADDR, R_ADDR, Identity.address(I_ADDR[0]), Identity.address(R_ADDR[0]), psk)
     cr = IkeConfig(R_ADDR, I_ADDR, Identity.address(R_ADDR[0]), Identity.address(I_ADDR[0]), psk)
     both = {k: v for k, v in kw.items() if not k.startswith(("i_", "r_"))}
     ci = dataclasses.replace(ci, **both, **{k[2:]: v for k, v in kw.items() if k.startswith("i_")})
     cr = dataclasses.replace(cr, **both, **{k[2:]: v for k, v in kw.items() if k.startswith("r_")})
     return ci, cr
+
+
+def no_jitter() -> float:
+    return 0.0
 
 
 class Pair:

@@ -1,10 +1,12 @@
 """The engine's caches and shortcuts give the same values as computing afresh.
 
-``_parse_ts`` keeps wire record -> TrafficSelector (bounded); ``_intersect``
-returns one of its operands when the intersection equals it; identities are
-decoded once; prf(PSK, "Key Pad for IKEv2") is kept per (PRF, PSK). The oracles:
-the ``ipaddress`` module on the same octets, the stdlib ``hmac`` for §2.15, and
-a handshake after the PSK changed.
+The caches belong to an endpoint (``ike.caches.EngineCaches``), never to the
+process: ``parse_chain`` keeps wire record -> TrafficSelector in the table it is
+given (bounded); ``_intersect`` returns one of its operands when the
+intersection equals it; identities are decoded once; prf(PSK, "Key Pad for
+IKEv2") is kept per (PRF, PSK) and dropped when the endpoint's configs change.
+The oracles: the ``ipaddress`` module on the same octets, the stdlib ``hmac``
+for §2.15, and a handshake after the PSK changed.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ import sys
 
 import pytest
 
-import ike
 from ike import payloads
 from ike.buffer import Buffer
+from ike.caches import EngineCaches
 from ike.config import Identity
 from ike.constants import IdType, PayloadType, PrfId
 from ike.crypto import get_prf
+from ike.endpoint import IkeEndpoint
 from ike.payloads import TrafficSelector, TSPayload, build_chain, parse_chain
 from ike.proposals import narrow
-from ike.tasks.initial import _psk_key
 
 from .pair import Pair, configs
 
@@ -40,8 +42,8 @@ def _wire(*selectors: tuple[int, bytes, bytes, int, int, int]) -> bytes:
     return struct.pack("!BBH", 0, 0, 4 + len(body)) + body
 
 
-def _parse(wire: bytes) -> list[TrafficSelector]:
-    got, _ = parse_chain(Buffer(wire), PayloadType.TSi)
+def _parse(wire: bytes, table: dict[bytes, TrafficSelector] | None = None) -> list[TrafficSelector]:
+    got, _ = parse_chain(Buffer(wire), PayloadType.TSi, table)
     assert isinstance(got[0], TSPayload)
     return got[0].selectors
 
@@ -49,13 +51,15 @@ def _parse(wire: bytes) -> list[TrafficSelector]:
 def test_ts_cache_keys_on_the_whole_record() -> None:
     """Same addresses, other protocol or ports: another selector, not the cached one."""
     a, b = bytes([192, 0, 2, 0]), bytes([192, 0, 2, 255])
-    first = _parse(_wire((7, a, b, 0, 0, 65535)))
-    again = _parse(_wire((7, a, b, 0, 0, 65535)))
-    tcp49 = _parse(_wire((7, a, b, 6, 49, 49)))
+    table = EngineCaches().selectors
+    first = _parse(_wire((7, a, b, 0, 0, 65535)), table)
+    again = _parse(_wire((7, a, b, 0, 0, 65535)), table)
+    tcp49 = _parse(_wire((7, a, b, 6, 49, 49)), table)
     v6 = ipaddress.IPv6Address("2001:db8::1").packed
-    six = _parse(_wire((8, v6, v6, 17, 500, 500)))
+    six = _parse(_wire((8, v6, v6, 17, 500, 500)), table)
     want = TrafficSelector(ipaddress.IPv4Address("192.0.2.0"), ipaddress.IPv4Address("192.0.2.255"))
-    assert first == again == [want]
+    assert first == again == [want] and again[0] is first[0]  # the table's object
+    assert first == _parse(_wire((7, a, b, 0, 0, 65535)))  # no table: decoded afresh
     assert tcp49 == [
         TrafficSelector(want.start_addr, want.end_addr, ip_proto=6, start_port=49, end_port=49)
     ]
@@ -66,14 +70,15 @@ def test_ts_cache_keys_on_the_whole_record() -> None:
 
 
 def test_ts_cache_stays_bounded() -> None:
-    n = payloads._TS_CACHE_MAX + 50
+    n = payloads.TS_CACHE_MAX + 50
+    table = EngineCaches().selectors
     for i in range(n):
         addr = (0xC6336400 + i).to_bytes(4, "big")  # 198.51.100.0 + i (and on)
-        got = _parse(_wire((7, addr, addr, 0, i, i)))
+        got = _parse(_wire((7, addr, addr, 0, i, i)), table)
         assert got == [
             TrafficSelector(ipaddress.IPv4Address(addr), ipaddress.IPv4Address(addr), 0, i, i)
         ]
-        assert len(payloads._TS_CACHE) <= payloads._TS_CACHE_MAX
+        assert 1 <= len(table) <= payloads.TS_CACHE_MAX
 
 
 @pytest.mark.parametrize(
@@ -107,13 +112,15 @@ def test_narrow_partial_overlap_builds_a_new_selector() -> None:
 def test_psk_key_is_the_rfc7296_key_pad_per_psk() -> None:
     """§2.15: AUTH = prf(prf(PSK, "Key Pad for IKEv2"), octets), for each PSK apart."""
     octets = b"signed octets " * 20
+    caches = EngineCaches()
     for prf_id in (PrfId.HMAC_SHA2_256, PrfId.HMAC_SHA2_512):
         prf = get_prf(prf_id)
         for psk in (b"psk one 0123456789", b"psk two 0123456789"):
             pad = hmac.digest(psk, b"Key Pad for IKEv2", prf.hash_name)
             want = hmac.digest(pad, octets, prf.hash_name)
-            assert _psk_key(prf, psk).mac(octets) == want
-            assert _psk_key(prf, psk).mac(octets) == want  # from the cache
+            assert caches.psk_key(prf, psk).mac(octets) == want
+            assert caches.psk_key(prf, psk).mac(octets) == want  # from the cache
+    assert caches.sizes()["psk_keys"] == 4
 
 
 def test_changed_psk_is_used_after_a_handshake_with_the_old_one() -> None:
@@ -138,15 +145,20 @@ def test_changed_psk_is_used_after_a_handshake_with_the_old_one() -> None:
 
 
 def test_identity_decode_cached_values_and_errors() -> None:
-    a = Identity.decode(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 1]))
+    caches = EngineCaches()
+    a = caches.identity(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 1]))
     assert a == Identity(IdType.ID_IPV4_ADDR, "198.51.100.1")
-    assert Identity.decode(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 2])).value == "198.51.100.2"
-    assert Identity.decode(IdType.ID_FQDN, b"gw.example").value == "gw.example"
+    assert caches.identity(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 1])) is a
+    assert caches.identity(IdType.ID_IPV4_ADDR, bytes([198, 51, 100, 2])).value == "198.51.100.2"
+    assert caches.identity(IdType.ID_FQDN, b"gw.example").value == "gw.example"
+    assert a.encode() == caches.encoded(a) == bytes([198, 51, 100, 1])  # §3.5: the four octets
+    assert caches.encoded(Identity(IdType.ID_FQDN, "gw.example")) == b"gw.example"
     for _ in range(2):  # an error is raised every time, not cached as a value
         with pytest.raises(ValueError):
-            Identity.decode(IdType.ID_IPV4_ADDR, b"\x01\x02\x03")
+            caches.identity(IdType.ID_IPV4_ADDR, b"\x01\x02\x03")
         with pytest.raises(ValueError):
-            Identity.decode(IdType.ID_FQDN, b"\xff\xfe")
+            caches.identity(IdType.ID_FQDN, b"\xff\xfe")
+    assert caches.sizes()["identities"] == 3
 
 
 def test_selector_hash_survives_pickling_into_another_process() -> None:
@@ -175,10 +187,33 @@ def test_selector_hash_survives_pickling_into_another_process() -> None:
     assert out.split() == [b"found", b"found"]
 
 
-def test_forget_psk_keys_drops_every_derived_psk() -> None:
-    # The daemon calls it on SIGHUP: a replaced PSK's derived key must not stay cached.
-    prf = get_prf(PrfId.HMAC_SHA2_256)
-    _psk_key(prf, b"old-psk-0123456789")
-    assert _psk_key.cache_info().currsize >= 1
-    ike.forget_psk_keys()
-    assert _psk_key.cache_info().currsize == 0
+def test_two_endpoints_never_share_caches() -> None:
+    """A handshake fills its responder endpoint's tables only; a lone SA has its own."""
+    ci, cr = configs()
+    p = Pair(ci, cr)
+    other = IkeEndpoint([cr])
+    p.handshake()
+    assert p.r.established and p.r.caches is p.ep.caches
+    filled = p.ep.caches.sizes()
+    assert filled["psk_keys"] == 1 and filled["identities"] == 1 and filled["selectors"] >= 2
+    assert other.caches is not p.ep.caches
+    assert set(other.caches.sizes().values()) == {0}
+    assert p.i.caches is not p.ep.caches and p.i.caches.sizes()["psk_keys"] == 1
+
+
+def test_reload_drops_the_psk_derived_keys_and_the_handshake_still_works() -> None:
+    """SIGHUP: new configs on the endpoint; a replaced PSK's derived key must not stay."""
+    ci, cr = configs(psk=b"first shared key 0123")
+    p = Pair(ci, cr)
+    p.handshake()
+    assert p.ep.caches.sizes()["psk_keys"] == 1
+    cr2 = type(cr)(**{**vars(cr), "local_psk": b"second shared key 012"})
+    p.ep.configs = [cr2]
+    assert p.ep.caches.sizes()["psk_keys"] == 0
+    ci2 = type(ci)(**{**vars(ci), "local_psk": b"second shared key 012"})
+    q = Pair(ci2, cr2, seed=5)
+    q.ep = p.ep
+    p.ep.sas[:] = []
+    q.handshake()
+    assert q.i.established and q.r.established
+    assert p.ep.caches.sizes()["psk_keys"] == 1  # the new PSK's only

@@ -18,7 +18,7 @@ from ike.events import (
     IkeSaRekeyed,
     PeerDead,
 )
-from ike.sa import State
+from ike.sa import ChildState, State
 
 from .pair import R_ADDR, Pair, configs
 
@@ -211,7 +211,7 @@ def test_rekey_of_unknown_child_is_refused() -> None:
     p.i.rekey_child(1, p.now)
     p.roundtrip()
     assert p.events_of("i", ExchangeFailed)[0].notify == "CHILD_SA_NOT_FOUND"
-    assert p.i.established and p.i.children[1].state == "installed"
+    assert p.i.established and p.i.children[1].state == ChildState.INSTALLED
 
 
 def test_commands_before_establishment_wait() -> None:

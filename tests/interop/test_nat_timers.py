@@ -167,7 +167,7 @@ def test_rebinding_moves_esp_to_the_new_port(tmp_path: Path) -> None:
 def test_unauthenticated_datagram_does_not_move_the_peer(tmp_path: Path) -> None:
     wire = _up(tmp_path)
     g = wire.gw
-    junk = NON_ESP_MARKER + g.map.ike_sa.ch.spi_i + g.map.ike_sa.ch.spi_r + bytes(40)
+    junk = NON_ESP_MARKER + g.map.ike_sa.spi_i + g.map.ike_sa.spi_r + bytes(40)
     g.manager.on_ike_datagram(junk, (A.gw_wan4, 4500), (A.client_wan4, 31337), 1.0)
     assert g.datapath.outbound["tacacs"].peer == (A.client_wan4, 14500)
     assert "nat_rebinding" not in g.map.counters
@@ -197,8 +197,8 @@ def test_short_lifetimes_rekey_at_90_percent(tmp_path: Path) -> None:
     wire = _up(tmp_path, opts)
     c = wire.client
     assert c.map.ike_config.ike_lifetime == 10.0 and c.map.ike_config.child_lifetime == 4.0
-    # The engine owns the soft lifetime (90 % of 4 s); the manager's jitter moves it
-    # up to 5 % of the lifetime earlier (docs/recovery.md)
+    # The engine owns the soft lifetime (90 % of 4 s) and its jitter, which moves it
+    # up to 5 % of the lifetime earlier (ike.lifetimes, docs/recovery.md)
     (child,) = c.map.ike_sa.children.values()
     assert 3.4 <= child.rekey_at <= 3.6
     c.manager.on_timer(3.6)

@@ -3,6 +3,7 @@ destinations get a prohibit route, from the ACL lines as npusim compiles them.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from ipsecmgr.config import ConfigError, load_config
 from ipsecmgr.daemon import parse_acls, validate_acl
 from ipsecmgr.failclosed import protected_prefixes
+from ipsecmgr.nlbatch import RouteRequest
 
 CONFIG = """
 [access_list.tacacs]
@@ -110,6 +112,7 @@ class _KernelWithoutIPv6:
 
     def __init__(self) -> None:
         self.routes: list[dict[str, object]] = []
+        self.batched: list[RouteRequest] = []
         self.rules: list[dict[str, object]] = []
 
     def _check(self, kwargs: dict[str, object]) -> None:
@@ -139,6 +142,11 @@ class _KernelWithoutIPv6:
     def link_lookup(self, **kwargs: object) -> list[int]:
         return []
 
+    def apply(self, requests: Sequence[RouteRequest]) -> list[int]:
+        """Routing's batches (ipsecmgr.nlbatch): errno 97 for IPv6, as route() raises."""
+        self.batched += [r for r in requests if ":" not in r.dst]
+        return [97 if ":" in r.dst else 0 for r in requests]
+
     def close(self) -> None:
         pass
 
@@ -154,12 +162,13 @@ def test_without_ipv6_ipv4_is_still_protected_and_ipv6_is_named(tmp_path: Path) 
     rt.table, rt.mark, rt.priority = 0x4950, 0x4950, 1000
     fake = _KernelWithoutIPv6()
     rt._ipr = fake  # type: ignore[assignment]
+    rt._apply = fake.apply
+    rt._dump = lambda table: []
     prefixes, _ = protected_prefixes(config, parse_acls(config))  # type: ignore[arg-type]
     failed = take_over(rt, config, prefixes)  # type: ignore[arg-type]
-    assert fake.routes == [
-        {"dst": "203.0.113.49/32", "table": 0x4950, "family": 2, "type": RTN_PROHIBIT,
-         "priority": BLOCK_METRIC},
-    ]  # fmt: skip
+    assert fake.batched == [
+        RouteRequest("replace", "203.0.113.49/32", 0x4950, RTN_PROHIBIT, priority=BLOCK_METRIC)
+    ]
     assert [r["priority"] for r in fake.rules] == [1000, 1001]
     err = "Address family not supported by protocol"
     assert failed == [

@@ -82,8 +82,7 @@ class Side:
         self.tun, self.tun_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.tun_peer.setblocking(False)
         self.datapath.add_tun(self.tun.fileno(), ["tacacs"], None, False)
-        self.manager = Manager(self.config, acls, self.datapath, self._send)
-        self.manager.jitter = lambda: 0.5
+        self.manager = Manager(self.config, acls, self.datapath, self._send, jitter=lambda: 0.5)
 
     @property
     def state(self) -> Any:

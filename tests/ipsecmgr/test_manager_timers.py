@@ -7,8 +7,9 @@ The client is the lab's initiator (198.51.100.1), gw its responder
 (198.51.100.2); a "standby" client has the same address and configuration.
 
 Timers used below (unless a test says otherwise): ``dpd = {interval = 10,
-timeout = 2, retries = 3}``, jitter fixed at half its range (``jitter() = 0.5``,
-i.e. a soft lifetime 2.5 % of the lifetime earlier than the engine's share).
+timeout = 2, retries = 3}``, the engine's rekey jitter fixed at half its range
+(``Manager(jitter=lambda: 0.5)`` puts that source into every IKE config: a soft
+lifetime 2.5 % of the lifetime earlier than the engine's share).
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ class Side:
             # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
             on_esp_out=lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now),
         )
-        self.manager = Manager(self.config, acls, self.datapath, self._send)
-        self.manager.jitter = lambda: 0.5
+        # The engine's rekey jitter, fixed: its source is part of the engine config
+        self.manager = Manager(self.config, acls, self.datapath, self._send, jitter=lambda: 0.5)
         self.address = A.client_wan4 if role == "client" else A.gw_wan4
 
     @property
@@ -389,12 +390,12 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
 def test_ike_rekey_moves_the_child_sas(net: Net) -> None:
     client, _gw = pair(net, ike_options={"lifetime": 200})
     (child_before,) = client.state.children.values()
-    spi_before = client.state.ike_sa.ch.spi_i
+    spi_before = client.state.ike_sa.spi_i
     net.run_until(199.0)
     # 90 % of 200 s minus 2.5 % jitter: 175
     assert net.sent("client", CREATE_CHILD_SA) == [175.0]
     assert client.counter("ike_rekeyed") == 1
-    assert client.state.ike_sa.ch.spi_i != spi_before
+    assert client.state.ike_sa.spi_i != spi_before
     (child_after,) = client.state.children.values()
     assert child_after is child_before  # the Child SA lives on under the new IKE SA
     net.call(client.send_tacacs)
@@ -481,7 +482,6 @@ def standby_takeover(net: Net, at: float, **options: Any) -> Side:
     net.down.add("client")  # the Active is killed
     net.active = "standby"
     standby = net.add("standby", "client", **options)
-    standby.manager.jitter = lambda: 0.5
     net.call(standby.send_tacacs)
     assert standby.state.status == "established"
     return standby
@@ -548,7 +548,7 @@ def test_initial_contact_spares_the_peers_other_handshakes_in_flight(net: Net) -
     assert b.established
     assert gw.manager.endpoint.counters.get("unknown_spi") is None
     # Now B's INITIAL_CONTACT replaced A (established): one IKE SA, one Child SA, B's.
-    assert [sa.ch.spi_i for sa in gw.ike_sas()] == [b.ch.spi_i]
+    assert [sa.spi_i for sa in gw.ike_sas()] == [b.spi_i]
     assert gw.manager.endpoint.counters["replaced_by_initial_contact"] == 1
     ((ike_name, _),) = gw.state.children
     assert ike_name == gw.ike_sas()[0].name and gw.state.ike_sa is gw.ike_sas()[0]

@@ -77,6 +77,9 @@ def initiator(config: Path, seconds: float, window: int) -> dict[str, Any]:
     ike_cfg = build_ike_config(cfg, cmap, parse_acls(cfg)[cmap.match_address])
     # By name: next to this file, tools/bench/ike.py would shadow the package for mypy.
     ike_sa: Any = importlib.import_module("ike.sa")
+    # One set of lookup tables for every IKE SA this load generator starts (as one
+    # endpoint would have): decoded identities, selectors, PSK-derived keys (ike.caches)
+    caches = importlib.import_module("ike.caches").EngineCaches()
     # UDP 500, and 4500 once an SA floats (RFC 7296 §2.23; bookworm's charon fakes a NAT).
     socks = {}
     for port in (500, 4500):
@@ -101,10 +104,10 @@ def initiator(config: Path, seconds: float, window: int) -> dict[str, Any]:
     sweep = t0 + STUCK / 4
     while (now := time.monotonic()) < end:
         while len(inflight) < window:
-            sa = ike_sa.IkeSA(ike_cfg, True)
+            sa = ike_sa.IkeSA(ike_cfg, True, caches=caches)
             sa.initiate(now)
             send(sa, now)
-            inflight[sa.ch.spi_i] = (sa, now)
+            inflight[sa.spi_i] = (sa, now)
         ready = select.select(list(socks.values()), [], [], 0.2)[0]
         now = time.monotonic()
         for sock in ready:
@@ -136,7 +139,7 @@ def initiator(config: Path, seconds: float, window: int) -> dict[str, Any]:
                 if now - started > STUCK:
                     del inflight[key]
                     failed += 1
-                    stuck[sa.state] = stuck.get(sa.state, 0) + 1
+                    stuck[str(sa.state)] = stuck.get(str(sa.state), 0) + 1
     elapsed = time.monotonic() - t0
     user, system = cpu_times(os.getpid())
     return {"handshakes": done, "failed": failed, "stuck": stuck, "no_child": no_child,

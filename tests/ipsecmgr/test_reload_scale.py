@@ -1,0 +1,201 @@
+"""SIGHUP with one crypto map changed among many (issue #19 item 7): the work
+follows the change, not the number of maps.
+
+A responder :class:`Manager` for N peers (one ACL, peer and identity each, as
+tools/bench/config_scale.py generates them), some of them established through
+in-memory initiators on our engine. A reload changes one established map and
+one idle one, at N = 20 and N = 300: the unchanged maps keep their state
+objects, IKE SAs, Child SAs and data-path bindings; what is redone (map states
+built, SAs deleted, DELETEs sent, ACLs parsed, fail-closed prefixes touched,
+classifier rebuilt) is counted and the same at both sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+from typing import Any
+
+import pytest
+
+import ike
+import npusim
+from ike.constants import ExchangeType
+from ike.payloads import parse_header
+from ipsecmgr import config as cfg
+from ipsecmgr import reload
+from ipsecmgr.daemon import build_classifier, parse_acls, validate_acl
+from ipsecmgr.datapath import Datapath
+from ipsecmgr.failclosed import ProtectedPrefixes, protected_prefixes
+from ipsecmgr.manager import Manager
+from ipsecmgr.records import Address
+
+GW = "2001:db8::1"
+SERVER = "2001:db8:ffff::49"
+PSK_ENV = "RELOAD_SCALE_PSK"
+ENV = {PSK_ENV: "reload-scale-test-psk-0123456789"}
+UP = 4  # maps established before the reload: m0..m3
+
+
+def peer(i: int) -> str:
+    return f"2001:db8:1::{i + 1:x}"
+
+
+def config_data(n: int, dpd: dict[int, int] | None = None) -> dict[str, Any]:
+    """N responder maps; ``dpd``: map index -> a DPD interval other than the default."""
+    lines = [
+        "[ike_transform_set.ike]\ndh_group = 31\n",
+        '[ipsec_transform_set.esp]\nmode = "tunnel"\n',
+        f'[gateway]\nlocal_addresses = ["{GW}"]\n',
+    ]
+    for i in range(n):
+        extra = f"dpd = {{ interval = {dpd[i]} }}\n" if dpd and i in dpd else ""
+        lines.append(
+            f'[access_list.a{i}]\nrules = ["permit ipv6 host {SERVER} host {peer(i)}"]\n'
+            f'[crypto_map.m{i}]\nmatch_address = "a{i}"\npeer = "{peer(i)}"\n'
+            f'role = "responder"\nlocal_psk = {{ env = "{PSK_ENV}" }}\n'
+            f'ike_transform_sets = ["ike"]\nipsec_transform_sets = ["esp"]\n{extra}'
+        )
+    lines.append("[tun.t]\ncrypto_maps = [" + ", ".join(f'"m{i}"' for i in range(n)) + "]\n")
+    return tomllib.loads("\n".join(lines))
+
+
+def parse(data: dict[str, Any]) -> cfg.Config:
+    d = cfg.parse_config(data, environ=ENV, validate_acl=validate_acl)
+    assert d.config is not None, d.errors[:3]
+    return d.config
+
+
+class NullSock:
+    def sendto(self, data: bytes, addr: Address) -> int:
+        return len(data)
+
+
+class Responder:
+    """The Manager as the daemon builds it, without sockets, TUN and kernel."""
+
+    def __init__(self, config: cfg.Config) -> None:
+        self.config = config
+        self.acls = parse_acls(config)
+        self.saflow = npusim.SaFlowTable()
+        sock = NullSock()
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock, socket.AF_INET6: sock}
+        self.datapath = Datapath(
+            build_classifier(config, self.acls), self.saflow, esp_socks, {}, lambda n, p: None
+        )
+        self.sent: list[tuple[bytes, Address]] = []
+        self.manager = Manager(config, self.acls, self.datapath, self._send)
+
+    def _send(self, data: bytes, dst: Address, local: Address | None) -> None:
+        self.sent.append((data, dst))
+
+    def establish(self, names: list[str], now: float) -> None:
+        """One in-memory initiator per map (the mirrored IkeConfig), until up."""
+        for name in names:
+            c = self.manager.maps[name].ike_config
+            mine = dataclasses.replace(
+                c, local_addr=c.peer_addr, peer_addr=c.local_addr, local_id=c.remote_id,
+                remote_id=c.local_id, local_psk=c.peer_psk, remote_psk=c.local_psk,
+                local_ts=c.remote_ts, remote_ts=c.local_ts, name="i",
+            )  # fmt: skip
+            sa = ike.IkeSA(mine, True)
+            sa.initiate(now)
+            for _ in range(4):
+                for data, _ in sa.datagrams_to_send(now):
+                    self.manager.on_ike_datagram(data, c.local_addr, mine.local_addr, now)
+                answers, self.sent = self.sent, []
+                for data, _ in answers:
+                    sa.receive_datagram(data, c.local_addr, now)
+            assert sa.established and sa.children, name
+            assert self.manager.maps[name].status == "established"
+
+
+@pytest.mark.parametrize("n", [20, 300])
+def test_sighup_one_map_changed_redoes_one_maps_work(n: int) -> None:
+    old = parse(config_data(n))
+    r = Responder(old)
+    r.establish([f"m{i}" for i in range(UP)], 100.0)
+    m = r.manager
+    states = dict(m.maps)
+    sas = {name: states[name].ike_sa for name in states}
+    children = {name: dict(states[name].children) for name in states}
+    outbound = dict(r.datapath.outbound)
+    spis = {name: [c.inbound.spi for c in children[name].values()] for name in children}
+    assert all(len(spis[f"m{i}"]) == 1 for i in range(UP))
+
+    # m1 (established) and m7 (idle) get another DPD interval: their SAs must go
+    new = parse(config_data(n, dpd={1: 15, 7: 20}))
+    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    assert diff.changed == {"m1", "m7"} and not diff.added and not diff.removed
+    assert len(diff.kept) == n - 2
+    acls, parsed = reload.reuse_acls(old, r.acls, new)
+    assert parsed == 0 and all(acls[a] is r.acls[a] for a in acls)  # the running objects
+    assert reload.classifier_inputs(new) == reload.classifier_inputs(old)  # no rebuild
+
+    m.reconfigure(new, acls, set(diff.kept), 101.0)
+    work = m.last_reload
+    assert sorted(work.built) == ["m1", "m7"]
+    assert [s.cmap.name for s in work.dropped] == ["m1", "m7"]
+    assert (work.kept, work.sas_deleted, work.children_removed) == (n - 2, 1, 1)
+    # One DELETE, to m1's peer, and nothing to anybody else
+    assert [dst[0] for _, dst in r.sent] == [peer(1)]
+    assert parse_header(r.sent[0][0]).exchange == ExchangeType.INFORMATIONAL
+    for name, state in m.maps.items():
+        if name in ("m1", "m7"):
+            assert state is not states[name] and state.ike_sa is None
+            assert state.cmap.dpd.interval in (15, 20)
+            continue
+        # the same objects: SAs, Child SAs, counters untouched
+        assert state is states[name] and state.ike_sa is sas[name]
+        assert state.children == children[name]
+    for i in (0, 2, 3):
+        assert m.maps[f"m{i}"].ike_sa is not None and m.maps[f"m{i}"].ike_sa.established
+        assert r.datapath.outbound[f"m{i}"] is outbound[f"m{i}"]
+    assert "m1" not in r.datapath.outbound
+    for i in range(UP):  # the SA-flow table: m1's inbound SPI gone, the others there
+        (spi,) = spis[f"m{i}"]
+        assert (r.saflow.lookup(spi) is None) == (i == 1)
+    # the responder still answers the changed map's peer with its new config
+    r.sent.clear()
+    r.establish(["m1"], 102.0)
+
+
+def test_unchanged_reload_does_nothing() -> None:
+    old = parse(config_data(50))
+    r = Responder(old)
+    r.establish(["m0"], 100.0)
+    new = parse(config_data(50))
+    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    assert len(diff.kept) == 50 and not (diff.changed | diff.added | diff.removed)
+    r.manager.reconfigure(new, r.acls, set(diff.kept), 101.0)
+    work = r.manager.last_reload
+    assert (work.built, work.dropped, work.sas_deleted) == ([], [], 0)
+    assert r.sent == []
+
+
+@pytest.mark.parametrize("n", [20, 300])
+def test_acls_and_fail_closed_prefixes_follow_the_change(n: int) -> None:
+    """One ACL edited, one map added, one removed: one ACL parsed, the prefixes
+    blocked and unblocked are exactly those of the touched maps."""
+    old = parse(config_data(n))
+    old_acls = parse_acls(old)
+    blocks = ProtectedPrefixes(old, old_acls)
+    assert blocks.prefixes() == protected_prefixes(old, old_acls)[0]
+    data = config_data(n)
+    data["access_list"]["a3"]["rules"] = [f"permit ipv6 host {SERVER} host 2001:db8:3::3"]
+    del data["crypto_map"]["m5"], data["access_list"]["a5"]
+    data["tun"]["t"]["crypto_maps"].remove("m5")
+    # a new map protecting the same destination as m6: m6's block must stay
+    data["crypto_map"]["extra"] = dict(data["crypto_map"]["m6"], peer="2001:db8:9::9")
+    data["tun"]["t"]["crypto_maps"].append("extra")
+    new = parse(data)
+    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    assert (diff.changed, diff.added, diff.removed) == ({"m3"}, {"extra"}, {"m5"})
+    acls, parsed = reload.reuse_acls(old, old_acls, new)
+    assert parsed == 1
+    block, unblock = blocks.update(new, acls, diff.changed | diff.added | diff.removed)
+    assert block == ["2001:db8:3::3/128"]
+    assert sorted(unblock) == sorted([f"{peer(3)}/128", f"{peer(5)}/128"])
+    assert sorted(blocks.prefixes()) == sorted(protected_prefixes(new, acls)[0])
+    assert reload.classifier_inputs(new) != reload.classifier_inputs(old)
