@@ -80,11 +80,12 @@ _NATIVE = sys.byteorder
 
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 
-# _TRACE_BEFORE: a packet written to the TUN in a batch (step 12) is traced once the
-# write succeeded, with the time taken before it (``at``): the client's answer may be
-# traced by the split data path's other worker before this write returns, and must
-# not look earlier than its cause. (ESP sent at step 7 needs none: its answer crosses
-# the network first.) The reader's batch is the only way the workers write the TUN.
+# _TRACE_BEFORE: a packet that leaves is traced with the time before it left: the
+# answer it causes may be traced by the split data path's other worker (another
+# process, on another core) before this one's send returns, and must not look
+# earlier than its cause. Step 7 alone is traced before the send (a failed send then
+# adds "esp_send_failed"); step 7 in a UDP GSO batch and step 12 in a TUN batch (the
+# only way the workers write the TUN) are traced after it, with ``at``.
 
 
 @dataclass(slots=True)  # one per crypto map with a Child SA
@@ -435,15 +436,17 @@ class Datapath:
             if self.trace is not None:
                 entry[2].append((len(entry[1]) - 1, packet, sa.next_seq - 1))
             return
+        tr = self.trace
+        if tr is not None:  # before the send (see _TRACE_BEFORE)
+            tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
+               peer=binding.peer)  # fmt: skip
         try:
             binding.sock.sendto(data, binding.peer)
         except OSError:
             _bump(self.counters, "esp_send_errors")
+            if tr is not None:
+                tr("7", "esp_send_failed", packet, spi=sa.spi, seq=sa.next_seq - 1)
             return
-        tr = self.trace
-        if tr is not None:
-            tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
-               peer=binding.peer)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
 
     def watch_outbound(self, name: str) -> None:
@@ -462,6 +465,7 @@ class Datapath:
         c = self.counters
         for binding, datas, traces in pending.values():
             sock, peer = binding.sock, binding.peer
+            at = monotonic() if traces else 0.0  # traced: the time before the sends
             n, i = len(datas), 0
             if n == 1 and not traces:  # one packet (a round trip after idle time): no runs
                 try:
@@ -508,7 +512,8 @@ class Datapath:
             if tr is not None and traces:
                 sa = binding.sa
                 for k, packet, seq in traces:
-                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer)
+                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer,
+                       at=at)  # fmt: skip
 
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
