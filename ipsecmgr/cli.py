@@ -44,15 +44,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_run(sub)
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", type=Path)
+
+    _add_show_clear(sub)
+
+    from ipsecmgr.trace.cli import add_arguments as add_trace_arguments
+
+    trace = sub.add_parser(
+        "trace",
+        help="packet-flow trace: the reference's steps per flow (live or from a file)",
+        epilog="Steps 1, 6, 11 and 13 are inferred from the packets (see docs/trace.md).",
+    )
+    add_trace_arguments(trace)
+
+    _add_lab(sub)
+
+    for name in ("down", "cleanup"):
+        down = sub.add_parser(
+            name,
+            help="remove what a stopped or crashed daemon left (the fail-closed block too)"
+            if name == "down"
+            else "same as down",
+        )
+        down.add_argument(
+            "--config", "-c", type=Path, help="also remove its TUNs and stale control socket"
+        )
+
+    sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
+
+    from ipsecmgr.staros.cli import add_arguments as add_staros_arguments
+
+    add_staros_arguments(
+        sub.add_parser(
+            "import-staros",
+            help="convert a StarOS configuration (the reference's) into TOML, with a report",
+            description="Read a StarOS configuration and write the equivalent TOML, the "
+            "plain-text pre-shared keys into 0600 files beside it, and a report of every "
+            "line that has no equivalent or needs a decision.",
+        )
+    )
+    return parser
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run the gateway daemon (as root)")
     run.add_argument("--config", "-c", required=True, type=Path, help="TOML configuration file")
     run.add_argument(
         "-v", "--verbose", action="count", default=0, help="-v: IKE exchanges, -vv: debug"
     )
 
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("config", type=Path)
 
+def _add_show_clear(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, helptext in (("show", "show state of a running daemon"), ("clear", "clear SAs")):
         p = sub.add_parser(
             name,
@@ -71,15 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--peer", help="only the SAs with this peer address")
 
-    from ipsecmgr.trace.cli import add_arguments as add_trace_arguments
 
-    trace = sub.add_parser(
-        "trace",
-        help="packet-flow trace: the reference's steps per flow (live or from a file)",
-        epilog="Steps 1, 6, 11 and 13 are inferred from the packets (see docs/trace.md).",
-    )
-    add_trace_arguments(trace)
-
+def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab = sub.add_parser("lab", help="network-namespace lab (root)")
     lab.add_argument(
         "action",
@@ -98,32 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="--mode tls: use this PKI (ca.crt server.crt server.key client.crt client.key)",
     )  # fmt: skip
     lab.add_argument("--first-packet", choices=["drop", "queue"], default="drop")
-
-    for name in ("down", "cleanup"):
-        down = sub.add_parser(
-            name,
-            help="remove what a stopped or crashed daemon left (the fail-closed block too)"
-            if name == "down"
-            else "same as down",
-        )
-        down.add_argument(
-            "--config", "-c", type=Path, help="also remove its TUNs and stale control socket"
-        )
-
-    sub.add_parser("esp-demo", help="one SYN through ESP tunnel mode, shown by scapy (no root)")
-
-    from ipsecmgr.staros_cli import add_arguments as add_staros_arguments
-
-    add_staros_arguments(
-        sub.add_parser(
-            "import-staros",
-            help="convert a StarOS configuration (the reference's) into TOML, with a report",
-            description="Read a StarOS configuration and write the equivalent TOML, the "
-            "plain-text pre-shared keys into 0600 files beside it, and a report of every "
-            "line that has no equivalent or needs a decision.",
-        )
-    )
-    return parser
 
 
 def _version() -> str:
@@ -224,33 +236,53 @@ def _run_profiled(run: Callable[[str], int], config: str) -> int:
         prof.dump_stats(f"{path}.{os.getpid()}")
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ipsecmgr.config import ConfigError
+    from ipsecmgr.control import ControlError
+    from ipsecmgr.daemon import run
+    from ipsecmgr.failclosed import AlreadyRunning
+
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    try:
+        return _run_profiled(run, str(args.config))
+    except ConfigError as exc:
+        print(f"ipsecmgr: {exc}", file=sys.stderr)
+        return 1
+    except ControlError as exc:
+        print(f"ipsecmgr: control socket: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"ipsecmgr: {exc} (the daemon needs root)", file=sys.stderr)
+        return 1
+    except AlreadyRunning as exc:
+        print(f"ipsecmgr: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    if args.mode == "tls" and args.action in ("up", "demo"):
+        from ipsecmgr.lab.tls_lab import run_tls_demo, tls_lab_up
+
+        if args.action == "up":
+            return tls_lab_up(args.state, args.tls_pki)
+        return run_tls_demo(args.tls_pki)
+    if args.action in ("up", "down"):
+        from ipsecmgr.lab.persist import lab_down, lab_up
+
+        return lab_up(args.mode, args.state) if args.action == "up" else lab_down(args.state)
+    from ipsecmgr.lab.demo import run_lab_demo
+
+    return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
-        from ipsecmgr.config import ConfigError
-        from ipsecmgr.control import ControlError
-        from ipsecmgr.daemon import run
-        from ipsecmgr.failclosed import AlreadyRunning
-
-        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-        )
-        try:
-            return _run_profiled(run, str(args.config))
-        except ConfigError as exc:
-            print(f"ipsecmgr: {exc}", file=sys.stderr)
-            return 1
-        except ControlError as exc:
-            print(f"ipsecmgr: control socket: {exc}", file=sys.stderr)
-            return 1
-        except PermissionError as exc:
-            print(f"ipsecmgr: {exc} (the daemon needs root)", file=sys.stderr)
-            return 1
-        except AlreadyRunning as exc:
-            print(f"ipsecmgr: {exc}", file=sys.stderr)
-            return 1
+        return _cmd_run(args)
     if args.command in ("down", "cleanup"):
         return _cmd_down(args.config)
     if args.command == "check-config":
@@ -263,22 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ipsecmgr.trace.cli import run_trace
 
         return run_trace(args)
-    if args.command == "lab" and args.mode == "tls" and args.action in ("up", "demo"):
-        from ipsecmgr.lab.tls_lab import run_tls_demo, tls_lab_up
-
-        if args.action == "up":
-            return tls_lab_up(args.state, args.tls_pki)
-        return run_tls_demo(args.tls_pki)
-    if args.command == "lab" and args.action in ("up", "down"):
-        from ipsecmgr.lab.persist import lab_down, lab_up
-
-        return lab_up(args.mode, args.state) if args.action == "up" else lab_down(args.state)
     if args.command == "lab":
-        from ipsecmgr.lab.demo import run_lab_demo
-
-        return run_lab_demo(mode=args.mode, first_packet=args.first_packet)
+        return _cmd_lab(args)
     if args.command == "import-staros":
-        from ipsecmgr.staros_cli import run_import
+        from ipsecmgr.staros.cli import run_import
 
         return run_import(args)
     if args.command == "esp-demo":

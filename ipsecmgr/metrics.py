@@ -273,6 +273,13 @@ def tls_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
     """The TACACS+ over TLS families from ``show tacacs tls --json`` (pure). Labels:
     ``map`` (TLS map names) and ``server`` (its configured servers): bounded by the
     configuration, like the crypto-map families."""
+    maps = snap.get("maps", ())
+    yield from _tls_map_families(maps)
+    yield from _tls_server_families(maps)
+
+
+def _tls_map_families(maps: Iterable[Mapping[str, Any]]) -> tuple[Metric, ...]:
+    """The per-map families of :func:`tls_families` (client side)."""
     conns = CounterMetricFamily(
         "ipsecmgr_tls_client_connections",
         "Legacy TACACS+ client connections a TLS map accepted",
@@ -294,6 +301,20 @@ def tls_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
     failovers = CounterMetricFamily(
         "ipsecmgr_tls_failovers", "Transactions moved to the next server", labels=["map"]
     )
+    for m in maps:
+        name, c = m["name"], m["counters"]
+        conns.add_metric([name], c.get("accepted", 0))
+        active.add_metric([name], c.get("active", 0))
+        for key, reason in _TLS_REFUSALS.items():
+            refused.add_metric([name, reason], c.get(key, 0))
+        messages.add_metric([name, "request"], c.get("requests", 0))
+        messages.add_metric([name, "response"], c.get("responses", 0))
+        failovers.add_metric([name], c.get("failovers", 0))
+    return (conns, active, refused, messages, failovers)
+
+
+def _tls_server_families(maps: Iterable[Mapping[str, Any]]) -> tuple[Metric, ...]:
+    """The per-server families of :func:`tls_families` (the maps' configured servers)."""
     server_up = GaugeMetricFamily(
         "ipsecmgr_tls_server_up",
         "1 while the server is usable (not held down after a failure)",
@@ -312,24 +333,15 @@ def tls_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "Connect, handshake or response failures of the server",
         labels=["map", "server"],
     )
-    for m in snap.get("maps", ()):
-        name, c = m["name"], m["counters"]
-        conns.add_metric([name], c.get("accepted", 0))
-        active.add_metric([name], c.get("active", 0))
-        for key, reason in _TLS_REFUSALS.items():
-            refused.add_metric([name, reason], c.get(key, 0))
-        messages.add_metric([name, "request"], c.get("requests", 0))
-        messages.add_metric([name, "response"], c.get("responses", 0))
-        failovers.add_metric([name], c.get("failovers", 0))
+    for m in maps:
         for srv in m["servers"]:
-            labels = [name, srv["server"]]
+            labels = [m["name"], srv["server"]]
             server_up.add_metric(labels, 0.0 if srv["state"] == "held-down" else 1.0)
             server_conns.add_metric(labels, srv["connections"])
             handshakes.add_metric([*labels, "full"], srv["handshakes"])
             handshakes.add_metric([*labels, "resumed"], srv["resumed"])
             failures.add_metric(labels, srv["failures"])
-    yield from (conns, active, refused, messages, failovers)
-    yield from (server_up, server_conns, handshakes, failures)
+    return (server_up, server_conns, handshakes, failures)
 
 
 class TlsCollector(Collector):

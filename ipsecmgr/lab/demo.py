@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from ipsecmgr.lab.gateways import LabGateways
+from ipsecmgr.lab.gateways import GatewayProcess, LabGateways
 from ipsecmgr.lab.topology import Lab
 from ipsecmgr.show import Snapshot
 from ipsecmgr.trace import Event
@@ -36,14 +36,23 @@ def _counter(snap: Snapshot, group: str, name: str) -> int:
     return int(counters.get(name, 0))
 
 
+def write_tacacs_files(
+    directory: Path, secret: bytes, user: str, password: str
+) -> tuple[Path, Path]:
+    """``tacacs-secret`` (mode 0600) and ``users.json`` (one user) in ``directory``,
+    for the lab's TACACS+ server and client; returns both paths."""
+    secret_file = directory / "tacacs-secret"
+    secret_file.write_bytes(secret)
+    secret_file.chmod(0o600)
+    users = directory / "users.json"
+    users.write_text(json.dumps({user: {"password": password}}))
+    return secret_file, users
+
+
 def run_lab_demo(mode: str = "tunnel", first_packet: str = "drop") -> int:
     with tempfile.TemporaryDirectory(prefix="ipsecmgr-demo-") as tmp:
         work = Path(tmp)
-        secret = work / "tacacs-secret"
-        secret.write_bytes(b"demo-tacacs-key")
-        secret.chmod(0o600)
-        users = work / "users.json"
-        users.write_text(json.dumps({USER: {"password": PASSWORD}}))
+        secret, users = write_tacacs_files(work, b"demo-tacacs-key", USER, PASSWORD)
         try:
             with Lab(mode) as lab, LabGateways(lab) as gws:
                 return _demo(lab, gws, secret, users, first_packet)
@@ -63,12 +72,39 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
     client, gw = gws["client"], gws["gw"]
     _say(f"== both gateways up (first_packet = {first_packet!r})\n")
 
-    failures = 0
     # The real trace of the client gateway (ipsecmgr trace), attached before the first login.
     tracer = TraceClient(client.control)
     traced: list[Event] = []
     reader = threading.Thread(target=lambda: traced.extend(tracer), daemon=True)
     reader.start()
+    failures = _logins(lab, secret)
+    seen = [t.get("peer") for t in server.transactions()]
+    _say(f"the TACACS+ server saw {len(seen)} transaction(s) from {sorted(set(map(str, seen)))}")
+    _say(f"the bypass server saw its client as {[t.get('peer') for t in bypass.transactions()]}\n")
+
+    cs = client.snapshot()
+    tracer.close()
+    reader.join(timeout=5)
+    _say_trace(traced)
+    drops = _say_steps(cs, lab, first_packet)
+    _say_shows(client, gw)
+    if first_packet == "drop" and drops != 1:
+        failures += 1
+        _say(f"unexpected: {drops} first-packet drops (expected 1)")
+    codes = gws.stop()
+    _say(f"== gateways stopped (exit codes {codes}); lab torn down")
+    if failures:
+        _say(f"demo FAILED: {failures} problem(s)")
+        return 1
+    _say("demo OK")
+    return 0
+
+
+def _logins(lab: Lab, secret: Path) -> int:
+    """Authentication, authorization, accounting through the tunnel and a bypassed
+    login; prints each result; returns how many failed."""
+    a = lab.addresses
+    failures = 0
     t0 = time.monotonic()
     auth = lab.tacacs_query("client", server=a.server4, secret_file=secret, user=USER,
                             password=PASSWORD)  # fmt: skip
@@ -85,13 +121,11 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
         failures += not ok
         _say(f"TACACS+ {what:<22} {result.get('status', '?'):<6} {'ok' if ok else 'FAILED'}")
     _say(f"first login took {login_time:.2f} s (IKE, and with 'drop' the SYN retransmission)")
-    seen = [t.get("peer") for t in server.transactions()]
-    _say(f"the TACACS+ server saw {len(seen)} transaction(s) from {sorted(set(map(str, seen)))}")
-    _say(f"the bypass server saw its client as {[t.get('peer') for t in bypass.transactions()]}\n")
+    return failures
 
-    cs = client.snapshot()
-    tracer.close()
-    reader.join(timeout=5)
+
+def _say_trace(traced: list[Event]) -> None:
+    """The traced cold login step by step, and the bypassed one (step 3b)."""
     flows = group_flows(with_inferred(traced))
     cold = pick_flow(flows)
     bypassed = next((f for f, evs in flows.items() if any(e["step"] == "3b" and e.get(
@@ -102,6 +136,12 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
         _say("\n== ... and the bypassed login (no crypto ACL matches: step 3b)")
         _say(render_timelines(flows[bypassed][:6]) + "\n  ...")
     _say(f"\n({len(flows)} flows traced in all; 'ipsecmgr trace --help' for the tool)\n")
+
+
+def _say_steps(cs: Snapshot, lab: Lab, first_packet: str) -> int:
+    """The reference's 13 steps with the counters that prove them; returns the
+    first-packet drops."""
+    a = lab.addresses
     drops = _counter(cs, "ike", "tacacs/first_packet_drops")
     queued = _counter(cs, "ike", "tacacs/first_packet_queued")
     protect = _counter(cs, "classifier", "tacacs/protect")
@@ -135,6 +175,10 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
     for num, what, evidence in steps:
         _say(f"  [{num:>3}] {what:<62} {evidence}")
     _say()
+    return drops
+
+
+def _say_shows(client: GatewayProcess, gw: GatewayProcess) -> None:
     for side, g in (("client", client), ("responder", gw)):
         for cmd in ("crypto map", "crypto ikev2-ikesa security-associations summary",
                     "crypto ipsec security-associations summary"):  # fmt: skip
@@ -143,16 +187,6 @@ def _demo(lab: Lab, gws: LabGateways, secret: Path, users: Path, first_packet: s
             _say()
     _say("== client# show crypto statistics")
     _say(client.show("crypto statistics"))
-    if first_packet == "drop" and drops != 1:
-        failures += 1
-        _say(f"unexpected: {drops} first-packet drops (expected 1)")
-    codes = gws.stop()
-    _say(f"== gateways stopped (exit codes {codes}); lab torn down")
-    if failures:
-        _say(f"demo FAILED: {failures} problem(s)")
-        return 1
-    _say("demo OK")
-    return 0
 
 
 if __name__ == "__main__":

@@ -153,21 +153,22 @@ class StrongSwanPeer:
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
         (d / "run").mkdir(exist_ok=True)
+        strongswan_conf = self._strongswan_conf(o)
+        swanctl_conf = self._swanctl_conf(local, remote, psk, o)
+        (d / "strongswan.conf").write_text(strongswan_conf)
+        fd = os.open(d / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(swanctl_conf)
+
+    def _strongswan_conf(self, o: PeerOptions) -> str:
+        """charon's settings: plugins, retransmission, the vici socket, the log."""
         copts = "".join(f"  {line}\n" for line in o.charon_opts)
-        kopts = "".join(f"    {line}\n" for line in o.conn_opts)
-        chopts = "".join(f"        {line}\n" for line in o.child_opts)
-        secrets = f"  ike-psk {{ secret = 0x{psk.reveal().hex()} }}\n"
-        if o.psks_by_id:
-            secrets = "".join(
-                f"  ike-{i} {{ id = {ident}\n           secret = 0x{key.reveal().hex()} }}\n"
-                for i, (ident, key) in enumerate(o.psks_by_id)
-            )
         levels = (
             "default = 1\n          ike = 2\n          cfg = 2\n          knl = 2"
             if o.log_level is None
             else f"default = {o.log_level}"
         )
-        strongswan_conf = f"""charon {{
+        return f"""charon {{
   load = {PLUGINS}
   retransmit_tries = {o.retransmit_tries}
   retransmit_timeout = {o.retransmit_timeout}
@@ -191,7 +192,18 @@ class StrongSwanPeer:
   syslog {{ daemon {{ default = -1 }} }}
 }}
 """
-        swanctl_conf = f"""connections {{
+
+    def _swanctl_conf(self, local: str, remote: str, psk: Secret, o: PeerOptions) -> str:
+        """The connection, its child and the pre-shared key(s) (written 0600)."""
+        kopts = "".join(f"    {line}\n" for line in o.conn_opts)
+        chopts = "".join(f"        {line}\n" for line in o.child_opts)
+        secrets = f"  ike-psk {{ secret = 0x{psk.reveal().hex()} }}\n"
+        if o.psks_by_id:
+            secrets = "".join(
+                f"  ike-{i} {{ id = {ident}\n           secret = 0x{key.reveal().hex()} }}\n"
+                for i, (ident, key) in enumerate(o.psks_by_id)
+            )
+        return f"""connections {{
   peer {{
     version = 2
     local_addrs = {local}
@@ -218,10 +230,6 @@ class StrongSwanPeer:
 secrets {{
 {secrets}}}
 """
-        (d / "strongswan.conf").write_text(strongswan_conf)
-        fd = os.open(d / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(swanctl_conf)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipsecmgr.lab import tls_pki
 from ipsecmgr.lab.topology import Lab, LabAddresses, LabProcess, python_env
+
+if TYPE_CHECKING:
+    from ipsecmgr.lab.gateways import LabGateways
 
 TLS_PORT = 300
 
@@ -140,6 +143,7 @@ def tls_lab_up(state_dir: Path, pki_dir: Path | None = None) -> int:
     import os
     import secrets
 
+    from ipsecmgr.lab.demo import write_tacacs_files
     from ipsecmgr.netns import NetnsPool
 
     state_file = state_dir / "lab.json"
@@ -157,11 +161,10 @@ def tls_lab_up(state_dir: Path, pki_dir: Path | None = None) -> int:
     state_file.write_text(json.dumps(desc, indent=2))
     a = lab.addresses
     pki = ensure_pki(state_dir, pki_dir, a)
-    secret = state_dir / "tacacs-secret"  # the downstream (client-side) secret
-    secret.write_bytes(secrets.token_urlsafe(12).encode())
-    secret.chmod(0o600)
-    users = state_dir / "users.json"
-    users.write_text(json.dumps({"alice": {"password": "alice-lab-pw"}}))
+    # the downstream (client-side) secret
+    secret, users = write_tacacs_files(
+        state_dir, secrets.token_urlsafe(12).encode(), "alice", "alice-lab-pw"
+    )
     (state_dir / "client.toml").write_text(
         tls_client_config(
             a,
@@ -171,7 +174,14 @@ def tls_lab_up(state_dir: Path, pki_dir: Path | None = None) -> int:
             control_socket=state_dir / "client.sock",
         )
     )
-    ns = desc["namespaces"]
+    _print_tls_lab_up(state_dir, a, desc["namespaces"], pki, secret, users)
+    return 0
+
+
+def _print_tls_lab_up(
+    state_dir: Path, a: LabAddresses, ns: dict[str, str], pki: Path, secret: Path, users: Path
+) -> None:
+    """What ``lab up --mode tls`` built, and the commands to use it."""
     print(
         f"lab up (tls mode: the client's gateway protects {a.server4} by TLS 1.3 to port "
         f"{TLS_PORT}; gw only routes), state in {state_dir}, PKI in {pki}"
@@ -195,94 +205,105 @@ def tls_lab_up(state_dir: Path, pki_dir: Path | None = None) -> int:
     )
     print(f"  ipsecmgr show tacacs tls --socket {state_dir}/client.sock")
     print("tear down with: ipsecmgr lab down")
-    return 0
 
 
 def run_tls_demo(pki_dir: Path | None = None) -> int:
     """``ipsecmgr lab demo --mode tls``: build, start the TLS server and the client's
     gateway, log in (authentication, authorization, accounting), show, tear down."""
-    import json
     import tempfile
-    import threading
-    import time
 
+    from ipsecmgr.lab.demo import write_tacacs_files
     from ipsecmgr.lab.gateways import LabGateways
+
+    with tempfile.TemporaryDirectory(prefix="ipsecmgr-tls-demo-") as tmp:
+        work = Path(tmp)
+        secret, users = write_tacacs_files(work, b"demo-downstream-key", DEMO_USER, DEMO_PASSWORD)
+        try:
+            with Lab("tunnel") as lab, LabGateways(lab) as gws:
+                return _tls_demo(lab, gws, work, pki_dir, secret, users)
+        except KeyboardInterrupt:
+            _say("\ninterrupted: everything torn down")
+            return 130
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _tls_demo(
+    lab: Lab, gws: LabGateways, work: Path, pki_dir: Path | None, secret: Path, users: Path
+) -> int:
+    """The demo in a built lab: server, client gateway, logins, trace, show."""
+    import threading
+
     from ipsecmgr.tls.show import format_tls
     from ipsecmgr.trace import Event
     from ipsecmgr.trace.io import TraceClient
     from ipsecmgr.trace.render import group_flows, render_timelines, with_inferred
 
-    def say(text: str = "") -> None:
-        print(text, flush=True)
+    a = lab.addresses
+    pki = ensure_pki(work, pki_dir, a)
+    _say(
+        f"== lab (tls mode): client {a.client_wan4} runs the gateway, which "
+        f"protects {a.server4}:49 by TLS 1.3 to {a.server4}:{TLS_PORT}"
+    )
+    server = start_tls_server(lab, pki=pki, users_file=users)
+    conf = work / "client.toml"
+    conf.write_text(
+        tls_client_config(
+            a,
+            pki=pki,
+            secret_file=secret,
+            management_interface=lab.interfaces["client.wan"],
+            control_socket=gws.dir / "client.sock",
+        )
+    )
+    client = gws.start("client", config=conf)
+    tracer = TraceClient(client.control)
+    traced: list[Event] = []
+    reader = threading.Thread(target=lambda: traced.extend(tracer), daemon=True)
+    reader.start()
+    results = _tls_logins(lab, secret)
+    seen = [(x.get("user"), x.get("kind"), x.get("result")) for x in server.transactions()]
+    _say(f"the TLS TACACS+ server saw: {seen}")
+    tracer.close()
+    reader.join(timeout=5)
+    _say("\n== ipsecmgr trace: the first connection's TLS steps")
+    flows = group_flows(with_inferred(traced))
+    first = next((f for f in flows if f.startswith("tls:")), None)
+    _say(render_timelines(flows[first]) if first else "(no events traced)")
+    snap = client.command({"command": "tls"})["result"]
+    _say("\n== client# show tacacs tls")
+    _say(format_tls(snap))
+    ok = all(r.get("ok") for r in results)
+    codes = gws.stop()
+    _say(f"\n== gateway stopped (exit codes {codes}); lab torn down")
+    _say("demo OK" if ok else "demo FAILED")
+    return 0 if ok else 1
 
-    with tempfile.TemporaryDirectory(prefix="ipsecmgr-tls-demo-") as tmp:
-        work = Path(tmp)
-        secret = work / "tacacs-secret"
-        secret.write_bytes(b"demo-downstream-key")
-        secret.chmod(0o600)
-        users = work / "users.json"
-        users.write_text(json.dumps({DEMO_USER: {"password": DEMO_PASSWORD}}))
-        try:
-            with Lab("tunnel") as lab, LabGateways(lab) as gws:
-                a = lab.addresses
-                pki = ensure_pki(work, pki_dir, a)
-                say(
-                    f"== lab (tls mode): client {a.client_wan4} runs the gateway, which "
-                    f"protects {a.server4}:49 by TLS 1.3 to {a.server4}:{TLS_PORT}"
-                )
-                server = start_tls_server(lab, pki=pki, users_file=users)
-                conf = work / "client.toml"
-                conf.write_text(
-                    tls_client_config(
-                        a,
-                        pki=pki,
-                        secret_file=secret,
-                        management_interface=lab.interfaces["client.wan"],
-                        control_socket=gws.dir / "client.sock",
-                    )
-                )
-                client = gws.start("client", config=conf)
-                tracer = TraceClient(client.control)
-                traced: list[Event] = []
-                reader = threading.Thread(target=lambda: traced.extend(tracer), daemon=True)
-                reader.start()
-                results = []
-                for action, extra in (
-                    ("authenticate", {"password": DEMO_PASSWORD}),
-                    ("authorize", {"args": ["service=shell", "cmd="]}),
-                    ("account", {"args": ["task_id=1", "service=shell"]}),
-                ):
-                    t0 = time.monotonic()
-                    r = lab.tacacs_query(
-                        "client",
-                        server=a.server4,
-                        secret_file=secret,
-                        user=DEMO_USER,
-                        action=action,
-                        **extra,
-                    )
-                    results.append(r)
-                    took = time.monotonic() - t0
-                    verdict = "ok" if r.get("ok") else "FAILED"
-                    say(f"TACACS+ {action:<13} {r.get('status', '?'):<9} {verdict}  {took:.3f} s")
-                seen = [
-                    (x.get("user"), x.get("kind"), x.get("result")) for x in server.transactions()
-                ]
-                say(f"the TLS TACACS+ server saw: {seen}")
-                tracer.close()
-                reader.join(timeout=5)
-                say("\n== ipsecmgr trace: the first connection's TLS steps")
-                flows = group_flows(with_inferred(traced))
-                first = next((f for f in flows if f.startswith("tls:")), None)
-                say(render_timelines(flows[first]) if first else "(no events traced)")
-                snap = client.command({"command": "tls"})["result"]
-                say("\n== client# show tacacs tls")
-                say(format_tls(snap))
-                ok = all(r.get("ok") for r in results)
-                codes = gws.stop()
-                say(f"\n== gateway stopped (exit codes {codes}); lab torn down")
-                say("demo OK" if ok else "demo FAILED")
-                return 0 if ok else 1
-        except KeyboardInterrupt:
-            say("\ninterrupted: everything torn down")
-            return 130
+
+def _tls_logins(lab: Lab, secret: Path) -> list[dict[str, Any]]:
+    """Authentication, authorization and accounting to the server's address, timed."""
+    import time
+
+    a = lab.addresses
+    results = []
+    for action, extra in (
+        ("authenticate", {"password": DEMO_PASSWORD}),
+        ("authorize", {"args": ["service=shell", "cmd="]}),
+        ("account", {"args": ["task_id=1", "service=shell"]}),
+    ):
+        t0 = time.monotonic()
+        r = lab.tacacs_query(
+            "client",
+            server=a.server4,
+            secret_file=secret,
+            user=DEMO_USER,
+            action=action,
+            **extra,
+        )
+        results.append(r)
+        took = time.monotonic() - t0
+        verdict = "ok" if r.get("ok") else "FAILED"
+        _say(f"TACACS+ {action:<13} {r.get('status', '?'):<9} {verdict}  {took:.3f} s")
+    return results

@@ -132,44 +132,17 @@ def parse_tls_map(
         p.err(f"{path}.match_address", f"no access_list named {match!r}")
     capture = _capture(p, path, match, acls) if match in acls else ()
     servers = _servers(p, path, t.get("servers"))
-    files: dict[str, Path | None] = {}
-    for key in ("ca_file", "client_cert", "client_key"):
-        v = p.string(t, key, path)
-        if v is None:
-            p.err(f"{path}.{key}", "missing (required)")
-            files[key] = None
-            continue
-        f = p.base_dir / v
-        problems = check_key_file(f) if key == "client_key" else check_readable(f)
-        for msg in problems:
-            p.err(f"{path}.{key}", msg)
-        files[key] = f
+    files = _files(p, path, t)
     secret = None
     if "downstream_secret" not in t:
         p.err(f"{path}.downstream_secret", 'missing (required): { file = "/path" }')
     else:
         secret = p.psk(t["downstream_secret"], f"{path}.downstream_secret")
-    listen = None
-    lv = p.string(t, "listen", path)
-    if lv is not None:
-        listen = _host_port(lv)
-        if listen is None:
-            p.err(f"{path}.listen", f"{lv!r} is not ADDRESS:PORT (e.g. '127.0.0.1:9049')")
+    listen = _listen(p, path, t)
     transparent = p.boolean(t, "transparent", path, True)
     if not transparent and listen is None:
         p.err(path, "transparent = false needs a listen address (no client could reach it)")
-    timeouts = {
-        k: p.number(t, k, path, d)
-        for k, d in (
-            ("connect_timeout", 3.0), ("handshake_timeout", 5.0), ("hold_down", 10.0),
-            ("hold_down_max", 300.0), ("idle_timeout", 60.0), ("response_timeout", 5.0),
-        )
-    }  # fmt: skip
-    for k in ("connect_timeout", "handshake_timeout", "idle_timeout", "response_timeout"):
-        if k in t and timeouts[k] == 0:
-            p.err(f"{path}.{k}", "must be greater than 0")
-    if timeouts["hold_down_max"] < timeouts["hold_down"]:
-        p.err(f"{path}.hold_down_max", "must be at least hold_down")
+    timeouts = _timeouts(p, path, t)
     keylog = p.string(t, "keylog_file", path)
     if len(_errors_of(p)) == n_errors:
         _check_loadable(p, path, files)
@@ -183,6 +156,49 @@ def parse_tls_map(
         timeouts["idle_timeout"], (p.base_dir / keylog) if keylog else None,
         timeouts["response_timeout"],
     )  # fmt: skip
+
+
+def _files(p: ParserLike, path: str, t: Mapping[str, Any]) -> dict[str, Path | None]:
+    """``ca_file``, ``client_cert``, ``client_key``: relative to the config, checked."""
+    files: dict[str, Path | None] = {}
+    for key in ("ca_file", "client_cert", "client_key"):
+        v = p.string(t, key, path)
+        if v is None:
+            p.err(f"{path}.{key}", "missing (required)")
+            files[key] = None
+            continue
+        f = p.base_dir / v
+        problems = check_key_file(f) if key == "client_key" else check_readable(f)
+        for msg in problems:
+            p.err(f"{path}.{key}", msg)
+        files[key] = f
+    return files
+
+
+def _listen(p: ParserLike, path: str, t: Mapping[str, Any]) -> tuple[IPAddress, int] | None:
+    listen = None
+    lv = p.string(t, "listen", path)
+    if lv is not None:
+        listen = _host_port(lv)
+        if listen is None:
+            p.err(f"{path}.listen", f"{lv!r} is not ADDRESS:PORT (e.g. '127.0.0.1:9049')")
+    return listen
+
+
+def _timeouts(p: ParserLike, path: str, t: Mapping[str, Any]) -> dict[str, float]:
+    timeouts = {
+        k: p.number(t, k, path, d)
+        for k, d in (
+            ("connect_timeout", 3.0), ("handshake_timeout", 5.0), ("hold_down", 10.0),
+            ("hold_down_max", 300.0), ("idle_timeout", 60.0), ("response_timeout", 5.0),
+        )
+    }  # fmt: skip
+    for k in ("connect_timeout", "handshake_timeout", "idle_timeout", "response_timeout"):
+        if k in t and timeouts[k] == 0:
+            p.err(f"{path}.{k}", "must be greater than 0")
+    if timeouts["hold_down_max"] < timeouts["hold_down"]:
+        p.err(f"{path}.hold_down_max", "must be at least hold_down")
+    return timeouts
 
 
 def overlap_errors(maps: Mapping[str, TlsMap]) -> list[str]:
