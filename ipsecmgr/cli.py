@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_show_clear(sub)
 
-    from ipsecmgr.trace_cli import add_arguments as add_trace_arguments
+    from ipsecmgr.trace.cli import add_arguments as add_trace_arguments
 
     trace = sub.add_parser(
         "trace",
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "clear":
         return _cmd_clear(args.words, args.socket, args.peer)
     if args.command == "trace":
-        from ipsecmgr.trace_cli import run_trace
+        from ipsecmgr.trace.cli import run_trace
 
         return run_trace(args)
     if args.command == "lab":

@@ -41,7 +41,7 @@ from ipsecmgr.routing import Routing, TunRoute, tun_routes
 from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import Tracer, peers_from_config
 from ipsecmgr.tun import Tun
-from ipsecmgr.workers import Workers
+from ipsecmgr.workers import SplitDatapath
 
 if TYPE_CHECKING:
     from ipsecmgr.metrics import MetricsServer
@@ -114,11 +114,26 @@ class Gateway:
         self.bypass_socks: dict[int, socket.socket] = {}
         self.ike_socks: dict[tuple[str, int], socket.socket] = {}
         self._ike_sock_for: dict[tuple[int, int], socket.socket] = {}  # (family, port)
-        self.datapath = Datapath(
-            self.classifier, self.saflow, self.esp_socks, self.bypass_socks, self._on_no_sa
+        # The data path (ipsecmgr.sasink.SaSink): this process's loop moves the packets,
+        # or with [gateway] datapath = "split" two forked workers do (ipsecmgr.workers);
+        # either reports back through the same callbacks.
+        base = Datapath(
+            self.classifier,
+            self.saflow,
+            self.esp_socks,
+            self.bypass_socks,
+            self.on_no_sa,
+            on_udp_other=self.on_ike_natt,
+            on_esp_from=self.on_esp_from,
+            on_unknown_spi=self.on_unknown_spi,
+            on_esp_out=self.on_esp_out,
         )
-        self.manager = Manager(config, self.acls, self.datapath, self.saflow, self._send_ike)
-        self.manager.esp_socket_for = self._esp_socket_for
+        self.datapath: Datapath | SplitDatapath = (
+            SplitDatapath(base, on_inbound_counted=self.on_inbound_counted)
+            if config.gateway.datapath == "split"
+            else base
+        )
+        self.manager = Manager(config, self.acls, self.datapath, self._send_ike)
         # Installed on the data path and the manager only while a trace client is attached.
         self.tracer = Tracer(
             (self.datapath, self.manager),
@@ -128,8 +143,6 @@ class Gateway:
         self._timer: asyncio.TimerHandle | None = None
         self.counters = Counters()
         self.started_at = time.time()
-        # [gateway] datapath = "split": the forked data-path workers (ipsecmgr.workers).
-        self.workers: Workers | None = None
 
     # -- time ----------------------------------------------------------------------
 
@@ -161,49 +174,34 @@ class Gateway:
             for port in (self.config.gateway.ike_port, self.config.gateway.natt_port):
                 sock = sockets.udp_socket(fam, str(addr), port, mark)
                 self.ike_socks[(str(addr), port)] = sock
-                if offload and port == self.config.gateway.natt_port:
-                    gso, _gro = sockets.enable_udp_offload(sock)
-                    if gso:
-                        self.datapath.gso_socks.add(sock)
-        self.datapath.on_udp_other = self._on_ike_natt
-        self.datapath.on_esp_from = self.manager.on_esp_from
-        self.datapath.on_unknown_spi = self._on_unknown_spi
-        self.datapath.on_esp_out = self._on_esp_out
+                if port == self.config.gateway.natt_port:  # ESP-in-UDP: the data path reads it
+                    gso = offload and sockets.enable_udp_offload(sock)[0]
+                    self.datapath.add_natt_socket((str(addr), port), sock, gso)
         for t in self.config.tuns:
             tun = Tun(t.name, t.mtu, offload=offload and tun_offload_pays(t.mtu))
             if offload and not tun_offload_pays(t.mtu):
                 log.info("TUN %s: MTU %d, no TUN super-packets (they pay up to MTU %d); "
                          "UDP GSO/GRO stay on", t.name, t.mtu, TUN_OFFLOAD_MAX_MTU)  # fmt: skip
-            if tun.vnet_hdr:
-                self.datapath.vnet_fds.add(tun.fd)
             self.tuns.append(tun)
             for a in t.addresses:
                 self.routing.add_address(tun.name, str(a))
             self.routing.add_tun_routes(tun.name, self._routes_for(t))
-            for name in t.crypto_maps:
-                self.datapath.tun_for_map[name] = tun.fd
-            self.datapath.mss_limits[tun.fd] = mss_limits(tun.mtu, self.config.gateway.mss_clamp)
+            limits = mss_limits(tun.mtu, self.config.gateway.mss_clamp)
+            self.datapath.add_tun(tun.fd, list(t.crypto_maps), limits, tun.vnet_hdr)
         if self.least_privilege:  # before the fork: the workers inherit the reduced set
             apply_least_privilege()
-        if self.config.gateway.datapath == "split":
-            self.workers = Workers(self)
-            self.workers.start()
+        self.datapath.start()  # split: forks the workers (sockets and TUNs exist, no SA yet)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Register the readers with the running loop."""
         self.loop = loop
-        if self.workers is not None:
-            self.workers.attach(loop)  # the workers read the ESP sockets and the TUNs
-        for fam, sock in self.esp_socks.items() if self.workers is None else ():
-            loop.add_reader(sock, self.datapath.on_esp_readable, fam)
+        # TUNs, raw ESP and UDP 4500 (ESP-in-UDP and IKE on it, RFC 3948): the data
+        # path's (split: the workers read them, this loop reads the workers)
+        self.datapath.attach(loop)
         natt = self.config.gateway.natt_port
         for local, sock in self.ike_socks.items():
             if local[1] != natt:
                 loop.add_reader(sock, self._on_udp_readable, sock, local)
-            elif self.workers is None:  # split: the INBOUND worker reads ESP-in-UDP (and IKE)
-                loop.add_reader(sock, self._on_natt_readable, sock, local)
-        for tun in self.tuns if self.workers is None else ():
-            loop.add_reader(tun.fd, self.datapath.on_tun_readable, tun.fd)
         log.info(
             "gateway up: %d TUN(s), %d crypto map(s), IKE on %s",
             len(self.tuns),
@@ -224,16 +222,14 @@ class Gateway:
             self._timer.cancel()
             self._timer = None
         if self.loop is not None:
-            for sock in (*self.esp_socks.values(), *self.ike_socks.values()):
+            self.datapath.detach(self.loop)
+            for sock in self.ike_socks.values():
                 self.loop.remove_reader(sock)
-            for tun in self.tuns:
-                self.loop.remove_reader(tun.fd)
         self.loop = None
 
     def teardown(self) -> None:
         """Remove TUNs, routes and rules, close the sockets (after the loop ended)."""
-        if self.workers is not None:
-            self.workers.stop()  # first: they hold the TUN fds
+        self.datapath.stop()  # first: split workers hold the TUN fds
         for sock in (
             *self.esp_socks.values(),
             *self.ike_socks.values(),
@@ -274,7 +270,7 @@ class Gateway:
         self.config = config
         if rebuild:  # an ACL, a peer or the maps' order changed
             self.classifier = build_classifier(config, acls)
-            self.datapath.classifier = self.classifier
+            self.datapath.set_classifier(self.classifier)
         # (the endpoint drops its PSK-derived keys when it gets the new configs)
         self.manager.reconfigure(config, acls, set(diff.kept), self.now())
         self.tracer.peers = peers_from_config(config)
@@ -289,20 +285,14 @@ class Gateway:
 
     # -- data path glue ----------------------------------------------------------------
 
-    def _on_no_sa(self, name: str, packet: bytes) -> None:
+    def on_no_sa(self, name: str, packet: bytes) -> None:
+        """Steps 4-5: PROTECT without a Child SA (either data path reports it)."""
         self.manager.on_no_sa(name, packet, self.now())
         self._rearm()
 
-    def _esp_socket_for(self, peer: Address, nat_t: bool) -> tuple[socket.socket, Address]:
-        fam = _family(peer[0])
-        if nat_t:
-            local = next(
-                k
-                for k in self.ike_socks
-                if k[1] == self.config.gateway.natt_port and _family(k[0]) == fam
-            )
-            return self.ike_socks[local], (peer[0], peer[1])
-        return self.esp_socks[fam], (peer[0], 0)
+    def on_esp_from(self, name: str, peer: Address) -> None:
+        """Authentic ESP-in-UDP of ``name`` from ``peer`` (NAT rebinding, RFC 7296 §2.23)."""
+        self.manager.on_esp_from(name, peer)
 
     # -- IKE glue -------------------------------------------------------------------------
 
@@ -319,24 +309,27 @@ class Gateway:
             self.manager.on_ike_datagram(data, local, (addr[0], addr[1]), self.now())
         self._rearm()
 
-    def _on_natt_readable(self, sock: socket.socket, local: Address) -> None:
-        """UDP 4500 (RFC 3948): the data path reads it in batches (UDP GRO) and hands
-        IKE back through :meth:`_on_ike_natt`; ESP that decrypted reports its sender
-        to the manager (NAT rebinding, RFC 7296 §2.23: ``Manager.on_esp_from``).
-        Only IKE moves the engine's timers, so ESP alone costs no timer re-arm."""
-        self.datapath.on_udp_readable(sock, local)
-
-    def _on_unknown_spi(self, spi: int, src: bytes, family: int, udp: Address | None) -> None:
+    def on_unknown_spi(self, spi: int, src: bytes, family: int, udp: Address | None) -> None:
         """ESP for an SPI we do not know: INVALID_SPI to its sender (RFC 7296 §1.5)."""
         if self.manager.on_unknown_spi(spi, src, family, udp, self.now()):
             self._rearm()  # a protected one waits for its answer (a retransmission timer)
 
-    def _on_esp_out(self, name: str, packet: bytes) -> None:
+    def on_esp_out(self, name: str, packet: bytes) -> None:
         """The first ESP after a quiet spell on a map: its answer is due (RFC 7296 §2.4)."""
         self.manager.on_esp_out(name, packet, self.now())
         self._rearm()
 
-    def _on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
+    def on_inbound_counted(self, name: str) -> None:
+        """Split data path: crypto map ``name``'s inbound counters are fresh (asked by
+        ``SaSink.refresh_inbound``): did anything come back (ipsecmgr.invalid_spi)?"""
+        self.manager.on_inbound_counted(name, self.now())
+        self._rearm()
+
+    def on_ike_natt(self, data: bytes, local: Address, peer: Address) -> None:
+        """IKE on UDP 4500 (RFC 3948): the data path reads that socket in batches (UDP
+        GRO) and hands IKE back here; ESP that decrypted reports its sender through
+        :meth:`on_esp_from`. Only IKE moves the engine's timers, so ESP alone costs
+        no timer re-arm."""
         self.manager.on_ike_datagram(data, local, peer, self.now())
         self._rearm()
 
@@ -409,8 +402,7 @@ class Gateway:
         }
 
     def snapshot(self) -> show.Snapshot:
-        if self.workers is not None:
-            self.workers.refresh()  # the workers' counters into the SAs and statistics
+        self.datapath.refresh_counters()  # split: the workers' into the SAs and statistics
         now, wall = self.now(), time.time()
         return {
             "time": wall,

@@ -49,15 +49,20 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from time import monotonic
+from typing import TYPE_CHECKING, Any
 
 import esp
 import npusim
-from esp.udp_encap import classify_udp4500
+from esp.udp_encap import NAT_KEEPALIVE, classify_udp4500
 from ipsecmgr.counters import Counters
 from ipsecmgr.mss import clamp_mss
 from ipsecmgr.offload import VNET_HDR_LEN, coalesce_for_tun, internet_checksum, split_tun_read
+from ipsecmgr.sasink import Address, SaPair, TraceHook, esp_peer
 from ipsecmgr.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
+
+if TYPE_CHECKING:
+    import asyncio
 
 BATCH = 64  # packets (segments, datagrams) drained per wake-up before yielding to the loop
 TUN_READ_SIZE = 65535 + VNET_HDR_LEN  # a TSO super-packet (IP total length <= 65535)
@@ -73,9 +78,14 @@ _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _VNET_NONE = bytes(VNET_HDR_LEN)  # no checksum to finish, no segmentation
 _NATIVE = sys.byteorder
 
-Address = tuple[str, int]
-
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
+
+# _TRACE_BEFORE: a packet that leaves is traced with the time before it left: the
+# answer it causes may be traced by the split data path's other worker (another
+# process, on another core) before this one's send returns, and must not look
+# earlier than its cause. Step 7 alone is traced before the send (a failed send then
+# adds "esp_send_failed"); step 7 in a UDP GSO batch and step 12 in a TUN batch (the
+# only way the workers write the TUN) are traced after it, with ``at``.
 
 
 @dataclass(slots=True)  # one per crypto map with a Child SA
@@ -138,13 +148,22 @@ class Datapath:
         esp_sockets: dict[int, socket.socket],
         bypass_sockets: dict[int, socket.socket],
         on_no_sa: Callable[[str, bytes], None],
+        *,
+        on_udp_other: Callable[[bytes, Address, Address], None] = lambda d, lo, pe: None,
+        on_esp_from: Callable[[str, Address], None] = lambda name, peer: None,
+        on_unknown_spi: Callable[[int, bytes, int, Address | None], None] | None = None,
+        on_esp_out: Callable[[str, bytes], None] = lambda name, packet: None,
     ) -> None:
         self.classifier = classifier
         self.saflow = saflow
         # Inbound: which TUN a crypto map's decrypted packets go to (step 12).
         self.tun_for_map: dict[str, int] = {}
+        self.tun_fds: list[int] = []  # add_tun: the TUNs read at step 2
         self.esp_sockets = esp_sockets
         self.bypass_sockets = bypass_sockets
+        # UDP 4500 (ESP-in-UDP and IKE, RFC 3948) by local address: add_natt_socket
+        self.natt_sockets: dict[Address, socket.socket] = {}
+        # Steps 4-5 belong to the control plane (IKE, the first-packet policy).
         self.on_no_sa = on_no_sa
         self.outbound: dict[str, OutboundBinding] = {}
         self.transport_local: dict[bytes, bytes] = {}
@@ -152,23 +171,23 @@ class Datapath:
         # TUN fd -> (IPv4, IPv6) MSS limits for SYNs read from it, None: no clamping.
         self.mss_limits: dict[int, tuple[int, int] | None] = {}
         # Tracing (issue: ipsecmgr trace): None = off, the only cost is the branch.
-        self.trace: Callable[..., None] | None = None
+        self.trace: TraceHook | None = None
         # Offloads (ipsecmgr.tun, ipsecmgr.sockets): TUN fds whose reads and writes carry
         # a virtio_net_hdr, and the UDP sockets that take UDP_SEGMENT (GSO) sends.
         self.vnet_fds: set[int] = set()
         self.gso_socks: set[socket.socket] = set()
         # UDP 4500: what is not ESP (IKE) and "this map's ESP came from this peer" (NAT
         # rebinding, RFC 7296 §2.23): the daemon's (or the split worker's) business.
-        self.on_udp_other: Callable[[bytes, Address, Address], None] = lambda d, lo, pe: None
-        self.on_esp_from: Callable[[str, Address], None] = lambda name, peer: None
+        self.on_udp_other = on_udp_other
+        self.on_esp_from = on_esp_from
         # ESP with an SPI not in the SA-flow table: (SPI, source address packed, family,
         # UDP source or None for raw ESP), for INVALID_SPI (RFC 7296 §1.5); rate-limited
         # by the receiver. None: only counted.
-        self.on_unknown_spi: Callable[[int, bytes, int, Address | None], None] | None = None
+        self.on_unknown_spi = on_unknown_spi
         self._udp_src: Address | None = None  # the sender of the ESP-in-UDP being handled
         # The first ESP sent on a watched binding: its crypto map and the inner packet
         # (ipsecmgr.invalid_spi)
-        self.on_esp_out: Callable[[str, bytes], None] = lambda name, packet: None
+        self.on_esp_out = on_esp_out
         # Collected during a batch (None: outside one, send / write at once).
         # id(binding) -> (binding, ESP packets, trace records (index, inner packet, seq)).
         self._out: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] | None = None
@@ -176,6 +195,119 @@ class Datapath:
         self._rbuf = bytearray(UDP_RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self._pollers: dict[int, Callable[[int], list[tuple[int, int]]]] = {}
+
+    # -- set-up (the daemon, before any packet) --------------------------------------
+
+    def add_tun(
+        self, fd: int, crypto_maps: list[str], mss: tuple[int, int] | None, vnet: bool
+    ) -> None:
+        """A TUN: read at step 2 (SYNs clamped to ``mss``), written at step 12 for its
+        crypto maps; ``vnet``: reads and writes carry a virtio_net_hdr (offload)."""
+        self.tun_fds.append(fd)
+        self.mss_limits[fd] = mss
+        for name in crypto_maps:
+            self.tun_for_map[name] = fd
+        if vnet:
+            self.vnet_fds.add(fd)
+
+    def add_natt_socket(self, local: Address, sock: socket.socket, gso: bool) -> None:
+        """A UDP 4500 socket (ESP-in-UDP, IKE); ``gso``: it takes UDP_SEGMENT sends."""
+        self.natt_sockets[local] = sock
+        if gso:
+            self.gso_socks.add(sock)
+
+    def spawn(self, on_no_sa: Callable[[str, bytes], None], **callbacks: Any) -> Datapath:
+        """A fresh data path over the same sockets and TUNs, with an empty SA-flow table
+        of its own (a split worker's: the SAs it holds exist only there)."""
+        dp = Datapath(self.classifier, npusim.SaFlowTable(), self.esp_sockets,
+                      self.bypass_sockets, on_no_sa, **callbacks)  # fmt: skip
+        dp.tun_fds = list(self.tun_fds)
+        dp.tun_for_map = dict(self.tun_for_map)
+        dp.mss_limits = dict(self.mss_limits)
+        dp.natt_sockets = dict(self.natt_sockets)
+        dp.vnet_fds = set(self.vnet_fds)
+        dp.gso_socks = set(self.gso_socks)
+        return dp
+
+    def esp_target(self, peer: Address, nat_t: bool) -> tuple[socket.socket, Address]:
+        """The socket and address ESP to ``peer`` goes to: raw protocol 50, or with NAT
+        traversal our UDP 4500 socket of the peer's family (RFC 3948)."""
+        fam = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+        if nat_t:
+            sock = next(s for s in self.natt_sockets.values() if s.family == fam)
+            return sock, esp_peer(peer, True)
+        return self.esp_sockets[fam], esp_peer(peer, False)
+
+    # -- the event loop (single: the daemon's; split: ipsecmgr.workers) -------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the TUNs, the raw ESP sockets and UDP 4500 from ``loop``."""
+        for fam, sock in self.esp_sockets.items():
+            loop.add_reader(sock, self.on_esp_readable, fam)
+        for local, sock in self.natt_sockets.items():
+            loop.add_reader(sock, self.on_udp_readable, sock, local)
+        for fd in self.tun_fds:
+            loop.add_reader(fd, self.on_tun_readable, fd)
+
+    def detach(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sock in (*self.esp_sockets.values(), *self.natt_sockets.values()):
+            loop.remove_reader(sock)
+        for fd in self.tun_fds:
+            loop.remove_reader(fd)
+
+    def start(self) -> None:
+        """Nothing to start: the daemon's loop moves the packets (see attach)."""
+
+    def stop(self) -> None:
+        """Nothing to stop (the daemon closes the sockets and TUNs)."""
+
+    # -- SaSink (ipsecmgr.sasink): what the Manager asks -------------------------------
+
+    def install(self, pair: SaPair) -> None:
+        self.saflow.add(pair.inbound.spi, pair.inbound, pair.remote_ts, pair.local_ts,
+                        pair.crypto_map)  # fmt: skip
+
+    def remove(self, inbound_spi: int | None, outbound_spi: int | None) -> None:
+        # The outbound SA lives in its binding only (unbind / bind drop it).
+        if inbound_spi is not None:
+            self.saflow.remove(inbound_spi)
+
+    def bind(self, name: str, sa: esp.OutboundSA, peer: Address, nat_t: bool) -> None:
+        sock, addr = self.esp_target(peer, nat_t)
+        binding = self.outbound.get(name)
+        if binding is not None and binding.sa is sa:  # the peer moved: same SA, in place
+            binding.sock, binding.peer = sock, addr
+        else:
+            self.outbound[name] = OutboundBinding(sa, sock, addr, sa.mode, name)
+
+    def unbind(self, name: str) -> None:
+        self.outbound.pop(name, None)
+
+    def binding(self, name: str) -> OutboundBinding | None:
+        return self.outbound.get(name)
+
+    def refresh_inbound(self, name: str, spis: list[int]) -> bool:
+        return True  # counted in this process: always up to date
+
+    def send(self, name: str, packet: bytes) -> None:
+        binding = self.outbound.get(name)
+        if binding is None:
+            _bump(self.counters, "send_unbound_drops")
+            return
+        self.send_protected(binding, packet)
+
+    def send_keepalive(self, peer: Address) -> None:
+        sock, addr = self.esp_target(peer, True)
+        sock.sendto(NAT_KEEPALIVE, addr)
+
+    def set_classifier(self, classifier: npusim.Classifier) -> None:
+        self.classifier = classifier
+
+    def set_trace(self, hook: TraceHook | None) -> None:
+        self.trace = hook
+
+    def refresh_counters(self) -> None:
+        """Nothing to pull: this process counts every packet itself."""
 
     def _queued(self, fd: int) -> Callable[[int], list[tuple[int, int]]]:
         """``poll(0)`` on ``fd`` alone: whether more is queued, asked after the first
@@ -192,6 +324,28 @@ class Datapath:
 
     # -- outbound: steps 2–7 -------------------------------------------------
 
+    def _drain(self, fd: int, read_one: Callable[[], int], error_counter: str) -> None:
+        """The one batch-read loop of all three readers (TUN, raw ESP, UDP 4500).
+
+        ``read_one`` reads ``fd`` once and handles what it read, returning how many
+        packets that was (a TUN super-packet or a GRO batch carries many): at most
+        BATCH packets per wake-up, so control messages (split) and the other fds wait
+        less. After the first read, ``poll(0)`` asks whether more is queued
+        (:meth:`_queued`). A read error is counted once and ends the batch."""
+        queued = self._queued(fd)
+        budget, reads = BATCH, 0
+        while budget > 0:
+            if reads == 1 and not queued(0):
+                return  # the one packet of this wake-up: no read that fails with EAGAIN
+            reads += 1
+            try:
+                budget -= read_one()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters[error_counter] += 1
+                return
+
     def on_tun_readable(self, fd: int) -> None:
         read = os.read
         classify = self.classifier.classify
@@ -199,47 +353,39 @@ class Datapath:
         limits = self.mss_limits.get(fd)
         vnet = fd in self.vnet_fds
         c = self.counters
+
+        def read_one() -> int:
+            buf = read(fd, TUN_READ_SIZE)
+            if vnet:
+                if buf[1]:  # gso_type: a TSO super-packet
+                    c["tun_gso_reads"] = c.get("tun_gso_reads", 0) + 1
+                try:
+                    packets = split_tun_read(buf)
+                except ValueError:
+                    c["tun_malformed"] = c.get("tun_malformed", 0) + 1
+                    return 1
+            else:
+                packets = [buf]
+            for packet in packets:
+                tr = self.trace
+                if tr is not None:
+                    tr("2", "tun_read", packet)
+                # MSS clamping (ipsecmgr.mss), on every segment. Fast path: a plain IPv4
+                # header whose TCP flags byte (33) has no SYN is never touched.
+                if limits is not None and (
+                    len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02
+                ):
+                    clamped = clamp_mss(packet, *limits)
+                    if clamped is not packet:
+                        c["tun_mss_clamped"] = c.get("tun_mss_clamped", 0) + 1
+                        packet = clamped
+                handle(packet, classify(packet))
+            return len(packets)
+
         pending: dict[int, tuple[OutboundBinding, list[bytes], list[Any]]] = {}
         self._out = pending
-        budget = BATCH  # packets, not reads: a read may carry 45 (control messages wait less)
-        queued, reads = self._queued(fd), 0
         try:
-            while budget > 0:
-                if reads == 1 and not queued(0):
-                    return  # the one packet of this wake-up: no read that fails with EAGAIN
-                reads += 1
-                try:
-                    buf = read(fd, TUN_READ_SIZE)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    c["tun_read_errors"] = c.get("tun_read_errors", 0) + 1
-                    return
-                if vnet:
-                    if buf[1]:  # gso_type: a TSO super-packet
-                        c["tun_gso_reads"] = c.get("tun_gso_reads", 0) + 1
-                    try:
-                        packets = split_tun_read(buf)
-                    except ValueError:
-                        c["tun_malformed"] = c.get("tun_malformed", 0) + 1
-                        continue
-                else:
-                    packets = [buf]
-                budget -= len(packets)
-                for packet in packets:
-                    tr = self.trace
-                    if tr is not None:
-                        tr("2", "tun_read", packet)
-                    # MSS clamping (ipsecmgr.mss), on every segment. Fast path: a plain IPv4
-                    # header whose TCP flags byte (33) has no SYN is never touched.
-                    if limits is not None and (
-                        len(packet) < 34 or packet[0] != 0x45 or packet[33] & 0x02
-                    ):
-                        clamped = clamp_mss(packet, *limits)
-                        if clamped is not packet:
-                            c["tun_mss_clamped"] = c.get("tun_mss_clamped", 0) + 1
-                            packet = clamped
-                    handle(packet, classify(packet))
+            self._drain(fd, read_one, "tun_read_errors")
         finally:
             self._out = None
             if pending:
@@ -290,15 +436,17 @@ class Datapath:
             if self.trace is not None:
                 entry[2].append((len(entry[1]) - 1, packet, sa.next_seq - 1))
             return
+        tr = self.trace
+        if tr is not None:  # before the send (see _TRACE_BEFORE)
+            tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
+               peer=binding.peer)  # fmt: skip
         try:
             binding.sock.sendto(data, binding.peer)
         except OSError:
             _bump(self.counters, "esp_send_errors")
+            if tr is not None:
+                tr("7", "esp_send_failed", packet, spi=sa.spi, seq=sa.next_seq - 1)
             return
-        tr = self.trace
-        if tr is not None:
-            tr("7", "esp_sent", packet, spi=sa.spi, seq=sa.next_seq - 1, wire=data,
-               peer=binding.peer)  # fmt: skip
         _bump(self.counters, "esp_out_packets")
 
     def watch_outbound(self, name: str) -> None:
@@ -317,6 +465,7 @@ class Datapath:
         c = self.counters
         for binding, datas, traces in pending.values():
             sock, peer = binding.sock, binding.peer
+            at = monotonic() if traces else 0.0  # traced: the time before the sends
             n, i = len(datas), 0
             if n == 1 and not traces:  # one packet (a round trip after idle time): no runs
                 try:
@@ -363,7 +512,8 @@ class Datapath:
             if tr is not None and traces:
                 sa = binding.sa
                 for k, packet, seq in traces:
-                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer)
+                    tr("7", "esp_sent", packet, spi=sa.spi, seq=seq, wire=datas[k], peer=peer,
+                       at=at)  # fmt: skip
 
     def send_bypass(self, packet: bytes) -> None:
         """Step 3b: clear text out of the management interface."""
@@ -397,32 +547,25 @@ class Datapath:
         handle = self.handle_inbound
         buf, view = self._rbuf, self._rview
         recv_into = sock.recv_into
+
+        def read_one() -> int:
+            if family == socket.AF_INET:
+                n = recv_into(buf)
+                hlen = (buf[0] & 0x0F) * 4
+                # handle_inbound keeps no reference to the view (what it queues for
+                # the TUN is the decrypted copy); a trace client may keep it: a copy.
+                esp_data = view[hlen:n] if self.trace is None else bytes(view[hlen:n])
+                handle(esp_data, bytes(view[12:16]), bytes(view[16:20]), family)  # type: ignore[arg-type]
+            else:
+                data, addr = sock.recvfrom(65535)
+                src = socket.inet_pton(socket.AF_INET6, addr[0])
+                handle(data, src, b"", family)
+            return 1
+
         pending: dict[int, list[bytes]] = {}
         self._tun_out = pending
-        queued = self._queued(sock.fileno())
         try:
-            for i in range(BATCH):
-                if i == 1 and not queued(0):
-                    return  # the one packet of this wake-up: no read that fails with EAGAIN
-                try:
-                    if family == socket.AF_INET:
-                        n = recv_into(buf)
-                    else:
-                        data, addr = sock.recvfrom(65535)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    _bump(self.counters, "esp_recv_errors")
-                    return
-                if family == socket.AF_INET:
-                    hlen = (buf[0] & 0x0F) * 4
-                    # handle_inbound keeps no reference to the view (what it queues for
-                    # the TUN is the decrypted copy); a trace client may keep it: a copy.
-                    esp_data = view[hlen:n] if self.trace is None else bytes(view[hlen:n])
-                    handle(esp_data, bytes(view[12:16]), bytes(view[16:20]), family)  # type: ignore[arg-type]
-                else:
-                    src = socket.inet_pton(socket.AF_INET6, addr[0])
-                    handle(data, src, b"", family)
+            self._drain(sock.fileno(), read_one, "esp_recv_errors")
         finally:
             self._tun_out = None
             if pending:
@@ -438,52 +581,42 @@ class Datapath:
         handle = self.handle_inbound
         c = self.counters
         fam = sock.family
+
+        def read_one() -> int:
+            n, anc, _flags, addr = recv([buf], _GRO_CMSG_SPACE)
+            peer = (addr[0], addr[1])
+            src = socket.inet_pton(fam, peer[0])
+            seg = n
+            if anc:
+                for level, ctype, value in anc:
+                    if level == SOL_UDP and ctype == UDP_GRO:
+                        seg = int.from_bytes(value[:4], _NATIVE) or n
+            if seg < n:
+                c["esp_udp_gro_batches"] = c.get("esp_udp_gro_batches", 0) + 1
+            reported = None  # the map whose ESP from this sender was reported (once)
+            self._udp_src = peer
+            for start in range(0, n, seg) if seg else (0,):
+                data = view[start : min(start + seg, n)]
+                if self.trace is not None:  # a trace client may keep it: a copy
+                    data = bytes(data)  # type: ignore[assignment]
+                kind = classify_udp4500(data)  # type: ignore[arg-type]
+                if kind == "esp":
+                    # handle_inbound keeps no reference to the view: what it queues
+                    # for the TUN is the decrypted copy.
+                    name = handle(data, src, b"", fam)  # type: ignore[arg-type]
+                    if name is not None and name != reported:
+                        self.on_esp_from(name, peer)
+                        reported = name
+                elif kind == "keepalive":
+                    c["natt_keepalives_received"] = c.get("natt_keepalives_received", 0) + 1
+                else:
+                    self.on_udp_other(bytes(data), local, peer)
+            return -(-n // seg) if 0 < seg < n else 1
+
         pending: dict[int, list[bytes]] = {}
         self._tun_out = pending
-        budget = BATCH
-        queued, reads = self._queued(sock.fileno()), 0
         try:
-            while budget > 0:
-                if reads == 1 and not queued(0):
-                    return  # the one datagram of this wake-up: no recv that fails with EAGAIN
-                reads += 1
-                try:
-                    n, anc, _flags, addr = recv([buf], _GRO_CMSG_SPACE)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    c["udp_recv_errors"] = c.get("udp_recv_errors", 0) + 1
-                    return
-                peer = (addr[0], addr[1])
-                src = socket.inet_pton(fam, peer[0])
-                seg = n
-                if anc:
-                    for level, ctype, value in anc:
-                        if level == SOL_UDP and ctype == UDP_GRO:
-                            seg = int.from_bytes(value[:4], _NATIVE) or n
-                if seg < n:
-                    c["esp_udp_gro_batches"] = c.get("esp_udp_gro_batches", 0) + 1
-                    budget -= -(-n // seg)
-                else:
-                    budget -= 1
-                reported = None  # the map whose ESP from this sender was reported (once)
-                self._udp_src = peer
-                for start in range(0, n, seg) if seg else (0,):
-                    data = view[start : min(start + seg, n)]
-                    if self.trace is not None:  # a trace client may keep it: a copy
-                        data = bytes(data)  # type: ignore[assignment]
-                    kind = classify_udp4500(data)  # type: ignore[arg-type]
-                    if kind == "esp":
-                        # handle_inbound keeps no reference to the view: what it queues
-                        # for the TUN is the decrypted copy.
-                        name = handle(data, src, b"", fam)  # type: ignore[arg-type]
-                        if name is not None and name != reported:
-                            self.on_esp_from(name, peer)
-                            reported = name
-                    elif kind == "keepalive":
-                        c["natt_keepalives_received"] = c.get("natt_keepalives_received", 0) + 1
-                    else:
-                        self.on_udp_other(bytes(data), local, peer)
+            self._drain(sock.fileno(), read_one, "udp_recv_errors")
         finally:
             self._udp_src = None
             self._tun_out = None
@@ -610,6 +743,8 @@ class Datapath:
             else:
                 hdr = _VNET_NONE if fd in self.vnet_fds else b""
                 for packet in packets:
+                    if tr is not None:
+                        at = monotonic()  # (see _TRACE_BEFORE)
                     try:
                         write(fd, hdr + packet if hdr else packet)
                     except OSError:
@@ -617,7 +752,7 @@ class Datapath:
                         continue
                     written += 1
                     if tr is not None:
-                        tr("12", "tun_write", packet)
+                        tr("12", "tun_write", packet, at=at)
             if written:
                 c["esp_in_packets"] = c.get("esp_in_packets", 0) + written
             if failed:

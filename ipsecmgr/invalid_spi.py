@@ -36,7 +36,7 @@ up (30 s + 3 × 10 s with the reference's timers). Both halves live here:
   (:func:`answer_expected`): it only turns the watch off for SILENCE. In the
   split data path the inbound counters are the INBOUND worker's: a "nothing
   came back" is confirmed with a fresh count of that map's inbound SAs first
-  (:attr:`InvalidSpiHints.confirm`).
+  (``SaSink.refresh_inbound``).
 * **Hold while probing.** With ``first_packet = "queue"`` the map's outbound
   binding is taken out of the data path while a probe runs: packets wait in
   the map's bounded queue (``Manager.on_no_sa``) instead of going into an SA
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import ike
@@ -112,9 +111,6 @@ class InvalidSpiHints:
         self.armed: dict[str, tuple[str, float, int, float]] = {}
         # crypto map name → (IKE SA name, the binding taken out) while a probe holds
         self.held: dict[str, tuple[str, OutboundBinding]] = {}
-        # Split data path (ipsecmgr.workers): fetch fresh inbound counters of a map's
-        # Child SAs, then call :meth:`confirmed`.
-        self.confirm: Callable[[MapState], None] | None = None
 
     def on_unknown_spi(
         self, mgr: Manager, spi: int, src: bytes, family: int, udp: Address | None, now: float
@@ -206,10 +202,11 @@ class InvalidSpiHints:
             # after the answer, and a connection's last ACK would look unanswered.)
             mgr.datapath.watch_outbound(name)
             return
-        if not confirmed and self.confirm is not None:
-            # Split data path: these inbound counters are up to a second old
+        spis = [rec.inbound.spi for rec in state.children.values()]
+        if not confirmed and not mgr.datapath.refresh_inbound(name, spis):
+            # Split data path: these inbound counters were up to a second old; the
+            # fresh ones come with Manager.on_inbound_counted (then confirmed)
             self.armed[name] = armed
-            self.confirm(state)
             return
         mgr.datapath.watch_outbound(name)
         if not self._may_probe(sa, now):
@@ -223,7 +220,8 @@ class InvalidSpiHints:
         self._probe(sa, now, mgr, state)
 
     def confirmed(self, mgr: Manager, name: str, now: float) -> None:
-        """:attr:`confirm`'s answer: ``name``'s inbound counters are fresh now."""
+        """``SaSink.refresh_inbound``'s later answer: ``name``'s inbound counters are
+        fresh now."""
         self.silence_due(mgr, name, now, confirmed=True)
         mgr.pump(now)  # the probe's request, if one started
 
@@ -233,14 +231,14 @@ class InvalidSpiHints:
         """``first_packet = "queue"``: the map's packets wait for the probe's verdict in
         its bounded queue instead of going into an SA the peer may have lost."""
         name = state.cmap.name
-        binding = mgr.datapath.outbound.get(name)
+        binding = mgr.datapath.binding(name)
         if state.cmap.first_packet != "queue" or binding is None or name in self.held:
             return
         if state.ike_sa is not sa or not any(
             rec.outbound is binding.sa for rec in state.children_of(sa.name)
         ):
             return  # the probed IKE SA does not carry the map's traffic
-        del mgr.datapath.outbound[name]
+        mgr.datapath.unbind(name)
         self.held[name] = (sa.name, binding)
         state.bump("probe_holds")
 
@@ -257,14 +255,15 @@ class InvalidSpiHints:
             if sa.last_heard is None or sa.last_heard < started:
                 continue  # not answered yet
             del self.held[name]
-            if name in mgr.datapath.outbound or not any(
+            if mgr.datapath.binding(name) is not None or not any(
                 rec.outbound is binding.sa for rec in state.children.values()
             ):
                 continue  # a newer Child SA took over (and sent the queue)
-            mgr.datapath.outbound[name] = binding
+            # The same SA, socket and peer again (raw ESP: port 0; UDP 4500 otherwise)
+            mgr.datapath.bind(name, binding.sa, binding.peer, binding.peer[1] != 0)
             state.bump("probe_released")
             while state.queue:
-                mgr.datapath.send_protected(binding, state.queue.popleft())
+                mgr.datapath.send(name, state.queue.popleft())
                 state.bump("queued_sent")
 
     def on_ike_deleted(

@@ -17,10 +17,10 @@ import esp
 import ike
 from ike import events as ev
 from ike.state import State
-from ipsecmgr.datapath import OutboundBinding
 from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
 from ipsecmgr.periodic import DPD_SAMPLES, schedule
 from ipsecmgr.records import Address, ChildRecord, Liveness, MapState, MapStatus
+from ipsecmgr.sasink import SaPair
 from ipsecmgr.translate import npu_selector
 
 if TYPE_CHECKING:
@@ -243,18 +243,21 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
     sa = mgr.endpoint.find_sa(event.ike_sa)
     if mgr.lingering.pop(event.inbound_spi, None) is not None:  # reused: the new SA wins
         mgr.deadlines.cancel(("linger", event.inbound_spi))
-    mgr.saflow.add(
-        event.inbound_spi,
-        inbound,
-        [npu_selector(t) for t in event.remote_ts],
-        [npu_selector(t) for t in event.local_ts],
-        state.cmap.name,
+    name = state.cmap.name
+    mgr.datapath.install(
+        SaPair(
+            name,
+            inbound,
+            outbound,
+            event.inbound_key,
+            event.outbound_key,
+            [npu_selector(t) for t in event.remote_ts],
+            [npu_selector(t) for t in event.local_ts],
+        )
     )
-    if mgr.on_child_installed is not None:
-        mgr.on_child_installed(state.cmap.name, event)
     old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
     rekeyed = old is not None and old.state == ike.ChildState.REKEYED
-    if rekeyed and state.cmap.name in mgr.datapath.outbound:
+    if rekeyed and mgr.datapath.binding(name) is not None:
         # We answered the peer's rekey ("rekeyed": the peer deletes the old SA
         # next; had we started it, our DELETE would be out: "deleting"). The
         # peer may not have the new SA yet, so keep sending on the old one until
@@ -262,7 +265,7 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
         # moves sending to the newest Child SA.
         state.bump("rekey_send_deferred")
     else:
-        mgr.datapath.outbound[state.cmap.name] = _binding(mgr, state, event.ike_sa, outbound)
+        _bind(mgr, state, event.ike_sa, outbound)
     state.children[(event.ike_sa, event.child_id)] = ChildRecord(
         event.child_id,
         inbound,
@@ -284,11 +287,10 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
         event.outbound_spi,
         event.mode,
     )
-    binding = mgr.datapath.outbound[state.cmap.name]
     if state.queue and mgr.observe is not None and state.queued_at is not None:
         mgr.observe("first_packet_wait", state.cmap.name, now - state.queued_at)
     while state.queue:
-        mgr.datapath.send_protected(binding, state.queue.popleft())
+        mgr.datapath.send(name, state.queue.popleft())
         state.bump("queued_sent")
 
 
@@ -306,32 +308,25 @@ def remove_child(
     if linger is not None:
         mgr.lingering[record.inbound.spi] = linger  # make-before-break, receive side
         mgr.deadlines.set(("linger", record.inbound.spi), linger)
-    else:
-        mgr.saflow.remove(record.inbound.spi)
-    if mgr.on_child_removed is not None:
-        # The split data path forgets the outbound SA now; a lingering inbound
-        # SA is forgotten when it expires (periodic).
-        in_spi = 0 if linger is not None else record.inbound.spi
-        mgr.on_child_removed(state.cmap.name, in_spi, record.outbound.spi)
-    binding = mgr.datapath.outbound.get(state.cmap.name)
+    # The outbound SA goes now; a lingering inbound SA when it expires (periodic).
+    in_spi = None if linger is not None else record.inbound.spi
+    mgr.datapath.remove(in_spi, record.outbound.spi)
+    binding = mgr.datapath.binding(state.cmap.name)
     if binding is not None and binding.sa is record.outbound:
-        del mgr.datapath.outbound[state.cmap.name]
-        # A newer child of the same map takes over sending, if any.
+        mgr.datapath.unbind(state.cmap.name)
         # The most recently installed child of the same map takes over sending.
         if state.children:
             (ike_name, _), newer = list(state.children.items())[-1]
-            mgr.datapath.outbound[state.cmap.name] = _binding(mgr, state, ike_name, newer.outbound)
+            _bind(mgr, state, ike_name, newer.outbound)
 
 
-def _binding(
-    mgr: Manager, state: MapState, ike_name: str, outbound: esp.OutboundSA
-) -> OutboundBinding:
+def _bind(mgr: Manager, state: MapState, ike_name: str, outbound: esp.OutboundSA) -> None:
+    """The crypto map's packets go out on ``outbound``, to its IKE SA's peer (watched
+    from the first packet: ipsecmgr.invalid_spi)."""
     sa = mgr.endpoint.find_sa(ike_name)
     nat_t = bool(sa is not None and sa.nat_t)
     peer: Address = sa.peer_addr if sa is not None else (str(state.cmap.peer), 500)
-    assert mgr.esp_socket_for is not None, "the daemon sets esp_socket_for"
-    sock, addr = mgr.esp_socket_for(peer, nat_t)
-    return OutboundBinding(outbound, sock, addr, outbound.mode, state.cmap.name)
+    mgr.datapath.bind(state.cmap.name, outbound, peer, nat_t)
 
 
 def _drop_others(mgr: Manager, state: MapState, keep: str) -> None:

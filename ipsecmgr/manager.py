@@ -25,9 +25,9 @@ from ike import events as ev
 from ike.timers import TimerHeap
 from ipsecmgr import config as cfg
 from ipsecmgr import failover, lifecycle, periodic, reload, show, show_rows
-from ipsecmgr.datapath import Datapath
 from ipsecmgr.invalid_spi import InvalidSpiHints
-from ipsecmgr.records import Address, EspSocketFn, Liveness, MapState, MapStatus, SendFn
+from ipsecmgr.records import Address, Liveness, MapState, MapStatus, SendFn
+from ipsecmgr.sasink import SaSink, TraceHook, esp_peer
 from ipsecmgr.trace import trace_ike_datagram, trace_ike_event
 from ipsecmgr.translate import build_ike_config
 
@@ -41,8 +41,7 @@ class Manager:
         self,
         config: cfg.Config,
         acls: dict[str, npusim.Acl],
-        datapath: Datapath,
-        saflow: npusim.SaFlowTable,
+        datapath: SaSink,
         send: SendFn,
         *,
         jitter: Callable[[], float] = random.random,
@@ -51,8 +50,8 @@ class Manager:
         put into every IKE config (a constant in tests: rekeys at known times)."""
         self.config = config
         self._jitter = jitter
+        # The data path, single or split (ipsecmgr.sasink): SA pairs, bindings, counters
         self.datapath = datapath
-        self.saflow = saflow
         self.send = send
         self.maps: dict[str, MapState] = {}
         for name, cmap in config.crypto_maps.items():
@@ -66,18 +65,12 @@ class Manager:
             log=(lambda line: log.info("%s", line)) if log.isEnabledFor(logging.INFO) else None,
             usage=self._usage,  # the engine asks what the data path counted (lifetimes)
         )
-        # Set by the daemon: the socket and address ESP goes to (raw or UDP 4500).
-        self.esp_socket_for: EspSocketFn | None = None
         # The daemon's Tracer while someone traces (steps 4, 5 and IKE events), else None.
-        self.trace: Callable[..., None] | None = None
+        self.trace: TraceHook | None = None
         # Dead-peer detection per IKE SA name (a map can have a stale SA and a new one)
         self.liveness: dict[str, Liveness] = {}
         # Inbound SPIs of rekeyed Child SAs still in the SA-flow table, and until when
         self.lingering: dict[int, float] = {}
-        # Set by the daemon's split data path (ipsecmgr.workers): told of every Child SA
-        # installed (with its keys) and removed, so the workers keep their own copies.
-        self.on_child_installed: Callable[[str, ev.ChildSaInstalled], None] | None = None
-        self.on_child_removed: Callable[[str, int, int], None] | None = None
         # Failover, fail-fast answers and rate-limited noise (ipsecmgr.failover)
         self.failover = failover.Failover(self)
         # Set by ipsecmgr.metrics: observe(histogram, crypto map, seconds) for the
@@ -115,7 +108,7 @@ class Manager:
             for key in list(state.children):
                 self._remove_child(state, key)
                 work.children_removed += 1
-            self.datapath.outbound.pop(state.cmap.name, None)
+            self.datapath.unbind(state.cmap.name)
             log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
         if work.built or work.dropped:
             # Responders are matched against the new configs from now on; the IKE
@@ -251,6 +244,11 @@ class Manager:
         ``packet``: what it carried): was it answered? (RFC 7296 §2.4, ipsecmgr.invalid_spi)"""
         self.invalid_spi.on_esp_out(self, name, packet, now)
 
+    def on_inbound_counted(self, name: str, now: float) -> None:
+        """Crypto map ``name``'s inbound counters are fresh (``SaSink.refresh_inbound``
+        answered later: the split data path): did anything come back?"""
+        self.invalid_spi.confirmed(self, name, now)
+
     def on_esp_from(self, name: str, peer: Address) -> None:
         """An authentic ESP-in-UDP packet of crypto map ``name`` came from ``peer``.
 
@@ -258,7 +256,7 @@ class Manager:
         the address and port of a validated packet (the peer's NAT rebound).
         """
         state = self.maps.get(name)
-        binding = self.datapath.outbound.get(name)
+        binding = self.datapath.binding(name)
         sa = state.ike_sa if state is not None else None
         if state is None or sa is None or binding is None or binding.peer == peer:
             return
@@ -276,18 +274,16 @@ class Manager:
         when an authenticated request arrives from a new one; ESP follows it.
         Only the maps of the IKE SAs that changed since the last look."""
         changed, self._changed = self._changed, {}
-        if self.esp_socket_for is None:
-            return
         for changed_sa in changed:
             state = self._state_for_name(changed_sa.name)
             if state is None or state.ike_sa is not changed_sa:
                 continue
             name = state.cmap.name
-            sa, binding = state.ike_sa, self.datapath.outbound.get(name)
+            sa, binding = state.ike_sa, self.datapath.binding(name)
             if sa is None or binding is None or not sa.established:
                 continue
-            sock, addr = self.esp_socket_for(sa.peer_addr, sa.nat_t)
-            if addr != binding.peer or sock is not binding.sock:
+            addr = esp_peer(sa.peer_addr, sa.nat_t)
+            if addr != binding.peer:
                 log.info(
                     "crypto map %s: peer moved from %s:%d to %s:%d, ESP follows",
                     name,
@@ -295,7 +291,7 @@ class Manager:
                     *addr,
                 )
                 state.bump("nat_rebinding")
-                binding.sock, binding.peer = sock, addr
+                self.datapath.bind(name, binding.sa, sa.peer_addr, sa.nat_t)
 
     # -- events -----------------------------------------------------------------------
 
@@ -368,3 +364,7 @@ class Manager:
     def map_names(self) -> set[str]:
         """The configured crypto maps (a reload may add or remove some)."""
         return set(self.maps)
+
+    def set_trace(self, hook: TraceHook | None) -> None:
+        """The Tracer while someone traces (``ipsecmgr trace``), None when none does."""
+        self.trace = hook

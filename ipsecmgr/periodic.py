@@ -30,7 +30,6 @@ SEQUENCE_CHECK = 5.0
 # Look at the inbound ESP counters interval/10 apart: a heartbeat then leaves at
 # most interval/10 later than "interval after the last packet" (no per-packet cost).
 DPD_SAMPLES = 10
-NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3: one octet 0xFF on UDP 4500
 
 
 def schedule(mgr: Manager, state: MapState, now: float) -> None:
@@ -74,9 +73,7 @@ def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
         mgr.deadlines.set(("linger", spi), until)
         return
     del mgr.lingering[spi]
-    mgr.saflow.remove(spi)
-    if mgr.on_child_removed is not None:
-        mgr.on_child_removed("", spi, 0)
+    mgr.datapath.remove(spi, None)
 
 
 def _liveness_due(mgr: Manager, name: str, now: float) -> None:
@@ -155,11 +152,9 @@ def usage(mgr: Manager, ike_name: str, child_id: int, now: float) -> ike.ChildUs
 
 
 def _send_keepalive(mgr: Manager, state: MapState, sa: ike.IkeSA) -> None:
-    assert mgr.esp_socket_for is not None, "the daemon sets esp_socket_for"
-    sock, addr = mgr.esp_socket_for(sa.peer_addr, True)
     try:
-        sock.sendto(NAT_KEEPALIVE, addr)
+        mgr.datapath.send_keepalive(sa.peer_addr)
         state.bump("nat_keepalives_sent")
     except OSError as exc:
         state.bump("nat_keepalive_errors")
-        log.debug("NAT keepalive to %s failed: %s", addr, exc)
+        log.debug("NAT keepalive to %s failed: %s", sa.peer_addr, exc)

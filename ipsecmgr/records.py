@@ -12,7 +12,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 import esp
 import ike
@@ -22,7 +21,6 @@ from ipsecmgr.peers import PeerList, peer_configs
 
 Address = tuple[str, int]
 SendFn = Callable[[bytes, Address, Address | None], None]  # (datagram, peer, our address)
-EspSocketFn = Callable[[Address, bool], tuple[Any, Address]]
 
 
 class MapStatus(StrEnum):

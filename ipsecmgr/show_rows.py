@@ -105,7 +105,7 @@ def child_sa_states(mgr: Manager, now: float, wall: float) -> list[show.ChildSaS
         ike_sa = state.ike_sa
         for rec in state.children.values():
             ts = mgr.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
-            binding = mgr.datapath.outbound.get(name)
+            binding = mgr.datapath.binding(name)
             out.append(
                 {
                     "crypto_map": name,

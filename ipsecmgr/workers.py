@@ -12,16 +12,23 @@ plane for itself::
     4500), timers, control socket,      encrypt + send (7)          to control), SPI lookup (9)
     first packets (steps 4-5)                                       decrypt, policy (10)
           |   install / remove SA,        owns every OutboundSA       TUN write (12)
-          |   queued packets, stats       and its sequence numbers    owns every InboundSA
-          +--------- socketpair ---------->+                           and its replay window
+          |   bind, queued packets,       and its sequence numbers    owns every InboundSA
+          |   trace on/off, stats                                     and its replay window
+          +--------- socketpair ---------->+
           +--------- socketpair ------------------------------------->+
-          <-- PROTECT without SA (4-5), counters -+------------------+
+          <-- PROTECT without SA (4-5), counters, trace events -+----+
+
+The Manager sees neither the workers nor the socketpairs: :class:`SplitDatapath`
+is the data path it was given (ipsecmgr.sasink.SaSink, as the single mode's
+Datapath), and forwards each call to the worker that owns what it changes.
 
 Both workers run the same :class:`ipsecmgr.datapath.Datapath` code as the
 single-process mode: one copy of the per-packet logic. Each SA lives in exactly
 one process, so sequence numbers (RFC 4303 §3.3.3) and the anti-replay window
 (§3.4.3) have a single owner; the control process keeps its own objects only
-for ``show`` and copies the workers' counters into them on request.
+for ``show`` and copies the workers' counters into them on request. While
+someone traces, each worker's data path sends its events to the control
+process, where the daemon's tracer gets them (docs/trace.md).
 
 Control messages are processed between packet batches (``Datapath.BATCH``), so
 installing, rekeying or deleting an SA never pauses traffic. A worker exits
@@ -50,18 +57,13 @@ from typing import TYPE_CHECKING, Any
 
 import esp
 import npusim
-from ike import events as ev
 from ike.invalid_spi import SourceLimit
 from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath, OutboundBinding
-from ipsecmgr.mss import mss_limits
-from ipsecmgr.translate import npu_selector
+from ipsecmgr.sasink import Address, SaPair, TraceHook
 
 if TYPE_CHECKING:
     import asyncio
-
-    from ipsecmgr.daemon import Gateway
-    from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.workers")
 
@@ -73,7 +75,6 @@ PR_SET_PDEATHSIG = 1
 HEADERS = 120  # bytes of an inner packet: IPv6 + TCP headers with options (esp_out)
 
 Message = tuple[Any, ...]
-SockRef = tuple[str, Any]  # ("esp", family) | ("udp", (address, port))
 
 
 def _send(sock: socket.socket, msg: Message, timeout: float = 2.0) -> bool:
@@ -113,38 +114,32 @@ class Worker:
     """One direction of the data path, in its own process.
 
     ``dp`` is a fresh :class:`Datapath` over the sockets and TUN fds inherited
-    from the daemon, with its own SA-flow table: the SAs it holds exist only here.
+    from the daemon (:meth:`Datapath.spawn`), with its own SA-flow table: the SAs
+    it holds exist only here.
     """
 
-    def __init__(self, gw: Gateway, role: str, ctrl: socket.socket) -> None:
-        self.gw = gw
+    def __init__(self, template: Datapath, role: str, ctrl: socket.socket) -> None:
         self.role = role
         self.ctrl = ctrl
-        self.dp = Datapath(
-            gw.classifier, npusim.SaFlowTable(), gw.esp_socks, gw.bypass_socks, self._on_no_sa
-        )
-        for tun in gw.tuns:
-            self.dp.mss_limits[tun.fd] = mss_limits(tun.mtu, gw.config.gateway.mss_clamp)
-        self.dp.tun_for_map = dict(gw.datapath.tun_for_map)
-        # The offloads the daemon got from the kernel (TUN vnet header, UDP GSO).
-        self.dp.vnet_fds = set(gw.datapath.vnet_fds)
-        self.dp.gso_socks = set(gw.datapath.gso_socks)
         # UDP 4500 is read here (INBOUND): IKE and NAT rebinding go to the control process.
-        self.dp.on_udp_other = self._ike_to_control
-        self.dp.on_esp_from = self._esp_from
-        self.dp.on_unknown_spi = self._unknown_spi_to_control
-        self.dp.on_esp_out = self._esp_out_to_control
+        self.dp = template.spawn(
+            self._on_no_sa,
+            on_udp_other=self._ike_to_control,
+            on_esp_from=self._esp_from,
+            on_unknown_spi=self._unknown_spi_to_control,
+            on_esp_out=self._esp_out_to_control,
+        )
         # The control process rate-limits INVALID_SPI per source (RFC 7296 §2.21.4);
         # the same limit here keeps an unknown-SPI flood off the socketpair.
         self._unknown_spi_limit = SourceLimit()
-        self._esp_peers: dict[str, tuple[str, int]] = {}
+        self._esp_peers: dict[str, Address] = {}
         self.out_sas: dict[int, esp.OutboundSA] = {}
 
-    def _ike_to_control(self, data: bytes, local: tuple[str, int], peer: tuple[str, int]) -> None:
+    def _ike_to_control(self, data: bytes, local: Address, peer: Address) -> None:
         if not _send(self.ctrl, ("ike_in", data, local, peer), timeout=0.0):
             self.dp.counters["ike_forward_drops"] += 1
 
-    def _esp_from(self, name: str, peer: tuple[str, int]) -> None:
+    def _esp_from(self, name: str, peer: Address) -> None:
         """An authentic ESP-in-UDP packet of ``name`` from ``peer``: the control process
         decides about NAT rebinding (RFC 7296 §2.23). Told once per peer change; the
         memory is cleared with every counter pull (1 s), so a refusal is retried."""
@@ -153,7 +148,7 @@ class Worker:
             _send(self.ctrl, ("esp_from", name, peer), timeout=0.0)
 
     def _unknown_spi_to_control(
-        self, spi: int, src: bytes, family: int, udp: tuple[str, int] | None
+        self, spi: int, src: bytes, family: int, udp: Address | None
     ) -> None:
         if self._unknown_spi_limit.allow(src.hex(), time.monotonic()):
             _send(self.ctrl, ("unknown_spi", spi, src, family, udp), timeout=0.0)
@@ -168,22 +163,29 @@ class Worker:
         if not _send(self.ctrl, ("no_sa", name, packet), timeout=0.0):
             self.dp.counters["no_sa_forward_drops"] += 1
 
-    def _sock(self, ref: SockRef) -> socket.socket:
-        kind, key = ref
-        return self.gw.esp_socks[key] if kind == "esp" else self.gw.ike_socks[key]
+    def _trace_to_control(
+        self, step: str, event: str, packet: bytes | None, at: float | None = None, **fields: Any
+    ) -> None:
+        """The trace hook while a client traces: the event, stamped here (or at ``at``;
+        CLOCK_MONOTONIC is one clock for all processes), goes to the control process's
+        Tracer. Never blocks: an event that finds the socketpair full is counted as lost."""
+        for key, value in fields.items():
+            if isinstance(value, memoryview):  # a view of the receive buffer: a copy
+                fields[key] = bytes(value)
+        msg = ("trace", time.monotonic() if at is None else at, step, event,
+               None if packet is None else bytes(packet), fields)  # fmt: skip
+        if not _send(self.ctrl, msg, timeout=0.0):
+            self.dp.counters["trace_lost"] += 1
 
     def handle(self, msg: Message) -> None:
         """One control message; called between packet batches."""
         kind = msg[0]
         dp = self.dp
         if kind == "bind":  # outbound: this SA now carries the crypto map's traffic
-            _, name, spi, key, mode, esn, ref, peer = msg
+            _, name, spi, peer, nat_t = msg
             sa = self.out_sas.get(spi)
-            if sa is None:
-                if not key:  # a rebinding to an SA already forgotten: nothing to send with
-                    return
-                sa = self.out_sas[spi] = esp.OutboundSA(spi, key, mode=mode, esn=esn)
-            dp.outbound[name] = OutboundBinding(sa, self._sock(ref), peer, mode, name)
+            if sa is not None:  # (an SA already forgotten: nothing to send with)
+                dp.bind(name, sa, peer, nat_t)
         elif kind == "watch":  # report the next ESP of this map (ipsecmgr.invalid_spi)
             dp.watch_outbound(msg[1])
         elif kind == "in_counts":  # a map's inbound packet counts, fresh (invalid_spi)
@@ -192,24 +194,26 @@ class Worker:
                       for spi in spis if (flow := dp.saflow.lookup(spi)) is not None}  # fmt: skip
             _send(self.ctrl, ("in_counts", name, counts))
         elif kind == "unbind":
-            dp.outbound.pop(msg[1], None)
+            dp.unbind(msg[1])
         elif kind == "send":  # a queued first packet (step 5, first_packet = "queue")
-            binding = dp.outbound.get(msg[1])
-            if binding is not None:
-                dp.send_protected(binding, msg[2])
+            dp.send(msg[1], msg[2])
+        elif kind == "out_add":
+            _, spi, key, mode, esn = msg
+            self.out_sas[spi] = esp.OutboundSA(spi, key, mode=mode, esn=esn)
         elif kind == "in_add":
             _, name, spi, key, mode, esn, src_sel, dst_sel = msg
             sa_in = esp.InboundSA(spi, key, mode=mode, esn=esn)
             dp.saflow.add(spi, sa_in, src_sel, dst_sel, name)
-        elif kind == "forget":  # the Child SA was deleted: both directions go
+        elif kind == "forget":  # SAs deleted (either half may be None: it stays)
             _, in_spi, out_spi = msg
-            dp.saflow.remove(in_spi)
-            self.out_sas.pop(out_spi, None)
-        elif kind == "esp_in":  # ESP-in-UDP arrived on the control's UDP 4500 socket
-            _, data, src, dst, family = msg
-            dp.handle_inbound(data, src, dst, family)
+            if in_spi is not None:
+                dp.saflow.remove(in_spi)
+            if out_spi is not None:
+                self.out_sas.pop(out_spi, None)
         elif kind == "classifier":  # SIGHUP reload
-            dp.classifier = msg[1]
+            dp.set_classifier(msg[1])
+        elif kind == "trace":  # a trace client attached (True) or the last one left
+            dp.set_trace(self._trace_to_control if msg[1] else None)
         elif kind == "stats":
             self._esp_peers.clear()
             _send(self.ctrl, ("stats", self.role, msg[1], self.stats()))
@@ -236,18 +240,15 @@ class Worker:
         ctrl_fd = self.ctrl.fileno()
         poller.register(ctrl_fd, select.POLLIN)
         handlers: dict[int, Callable[[], None]] = {}
+        dp = self.dp
         if self.role == OUTBOUND:
-            for tun in self.gw.tuns:
-                handlers[tun.fd] = functools.partial(self.dp.on_tun_readable, tun.fd)
+            for fd in dp.tun_fds:
+                handlers[fd] = functools.partial(dp.on_tun_readable, fd)
         else:
-            for fam, sock in self.gw.esp_socks.items():
-                handlers[sock.fileno()] = functools.partial(self.dp.on_esp_readable, fam)
-            natt = self.gw.config.gateway.natt_port
-            for local, sock in self.gw.ike_socks.items():
-                if local[1] == natt:
-                    handlers[sock.fileno()] = functools.partial(
-                        self.dp.on_udp_readable, sock, local
-                    )
+            for fam, sock in dp.esp_sockets.items():
+                handlers[sock.fileno()] = functools.partial(dp.on_esp_readable, fam)
+            for local, sock in dp.natt_sockets.items():
+                handlers[sock.fileno()] = functools.partial(dp.on_udp_readable, sock, local)
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         poll = poller.poll
@@ -260,15 +261,14 @@ class Worker:
                                 self.handle(msg)
                             except (ValueError, KeyError, IndexError, TypeError):
                                 # A bad SA from the control process must not stop traffic.
-                                c = self.dp.counters
-                                c["control_errors"] = c.get("control_errors", 0) + 1
+                                self.dp.counters["control_errors"] += 1
                     except EOFError:
                         return
                 else:
                     handlers[fd]()
 
 
-def _worker_main(gw: Gateway, role: str, ctrl: socket.socket) -> None:
+def _worker_main(template: Datapath, role: str, ctrl: socket.socket) -> None:
     """The forked child's whole life; never returns into the daemon's code."""
     code = 0
     try:
@@ -279,7 +279,7 @@ def _worker_main(gw: Gateway, role: str, ctrl: socket.socket) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        worker = Worker(gw, role, ctrl)
+        worker = Worker(template, role, ctrl)
         # Everything inherited from the daemon is long-lived: keep the collector off it,
         # and let the per-packet tuples (struct unpacks) trigger it less often.
         gc.freeze()
@@ -308,94 +308,50 @@ def _worker_main(gw: Gateway, role: str, ctrl: socket.socket) -> None:
 # -- the control side ------------------------------------------------------------------------
 
 
-class ForwardingOutbound(dict[str, OutboundBinding]):
-    """The control process's ``Datapath.outbound``: every change is also sent to the
-    OUTBOUND worker, which owns the sending SAs (the manager's rekey logic is unchanged)."""
+class SplitDatapath:
+    """``[gateway] datapath = "split"``: the :class:`ipsecmgr.sasink.SaSink` the Manager
+    gets, in the control process. It moves no packet itself: every SA pair, binding,
+    queued first packet, classifier and trace switch goes to the worker that owns it,
+    and what the workers report comes back through ``base``'s callbacks (the same
+    ones the single data path calls), their trace events into the trace hook.
 
-    def __init__(self, workers: Workers) -> None:
-        super().__init__()
-        self.workers = workers
+    ``base`` is the data path the daemon set up (sockets, TUNs, the callbacks); the
+    workers are forked from it (:meth:`start`), and it writes ipsecmgr.reject's
+    answers into the TUNs from here."""
 
-    def __setitem__(self, name: str, binding: OutboundBinding) -> None:
-        super().__setitem__(name, binding)
-        self.workers.bind(name, binding)
-
-    def __delitem__(self, name: str) -> None:
-        super().__delitem__(name)
-        self.workers.to(OUTBOUND, ("unbind", name))
-
-    def pop(self, name: str, default: Any = None) -> Any:
-        if name not in self:
-            return default
-        value = super().pop(name)
-        self.workers.to(OUTBOUND, ("unbind", name))
-        return value
-
-
-class ControlDatapath(Datapath):
-    """What the control process keeps of the data path: it moves no packet itself.
-
-    Queued first packets go to the OUTBOUND worker (it owns the sequence numbers),
-    ESP-in-UDP from the control's UDP 4500 socket to the INBOUND worker (it owns
-    the replay windows)."""
-
-    def __init__(self, base: Datapath, workers: Workers) -> None:
-        self.workers = workers
-        super().__init__(
-            base.classifier, base.saflow, base.esp_sockets, base.bypass_sockets, base.on_no_sa
-        )
-        self.tun_for_map = base.tun_for_map
-        self.vnet_fds = base.vnet_fds  # write_tun (ipsecmgr.reject's answers) from here
-        self.trace = base.trace
-        self.outbound = ForwardingOutbound(workers)
-        self.own = Counters()  # counted here (forwarding failures), merged into counters
-
-    @property
-    def classifier(self) -> npusim.Classifier:
-        return self._classifier
-
-    @classifier.setter
-    def classifier(self, value: npusim.Classifier) -> None:
-        # SIGHUP swaps the classifier; the OUTBOUND worker classifies and the INBOUND
-        # worker checks decrypted packets against the ACL with it: each gets a copy.
-        self._classifier = value
-        if self.workers.started:
-            self.workers.to(OUTBOUND, ("classifier", value))
-            self.workers.to(INBOUND, ("classifier", value))
-
-    def send_protected(self, binding: OutboundBinding, packet: bytes) -> None:
-        name = next((n for n, b in self.outbound.items() if b is binding), None)
-        if name is None or not self.workers.to(OUTBOUND, ("send", name, packet)):
-            self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
-
-    def watch_outbound(self, name: str) -> None:
-        self.workers.to(OUTBOUND, ("watch", name))
-
-    def handle_inbound(self, data: bytes, src: bytes, dst: bytes, family: int) -> str | None:
-        if not self.workers.to(INBOUND, ("esp_in", data, src, dst, family)):
-            self.own["forward_errors"] = self.own.get("forward_errors", 0) + 1
-        return None
-
-
-class Workers:
-    """The control process's handle on its two workers."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, base: Datapath, *, on_inbound_counted: Callable[[str], None]) -> None:
+        self.base = base
+        # refresh_inbound's answer: a crypto map's inbound counters are fresh now
+        self.on_inbound_counted = on_inbound_counted
         self.started = False
         self.pids: dict[str, int] = {}
         self.socks: dict[str, socket.socket] = {}
-        self.keys: dict[int, bytes] = {}  # outbound SPI -> key, until bound
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.trace: TraceHook | None = None
+        # The control process's view, for the Manager (bindings) and ``show`` (counters
+        # copied from the workers into the SA objects the Manager keeps).
+        self.outbound: dict[str, OutboundBinding] = {}
+        self._in_sas: dict[int, esp.InboundSA] = {}
+        self._out_sas: dict[int, esp.OutboundSA] = {}
+        self.own = Counters()  # counted here (forwarding failures), merged into counters
+        self._counters = Counters()
+        self._last: dict[str, Counters] = {}
         self._token = 0
         self._seen: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
+    def add_tun(
+        self, fd: int, crypto_maps: list[str], mss: tuple[int, int] | None, vnet: bool
+    ) -> None:
+        self.base.add_tun(fd, crypto_maps, mss, vnet)
+
+    def add_natt_socket(self, local: Address, sock: socket.socket, gso: bool) -> None:
+        self.base.add_natt_socket(local, sock, gso)
+
     def start(self) -> None:
         """Fork both workers (after setup: sockets and TUNs exist; before the event loop)."""
-        gw = self.gw
         for role in (OUTBOUND, INBOUND):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             for s in (mine, theirs):
@@ -408,40 +364,35 @@ class Workers:
                 mine.close()
                 for other in self.socks.values():
                     other.close()
-                _worker_main(gw, role, theirs)
+                _worker_main(self.base, role, theirs)
             theirs.close()
             self.pids[role] = pid
             self.socks[role] = mine
             self._seen[role] = 0
         self.started = True
-        control = ControlDatapath(gw.datapath, self)
-        gw.datapath = control
-        gw.manager.datapath = control
-        gw.manager.on_child_installed = self.child_installed
-        gw.manager.on_child_removed = self.child_removed
-        gw.manager.invalid_spi.confirm = self.confirm_silence
         log.info("split data path: outbound worker %d, inbound worker %d",
                  self.pids[OUTBOUND], self.pids[INBOUND])  # fmt: skip
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The workers read the TUNs and the ESP sockets; this loop reads the workers."""
         self.loop = loop
         for role, sock in self.socks.items():
             loop.add_reader(sock, self._on_readable, role)
         self._timer = loop.call_later(STATS_PERIOD, self._periodic)
 
-    def detach(self) -> None:
+    def detach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.loop is not None:
-            for sock in self.socks.values():
-                self.loop.remove_reader(sock)
+        for sock in self.socks.values():
+            loop.remove_reader(sock)
         self.loop = None
 
     def stop(self, timeout: float = 5.0) -> None:
         """EOF to both workers, then wait for them (they hold the TUN fds: the device is
         only gone, and teardown only complete, once they exited)."""
-        self.detach()
+        if self.loop is not None:
+            self.detach(self.loop)
         for sock in self.socks.values():
             sock.close()
         self.socks.clear()
@@ -461,58 +412,115 @@ class Workers:
             del self.pids[role]
         self.started = False
 
+    # -- SaSink (ipsecmgr.sasink) ------------------------------------------------------------
+
+    @property
+    def counters(self) -> Counters:
+        return self._counters
+
+    def install(self, pair: SaPair) -> None:
+        """Each half to the worker that owns it: the inbound SA (and its replay window,
+        RFC 4303 §3.4.3) to INBOUND, the outbound one (its sequence numbers) to OUTBOUND."""
+        inb, out = pair.inbound, pair.outbound
+        self._in_sas[inb.spi] = inb
+        self._out_sas[out.spi] = out
+        self._to(INBOUND, ("in_add", pair.crypto_map, inb.spi, pair.inbound_key, inb.mode,
+                           inb.esn, pair.remote_ts, pair.local_ts))  # fmt: skip
+        self._to(OUTBOUND, ("out_add", out.spi, pair.outbound_key, out.mode, out.esn))
+
+    def remove(self, inbound_spi: int | None, outbound_spi: int | None) -> None:
+        if inbound_spi is not None:
+            self._in_sas.pop(inbound_spi, None)
+            self._to(INBOUND, ("forget", inbound_spi, None))
+        if outbound_spi is not None:
+            self._out_sas.pop(outbound_spi, None)
+            self._to(OUTBOUND, ("forget", None, outbound_spi))
+
+    def bind(self, name: str, sa: esp.OutboundSA, peer: Address, nat_t: bool) -> None:
+        sock, addr = self.base.esp_target(peer, nat_t)
+        binding = self.outbound.get(name)
+        if binding is not None and binding.sa is sa:
+            binding.sock, binding.peer = sock, addr
+        else:
+            self.outbound[name] = OutboundBinding(sa, sock, addr, sa.mode)
+        self._to(OUTBOUND, ("bind", name, sa.spi, peer, nat_t))
+
+    def unbind(self, name: str) -> None:
+        if self.outbound.pop(name, None) is not None:
+            self._to(OUTBOUND, ("unbind", name))
+
+    def watch_outbound(self, name: str) -> None:
+        self._to(OUTBOUND, ("watch", name))
+
+    def refresh_inbound(self, name: str, spis: list[int]) -> bool:
+        """The INBOUND worker's counts of these SAs, now (the periodic pull's are up to
+        STATS_PERIOD old): they land in our SA objects, then ``on_inbound_counted``."""
+        return not self._to(INBOUND, ("in_counts", name, spis))  # failed: decide now
+
+    def binding(self, name: str) -> OutboundBinding | None:
+        return self.outbound.get(name)
+
+    def send(self, name: str, packet: bytes) -> None:
+        self._to(OUTBOUND, ("send", name, packet))
+
+    def send_keepalive(self, peer: Address) -> None:
+        self.base.send_keepalive(peer)
+
+    def write_tun(self, name: str, packet: bytes) -> bool:
+        return self.base.write_tun(name, packet)
+
+    def set_classifier(self, classifier: npusim.Classifier) -> None:
+        # The OUTBOUND worker classifies and the INBOUND worker checks decrypted
+        # packets against the ACL with it: each gets a copy.
+        self.base.set_classifier(classifier)
+        self._to(OUTBOUND, ("classifier", classifier))
+        self._to(INBOUND, ("classifier", classifier))
+
+    def set_trace(self, hook: TraceHook | None) -> None:
+        """Both workers send their packet steps here while ``hook`` is set."""
+        self.trace = hook
+        self._to(OUTBOUND, ("trace", hook is not None))
+        self._to(INBOUND, ("trace", hook is not None))
+
+    def refresh_counters(self) -> None:
+        """Fresh counters from both workers into ours and the SAs (``show``)."""
+        if not self.started:
+            return
+        self._token += 1
+        token = self._token
+        for role in self.socks:
+            self._to(role, ("stats", token))
+        deadline = time.monotonic() + STATS_TIMEOUT
+        deferred: list[tuple[str, Message]] = []
+        while any(self._seen.get(r, 0) < token for r in self.socks):
+            left = deadline - time.monotonic()
+            waiting = [s for r, s in self.socks.items() if self._seen.get(r, 0) < token]
+            if left <= 0 or not select.select(waiting, [], [], left)[0]:
+                log.warning("a worker did not answer the counter request in time")
+                break
+            for role, sock in self.socks.items():
+                with contextlib.suppress(EOFError):
+                    while (msg := _recv(sock)) is not None:
+                        if msg[0] == "stats":
+                            self._handle(role, msg)
+                        else:
+                            deferred.append((role, msg))
+        # First-packet requests met while waiting run after the snapshot, from the loop.
+        for role, msg in deferred:
+            if self.loop is not None:
+                self.loop.call_soon(self._handle, role, msg)
+            else:
+                self._handle(role, msg)
+
     # -- control -> workers ------------------------------------------------------------------
 
-    def to(self, role: str, msg: Message) -> bool:
+    def _to(self, role: str, msg: Message) -> bool:
         sock = self.socks.get(role)
-        return sock is not None and _send(sock, msg)
-
-    def child_installed(self, name: str, event: ev.ChildSaInstalled) -> None:
-        """Manager hook: both halves of a new Child SA (called before the outbound binding)."""
-        self.keys[event.outbound_spi] = event.outbound_key
-        self.to(INBOUND, ("in_add", name, event.inbound_spi, event.inbound_key, event.mode,
-                          event.esn, [npu_selector(t) for t in event.remote_ts],
-                          [npu_selector(t) for t in event.local_ts]))  # fmt: skip
-
-    def child_removed(self, name: str, in_spi: int, out_spi: int) -> None:
-        self.keys.pop(out_spi, None)
-        for role in (OUTBOUND, INBOUND):
-            self.to(role, ("forget", in_spi, out_spi))
-
-    def confirm_silence(self, state: MapState) -> None:
-        """Nothing came back on ``state``'s map, by counters up to STATS_PERIOD old: ask
-        the INBOUND worker for its Child SAs' counts now (ipsecmgr.invalid_spi)."""
-        spis = [rec.inbound.spi for rec in state.children.values()]
-        if not self.to(INBOUND, ("in_counts", state.cmap.name, spis)):
-            self._silence_confirmed(state.cmap.name, {})  # decide on what we have
-
-    def _silence_confirmed(self, name: str, counts: dict[int, int]) -> None:
-        mgr = self.gw.manager
-        state = mgr.maps.get(name)
-        if state is not None:
-            for rec in state.children.values():
-                got = counts.get(rec.inbound.spi)
-                if got is not None:
-                    rec.inbound.counters.packets = max(rec.inbound.counters.packets, got)
-        mgr.invalid_spi.confirmed(mgr, name, self.gw.now())
-        self.gw._rearm()
-
-    def bind(self, name: str, binding: OutboundBinding) -> None:
-        sa = binding.sa
-        key = self.keys.get(sa.spi)
-        if key is None:  # a rebinding to an SA the worker already holds
-            key = b""
-        self.to(OUTBOUND, ("bind", name, sa.spi, key, sa.mode, sa.esn,
-                           self._sock_ref(binding.sock), binding.peer))  # fmt: skip
-
-    def _sock_ref(self, sock: socket.socket) -> SockRef:
-        for fam, s in self.gw.esp_socks.items():
-            if s is sock:
-                return ("esp", fam)
-        for local, s in self.gw.ike_socks.items():
-            if s is sock:
-                return ("udp", local)
-        raise ValueError("binding on a socket the workers do not have")
+        if sock is not None and _send(sock, msg):
+            return True
+        if self.started:
+            self.own["forward_errors"] += 1
+        return False
 
     # -- workers -> control ------------------------------------------------------------------
 
@@ -530,24 +538,35 @@ class Workers:
                 return
             if msg is None:
                 return
-            self._handle(msg)
+            self._handle(role, msg)
 
-    def _handle(self, msg: Message) -> None:
-        if msg[0] == "no_sa":
-            self.gw._on_no_sa(msg[1], msg[2])
-        elif msg[0] == "ike_in":  # IKE that arrived on UDP 4500 (the INBOUND worker reads it)
-            _, data, local, peer = msg
-            self.gw.manager.on_ike_datagram(data, local, peer, self.gw.now())
-            self.gw._rearm()
-        elif msg[0] == "esp_from":
-            self.gw.manager.on_esp_from(msg[1], msg[2])
-        elif msg[0] == "esp_out":  # the first ESP after a quiet spell (invalid_spi)
-            self.gw._on_esp_out(msg[1], msg[2])
-        elif msg[0] == "in_counts":
-            self._silence_confirmed(msg[1], msg[2])
-        elif msg[0] == "unknown_spi":  # ESP for an SPI the INBOUND worker does not know
-            self.gw._on_unknown_spi(msg[1], msg[2], msg[3], msg[4])
-        elif msg[0] == "stats":
+    def _handle(self, role: str, msg: Message) -> None:
+        base = self.base
+        kind = msg[0]
+        if kind == "trace":
+            tr = self.trace
+            if tr is not None:
+                _, at, step, event, packet, fields = msg
+                tr(step, event, packet, at=at, source=role, **fields)
+        elif kind == "no_sa":
+            base.on_no_sa(msg[1], msg[2])
+        elif kind == "ike_in":  # IKE that arrived on UDP 4500 (the INBOUND worker reads it)
+            base.on_udp_other(msg[1], msg[2], msg[3])
+        elif kind == "esp_from":
+            base.on_esp_from(msg[1], msg[2])
+        elif kind == "esp_out":  # the first ESP after a quiet spell (invalid_spi)
+            base.on_esp_out(msg[1], msg[2])
+        elif kind == "in_counts":
+            _, name, counts = msg
+            for spi, packets in counts.items():
+                sa = self._in_sas.get(spi)
+                if sa is not None:
+                    sa.counters.packets = max(sa.counters.packets, packets)
+            self.on_inbound_counted(name)
+        elif kind == "unknown_spi":  # ESP for an SPI the INBOUND worker does not know
+            if base.on_unknown_spi is not None:
+                base.on_unknown_spi(msg[1], msg[2], msg[3], msg[4])
+        elif kind == "stats":
             _, role, token, stats = msg
             self._seen[role] = max(self._seen.get(role, 0), token)
             self._apply(role, stats)
@@ -555,58 +574,22 @@ class Workers:
     def _periodic(self) -> None:
         self._token += 1
         for role in self.socks:
-            self.to(role, ("stats", self._token))
+            self._to(role, ("stats", self._token))
         if self.loop is not None:
             self._timer = self.loop.call_later(STATS_PERIOD, self._periodic)
 
-    def refresh(self) -> None:
-        """Fresh counters from both workers into the control's objects (``show``)."""
-        if not self.started:
-            return
-        self._token += 1
-        token = self._token
-        for role in self.socks:
-            self.to(role, ("stats", token))
-        deadline = time.monotonic() + STATS_TIMEOUT
-        deferred: list[Message] = []
-        while any(self._seen.get(r, 0) < token for r in self.socks):
-            left = deadline - time.monotonic()
-            waiting = [s for r, s in self.socks.items() if self._seen.get(r, 0) < token]
-            if left <= 0 or not select.select(waiting, [], [], left)[0]:
-                log.warning("a worker did not answer the counter request in time")
-                break
-            for sock in self.socks.values():
-                with contextlib.suppress(EOFError):
-                    while (msg := _recv(sock)) is not None:
-                        if msg[0] == "stats":
-                            self._handle(msg)
-                        else:
-                            deferred.append(msg)
-        # First-packet requests met while waiting run after the snapshot, from the loop.
-        for msg in deferred:
-            if self.loop is not None:
-                self.loop.call_soon(self._handle, msg)
-            else:
-                self._handle(msg)
-
     def _apply(self, role: str, stats: dict[str, Any]) -> None:
-        gw = self.gw
-        dp = gw.datapath
-        assert isinstance(dp, ControlDatapath)
-        self._last = getattr(self, "_last", {})
         self._last[role] = stats["dp"]
-        merged = Counters(dp.own)
+        merged = Counters(self.own)
         for counters in self._last.values():
             merged.update(counters)
-        dp.counters = merged
+        self._counters = merged
         if stats["classifier"] is not None:
-            gw.classifier.counters = stats["classifier"]
+            self.base.classifier.counters = stats["classifier"]
         if stats["saflow"] is not None:
-            gw.saflow.counters = stats["saflow"]
-        sas = stats["sas"]
-        for state in gw.manager.maps.values():
-            for rec in state.children.values():
-                for sa in (rec.inbound, rec.outbound):
-                    got = sas.get(sa.spi)
-                    if got is not None and (role == INBOUND) == isinstance(sa, esp.InboundSA):
-                        sa.counters.packets, sa.counters.bytes, sa.counters.drops = got
+            self.base.saflow.counters = stats["saflow"]
+        sas = self._in_sas if role == INBOUND else self._out_sas
+        for spi, got in stats["sas"].items():
+            sa = sas.get(spi)
+            if sa is not None:
+                sa.counters.packets, sa.counters.bytes, sa.counters.drops = got

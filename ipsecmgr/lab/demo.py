@@ -21,8 +21,8 @@ from ipsecmgr.lab.gateways import GatewayProcess, LabGateways
 from ipsecmgr.lab.topology import Lab
 from ipsecmgr.show import Snapshot
 from ipsecmgr.trace import Event
-from ipsecmgr.trace_io import TraceClient
-from ipsecmgr.trace_render import group_flows, pick_flow, render_timelines, with_inferred
+from ipsecmgr.trace.io import TraceClient
+from ipsecmgr.trace.render import group_flows, pick_flow, render_timelines, with_inferred
 
 USER, PASSWORD = "alice", "alice-demo-pw"
 

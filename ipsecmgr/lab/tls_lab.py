@@ -238,8 +238,8 @@ def _tls_demo(
 
     from ipsecmgr.tls.show import format_tls
     from ipsecmgr.trace import Event
-    from ipsecmgr.trace_io import TraceClient
-    from ipsecmgr.trace_render import group_flows, render_timelines, with_inferred
+    from ipsecmgr.trace.io import TraceClient
+    from ipsecmgr.trace.render import group_flows, render_timelines, with_inferred
 
     a = lab.addresses
     pki = ensure_pki(work, pki_dir, a)

@@ -66,7 +66,7 @@ class TlsService:
     ) -> None:
         self.config = config
         self.mark = mark
-        self.trace: Any = None  # set by the Tracer while someone traces
+        self.trace: Any = None  # the Tracer while someone traces (set_trace)
         self.proxies = {name: self._proxy(m) for name, m in config.tls_maps.items()}
         self._retired: list[MapProxy] = []  # replaced by a reload, may still relay
         # A table of its own next to the gateway's (TABLE+1); rules at the fwmark
@@ -80,6 +80,10 @@ class TlsService:
 
     def _proxy(self, m: TlsMap) -> MapProxy:
         return MapProxy(m, self.mark, self._trace)
+
+    def set_trace(self, hook: Any) -> None:
+        """The Tracer while someone traces (``ipsecmgr trace``), None when none does."""
+        self.trace = hook
 
     def _trace(self, step: str, fields: dict[str, Any]) -> None:
         tr = self.trace

@@ -25,7 +25,7 @@ from scapy.layers.inet import IP, TCP, UDP
 import esp
 from ipsecmgr.lab.gateways import LabGateways
 from ipsecmgr.lab.topology import Lab, python_env
-from ipsecmgr.trace_io import read_events
+from ipsecmgr.trace.io import read_events
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -1,10 +1,12 @@
-"""``ipsecmgr trace`` against our daemon in the netns lab (root).
+"""``ipsecmgr trace`` against our daemon in the netns lab (root), in both data paths.
 
-One lab for the module: ``ipsecmgr trace --record`` attaches to the client
-gateway before anything happens, then a cold-start TACACS+ login, a login to
-the bypass server, and a forged ESP packet from the peer's namespace. The
-tests read the recording; the tshark test decrypts the ``--pcap`` output with
-the ``--wireshark-keys`` files and finds the user name inside.
+One lab per data path (``[gateway] datapath = "single"`` and ``"split"``, both
+gateways): ``ipsecmgr trace --record`` attaches to the client gateway before
+anything happens, then a cold-start TACACS+ login, a login to the bypass
+server, and a forged ESP packet from the peer's namespace. Every test runs on
+both recordings; the tshark test decrypts each one's ``--pcap`` output with
+the ``--wireshark-keys`` files and finds the user name inside, and one test
+compares the cold login's steps and events between the two data paths.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import pytest
 from ipsecmgr.lab.gateways import LabGateways
 from ipsecmgr.lab.topology import Lab, python_env
 from ipsecmgr.trace import Event
-from ipsecmgr.trace_io import read_events
-from ipsecmgr.trace_render import group_flows, pick_flow, with_inferred
+from ipsecmgr.trace.io import read_events
+from ipsecmgr.trace.render import group_flows, pick_flow, with_inferred
 
 pytestmark = pytest.mark.root
 
@@ -37,6 +39,7 @@ REFERENCE_ORDER = ["1", "2", "3a", "4", "5", "6", "7", "8", "9", "10", "11", "12
 
 @dataclass
 class Traced:
+    datapath: str
     lab: Lab
     gws: LabGateways
     record: Path
@@ -83,9 +86,10 @@ def _start_trace(control: Path, *args: str) -> subprocess.Popen[str]:
     return proc
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
-    work = tmp_path_factory.mktemp("trace")
+def _trace_a_cold_login(
+    tmp_path_factory: pytest.TempPathFactory, datapath: str
+) -> Iterator[Traced]:
+    work = tmp_path_factory.mktemp(f"trace-{datapath}")
     secret = work / "tacacs-secret"
     secret.write_bytes(SECRET)
     secret.chmod(0o600)
@@ -96,7 +100,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
         a = lab.addresses
         lab.start_tacacs_server("server", secret_file=secret, users_file=users)
         lab.start_tacacs_server("bypass", secret_file=secret, users_file=users)
-        gws.start_both()
+        gws.start_both(gateway_options={"datapath": datapath})
         cli = _start_trace(gws["client"].control, "--record", str(record))
         try:
             login = lab.tacacs_query("client", server=a.server4, secret_file=secret, user=USER,
@@ -124,20 +128,42 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
             cli.send_signal(signal.SIGINT)  # Ctrl-C: the tool prints the timelines
             out, _ = cli.communicate(timeout=20)
             assert cli.returncode == 0
-            yield Traced(lab, gws, record, out, int.from_bytes(wire[:4], "big"), work)
+            yield Traced(datapath, lab, gws, record, out, int.from_bytes(wire[:4], "big"), work)
         finally:
             if cli.poll() is None:
                 cli.kill()
                 cli.wait()
 
 
-def test_cold_start_login_shows_steps_1_to_13_in_order_with_the_first_syn_dropped(
-    traced: Traced,
-) -> None:
+# Both labs live until the end of the module, for the test that compares them.
+@pytest.fixture(scope="module")
+def traced_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    yield from _trace_a_cold_login(tmp_path_factory, "single")
+
+
+@pytest.fixture(scope="module")
+def traced_split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    yield from _trace_a_cold_login(tmp_path_factory, "split")
+
+
+@pytest.fixture(scope="module", params=["single", "split"])
+def traced(request: pytest.FixtureRequest) -> Traced:
+    result: Traced = request.getfixturevalue(f"traced_{request.param}")
+    return result
+
+
+def _cold_login(traced: Traced) -> list[Event]:
+    """The events of the login's flow (the first TACACS+ connection), inferred steps too."""
     flows = group_flows(with_inferred(traced.events()))
     flow = pick_flow(flows)
     assert flow is not None
-    evs = flows[flow]
+    return flows[flow]
+
+
+def test_cold_start_login_shows_steps_1_to_13_in_order_with_the_first_syn_dropped(
+    traced: Traced,
+) -> None:
+    evs = _cold_login(traced)
     assert evs[0]["dport"] == 49 and evs[0]["dst"] == traced.lab.addresses.server4
     first_seen: list[str] = []
     for e in evs:
@@ -240,3 +266,21 @@ def test_live_trace_with_follow_and_duration_sees_a_bypassed_login(traced: Trace
     lines = out.splitlines()
     assert "[1] application: TCP SYN to " + a.bypass4 + ":49" in lines[0]
     assert all("[3b]" in ln or "[2]" in ln for ln in lines[1:]) and len(lines) >= 11
+
+
+def test_both_data_paths_trace_the_same_steps_and_events_of_a_cold_login(
+    traced_single: Traced, traced_split: Traced
+) -> None:
+    """The split data path's workers report every packet step through the same
+    interface: the same 13 steps, and per step the same kinds of event."""
+
+    def kinds(traced: Traced) -> set[tuple[str, str]]:
+        return {(e["step"], e["event"]) for e in _cold_login(traced)}
+
+    single, split = kinds(traced_single), kinds(traced_split)
+    assert {step for step, _ in single} == set(REFERENCE_ORDER)
+    assert split == single
+    # Every packet step of the split data path came from a worker (counted there,
+    # not in the control process), and none was lost on the way.
+    assert traced_split.gws["client"].counter("esp", "esp_out_packets") >= 1
+    assert traced_split.gws["client"].counter("esp", "trace_lost") == 0

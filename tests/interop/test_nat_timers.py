@@ -12,6 +12,7 @@ ESP when the mapping changes, rekeys at 90 % of short lifetimes, and
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,13 @@ from typing import Any
 import pytest
 
 import npusim
+from esp.udp_encap import NAT_KEEPALIVE
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import parse_acls
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
 from ipsecmgr.manager import Manager
-from ipsecmgr.periodic import NAT_KEEPALIVE
 from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")
@@ -38,6 +39,7 @@ class FakeSock:
 
     kind: str
     sent: list[tuple[bytes, Address]] = field(default_factory=list)
+    family: int = socket.AF_INET
 
     def sendto(self, data: bytes, addr: Address) -> int:
         self.sent.append((data, addr))
@@ -57,18 +59,16 @@ class Side:
         acls = parse_acls(config)
         saflow = npusim.SaFlowTable()
         classifier = npusim.Classifier([])
-        self.datapath = Datapath(classifier, saflow, {}, {}, lambda n, p: None)
-        self.outbox: list[tuple[bytes, Address]] = []
-        self.manager = Manager(config, acls, self.datapath, saflow, self._send)
         self.raw, self.udp = FakeSock("raw"), FakeSock("udp4500")
-        self.manager.esp_socket_for = self._esp_socket_for
         self.local = A.client_wan4 if side == "client" else A.gw_wan4
+        raw: dict[int, Any] = {socket.AF_INET: self.raw}
+        self.datapath = Datapath(classifier, saflow, raw, {}, lambda n, p: None)
+        self.datapath.add_natt_socket((self.local, 4500), self.udp, False)  # type: ignore[arg-type]
+        self.outbox: list[tuple[bytes, Address]] = []
+        self.manager = Manager(config, acls, self.datapath, self._send)
 
     def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
         self.outbox.append((data, peer))
-
-    def _esp_socket_for(self, peer: Address, nat_t: bool) -> tuple[Any, Address]:
-        return (self.udp, (peer[0], peer[1])) if nat_t else (self.raw, (peer[0], 0))
 
     @property
     def map(self) -> Any:

@@ -41,7 +41,7 @@ from ipsecmgr.peers import HoldDown
 from ipsecmgr.records import Address
 from ipsecmgr.reject import icmp_unreachable
 from ipsecmgr.trace import Peer, Tracer
-from ipsecmgr.trace_render import describe
+from ipsecmgr.trace.render import describe
 
 T = LabAddresses.for_mode("tunnel")
 GW_B4 = "198.51.100.4"
@@ -75,15 +75,14 @@ class Side:
         )
         self.saflow = npusim.SaFlowTable()
         self.name, self.net, self.address = name, net, address
-        self.datapath = Datapath(self.classifier, self.saflow, {}, {}, self._no_sa)
+        sock = FakeSock(net, self)
+        # One fake socket stands for both families' raw ESP sockets.
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock, socket.AF_INET6: sock}
+        self.datapath = Datapath(self.classifier, self.saflow, esp_socks, {}, self._no_sa)
         self.tun, self.tun_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.tun_peer.setblocking(False)
-        self.datapath.tun_for_map["tacacs"] = self.tun.fileno()
-        self.manager = Manager(
-            self.config, acls, self.datapath, self.saflow, self._send, jitter=lambda: 0.5
-        )
-        sock = FakeSock(net, self)
-        self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))  # type: ignore[assignment,return-value]
+        self.datapath.add_tun(self.tun.fileno(), ["tacacs"], None, False)
+        self.manager = Manager(self.config, acls, self.datapath, self._send, jitter=lambda: 0.5)
 
     @property
     def state(self) -> Any:

@@ -360,13 +360,17 @@ def test_a_forged_hint_holds_packets_for_one_answer_only(net: Net) -> None:
 
 
 def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) -> None:
-    """``InvalidSpiHints.confirm`` (the workers' hook): the control process's inbound
-    counters may be a second old, so "nothing came back" is asked again first; an
-    answer the INBOUND worker saw meanwhile means no probe."""
+    """``SaSink.refresh_inbound`` answering later (the split data path): the control
+    process's inbound counters may be a second old, so "nothing came back" is asked
+    again first; an answer the INBOUND worker saw meanwhile means no probe."""
     client, gw = start(net)
     asked: list[str] = []
-    hints = client.manager.invalid_spi
-    hints.confirm = lambda state: asked.append(state.cmap.name)
+
+    def refresh_later(name: str, spis: list[int]) -> bool:
+        asked.append(name)
+        return False  # the counts come with Manager.on_inbound_counted
+
+    client.datapath.refresh_inbound = refresh_later  # type: ignore[method-assign]
     net.run_until(5.0)
     net.call(client.send_tacacs)
     net.call(gw.send_tacacs)
@@ -375,7 +379,7 @@ def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) 
     net.run_until(5.5)
     assert asked == ["tacacs"] and net.sent("client", INFORMATIONAL) == []
     rec.inbound.counters.packets += 1  # the INBOUND worker's fresh count
-    hints.confirmed(client.manager, "tacacs", net.now)
+    client.manager.on_inbound_counted("tacacs", net.now)
     assert client.counter("silence_probes") == 0
     assert client.datapath.outbound["tacacs"].watch == "tacacs"
     # Unanswered, confirmed: the probe
@@ -383,7 +387,7 @@ def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) 
     net.call(client.send_tacacs)
     net.run_until(6.5)
     assert asked == ["tacacs", "tacacs"]
-    net.call(lambda: hints.confirmed(client.manager, "tacacs", net.now))
+    net.call(lambda: client.manager.on_inbound_counted("tacacs", net.now))
     assert client.counter("silence_probes") == 1
     assert net.sent("client", INFORMATIONAL) == [6.5]
 

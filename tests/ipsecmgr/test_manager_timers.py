@@ -78,15 +78,19 @@ class Side:
         )
         self.saflow = npusim.SaFlowTable()
         self.name, self.role, self.net = name, role, net
-        self.datapath = Datapath(self.classifier, self.saflow, {}, {}, self._no_sa)
-        # The engine's rekey jitter, fixed: its source is part of the engine config
-        self.manager = Manager(
-            self.config, acls, self.datapath, self.saflow, self._send, jitter=lambda: 0.5
-        )
-        # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
-        self.datapath.on_esp_out = lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now)
         sock = FakeSock(net, name)
-        self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock}
+        self.datapath = Datapath(
+            self.classifier,
+            self.saflow,
+            esp_socks,
+            {},
+            self._no_sa,
+            # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
+            on_esp_out=lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now),
+        )
+        # The engine's rekey jitter, fixed: its source is part of the engine config
+        self.manager = Manager(self.config, acls, self.datapath, self._send, jitter=lambda: 0.5)
         self.address = A.client_wan4 if role == "client" else A.gw_wan4
 
     @property

@@ -13,6 +13,7 @@ classifier rebuilt) is counted and the same at both sizes.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import tomllib
 from typing import Any
 
@@ -78,13 +79,13 @@ class Responder:
         self.config = config
         self.acls = parse_acls(config)
         self.saflow = npusim.SaFlowTable()
+        sock = NullSock()
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock, socket.AF_INET6: sock}
         self.datapath = Datapath(
-            build_classifier(config, self.acls), self.saflow, {}, {}, lambda n, p: None
+            build_classifier(config, self.acls), self.saflow, esp_socks, {}, lambda n, p: None
         )
         self.sent: list[tuple[bytes, Address]] = []
-        self.manager = Manager(config, self.acls, self.datapath, self.saflow, self._send)
-        sock = NullSock()
-        self.manager.esp_socket_for = lambda p, nat_t: (sock, (p[0], 0))
+        self.manager = Manager(config, self.acls, self.datapath, self._send)
 
     def _send(self, data: bytes, dst: Address, local: Address | None) -> None:
         self.sent.append((data, dst))

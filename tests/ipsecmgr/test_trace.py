@@ -21,6 +21,7 @@ import esp
 import npusim
 from ipsecmgr.datapath import Datapath, OutboundBinding
 from ipsecmgr.trace import Event, Peer, Subscription, Tracer
+from ipsecmgr.workers import OUTBOUND, Worker, _recv
 
 CLIENT, SERVER = "192.0.2.1", "203.0.113.49"
 LOCAL, PEER = "198.51.100.1", "198.51.100.2"
@@ -160,6 +161,67 @@ def test_cold_start_events_follow_one_flow_end_to_end() -> None:
     assert all(e["t"] <= f["t"] for e, f in itertools.pairwise(evs))
 
 
+def test_a_split_worker_reports_the_same_events_as_the_single_data_path() -> None:
+    """[gateway] datapath = "split": the worker's data path sends each step over its
+    socketpair; replayed into the control process's Tracer (as SplitDatapath does),
+    they are the single data path's events, stamped with the worker's clock."""
+    single = Rig()
+    try:
+        want = single.cold_start()
+    finally:
+        single.close()
+    rig = Rig()  # its Datapath is the template the daemon forks the workers from
+    rig.tracer.unsubscribe(rig.sub)
+    ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ctrl.setblocking(False)
+    worker = Worker(rig.dp, OUTBOUND, theirs)  # both directions: the same code per packet
+    v4 = npusim.TrafficSelector
+    server, client = (int.from_bytes(socket.inet_aton(a), "big") for a in (SERVER, CLIENT))
+    tracer = Tracer([], {PEER: Peer(LOCAL, "tacacs")})
+    sub = tracer.subscribe({})
+    worker.handle(("trace", True))
+    try:
+        os.write(rig.tun_in, syn())
+        worker.dp.on_tun_readable(rig.tun_r)
+        worker.handle(("out_add", SPI_OUT, KEY_OUT, "tunnel", False))
+        worker.handle(("bind", "tacacs", SPI_OUT, (PEER, 500), False))
+        worker.handle(("in_add", "tacacs", SPI_IN, KEY_IN, "tunnel", False,
+                       [v4(4, 0, server, server)], [v4(4, 0, client, client)]))  # fmt: skip
+        for packet in (syn(), syn(1001, "A")):
+            os.write(rig.tun_in, packet)
+            worker.dp.on_tun_readable(rig.tun_r)
+            if packet[33] == 0x02:  # after the SYN: the peer's SYN-ACK
+                worker.dp.handle_inbound(
+                    rig.encrypt_reply(reply()),
+                    socket.inet_aton(PEER),
+                    socket.inet_aton(LOCAL),
+                    socket.AF_INET,
+                )
+        kinds = []
+        while (msg := _recv(ctrl)) is not None:
+            kinds.append(msg[0])
+            if msg[0] == "trace":
+                _, at, step, event, packet, fields = msg
+                tracer(step, event, packet, at=at, source=OUTBOUND, **fields)
+        got = []
+        while not sub.queue.empty():
+            item = sub.queue.get_nowait()
+            assert item is not None
+            got.append(item)
+    finally:
+        ctrl.close()
+        theirs.close()
+        rig.close()
+    assert kinds.count("no_sa") == 1  # steps 4-5 went to the control process
+
+    # The same events with the same fields (the ESP bytes differ: another IV)
+    def same(e: Event) -> Event:
+        return {k: v for k, v in e.items() if k not in ("t", "wall", "wire")}
+
+    assert [same(e) for e in got] == [same(e) for e in want]
+    assert all(e["t"] <= f["t"] for e, f in itertools.pairwise(got))
+
+
 def test_bypass_is_step_3b_and_sent_in_clear() -> None:
     rig = Rig()
     try:
@@ -286,7 +348,7 @@ def test_tracing_off_costs_no_events_and_changes_nothing() -> None:
 
 def test_control_streams_events_and_unsubscribes_when_the_client_leaves(tmp_path: Path) -> None:
     from ipsecmgr.control import ControlServer
-    from ipsecmgr.trace_io import TraceClient
+    from ipsecmgr.trace.io import TraceClient
 
     rig = Rig()
     rig.sub.close()
@@ -343,7 +405,7 @@ def test_no_daemon_or_a_bad_filter_is_a_clear_error(
 ) -> None:
     from ipsecmgr.cli import main
     from ipsecmgr.control import ControlError, ControlServer
-    from ipsecmgr.trace_io import TraceClient
+    from ipsecmgr.trace.io import TraceClient
 
     assert main(["trace", "--socket", str(tmp_path / "none.sock"), "--count", "1"]) == 1
     assert "is the daemon running?" in capsys.readouterr().err

@@ -47,10 +47,7 @@ class Side:
             lambda n, p: None,  # type: ignore[dict-item]
         )
         self.out: list[tuple[bytes, tuple[str, int]]] = []
-        self.mgr = Manager(
-            config, acls, self.dp, self.saflow, lambda d, p, _: self.out.append((d, p))
-        )
-        self.mgr.esp_socket_for = lambda peer, natt: (self.esp_sock, (peer[0], 0))
+        self.mgr = Manager(config, acls, self.dp, lambda d, p, _: self.out.append((d, p)))
         self.local = A.client_wan4 if side == "client" else A.gw_wan4
         peers = {str(m.peer): Peer(str(m.local_address), n) for n, m in config.crypto_maps.items()}
         self.tracer = Tracer([self.dp, self.mgr], peers)

@@ -11,8 +11,8 @@ import pytest
 from scapy.layers.inet import IP
 from scapy.utils import PcapReader
 
-from ipsecmgr.trace_pcap import LINKTYPE_RAW, esp_sa_rows, ikev2_rows, write_pcap
-from ipsecmgr.trace_pcap import write_wireshark_keys as write_keys
+from ipsecmgr.trace.pcap import LINKTYPE_RAW, esp_sa_rows, ikev2_rows, write_pcap
+from ipsecmgr.trace.pcap import write_wireshark_keys as write_keys
 
 from .test_trace import KEY_IN, KEY_OUT, LOCAL, PEER, SPI_IN, SPI_OUT, Rig, reply, syn
 

@@ -12,9 +12,9 @@ import pytest
 
 from ipsecmgr.cli import main
 from ipsecmgr.trace import Event
-from ipsecmgr.trace_io import read_events, record
-from ipsecmgr.trace_render import group_flows, pick_flow, render_timelines, with_inferred
-from ipsecmgr.trace_svg import LANES, render_svg
+from ipsecmgr.trace.io import read_events, record
+from ipsecmgr.trace.render import group_flows, pick_flow, render_timelines, with_inferred
+from ipsecmgr.trace.svg import LANES, render_svg
 
 from .test_trace import Rig, reply
 

@@ -303,7 +303,7 @@ def test_a_server_that_never_answers_is_failed_over_within_the_login(rig: Rig, p
 
 
 def test_trace_timeline_text_of_the_tls_steps() -> None:
-    from ipsecmgr.trace_render import describe
+    from ipsecmgr.trace.render import describe
 
     base = {"step": "tls", "flow": "tls:b:1", "map": "b", "conn": 1, "server": "192.0.2.9:300"}
     texts = [

@@ -39,6 +39,7 @@ import dataclasses
 import gc
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -122,11 +123,11 @@ class Responder:
             ]
         )
         saflow = npusim.SaFlowTable()
-        datapath = Datapath(classifier, saflow, {}, {}, lambda name, pkt: None)
-        self.out: list[tuple[bytes, Address]] = []
-        self.manager = Manager(config, acls, datapath, saflow, self._send)
         sock = NullSock()
-        self.manager.esp_socket_for = lambda peer, nat_t: (sock, (peer[0], 0))
+        esp_socks: dict[int, Any] = {socket.AF_INET: sock, socket.AF_INET6: sock}
+        datapath = Datapath(classifier, saflow, esp_socks, {}, lambda name, pkt: None)
+        self.out: list[tuple[bytes, Address]] = []
+        self.manager = Manager(config, acls, datapath, self._send)
         self.busy = 0.0  # seconds spent in the responder
 
     def _send(self, data: bytes, peer: Address, local: Address | None) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from ipsecmgr.datapath import build_ip_header
 from ipsecmgr.trace import Event
-from ipsecmgr.trace_io import open_private
+from ipsecmgr.trace.io import open_private
 
 LINKTYPE_RAW = 101
 ESP_GCM_NAME = "AES-GCM with 16 octet ICV [RFC4106]"

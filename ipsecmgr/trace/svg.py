@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from xml.sax.saxutils import escape
 
 from ipsecmgr.trace import Event
-from ipsecmgr.trace_render import describe
+from ipsecmgr.trace.render import describe
 
 LANES = ("application", "TUN", "IpsecMgr", "NPUSIM", "network", "peer")
 LANE_W = 190

@@ -1,4 +1,11 @@
-"""Structured trace events with the reference's step numbers (the daemon side).
+"""``ipsecmgr trace``: structured events with the reference's step numbers.
+
+The package: this module is the daemon side (the :class:`Tracer` hook, event
+format, filters, subscriptions); the client side is :mod:`ipsecmgr.trace.cli`
+(the command), :mod:`~ipsecmgr.trace.io` (control-socket client, JSON lines
+files), :mod:`~ipsecmgr.trace.render` (timelines, inferred steps),
+:mod:`~ipsecmgr.trace.pcap` (pcap and Wireshark key files) and
+:mod:`~ipsecmgr.trace.svg` (the sequence diagram).
 
 The data path and the manager call a hook ``trace(step, event, packet,
 **fields)`` at every stage; the hook is ``None`` unless someone is tracing, so
@@ -255,7 +262,10 @@ class Subscription:
 
 
 class Traced(Protocol):
-    trace: Any
+    """What the tracer switches on and off: the data path (``SaSink.set_trace``), the
+    manager and the TLS service."""
+
+    def set_trace(self, hook: Tracer | None) -> None: ...
 
 
 @dataclass
@@ -278,7 +288,9 @@ class Tracer:
         self.targets = list(targets)
         self.peers = dict(peers)
         self.subscribers: list[Subscription] = []
-        self._pending: list[Event] = []
+        # Per source (a split worker, "" for this process): events waiting for the
+        # next stage of the same packet, which only the same process reports.
+        self._pending: dict[str, list[Event]] = {}
         self._map_flow: dict[str, str] = {}  # crypto map -> flow whose packet triggered IKE
         self._wall_offset = time.time() - time.monotonic()
 
@@ -307,15 +319,26 @@ class Tracer:
 
     def _install(self, hook: Tracer | None) -> None:
         for t in self.targets:
-            t.trace = hook
+            t.set_trace(hook)
         if hook is None:
             self._pending.clear()
             self._map_flow.clear()
 
     # -- the hook -----------------------------------------------------------------------
 
-    def __call__(self, step: str, event: str, packet: bytes | None, **fields: Any) -> None:
-        t = time.monotonic()
+    def __call__(
+        self,
+        step: str,
+        event: str,
+        packet: bytes | None,
+        *,
+        at: float | None = None,
+        source: str = "",
+        **fields: Any,
+    ) -> None:
+        """One stage. ``at``: when it happened (monotonic; default now), for events a
+        split worker reports; ``source``: which process reported it."""
+        t = time.monotonic() if at is None else at
         e: Event = {"t": t, "wall": t + self._wall_offset, "step": step, "event": event}
         if packet is not None:
             info = packet_info(packet)
@@ -340,9 +363,9 @@ class Tracer:
         if (packet is None and (step, event) in _INBOUND_PENDING) or step == "2":
             # Held until the next stage of the same packet says more: the flow of
             # inbound ESP (step 10), the crypto map of a packet read from the TUN (3a).
-            self._pending.append(e)
+            self._pending.setdefault(source, []).append(e)
             return
-        self._emit(e)
+        self._emit(e, source)
 
     def _annotate(self, e: Event) -> None:
         """Crypto map and local address from the configured peer (pcap outer headers)."""
@@ -352,7 +375,7 @@ class Tracer:
             e.setdefault("crypto_map", peer.crypto_map)
             e.setdefault("local", peer.local)
 
-    def _emit(self, e: Event) -> None:
+    def _emit(self, e: Event, source: str = "") -> None:
         flow = e.get("flow")
         cmap = e.get("crypto_map")
         if e["step"] == "4" and e["event"] == "ike_triggered" and flow and cmap:
@@ -368,8 +391,8 @@ class Tracer:
                 e["flow"] = f"ike:{cmap or '?'}"
             elif "spi" in e:
                 e["flow"] = f"spi:{int(e['spi']):08x}"
-        if self._pending:
-            pending, self._pending = self._pending, []
+        pending = self._pending.pop(source, None)
+        if pending:
             for p in pending:
                 if not p.get("flow"):
                     p["flow"] = e.get("flow") or _spi_flow(p)

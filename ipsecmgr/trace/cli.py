@@ -24,8 +24,8 @@ from typing import IO
 from ipsecmgr.config import DEFAULT_CONTROL_SOCKET
 from ipsecmgr.control import ControlError
 from ipsecmgr.trace import Event, TraceFilter
-from ipsecmgr.trace_io import TraceClient, fetch_keys, open_private, read_events, write_event
-from ipsecmgr.trace_render import (
+from ipsecmgr.trace.io import TraceClient, fetch_keys, open_private, read_events, write_event
+from ipsecmgr.trace.render import (
     Inferer,
     describe,
     flow_title,
@@ -155,8 +155,8 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def _outputs(args: argparse.Namespace, events: list[Event]) -> int:
-    from ipsecmgr.trace_pcap import write_pcap, write_wireshark_keys
-    from ipsecmgr.trace_svg import render_svg
+    from ipsecmgr.trace.pcap import write_pcap, write_wireshark_keys
+    from ipsecmgr.trace.svg import render_svg
 
     flows = group_flows(with_inferred(events))
     chosen = pick_flow(flows, args.flow)

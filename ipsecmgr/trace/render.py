@@ -169,8 +169,12 @@ class Inferer:
 
 
 def with_inferred(events: Iterable[Event]) -> Iterator[Event]:
-    """``events`` with the inferred steps added (unchanged if they are already there)."""
-    evs = list(events)
+    """``events`` with the inferred steps added (unchanged if they are already there).
+
+    In time order: the split data path's two workers report concurrently, so a
+    recording's order may put an answer (e.g. the ACK read at step 2) before the
+    packet it answers (the SYN-ACK written at step 12) by microseconds."""
+    evs = sorted(events, key=lambda x: float(x.get("t", 0.0)))
     if any(e.get("inferred") for e in evs):
         yield from evs
         return
