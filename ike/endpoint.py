@@ -292,6 +292,11 @@ class IkeEndpoint:
         found = self._by_name.get(name)
         return found[0] if found else None
 
+    def sa_by_spis(self, spi_i: bytes, spi_r: bytes) -> IkeSA | None:
+        """The live IKE SA one of these IKE SPIs is ours in (an index lookup: the
+        trace's summary of each datagram, at any number of SAs)."""
+        return self._by_spi.get(spi_i) or self._by_spi.get(spi_r)
+
     # --- input -----------------------------------------------------------------
 
     def receive_datagram(

@@ -14,7 +14,7 @@ that is not IKE yields ``None``. Keys never appear in the summary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .buffer import Buffer, DecodeError
@@ -101,18 +101,30 @@ def _exchange_name(value: int) -> str:
         return f"EXCHANGE_{value}"
 
 
-def _find_sa(sas: Iterable[IkeSA], spi_i: bytes) -> IkeSA | None:
-    for sa in sas:
-        for ch in (sa.ch, sa.old_ch):
-            if ch is not None and ch.spi_i == spi_i:
-                return sa
-    return None
+#: ``find(spi_i, spi_r)``: the IKE SA a message with these SPIs may belong to
+SaLookup = Callable[[bytes, bytes], "IkeSA | None"]
 
 
-def summarize(data: bytes, sas: Iterable[IkeSA] = ()) -> IkeSummary | None:
+def among(sas: Iterable[IkeSA]) -> SaLookup:
+    """A :data:`SaLookup` over a few SAs (a scan: for tests and single SAs; the
+    daemon passes :meth:`ike.IkeEndpoint.sa_by_spis`, an index)."""
+    listed = list(sas)
+
+    def find(spi_i: bytes, spi_r: bytes) -> IkeSA | None:
+        return next((sa for sa in listed if _owns(sa, spi_i)), None)
+
+    return find
+
+
+def _owns(sa: IkeSA, spi_i: bytes) -> bool:
+    """``sa``'s current or replaced keys carry IKE SPIi ``spi_i``."""
+    return any(ch is not None and ch.spi_i == spi_i for ch in (sa.ch, sa.old_ch))
+
+
+def summarize(data: bytes, find: SaLookup | None = None) -> IkeSummary | None:
     """Summarise one UDP payload (port 500, or 4500 with its non-ESP marker).
 
-    ``sas`` are searched for the IKE SA with the message's SPIi; its keys, if
+    ``find`` gives the IKE SA with the message's SPIs (checked: its SPIi); its keys, if
     any, decrypt the SK payload to list the inner payloads (either direction:
     GCM and CBC+HMAC open with the key that sealed them).
     """
@@ -123,7 +135,9 @@ def summarize(data: bytes, sas: Iterable[IkeSA] = ()) -> IkeSummary | None:
         outer, sk = parse_chain(Buffer(data, IKE_HEADER_LEN), hdr.next_payload)
     except DecodeError:
         return None
-    sa = _find_sa(sas, hdr.spi_i)
+    sa = find(hdr.spi_i, hdr.spi_r) if find is not None else None
+    if sa is not None and not _owns(sa, hdr.spi_i):
+        sa = None
     out = IkeSummary(
         _exchange_name(hdr.exchange),
         hdr.is_response,

@@ -185,7 +185,7 @@ class Manager:
 
     def on_ike_datagram(self, data: bytes, local: Address, peer: Address, now: float) -> None:
         if self.trace is not None:  # before the engine: it may drop the SA (and its keys)
-            trace_ike_datagram(self.trace, "received", data, peer, self.endpoint.sas)
+            trace_ike_datagram(self.trace, "received", data, peer, self.endpoint.sa_by_spis)
         self.endpoint.receive_datagram(data, peer, now, local)
         self.pump(now)
 
@@ -217,7 +217,7 @@ class Manager:
         for data, peer, local in self.endpoint.datagrams_from(now):
             self.send(data, peer, local)
             if self.trace is not None:
-                trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sas)
+                trace_ike_datagram(self.trace, "sent", data, peer, self.endpoint.sa_by_spis)
         if self.invalid_spi.held:  # a probe held a map's packets: answered?
             self.invalid_spi.release(self, now)
         self._follow_peers()

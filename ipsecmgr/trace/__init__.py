@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ike import events as ev
-from ike.summary import summarize
+from ike.summary import SaLookup, summarize
 
 Event = dict[str, Any]
 
@@ -418,10 +418,11 @@ def _spi_flow(e: Event) -> str:
 
 
 def trace_ike_datagram(
-    tr: Any, direction: str, data: bytes, peer: tuple[str, int], sas: Iterable[Any]
+    tr: Any, direction: str, data: bytes, peer: tuple[str, int], find: SaLookup | None
 ) -> None:
-    """Step 4 (or ``ike``): one IKE message sent or received, with its payload summary."""
-    s = summarize(data, sas)
+    """Step 4 (or ``ike``): one IKE message sent or received, with its payload summary
+    (``find``: the IKE SA by SPIs, whose keys open the SK payload)."""
+    s = summarize(data, find)
     fields: Event = {"peer": peer, "wire": data, "size": len(data)}
     if s is None:
         tr("ike", f"ike_{direction}", None, summary="not an IKE message", **fields)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from ike.config import Identity, IkeConfig
 from ike.endpoint import IkeEndpoint
 from ike.sa import IkeSA
-from ike.summary import IkeSummary, summarize
+from ike.summary import IkeSummary, among, summarize
 
 I_ADDR, R_ADDR = ("198.51.100.1", 500), ("198.51.100.2", 500)
 # RFC 7296 §1.2 plus §2.4 INITIAL_CONTACT (the default) and §2.15 IDr hint
@@ -68,11 +68,25 @@ def test_ike_auth_is_decrypted_with_either_sides_keys() -> None:
     p = _handshake()
     (_, _, auth_req), (_, _, auth_resp) = p.wire[2], p.wire[3]
     for sas in ([p.i], [p.r]):
-        req = summarize(auth_req, sas)
+        req = summarize(auth_req, among(sas))
         assert req is not None and req.decrypted and req.sa_name == sas[0].name
         assert req.payloads == [EXPECTED_AUTH_REQ]
-        resp = summarize(auth_resp, sas)
+        resp = summarize(auth_resp, among(sas))
         assert resp is not None and resp.response and resp.payload_text.startswith("SK{IDr, AUTH")
+
+
+def test_the_endpoint_index_finds_the_sa_by_either_spi() -> None:
+    """The daemon looks the SA up in the endpoint's SPI index (not a scan of every
+    SA): the responder's SPI is ours in both directions of IKE_AUTH."""
+    p = _handshake()
+    (_, _, auth_req), (_, _, auth_resp) = p.wire[2], p.wire[3]
+    for wire in (auth_req, auth_resp):
+        s = summarize(wire, p.ep.sa_by_spis)
+        assert s is not None and s.decrypted and s.sa_name == p.r.name
+    other = Pair(seed=7)
+    other.handshake()
+    s = summarize(auth_req, other.ep.sa_by_spis)  # another endpoint: no SA with these SPIs
+    assert s is not None and s.encrypted and not s.decrypted and s.sa_name is None
 
 
 def test_without_keys_only_the_first_inner_payload_is_named() -> None:
@@ -85,7 +99,7 @@ def test_without_keys_only_the_first_inner_payload_is_named() -> None:
 def test_wrong_keys_do_not_decrypt() -> None:
     p, q = _handshake(), Pair(seed=7)
     q.handshake()
-    s = summarize(p.wire[2][2], [q.i])  # another SA's keys, not its SPI either
+    s = summarize(p.wire[2][2], among([q.i]))  # another SA's keys, not its SPI either
     assert s is not None and not s.decrypted
 
 
