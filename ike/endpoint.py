@@ -8,6 +8,7 @@ merges the SAs' datagrams, timers and events.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -223,22 +224,57 @@ class IkeEndpoint:
 
     @property
     def configs(self) -> list[IkeConfig]:
-        return self._configs
+        """The configs responders are matched against, in the order indexed."""
+        return list(self._configs.values())
 
     @configs.setter
     def configs(self, configs: Sequence[IkeConfig]) -> None:
-        """New configs (a reload): indexed by peer address, the first one wins.
+        """New configs, all of them: indexed by peer address, the first one wins.
 
         The keys derived from PSKs are dropped: a replaced PSK's must not outlive
-        its configuration (those still in use are derived again on demand)."""
+        its configuration (those still in use are derived again on demand). A
+        reload that changes a few maps uses :meth:`update_configs` instead."""
         self.caches.forget_secrets()
-        self._configs = list(configs)
-        self._cfg_by_text: dict[str, IkeConfig] = {}
-        self._cfg_by_packed: dict[bytes, IkeConfig] = {}
-        for c in self._configs:
-            self._cfg_by_text.setdefault(c.peer_addr[0], c)
+        # id(IkeConfig) -> it (IkeConfig is mutable, so not hashable), in order
+        self._configs: dict[int, IkeConfig] = {}
+        # peer address (text, packed) -> its configs in the order indexed: the first
+        # one answers (lists of one, as a rule: two maps rarely share a peer)
+        self._cfg_by_text: dict[str, list[IkeConfig]] = {}
+        self._cfg_by_packed: dict[bytes, list[IkeConfig]] = {}
+        self._index_configs(configs)
+
+    def update_configs(
+        self, added: Sequence[IkeConfig], removed: Sequence[IkeConfig]
+    ) -> list[IkeConfig]:
+        """A reload that changed a few maps: ``removed`` (by identity) are no longer
+        matched, ``added`` are, after the configs already indexed. The cost follows
+        the change, not the number of configs (issue #19 item 7).
+
+        Existing SAs keep the config object they were built with. The keys derived
+        from the removed configs' PSKs are dropped (a replaced PSK's must not outlive
+        its configuration; a kept config sharing the PSK derives it again on demand).
+        Returns the added configs that another config shadows (indexed first under
+        the same peer address): the caller decides whether the order is right."""
+        psks: set[bytes] = set()
+        for c in removed:
+            if self._configs.pop(id(c), None) is None:
+                continue
+            psks.update((c.local_psk, c.peer_psk))
+            _unindex(self._cfg_by_text, c.peer_addr[0], c)
+            with contextlib.suppress(ValueError):
+                _unindex(self._cfg_by_packed, _packed(c.peer_addr[0]), c)
+        self.caches.forget_psks(psks)
+        self._index_configs(added)
+        return [c for c in added if self._cfg_by_text[c.peer_addr[0]][0] is not c]
+
+    def _index_configs(self, configs: Iterable[IkeConfig]) -> None:
+        for c in configs:
+            if id(c) in self._configs:
+                continue  # indexed already: the first place stays
+            self._configs[id(c)] = c
+            self._cfg_by_text.setdefault(c.peer_addr[0], []).append(c)
             try:
-                self._cfg_by_packed.setdefault(_packed(c.peer_addr[0]), c)
+                self._cfg_by_packed.setdefault(_packed(c.peer_addr[0]), []).append(c)
             except ValueError:
                 continue  # not an address: never matches a datagram's source
 
@@ -248,13 +284,14 @@ class IkeEndpoint:
     def config_for(self, addr: Address, local: Address | None) -> IkeConfig | None:
         if self._find_config is not None:
             return self._find_config(addr, local)
-        c = self._cfg_by_text.get(addr[0])
-        if c is not None:
-            return c
+        found = self._cfg_by_text.get(addr[0])
+        if found is not None:
+            return found[0]
         try:  # another spelling of the same address (e.g. IPv6 with leading zeros)
-            return self._cfg_by_packed.get(_packed(addr[0]))
+            found = self._cfg_by_packed.get(_packed(addr[0]))
         except ValueError:
             return None
+        return found[0] if found is not None else None
 
     def half_open(self) -> int:
         """Responder SAs that answered IKE_SA_INIT and wait for IKE_AUTH."""
@@ -613,6 +650,18 @@ def _unlink(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
             index[key] = rest
         else:
             del index[key]
+
+
+def _unindex(index: dict[_K, list[IkeConfig]], key: _K, config: IkeConfig) -> None:
+    """Drop one config (by identity: two equal configs are two maps) from a key."""
+    group = index.get(key)
+    if group is None:
+        return
+    rest = [c for c in group if c is not config]
+    if rest:
+        index[key] = rest
+    else:
+        del index[key]
 
 
 def _packed(text: str) -> bytes:
