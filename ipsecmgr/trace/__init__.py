@@ -281,6 +281,50 @@ def peers_from_config(config: Any) -> dict[str, Peer]:
     return {str(m.peer): Peer(str(m.local_address), n) for n, m in config.crypto_maps.items()}
 
 
+class PeerTable:
+    """:func:`peers_from_config` kept up to date by a reload, per changed crypto map
+    (SIGHUP costs O(changed), issue #19 item 7): ``peers`` is the table the
+    :class:`Tracer` reads; with the number of maps per peer address it knows when
+    a change is ambiguous (two maps for one peer: the last one in the file is
+    named) and only then builds the table again."""
+
+    def __init__(self, config: Any) -> None:
+        self.peers = peers_from_config(config)
+        self._maps: dict[str, int] = {}
+        for m in config.crypto_maps.values():
+            addr = str(m.peer)
+            self._maps[addr] = self._maps.get(addr, 0) + 1
+
+    def update(self, old: Any, new: Any, touched: Iterable[str]) -> bool:
+        """The maps ``touched`` (changed, added, removed) from ``old`` to ``new``.
+        Returns True when the table was built again (a peer shared by two maps)."""
+        gone: list[tuple[str, str]] = []
+        came: list[tuple[str, str, str]] = []
+        shared = False
+        for name in touched:
+            if (m := old.crypto_maps.get(name)) is not None:
+                addr = str(m.peer)
+                shared |= self._maps[addr] > 1
+                self._maps[addr] -= 1
+                if not self._maps[addr]:
+                    del self._maps[addr]
+                gone.append((addr, name))
+            if (m := new.crypto_maps.get(name)) is not None:
+                addr = str(m.peer)
+                self._maps[addr] = self._maps.get(addr, 0) + 1
+                shared |= self._maps[addr] > 1
+                came.append((addr, str(m.local_address), name))
+        if shared:
+            self.peers = peers_from_config(new)
+            return True
+        for addr, name in gone:
+            if (p := self.peers.get(addr)) is not None and p.crypto_map == name:
+                del self.peers[addr]
+        for addr, local, name in came:
+            self.peers[addr] = Peer(local, name)
+        return False
+
+
 class Tracer:
     """The hook installed on the data path and the manager while tracing is on."""
 
