@@ -224,8 +224,10 @@ class IkeEndpoint:
 
     @property
     def configs(self) -> list[IkeConfig]:
-        """The configs responders are matched against, in the order indexed."""
-        return list(self._configs.values())
+        """The configs responders are matched against: those that answer for their
+        peer address, then those another config shadows."""
+        more = [c for group in self._cfg_shadowed.values() for c in group]
+        return [*self._cfg_by_text.values(), *more]
 
     @configs.setter
     def configs(self, configs: Sequence[IkeConfig]) -> None:
@@ -235,12 +237,12 @@ class IkeEndpoint:
         its configuration (those still in use are derived again on demand). A
         reload that changes a few maps uses :meth:`update_configs` instead."""
         self.caches.forget_secrets()
-        # id(IkeConfig) -> it (IkeConfig is mutable, so not hashable), in order
-        self._configs: dict[int, IkeConfig] = {}
-        # peer address (text, packed) -> its configs in the order indexed: the first
-        # one answers (lists of one, as a rule: two maps rarely share a peer)
-        self._cfg_by_text: dict[str, list[IkeConfig]] = {}
-        self._cfg_by_packed: dict[bytes, list[IkeConfig]] = {}
+        # peer address (text, packed) -> the config that answers for it
+        self._cfg_by_text: dict[str, IkeConfig] = {}
+        self._cfg_by_packed: dict[bytes, IkeConfig] = {}
+        # peer address (text) -> configs indexed after the one that answers, in
+        # order (two maps for one peer: rare, so nothing is kept per config here)
+        self._cfg_shadowed: dict[str, list[IkeConfig]] = {}
         self._index_configs(configs)
 
     def update_configs(
@@ -257,24 +259,42 @@ class IkeEndpoint:
         the same peer address): the caller decides whether the order is right."""
         psks: set[bytes] = set()
         for c in removed:
-            if self._configs.pop(id(c), None) is None:
-                continue
+            text = c.peer_addr[0]
+            more = self._cfg_shadowed.get(text, [])
+            if self._cfg_by_text.get(text) is c:
+                if more:  # the next one for this address answers from now on
+                    self._cfg_by_text[text] = more.pop(0)
+                else:
+                    del self._cfg_by_text[text]
+            elif any(o is c for o in more):
+                more[:] = [o for o in more if o is not c]
+            else:
+                continue  # not indexed (or removed already)
+            if not more:
+                self._cfg_shadowed.pop(text, None)
             psks.update((c.local_psk, c.peer_psk))
-            _unindex(self._cfg_by_text, c.peer_addr[0], c)
             with contextlib.suppress(ValueError):
-                _unindex(self._cfg_by_packed, _packed(c.peer_addr[0]), c)
+                packed = _packed(text)
+                if self._cfg_by_packed.get(packed) is c:
+                    if text in self._cfg_by_text:
+                        self._cfg_by_packed[packed] = self._cfg_by_text[text]
+                    else:
+                        del self._cfg_by_packed[packed]
         self.caches.forget_psks(psks)
         self._index_configs(added)
-        return [c for c in added if self._cfg_by_text[c.peer_addr[0]][0] is not c]
+        return [c for c in added if self._cfg_by_text[c.peer_addr[0]] is not c]
 
     def _index_configs(self, configs: Iterable[IkeConfig]) -> None:
         for c in configs:
-            if id(c) in self._configs:
-                continue  # indexed already: the first place stays
-            self._configs[id(c)] = c
-            self._cfg_by_text.setdefault(c.peer_addr[0], []).append(c)
+            text = c.peer_addr[0]
+            first = self._cfg_by_text.setdefault(text, c)
+            if first is not c:
+                more = self._cfg_shadowed.setdefault(text, [])
+                if not any(o is c for o in more):
+                    more.append(c)
+                continue
             try:
-                self._cfg_by_packed.setdefault(_packed(c.peer_addr[0]), []).append(c)
+                self._cfg_by_packed.setdefault(_packed(text), c)
             except ValueError:
                 continue  # not an address: never matches a datagram's source
 
@@ -284,14 +304,13 @@ class IkeEndpoint:
     def config_for(self, addr: Address, local: Address | None) -> IkeConfig | None:
         if self._find_config is not None:
             return self._find_config(addr, local)
-        found = self._cfg_by_text.get(addr[0])
-        if found is not None:
-            return found[0]
+        c = self._cfg_by_text.get(addr[0])
+        if c is not None:
+            return c
         try:  # another spelling of the same address (e.g. IPv6 with leading zeros)
-            found = self._cfg_by_packed.get(_packed(addr[0]))
+            return self._cfg_by_packed.get(_packed(addr[0]))
         except ValueError:
             return None
-        return found[0] if found is not None else None
 
     def half_open(self) -> int:
         """Responder SAs that answered IKE_SA_INIT and wait for IKE_AUTH."""
@@ -650,18 +669,6 @@ def _unlink(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
             index[key] = rest
         else:
             del index[key]
-
-
-def _unindex(index: dict[_K, list[IkeConfig]], key: _K, config: IkeConfig) -> None:
-    """Drop one config (by identity: two equal configs are two maps) from a key."""
-    group = index.get(key)
-    if group is None:
-        return
-    rest = [c for c in group if c is not config]
-    if rest:
-        index[key] = rest
-    else:
-        del index[key]
 
 
 def _packed(text: str) -> bytes:

@@ -105,8 +105,6 @@ class Gateway:
         self.config = config
         self.acls = parse_acls(config)
         self.classifier = build_classifier(config, self.acls)
-        # What shapes each crypto map's SAs: a reload compares the new file's with these
-        self.definitions = reload.map_definitions(config)
         # The fail-closed routes, per crypto map (a reload touches the changed maps')
         self.blocks = ProtectedPrefixes(config, self.acls)
         self.saflow = npusim.SaFlowTable()
@@ -259,8 +257,11 @@ class Gateway:
             log.warning("reload: TUN or gateway settings changed; they need a restart")
             return
         # Only the changed maps are looked at further (ipsecmgr.reload, issue #19.7)
-        definitions = reload.map_definitions(config)
-        diff = reload.MapDiff.between(self.definitions, definitions)
+        # (the running file's definitions are built again rather than kept: ~370 bytes
+        # per map, for ~3 ms per 1,000 maps on a SIGHUP)
+        diff = reload.MapDiff.between(
+            reload.map_definitions(self.config), reload.map_definitions(config)
+        )
         acls, parsed = reload.reuse_acls(self.config, self.acls, config)
         touched = diff.changed | diff.added | diff.removed
         block, unblock = self.blocks.update(config, acls, touched)
@@ -269,7 +270,6 @@ class Gateway:
         rebuild = reload.classifier_changed(self.config, config, touched)
         self.acls = acls
         old, self.config = self.config, config
-        self.definitions = definitions
         if rebuild:  # an ACL, a peer or the maps' order changed
             self.classifier = build_classifier(config, acls)
             self.datapath.set_classifier(self.classifier)
