@@ -2,14 +2,16 @@
 
 A responder for thousands of NAS reloads to add, change or remove one crypto
 map; the maps that did not change must keep their SAs, and the work done (IKE
-configs built, SAs deleted, ACLs parsed, fail-closed routes touched) must
-follow the number of changed maps, not the number of maps (issue #19 item 7).
+configs built, SAs deleted, ACLs parsed, fail-closed routes touched, configs
+(un)indexed in the IKE endpoint, the tracer's peer table) must follow the
+number of changed maps, not the number of maps (issue #19 item 7).
 
 What stays linear in the number of maps: reading and validating the file
-itself (the whole file is the input), comparing each map's definition with
-the running one (a tuple comparison per map), and C-level dict and set passes
-over the map names. docs/performance.md, "Configuration at scale", has the
-figures.
+itself (the whole file is the input), building each map's definition and
+comparing it with the running one (a tuple comparison per map, ACL rules
+likewise), one short call per map to end its hold-downs (#15.5), and C-level
+dict, set and list passes over the map names. docs/performance.md,
+"Configuration at scale", has the figures.
 """
 
 from __future__ import annotations
