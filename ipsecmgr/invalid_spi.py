@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 
 import ike
 from ike import events as ev
+from ipsecmgr.datapath import ip_header_length
 
 if TYPE_CHECKING:
     from ipsecmgr.datapath import OutboundBinding
@@ -87,10 +88,10 @@ def answer_expected(packet: bytes) -> bool:
     every TACACS+ transaction would end in a probe."""
     if len(packet) < 20:
         return True
-    if packet[0] >> 4 == 4:
-        hlen, proto, total = (packet[0] & 0x0F) * 4, packet[9], int.from_bytes(packet[2:4])
-    else:
-        hlen, proto, total = 40, packet[6], 40 + int.from_bytes(packet[4:6])
+    hlen, proto = ip_header_length(packet)
+    # the IP total length (IPv6: the fixed header + its payload length)
+    v4 = packet[0] >> 4 == 4
+    total = int.from_bytes(packet[2:4]) if v4 else 40 + int.from_bytes(packet[4:6])
     if proto != 6 or len(packet) < hlen + 14:
         return True  # UDP, ICMP, ...: assume a request
     flags = packet[hlen + 13]

@@ -13,11 +13,13 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
+from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet6 import IPv6
 
 from ike.invalid_spi import build_invalid_spi
-from ipsecmgr.datapath import build_ip_header
 from ipsecmgr.invalid_spi import (
     HOLD_DOWN,
     PROBE_TIMEOUT,
@@ -426,33 +428,29 @@ def test_a_later_dead_peer_verdict_of_dpd_is_not_the_probes(net: Net) -> None:
     assert net.sent("client", IKE_SA_INIT) == [0.0]
 
 
-_ADDRS = {
-    socket.AF_INET: (socket.inet_aton("192.0.2.1"), socket.inet_aton("203.0.113.49")),
-    socket.AF_INET6: (
-        socket.inet_pton(socket.AF_INET6, "2001:db8:1::1"),
-        socket.inet_pton(socket.AF_INET6, "2001:db8:3::49"),
-    ),
-}
+def _ip(family: int) -> Any:
+    """An IPv4 or IPv6 header from scapy (an independent builder, not ours)."""
+    if family == socket.AF_INET:
+        return IP(src="192.0.2.1", dst="203.0.113.49")
+    return IPv6(src="2001:db8:1::1", dst="2001:db8:3::49")
 
 
-def _packet(family: int, proto: int, l4: bytes) -> bytes:
-    return build_ip_header(family, *_ADDRS[family], proto, len(l4)) + l4
-
-
-def _tcp(family: int, flags: int, data: bytes = b"") -> bytes:
-    """Ports 40000 → 49, data offset 5 words, ``flags``, then ``data``."""
-    return _packet(family, 6, b"\x9c\x40\x00\x31" + bytes(8) + bytes([0x50, flags])
-                   + b"\xff\xff" + bytes(4) + data)  # fmt: skip
+def _tcp(family: int, flags: str, data: bytes = b"") -> bytes:
+    return bytes(_ip(family) / TCP(sport=40000, dport=49, flags=flags) / data)
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 def test_answer_expected_by_tcp_flags_and_payload(family: int) -> None:
     """SYN (0x02), FIN (0x01) and data are answered; a bare ACK (0x10) and RST (0x04)
     are not (RFC 9293 §3.4, §3.5.2); anything but TCP is assumed to be a request."""
-    assert answer_expected(_tcp(family, 0x02))
-    assert answer_expected(_tcp(family, 0x11))
-    assert answer_expected(_tcp(family, 0x18, b"tacacs+ body"))
-    assert not answer_expected(_tcp(family, 0x10))
-    assert not answer_expected(_tcp(family, 0x14))
-    assert not answer_expected(_tcp(family, 0x04))
-    assert answer_expected(_packet(family, 17, bytes(8)))
+    assert answer_expected(_tcp(family, "S"))
+    assert answer_expected(_tcp(family, "FA"))
+    assert answer_expected(_tcp(family, "PA", b"tacacs+ body"))
+    assert not answer_expected(_tcp(family, "A"))
+    assert not answer_expected(_tcp(family, "RA"))
+    assert not answer_expected(_tcp(family, "R"))
+    assert answer_expected(bytes(_ip(family) / UDP(sport=40000, dport=49) / bytes(8)))
+    # IPv4 options (a 24-byte header) move the TCP header: still read right
+    opts = bytes(IP(src="192.0.2.1", dst="203.0.113.49", options=[IPOption_NOP()] * 4)
+                 / TCP(sport=40000, dport=49, flags="A"))  # fmt: skip
+    assert opts[0] & 0x0F == 6 and not answer_expected(opts)
