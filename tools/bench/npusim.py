@@ -41,23 +41,18 @@ CLIENT, SERVER = "209.165.200.228", "209.165.200.229"
 MATCH = f"permit tcp host {CLIENT} host {SERVER} eq 49"
 
 
+def tcp_v4(src: str, dst: str, sport: int, dport: int, ack: int, flags: int) -> bytes:
+    """A 40-byte IPv4 TCP segment (checksums irrelevant to the classifier)."""
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0x4000, 64, 6, 0,
+        bytes(map(int, src.split("."))), bytes(map(int, dst.split("."))),
+    )  # fmt: skip
+    return ip + struct.pack("!HHIIBBHHH", sport, dport, 1, ack, 5 << 4, flags, 64240, 0, 0)
+
+
 def syn_v4() -> bytes:
     """A 40-byte IPv4 TCP SYN CLIENT:40000 -> SERVER:49 (checksums irrelevant)."""
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        40,
-        1,
-        0x4000,
-        64,
-        6,
-        0,
-        bytes(map(int, CLIENT.split("."))),
-        bytes(map(int, SERVER.split("."))),
-    )
-    tcp = struct.pack("!HHIIBBHHH", 40000, 49, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
-    return ip + tcp
+    return tcp_v4(CLIENT, SERVER, 40000, 49, 0, 0x02)
 
 
 def syn_v6() -> bytes:
@@ -92,21 +87,7 @@ def adversarial_rules(n: int) -> list[str]:
 
 def reply_v4() -> bytes:
     """The TACACS+ server's reply SERVER:49 -> CLIENT:40000, as decrypted."""
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        40,
-        1,
-        0x4000,
-        64,
-        6,
-        0,
-        bytes(map(int, SERVER.split("."))),
-        bytes(map(int, CLIENT.split("."))),
-    )
-    tcp = struct.pack("!HHIIBBHHH", 49, 40000, 1, 1, 5 << 4, 0x12, 64240, 0, 0)
-    return ip + tcp
+    return tcp_v4(SERVER, CLIENT, 49, 40000, 1, 0x12)
 
 
 def inbound_ns() -> tuple[float, float, float]:
