@@ -11,6 +11,7 @@ Ctrl-C or failure.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -42,8 +43,11 @@ def write_tacacs_files(
     """``tacacs-secret`` (mode 0600) and ``users.json`` (one user) in ``directory``,
     for the lab's TACACS+ server and client; returns both paths."""
     secret_file = directory / "tacacs-secret"
-    secret_file.write_bytes(secret)
-    secret_file.chmod(0o600)
+    # created 0600: the secret is never readable by others, not even for a moment
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    secret_file.chmod(0o600)  # (an existing file keeps its mode through O_CREAT)
     users = directory / "users.json"
     users.write_text(json.dumps({user: {"password": password}}))
     return secret_file, users

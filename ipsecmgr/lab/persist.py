@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ipsecmgr.lab.configs import lab_gateway_config
+from ipsecmgr.lab.demo import write_tacacs_files
 from ipsecmgr.lab.topology import Lab, teardown
 from ipsecmgr.netns import NetnsPool
 
@@ -34,12 +35,10 @@ def lab_up(mode: str = "tunnel", state_dir: Path = DEFAULT_STATE) -> int:
     state_file.write_text(json.dumps(desc, indent=2))
     psk = state_dir / "psk"
     psk.write_bytes(secrets.token_urlsafe(24).encode())
-    secret = state_dir / "tacacs-secret"
-    secret.write_bytes(secrets.token_urlsafe(12).encode())
-    users = state_dir / "users.json"
-    users.write_text(json.dumps({"alice": {"password": "alice-lab-pw"}}))
-    for p in (psk, secret):
-        p.chmod(0o600)
+    psk.chmod(0o600)
+    secret, users = write_tacacs_files(
+        state_dir, secrets.token_urlsafe(12).encode(), "alice", "alice-lab-pw"
+    )
     for side in ("gw", "client"):
         (state_dir / f"{side}.toml").write_text(
             lab_gateway_config(
