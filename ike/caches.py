@@ -5,8 +5,9 @@ every IKE_AUTH and CREATE_CHILD_SA of a peer; decoding them (ipaddress objects,
 an IntEnum) or deriving prf(PSK, "Key Pad for IKEv2") again costs more than a
 lookup. These tables belong to the :class:`ike.IkeEndpoint` that owns the SAs
 (``IkeEndpoint.caches``), never to the process: two endpoints never share one,
-and the endpoint drops the PSK-derived keys when its configuration changes, so
-a replaced PSK's key does not outlive its configuration.
+and the endpoint drops the PSK-derived keys of the configurations it stops
+using (all of them when it gets a new set), so a replaced PSK's key does not
+outlive its configuration.
 
 Every table is bounded (emptied when full): a peer cannot grow it by sending
 other values. Only values are kept, never errors.
@@ -56,6 +57,13 @@ class EngineCaches:
     def forget_secrets(self) -> None:
         """Drop every PSK-derived key (a reload may have replaced the PSKs)."""
         self._psk_keys.clear()
+
+    def forget_psks(self, psks: set[bytes] | frozenset[bytes]) -> None:
+        """Drop the keys derived from these PSKs (the configs that held them were
+        removed by a reload); the table is bounded, so this is a short pass."""
+        if psks:
+            for key in [k for k in self._psk_keys if k[1] in psks]:
+                del self._psk_keys[key]
 
     def identity(self, id_type: int, data: bytes) -> Identity:
         """``Identity.decode`` once per (type, octets); ValueError is raised every time."""

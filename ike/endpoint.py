@@ -8,6 +8,7 @@ merges the SAs' datagrams, timers and events.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -223,22 +224,77 @@ class IkeEndpoint:
 
     @property
     def configs(self) -> list[IkeConfig]:
-        return self._configs
+        """The configs responders are matched against: those that answer for their
+        peer address, then those another config shadows."""
+        more = [c for group in self._cfg_shadowed.values() for c in group]
+        return [*self._cfg_by_text.values(), *more]
 
     @configs.setter
     def configs(self, configs: Sequence[IkeConfig]) -> None:
-        """New configs (a reload): indexed by peer address, the first one wins.
+        """New configs, all of them: indexed by peer address, the first one wins.
 
         The keys derived from PSKs are dropped: a replaced PSK's must not outlive
-        its configuration (those still in use are derived again on demand)."""
+        its configuration (those still in use are derived again on demand). A
+        reload that changes a few maps uses :meth:`update_configs` instead."""
         self.caches.forget_secrets()
-        self._configs = list(configs)
+        # peer address (text, packed) -> the config that answers for it
         self._cfg_by_text: dict[str, IkeConfig] = {}
         self._cfg_by_packed: dict[bytes, IkeConfig] = {}
-        for c in self._configs:
-            self._cfg_by_text.setdefault(c.peer_addr[0], c)
+        # peer address (text) -> configs indexed after the one that answers, in
+        # order (two maps for one peer: rare, so nothing is kept per config here)
+        self._cfg_shadowed: dict[str, list[IkeConfig]] = {}
+        self._index_configs(configs)
+
+    def update_configs(
+        self, added: Sequence[IkeConfig], removed: Sequence[IkeConfig]
+    ) -> list[IkeConfig]:
+        """A reload that changed a few maps: ``removed`` (by identity) are no longer
+        matched, ``added`` are, after the configs already indexed. The cost follows
+        the change, not the number of configs (issue #19 item 7).
+
+        Existing SAs keep the config object they were built with. The keys derived
+        from the removed configs' PSKs are dropped (a replaced PSK's must not outlive
+        its configuration; a kept config sharing the PSK derives it again on demand).
+        Returns the added configs that another config shadows (indexed first under
+        the same peer address): the caller decides whether the order is right."""
+        psks: set[bytes] = set()
+        for c in removed:
+            text = c.peer_addr[0]
+            more = self._cfg_shadowed.get(text, [])
+            if self._cfg_by_text.get(text) is c:
+                if more:  # the next one for this address answers from now on
+                    self._cfg_by_text[text] = more.pop(0)
+                else:
+                    del self._cfg_by_text[text]
+            elif any(o is c for o in more):
+                more[:] = [o for o in more if o is not c]
+            else:
+                continue  # not indexed (or removed already)
+            if not more:
+                self._cfg_shadowed.pop(text, None)
+            psks.update((c.local_psk, c.peer_psk))
+            with contextlib.suppress(ValueError):
+                packed = _packed(text)
+                if self._cfg_by_packed.get(packed) is c:
+                    if text in self._cfg_by_text:
+                        self._cfg_by_packed[packed] = self._cfg_by_text[text]
+                    else:
+                        del self._cfg_by_packed[packed]
+        self.caches.forget_psks(psks)
+        self._index_configs(added)
+        return [c for c in added if self._cfg_by_text[c.peer_addr[0]] is not c]
+
+    def _index_configs(self, configs: Iterable[IkeConfig]) -> None:
+        for c in configs:
+            text = c.peer_addr[0]
+            first = self._cfg_by_text.setdefault(text, c)
+            if first is not c:
+                more = self._cfg_shadowed.setdefault(text, [])
+                if not any(o is c for o in more):
+                    more.append(c)
+                continue
             try:
-                self._cfg_by_packed.setdefault(_packed(c.peer_addr[0]), c)
+                self._cfg_by_packed.setdefault(_packed(text), c)
             except ValueError:
                 continue  # not an address: never matches a datagram's source
 

@@ -39,7 +39,7 @@ from ipsecmgr.privileges import apply_least_privilege
 from ipsecmgr.records import Address
 from ipsecmgr.routing import Routing, TunRoute, tun_routes
 from ipsecmgr.tls.service import TlsService
-from ipsecmgr.trace import Tracer, peers_from_config
+from ipsecmgr.trace import PeerTable, Tracer
 from ipsecmgr.tun import Tun
 from ipsecmgr.workers import SplitDatapath
 
@@ -135,10 +135,10 @@ class Gateway:
         )
         self.manager = Manager(config, self.acls, self.datapath, self._send_ike)
         # Installed on the data path and the manager only while a trace client is attached.
-        self.tracer = Tracer(
-            (self.datapath, self.manager),
-            peers_from_config(config),
-        )
+        # Peer address -> crypto map, for the tracer: kept up to date per changed map
+        self.peer_table = PeerTable(config)
+        self.tracer = Tracer((self.datapath, self.manager))
+        self.tracer.peers = self.peer_table.peers
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.counters = Counters()
@@ -257,6 +257,8 @@ class Gateway:
             log.warning("reload: TUN or gateway settings changed; they need a restart")
             return
         # Only the changed maps are looked at further (ipsecmgr.reload, issue #19.7)
+        # (the running file's definitions are built again rather than kept: ~370 bytes
+        # per map, for ~5 ms per 1,000 maps on a SIGHUP)
         diff = reload.MapDiff.between(
             reload.map_definitions(self.config), reload.map_definitions(config)
         )
@@ -265,15 +267,16 @@ class Gateway:
         block, unblock = self.blocks.update(config, acls, touched)
         for failed in sync_blocks(block, unblock):
             log.warning("fail closed: NOT protected while the daemon is down: %s", failed)
-        rebuild = reload.classifier_inputs(config) != reload.classifier_inputs(self.config)
+        rebuild = reload.classifier_changed(self.config, config, touched)
         self.acls = acls
-        self.config = config
+        old, self.config = self.config, config
         if rebuild:  # an ACL, a peer or the maps' order changed
             self.classifier = build_classifier(config, acls)
             self.datapath.set_classifier(self.classifier)
-        # (the endpoint drops its PSK-derived keys when it gets the new configs)
+        # (the endpoint drops the PSK-derived keys of the configs it no longer uses)
         self.manager.reconfigure(config, acls, set(diff.kept), self.now())
-        self.tracer.peers = peers_from_config(config)
+        self.peer_table.update(old, config, touched)
+        self.tracer.peers = self.peer_table.peers  # (a new dict if it was built again)
         self._rearm()
         changed = sorted(diff.changed | diff.added)
         work = self.manager.last_reload

@@ -110,10 +110,18 @@ class Manager:
                 work.children_removed += 1
             self.datapath.unbind(state.cmap.name)
             log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
-        if work.built or work.dropped:
-            # Responders are matched against the new configs from now on; the IKE
-            # SAs of kept maps keep the config object they were built with.
+        # Responders are matched against the new configs from now on; the IKE SAs
+        # of kept maps keep the config object they were built with. Only the built
+        # and dropped maps' configs are (un)indexed, and their PSK-derived keys dropped.
+        added = [c for name in work.built for c in self.maps[name].peers.configs]
+        removed = [c for state in work.dropped for c in state.peers.configs]
+        if self.endpoint.update_configs(added, removed):
+            # A new config shares its peer address with another map's: the first map
+            # in the configuration answers, so the index follows the file's order
+            # (rare: two maps for one peer)
             self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
+            work.index_rebuilt = True
+        work.configs_indexed, work.configs_dropped = len(added), len(removed)
         self.last_reload = work
         self.pump(now)
 

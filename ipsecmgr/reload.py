@@ -2,19 +2,21 @@
 
 A responder for thousands of NAS reloads to add, change or remove one crypto
 map; the maps that did not change must keep their SAs, and the work done (IKE
-configs built, SAs deleted, ACLs parsed, fail-closed routes touched) must
-follow the number of changed maps, not the number of maps (issue #19 item 7).
+configs built, SAs deleted, ACLs parsed, fail-closed routes touched, configs
+(un)indexed in the IKE endpoint, the tracer's peer table) must follow the
+number of changed maps, not the number of maps (issue #19 item 7).
 
 What stays linear in the number of maps: reading and validating the file
-itself (the whole file is the input), comparing each map's definition with
-the running one (a tuple comparison per map), and C-level dict and set passes
-over the map names. docs/performance.md, "Configuration at scale", has the
-figures.
+itself (the whole file is the input), building each map's definition and
+comparing it with the running one (a tuple comparison per map, ACL rules
+likewise), one short call per map to end its hold-downs (#15.5), and C-level
+dict, set and list passes over the map names. docs/performance.md,
+"Configuration at scale", has the figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,13 +88,20 @@ def reuse_acls(
     return out, parsed
 
 
-def classifier_inputs(config: cfg.Config) -> list[tuple[str, tuple[str, ...], str]]:
-    """What :func:`ipsecmgr.daemon.build_classifier` reads: equal means the running
-    classifier (its indexes and counters) serves the new configuration as is."""
-    return [
-        (name, config.access_lists[m.match_address].rules, str(m.peer))
-        for name, m in config.crypto_maps.items()
-    ]
+def classifier_changed(old: cfg.Config, new: cfg.Config, touched: Iterable[str]) -> bool:
+    """Whether what :func:`ipsecmgr.daemon.build_classifier` reads changed: the maps'
+    order, or a touched (changed, added, removed) map's ACL rules or peer. A kept
+    map's are equal by definition (:func:`map_definitions`), so they are not looked
+    at; False means the running classifier (its indexes and counters) serves the
+    new configuration as is."""
+    if list(old.crypto_maps) != list(new.crypto_maps):  # names in order: a C-level compare
+        return True
+    return any(_classifier_input(old, n) != _classifier_input(new, n) for n in touched)
+
+
+def _classifier_input(config: cfg.Config, name: str) -> object:
+    m = config.crypto_maps.get(name)
+    return None if m is None else (config.access_lists[m.match_address].rules, m.peer)
 
 
 @dataclass
@@ -105,28 +114,45 @@ class ReloadWork:
     dropped: list[MapState] = field(default_factory=list)
     sas_deleted: int = 0
     children_removed: int = 0
+    # The endpoint's config index: configs added and removed (IkeEndpoint.update_configs),
+    # and whether it was rebuilt whole (a new config shares a peer with another map's)
+    configs_indexed: int = 0
+    configs_dropped: int = 0
+    index_rebuilt: bool = False
 
 
 def rebuild_states(
-    old: Mapping[str, MapState],
+    old: dict[str, MapState],
     crypto_maps: Mapping[str, cfg.CryptoMap],
     keep: set[str] | frozenset[str],
     build: Callable[[cfg.CryptoMap], MapState],
 ) -> tuple[dict[str, MapState], ReloadWork]:
     """The new map states in configuration order: a kept map's running state
-    (its SAs, counters, queue), a new ``build`` for the others. Every peer's
-    hold-down ends (SIGHUP is the operator's "try again", #15.5)."""
+    (its SAs, counters, queue, and its crypto map object, equal to the new one),
+    a new ``build`` for the others. Every peer's hold-down ends (SIGHUP is the
+    operator's "try again", #15.5).
+
+    With the same map names in the same order (a map edited), ``old`` is updated
+    in place: only the rebuilt maps are looked at. Otherwise (a map added, removed
+    or moved) the dict is built again in the new order."""
     work = ReloadWork()
-    maps: dict[str, MapState] = {}
-    for name, cmap in crypto_maps.items():
-        state = old.get(name) if name in keep else None
-        if state is None:
-            state = build(cmap)
+    rebuilt = crypto_maps.keys() - keep  # set operations: C-level, not a Python loop
+    if list(old) == list(crypto_maps):
+        maps = old
+        for name in sorted(rebuilt):
+            work.dropped.append(maps[name])
+            maps[name] = build(crypto_maps[name])
             work.built.append(name)
-        else:
-            state.cmap = cmap
-            work.kept += 1
-        state.peers.reset()
-        maps[name] = state
-    work.dropped = [s for n, s in old.items() if maps.get(n) is not s]
+    else:
+        maps = {}
+        for name, cmap in crypto_maps.items():
+            state = old.get(name) if name in keep else None
+            if state is None:
+                state = build(cmap)
+                work.built.append(name)
+            maps[name] = state
+        work.dropped = [s for n, s in old.items() if maps.get(n) is not s]
+    work.kept = len(maps) - len(work.built)
+    for state in maps.values():
+        state.peers.reset()  # (a short loop per map: the one pass left, see the docs)
     return maps, work

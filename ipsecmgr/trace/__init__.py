@@ -281,6 +281,48 @@ def peers_from_config(config: Any) -> dict[str, Peer]:
     return {str(m.peer): Peer(str(m.local_address), n) for n, m in config.crypto_maps.items()}
 
 
+class PeerTable:
+    """:func:`peers_from_config` kept up to date by a reload, per touched crypto map
+    (SIGHUP costs O(changed), issue #19 item 7): ``peers`` is the table the
+    :class:`Tracer` reads. A peer address of two maps names the last one in the
+    file; only when a touched map has such a peer is the table built again (the
+    maps per shared address are counted; nothing is kept per unshared one)."""
+
+    def __init__(self, config: Any) -> None:
+        self._build(config)
+
+    def _build(self, config: Any) -> None:
+        self.peers = peers_from_config(config)
+        self._shared: dict[str, int] = {}
+        if len(self.peers) < len(config.crypto_maps):
+            counts: dict[str, int] = {}
+            for m in config.crypto_maps.values():
+                counts[str(m.peer)] = counts.get(str(m.peer), 0) + 1
+            self._shared = {a: k for a, k in counts.items() if k > 1}
+
+    def update(self, old: Any, new: Any, touched: Iterable[str]) -> bool:
+        """The maps ``touched`` (changed, added, removed) from ``old`` to ``new``.
+        Returns True when the table was built again (a peer of two maps)."""
+        gone = [(str(m.peer), n) for n in touched if (m := old.crypto_maps.get(n)) is not None]
+        came = [
+            (str(m.peer), str(m.local_address), n)
+            for n in touched
+            if (m := new.crypto_maps.get(n)) is not None
+        ]
+        if not any(a in self._shared for a, *_ in (*gone, *came)):
+            for addr, name in gone:  # (not shared: the entry is this map's)
+                if (p := self.peers.get(addr)) is not None and p.crypto_map == name:
+                    del self.peers[addr]
+            for addr, local, name in came:
+                if addr in self.peers:
+                    break  # another map has this peer: now shared
+                self.peers[addr] = Peer(local, name)
+            else:
+                return False
+        self._build(new)
+        return True
+
+
 class Tracer:
     """The hook installed on the data path and the manager while tracing is on."""
 

@@ -217,3 +217,21 @@ def test_reload_drops_the_psk_derived_keys_and_the_handshake_still_works() -> No
     q.handshake()
     assert q.i.established and q.r.established
     assert p.ep.caches.sizes()["psk_keys"] == 1  # the new PSK's only
+
+
+def test_forget_psks_drops_only_those_keys() -> None:
+    """A reload that removes a config drops its PSK's derived keys (every PRF); a
+    kept PSK's key stays the same object (not derived again), and a forgotten one
+    is derived again on demand, equal to the stdlib's prf(PSK, "Key Pad for IKEv2")."""
+    c = EngineCaches()
+    sha256, sha384 = get_prf(PrfId.HMAC_SHA2_256), get_prf(PrfId.HMAC_SHA2_384)
+    kept = c.psk_key(sha256, b"kept key")
+    c.psk_key(sha256, b"removed key")
+    c.psk_key(sha384, b"removed key")
+    assert c.sizes()["psk_keys"] == 3
+    c.forget_psks({b"removed key"})
+    assert c.sizes()["psk_keys"] == 1
+    assert c.psk_key(sha256, b"kept key") is kept
+    again = c.psk_key(sha256, b"removed key")
+    pad = hmac.new(b"removed key", b"Key Pad for IKEv2", "sha256").digest()
+    assert again.mac(b"octets") == hmac.new(pad, b"octets", "sha256").digest()

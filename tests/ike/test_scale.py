@@ -153,3 +153,71 @@ def test_cookie_walk_without_a_nonce_is_malformed() -> None:
     )
     with pytest.raises(DecodeError):
         _cookie_and_nonce(msg)
+
+
+def test_update_configs_follows_a_reload_of_a_few_peers() -> None:
+    """SIGHUP with a few maps changed (#19.7): the index changes only there. A
+    responder matches the new configs and no longer the removed ones, an SA built
+    before keeps its config and keeps working, and the PSK-derived key of a removed
+    config is dropped (a kept config's stays: the same object, not derived again)."""
+    cfgs = responder_configs(4)
+    cfgs[1] = dataclasses.replace(cfgs[1], local_psk=b"peer one's own key 01234")
+    cfgs[2] = dataclasses.replace(cfgs[2], local_psk=b"peer two's own key 01234")
+    ep = IkeEndpoint(cfgs, rng=random.Random(3).randbytes)
+    up = {cfgs[i].peer_addr: initiator(cfgs[i], i) for i in (0, 1)}
+    for sa in up.values():
+        sa.initiate(0.0)
+    exchange(ep, up, 0.0)
+    assert all(sa.established for sa in up.values())
+    assert ep.caches.sizes()["psk_keys"] == 2
+    (kept_sa,) = ep.sas_of(cfgs[0])
+    (old_sa,) = ep.sas_of(cfgs[1])
+
+    new1 = dataclasses.replace(cfgs[1], local_psk=b"peer one's new key 01234")
+    added = responder_configs(10)[9]
+    assert ep.update_configs([new1, added], [cfgs[1], cfgs[2]]) == []
+    assert [id(c) for c in ep.configs] == [id(c) for c in (cfgs[0], cfgs[3], new1, added)]
+    assert ep.config_for(peer(0), None) is cfgs[0]
+    assert ep.config_for(peer(1), None) is new1
+    assert ep.config_for(peer(2), None) is None
+    assert ep.config_for(peer(9), None) is added
+    assert ep.config_for(("2001:0db8:0001::000a", 500), None) is added  # packed index too
+    # peer one's old key is gone, the shared PSK's (kept configs) stays
+    assert ep.caches.sizes()["psk_keys"] == 1
+    # SAs built before keep their config objects, and keep working: a new Child SA
+    assert kept_sa.config is cfgs[0] and old_sa.config is cfgs[1]
+    up[peer(0)].create_child(1.0)
+    exchange(ep, {peer(0): up[peer(0)]}, 1.0)
+    assert len(kept_sa.children) == 2 and len(up[peer(0)].children) == 2
+
+    # the removed peer gets no answer; the changed one's new config answers
+    gone = initiator(cfgs[2], 7)
+    gone.initiate(2.0)
+    for data, _ in gone.datagrams_to_send(2.0):
+        ep.receive_datagram(data, peer(2), 2.0)
+    assert ep.counters.get("no_config") == 1
+    assert all(dst != peer(2) for _, dst in ep.datagrams_to_send(2.0))
+    again = {peer(1): initiator(new1, 8), peer(9): initiator(added, 9)}
+    for sa in again.values():
+        sa.initiate(2.0)
+    exchange(ep, again, 2.0)
+    assert all(sa.established for sa in again.values())
+    assert [sa.established for sa in ep.sas_of(new1)] == [True]
+    assert [sa.established for sa in ep.sas_of(added)] == [True]
+
+
+def test_update_configs_keeps_the_first_config_of_a_shared_peer_address() -> None:
+    """Two configs for one peer: the one indexed first answers; an added one it
+    shadows is reported (the caller knows the configuration's order), and takes
+    over when the first is removed."""
+    cfgs = responder_configs(4)
+    ep = IkeEndpoint(cfgs)
+    twin = dataclasses.replace(cfgs[3], name="twin")
+    assert ep.update_configs([twin], []) == [twin]
+    assert ep.config_for(peer(3), None) is cfgs[3]
+    assert ep.update_configs([], [cfgs[3]]) == []
+    assert ep.config_for(peer(3), None) is twin
+    assert ep.config_for(("2001:0db8:0001::0004", 500), None) is twin
+    # removing a config that is not indexed (or twice) changes nothing
+    assert ep.update_configs([], [cfgs[3]]) == []
+    assert ep.config_for(peer(3), None) is twin and len(ep.configs) == 4

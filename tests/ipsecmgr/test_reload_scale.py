@@ -7,7 +7,8 @@ in-memory initiators on our engine. A reload changes one established map and
 one idle one, at N = 20 and N = 300: the unchanged maps keep their state
 objects, IKE SAs, Child SAs and data-path bindings; what is redone (map states
 built, SAs deleted, DELETEs sent, ACLs parsed, fail-closed prefixes touched,
-classifier rebuilt) is counted and the same at both sizes.
+classifier rebuilt, configs indexed and dropped in the IKE endpoint, the
+tracer's peer table) is counted and the same at both sizes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ipsecmgr.datapath import Datapath
 from ipsecmgr.failclosed import ProtectedPrefixes, protected_prefixes
 from ipsecmgr.manager import Manager
 from ipsecmgr.records import Address
+from ipsecmgr.trace import PeerTable, peers_from_config
 
 GW = "2001:db8::1"
 SERVER = "2001:db8:ffff::49"
@@ -131,13 +133,25 @@ def test_sighup_one_map_changed_redoes_one_maps_work(n: int) -> None:
     assert len(diff.kept) == n - 2
     acls, parsed = reload.reuse_acls(old, r.acls, new)
     assert parsed == 0 and all(acls[a] is r.acls[a] for a in acls)  # the running objects
-    assert reload.classifier_inputs(new) == reload.classifier_inputs(old)  # no rebuild
+    touched = diff.changed | diff.added | diff.removed
+    assert not reload.classifier_changed(old, new, touched)  # no rebuild
+    assert m.endpoint.caches.sizes()["psk_keys"] == 1
+    old_configs = {name: states[name].ike_config for name in ("m1", "m7")}
 
     m.reconfigure(new, acls, set(diff.kept), 101.0)
     work = m.last_reload
     assert sorted(work.built) == ["m1", "m7"]
     assert [s.cmap.name for s in work.dropped] == ["m1", "m7"]
     assert (work.kept, work.sas_deleted, work.children_removed) == (n - 2, 1, 1)
+    # The endpoint's config index: the two maps' configs out and in, not rebuilt
+    assert (work.configs_indexed, work.configs_dropped, work.index_rebuilt) == (2, 2, False)
+    assert len(m.endpoint.configs) == n
+    for name, i in (("m1", 1), ("m7", 7)):
+        found = m.endpoint.config_for((peer(i), 500), None)
+        assert found is m.maps[name].ike_config and found is not old_configs[name]
+    assert m.endpoint.config_for((peer(2), 500), None) is states["m2"].ike_config
+    # the changed maps' PSK (the one PSK of this file) was dropped, derived on demand
+    assert m.endpoint.caches.sizes()["psk_keys"] == 0
     # One DELETE, to m1's peer, and nothing to anybody else
     assert [dst[0] for _, dst in r.sent] == [peer(1)]
     assert parse_header(r.sent[0][0]).exchange == ExchangeType.INFORMATIONAL
@@ -198,4 +212,75 @@ def test_acls_and_fail_closed_prefixes_follow_the_change(n: int) -> None:
     assert block == ["2001:db8:3::3/128"]
     assert sorted(unblock) == sorted([f"{peer(3)}/128", f"{peer(5)}/128"])
     assert sorted(blocks.prefixes()) == sorted(protected_prefixes(new, acls)[0])
-    assert reload.classifier_inputs(new) != reload.classifier_inputs(old)
+    assert reload.classifier_changed(old, new, diff.changed | diff.added | diff.removed)
+
+    # The Manager: the touched maps' configs leave and enter the endpoint's index
+    r = Responder(old)
+    r.manager.reconfigure(new, acls, set(diff.kept), 101.0)
+    work = r.manager.last_reload
+    assert sorted(work.built) == ["extra", "m3"]
+    assert sorted(s.cmap.name for s in work.dropped) == ["m3", "m5"]
+    assert (work.configs_indexed, work.configs_dropped, work.index_rebuilt) == (2, 2, False)
+    ep = r.manager.endpoint
+    assert len(ep.configs) == n
+    assert ep.config_for((peer(5), 500), None) is None
+    assert ep.config_for(("2001:db8:9::9", 500), None) is r.manager.maps["extra"].ike_config
+    assert ep.config_for((peer(3), 500), None) is r.manager.maps["m3"].ike_config
+    assert list(r.manager.maps) == list(new.crypto_maps)
+
+
+def test_a_new_map_for_a_peer_another_map_has_keeps_the_file_order() -> None:
+    """Two maps for one peer: the first in the file answers, as at start; the
+    endpoint's index is then built again (the one case where it is)."""
+    old = parse(config_data(20))
+    r = Responder(old)
+    data = config_data(20)
+    data["crypto_map"]["again"] = dict(data["crypto_map"]["m2"], match_address="a3")
+    data["tun"]["t"]["crypto_maps"].append("again")
+    new = parse(data)
+    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    assert diff.added == {"again"} and not diff.changed
+    r.manager.reconfigure(new, r.acls, set(diff.kept), 101.0)
+    work = r.manager.last_reload
+    assert work.index_rebuilt and work.built == ["again"]
+    ep = r.manager.endpoint
+    assert ep.config_for((peer(2), 500), None) is r.manager.maps["m2"].ike_config
+    assert [id(c) for c in ep.configs] == [id(s.ike_config) for s in r.manager.maps.values()]
+
+
+def test_a_moved_map_rebuilds_the_classifier() -> None:
+    """The classifier's first match follows the maps' order: a move is a change."""
+    old = parse(config_data(5))
+    data = config_data(5)
+    data["crypto_map"] = dict(reversed(list(data["crypto_map"].items())))
+    new = parse(data)
+    assert list(new.crypto_maps) == [f"m{i}" for i in reversed(range(5))]
+    assert reload.classifier_changed(old, new, ())
+    assert not reload.classifier_changed(old, parse(config_data(5)), ())
+
+
+@pytest.mark.parametrize("n", [20, 300])
+def test_tracer_peer_table_follows_the_change(n: int) -> None:
+    """The tracer's peer address -> crypto map table after a reload is what it
+    would be built from the new file, with only the touched maps looked at."""
+    old = parse(config_data(n))
+    table = PeerTable(old)
+    data = config_data(n)
+    data["crypto_map"]["m3"]["peer"] = "2001:db8:9::3"
+    del data["crypto_map"]["m5"], data["access_list"]["a5"]
+    data["tun"]["t"]["crypto_maps"].remove("m5")
+    data["crypto_map"]["extra"] = dict(data["crypto_map"]["m6"], peer="2001:db8:9::9")
+    data["tun"]["t"]["crypto_maps"].append("extra")
+    new = parse(data)
+    before = table.peers
+    assert not table.update(old, new, {"m3", "m5", "extra"})
+    assert table.peers is before and table.peers == peers_from_config(new)
+    # a peer shared by two maps: the table is built again (the last map is named)
+    data["crypto_map"]["twin"] = dict(data["crypto_map"]["m8"])
+    data["tun"]["t"]["crypto_maps"].append("twin")
+    newer = parse(data)
+    assert table.update(new, newer, {"twin"})
+    assert table.peers == peers_from_config(newer)
+    assert table.peers[peer(8)].crypto_map == "twin"
+    assert table.update(newer, new, {"twin"})  # twin leaves: m8 named again
+    assert table.peers == peers_from_config(new) and table.peers[peer(8)].crypto_map == "m8"

@@ -3,6 +3,9 @@ SIGHUP with one crypto map changed, at N crypto maps; strongSwan loading the
 same N connections into charon, in the same run.
 
 Run (root): .venv/bin/python tools/bench/config_scale.py [--maps 1000 10000] [--no-strongswan]
+Or, without root: ... config_scale.py --in-process [--maps 1000 10000]: only the
+SIGHUP after the parse (``Gateway.reload`` in this process, best of 5, and the
+``Manager.reconfigure`` inside it).
 
 The configuration is a responder for N NAS, as tools/bench/ike_scale.py builds
 it: one ACL, peer (IPv6, 2001:db8:1::/64) and identity per crypto map, plus one
@@ -201,6 +204,39 @@ def ours(n: int, work: Path, pool: NetnsPool) -> dict[str, Any]:
     return res
 
 
+def reload_in_process(n: int, work: Path, repeat: int = 5) -> dict[str, float]:
+    """SIGHUP after the parse, in this process (no kernel, no root): a
+    :class:`Gateway` built without ``start``, then ``Gateway.reload`` with map
+    m0's DPD interval changed, ``repeat`` times; the best of each, in seconds, of
+    the whole reload and of the ``Manager.reconfigure`` inside it."""
+    from ipsecmgr.daemon import Gateway
+
+    path = work / "gateway.toml"
+    psk = work / "psk"
+    psk.write_bytes(PSK)
+    psk.chmod(0o600)
+    path.write_text(config_text(n, work))
+    gw = Gateway(cfg.load_config(path, validate_acl=validate_acl))
+    inner: list[float] = []
+    reconfigure = gw.manager.reconfigure
+
+    def timed_reconfigure(*args: Any) -> None:
+        t0 = time.perf_counter()
+        reconfigure(*args)
+        inner.append(time.perf_counter() - t0)
+
+    setattr(gw.manager, "reconfigure", timed_reconfigure)  # noqa: B010 (a method replaced)
+    whole: list[float] = []
+    for k in range(repeat):
+        path.write_text(config_text(n, work, dpd_of_m0=31 + k))
+        new = cfg.load_config(path, validate_acl=validate_acl)
+        t0 = time.perf_counter()
+        gw.reload(new)
+        whole.append(time.perf_counter() - t0)
+    assert len(inner) == repeat
+    return {"reload_s": min(whole), "reconfigure_s": min(inner)}
+
+
 def strongswan(n: int, work: Path, pool: NetnsPool) -> dict[str, Any]:
     ns = gateway_ns(pool, "sw")
     sw = StrongSwanPeer(ns, work / "sw")
@@ -228,8 +264,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--maps", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--no-strongswan", action="store_true")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="only the SIGHUP after the parse, in this process (no root, no kernel)",
+    )
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
+    if a.in_process:
+        print(f"{'maps':>7} {'reload ms':>10} {'reconfigure ms':>15}")
+        for n in a.maps:
+            with tempfile.TemporaryDirectory(prefix="cfgscale-") as tmp:
+                os.chmod(tmp, 0o700)
+                r = reload_in_process(n, Path(tmp))
+            print(f"{n:>7} {r['reload_s'] * 1e3:>10.1f} {r['reconfigure_s'] * 1e3:>15.2f}")
+        print(
+            "best of 5: Gateway.reload after the parse, one map changed; of it, Manager.reconfigure"
+        )
+        return 0
     hdr = (f"{'maps':>7} {'parse':>7} {'check':>7} {'start':>7} {'HUP 1':>7} {'HUP 0':>7}"
            f" {'RSS MB':>7} | {'charon':>7} {'load':>7} {'reload1':>7} {'RSS MB':>7}")  # fmt: skip
     print(hdr)
