@@ -4,6 +4,7 @@ Pure: bytes in, verdicts and counters out; no sockets, clocks or threads.
 
 * :mod:`npusim.acl`: the ACL language (``parse_acl``) compiled to integer masks.
 * :mod:`npusim.classifier`: outbound verdicts (reference step 3).
+* :mod:`npusim.fieldindex`: the classifier's per-field rule index (bit vectors).
 * :mod:`npusim.saflow`: inbound SPI lookup and policy check (steps 9-10).
 * :mod:`npusim.packet`: the shared bounds-checked selector parser.
 """
