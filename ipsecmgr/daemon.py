@@ -38,10 +38,10 @@ from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
 from ipsecmgr.privileges import apply_least_privilege
 from ipsecmgr.records import Address
 from ipsecmgr.routing import Routing, TunRoute, tun_routes
+from ipsecmgr.split_worker import SplitDatapath
 from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import PeerTable, Tracer
 from ipsecmgr.tun import Tun
-from ipsecmgr.workers import SplitDatapath
 
 if TYPE_CHECKING:
     from ipsecmgr.metrics import MetricsServer

@@ -2,8 +2,8 @@
 
 Two data paths implement it: :class:`ipsecmgr.datapath.Datapath` (``[gateway]
 datapath = "single"``: the daemon's own loop moves the packets) and
-:class:`ipsecmgr.workers.SplitDatapath` (``"split"``: two forked workers move
-them, the control process forwards every call over a socketpair). The daemon
+:class:`ipsecmgr.split_worker.SplitDatapath` (``"split"``: two forked workers
+move them, the control process forwards every call over a socketpair). The daemon
 builds one of them and gives it to the Manager at construction; the Manager
 never touches sockets, the SA-flow table or a binding's fields itself.
 
