@@ -9,9 +9,9 @@ number of changed maps, not the number of maps (issue #19 item 7).
 What stays linear in the number of maps: reading and validating the file
 itself (the whole file is the input), building each map's definition and
 comparing it with the running one (a tuple comparison per map, ACL rules
-likewise), one short call per map to end its hold-downs (#15.5), and C-level
-dict, set and list passes over the map names. docs/performance.md,
-"Configuration at scale", has the figures.
+likewise), and C-level dict, set and list passes over the map names. The
+hold-downs SIGHUP ends are those there are (``Failover.held``), not one call
+per map. docs/performance.md, "Configuration at scale", has the figures.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class ReloadWork:
     configs_indexed: int = 0
     configs_dropped: int = 0
     index_rebuilt: bool = False
+    # Peer lists whose hold-downs ended (#15.5): those that had one, not every map's
+    hold_downs_ended: int = 0
 
 
 def rebuild_states(
@@ -129,8 +131,8 @@ def rebuild_states(
 ) -> tuple[dict[str, MapState], ReloadWork]:
     """The new map states in configuration order: a kept map's running state
     (its SAs, counters, queue, and its crypto map object, equal to the new one),
-    a new ``build`` for the others. Every peer's hold-down ends (SIGHUP is the
-    operator's "try again", #15.5).
+    a new ``build`` for the others. (The hold-downs are ended by the manager:
+    ``Failover.end_hold_downs``.)
 
     With the same map names in the same order (a map edited), ``old`` is updated
     in place: only the rebuilt maps are looked at. Otherwise (a map added, removed
@@ -153,6 +155,4 @@ def rebuild_states(
             maps[name] = state
         work.dropped = [s for n, s in old.items() if maps.get(n) is not s]
     work.kept = len(maps) - len(work.built)
-    for state in maps.values():
-        state.peers.reset()  # (a short loop per map: the one pass left, see the docs)
     return maps, work

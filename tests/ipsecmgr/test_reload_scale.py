@@ -284,3 +284,34 @@ def test_tracer_peer_table_follows_the_change(n: int) -> None:
     assert table.peers[peer(8)].crypto_map == "twin"
     assert table.update(newer, new, {"twin"})  # twin leaves: m8 named again
     assert table.peers == peers_from_config(new) and table.peers[peer(8)].crypto_map == "m8"
+
+
+@pytest.mark.parametrize("n", [20, 300])
+def test_sighup_ends_the_hold_downs_of_kept_maps_looking_only_at_those(n: int) -> None:
+    """SIGHUP is the operator's "try again" (#15.5): every peer's hold-down ends,
+    those of kept maps too. Only the maps with a hold-down are reset, not all n:
+    the same count at both sizes (ReloadWork.hold_downs_ended)."""
+    r = Responder(parse(config_data(n)))
+    r.establish(["m0", "m1", "m2"], 100.0)
+    m = r.manager
+    t = 100.0
+    while not all(m.maps[f"m{i}"].peers.failed_once() for i in range(3)):
+        t += 1.0  # nobody answers DPD: the three peers are found dead (RFC 7296 §2.4)
+        assert t < 400.0
+        m.on_timer(t)
+    held = {i: m.maps[f"m{i}"].peers for i in range(3)}
+    assert all(held[i].all_held(t) for i in range(3))
+    assert m.failover.rows(t)["m0"]["peers"][0]["state"] == "dead"
+    # m1 changed (rebuilt: a fresh peer list), m0 and m2 kept with their hold-downs
+    new = parse(config_data(n, dpd={1: 15}))
+    diff = reload.MapDiff.between(reload.map_definitions(r.config), reload.map_definitions(new))
+    m.reconfigure(new, r.acls, set(diff.kept), t)
+    assert m.last_reload.hold_downs_ended == 3  # the three lists that had one, not n
+    for i in (0, 2):
+        assert m.maps[f"m{i}"].peers is held[i]  # kept ...
+        peer_row = m.failover.rows(t)[f"m{i}"]["peers"][0]
+        assert (peer_row["state"], peer_row["failures"]) == ("standby", 0)  # ... and free
+        assert not held[i].all_held(t) and held[i].choose(t) is not None
+    assert not m.maps["m1"].peers.failed_once()
+    m.reconfigure(new, r.acls, set(new.crypto_maps), t)  # nothing held any more
+    assert m.last_reload.hold_downs_ended == 0
