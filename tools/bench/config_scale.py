@@ -5,7 +5,7 @@ same N connections into charon, in the same run.
 Run (root): .venv/bin/python tools/bench/config_scale.py [--maps 1000 10000] [--no-strongswan]
 Or, without root: ... config_scale.py --in-process [--maps 1000 10000]: only the
 SIGHUP after the parse (``Gateway.reload`` in this process, best of 5, and the
-``Manager.reconfigure`` inside it).
+``Manager.reconfigure`` inside it), and this process's RSS after it.
 
 The configuration is a responder for N NAS, as tools/bench/ike_scale.py builds
 it: one ACL, peer (IPv6, 2001:db8:1::/64) and identity per crypto map, plus one
@@ -34,6 +34,7 @@ removed at the end, also on failure.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import select
@@ -234,7 +235,9 @@ def reload_in_process(n: int, work: Path, repeat: int = 5) -> dict[str, float]:
         gw.reload(new)
         whole.append(time.perf_counter() - t0)
     assert len(inner) == repeat
-    return {"reload_s": min(whole), "reconfigure_s": min(inner)}
+    del new
+    gc.collect()  # the RSS with the running configuration only (the last one read is it)
+    return {"reload_s": min(whole), "reconfigure_s": min(inner), "rss_mb": rss_mb(os.getpid())}
 
 
 def strongswan(n: int, work: Path, pool: NetnsPool) -> dict[str, Any]:
@@ -272,14 +275,19 @@ def main() -> int:
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
     if a.in_process:
-        print(f"{'maps':>7} {'reload ms':>10} {'reconfigure ms':>15}")
+        print(f"{'maps':>7} {'reload ms':>10} {'reconfigure ms':>15} {'RSS MB':>7}")
         for n in a.maps:
             with tempfile.TemporaryDirectory(prefix="cfgscale-") as tmp:
                 os.chmod(tmp, 0o700)
                 r = reload_in_process(n, Path(tmp))
-            print(f"{n:>7} {r['reload_s'] * 1e3:>10.1f} {r['reconfigure_s'] * 1e3:>15.2f}")
+            print(
+                f"{n:>7} {r['reload_s'] * 1e3:>10.1f} {r['reconfigure_s'] * 1e3:>15.2f}"
+                f" {r['rss_mb']:>7.0f}"
+            )
         print(
-            "best of 5: Gateway.reload after the parse, one map changed; of it, Manager.reconfigure"
+            "best of 5: Gateway.reload after the parse, one map changed; of it,"
+            " Manager.reconfigure; RSS of this process after the reloads (one size after"
+            " the other: it only grows)"
         )
         return 0
     hdr = (f"{'maps':>7} {'parse':>7} {'check':>7} {'start':>7} {'HUP 1':>7} {'HUP 0':>7}"
