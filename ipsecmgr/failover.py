@@ -31,7 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ipsecmgr.lifecycle import notify_meaning
-from ipsecmgr.peers import DEAD, PeerRow
+from ipsecmgr.peers import DEAD, PeerList, PeerRow
 from ipsecmgr.records import MapStatus
 from ipsecmgr.reject import RateLimit, answer_for
 
@@ -83,6 +83,10 @@ class Failover:
         self._retire: dict[str, tuple[MapState, float]] = {}  # backup IKE SA -> (map, when)
         self._noise: dict[str, _Noise] = {}
         self._noise_pending: dict[str, _Noise] = {}  # with suppressed lines to report
+        # The peer lists with a peer held down or counting failures (registered when a
+        # hold-down starts, out again on success or reset): what SIGHUP and `clear
+        # crypto` end (#15.5) without a pass over every map (#19.7)
+        self.held: set[PeerList] = set()
 
     # -- packets without an SA ------------------------------------------------------
 
@@ -127,6 +131,20 @@ class Failover:
             tr("5b", "unreachable_answered", packet, crypto_map=state.cmap.name, answer=how,
                reason=why, reply=reply)  # fmt: skip
 
+    def end_hold_downs(self) -> int:
+        """SIGHUP: every peer's hold-down and backoff end (the operator's "try
+        again", #15.5). Only the peer lists that have one are looked at, not every
+        map (#19.7). Returns how many lists were reset."""
+        n = len(self.held)
+        for peers in self.held:
+            peers.reset()
+        self.held.clear()
+        return n
+
+    def hold_down_ended(self, peers: PeerList) -> None:
+        """``peers`` were reset by someone else (``clear crypto``)."""
+        self.held.discard(peers)
+
     # -- IKE events -------------------------------------------------------------------
 
     def established(self, state: MapState, sa_name: str, now: float) -> None:
@@ -136,6 +154,8 @@ class Failover:
         if peer is None:
             return
         peer.hold.reset()  # success ends the hold-down and its backoff (#15.5)
+        if not peers.failed_once():
+            self.held.discard(peers)
         peers.bind(sa_name, peer)
         name = state.cmap.name
         old = state.ike_sa
@@ -164,6 +184,7 @@ class Failover:
         if probe:
             del self._probe[name]
         delay = peer.hold.fail(now, reason)
+        self.held.add(state.peers)
         state.bump("peer_hold_downs")
         log.warning("crypto map %s: peer %s %s; not tried for %.0f s",
                     name, peer.address, reason, delay)  # fmt: skip

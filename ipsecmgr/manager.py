@@ -122,6 +122,9 @@ class Manager:
             self.endpoint.configs = [c for m in self.maps.values() for c in m.peers.configs]
             work.index_rebuilt = True
         work.configs_indexed, work.configs_dropped = len(added), len(removed)
+        # Every peer's hold-down ends, kept maps' too: SIGHUP is the operator's "try
+        # again" (#15.5); only the maps with one are looked at
+        work.hold_downs_ended = self.failover.end_hold_downs()
         self.last_reload = work
         self.pump(now)
 
@@ -337,6 +340,7 @@ class Manager:
             if peer is not None and peer not in (p.address for p in state.peers.peers):
                 continue
             state.peers.reset()  # `clear crypto` ends every hold-down (#15.5)
+            self.failover.hold_down_ended(state.peers)
             # Every IKE SA of the map, a stale one (no INITIAL_CONTACT) included
             for sa in self.endpoint.sas_of(state.ike_config):
                 if sa.established:

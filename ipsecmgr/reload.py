@@ -7,11 +7,12 @@ configs built, SAs deleted, ACLs parsed, fail-closed routes touched, configs
 number of changed maps, not the number of maps (issue #19 item 7).
 
 What stays linear in the number of maps: reading and validating the file
-itself (the whole file is the input), building each map's definition and
-comparing it with the running one (a tuple comparison per map, ACL rules
-likewise), one short call per map to end its hold-downs (#15.5), and C-level
-dict, set and list passes over the map names. docs/performance.md,
-"Configuration at scale", has the figures.
+itself (the whole file is the input), comparing each crypto map with the
+running one (one dataclass comparison per map, :meth:`MapDiff.of`; ACLs and
+transform sets once each), and C-level dict, set and list passes over the
+names. The hold-downs SIGHUP ends are those there are (``Failover.held``), not
+one call per map. docs/performance.md, "Configuration at scale", has the
+figures.
 """
 
 from __future__ import annotations
@@ -27,25 +28,6 @@ if TYPE_CHECKING:
     from ipsecmgr.records import MapState
 
 
-def map_definitions(config: cfg.Config) -> dict[str, object]:
-    """Everything that shapes each crypto map's SAs (map, ACL, transform sets, TUN):
-    equal means the map keeps its SAs. One pass over the TUNs, not one per map."""
-    tuns: dict[str, list[str]] = {}
-    for t in config.tuns:
-        for name in t.crypto_maps:
-            tuns.setdefault(name, []).append(t.name)
-    return {
-        name: (
-            m,
-            config.access_lists[m.match_address],
-            [config.ike_transform_sets[t] for t in m.ike_transform_sets],
-            [config.ipsec_transform_sets[t] for t in m.ipsec_transform_sets],
-            tuns.get(name, []),
-        )
-        for name, m in config.crypto_maps.items()
-    }
-
-
 @dataclass(frozen=True)
 class MapDiff:
     """Crypto map names by what a reload does with them."""
@@ -56,15 +38,58 @@ class MapDiff:
     removed: frozenset[str]
 
     @classmethod
-    def between(cls, old: Mapping[str, object], new: Mapping[str, object]) -> MapDiff:
-        """From two :func:`map_definitions` results."""
-        kept = frozenset(n for n, d in new.items() if old.get(n, _ABSENT) == d)
+    def of(cls, old: cfg.Config, new: cfg.Config) -> MapDiff:
+        """Compare the two configurations' crypto maps. A map is kept when
+        everything that shapes its SAs is equal: the map itself (its PSKs too:
+        :class:`~ipsecmgr.secret.Secret` compares the bytes read from the file or
+        the environment, so a key file rewritten under the same name is a
+        change), its ACL's rules, its transform sets and its TUN.
+
+        The sections a map refers to by name are compared once each, not once per
+        map that refers to them, and nothing is built per map: the one Python
+        step per map is the comparison of its :class:`~ipsecmgr.config.CryptoMap`
+        with the running one (docs/performance.md, "SIGHUP")."""
+        acls = _changed(old.access_lists, new.access_lists)
+        ikes = _changed(old.ike_transform_sets, new.ike_transform_sets)
+        ipsecs = _changed(old.ipsec_transform_sets, new.ipsec_transform_sets)
+        moved = _moved(old.tuns, new.tuns)
+        running = old.crypto_maps
+        kept = frozenset(
+            name
+            for name, m in new.crypto_maps.items()
+            if name not in moved
+            and m.match_address not in acls
+            and (not ikes or ikes.isdisjoint(m.ike_transform_sets))
+            and (not ipsecs or ipsecs.isdisjoint(m.ipsec_transform_sets))
+            and running.get(name) == m
+        )
+        old_names, new_names = running.keys(), new.crypto_maps.keys()
         return cls(
             kept,
-            frozenset(n for n in new if n in old and n not in kept),
-            frozenset(new.keys() - old.keys()),
-            frozenset(old.keys() - new.keys()),
+            frozenset(new_names & old_names) - kept,  # set operations: C-level
+            frozenset(new_names - old_names),
+            frozenset(old_names - new_names),
         )
+
+
+def _changed(old: Mapping[str, object], new: Mapping[str, object]) -> set[str]:
+    """Names of the sections in ``new`` that are not in ``old`` or differ there."""
+    return {name for name, s in new.items() if old.get(name, _ABSENT) != s}
+
+
+def _moved(old: Iterable[cfg.TunInterface], new: Iterable[cfg.TunInterface]) -> set[str]:
+    """Crypto maps whose TUN changed: bound to a TUN in one file and not in the
+    other. A TUN's list is compared whole first (C-level): the maps of a TUN
+    whose list did not change are not looked at one by one."""
+    before = {t.name: t.crypto_maps for t in old}
+    moved: set[str] = set()
+    for t in new:
+        maps = before.pop(t.name, ())
+        if maps != t.crypto_maps:
+            moved.update(set(maps).symmetric_difference(t.crypto_maps))
+    for maps in before.values():  # TUNs no longer there
+        moved.update(maps)
+    return moved
 
 
 _ABSENT = object()
@@ -91,7 +116,7 @@ def reuse_acls(
 def classifier_changed(old: cfg.Config, new: cfg.Config, touched: Iterable[str]) -> bool:
     """Whether what :func:`ipsecmgr.daemon.build_classifier` reads changed: the maps'
     order, or a touched (changed, added, removed) map's ACL rules or peer. A kept
-    map's are equal by definition (:func:`map_definitions`), so they are not looked
+    map's are equal by definition (:meth:`MapDiff.of`), so they are not looked
     at; False means the running classifier (its indexes and counters) serves the
     new configuration as is."""
     if list(old.crypto_maps) != list(new.crypto_maps):  # names in order: a C-level compare
@@ -119,6 +144,8 @@ class ReloadWork:
     configs_indexed: int = 0
     configs_dropped: int = 0
     index_rebuilt: bool = False
+    # Peer lists whose hold-downs ended (#15.5): those that had one, not every map's
+    hold_downs_ended: int = 0
 
 
 def rebuild_states(
@@ -129,8 +156,8 @@ def rebuild_states(
 ) -> tuple[dict[str, MapState], ReloadWork]:
     """The new map states in configuration order: a kept map's running state
     (its SAs, counters, queue, and its crypto map object, equal to the new one),
-    a new ``build`` for the others. Every peer's hold-down ends (SIGHUP is the
-    operator's "try again", #15.5).
+    a new ``build`` for the others. (The hold-downs are ended by the manager:
+    ``Failover.end_hold_downs``.)
 
     With the same map names in the same order (a map edited), ``old`` is updated
     in place: only the rebuilt maps are looked at. Otherwise (a map added, removed
@@ -153,6 +180,4 @@ def rebuild_states(
             maps[name] = state
         work.dropped = [s for n, s in old.items() if maps.get(n) is not s]
     work.kept = len(maps) - len(work.built)
-    for state in maps.values():
-        state.peers.reset()  # (a short loop per map: the one pass left, see the docs)
     return maps, work

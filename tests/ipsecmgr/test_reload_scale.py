@@ -13,9 +13,11 @@ tracer's peer table) is counted and the same at both sizes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import socket
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,7 +130,7 @@ def test_sighup_one_map_changed_redoes_one_maps_work(n: int) -> None:
 
     # m1 (established) and m7 (idle) get another DPD interval: their SAs must go
     new = parse(config_data(n, dpd={1: 15, 7: 20}))
-    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    diff = reload.MapDiff.of(old, new)
     assert diff.changed == {"m1", "m7"} and not diff.added and not diff.removed
     assert len(diff.kept) == n - 2
     acls, parsed = reload.reuse_acls(old, r.acls, new)
@@ -180,7 +182,7 @@ def test_unchanged_reload_does_nothing() -> None:
     r = Responder(old)
     r.establish(["m0"], 100.0)
     new = parse(config_data(50))
-    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    diff = reload.MapDiff.of(old, new)
     assert len(diff.kept) == 50 and not (diff.changed | diff.added | diff.removed)
     r.manager.reconfigure(new, r.acls, set(diff.kept), 101.0)
     work = r.manager.last_reload
@@ -204,7 +206,7 @@ def test_acls_and_fail_closed_prefixes_follow_the_change(n: int) -> None:
     data["crypto_map"]["extra"] = dict(data["crypto_map"]["m6"], peer="2001:db8:9::9")
     data["tun"]["t"]["crypto_maps"].append("extra")
     new = parse(data)
-    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    diff = reload.MapDiff.of(old, new)
     assert (diff.changed, diff.added, diff.removed) == ({"m3"}, {"extra"}, {"m5"})
     acls, parsed = reload.reuse_acls(old, old_acls, new)
     assert parsed == 1
@@ -238,7 +240,7 @@ def test_a_new_map_for_a_peer_another_map_has_keeps_the_file_order() -> None:
     data["crypto_map"]["again"] = dict(data["crypto_map"]["m2"], match_address="a3")
     data["tun"]["t"]["crypto_maps"].append("again")
     new = parse(data)
-    diff = reload.MapDiff.between(reload.map_definitions(old), reload.map_definitions(new))
+    diff = reload.MapDiff.of(old, new)
     assert diff.added == {"again"} and not diff.changed
     r.manager.reconfigure(new, r.acls, set(diff.kept), 101.0)
     work = r.manager.last_reload
@@ -284,3 +286,87 @@ def test_tracer_peer_table_follows_the_change(n: int) -> None:
     assert table.peers[peer(8)].crypto_map == "twin"
     assert table.update(newer, new, {"twin"})  # twin leaves: m8 named again
     assert table.peers == peers_from_config(new) and table.peers[peer(8)].crypto_map == "m8"
+
+
+def test_a_psk_file_rewritten_under_the_same_name_is_a_change(tmp_path: Path) -> None:
+    """The file says the same (``local_psk = { file = ... }``), the key file does
+    not: the map is changed (its SAs were authenticated with the old key), the
+    others kept."""
+    key = tmp_path / "psk-m2"
+    key.write_bytes(b"the-first-psk-of-m2-0123456789")
+    key.chmod(0o600)
+    data = config_data(20)
+    data["crypto_map"]["m2"]["local_psk"] = {"file": str(key)}
+
+    def load() -> cfg.Config:
+        d = cfg.parse_config(data, base_dir=tmp_path, environ=ENV, validate_acl=validate_acl)
+        assert d.config is not None, d.errors[:3]
+        return d.config
+
+    old = load()
+    assert not (reload.MapDiff.of(old, load()).changed)  # the same key: nothing to do
+    key.write_bytes(b"the-second-psk-of-m2-012345678")
+    diff = reload.MapDiff.of(old, load())
+    assert diff.changed == {"m2"} and len(diff.kept) == 19
+    # and a key from the environment likewise (every map here shares that one)
+    other = cfg.parse_config(data, base_dir=tmp_path, environ={PSK_ENV: "x" * 32},
+                             validate_acl=validate_acl).config  # fmt: skip
+    assert other is not None
+    assert reload.MapDiff.of(load(), other).changed == {f"m{i}" for i in range(20)} - {"m2"}
+
+
+def test_a_changed_transform_set_or_tun_changes_only_its_maps() -> None:
+    """The sections a map names are compared once each: a transform set changes
+    the maps that use it, a map moved to another TUN is changed, the rest kept."""
+    data = config_data(20)
+    data["ike_transform_set"]["ike2"] = {"dh_group": 31}
+    data["ipsec_transform_set"]["esp2"] = {"mode": "tunnel"}
+    data["crypto_map"]["m4"]["ike_transform_sets"] = ["ike2"]
+    data["crypto_map"]["m5"]["ipsec_transform_sets"] = ["esp2"]
+    data["tun"]["u"] = {"crypto_maps": ["m6"]}
+    data["tun"]["t"]["crypto_maps"].remove("m6")
+    old = parse(data)
+    assert reload.MapDiff.of(old, parse(data)).kept == set(old.crypto_maps)
+    edited = copy.deepcopy(data)
+    edited["ike_transform_set"]["ike2"]["dh_group"] = 14
+    edited["ipsec_transform_set"]["esp2"]["lifetime_seconds"] = 1800
+    edited["tun"]["t"]["crypto_maps"].remove("m7")
+    edited["tun"]["u"]["crypto_maps"].append("m7")
+    diff = reload.MapDiff.of(old, parse(edited))
+    assert (diff.changed, diff.added, diff.removed) == ({"m4", "m5", "m7"}, set(), set())
+    assert len(diff.kept) == 17
+    # a TUN's list reordered binds no map elsewhere: nothing changed
+    edited = copy.deepcopy(data)
+    edited["tun"]["t"]["crypto_maps"].reverse()
+    assert reload.MapDiff.of(old, parse(edited)).kept == set(old.crypto_maps)
+
+
+@pytest.mark.parametrize("n", [20, 300])
+def test_sighup_ends_the_hold_downs_of_kept_maps_looking_only_at_those(n: int) -> None:
+    """SIGHUP is the operator's "try again" (#15.5): every peer's hold-down ends,
+    those of kept maps too. Only the maps with a hold-down are reset, not all n:
+    the same count at both sizes (ReloadWork.hold_downs_ended)."""
+    r = Responder(parse(config_data(n)))
+    r.establish(["m0", "m1", "m2"], 100.0)
+    m = r.manager
+    t = 100.0
+    while not all(m.maps[f"m{i}"].peers.failed_once() for i in range(3)):
+        t += 1.0  # nobody answers DPD: the three peers are found dead (RFC 7296 §2.4)
+        assert t < 400.0
+        m.on_timer(t)
+    held = {i: m.maps[f"m{i}"].peers for i in range(3)}
+    assert all(held[i].all_held(t) for i in range(3))
+    assert m.failover.rows(t)["m0"]["peers"][0]["state"] == "dead"
+    # m1 changed (rebuilt: a fresh peer list), m0 and m2 kept with their hold-downs
+    new = parse(config_data(n, dpd={1: 15}))
+    diff = reload.MapDiff.of(r.config, new)
+    m.reconfigure(new, r.acls, set(diff.kept), t)
+    assert m.last_reload.hold_downs_ended == 3  # the three lists that had one, not n
+    for i in (0, 2):
+        assert m.maps[f"m{i}"].peers is held[i]  # kept ...
+        peer_row = m.failover.rows(t)[f"m{i}"]["peers"][0]
+        assert (peer_row["state"], peer_row["failures"]) == ("standby", 0)  # ... and free
+        assert not held[i].all_held(t) and held[i].choose(t) is not None
+    assert not m.maps["m1"].peers.failed_once()
+    m.reconfigure(new, r.acls, set(new.crypto_maps), t)  # nothing held any more
+    assert m.last_reload.hold_downs_ended == 0

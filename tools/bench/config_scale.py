@@ -3,9 +3,9 @@ SIGHUP with one crypto map changed, at N crypto maps; strongSwan loading the
 same N connections into charon, in the same run.
 
 Run (root): .venv/bin/python tools/bench/config_scale.py [--maps 1000 10000] [--no-strongswan]
-Or, without root: ... config_scale.py --in-process [--maps 1000 10000]: only the
+Or, without root: ... config_scale.py --in-process [--daemon-gc] [--maps 1000 10000]: only the
 SIGHUP after the parse (``Gateway.reload`` in this process, best of 5, and the
-``Manager.reconfigure`` inside it).
+``Manager.reconfigure`` inside it), and this process's RSS after it.
 
 The configuration is a responder for N NAS, as tools/bench/ike_scale.py builds
 it: one ACL, peer (IPv6, 2001:db8:1::/64) and identity per crypto map, plus one
@@ -34,6 +34,7 @@ removed at the end, also on failure.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import select
@@ -204,12 +205,16 @@ def ours(n: int, work: Path, pool: NetnsPool) -> dict[str, Any]:
     return res
 
 
-def reload_in_process(n: int, work: Path, repeat: int = 5) -> dict[str, float]:
+def reload_in_process(
+    n: int, work: Path, repeat: int = 5, daemon_gc: bool = False
+) -> dict[str, float]:
     """SIGHUP after the parse, in this process (no kernel, no root): a
     :class:`Gateway` built without ``start``, then ``Gateway.reload`` with map
     m0's DPD interval changed, ``repeat`` times; the best of each, in seconds, of
-    the whole reload and of the ``Manager.reconfigure`` inside it."""
-    from ipsecmgr.daemon import Gateway
+    the whole reload and of the ``Manager.reconfigure`` inside it. ``daemon_gc``:
+    the heap frozen and the collector's thresholds set as the daemon does once
+    ready (``ipsecmgr.daemon.run``), else Python's defaults."""
+    from ipsecmgr.daemon import GC_THRESHOLDS, Gateway
 
     path = work / "gateway.toml"
     psk = work / "psk"
@@ -226,6 +231,11 @@ def reload_in_process(n: int, work: Path, repeat: int = 5) -> dict[str, float]:
         inner.append(time.perf_counter() - t0)
 
     setattr(gw.manager, "reconfigure", timed_reconfigure)  # noqa: B010 (a method replaced)
+    if daemon_gc:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+    defaults = gc.get_threshold()
     whole: list[float] = []
     for k in range(repeat):
         path.write_text(config_text(n, work, dpd_of_m0=31 + k))
@@ -234,7 +244,12 @@ def reload_in_process(n: int, work: Path, repeat: int = 5) -> dict[str, float]:
         gw.reload(new)
         whole.append(time.perf_counter() - t0)
     assert len(inner) == repeat
-    return {"reload_s": min(whole), "reconfigure_s": min(inner)}
+    del new
+    gc.collect()  # the RSS with the running configuration only (the last one read is it)
+    if daemon_gc:
+        gc.unfreeze()
+        gc.set_threshold(*defaults)
+    return {"reload_s": min(whole), "reconfigure_s": min(inner), "rss_mb": rss_mb(os.getpid())}
 
 
 def strongswan(n: int, work: Path, pool: NetnsPool) -> dict[str, Any]:
@@ -269,17 +284,27 @@ def main() -> int:
         action="store_true",
         help="only the SIGHUP after the parse, in this process (no root, no kernel)",
     )
+    ap.add_argument(
+        "--daemon-gc",
+        action="store_true",
+        help="with --in-process: the heap frozen and the GC thresholds of the running daemon",
+    )
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
     if a.in_process:
-        print(f"{'maps':>7} {'reload ms':>10} {'reconfigure ms':>15}")
+        print(f"{'maps':>7} {'reload ms':>10} {'reconfigure ms':>15} {'RSS MB':>7}")
         for n in a.maps:
             with tempfile.TemporaryDirectory(prefix="cfgscale-") as tmp:
                 os.chmod(tmp, 0o700)
-                r = reload_in_process(n, Path(tmp))
-            print(f"{n:>7} {r['reload_s'] * 1e3:>10.1f} {r['reconfigure_s'] * 1e3:>15.2f}")
+                r = reload_in_process(n, Path(tmp), daemon_gc=a.daemon_gc)
+            print(
+                f"{n:>7} {r['reload_s'] * 1e3:>10.1f} {r['reconfigure_s'] * 1e3:>15.2f}"
+                f" {r['rss_mb']:>7.0f}"
+            )
         print(
-            "best of 5: Gateway.reload after the parse, one map changed; of it, Manager.reconfigure"
+            "best of 5: Gateway.reload after the parse, one map changed; of it,"
+            " Manager.reconfigure; RSS of this process after the reloads (one size after"
+            " the other: it only grows)"
         )
         return 0
     hdr = (f"{'maps':>7} {'parse':>7} {'check':>7} {'start':>7} {'HUP 1':>7} {'HUP 0':>7}"
