@@ -60,7 +60,7 @@ from .payloads import (
     parse_header,
     summarize,
 )
-from .state import Address, Channel, ChildSA, ChildState, Inbound, Pending, State
+from .state import Address, Channel, Children, ChildSA, ChildState, Inbound, Pending, State
 
 __all__ = ["Address", "ChildSA", "ChildState", "IkeSA", "State"]
 
@@ -134,7 +134,7 @@ class IkeSA:
         self.nat_t = False  # floated to UDP 4500 (§2.23): datagrams carry the non-ESP marker
         self.nat_detected_local = False
         self.nat_detected_remote = False
-        self.children: dict[int, ChildSA] = {}
+        self.children = Children()  # by child ID (a dict while there are two or more)
         # §2.4: send INITIAL_CONTACT in IKE_AUTH (the endpoint turns it off when
         # another IKE SA with the same peer is already up)
         self.initial_contact = config.initial_contact

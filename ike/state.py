@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -73,6 +73,81 @@ class ChildSA:
     soft_packets: int = 0
     soft_bytes: int = 0
     volume_done: bool = False  # a volume limit was acted on (rekey or delete): only once
+
+
+class Children(MutableMapping[int, ChildSA]):
+    """An IKE SA's Child SAs by child ID, in the order they were added.
+
+    An IKE SA has one Child SA nearly all its life (a second one during a rekey,
+    or with more selectors): that one is held in a slot, and a dict only exists
+    while there are more. A dict of one is ~220 bytes, this object 48; a
+    responder holds one per peer (10,000 and more).
+    """
+
+    __slots__ = ("_more", "_one")
+
+    def __init__(self) -> None:
+        self._one: ChildSA | None = None  # the only one (keyed by its child_id)...
+        self._more: dict[int, ChildSA] | None = None  # ...or all of them
+
+    def __getitem__(self, child_id: int) -> ChildSA:
+        if self._more is not None:
+            return self._more[child_id]
+        one = self._one
+        if one is None or one.child_id != child_id:
+            raise KeyError(child_id)
+        return one
+
+    def __setitem__(self, child_id: int, child: ChildSA) -> None:
+        one, more = self._one, self._more
+        if more is not None:
+            more[child_id] = child
+        elif child.child_id == child_id and (one is None or one.child_id == child_id):
+            self._one = child
+        else:
+            self._more = {} if one is None else {one.child_id: one}
+            self._more[child_id] = child
+            self._one = None
+
+    def __delitem__(self, child_id: int) -> None:
+        more = self._more
+        if more is None:
+            if self._one is None or self._one.child_id != child_id:
+                raise KeyError(child_id)
+            self._one = None
+            return
+        del more[child_id]
+        if len(more) == 1:
+            ((key, last),) = more.items()
+            if last.child_id == key:
+                self._one, self._more = last, None
+        elif not more:
+            self._more = None
+
+    def __iter__(self) -> Iterator[int]:
+        if self._more is not None:
+            return iter(self._more)
+        return iter(() if self._one is None else (self._one.child_id,))
+
+    def __len__(self) -> int:
+        if self._more is not None:
+            return len(self._more)
+        return 0 if self._one is None else 1
+
+    def __contains__(self, child_id: object) -> bool:
+        if self._more is not None:
+            return child_id in self._more
+        return self._one is not None and self._one.child_id == child_id
+
+    def values(self) -> ValuesView[ChildSA]:
+        # (the dict's own view when there is one; the mixin's goes through __getitem__)
+        return self._more.values() if self._more is not None else super().values()
+
+    def clear(self) -> None:
+        self._one = self._more = None
+
+    def __repr__(self) -> str:
+        return f"Children({dict(self.items())!r})"
 
 
 @dataclass(slots=True)
