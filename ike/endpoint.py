@@ -203,14 +203,14 @@ class IkeEndpoint:
         self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
         # Two live SAs may share a name (the peer chose the same SPIi twice, from two
         # addresses): the first registered is the one found, then the next.
-        self._by_name: dict[str, tuple[IkeSA, ...]] = {}
+        # (one SA per key is the rule in these three: see _link)
+        self._by_name: dict[str, Group] = {}
         # (What each live SA is filed under: its Filed record in self.sas)
         # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4)
-        # (tuples: one SA per key is the rule, and a tuple of one is 56 bytes, a list ~90)
-        self._by_peer: dict[PeerKey, tuple[IkeSA, ...]] = {}
+        self._by_peer: dict[PeerKey, Group] = {}
         # id(IkeConfig) -> its SAs (IkeConfig is mutable, so not hashable; an SA
         # holds its config, so the id is not reused while the SA is listed)
-        self._by_config: dict[int, list[IkeSA]] = {}
+        self._by_config: dict[int, Group] = {}
         # Inbound Child SPIs in use -> their SA (new SPIs, §2.1 of RFC 4303)
         self._child_spis: dict[int, IkeSA] = {}
         # Responders between IKE_SA_INIT and IKE_AUTH (the COOKIE threshold, §2.6)
@@ -338,7 +338,7 @@ class IkeEndpoint:
         """The live SAs built from ``config`` (the object, not an equal one)."""
         if self._dirty:
             self._collect()
-        return list(self._by_config.get(id(config), ()))
+        return list(_linked(self._by_config, id(config)))
 
     # --- commands ------------------------------------------------------------
 
@@ -351,7 +351,7 @@ class IkeEndpoint:
         sa.usage = self.usage
         if self._dirty:
             self._collect()
-        if self._by_peer.get((config.remote_id, config.peer_addr[0])):
+        if (config.remote_id, config.peer_addr[0]) in self._by_peer:
             sa.initial_contact = False
         sa.spi_taken = self._spi_taken_fn
         sa.log = self.log
@@ -361,7 +361,7 @@ class IkeEndpoint:
         return sa
 
     def find_sa(self, name: str) -> IkeSA | None:
-        found = self._by_name.get(name)
+        found = _linked(self._by_name, name)
         return found[0] if found else None
 
     def sa_by_spis(self, spi_i: bytes, spi_r: bytes) -> IkeSA | None:
@@ -522,7 +522,7 @@ class IkeEndpoint:
 
     def _initial_contact(self, new: IkeSA) -> None:
         """§2.4: the peer restarted; every other IKE SA with it is stale."""
-        for sa in list(self._by_peer.get((new.config.remote_id, new.peer_addr[0]), ())):
+        for sa in list(_linked(self._by_peer, (new.config.remote_id, new.peer_addr[0]))):
             if (
                 sa is not new
                 and sa.established  # half-open SAs are not authenticated yet
@@ -543,7 +543,7 @@ class IkeEndpoint:
         """A new live SA: listed, found by name and config, looked at by the next _collect."""
         filed = self.sas.add(sa)
         _link(self._by_name, sa.name, sa)
-        self._by_config.setdefault(id(sa.config), []).append(sa)
+        _link(self._by_config, id(sa.config), sa)
         sa.wake = self._wake_fn
         self._dirty[sa] = None
         return filed
@@ -568,11 +568,7 @@ class IkeEndpoint:
         if key is not None and self._by_init.get(key) is sa:
             del self._by_init[key]
         _unlink(self._by_name, sa.name, sa)
-        group = self._by_config.get(id(sa.config))
-        if group is not None and sa in group:
-            group.remove(sa)
-            if not group:
-                del self._by_config[id(sa.config)]
+        _unlink(self._by_config, id(sa.config), sa)
         peer = filed.peer
         if peer is not None:
             _unlink(self._by_peer, peer, sa)
@@ -676,20 +672,37 @@ PeerKey = tuple[Identity, str]
 _K = TypeVar("_K")
 
 
-def _link(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
-    """For keys that hold one SA as a rule (a name, a peer): a tuple of one is
-    56 bytes, a list ~90; never for a key many SAs may share (a config)."""
-    index[key] = (*index.get(key, ()), sa)
+# The SAs under one key of an index where one SA per key is the rule (a name, a
+# peer, a config as a rule): that SA itself, or a list of them while there are two
+# or more (in the order they were linked). A list of one would be ~90 bytes per SA.
+Group = IkeSA | list[IkeSA]
 
 
-def _unlink(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
+def _link(index: dict[_K, Group], key: _K, sa: IkeSA) -> None:
     group = index.get(key)
-    if group is not None and sa in group:
-        rest = tuple(other for other in group if other is not sa)
-        if rest:
-            index[key] = rest
-        else:
-            del index[key]
+    if group is None:
+        index[key] = sa
+    elif isinstance(group, list):
+        group.append(sa)
+    else:
+        index[key] = [group, sa]
+
+
+def _unlink(index: dict[_K, Group], key: _K, sa: IkeSA) -> None:
+    group = index.get(key)
+    if group is sa:
+        del index[key]
+    elif isinstance(group, list) and sa in group:
+        group.remove(sa)
+        if len(group) == 1:
+            index[key] = group[0]
+
+
+def _linked(index: dict[_K, Group], key: _K) -> Sequence[IkeSA]:
+    group = index.get(key)
+    if group is None:
+        return ()
+    return group if isinstance(group, list) else (group,)
 
 
 def _packed(text: str) -> bytes:

@@ -283,3 +283,28 @@ def test_indexes_follow_child_and_ike_rekeys_a_float_and_the_end() -> None:
     p.roundtrip()
     assert not p.ep.sas
     assert not p.ep._by_spi and not p.ep._child_spis and not p.ep._by_child_out
+
+
+def test_a_config_shared_by_three_sas_lists_them_until_each_goes() -> None:
+    """One config answers three peers (the endpoint's find_config): sas_of lists
+    them in order while two or more are up, and the last one alone; find_sa
+    finds each by name; a deleted SA is no longer found."""
+    shared = responder_configs(1)[0]
+    ep = IkeEndpoint([], rng=random.Random(3).randbytes, find_config=lambda a, loc: shared)
+    sas = {peer(i): initiator(dataclasses.replace(shared, peer_addr=peer(i)), i) for i in range(3)}
+    for sa in sas.values():
+        sa.initiate(0.0)
+    exchange(ep, sas, 0.0)
+    assert all(sa.established for sa in sas.values())
+    ours = list(ep.sas)
+    assert ep.sas_of(shared) == ours and len(ours) == 3
+    assert all(ep.find_sa(sa.name) is sa for sa in ours)
+    for gone in range(2):
+        sas[peer(gone)].delete(1.0)
+        exchange(ep, sas, 1.0)
+        assert ep.sas_of(shared) == ours[gone + 1 :]
+        assert ep.find_sa(ours[gone].name) is None
+    assert ep.find_sa(ours[2].name) is ours[2]
+    sas[peer(2)].delete(2.0)
+    exchange(ep, sas, 2.0)
+    assert ep.sas_of(shared) == [] and not ep._by_config and not ep._by_name
