@@ -60,7 +60,17 @@ from .payloads import (
     parse_header,
     summarize,
 )
-from .state import Address, Channel, Children, ChildSA, ChildState, Inbound, Pending, State
+from .state import (
+    Address,
+    Channel,
+    Children,
+    ChildSA,
+    ChildState,
+    Inbound,
+    Pending,
+    SaCounters,
+    State,
+)
 
 __all__ = ["Address", "ChildSA", "ChildState", "IkeSA", "State"]
 
@@ -138,7 +148,7 @@ class IkeSA:
         # §2.4: send INITIAL_CONTACT in IKE_AUTH (the endpoint turns it off when
         # another IKE SA with the same peer is already up)
         self.initial_contact = config.initial_contact
-        self.counters: dict[str, int] = {}
+        self.counters = SaCounters()  # (a dict to read)
         self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
         # Other IKE SAs of this connection: replaced ones until their DELETE is done,
         # and, during a simultaneous IKE rekey, the peer's new one until it is decided
@@ -240,7 +250,7 @@ class IkeSA:
         return n
 
     def count(self, what: str) -> None:
-        self.counters[what] = self.counters.get(what, 0) + 1
+        self.counters.add(what)
 
     def emit(self, event: ev.IkeEvent) -> None:
         self._events = (*self._events, event)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -148,6 +148,54 @@ class Children(MutableMapping[int, ChildSA]):
 
     def __repr__(self) -> str:
         return f"Children({dict(self.items())!r})"
+
+
+class SaCounters(Mapping[str, int]):
+    """An IKE SA's counters by name: like a dict of the counts taken (a name never
+    counted is not in it); ``requests``, ``responses`` and ``decrypted`` come
+    first, in that order, then the others in the order first counted.
+
+    Nearly every SA counts ``requests``, ``responses`` or ``decrypted`` and
+    nothing else: those are held in slots, the rest in a dict made when one is
+    first counted. A dict of two is 184 bytes per SA (10,000s on a responder),
+    this object 64.
+    """
+
+    __slots__ = ("_more", "decrypted", "requests", "responses")
+    _SLOTTED = ("requests", "responses", "decrypted")
+
+    def __init__(self) -> None:
+        self.decrypted = self.requests = self.responses = 0
+        self._more: dict[str, int] | None = None
+
+    def add(self, what: str) -> None:
+        if what in SaCounters._SLOTTED:
+            setattr(self, what, getattr(self, what) + 1)
+        else:
+            if self._more is None:
+                self._more = {}
+            self._more[what] = self._more.get(what, 0) + 1
+
+    def __getitem__(self, what: str) -> int:
+        if what in SaCounters._SLOTTED:
+            n: int = getattr(self, what)
+            if n:
+                return n
+        elif self._more is not None:
+            return self._more[what]
+        raise KeyError(what)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (name for name in SaCounters._SLOTTED if getattr(self, name))
+        if self._more is not None:
+            yield from self._more
+
+    def __len__(self) -> int:
+        slotted = sum(1 for name in SaCounters._SLOTTED if getattr(self, name))
+        return slotted + (len(self._more) if self._more is not None else 0)
+
+    def __repr__(self) -> str:
+        return f"SaCounters({dict(self)!r})"
 
 
 @dataclass(slots=True)

@@ -1,10 +1,11 @@
-"""ike.state.Children: an IKE SA's Child SAs by ID, one in a slot, a dict for more."""
+"""ike.state's per-SA containers that hold their common case in slots: Children (an
+IKE SA's Child SAs by ID) and SaCounters (its counters) read as the dicts they replace."""
 
 from __future__ import annotations
 
 import pytest
 
-from ike.state import Children, ChildSA
+from ike.state import Children, ChildSA, SaCounters
 
 
 def child(child_id: int) -> ChildSA:
@@ -35,3 +36,19 @@ def test_behaves_as_a_dict_through_one_two_and_back() -> None:
     assert len(kids) == 1
     kids.clear()
     assert not kids and list(kids.values()) == []
+
+
+def test_counters_read_as_a_dict() -> None:
+    """The same counts as a dict; requests, responses, decrypted first, then the
+    others in the order first counted."""
+    counts = SaCounters()
+    ref: dict[str, int] = {}
+    assert counts == ref and len(counts) == 0 and "requests" not in counts
+    for what in ("decrypted", "liveness_ok", "requests", "decrypted", "responses", "gave_up"):
+        counts.add(what)
+        ref[what] = ref.get(what, 0) + 1
+        assert counts == ref and len(counts) == len(ref) and dict(counts) == ref
+    assert list(counts) == ["requests", "responses", "decrypted", "liveness_ok", "gave_up"]
+    assert counts["decrypted"] == 2 and counts.get("bad_msg_id", 0) == 0
+    with pytest.raises(KeyError):
+        counts["bad_msg_id"]
