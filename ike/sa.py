@@ -752,11 +752,12 @@ class IkeSA:
     def _receive_request(
         self, ch: Channel, hdr: Header, data: bytes, addr: Address, now: float, marked: bool
     ) -> None:
-        if ch.cached is not None and hdr.msg_id == ch.cached[0] and hdr.msg_id == ch.peer_id - 1:
+        cached = ch.cached
+        if cached is not None and hdr.msg_id == _msg_id(cached) and hdr.msg_id == ch.peer_id - 1:
             # §2.1: a retransmitted request gets the same response, not reprocessed
             self.count("retransmit_answered")
-            if hdr.exchange == ch.cached[1]:
-                self._send(ch.cached[2])
+            if hdr.exchange == cached[_EXCHANGE_AT]:
+                self._send(cached)
             return
         if hdr.msg_id != ch.peer_id:
             self.count("bad_msg_id")
@@ -801,7 +802,7 @@ class IkeSA:
             # stateless refusal (§2.6, §1.2): no responder SPI
             ch.spi_r = b"\x00" * 8
         pkt = self.encode(ch, hdr.exchange, True, hdr.msg_id, answer)
-        ch.cached = (hdr.msg_id, hdr.exchange, pkt)
+        ch.cached = pkt
         if hdr.exchange == ExchangeType.IKE_SA_INIT and self.state is _INIT_DONE:
             self.init_response = pkt
         self._send(pkt)
@@ -820,6 +821,15 @@ class IkeSA:
             self.init_request = self.init_response = self.ni = self.nr = b""
             if self.ch.keys is not None:
                 self.ch.keys = self.ch.keys.after_auth()
+
+
+# The cached response's own IKE header (§3.1) says which request it answers: the
+# exchange type at octet 18, the message ID at 20-23 (no copy of them per SA)
+_EXCHANGE_AT = 18
+
+
+def _msg_id(message: bytes) -> int:
+    return int.from_bytes(message[20:24], "big")
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

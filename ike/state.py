@@ -224,7 +224,7 @@ class Channel:
     next_id: int = 0  # next request message ID we send
     peer_id: int = 0  # next request message ID we expect
     pending: Pending | None = None
-    cached: tuple[int, int, bytes] | None = None  # (msg_id, exchange, response bytes)
+    cached: bytes | None = None  # the last response sent (§2.1; its header says to what)
     expire_at: float | None = None  # a retiring channel we wait on: forget it then
 
     def __repr__(self) -> str:
