@@ -204,9 +204,9 @@ def esp_response_payload(chosen: EspProposal, number: int, spi: int, pfs: int | 
 
 
 def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
-    version, a_lo, a_hi = a.span
-    b_version, b_lo, b_hi = b.span
-    if version != b_version:
+    version, a_lo, a_hi = a.version, a.start, a.end
+    b_lo, b_hi = b.start, b.end
+    if version != b.version:
         return None
     if a.ip_proto and b.ip_proto and a.ip_proto != b.ip_proto:
         return None
@@ -218,7 +218,7 @@ def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None
     # Usually one side holds the other (the peer proposes our selector, or a part
     # of it): return that object rather than build an equal one (it is immutable).
     for ts in (a, b):
-        if (lo, hi) == ts.span[1:] and (sp, ep, proto) == (ts.start_port, ts.end_port, ts.ip_proto):
+        if (lo, hi, sp, ep, proto) == (ts.start, ts.end, ts.start_port, ts.end_port, ts.ip_proto):
             return ts
     mk = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
     return TrafficSelector(mk(lo), mk(hi), proto, sp, ep)

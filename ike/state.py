@@ -61,8 +61,8 @@ class ChildSA:
     mode: str
     esn: bool
     key_bits: int
-    local_ts: list[TrafficSelector]
-    remote_ts: list[TrafficSelector]
+    local_ts: tuple[TrafficSelector, ...]  # (tuples: a list of one is 24 bytes more)
+    remote_ts: tuple[TrafficSelector, ...]
     installed_at: float
     state: ChildState = ChildState.INSTALLED
     # Lifetime policy (ike.lifetimes): soft deadline in seconds, at which we start a
