@@ -40,7 +40,7 @@ from .payloads import (
     build_plain_message,
     parse_header,
 )
-from .sa import Address, IkeSA, State, UsageFn
+from .sa import Address, ChildSA, IkeSA, State, UsageFn
 from .timers import TimerHeap
 
 ZERO_SPI = b"\x00" * 8
@@ -92,21 +92,42 @@ class CookieJar:
         return want is not None and hmac.compare_digest(want, cookie)
 
 
+class Filed:
+    """What one live SA is filed under in the endpoint's indexes, so that a change
+    or its end removes exactly its own entries: one record per SA (in
+    :class:`SaList`) rather than a reverse dict per index, ~150 bytes less per SA."""
+
+    __slots__ = ("children", "init", "peer", "spis")
+
+    def __init__(self) -> None:
+        self.spis: tuple[bytes, ...] = ()  # our IKE SPIs (_by_spi)
+        self.init: tuple[bytes, Address] | None = None  # its _by_init key (a responder)
+        self.peer: PeerKey | None = None  # its _by_peer key; the peer address of...
+        # ...its Child SAs as last indexed: their inbound SPIs (_child_spis) and
+        # (peer address, outbound SPI) (_by_child_out)
+        self.children: tuple[ChildSA, ...] = ()
+
+
 class SaList:
     """The live IKE SAs in the order they were registered: a list to read, a dict inside
-    (adding and removing one costs the same with 10 or 10,000 SAs)."""
+    (adding and removing one costs the same with 10 or 10,000 SAs), which also holds
+    each SA's :class:`Filed` record."""
 
     __slots__ = ("_drop", "_sas")
 
     def __init__(self, drop: Callable[[IkeSA], None]) -> None:
-        self._sas: dict[IkeSA, None] = {}
+        self._sas: dict[IkeSA, Filed] = {}
         self._drop = drop
 
-    def add(self, sa: IkeSA) -> None:
-        self._sas[sa] = None
+    def add(self, sa: IkeSA) -> Filed:
+        filed = self._sas[sa] = Filed()
+        return filed
 
-    def discard(self, sa: IkeSA) -> None:
-        self._sas.pop(sa, None)
+    def discard(self, sa: IkeSA) -> Filed | None:
+        return self._sas.pop(sa, None)
+
+    def filed(self, sa: IkeSA) -> Filed | None:
+        return self._sas.get(sa)
 
     def __iter__(self) -> Iterator[IkeSA]:
         return iter(self._sas)
@@ -182,20 +203,16 @@ class IkeEndpoint:
         self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
         # Two live SAs may share a name (the peer chose the same SPIi twice, from two
         # addresses): the first registered is the one found, then the next.
-        self._by_name: dict[str, tuple[IkeSA, ...]] = {}
-        # What each live SA is indexed under in _by_spi, and its _by_init key
-        self._spis: dict[IkeSA, tuple[bytes, ...]] = {}
-        self._init_key: dict[IkeSA, tuple[bytes, Address]] = {}
-        # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4), and back
-        # (tuples: one SA per key is the rule, and a tuple of one is 56 bytes, a list ~90)
-        self._by_peer: dict[PeerKey, tuple[IkeSA, ...]] = {}
-        self._peer_key: dict[IkeSA, PeerKey] = {}
+        # (one SA per key is the rule in these three: see _link)
+        self._by_name: dict[str, Group] = {}
+        # (What each live SA is filed under: its Filed record in self.sas)
+        # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4)
+        self._by_peer: dict[PeerKey, Group] = {}
         # id(IkeConfig) -> its SAs (IkeConfig is mutable, so not hashable; an SA
         # holds its config, so the id is not reused while the SA is listed)
-        self._by_config: dict[int, list[IkeSA]] = {}
-        # Inbound Child SPIs in use -> their SA, and each SA's own (new SPIs, §2.1 of RFC 4303)
+        self._by_config: dict[int, Group] = {}
+        # Inbound Child SPIs in use -> their SA (new SPIs, §2.1 of RFC 4303)
         self._child_spis: dict[int, IkeSA] = {}
-        self._sa_child_spis: dict[IkeSA, tuple[int, ...]] = {}
         # Responders between IKE_SA_INIT and IKE_AUTH (the COOKIE threshold, §2.6)
         self._half_open: dict[IkeSA, None] = {}
         # Each live SA's next deadline (IkeSA.get_timer as of its last _collect)
@@ -216,7 +233,6 @@ class IkeEndpoint:
         # peer address, for what we receive and send: O(1) whatever the number of SAs
         self.invalid_spi_limit = SourceLimit()
         self._by_child_out: dict[tuple[str, int], IkeSA] = {}
-        self._child_keys: dict[IkeSA, tuple[tuple[str, int], ...]] = {}
         self._by_peer_ip: dict[str, IkeSA] = {}
         # Told of every live SA that _collect looked at (the daemon's manager follows
         # peers that moved, per SA rather than over all of them)
@@ -322,7 +338,7 @@ class IkeEndpoint:
         """The live SAs built from ``config`` (the object, not an equal one)."""
         if self._dirty:
             self._collect()
-        return list(self._by_config.get(id(config), ()))
+        return list(_linked(self._by_config, id(config)))
 
     # --- commands ------------------------------------------------------------
 
@@ -335,7 +351,7 @@ class IkeEndpoint:
         sa.usage = self.usage
         if self._dirty:
             self._collect()
-        if self._by_peer.get((config.remote_id, config.peer_addr[0])):
+        if (config.remote_id, config.peer_addr[0]) in self._by_peer:
             sa.initial_contact = False
         sa.spi_taken = self._spi_taken_fn
         sa.log = self.log
@@ -345,7 +361,7 @@ class IkeEndpoint:
         return sa
 
     def find_sa(self, name: str) -> IkeSA | None:
-        found = self._by_name.get(name)
+        found = _linked(self._by_name, name)
         return found[0] if found else None
 
     def sa_by_spis(self, spi_i: bytes, spi_r: bytes) -> IkeSA | None:
@@ -455,9 +471,9 @@ class IkeEndpoint:
         sa.usage = self.usage
         self._out.extend((d, p, sa.local_addr) for d, p in sa.datagrams_to_send(now))
         if not sa.dead:
-            self._register(sa)
-            self._by_init[(sa.ch.spi_i, addr)] = sa
-            self._init_key[sa] = (sa.ch.spi_i, addr)
+            filed = self._register(sa)
+            filed.init = (sa.ch.spi_i, addr)
+            self._by_init[filed.init] = sa
         else:
             self._count("refused_init")
             self._fold(sa)
@@ -506,7 +522,7 @@ class IkeEndpoint:
 
     def _initial_contact(self, new: IkeSA) -> None:
         """§2.4: the peer restarted; every other IKE SA with it is stale."""
-        for sa in list(self._by_peer.get((new.config.remote_id, new.peer_addr[0]), ())):
+        for sa in list(_linked(self._by_peer, (new.config.remote_id, new.peer_addr[0]))):
             if (
                 sa is not new
                 and sa.established  # half-open SAs are not authenticated yet
@@ -523,13 +539,14 @@ class IkeEndpoint:
         for k, v in sa.counters.items():
             self.counters["sa_" + k] = self.counters.get("sa_" + k, 0) + v
 
-    def _register(self, sa: IkeSA) -> None:
+    def _register(self, sa: IkeSA) -> Filed:
         """A new live SA: listed, found by name and config, looked at by the next _collect."""
-        self.sas.add(sa)
+        filed = self.sas.add(sa)
         _link(self._by_name, sa.name, sa)
-        self._by_config.setdefault(id(sa.config), []).append(sa)
+        _link(self._by_config, id(sa.config), sa)
         sa.wake = self._wake_fn
         self._dirty[sa] = None
+        return filed
 
     def _wake(self, sa: IkeSA) -> None:
         self._dirty[sa] = None
@@ -542,31 +559,22 @@ class IkeEndpoint:
     def _forget(self, sa: IkeSA) -> None:
         """A dead SA leaves the list and every index."""
         sa.wake = None
-        self.sas.discard(sa)
+        filed = self.sas.discard(sa) or Filed()
         self._dirty.pop(sa, None)
-        for spi in self._spis.pop(sa, ()):
+        for spi in filed.spis:
             if self._by_spi.get(spi) is sa:
                 del self._by_spi[spi]
-        key = self._init_key.pop(sa, None)
+        key = filed.init
         if key is not None and self._by_init.get(key) is sa:
             del self._by_init[key]
         _unlink(self._by_name, sa.name, sa)
-        group = self._by_config.get(id(sa.config))
-        if group is not None and sa in group:
-            group.remove(sa)
-            if not group:
-                del self._by_config[id(sa.config)]
-        peer = self._peer_key.pop(sa, None)
+        _unlink(self._by_config, id(sa.config), sa)
+        peer = filed.peer
         if peer is not None:
             _unlink(self._by_peer, peer, sa)
-        for cspi in self._sa_child_spis.pop(sa, ()):
-            if self._child_spis.get(cspi) is sa:
-                del self._child_spis[cspi]
+            self._unfile_children(sa, peer[1], filed.children, None, ())
         self._half_open.pop(sa, None)
         self.timers.cancel(sa)
-        for ck in self._child_keys.pop(sa, ()):
-            if self._by_child_out.get(ck) is sa:
-                del self._by_child_out[ck]
         if self._by_peer_ip.get(sa.peer_addr[0]) is sa:
             del self._by_peer_ip[sa.peer_addr[0]]
 
@@ -594,81 +602,107 @@ class IkeEndpoint:
 
     def _index(self, sa: IkeSA) -> None:
         """Bring ``sa``'s entries in every index up to date (it is alive)."""
+        filed = self.sas.filed(sa)
+        assert filed is not None
         if sa.retiring:
             spis = tuple(spi for spi in sa.local_spis() if spi and spi != ZERO_SPI)
         else:  # (the common case, without building lists)
             spi = sa.ch.local_spi
             spis = (spi,) if spi and spi != ZERO_SPI else ()
-        old = self._spis.get(sa, ())
+        old = filed.spis
         if spis != old:
             for spi in old:
                 if spi not in spis and self._by_spi.get(spi) is sa:
                     del self._by_spi[spi]
             for spi in spis:
                 self._by_spi[spi] = sa
-            self._spis[sa] = spis
-        old_peer = self._peer_key.get(sa)
-        if (
-            old_peer is None
-            or old_peer[1] != sa.peer_addr[0]
-            or old_peer[0] is not sa.config.remote_id
-        ):
+            filed.spis = spis
+        old_peer = filed.peer
+        peer_ip = sa.peer_addr[0]
+        if old_peer is None or old_peer[1] != peer_ip or old_peer[0] is not sa.config.remote_id:
             if old_peer is not None:
                 _unlink(self._by_peer, old_peer, sa)
-            peer = (sa.config.remote_id, sa.peer_addr[0])
-            _link(self._by_peer, peer, sa)
-            self._peer_key[sa] = peer
-        old_children = self._sa_child_spis.get(sa, ())
-        children = tuple(c.inbound_spi for c in sa.children.values()) if sa.children else ()
-        if children != old_children:
-            for cspi in old_children:
-                if cspi not in children and self._child_spis.get(cspi) is sa:
-                    del self._child_spis[cspi]
-            for cspi in children:
-                self._child_spis[cspi] = sa
-            self._sa_child_spis[sa] = children
+            filed.peer = (sa.config.remote_id, peer_ip)
+            _link(self._by_peer, filed.peer, sa)
+        children = tuple(sa.children.values()) if sa.children else ()
+        if old_peer is None or old_peer[1] != peer_ip or not _same(children, filed.children):
+            if old_peer is not None:
+                self._unfile_children(sa, old_peer[1], filed.children, peer_ip, children)
+            # (peer address, outbound Child SPI) → SA: what an INVALID_SPI is looked
+            # up by (§1.5); inbound Child SPIs → SA: new SPIs are unique (_spi_taken)
+            for c in children:
+                self._child_spis[c.inbound_spi] = sa
+                self._by_child_out[(peer_ip, c.outbound_spi)] = sa
+            filed.children = children
+        if children and sa.established:
+            self._by_peer_ip[peer_ip] = sa
         if not sa.initiator and sa.state is _INIT_DONE:
             self._half_open[sa] = None
         else:
             self._half_open.pop(sa, None)
-        self._index_children(sa)
         self.timers.set(sa, sa.get_timer())
 
-    def _index_children(self, sa: IkeSA) -> None:
-        """(peer address, outbound Child SPI) → SA, and peer address → SA: what an
-        INVALID_SPI is looked up by (§1.5). Only for SAs that changed (_collect)."""
-        peer = sa.peer_addr[0]
-        keys = tuple((peer, c.outbound_spi) for c in sa.children.values())
-        old = self._child_keys.get(sa, ())
-        if keys != old:
-            for key in old:
-                if key not in keys and self._by_child_out.get(key) is sa:
+    def _unfile_children(
+        self,
+        sa: IkeSA,
+        old_ip: str,
+        old: tuple[ChildSA, ...],
+        new_ip: str | None,
+        new: tuple[ChildSA, ...],
+    ) -> None:
+        """Remove the entries ``sa`` filed for the Child SAs ``old`` with the peer
+        address ``old_ip`` that the ones for ``new`` with ``new_ip`` do not keep
+        (and only where they are still its own)."""
+        for c in old:
+            kept = any(c is n for n in new)
+            if not kept and self._child_spis.get(c.inbound_spi) is sa:
+                del self._child_spis[c.inbound_spi]
+            if not kept or new_ip != old_ip:
+                key = (old_ip, c.outbound_spi)
+                if self._by_child_out.get(key) is sa:
                     del self._by_child_out[key]
-            for key in keys:
-                self._by_child_out[key] = sa
-            self._child_keys[sa] = keys
-        if keys and sa.established:
-            self._by_peer_ip[peer] = sa
+
+
+def _same(a: tuple[ChildSA, ...], b: tuple[ChildSA, ...]) -> bool:
+    """The same Child SA objects (not equal ones: a ChildSA compares by value)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 PeerKey = tuple[Identity, str]
 _K = TypeVar("_K")
 
 
-def _link(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
-    """For keys that hold one SA as a rule (a name, a peer): a tuple of one is
-    56 bytes, a list ~90; never for a key many SAs may share (a config)."""
-    index[key] = (*index.get(key, ()), sa)
+# The SAs under one key of an index where one SA per key is the rule (a name, a
+# peer, a config as a rule): that SA itself, or a list of them while there are two
+# or more (in the order they were linked). A list of one would be ~90 bytes per SA.
+Group = IkeSA | list[IkeSA]
 
 
-def _unlink(index: dict[_K, tuple[IkeSA, ...]], key: _K, sa: IkeSA) -> None:
+def _link(index: dict[_K, Group], key: _K, sa: IkeSA) -> None:
     group = index.get(key)
-    if group is not None and sa in group:
-        rest = tuple(other for other in group if other is not sa)
-        if rest:
-            index[key] = rest
-        else:
-            del index[key]
+    if group is None:
+        index[key] = sa
+    elif isinstance(group, list):
+        group.append(sa)
+    else:
+        index[key] = [group, sa]
+
+
+def _unlink(index: dict[_K, Group], key: _K, sa: IkeSA) -> None:
+    group = index.get(key)
+    if group is sa:
+        del index[key]
+    elif isinstance(group, list) and sa in group:
+        group.remove(sa)
+        if len(group) == 1:
+            index[key] = group[0]
+
+
+def _linked(index: dict[_K, Group], key: _K) -> Sequence[IkeSA]:
+    group = index.get(key)
+    if group is None:
+        return ()
+    return group if isinstance(group, list) else (group,)
 
 
 def _packed(text: str) -> bytes:

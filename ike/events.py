@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .payloads import TrafficSelector
@@ -58,8 +59,8 @@ class ChildSaInstalled(IkeEvent):
     outbound_key: bytes = field(repr=False)
     mode: str = "tunnel"
     esn: bool = False
-    local_ts: list[TrafficSelector] = field(default_factory=list)
-    remote_ts: list[TrafficSelector] = field(default_factory=list)
+    local_ts: Sequence[TrafficSelector] = ()  # (the Child SA's own tuples)
+    remote_ts: Sequence[TrafficSelector] = ()
     protocol: str = "ESP"
     encryption: str = "AES_GCM_16"
     key_bits: int = 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -84,7 +85,7 @@ def select_ike(
                 and _offers(groups, TransformType.INTEG, mine.integ, None)
                 and (not need_dh or _offers(groups, TransformType.DH, mine.dh, None))
             ):
-                return IkeSuite(mine.encr, mine.key_bits, mine.prf, mine.integ, mine.dh), prop
+                return _suite(mine.encr, mine.key_bits, mine.prf, mine.integ, mine.dh), prop
     raise ProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "no acceptable IKE proposal")
 
 
@@ -101,6 +102,13 @@ def select_ike_for_ke(
             NotifyType.INVALID_KE_PAYLOAD, f"want group {suite.dh}", suite.dh.to_bytes(2, "big")
         )
     return suite, prop
+
+
+@functools.lru_cache(maxsize=64)
+def _suite(encr: int, key_bits: int, prf: int, integ: int, dh: int) -> IkeSuite:
+    """One shared IkeSuite per set of algorithms (each IKE SA holds one: 72 bytes
+    apiece otherwise). Only suites that match one of our proposals get here."""
+    return IkeSuite(encr, key_bits, prf, integ, dh)
 
 
 def accept_ike_response(answer: SAPayload, ours: Sequence[IkeProposal]) -> tuple[IkeSuite, bytes]:
@@ -123,7 +131,7 @@ def accept_ike_response(answer: SAPayload, ours: Sequence[IkeProposal]) -> tuple
             suite.prf,
             suite.integ,
         ) and (dh.id == 0 or m.dh == dh.id):
-            return suite, prop.spi
+            return _suite(suite.encr, suite.key_bits, suite.prf, suite.integ, suite.dh), prop.spi
     raise ProtocolError(NotifyType.NO_PROPOSAL_CHOSEN, "responder chose something we did not offer")
 
 
@@ -196,9 +204,9 @@ def esp_response_payload(chosen: EspProposal, number: int, spi: int, pfs: int | 
 
 
 def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
-    version, a_lo, a_hi = a.span
-    b_version, b_lo, b_hi = b.span
-    if version != b_version:
+    version, a_lo, a_hi = a.version, a.start, a.end
+    b_lo, b_hi = b.start, b.end
+    if version != b.version:
         return None
     if a.ip_proto and b.ip_proto and a.ip_proto != b.ip_proto:
         return None
@@ -210,7 +218,7 @@ def _intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None
     # Usually one side holds the other (the peer proposes our selector, or a part
     # of it): return that object rather than build an equal one (it is immutable).
     for ts in (a, b):
-        if (lo, hi) == ts.span[1:] and (sp, ep, proto) == (ts.start_port, ts.end_port, ts.ip_proto):
+        if (lo, hi, sp, ep, proto) == (ts.start, ts.end, ts.start_port, ts.end_port, ts.ip_proto):
             return ts
     mk = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
     return TrafficSelector(mk(lo), mk(hi), proto, sp, ep)

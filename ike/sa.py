@@ -60,7 +60,17 @@ from .payloads import (
     parse_header,
     summarize,
 )
-from .state import Address, Channel, ChildSA, ChildState, Inbound, Pending, State
+from .state import (
+    Address,
+    Channel,
+    Children,
+    ChildSA,
+    ChildState,
+    Inbound,
+    Pending,
+    SaCounters,
+    State,
+)
 
 __all__ = ["Address", "ChildSA", "ChildState", "IkeSA", "State"]
 
@@ -134,15 +144,15 @@ class IkeSA:
         self.nat_t = False  # floated to UDP 4500 (§2.23): datagrams carry the non-ESP marker
         self.nat_detected_local = False
         self.nat_detected_remote = False
-        self.children: dict[int, ChildSA] = {}
+        self.children = Children()  # by child ID (a dict while there are two or more)
         # §2.4: send INITIAL_CONTACT in IKE_AUTH (the endpoint turns it off when
         # another IKE SA with the same peer is already up)
         self.initial_contact = config.initial_contact
-        self.counters: dict[str, int] = {}
+        self.counters = SaCounters()  # (a dict to read)
         self.ch = Channel(self._new_spi() if initiator else b"", b"\x00" * 8, initiator)
         # Other IKE SAs of this connection: replaced ones until their DELETE is done,
         # and, during a simultaneous IKE rekey, the peer's new one until it is decided
-        self.retiring: list[Channel] = []
+        self.retiring: tuple[Channel, ...] = ()
         self.xch: Channel | None = None  # the channel of the exchange being processed
         self.name = name or f"{config.name or 'ike'}-{self.ch.spi_i.hex()}"
         # IKE_SA_INIT material kept for AUTH (§2.15)
@@ -159,10 +169,12 @@ class IkeSA:
         self.ike_expire_at: float | None = None
         # The data path's counts per Child SA (volume lifetimes, rekey lazy), or None
         self.usage: UsageFn | None = None
-        # Lists, not deques: they hold a task or two, and an empty deque costs ~760 bytes
-        self._queue: list[_t.Task] = []
-        self._out: list[tuple[bytes, Address]] = []
-        self._events: list[ev.IkeEvent] = []
+        # Tuples, rebuilt on change: they hold a task, datagram or event or two, and
+        # are empty most of an SA's life. The empty tuple is shared; an empty list is
+        # 56 bytes per SA (four of them: 224 of an SA's ~4 KB), a deque ~760.
+        self._queue: tuple[_t.Task, ...] = ()
+        self._out: tuple[tuple[bytes, Address], ...] = ()
+        self._events: tuple[ev.IkeEvent, ...] = ()
         self._next_child = 1
         self._switch_after_response: Callable[[], None] | None = None
         # One readable line per message sent or received (no secrets), or None
@@ -172,6 +184,11 @@ class IkeSA:
         # Set by IkeEndpoint: told that this SA may have news (datagrams, events, SPIs,
         # death), so the endpoint looks at the SAs that changed, not at all of them.
         self.wake: Callable[[IkeSA], None] | None = None
+
+    def __lt__(self, other: IkeSA) -> bool:
+        # Orders SAs whose deadlines tie in the endpoint's timer heap (ike.timers):
+        # by name, so the order does not depend on addresses in memory
+        return self.name < other.name
 
     @classmethod
     def respond_to(
@@ -233,15 +250,24 @@ class IkeSA:
         return n
 
     def count(self, what: str) -> None:
-        self.counters[what] = self.counters.get(what, 0) + 1
+        self.counters.add(what)
 
     def emit(self, event: ev.IkeEvent) -> None:
-        self._events.append(event)
+        self._events = (*self._events, event)
         if self.wake is not None:
             self.wake(self)
 
     def local_spis(self) -> list[bytes]:
         return [self.ch.local_spi] + [c.local_spi for c in self.retiring]
+
+    def retire(self, ch: Channel) -> None:
+        """Keep ``ch`` (a replaced IKE SA, or the peer's new one during a simultaneous
+        rekey) reachable until it is deleted or decided (§2.18, §2.8.1)."""
+        self.retiring = (*self.retiring, ch)
+
+    def unretire(self, ch: Channel) -> None:
+        """Forget the retiring channel ``ch`` (if it is one)."""
+        self.retiring = tuple(c for c in self.retiring if c is not ch)
 
     @property
     def old_ch(self) -> Channel | None:
@@ -290,7 +316,7 @@ class IkeSA:
         if self.wake is not None:
             self.wake(self)
         self.ch.pending = None
-        self._queue.clear()
+        self._queue = ()
         if was_up or self.initiator:
             self.emit(ev.IkeSaDeleted(self.name, reason, sorted(self.children)))
         self.children.clear()
@@ -358,7 +384,7 @@ class IkeSA:
             self.die("deleted")
             return
         if self.state == State.ESTABLISHED:
-            self._queue.clear()
+            self._queue = ()
             self.queue_task(_t.IkeDelete(), now, front=True)
 
     def info(self) -> dict[str, object]:
@@ -421,11 +447,15 @@ class IkeSA:
     # --- outputs ------------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        out, self._out = self._out, []
-        return out
+        out, self._out = self._out, ()
+        return list(out)
 
     def next_event(self) -> ev.IkeEvent | None:
-        return self._events.pop(0) if self._events else None
+        if not self._events:
+            return None
+        event = self._events[0]
+        self._events = self._events[1:]
+        return event
 
     def linger(self, now: float) -> float:
         """Until when to keep an IKE SA the peer is expected to delete: twice its give-up time."""
@@ -463,11 +493,11 @@ class IkeSA:
         if self.wake is not None:
             self.wake(self)  # e.g. a retired channel (and its SPI) goes
         lifetimes.on_timer(self, now)
-        for c in list(self.retiring):
+        for c in self.retiring:  # (a tuple: unretire replaces it, this loop goes on)
             if c.expire_at is not None and now >= c.expire_at and c.pending is None:
                 # the peer never deleted it (or never will, §2.8.2): forget it
                 self.count("retired_expired")
-                self.retiring.remove(c)
+                self.unretire(c)
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             # A responder that never saw IKE_AUTH forgets the half-open SA
             self.count("half_open_expired")
@@ -487,7 +517,7 @@ class IkeSA:
                 self.count("retransmitted")
                 self._send(p.packet)
             elif c is not self.ch:
-                self.retiring.remove(c)  # the peer never confirmed that SA's deletion
+                self.unretire(c)  # the peer never confirmed that SA's deletion
             else:
                 self.count("gave_up")
                 if self.state in (State.ESTABLISHED, State.DELETING):
@@ -505,19 +535,16 @@ class IkeSA:
     def queue_task(self, task: _t.Task, now: float, front: bool = False) -> None:
         if self.state is _DEAD:
             return
-        if front:
-            self._queue.insert(0, task)
-        else:
-            self._queue.append(task)
+        self._queue = (task, *self._queue) if front else (*self._queue, task)
         self._start_next(now)
 
     def drop_queued(self, kind: type[_t.Task]) -> None:
-        self._queue = [t for t in self._queue if not isinstance(t, kind)]
+        self._queue = tuple(t for t in self._queue if not isinstance(t, kind))
 
     def retry_task(self, task: _t.Task, now: float) -> None:
         """Send ``task`` again with the same message ID (COOKIE, INVALID_KE, §1.2/§2.6)."""
         self.ch.next_id -= 1
-        self._queue.insert(0, task)
+        self._queue = (task, *self._queue)
 
     def _start_next(self, now: float) -> None:
         ch = self.ch
@@ -525,7 +552,7 @@ class IkeSA:
             task = self._queue[0]
             if not task.ready(self):
                 return
-            self._queue.pop(0)
+            self._queue = self._queue[1:]
             payloads = task.build(self, now)
             if payloads is None:
                 continue
@@ -609,7 +636,7 @@ class IkeSA:
 
     def _send(self, pkt: bytes) -> None:
         # RFC 3948 §2.2: IKE on port 4500 is preceded by the non-ESP marker
-        self._out.append((NON_ESP_MARKER + pkt if self.nat_t else pkt, self.peer_addr))
+        self._out = (*self._out, (NON_ESP_MARKER + pkt if self.nat_t else pkt, self.peer_addr))
         if self.wake is not None:
             self.wake(self)
 
@@ -725,11 +752,12 @@ class IkeSA:
     def _receive_request(
         self, ch: Channel, hdr: Header, data: bytes, addr: Address, now: float, marked: bool
     ) -> None:
-        if ch.cached is not None and hdr.msg_id == ch.cached[0] and hdr.msg_id == ch.peer_id - 1:
+        cached = ch.cached
+        if cached is not None and hdr.msg_id == _msg_id(cached) and hdr.msg_id == ch.peer_id - 1:
             # §2.1: a retransmitted request gets the same response, not reprocessed
             self.count("retransmit_answered")
-            if hdr.exchange == ch.cached[1]:
-                self._send(ch.cached[2])
+            if hdr.exchange == cached[_EXCHANGE_AT]:
+                self._send(cached)
             return
         if hdr.msg_id != ch.peer_id:
             self.count("bad_msg_id")
@@ -774,7 +802,7 @@ class IkeSA:
             # stateless refusal (§2.6, §1.2): no responder SPI
             ch.spi_r = b"\x00" * 8
         pkt = self.encode(ch, hdr.exchange, True, hdr.msg_id, answer)
-        ch.cached = (hdr.msg_id, hdr.exchange, pkt)
+        ch.cached = pkt
         if hdr.exchange == ExchangeType.IKE_SA_INIT and self.state is _INIT_DONE:
             self.init_response = pkt
         self._send(pkt)
@@ -793,6 +821,15 @@ class IkeSA:
             self.init_request = self.init_response = self.ni = self.nr = b""
             if self.ch.keys is not None:
                 self.ch.keys = self.ch.keys.after_auth()
+
+
+# The cached response's own IKE header (§3.1) says which request it answers: the
+# exchange type at octet 18, the message ID at 20-23 (no copy of them per SA)
+_EXCHANGE_AT = 18
+
+
+def _msg_id(message: bytes) -> int:
+    return int.from_bytes(message[20:24], "big")
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

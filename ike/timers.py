@@ -5,6 +5,12 @@ retransmissions, lifetimes and half-open limit), the daemon's manager one per
 piece of periodic work. Nothing is swept: a timer event costs the same with 10
 or 10,000 SAs.
 
+An entry is a (deadline, key) pair: keys due at the same time are ordered by
+the keys themselves (``<``), so keys must be orderable (the engine's IkeSA
+orders by name, the manager's are tuples of str or int). A tie-break counter
+would keep first-set-first-out, at the price of an int and a wider tuple per
+entry (40 bytes; three entries per peer at 10,000 peers).
+
 Changing or cancelling a deadline does not search the heap: the old entry
 stays and is skipped when it surfaces (``_when`` says which entry is current).
 The heap is rebuilt when stale entries exceed half the live ones, so its size
@@ -17,7 +23,6 @@ least n/2 changes: O(1) per change, amortised.
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
@@ -27,12 +32,11 @@ K = TypeVar("K", bound=Hashable)
 class TimerHeap(Generic[K]):
     """At most one deadline per key; ``None`` means none."""
 
-    __slots__ = ("_heap", "_seq", "_when")
+    __slots__ = ("_heap", "_when")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, K]] = []
+        self._heap: list[tuple[float, K]] = []
         self._when: dict[K, float] = {}
-        self._seq = itertools.count()  # ties: first set, first out; keys never compared
 
     def __len__(self) -> int:
         return len(self._when)
@@ -54,7 +58,7 @@ class TimerHeap(Generic[K]):
         if self._when.get(key) == when:
             return
         self._when[key] = when
-        heapq.heappush(self._heap, (when, next(self._seq), key))
+        heapq.heappush(self._heap, (when, key))
         if len(self._heap) > len(self._when) * 3 // 2 + 64:
             self._compact()
 
@@ -65,7 +69,7 @@ class TimerHeap(Generic[K]):
         """The earliest deadline, or None (stale entries on top are dropped)."""
         heap, when = self._heap, self._when
         while heap:
-            t, _, key = heap[0]
+            t, key = heap[0]
             if when.get(key) == t:
                 return t
             heapq.heappop(heap)
@@ -87,7 +91,7 @@ class TimerHeap(Generic[K]):
         heap, when = self._heap, self._when
         out: list[tuple[K, float]] = []
         while heap and heap[0][0] <= now:
-            t, _, key = heapq.heappop(heap)
+            t, key = heapq.heappop(heap)
             if when.get(key) == t:
                 del when[key]  # a duplicate entry (same key, same time) is now stale
                 out.append((key, t))
@@ -95,5 +99,5 @@ class TimerHeap(Generic[K]):
 
     def _compact(self) -> None:
         when = self._when
-        self._heap = [e for e in self._heap if when.get(e[2]) == e[0]]
+        self._heap = [e for e in self._heap if when.get(e[1]) == e[0]]
         heapq.heapify(self._heap)

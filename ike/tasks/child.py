@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,8 @@ class ChildOffer:
 
 def _offer(sa: IkeSA, with_pfs: bool, rekey: ChildSA | None = None) -> ChildOffer:
     if rekey is not None:
-        lts, rts, transport = rekey.local_ts, rekey.remote_ts, rekey.mode == "transport"
+        lts, rts = list(rekey.local_ts), list(rekey.remote_ts)
+        transport = rekey.mode == "transport"
     else:
         lts, rts = sa.config.traffic_selectors(sa.caches.host_ts)
         transport = sa.config.mode == "transport"
@@ -136,8 +138,8 @@ def _install(
         "transport" if transport else "tunnel",
         chosen.esn,
         chosen.key_bits,
-        list(local_ts),
-        list(remote_ts),
+        tuple(local_ts),
+        tuple(remote_ts),
         now,
     )
     lifetimes.arm_child(sa, child, now)
@@ -228,6 +230,8 @@ def _respond_child(
             )
         dh = dh_generate(pfs)
         g_ir = _shared(dh, ke.data)
+    local_allowed: Sequence[TrafficSelector]
+    remote_allowed: Sequence[TrafficSelector]
     if ts_from is not None:
         local_allowed, remote_allowed = ts_from.local_ts, ts_from.remote_ts
     else:

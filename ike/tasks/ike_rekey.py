@@ -101,7 +101,7 @@ class IkeRekey(Task):
             # §2.8.2: our new IKE SA holds the lowest nonce: it is redundant and we, its
             # initiator, delete it; the peer's wins, and the peer deletes the old one
             sa.count("ike_rekey_collision_lost")
-            sa.retiring.append(new)
+            sa.retire(new)
             sa.send_on(new, _OldIkeDelete(new), now)
             _adopt(sa, theirs, now)
         else:
@@ -120,7 +120,7 @@ class IkeRekey(Task):
 def _adopt(sa: IkeSA, theirs: Channel, now: float) -> None:
     """Make the peer's new IKE SA (already in ``retiring``) the current one."""
     if theirs in sa.retiring:
-        sa.retiring.remove(theirs)
+        sa.unretire(theirs)
         _switch_channel(sa, theirs, now, we_delete_old=False)
 
 
@@ -147,7 +147,7 @@ def _rekeyed_channel(
 def _switch_channel(sa: IkeSA, new: Channel, now: float, we_delete_old: bool) -> None:
     """Child SAs move to the new IKE SA; the old one only carries its DELETE (§2.18)."""
     old = sa.ch
-    sa.retiring.append(old)
+    sa.retire(old)
     sa.ch = new
     new.expire_at = None
     if not we_delete_old:
@@ -170,7 +170,7 @@ class _OldIkeDelete(Task):
 
     def process(self, sa: IkeSA, msg: Inbound, now: float) -> None:
         if self.ch in sa.retiring:
-            sa.retiring.remove(self.ch)
+            sa.unretire(self.ch)
 
     def fail(self, sa: IkeSA, exc: ProtocolError, now: float) -> None:
         self.process(sa, msg=None, now=now)  # type: ignore[arg-type]
@@ -201,7 +201,7 @@ def _respond_ike_rekey(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list
         # when our own answer arrives; until then the peer's new SA waits aside
         ours.collision = (new, min(ni, nr))
         new.expire_at = sa.linger(now)
-        sa.retiring.append(new)
+        sa.retire(new)
     else:
 
         def switch() -> None:

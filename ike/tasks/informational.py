@@ -128,7 +128,7 @@ def _respond_informational(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> 
                     sa.count("ike_rekey_collision_lost")
                     _adopt(sa, theirs, now)
                     if ch in sa.retiring:
-                        sa.retiring.remove(ch)
+                        sa.unretire(ch)
 
                 sa._switch_after_response = adopt
                 return []
@@ -165,7 +165,7 @@ def _respond_old(sa: IkeSA, ch: Channel, msg: Inbound, now: float) -> list[Paylo
         def drop() -> None:
             old = ch
             if old in sa.retiring:
-                sa.retiring.remove(old)
+                sa.unretire(old)
             task = old.pending.task if old.pending is not None else None
             if task is not None and not isinstance(task, _OldIkeDelete | IkeRekey):
                 # our request on the old SA will never be answered: redo it on the new one

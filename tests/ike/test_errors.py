@@ -130,7 +130,7 @@ def test_fqdn_and_email_identities_over_ipv6() -> None:
     (e,) = p.events_of("r", IkeSaEstablished)
     assert e.remote_id == "ID_FQDN:gw-a.example.net"
     (c,) = p.events_of("i", ChildSaInstalled)
-    assert c.local_ts == [TrafficSelector.from_network("2001:db8::1/128")]
+    assert list(c.local_ts) == [TrafficSelector.from_network("2001:db8::1/128")]
 
 
 def test_identity_mismatch_fails_authentication() -> None:

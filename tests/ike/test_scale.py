@@ -13,8 +13,16 @@ from ike.buffer import DecodeError
 from ike.config import Identity, IkeConfig
 from ike.constants import ExchangeType, IdType, NotifyType
 from ike.endpoint import IkeEndpoint, _cookie_and_nonce
-from ike.payloads import KEPayload, NoncePayload, NotifyPayload, build_plain_message
+from ike.payloads import (
+    KEPayload,
+    NoncePayload,
+    NotifyPayload,
+    TrafficSelector,
+    build_plain_message,
+)
 from ike.sa import IkeSA, State
+
+from .pair import Pair, configs
 
 R_ADDR = ("2001:db8::1", 500)
 PSK = b"correct horse battery staple"
@@ -221,3 +229,82 @@ def test_update_configs_keeps_the_first_config_of_a_shared_peer_address() -> Non
     # removing a config that is not indexed (or twice) changes nothing
     assert ep.update_configs([], [cfgs[3]]) == []
     assert ep.config_for(peer(3), None) is twin and len(ep.configs) == 4
+
+
+def _filed_as_scanned(ep: IkeEndpoint) -> None:
+    """The endpoint's SPI indexes hold exactly what a scan of its live SAs gives."""
+    by_spi = {spi: s for s in ep.sas for spi in s.local_spis() if spi != bytes(8)}
+    child_in = {c.inbound_spi: s for s in ep.sas for c in s.children.values()}
+    child_out = {(s.peer_addr[0], c.outbound_spi): s for s in ep.sas for c in s.children.values()}
+    assert ep._by_spi == by_spi
+    assert ep._child_spis == child_in
+    assert ep._by_child_out == child_out
+
+
+def test_indexes_follow_child_and_ike_rekeys_a_float_and_the_end() -> None:
+    """The per-SA record the endpoint files its entries under: a second Child SA,
+    a Child rekey (two children for a while, then the new one), an IKE rekey (two
+    IKE SPIs for a while), the peer moving (NAT), and the SA's end leave no stale
+    entry and miss none."""
+    ts = (TrafficSelector.from_network("10.0.0.0/24"), TrafficSelector.from_network("10.1.0.0/24"))
+    nat = ("203.0.113.7", 500)  # the initiator is behind a NAT (on 4500 after IKE_SA_INIT)
+    p = Pair(
+        *configs(
+            r_peer_addr=nat,
+            i_local_ts=ts[:1],
+            i_remote_ts=ts[1:],
+            r_local_ts=ts[1:],
+            r_remote_ts=ts[:1],
+        )
+    )
+    p.i_src, p.i_src_4500 = ("203.0.113.7", 1024), ("203.0.113.7", 1025)
+    p.handshake()
+    assert p.r.nat_t
+    _filed_as_scanned(p.ep)
+    p.i.create_child(p.now)
+    p.roundtrip()
+    assert len(p.r.children) == 2
+    _filed_as_scanned(p.ep)
+    p.r.rekey_child(1, p.now)
+    p.roundtrip()
+    assert sorted(p.r.children) == [2, 3]
+    _filed_as_scanned(p.ep)
+    old_spi = p.r.ch.local_spi
+    p.i.rekey_ike(p.now)
+    p.roundtrip()
+    assert p.r.ch.local_spi != old_spi and old_spi not in p.ep._by_spi
+    _filed_as_scanned(p.ep)
+    p.i_src_4500 = ("203.0.113.8", 2048)  # the NAT maps the initiator to another address
+    p.i.liveness_check(p.now)
+    p.roundtrip()
+    assert p.r.peer_addr == ("203.0.113.8", 2048)
+    _filed_as_scanned(p.ep)
+    p.i.delete(p.now)
+    p.roundtrip()
+    assert not p.ep.sas
+    assert not p.ep._by_spi and not p.ep._child_spis and not p.ep._by_child_out
+
+
+def test_a_config_shared_by_three_sas_lists_them_until_each_goes() -> None:
+    """One config answers three peers (the endpoint's find_config): sas_of lists
+    them in order while two or more are up, and the last one alone; find_sa
+    finds each by name; a deleted SA is no longer found."""
+    shared = responder_configs(1)[0]
+    ep = IkeEndpoint([], rng=random.Random(3).randbytes, find_config=lambda a, loc: shared)
+    sas = {peer(i): initiator(dataclasses.replace(shared, peer_addr=peer(i)), i) for i in range(3)}
+    for sa in sas.values():
+        sa.initiate(0.0)
+    exchange(ep, sas, 0.0)
+    assert all(sa.established for sa in sas.values())
+    ours = list(ep.sas)
+    assert ep.sas_of(shared) == ours and len(ours) == 3
+    assert all(ep.find_sa(sa.name) is sa for sa in ours)
+    for gone in range(2):
+        sas[peer(gone)].delete(1.0)
+        exchange(ep, sas, 1.0)
+        assert ep.sas_of(shared) == ours[gone + 1 :]
+        assert ep.find_sa(ours[gone].name) is None
+    assert ep.find_sa(ours[2].name) is ours[2]
+    sas[peer(2)].delete(2.0)
+    exchange(ep, sas, 2.0)
+    assert ep.sas_of(shared) == [] and not ep._by_config and not ep._by_name

@@ -61,3 +61,16 @@ def test_one_stale_entry_per_key_is_compacted() -> None:
     assert len(h._heap) <= 1000 * 3 // 2 + 65
     assert h.pop_due(50.0 + 999) == list(range(1000))
     assert h.next() is None
+
+
+def test_keys_due_at_the_same_time_come_out_in_key_order() -> None:
+    """Ties are ordered by the keys (no tie-break counter per entry): whatever the
+    order they were set in, and with a stale entry at the same time in between."""
+    h: TimerHeap[tuple[str, str]] = TimerHeap()
+    h.set(("volume", "b"), 5.0)
+    h.set(("liveness", "z"), 5.0)
+    h.set(("volume", "a"), 5.0)
+    h.set(("liveness", "z"), 6.0)
+    h.set(("liveness", "z"), 5.0)
+    assert h.pop_due(5.0) == [("liveness", "z"), ("volume", "a"), ("volume", "b")]
+    assert h.next() is None
