@@ -97,12 +97,17 @@ _TRAILERS: dict[int, tuple[bytes, ...]] = {
 }
 
 
-def _split_keymat(key: bytes) -> tuple[AESGCM, bytes]:
+def _key_bits(key: bytes) -> int:
+    """The AES key size of ESP keying material (validated: key ‖ 4-byte salt)."""
     if not isinstance(key, bytes | bytearray) or len(key) not in KEYMAT_LENGTHS:
         raise ValueError(
             "ESP AES-GCM keying material must be a 16- or 32-byte AES key followed by a "
             "4-byte salt (20 or 36 bytes)"
         )
+    return (len(key) - SALT_LEN) * 8
+
+
+def _split_keymat(key: bytes) -> tuple[AESGCM, bytes]:
     return AESGCM(bytes(key[:-SALT_LEN])), bytes(key[-SALT_LEN:])
 
 
@@ -131,10 +136,9 @@ class SaOptions(TypedDict, total=False):
 class _SecurityAssociation:
     """What outbound and inbound SAs share: identity, key, counters, lifetimes."""
 
+    # The cipher and the salt live only in the subclasses' ``_fixed`` tuple: a slot
+    # each would be 8 bytes per SA for nothing (10,000s of SAs on a responder).
     __slots__ = (
-        "_aead",
-        "_last_seq",
-        "_salt",
         "counters",
         "created",
         "esn",
@@ -166,12 +170,10 @@ class _SecurityAssociation:
             raise ValueError(f"SPI must be 1..2^32-1, got {spi}")
         if mode not in MODES:
             raise ValueError(f"mode must be 'tunnel' or 'transport', got {mode!r}")
-        self._aead, self._salt = _split_keymat(key)
-        self.key_bits = (len(key) - SALT_LEN) * 8
+        self.key_bits = _key_bits(key)
         self.spi = spi
         self.mode = mode
         self.esn = bool(esn)
-        self._last_seq = _LAST_SEQ_64 if esn else _LAST_SEQ_32
         if soft_seq is None:
             soft_seq = DEFAULT_SOFT_SEQ_64 if esn else DEFAULT_SOFT_SEQ_32
         self.soft_seq = soft_seq
@@ -180,6 +182,10 @@ class _SecurityAssociation:
         self.lifetime = _NO_LIMITS if limits == _NONE_6 else Lifetime(*limits)
         self.created = created
         self.counters = SaCounters()
+
+    @property
+    def _last_seq(self) -> int:
+        return _LAST_SEQ_64 if self.esn else _LAST_SEQ_32
 
     def _status(self, now: float, seq: int) -> LifetimeStatus:
         return self.lifetime.status(
@@ -219,14 +225,15 @@ class OutboundSA(_SecurityAssociation):
         if not 1 <= seq <= self._last_seq + 1:
             raise ValueError(f"next sequence number {seq} out of range")
         self.next_seq = seq
+        aead, salt = _split_keymat(key)
         # What encapsulate reads per packet and never changes: one slot read and an
         # unpack are as fast as the closure cells this used to be (and no cells).
         self._fixed = (
             spi,
             self._last_seq,
             self.esn,
-            self._aead,
-            int.from_bytes(self._salt, "big"),
+            aead,
+            int.from_bytes(salt, "big"),
             iv_source,
             self.counters,
         )
@@ -243,7 +250,7 @@ class OutboundSA(_SecurityAssociation):
         seq = self.next_seq
         if seq > last_seq:
             # RFC 4303 §3.3.3: the counter MUST NOT cycle; only a new SA may send.
-            counters.drops["seq_exhausted"] += 1
+            counters.count_drop("seq_exhausted")
             raise SequenceExhausted(f"SPI 0x{spi:08x}: sequence numbers exhausted")
         self.next_seq = seq + 1
         n = len(payload)
@@ -284,8 +291,9 @@ class InboundSA(_SecurityAssociation):
         """``replay_window``: anti-replay window size, 32..65536 packets."""
         super().__init__(spi, key, **options)
         self.window = ReplayWindow(replay_window, esn=self.esn)
+        aead, salt = _split_keymat(key)
         # What decapsulate reads per packet and never changes (see OutboundSA)
-        self._fixed = (spi, self.esn, self.window, self._aead, self._salt, self.counters)
+        self._fixed = (spi, self.esn, self.window, aead, salt, self.counters)
 
     def status(self, now: float) -> LifetimeStatus:
         """Soft/hard expiry by packets, bytes, seconds and the highest sequence seen."""
@@ -339,9 +347,8 @@ class InboundSA(_SecurityAssociation):
             counters.bytes += len(payload)
             return payload, next_header
         except EspError as err:
-            drops = counters.drops
-            drops[err.counter] = drops.get(err.counter, 0) + 1
+            counters.count_drop(err.counter)
             raise
         except Exception as exc:  # anything else from hostile bytes becomes "malformed"
-            counters.drops["malformed"] += 1
+            counters.count_drop("malformed")
             raise MalformedError(f"{type(exc).__name__}: {exc}") from exc
