@@ -79,8 +79,11 @@ class Manager:
         # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
         self.invalid_spi = InvalidSpiHints()
         # The periodic work (liveness per IKE SA, volume and keepalive per map, each
-        # lingering SPI) by deadline: nothing is swept (see ike.timers)
-        self.deadlines: TimerHeap[tuple[str, str | int]] = TimerHeap()
+        # lingering SPI) by deadline: nothing is swept (see ike.timers). The two that
+        # every peer has are keyed by their record, a map's volume look by its
+        # MapState and a liveness look by its Liveness (a (kind, name) tuple per peer
+        # and deadline was 56 bytes); the others by (kind, map name or SPI).
+        self.deadlines: TimerHeap[MapState | Liveness | tuple[str, str | int]] = TimerHeap()
         # IKE SAs the engine looked at since the last pump: only their maps can
         # have a peer that moved (_follow_peers)
         self._changed: dict[ike.IkeSA, None] = {}
@@ -105,8 +108,8 @@ class Manager:
             for sa in self._sas_of_map(state):
                 sa.delete(now)
                 work.sas_deleted += 1
-            for key in list(state.children):
-                self._remove_child(state, key)
+            for rec in state.children:
+                self._remove_child(state, rec.ike_name, rec.child_id)
                 work.children_removed += 1
             self.datapath.unbind(state.cmap.name)
             log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
@@ -324,9 +327,9 @@ class Manager:
             handler(self, state, event, now)
 
     def _remove_child(
-        self, state: MapState, key: tuple[str, int], linger: float | None = None
+        self, state: MapState, ike_name: str, child_id: int, linger: float | None = None
     ) -> None:
-        lifecycle.remove_child(self, state, key, linger)
+        lifecycle.remove_child(self, state, ike_name, child_id, linger)
 
     # -- commands ------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def schedule(mgr: Manager, state: MapState, now: float) -> None:
     state.keepalive_at = now + ka if behind_nat and ka > 0 else None
     state.volume_at = now + _volume_period(mgr, state)
     mgr.deadlines.set(("keepalive", state.cmap.name), state.keepalive_at)
-    mgr.deadlines.set(("volume", state.cmap.name), state.volume_at)
+    mgr.deadlines.set(state, state.volume_at)
 
 
 def _volume_period(mgr: Manager, state: MapState) -> float:
@@ -54,15 +54,19 @@ def periodic(mgr: Manager, now: float) -> None:
     (RFC 3948 §2.3). Rekeys and expiry are the engine's (ike.lifetimes)."""
     mgr.failover.periodic(now)  # preemption probes, retiring a backup's IKE SA
     # Only what is due, earliest first (ike.timers): each handler sets its next time
-    for kind, key in mgr.deadlines.pop_due(now):
-        if kind == "linger":
-            _linger_expired(mgr, int(key), now)
-        elif kind == "liveness":
-            _liveness_due(mgr, str(key), now)
-        elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
-            mgr.invalid_spi.silence_due(mgr, str(key), now)
+    for due in mgr.deadlines.pop_due(now):
+        if isinstance(due, MapState):
+            _volume_due(mgr, due, now)
+        elif isinstance(due, Liveness):
+            _liveness_due(mgr, due, now)
         else:
-            _map_work_due(mgr, kind, str(key), now)
+            kind, key = due
+            if kind == "linger":
+                _linger_expired(mgr, int(key), now)
+            elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
+                mgr.invalid_spi.silence_due(mgr, str(key), now)
+            else:
+                _keepalive_due(mgr, str(key), now)
 
 
 def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
@@ -76,31 +80,37 @@ def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
     mgr.datapath.remove(spi, None)
 
 
-def _liveness_due(mgr: Manager, name: str, now: float) -> None:
-    lv = mgr.liveness.get(name)
+def _liveness_due(mgr: Manager, lv: Liveness, now: float) -> None:
+    name = lv.ike_name
     ike_sa = mgr.endpoint.find_sa(name)
-    if lv is None or ike_sa is None or not ike_sa.established:
+    if mgr.liveness.get(name) is not lv or ike_sa is None or not ike_sa.established:
         return  # gone (its IkeSaDeleted dropped the record) or not up any more
     if now < lv.check_at:
-        mgr.deadlines.set(("liveness", name), lv.check_at)
+        mgr.deadlines.set(lv, lv.check_at)
         return
     owner = mgr._state_for_name(name)
     if owner is not None:
         _check_liveness(mgr, owner, ike_sa, lv, now)
-        mgr.deadlines.set(("liveness", name), lv.check_at)
+        mgr.deadlines.set(lv, lv.check_at)
 
 
-def _map_work_due(mgr: Manager, kind: str, name: str, now: float) -> None:
+def _volume_due(mgr: Manager, state: MapState, now: float) -> None:
+    sa = state.ike_sa
+    if mgr.maps.get(state.cmap.name) is not state or sa is None or not sa.established:
+        return  # _schedule starts it again with the next IKE SA (or a reload dropped the map)
+    if state.volume_at is not None:
+        if now >= state.volume_at:
+            state.volume_at = now + _volume_period(mgr, state)
+            sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
+        mgr.deadlines.set(state, state.volume_at)
+
+
+def _keepalive_due(mgr: Manager, name: str, now: float) -> None:
     state = mgr.maps.get(name)
     sa = state.ike_sa if state is not None else None
     if state is None or sa is None or not sa.established:
         return  # _schedule starts it again with the next IKE SA
-    if kind == "volume" and state.volume_at is not None:
-        if now >= state.volume_at:
-            state.volume_at = now + _volume_period(mgr, state)
-            sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
-        mgr.deadlines.set(("volume", name), state.volume_at)
-    elif kind == "keepalive" and state.keepalive_at is not None:
+    if state.keepalive_at is not None:
         if now >= state.keepalive_at:
             state.keepalive_at = now + state.cmap.nat_keepalive
             _send_keepalive(mgr, state, sa)
@@ -136,7 +146,7 @@ def usage(mgr: Manager, ike_name: str, child_id: int, now: float) -> ike.ChildUs
     """What the data path counted for a Child SA (the engine asks: volume lifetimes,
     ``rekey lazy``): the larger direction, and whether the sequence numbers run out."""
     state = mgr._state_for_name(ike_name)
-    rec = state.children.get((ike_name, child_id)) if state is not None else None
+    rec = state.child(ike_name, child_id) if state is not None else None
     if rec is None:
         return None
     out, inb = rec.outbound, rec.inbound
