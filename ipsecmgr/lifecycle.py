@@ -21,7 +21,7 @@ from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
 from ipsecmgr.periodic import DPD_SAMPLES, schedule
 from ipsecmgr.records import Address, ChildRecord, Liveness, MapState, MapStatus
 from ipsecmgr.sasink import SaPair
-from ipsecmgr.translate import npu_selector
+from ipsecmgr.translate import npu_selectors
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
@@ -251,8 +251,8 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
             outbound,
             event.inbound_key,
             event.outbound_key,
-            [npu_selector(t) for t in event.remote_ts],
-            [npu_selector(t) for t in event.local_ts],
+            npu_selectors(event.remote_ts),
+            npu_selectors(event.local_ts),
         )
     )
     old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
