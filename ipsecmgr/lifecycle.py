@@ -74,10 +74,9 @@ def _on_ike_established(
     if mgr.observe is not None and state.initiated_at is not None:
         mgr.observe("ike_handshake", state.cmap.name, now - state.initiated_at)
     state.initiated_at = None
-    schedule(mgr, state, now)
     if (sa := state.ike_sa) is not None and (interval := state.cmap.dpd.interval) > 0:
-        lv = mgr.liveness[sa.name] = Liveness(sa.name, now, now + interval / DPD_SAMPLES)
-        mgr.deadlines.set(lv, lv.check_at)
+        mgr.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
+    schedule(mgr, state, now)
     log.info(
         "crypto map %s: IKE SA up with %s (%s)",
         state.cmap.name,
@@ -117,8 +116,7 @@ def _on_child_deleted(mgr: Manager, state: MapState, event: ev.ChildSaDeleted, n
 
 
 def _on_ike_deleted(mgr: Manager, state: MapState, event: ev.IkeSaDeleted, now: float) -> None:
-    if (lv := mgr.liveness.pop(event.ike_sa, None)) is not None:
-        mgr.deadlines.cancel(lv)
+    mgr.liveness.pop(event.ike_sa, None)  # (the map's deadline skips it: periodic.arm)
     mgr.failover.deleted(state, event.ike_sa, event.reason, now)
     for rec in state.children_of(event.ike_sa):
         remove_child(mgr, state, rec.ike_name, rec.child_id)

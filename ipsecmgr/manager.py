@@ -78,12 +78,12 @@ class Manager:
         self.observe: Callable[[str, str, float], None] | None = None
         # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
         self.invalid_spi = InvalidSpiHints()
-        # The periodic work (liveness per IKE SA, volume and keepalive per map, each
-        # lingering SPI) by deadline: nothing is swept (see ike.timers). The two that
-        # every peer has are keyed by their record, a map's volume look by its
-        # MapState and a liveness look by its Liveness (a (kind, name) tuple per peer
-        # and deadline was 56 bytes); the others by (kind, map name or SPI).
-        self.deadlines: TimerHeap[MapState | Liveness | tuple[str, str | int]] = TimerHeap()
+        # The periodic work by deadline: nothing is swept (see ike.timers). A map's
+        # MapState: its next volume look or liveness look of one of its IKE SAs,
+        # whichever comes first (ipsecmgr.periodic.arm: one heap entry per peer, and
+        # no key tuple, instead of two: ~200 bytes per peer); (kind, map name or SPI)
+        # for the rarer ones: NAT keepalives, lingering SPIs, silence checks.
+        self.deadlines: TimerHeap[MapState | tuple[str, str | int]] = TimerHeap()
         # IKE SAs the engine looked at since the last pump: only their maps can
         # have a peer that moved (_follow_peers)
         self._changed: dict[ike.IkeSA, None] = {}

@@ -41,7 +41,28 @@ def schedule(mgr: Manager, state: MapState, now: float) -> None:
     state.keepalive_at = now + ka if behind_nat and ka > 0 else None
     state.volume_at = now + _volume_period(mgr, state)
     mgr.deadlines.set(("keepalive", state.cmap.name), state.keepalive_at)
-    mgr.deadlines.set(state, state.volume_at)
+    arm(mgr, state)
+
+
+def arm(mgr: Manager, state: MapState) -> None:
+    """The map's deadline: its next volume look (while its IKE SA is up) or liveness
+    look of one of its established IKE SAs, whichever comes first (None: neither)."""
+    sa = state.ike_sa
+    times = [lv.check_at for _, lv in _liveness_of(mgr, state)]
+    if sa is not None and sa.established and state.volume_at is not None:
+        times.append(state.volume_at)
+    mgr.deadlines.set(state, min(times) if times else None)
+
+
+def _liveness_of(mgr: Manager, state: MapState) -> list[tuple[ike.IkeSA, Liveness]]:
+    """The map's established IKE SAs under dead-peer detection (a stale one and its
+    replacement may both be), with their records."""
+    out = []
+    for sa in mgr._sas_of_map(state):
+        lv = mgr.liveness.get(sa.name)
+        if lv is not None and sa.established:
+            out.append((sa, lv))
+    return out
 
 
 def _volume_period(mgr: Manager, state: MapState) -> float:
@@ -56,9 +77,7 @@ def periodic(mgr: Manager, now: float) -> None:
     # Only what is due, earliest first (ike.timers): each handler sets its next time
     for due in mgr.deadlines.pop_due(now):
         if isinstance(due, MapState):
-            _volume_due(mgr, due, now)
-        elif isinstance(due, Liveness):
-            _liveness_due(mgr, due, now)
+            _map_due(mgr, due, now)
         else:
             kind, key = due
             if kind == "linger":
@@ -80,29 +99,19 @@ def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
     mgr.datapath.remove(spi, None)
 
 
-def _liveness_due(mgr: Manager, lv: Liveness, now: float) -> None:
-    name = lv.ike_name
-    ike_sa = mgr.endpoint.find_sa(name)
-    if mgr.liveness.get(name) is not lv or ike_sa is None or not ike_sa.established:
-        return  # gone (its IkeSaDeleted dropped the record) or not up any more
-    if now < lv.check_at:
-        mgr.deadlines.set(lv, lv.check_at)
-        return
-    owner = mgr._state_for_name(name)
-    if owner is not None:
-        _check_liveness(mgr, owner, ike_sa, lv, now)
-        mgr.deadlines.set(lv, lv.check_at)
-
-
-def _volume_due(mgr: Manager, state: MapState, now: float) -> None:
-    sa = state.ike_sa
-    if mgr.maps.get(state.cmap.name) is not state or sa is None or not sa.established:
-        return  # _schedule starts it again with the next IKE SA (or a reload dropped the map)
-    if state.volume_at is not None:
-        if now >= state.volume_at:
-            state.volume_at = now + _volume_period(mgr, state)
-            sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
-        mgr.deadlines.set(state, state.volume_at)
+def _map_due(mgr: Manager, state: MapState, now: float) -> None:
+    """The volume look and the liveness looks that are due, then the next deadline."""
+    if mgr.maps.get(state.cmap.name) is not state:
+        return  # a reload dropped the map
+    sa, volume_at = state.ike_sa, state.volume_at
+    # (no IKE SA up: schedule starts the volume looks again with the next one)
+    if sa is not None and sa.established and volume_at is not None and now >= volume_at:
+        state.volume_at = now + _volume_period(mgr, state)
+        sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
+    for ike_sa, lv in _liveness_of(mgr, state):
+        if now >= lv.check_at:
+            _check_liveness(mgr, state, ike_sa, lv, now)
+    arm(mgr, state)
 
 
 def _keepalive_due(mgr: Manager, name: str, now: float) -> None:

@@ -71,7 +71,7 @@ class ChildRecord:
         return self.inbound.key_bits
 
 
-@dataclass(eq=False)  # hashed by identity: the key of its volume deadline (Manager)
+@dataclass(eq=False)  # hashed by identity: the key of its deadline (Manager.deadlines)
 class MapState:
     """Everything the gateway knows about one crypto map."""
 
@@ -87,7 +87,8 @@ class MapState:
     queue: deque[bytes] = field(default_factory=deque)
     counters: Counters = field(default_factory=Counters)
     established_at: float | None = None
-    # Periodic work on the established IKE SA (absolute loop times, None: off)
+    # Periodic work on the established IKE SA (absolute loop times, None: off); the
+    # liveness looks are its IKE SAs' (Manager.liveness)
     keepalive_at: float | None = None
     volume_at: float | None = None  # next look at the Child SAs' byte/packet/sequence limits
     creating_child: bool = False  # CREATE_CHILD_SA for a new Child SA under way
@@ -129,7 +130,7 @@ class MapState:
         self.counters[name] += n
 
 
-@dataclass(slots=True, eq=False)  # hashed by identity: the key of its deadline (Manager)
+@dataclass(slots=True)
 class Liveness:
     """Dead-peer detection of one IKE SA (RFC 7296 §2.4).
 
@@ -138,7 +139,6 @@ class Liveness:
     (the Child SAs' packet counters changed since the previous look).
     """
 
-    ike_name: str
     last_activity: float
     check_at: float
     packets_in: int = 0
