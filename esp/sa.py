@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -136,18 +136,11 @@ class SaOptions(TypedDict, total=False):
 class _SecurityAssociation:
     """What outbound and inbound SAs share: identity, key, counters, lifetimes."""
 
-    # The cipher and the salt live only in the subclasses' ``_fixed`` tuple: a slot
-    # each would be 8 bytes per SA for nothing (10,000s of SAs on a responder).
-    __slots__ = (
-        "counters",
-        "created",
-        "esn",
-        "key_bits",
-        "lifetime",
-        "mode",
-        "soft_seq",
-        "spi",
-    )
+    # What the per-packet methods read lives only in ``_fixed``, the SPI, ESN flag and
+    # counters first in both directions (the properties below): a slot that copied
+    # one would be 8 bytes per SA for nothing (10,000s of SAs on a responder).
+    __slots__ = ("_fixed", "created", "key_bits", "lifetime", "mode", "soft_seq")
+    _fixed: tuple[Any, ...]
 
     def __init__(
         self,
@@ -171,9 +164,7 @@ class _SecurityAssociation:
         if mode not in MODES:
             raise ValueError(f"mode must be 'tunnel' or 'transport', got {mode!r}")
         self.key_bits = _key_bits(key)
-        self.spi = spi
         self.mode = mode
-        self.esn = bool(esn)
         if soft_seq is None:
             soft_seq = DEFAULT_SOFT_SEQ_64 if esn else DEFAULT_SOFT_SEQ_32
         self.soft_seq = soft_seq
@@ -181,7 +172,24 @@ class _SecurityAssociation:
         # Frozen, so SAs without limits (most) share one
         self.lifetime = _NO_LIMITS if limits == _NONE_6 else Lifetime(*limits)
         self.created = created
-        self.counters = SaCounters()
+        # The subclass appends what its direction reads per packet
+        self._fixed = (spi, bool(esn), SaCounters())
+
+    @property
+    def spi(self) -> int:
+        spi: int = self._fixed[0]
+        return spi
+
+    @property
+    def esn(self) -> bool:
+        """64-bit extended sequence numbers (RFC 4303 §2.2.1)."""
+        esn: bool = self._fixed[1]
+        return esn
+
+    @property
+    def counters(self) -> SaCounters:
+        counters: SaCounters = self._fixed[2]
+        return counters
 
     @property
     def _last_seq(self) -> int:
@@ -203,7 +211,8 @@ class _SecurityAssociation:
 class OutboundSA(_SecurityAssociation):
     """Sending side: :meth:`encapsulate` turns a payload into an ESP packet."""
 
-    __slots__ = ("_fixed", "next_seq")
+    __slots__ = ("next_seq",)
+    _fixed: tuple[int, bool, SaCounters, int, AESGCM, int, Callable[[int], int] | None]
 
     def __init__(
         self,
@@ -229,13 +238,11 @@ class OutboundSA(_SecurityAssociation):
         # What encapsulate reads per packet and never changes: one slot read and an
         # unpack are as fast as the closure cells this used to be (and no cells).
         self._fixed = (
-            spi,
+            *self._fixed[:3],  # SPI, ESN, counters
             self._last_seq,
-            self.esn,
             aead,
             int.from_bytes(salt, "big"),
             iv_source,
-            self.counters,
         )
 
     def encapsulate(self, payload: bytes, next_header: int) -> bytes:
@@ -246,7 +253,7 @@ class OutboundSA(_SecurityAssociation):
         Raises :class:`SequenceExhausted` once the last sequence number was used, and
         ``ValueError`` for a next header outside 0..255 (a caller bug, not a packet).
         """
-        spi, last_seq, esn, aead, salt, iv_source, counters = self._fixed
+        spi, esn, counters, last_seq, aead, salt, iv_source = self._fixed
         seq = self.next_seq
         if seq > last_seq:
             # RFC 4303 §3.3.3: the counter MUST NOT cycle; only a new SA may send.
@@ -283,17 +290,24 @@ class OutboundSA(_SecurityAssociation):
 class InboundSA(_SecurityAssociation):
     """Receiving side: :meth:`decapsulate` checks and opens an ESP packet."""
 
-    __slots__ = ("_fixed", "window")
+    __slots__ = ()
+    _fixed: tuple[int, bool, SaCounters, ReplayWindow, AESGCM, bytes]
 
     def __init__(
         self, spi: int, key: bytes, *, replay_window: int = 128, **options: Unpack[SaOptions]
     ) -> None:
         """``replay_window``: anti-replay window size, 32..65536 packets."""
         super().__init__(spi, key, **options)
-        self.window = ReplayWindow(replay_window, esn=self.esn)
+        window = ReplayWindow(replay_window, esn=self.esn)
         aead, salt = _split_keymat(key)
-        # What decapsulate reads per packet and never changes (see OutboundSA)
-        self._fixed = (spi, self.esn, self.window, aead, salt, self.counters)
+        # What decapsulate reads per packet and never changes (see OutboundSA): the
+        # window object is fixed, its state is not
+        self._fixed = (*self._fixed[:3], window, aead, salt)  # SPI, ESN, counters first
+
+    @property
+    def window(self) -> ReplayWindow:
+        """The anti-replay window (RFC 4303 §3.4.3)."""
+        return self._fixed[3]
 
     def status(self, now: float) -> LifetimeStatus:
         """Soft/hard expiry by packets, bytes, seconds and the highest sequence seen."""
@@ -305,7 +319,7 @@ class InboundSA(_SecurityAssociation):
         Nothing else escapes: whatever the bytes, the caller sees a payload or a typed
         error whose drop counter has already been bumped.
         """
-        own_spi, esn, window, aead, salt, counters = self._fixed
+        own_spi, esn, counters, window, aead, salt = self._fixed
         try:
             if len(esp_packet) < MIN_PACKET_LEN:
                 raise TruncatedError(f"{len(esp_packet)} bytes")
