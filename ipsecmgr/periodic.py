@@ -44,11 +44,14 @@ def schedule(mgr: Manager, state: MapState, now: float) -> None:
     arm(mgr, state)
 
 
-def arm(mgr: Manager, state: MapState) -> None:
+def arm(
+    mgr: Manager, state: MapState, lives: list[tuple[ike.IkeSA, Liveness]] | None = None
+) -> None:
     """The map's deadline: its next volume look (while its IKE SA is up) or liveness
-    look of one of its established IKE SAs, whichever comes first (None: neither)."""
+    look of one of its established IKE SAs (``lives``, if known), whichever comes
+    first (None: neither)."""
     sa = state.ike_sa
-    times = [lv.check_at for _, lv in _liveness_of(mgr, state)]
+    times = [lv.check_at for _, lv in (_liveness_of(mgr, state) if lives is None else lives)]
     if sa is not None and sa.established and state.volume_at is not None:
         times.append(state.volume_at)
     mgr.deadlines.set(state, min(times) if times else None)
@@ -108,10 +111,11 @@ def _map_due(mgr: Manager, state: MapState, now: float) -> None:
     if sa is not None and sa.established and volume_at is not None and now >= volume_at:
         state.volume_at = now + _volume_period(mgr, state)
         sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
-    for ike_sa, lv in _liveness_of(mgr, state):
+    lives = _liveness_of(mgr, state)
+    for ike_sa, lv in lives:
         if now >= lv.check_at:
             _check_liveness(mgr, state, ike_sa, lv, now)
-    arm(mgr, state)
+    arm(mgr, state, lives)
 
 
 def _keepalive_due(mgr: Manager, name: str, now: float) -> None:
