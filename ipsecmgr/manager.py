@@ -78,12 +78,15 @@ class Manager:
         self.observe: Callable[[str, str, float], None] | None = None
         # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
         self.invalid_spi = InvalidSpiHints()
-        # The periodic work by deadline: nothing is swept (see ike.timers). A map's
-        # MapState: its next volume look or liveness look of one of its IKE SAs,
-        # whichever comes first (ipsecmgr.periodic.arm: one heap entry per peer, and
-        # no key tuple, instead of two: ~200 bytes per peer); (kind, map name or SPI)
-        # for the rarer ones: NAT keepalives, lingering SPIs, silence checks.
-        self.deadlines: TimerHeap[MapState | tuple[str, str | int]] = TimerHeap()
+        # The periodic work by deadline: nothing is swept (see ike.timers). Each map's
+        # looks: the earlier of its volume look and its IKE SAs' liveness looks, keyed
+        # by the MapState (ipsecmgr.periodic.arm: one heap entry per peer and no key
+        # tuple, instead of two of each: ~200 bytes per peer). The rarer work, keyed
+        # by (kind, map name or SPI): NAT keepalives, lingering SPIs, silence checks.
+        # Two heaps: keys due at the same time are compared, and a MapState and a
+        # tuple do not compare.
+        self.looks: TimerHeap[MapState] = TimerHeap()
+        self.deadlines: TimerHeap[tuple[str, str | int]] = TimerHeap()
         # IKE SAs the engine looked at since the last pump: only their maps can
         # have a peer that moved (_follow_peers)
         self._changed: dict[ike.IkeSA, None] = {}
@@ -208,7 +211,12 @@ class Manager:
     def next_deadline(self) -> float | None:
         times = [
             t
-            for t in (self.endpoint.get_timer(), self.deadlines.next(), self.failover.next_time())
+            for t in (
+                self.endpoint.get_timer(),
+                self.looks.next(),
+                self.deadlines.next(),
+                self.failover.next_time(),
+            )
             if t is not None
         ]
         return min(times) if times else None

@@ -4,9 +4,10 @@ Dead-peer detection (RFC 7296 §2.4), the engine's looks at what the Child SAs
 carried (:meth:`ike.IkeSA.check_usage`: the engine asks :func:`usage` and
 decides on the byte/packet/sequence limits), NAT keepalives (RFC 3948 §2.3)
 and the expiry of lingering inbound SPIs, each by deadline in the manager's
-timer heap (:attr:`Manager.deadlines`): nothing is swept. Lifetimes themselves
-(seconds, volume, jitter, ``rekey lazy``) are the engine's policy
-(``ike.lifetimes``).
+timer heaps (:attr:`Manager.looks`: a map's volume and liveness looks, one
+deadline per map; :attr:`Manager.deadlines`: the rest): nothing is swept.
+Lifetimes themselves (seconds, volume, jitter, ``rekey lazy``) are the
+engine's policy (``ike.lifetimes``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def arm(
     times = [lv.check_at for _, lv in (_liveness_of(mgr, state) if lives is None else lives)]
     if sa is not None and sa.established and state.volume_at is not None:
         times.append(state.volume_at)
-    mgr.deadlines.set(state, min(times) if times else None)
+    mgr.looks.set(state, min(times) if times else None)
 
 
 def _liveness_of(mgr: Manager, state: MapState) -> list[tuple[ike.IkeSA, Liveness]]:
@@ -78,17 +79,15 @@ def periodic(mgr: Manager, now: float) -> None:
     (RFC 3948 §2.3). Rekeys and expiry are the engine's (ike.lifetimes)."""
     mgr.failover.periodic(now)  # preemption probes, retiring a backup's IKE SA
     # Only what is due, earliest first (ike.timers): each handler sets its next time
-    for due in mgr.deadlines.pop_due(now):
-        if isinstance(due, MapState):
-            _map_due(mgr, due, now)
+    for state in mgr.looks.pop_due(now):
+        _map_due(mgr, state, now)
+    for kind, key in mgr.deadlines.pop_due(now):
+        if kind == "linger":
+            _linger_expired(mgr, int(key), now)
+        elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
+            mgr.invalid_spi.silence_due(mgr, str(key), now)
         else:
-            kind, key = due
-            if kind == "linger":
-                _linger_expired(mgr, int(key), now)
-            elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
-                mgr.invalid_spi.silence_due(mgr, str(key), now)
-            else:
-                _keepalive_due(mgr, str(key), now)
+            _keepalive_due(mgr, str(key), now)
 
 
 def _linger_expired(mgr: Manager, spi: int, now: float) -> None:

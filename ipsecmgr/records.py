@@ -71,7 +71,7 @@ class ChildRecord:
         return self.inbound.key_bits
 
 
-@dataclass(eq=False)  # hashed by identity: the key of its deadline (Manager.deadlines)
+@dataclass(eq=False)  # hashed by identity: the key of its deadline (Manager.looks)
 class MapState:
     """Everything the gateway knows about one crypto map."""
 
@@ -128,6 +128,11 @@ class MapState:
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+    def __lt__(self, other: MapState) -> bool:
+        # Orders maps whose deadlines tie in the Manager's timer heap (ike.timers
+        # may compare keys): by name, not by address in memory
+        return self.cmap.name < other.cmap.name
 
 
 @dataclass(slots=True)

@@ -285,13 +285,14 @@ def test_one_deadline_per_map_the_first_of_its_looks(net: Net) -> None:
     lifetimes, the sequence number only) share one deadline, the earlier of the two."""
     client, _gw = pair(net)
     m, state = client.manager, client.state
-    assert list(m.deadlines) == [state] and m.deadlines.get(state) == 1.0
+    assert list(m.looks) == [state] and m.looks.get(state) == 1.0
+    assert not m.deadlines  # (no NAT keepalive, lingering SPI or silence check)
     assert state.volume_at == 5.0
     m.liveness.clear()  # no liveness looks any more: the volume look is next
     net.run_until(1.0)
-    assert m.deadlines.get(state) == 5.0
+    assert m.looks.get(state) == 5.0
     net.run_until(5.0)
-    assert m.deadlines.get(state) == 10.0 and state.volume_at == 10.0
+    assert m.looks.get(state) == 10.0 and state.volume_at == 10.0
 
 
 # --- dead peer ----------------------------------------------------------------------------

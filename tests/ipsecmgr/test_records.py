@@ -3,6 +3,7 @@ oldest first, and what a record reads from its ESP SAs."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import esp
@@ -59,3 +60,15 @@ def test_mode_esn_and_key_size_are_the_esp_sas() -> None:
     rec = record("m-aa", 1, 0x1000, mode="transport", esn=True)
     assert (rec.mode, rec.esn, rec.key_bits) == ("transport", True, 256)
     assert KEY.hex() not in repr(rec)  # the keys stay out of repr
+
+
+def test_maps_order_by_name() -> None:
+    """Maps whose deadlines tie in the Manager's timer heap are compared (ike.timers
+    may order entries by key): by their names, never by address."""
+
+    def named(name: str) -> MapState:
+        return MapState(SimpleNamespace(name=name), None)  # type: ignore[arg-type]
+
+    b, a, c = named("b"), named("a"), named("c")
+    assert sorted([b, c, a]) == [a, b, c]
+    assert a < b and not b < a
