@@ -6,7 +6,9 @@ The SA only counts and compares; it never reads a clock. The caller passes ``now
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 __all__ = ["DROP_REASONS", "Drops", "Lifetime", "LifetimeStatus", "SaCounters"]
 
@@ -24,11 +26,8 @@ DROP_REASONS: tuple[str, ...] = (
 
 
 class Drops(dict[str, int]):
-    """Drop counts by reason: a reason never counted reads 0 and is not stored.
-
-    Two per Child SA, 10,000s on a responder, and almost always all zero: an empty
-    dict is 64 bytes, one with every reason 272.
-    """
+    """Drop counts by reason: a reason never counted reads 0 and is not stored
+    (one with every reason is 272 bytes, one with a single reason 232)."""
 
     __slots__ = ()
 
@@ -38,34 +37,51 @@ class Drops(dict[str, int]):
 
 class SaCounters:
     """Packets and payload bytes that passed, and the drops by reason
-    (``drops[reason]`` reads 0 for every reason in :data:`DROP_REASONS` not yet seen)."""
+    (``drops[reason]`` reads 0 for every reason in :data:`DROP_REASONS` not yet seen).
+
+    The drop counts are a :class:`Drops` made on the first drop: most SAs never drop
+    one, and an empty dict is 64 bytes per SA (10,000s on a responder). Reading them
+    makes nothing; :meth:`count_drop` counts.
+    """
 
     __slots__ = ("_drops", "bytes", "packets")
 
     def __init__(self) -> None:
         self.packets = 0
         self.bytes = 0
-        self._drops = Drops()
+        self._drops: Drops | None = None
 
     @property
-    def drops(self) -> Drops:
-        return self._drops
+    def drops(self) -> Mapping[str, int]:
+        """The drop counts by reason, read only (count with :meth:`count_drop`)."""
+        return _NO_DROPS if self._drops is None else MappingProxyType(self._drops)
 
     @drops.setter
-    def drops(self, value: dict[str, int]) -> None:
+    def drops(self, value: Mapping[str, int]) -> None:
         # e.g. counts copied from a data-path worker as a plain dict
-        self._drops = value if isinstance(value, Drops) else Drops(value)
+        self._drops = Drops(value) if value else None
+
+    def count_drop(self, reason: str, n: int = 1) -> None:
+        """``n`` more packets dropped for ``reason`` (one of :data:`DROP_REASONS`)."""
+        drops = self._drops
+        if drops is None:
+            drops = self._drops = Drops()
+        drops[reason] += n
 
     def as_dict(self) -> dict[str, int]:
         """Flat snapshot, e.g. for the control API's JSON output (every drop reason)."""
         out = {"packets": self.packets, "bytes": self.bytes}
         out.update(dict.fromkeys(DROP_REASONS, 0))
-        out.update(self._drops)
+        out.update(self.drops)
         return out
 
     def __repr__(self) -> str:
         dropped = {k: v for k, v in self.drops.items() if v}
         return f"SaCounters(packets={self.packets}, bytes={self.bytes}, drops={dropped})"
+
+
+# What an SA that never dropped a packet reads (shared; read only)
+_NO_DROPS: Mapping[str, int] = MappingProxyType(Drops())
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -97,12 +97,17 @@ _TRAILERS: dict[int, tuple[bytes, ...]] = {
 }
 
 
-def _split_keymat(key: bytes) -> tuple[AESGCM, bytes]:
+def _key_bits(key: bytes) -> int:
+    """The AES key size of ESP keying material (validated: key ‖ 4-byte salt)."""
     if not isinstance(key, bytes | bytearray) or len(key) not in KEYMAT_LENGTHS:
         raise ValueError(
             "ESP AES-GCM keying material must be a 16- or 32-byte AES key followed by a "
             "4-byte salt (20 or 36 bytes)"
         )
+    return (len(key) - SALT_LEN) * 8
+
+
+def _split_keymat(key: bytes) -> tuple[AESGCM, bytes]:
     return AESGCM(bytes(key[:-SALT_LEN])), bytes(key[-SALT_LEN:])
 
 
@@ -131,19 +136,11 @@ class SaOptions(TypedDict, total=False):
 class _SecurityAssociation:
     """What outbound and inbound SAs share: identity, key, counters, lifetimes."""
 
-    __slots__ = (
-        "_aead",
-        "_last_seq",
-        "_salt",
-        "counters",
-        "created",
-        "esn",
-        "key_bits",
-        "lifetime",
-        "mode",
-        "soft_seq",
-        "spi",
-    )
+    # What the per-packet methods read lives only in ``_fixed``, the SPI, ESN flag and
+    # counters first in both directions (the properties below): a slot that copied
+    # one would be 8 bytes per SA for nothing (10,000s of SAs on a responder).
+    __slots__ = ("_fixed", "created", "key_bits", "lifetime", "mode", "soft_seq")
+    _fixed: tuple[Any, ...]
 
     def __init__(
         self,
@@ -166,12 +163,8 @@ class _SecurityAssociation:
             raise ValueError(f"SPI must be 1..2^32-1, got {spi}")
         if mode not in MODES:
             raise ValueError(f"mode must be 'tunnel' or 'transport', got {mode!r}")
-        self._aead, self._salt = _split_keymat(key)
-        self.key_bits = (len(key) - SALT_LEN) * 8
-        self.spi = spi
+        self.key_bits = _key_bits(key)
         self.mode = mode
-        self.esn = bool(esn)
-        self._last_seq = _LAST_SEQ_64 if esn else _LAST_SEQ_32
         if soft_seq is None:
             soft_seq = DEFAULT_SOFT_SEQ_64 if esn else DEFAULT_SOFT_SEQ_32
         self.soft_seq = soft_seq
@@ -179,7 +172,28 @@ class _SecurityAssociation:
         # Frozen, so SAs without limits (most) share one
         self.lifetime = _NO_LIMITS if limits == _NONE_6 else Lifetime(*limits)
         self.created = created
-        self.counters = SaCounters()
+        # The subclass appends what its direction reads per packet
+        self._fixed = (spi, bool(esn), SaCounters())
+
+    @property
+    def spi(self) -> int:
+        spi: int = self._fixed[0]
+        return spi
+
+    @property
+    def esn(self) -> bool:
+        """64-bit extended sequence numbers (RFC 4303 §2.2.1)."""
+        esn: bool = self._fixed[1]
+        return esn
+
+    @property
+    def counters(self) -> SaCounters:
+        counters: SaCounters = self._fixed[2]
+        return counters
+
+    @property
+    def _last_seq(self) -> int:
+        return _LAST_SEQ_64 if self.esn else _LAST_SEQ_32
 
     def _status(self, now: float, seq: int) -> LifetimeStatus:
         return self.lifetime.status(
@@ -197,7 +211,8 @@ class _SecurityAssociation:
 class OutboundSA(_SecurityAssociation):
     """Sending side: :meth:`encapsulate` turns a payload into an ESP packet."""
 
-    __slots__ = ("_fixed", "next_seq")
+    __slots__ = ("next_seq",)
+    _fixed: tuple[int, bool, SaCounters, int, AESGCM, int, Callable[[int], int] | None]
 
     def __init__(
         self,
@@ -219,16 +234,15 @@ class OutboundSA(_SecurityAssociation):
         if not 1 <= seq <= self._last_seq + 1:
             raise ValueError(f"next sequence number {seq} out of range")
         self.next_seq = seq
+        aead, salt = _split_keymat(key)
         # What encapsulate reads per packet and never changes: one slot read and an
         # unpack are as fast as the closure cells this used to be (and no cells).
         self._fixed = (
-            spi,
+            *self._fixed[:3],  # SPI, ESN, counters
             self._last_seq,
-            self.esn,
-            self._aead,
-            int.from_bytes(self._salt, "big"),
+            aead,
+            int.from_bytes(salt, "big"),
             iv_source,
-            self.counters,
         )
 
     def encapsulate(self, payload: bytes, next_header: int) -> bytes:
@@ -239,11 +253,11 @@ class OutboundSA(_SecurityAssociation):
         Raises :class:`SequenceExhausted` once the last sequence number was used, and
         ``ValueError`` for a next header outside 0..255 (a caller bug, not a packet).
         """
-        spi, last_seq, esn, aead, salt, iv_source, counters = self._fixed
+        spi, esn, counters, last_seq, aead, salt, iv_source = self._fixed
         seq = self.next_seq
         if seq > last_seq:
             # RFC 4303 §3.3.3: the counter MUST NOT cycle; only a new SA may send.
-            counters.drops["seq_exhausted"] += 1
+            counters.count_drop("seq_exhausted")
             raise SequenceExhausted(f"SPI 0x{spi:08x}: sequence numbers exhausted")
         self.next_seq = seq + 1
         n = len(payload)
@@ -276,16 +290,24 @@ class OutboundSA(_SecurityAssociation):
 class InboundSA(_SecurityAssociation):
     """Receiving side: :meth:`decapsulate` checks and opens an ESP packet."""
 
-    __slots__ = ("_fixed", "window")
+    __slots__ = ()
+    _fixed: tuple[int, bool, SaCounters, ReplayWindow, AESGCM, bytes]
 
     def __init__(
         self, spi: int, key: bytes, *, replay_window: int = 128, **options: Unpack[SaOptions]
     ) -> None:
         """``replay_window``: anti-replay window size, 32..65536 packets."""
         super().__init__(spi, key, **options)
-        self.window = ReplayWindow(replay_window, esn=self.esn)
-        # What decapsulate reads per packet and never changes (see OutboundSA)
-        self._fixed = (spi, self.esn, self.window, self._aead, self._salt, self.counters)
+        window = ReplayWindow(replay_window, esn=self.esn)
+        aead, salt = _split_keymat(key)
+        # What decapsulate reads per packet and never changes (see OutboundSA): the
+        # window object is fixed, its state is not
+        self._fixed = (*self._fixed[:3], window, aead, salt)  # SPI, ESN, counters first
+
+    @property
+    def window(self) -> ReplayWindow:
+        """The anti-replay window (RFC 4303 §3.4.3)."""
+        return self._fixed[3]
 
     def status(self, now: float) -> LifetimeStatus:
         """Soft/hard expiry by packets, bytes, seconds and the highest sequence seen."""
@@ -297,7 +319,7 @@ class InboundSA(_SecurityAssociation):
         Nothing else escapes: whatever the bytes, the caller sees a payload or a typed
         error whose drop counter has already been bumped.
         """
-        own_spi, esn, window, aead, salt, counters = self._fixed
+        own_spi, esn, counters, window, aead, salt = self._fixed
         try:
             if len(esp_packet) < MIN_PACKET_LEN:
                 raise TruncatedError(f"{len(esp_packet)} bytes")
@@ -339,9 +361,8 @@ class InboundSA(_SecurityAssociation):
             counters.bytes += len(payload)
             return payload, next_header
         except EspError as err:
-            drops = counters.drops
-            drops[err.counter] = drops.get(err.counter, 0) + 1
+            counters.count_drop(err.counter)
             raise
         except Exception as exc:  # anything else from hostile bytes becomes "malformed"
-            counters.drops["malformed"] += 1
+            counters.count_drop("malformed")
             raise MalformedError(f"{type(exc).__name__}: {exc}") from exc

@@ -132,7 +132,7 @@ class InvalidSpiHints:
         name = state.cmap.name
         if event.authenticated:
             # The peer itself, inside the IKE SA: it really has no such SA
-            rec = state.children.get((event.ike_sa, event.child_id))
+            rec = state.child(event.ike_sa, event.child_id)
             if rec is not None and now - rec.installed_at < INSTALL_GRACE:
                 state.bump("invalid_spi_ignored")
                 return
@@ -203,7 +203,7 @@ class InvalidSpiHints:
             # after the answer, and a connection's last ACK would look unanswered.)
             mgr.datapath.watch_outbound(name)
             return
-        spis = [rec.inbound.spi for rec in state.children.values()]
+        spis = [rec.inbound.spi for rec in state.children]
         if not confirmed and not mgr.datapath.refresh_inbound(name, spis):
             # Split data path: these inbound counters were up to a second old; the
             # fresh ones come with Manager.on_inbound_counted (then confirmed)
@@ -257,7 +257,7 @@ class InvalidSpiHints:
                 continue  # not answered yet
             del self.held[name]
             if mgr.datapath.binding(name) is not None or not any(
-                rec.outbound is binding.sa for rec in state.children.values()
+                rec.outbound is binding.sa for rec in state.children
             ):
                 continue  # a newer Child SA took over (and sent the queue)
             # The same SA, socket and peer again (raw ESP: port 0; UDP 4500 otherwise)

@@ -21,7 +21,7 @@ from ipsecmgr.peers import DEAD, HOLD_DOWN_NOTIFIES
 from ipsecmgr.periodic import DPD_SAMPLES, schedule
 from ipsecmgr.records import Address, ChildRecord, Liveness, MapState, MapStatus
 from ipsecmgr.sasink import SaPair
-from ipsecmgr.translate import npu_selector
+from ipsecmgr.translate import npu_selectors
 
 if TYPE_CHECKING:
     from ipsecmgr.manager import Manager
@@ -74,10 +74,9 @@ def _on_ike_established(
     if mgr.observe is not None and state.initiated_at is not None:
         mgr.observe("ike_handshake", state.cmap.name, now - state.initiated_at)
     state.initiated_at = None
-    schedule(mgr, state, now)
     if (sa := state.ike_sa) is not None and (interval := state.cmap.dpd.interval) > 0:
         mgr.liveness[sa.name] = Liveness(now, now + interval / DPD_SAMPLES)
-        mgr.deadlines.set(("liveness", sa.name), now + interval / DPD_SAMPLES)
+    schedule(mgr, state, now)
     log.info(
         "crypto map %s: IKE SA up with %s (%s)",
         state.cmap.name,
@@ -110,18 +109,17 @@ def _on_child_rekeyed(mgr: Manager, state: MapState, event: ev.ChildSaRekeyed, n
 
 def _on_child_deleted(mgr: Manager, state: MapState, event: ev.ChildSaDeleted, now: float) -> None:
     linger = now + REKEY_LINGER if event.reason == "rekeyed" else None
-    remove_child(mgr, state, (event.ike_sa, event.child_id), linger)
+    remove_child(mgr, state, event.ike_sa, event.child_id, linger)
     log.info(
         "crypto map %s: Child SA %d deleted (%s)", state.cmap.name, event.child_id, event.reason
     )
 
 
 def _on_ike_deleted(mgr: Manager, state: MapState, event: ev.IkeSaDeleted, now: float) -> None:
-    mgr.liveness.pop(event.ike_sa, None)
+    mgr.liveness.pop(event.ike_sa, None)  # (the map's deadline skips it: periodic.arm)
     mgr.failover.deleted(state, event.ike_sa, event.reason, now)
-    mgr.deadlines.cancel(("liveness", event.ike_sa))
-    for key in [k for k in state.children if k[0] == event.ike_sa]:
-        remove_child(mgr, state, key)
+    for rec in state.children_of(event.ike_sa):
+        remove_child(mgr, state, rec.ike_name, rec.child_id)
     if state.ike_sa is None or state.ike_sa.name == event.ike_sa:
         if state.status != MapStatus.FAILED:
             state.status = MapStatus.DEAD if event.reason == "peer-dead" else MapStatus.IDLE
@@ -251,8 +249,8 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
             outbound,
             event.inbound_key,
             event.outbound_key,
-            [npu_selector(t) for t in event.remote_ts],
-            [npu_selector(t) for t in event.local_ts],
+            npu_selectors(event.remote_ts),
+            npu_selectors(event.local_ts),
         )
     )
     old = sa.children.get(event.rekeyed_from) if sa and event.rekeyed_from else None
@@ -266,17 +264,18 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
         state.bump("rekey_send_deferred")
     else:
         _bind(mgr, state, event.ike_sa, outbound)
-    state.children[(event.ike_sa, event.child_id)] = ChildRecord(
-        event.child_id,
-        inbound,
-        outbound,
-        event.mode,
-        now,
-        event.local_ts,
-        event.remote_ts,
-        event.esn,
-        event.key_bits,
-        (event.inbound_key, event.outbound_key),
+    state.add_child(
+        ChildRecord(
+            event.ike_sa,
+            event.child_id,
+            inbound,
+            outbound,
+            now,
+            event.local_ts,
+            event.remote_ts,
+            event.inbound_key,
+            event.outbound_key,
+        )
     )
     state.bump("child_sa_installed")
     log.info(
@@ -295,9 +294,9 @@ def _install_child(mgr: Manager, state: MapState, event: ev.ChildSaInstalled, no
 
 
 def remove_child(
-    mgr: Manager, state: MapState, key: tuple[str, int], linger: float | None = None
+    mgr: Manager, state: MapState, ike_name: str, child_id: int, linger: float | None = None
 ) -> None:
-    record = state.children.pop(key, None)
+    record = state.pop_child(ike_name, child_id)
     if record is None:
         return
     # Per-map ESP totals outlive the SA (metrics: live SAs + these)
@@ -316,8 +315,8 @@ def remove_child(
         mgr.datapath.unbind(state.cmap.name)
         # The most recently installed child of the same map takes over sending.
         if state.children:
-            (ike_name, _), newer = list(state.children.items())[-1]
-            _bind(mgr, state, ike_name, newer.outbound)
+            newer = state.children[-1]
+            _bind(mgr, state, newer.ike_name, newer.outbound)
 
 
 def _bind(mgr: Manager, state: MapState, ike_name: str, outbound: esp.OutboundSA) -> None:

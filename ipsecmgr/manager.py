@@ -78,8 +78,14 @@ class Manager:
         self.observe: Callable[[str, str, float], None] | None = None
         # INVALID_SPI (RFC 7296 §1.5): sent for ESP with unknown SPIs, hints received
         self.invalid_spi = InvalidSpiHints()
-        # The periodic work (liveness per IKE SA, volume and keepalive per map, each
-        # lingering SPI) by deadline: nothing is swept (see ike.timers)
+        # The periodic work by deadline: nothing is swept (see ike.timers). Each map's
+        # looks: the earlier of its volume look and its IKE SAs' liveness looks, keyed
+        # by the MapState (ipsecmgr.periodic.arm: one heap entry per peer and no key
+        # tuple, instead of two of each: ~200 bytes per peer). The rarer work, keyed
+        # by (kind, map name or SPI): NAT keepalives, lingering SPIs, silence checks.
+        # Two heaps: keys due at the same time are compared, and a MapState and a
+        # tuple do not compare.
+        self.looks: TimerHeap[MapState] = TimerHeap()
         self.deadlines: TimerHeap[tuple[str, str | int]] = TimerHeap()
         # IKE SAs the engine looked at since the last pump: only their maps can
         # have a peer that moved (_follow_peers)
@@ -105,8 +111,8 @@ class Manager:
             for sa in self._sas_of_map(state):
                 sa.delete(now)
                 work.sas_deleted += 1
-            for key in list(state.children):
-                self._remove_child(state, key)
+            for rec in state.children:
+                self._remove_child(state, rec.ike_name, rec.child_id)
                 work.children_removed += 1
             self.datapath.unbind(state.cmap.name)
             log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
@@ -208,7 +214,12 @@ class Manager:
     def next_deadline(self) -> float | None:
         times = [
             t
-            for t in (self.endpoint.get_timer(), self.deadlines.next(), self.failover.next_time())
+            for t in (
+                self.endpoint.get_timer(),
+                self.looks.next(),
+                self.deadlines.next(),
+                self.failover.next_time(),
+            )
             if t is not None
         ]
         return min(times) if times else None
@@ -327,9 +338,9 @@ class Manager:
             handler(self, state, event, now)
 
     def _remove_child(
-        self, state: MapState, key: tuple[str, int], linger: float | None = None
+        self, state: MapState, ike_name: str, child_id: int, linger: float | None = None
     ) -> None:
-        lifecycle.remove_child(self, state, key, linger)
+        lifecycle.remove_child(self, state, ike_name, child_id, linger)
 
     # -- commands ------------------------------------------------------------------
 

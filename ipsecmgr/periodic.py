@@ -4,9 +4,10 @@ Dead-peer detection (RFC 7296 §2.4), the engine's looks at what the Child SAs
 carried (:meth:`ike.IkeSA.check_usage`: the engine asks :func:`usage` and
 decides on the byte/packet/sequence limits), NAT keepalives (RFC 3948 §2.3)
 and the expiry of lingering inbound SPIs, each by deadline in the manager's
-timer heap (:attr:`Manager.deadlines`): nothing is swept. Lifetimes themselves
-(seconds, volume, jitter, ``rekey lazy``) are the engine's policy
-(``ike.lifetimes``).
+timer heaps (:attr:`Manager.looks`: a map's volume and liveness looks, one
+deadline per map; :attr:`Manager.deadlines`: the rest): nothing is swept.
+Lifetimes themselves (seconds, volume, jitter, ``rekey lazy``) are the
+engine's policy (``ike.lifetimes``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,31 @@ def schedule(mgr: Manager, state: MapState, now: float) -> None:
     state.keepalive_at = now + ka if behind_nat and ka > 0 else None
     state.volume_at = now + _volume_period(mgr, state)
     mgr.deadlines.set(("keepalive", state.cmap.name), state.keepalive_at)
-    mgr.deadlines.set(("volume", state.cmap.name), state.volume_at)
+    arm(mgr, state)
+
+
+def arm(
+    mgr: Manager, state: MapState, lives: list[tuple[ike.IkeSA, Liveness]] | None = None
+) -> None:
+    """The map's deadline: its next volume look (while its IKE SA is up) or liveness
+    look of one of its established IKE SAs (``lives``, if known), whichever comes
+    first (None: neither)."""
+    sa = state.ike_sa
+    times = [lv.check_at for _, lv in (_liveness_of(mgr, state) if lives is None else lives)]
+    if sa is not None and sa.established and state.volume_at is not None:
+        times.append(state.volume_at)
+    mgr.looks.set(state, min(times) if times else None)
+
+
+def _liveness_of(mgr: Manager, state: MapState) -> list[tuple[ike.IkeSA, Liveness]]:
+    """The map's established IKE SAs under dead-peer detection (a stale one and its
+    replacement may both be), with their records."""
+    out = []
+    for sa in mgr._sas_of_map(state):
+        lv = mgr.liveness.get(sa.name)
+        if lv is not None and sa.established:
+            out.append((sa, lv))
+    return out
 
 
 def _volume_period(mgr: Manager, state: MapState) -> float:
@@ -54,15 +79,15 @@ def periodic(mgr: Manager, now: float) -> None:
     (RFC 3948 §2.3). Rekeys and expiry are the engine's (ike.lifetimes)."""
     mgr.failover.periodic(now)  # preemption probes, retiring a backup's IKE SA
     # Only what is due, earliest first (ike.timers): each handler sets its next time
+    for state in mgr.looks.pop_due(now):
+        _map_due(mgr, state, now)
     for kind, key in mgr.deadlines.pop_due(now):
         if kind == "linger":
             _linger_expired(mgr, int(key), now)
-        elif kind == "liveness":
-            _liveness_due(mgr, str(key), now)
         elif kind == "silence":  # ESP went out SILENCE ago: answered? (§2.4)
             mgr.invalid_spi.silence_due(mgr, str(key), now)
         else:
-            _map_work_due(mgr, kind, str(key), now)
+            _keepalive_due(mgr, str(key), now)
 
 
 def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
@@ -76,31 +101,28 @@ def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
     mgr.datapath.remove(spi, None)
 
 
-def _liveness_due(mgr: Manager, name: str, now: float) -> None:
-    lv = mgr.liveness.get(name)
-    ike_sa = mgr.endpoint.find_sa(name)
-    if lv is None or ike_sa is None or not ike_sa.established:
-        return  # gone (its IkeSaDeleted dropped the record) or not up any more
-    if now < lv.check_at:
-        mgr.deadlines.set(("liveness", name), lv.check_at)
-        return
-    owner = mgr._state_for_name(name)
-    if owner is not None:
-        _check_liveness(mgr, owner, ike_sa, lv, now)
-        mgr.deadlines.set(("liveness", name), lv.check_at)
+def _map_due(mgr: Manager, state: MapState, now: float) -> None:
+    """The volume look and the liveness looks that are due, then the next deadline."""
+    if mgr.maps.get(state.cmap.name) is not state:
+        return  # a reload dropped the map
+    sa, volume_at = state.ike_sa, state.volume_at
+    # (no IKE SA up: schedule starts the volume looks again with the next one)
+    if sa is not None and sa.established and volume_at is not None and now >= volume_at:
+        state.volume_at = now + _volume_period(mgr, state)
+        sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
+    lives = _liveness_of(mgr, state)
+    for ike_sa, lv in lives:
+        if now >= lv.check_at:
+            _check_liveness(mgr, state, ike_sa, lv, now)
+    arm(mgr, state, lives)
 
 
-def _map_work_due(mgr: Manager, kind: str, name: str, now: float) -> None:
+def _keepalive_due(mgr: Manager, name: str, now: float) -> None:
     state = mgr.maps.get(name)
     sa = state.ike_sa if state is not None else None
     if state is None or sa is None or not sa.established:
         return  # _schedule starts it again with the next IKE SA
-    if kind == "volume" and state.volume_at is not None:
-        if now >= state.volume_at:
-            state.volume_at = now + _volume_period(mgr, state)
-            sa.check_usage(now)  # the engine asks usage() and decides (ike.lifetimes)
-        mgr.deadlines.set(("volume", name), state.volume_at)
-    elif kind == "keepalive" and state.keepalive_at is not None:
+    if state.keepalive_at is not None:
         if now >= state.keepalive_at:
             state.keepalive_at = now + state.cmap.nat_keepalive
             _send_keepalive(mgr, state, sa)
@@ -136,7 +158,7 @@ def usage(mgr: Manager, ike_name: str, child_id: int, now: float) -> ike.ChildUs
     """What the data path counted for a Child SA (the engine asks: volume lifetimes,
     ``rekey lazy``): the larger direction, and whether the sequence numbers run out."""
     state = mgr._state_for_name(ike_name)
-    rec = state.children.get((ike_name, child_id)) if state is not None else None
+    rec = state.child(ike_name, child_id) if state is not None else None
     if rec is None:
         return None
     out, inb = rec.outbound, rec.inbound

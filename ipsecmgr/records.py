@@ -43,22 +43,35 @@ class ChildState(StrEnum):
 
 @dataclass(slots=True)  # one per Child SA, 10,000s on a responder
 class ChildRecord:
+    ike_name: str  # its IKE SA: child ids are only unique per IKE SA
     child_id: int
     inbound: esp.InboundSA
     outbound: esp.OutboundSA
-    mode: str
     installed_at: float
     # The engine's selectors (the same objects its Child SA holds), formatted for
     # ``show`` when asked: strings per Child SA were ~400 bytes per peer
     local_ts: Sequence[ike.TrafficSelector]
     remote_ts: Sequence[ike.TrafficSelector]
-    esn: bool
-    key_bits: int
-    # (inbound, outbound) AES key ‖ salt, kept only for ``trace --wireshark-keys``
-    keys: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
+    # AES key ‖ salt of each direction, kept only for ``trace --wireshark-keys``
+    # (two slots: a tuple of the two was 56 bytes more per Child SA)
+    inbound_key: bytes = field(default=b"", repr=False)
+    outbound_key: bytes = field(default=b"", repr=False)
+
+    # Mode, ESN and key size are the ESP SAs' own (not a copy per record)
+    @property
+    def mode(self) -> str:
+        return self.inbound.mode
+
+    @property
+    def esn(self) -> bool:
+        return self.inbound.esn
+
+    @property
+    def key_bits(self) -> int:
+        return self.inbound.key_bits
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the key of its deadline (Manager.looks)
 class MapState:
     """Everything the gateway knows about one crypto map."""
 
@@ -67,12 +80,15 @@ class MapState:
     ike_sa: ike.IkeSA | None = None
     status: MapStatus = MapStatus.IDLE
     last_error: str = ""
-    # Keyed by (IKE SA name, child id): child ids are only unique per IKE SA.
-    children: dict[tuple[str, int], ChildRecord] = field(default_factory=dict)
+    # The installed Child SAs, oldest first: one as a rule, two while a rekey
+    # replaces one (RFC 7296 §2.8). A tuple, found by (IKE SA name, child id) with
+    # child(): a dict of one entry and its key tuple were ~280 bytes per peer.
+    children: tuple[ChildRecord, ...] = ()
     queue: deque[bytes] = field(default_factory=deque)
     counters: Counters = field(default_factory=Counters)
     established_at: float | None = None
-    # Periodic work on the established IKE SA (absolute loop times, None: off)
+    # Periodic work on the established IKE SA (absolute loop times, None: off); the
+    # liveness looks are its IKE SAs' (Manager.liveness)
     keepalive_at: float | None = None
     volume_at: float | None = None  # next look at the Child SAs' byte/packet/sequence limits
     creating_child: bool = False  # CREATE_CHILD_SA for a new Child SA under way
@@ -88,12 +104,35 @@ class MapState:
         """A map's state with one IKE config per peer (the first one is ``base``)."""
         return cls(cmap, base, peers=PeerList(peer_configs(cmap.peers, base), cmap.preempt))
 
+    def child(self, ike_name: str, child_id: int) -> ChildRecord | None:
+        """The Child SA ``child_id`` of the IKE SA named ``ike_name``, if installed."""
+        for rec in self.children:
+            if rec.child_id == child_id and rec.ike_name == ike_name:
+                return rec
+        return None
+
     def children_of(self, ike_name: str) -> list[ChildRecord]:
         """The Child SAs of the map's IKE SA named ``ike_name``."""
-        return [rec for (name, _), rec in self.children.items() if name == ike_name]
+        return [rec for rec in self.children if rec.ike_name == ike_name]
+
+    def add_child(self, rec: ChildRecord) -> None:
+        """A newly installed Child SA (the newest: the last one)."""
+        self.children = (*self.children, rec)
+
+    def pop_child(self, ike_name: str, child_id: int) -> ChildRecord | None:
+        """Forget a Child SA; the record, or None if it was not installed."""
+        rec = self.child(ike_name, child_id)
+        if rec is not None:
+            self.children = tuple(r for r in self.children if r is not rec)
+        return rec
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+    def __lt__(self, other: MapState) -> bool:
+        # Orders maps whose deadlines tie in the Manager's timer heap (ike.timers
+        # may compare keys): by name, not by address in memory
+        return self.cmap.name < other.cmap.name
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ construction (:class:`ipsecmgr.datapath.Datapath`'s ``on_no_sa``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,8 +61,8 @@ class SaPair:
     inbound_key: bytes
     outbound_key: bytes
     # The inbound policy (RFC 4301 §5.2): decrypted packets' sources and destinations
-    remote_ts: list[npusim.TrafficSelector]
-    local_ts: list[npusim.TrafficSelector]
+    remote_ts: Sequence[npusim.TrafficSelector]
+    local_ts: Sequence[npusim.TrafficSelector]
 
 
 def esp_peer(peer: Address, nat_t: bool) -> Address:

@@ -50,10 +50,10 @@ def export_keys(mgr: Manager) -> dict[str, list[dict[str, str]]]:
         sa = state.ike_sa
         local = sa.local_addr[0] if sa else str(state.cmap.local_address)
         peer = sa.peer_addr[0] if sa else str(state.cmap.peer)
-        for rec in state.children.values():
+        for rec in state.children:
             for spi, key, src, dst in (
-                (rec.inbound.spi, rec.keys[0], peer, local),
-                (rec.outbound.spi, rec.keys[1], local, peer),
+                (rec.inbound.spi, rec.inbound_key, peer, local),
+                (rec.outbound.spi, rec.outbound_key, local, peer),
             ):
                 row = {"spi": f"{spi:08x}", "key": key.hex(), "src": src, "dst": dst}
                 esp_rows.append(row | {"crypto_map": state.cmap.name})
@@ -103,7 +103,7 @@ def child_sa_states(mgr: Manager, now: float, wall: float) -> list[show.ChildSaS
     out: list[show.ChildSaState] = []
     for name, state in mgr.maps.items():
         ike_sa = state.ike_sa
-        for rec in state.children.values():
+        for rec in state.children:
             ts = mgr.config.ipsec_transform_sets[state.cmap.ipsec_transform_sets[0]]
             binding = mgr.datapath.binding(name)
             out.append(

@@ -3,7 +3,7 @@
 Pure functions of the parsed configuration (:mod:`ipsecmgr.config`) and the
 ACLs (:mod:`npusim`): the manager builds one :class:`ike.IkeConfig` per crypto
 map with :func:`build_ike_config`, and converts the engine's traffic selectors
-for the SA-flow table with :func:`npu_selector`.
+for the SA-flow table with :func:`npu_selectors`.
 """
 
 from __future__ import annotations
@@ -115,6 +115,23 @@ def selectors_from_acl(
 def npu_selector(ts: ike.TrafficSelector) -> npusim.TrafficSelector:
     version, start, end = ts.span  # the ints the engine's selector holds (no new ones)
     return npusim.TrafficSelector(version, ts.ip_proto, start, end, ts.start_port, ts.end_port)
+
+
+def npu_selectors(selectors: Sequence[ike.TrafficSelector]) -> tuple[npusim.TrafficSelector, ...]:
+    """The engine's selectors of one side of a Child SA, for its SA-flow entry: one
+    tuple for every SA with the same selectors (e.g. our side, the same for many
+    peers; a tuple of one selector is 48 bytes per SA-flow entry)."""
+    return _npu_selectors(tuple(selectors))
+
+
+# Small: what repeats is our side (one set per ACL shape, used by every install, so
+# never the least recently used); the peers' sides mostly differ and only pass
+# through (an entry is ~250 bytes: 1,024 of them would cost more than they save).
+@functools.lru_cache(maxsize=64)
+def _npu_selectors(
+    selectors: tuple[ike.TrafficSelector, ...],
+) -> tuple[npusim.TrafficSelector, ...]:
+    return tuple(npu_selector(t) for t in selectors)
 
 
 def ts_text(selectors: Sequence[ike.TrafficSelector]) -> list[str]:

@@ -113,13 +113,17 @@ def test_counters_as_dict() -> None:
 
 
 def test_drops_store_only_what_was_counted() -> None:
-    """A reason never counted reads 0 without being stored (an idle SA keeps an empty
+    """A reason never counted reads 0 without being stored (an idle SA keeps no
     dict, not one entry per reason); counts copied in as a plain dict (the data-path
-    worker's snapshot) read the same way."""
+    worker's snapshot) read the same way. The counts are read only: the data path
+    counts with count_drop."""
     sa = esp.InboundSA(SPI, KEY)
     assert dict(sa.counters.drops) == {}
     assert all(sa.counters.drops[reason] == 0 for reason in esp.DROP_REASONS)
     assert dict(sa.counters.drops) == {}  # reading stored nothing
+    with pytest.raises(TypeError):
+        sa.counters.drops["replayed"] = 1  # type: ignore[index]
+    assert esp.InboundSA(SPI, KEY).counters.drops == {}  # nothing shared leaked
     for _ in range(2):
         with pytest.raises(esp.UnknownSpiError):
             sa.decapsulate(struct.pack(">I", SPI + 1) + bytes(esp.MIN_PACKET_LEN))
@@ -128,6 +132,10 @@ def test_drops_store_only_what_was_counted() -> None:
     assert sa.counters.drops["replayed"] == 3
     assert sa.counters.drops["icv_failed"] == 0
     assert sa.counters.as_dict()["replayed"] == 3
+    sa.counters.count_drop("replayed", 2)
+    assert dict(sa.counters.drops) == {"replayed": 5}
+    sa.counters.drops = {}  # a worker's snapshot of an SA that dropped nothing
+    assert dict(sa.counters.drops) == {} and sa.counters.as_dict()["replayed"] == 0
 
 
 def test_sas_without_limits_report_nothing() -> None:

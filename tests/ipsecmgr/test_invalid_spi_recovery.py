@@ -93,7 +93,7 @@ def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: N
     assert gw.state.status == "established"
     # TACACS+ flows again, into gw's new inbound SA
     net.call(client.send_tacacs)
-    (rec,) = gw.state.children.values()
+    (rec,) = gw.state.children
     assert rec.inbound.counters.packets == 1
 
 
@@ -140,7 +140,7 @@ def test_inside_an_ike_sa_invalid_spi_is_authenticated_and_the_child_sa_is_repla
     """gw lost one inbound Child SA but not the IKE SA: it says so inside the IKE
     SA; the client deletes that Child SA and the next packet creates another."""
     client, gw = start(net)
-    (rec,) = gw.state.children.values()
+    (rec,) = gw.state.children
     gw.saflow.remove(rec.inbound.spi)
     net.call(client.send_tacacs)  # at 0: the Child SA is younger than INSTALL_GRACE
     assert client.counter("invalid_spi_ignored") == 1 and client.state.children
@@ -154,7 +154,7 @@ def test_inside_an_ike_sa_invalid_spi_is_authenticated_and_the_child_sa_is_repla
     assert net.sent("client", CREATE_CHILD_SA) == [2.0]
     assert client.counter("child_created_on_demand") == 1
     net.call(client.send_tacacs)
-    (new,) = gw.state.children.values()
+    (new,) = gw.state.children
     assert new.inbound.counters.packets == 1
 
 
@@ -330,7 +330,7 @@ def test_while_the_probe_runs_packets_wait_and_go_on_the_new_sa(net: Net) -> Non
     assert gw.datapath.counters["esp_unknown_spi"] == 1  # only the packet of 5
     net.run_until(6.25)
     assert net.sent("client", IKE_SA_INIT) == [0.0, 6.25]
-    (rec,) = gw.state.children.values()
+    (rec,) = gw.state.children
     assert rec.inbound.counters.packets == 1 and not client.state.queue
     assert client.counter("probe_released") == 0
 
@@ -350,7 +350,7 @@ def test_a_forged_hint_holds_packets_for_one_answer_only(net: Net) -> None:
     )
     assert client.counter("probe_holds") == 1
     net.call(client.send_tacacs)
-    (rec,) = gw.state.children.values()
+    (rec,) = gw.state.children
     before = rec.inbound.counters.packets
     assert len(client.state.queue) == 1
     net.release()
@@ -376,7 +376,7 @@ def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) 
     net.run_until(5.0)
     net.call(client.send_tacacs)
     net.call(gw.send_tacacs)
-    (rec,) = client.state.children.values()
+    (rec,) = client.state.children
     rec.inbound.counters.packets -= 1  # the control's copy has not seen the answer yet
     net.run_until(5.5)
     assert asked == ["tacacs"] and net.sent("client", INFORMATIONAL) == []

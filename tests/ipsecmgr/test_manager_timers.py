@@ -280,6 +280,21 @@ def test_the_peers_requests_count_as_heard(net: Net) -> None:
     assert net.sent("client", INFORMATIONAL) == [55.0]
 
 
+def test_one_deadline_per_map_the_first_of_its_looks(net: Net) -> None:
+    """A map's liveness looks (interval/10 = 1 s) and volume looks (5 s: no volume
+    lifetimes, the sequence number only) share one deadline, the earlier of the two."""
+    client, _gw = pair(net)
+    m, state = client.manager, client.state
+    assert list(m.looks) == [state] and m.looks.get(state) == 1.0
+    assert not m.deadlines  # (no NAT keepalive, lingering SPI or silence check)
+    assert state.volume_at == 5.0
+    m.liveness.clear()  # no liveness looks any more: the volume look is next
+    net.run_until(1.0)
+    assert m.looks.get(state) == 5.0
+    net.run_until(5.0)
+    assert m.looks.get(state) == 10.0 and state.volume_at == 10.0
+
+
 # --- dead peer ----------------------------------------------------------------------------
 
 
@@ -337,10 +352,10 @@ def test_child_rekey_once_at_the_engines_soft_lifetime_minus_jitter(net: Net) ->
     assert client.counter("child_rekeyed") == 1 and gw.counter("child_rekeyed") == 1
     # Make-before-break done: one Child SA each side, traffic on the new one.
     assert len(client.state.children) == 1 and len(gw.state.children) == 1
-    (rec,) = client.state.children.values()
+    (rec,) = client.state.children
     assert client.datapath.outbound["tacacs"].sa is rec.outbound
     net.call(client.send_tacacs)
-    (gw_rec,) = gw.state.children.values()
+    (gw_rec,) = gw.state.children
     assert gw_rec.inbound.counters.packets == 1
 
 
@@ -348,14 +363,20 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
     net: Net,
 ) -> None:
     client, gw = pair(net, ipsec_options={"lifetime_seconds": 100})
-    (old,) = client.state.children.values()
-    (gw_old,) = gw.state.children.values()
+    (old,) = client.state.children
+    (gw_old,) = gw.state.children
     net.run_until(87.0)
     net.hold.add("gw")  # gw's IKE answers are late
     net.run_until(87.5)
     #   CREATE_CHILD_SA { N(REKEY_SA), SA, Ni, [KEi,] TSi, TSr } -->  (client, 87.5)
     #   <-- CREATE_CHILD_SA { SA, Nr, TSi, TSr }                      (held)
     assert net.sent("client", CREATE_CHILD_SA) == [87.5] and len(gw.state.children) == 2
+    # Oldest first: the new Child SA is the last one; each is found by its IKE SA and id
+    first, second = gw.state.children
+    assert first is gw_old and second.ike_name == gw_old.ike_name
+    assert second.child_id != gw_old.child_id
+    assert gw.state.child(second.ike_name, second.child_id) is second
+    assert gw.state.child(gw_old.ike_name, gw_old.child_id) is gw_old
     # gw answered but the client has not seen the new SA: gw keeps sending on the
     # old one, which the client still decrypts; the client also still sends on its old one.
     net.call(gw.send_tacacs)
@@ -364,8 +385,8 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
     assert gw.counter("rekey_send_deferred") == 1
     #   <-- answer;  INFORMATIONAL { D(ESP, old) } -->  <-- { D(ESP, old) }
     net.release()
-    (new,) = client.state.children.values()
-    (gw_new,) = gw.state.children.values()
+    (new,) = client.state.children
+    (gw_new,) = gw.state.children
     assert new is not old and gw_new is not gw_old
     assert gw.datapath.outbound["tacacs"].sa is gw_new.outbound
     net.call(gw.send_tacacs)
@@ -389,14 +410,14 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
 
 def test_ike_rekey_moves_the_child_sas(net: Net) -> None:
     client, _gw = pair(net, ike_options={"lifetime": 200})
-    (child_before,) = client.state.children.values()
+    (child_before,) = client.state.children
     spi_before = client.state.ike_sa.spi_i
     net.run_until(199.0)
     # 90 % of 200 s minus 2.5 % jitter: 175
     assert net.sent("client", CREATE_CHILD_SA) == [175.0]
     assert client.counter("ike_rekeyed") == 1
     assert client.state.ike_sa.spi_i != spi_before
-    (child_after,) = client.state.children.values()
+    (child_after,) = client.state.children
     assert child_after is child_before  # the Child SA lives on under the new IKE SA
     net.call(client.send_tacacs)
     assert child_before.outbound.counters.packets == 1
@@ -438,7 +459,7 @@ def test_packet_soft_limit_rekeys_before_the_hard_one(net: Net) -> None:
     net.run_until(6.0)
     assert net.sent("client", CREATE_CHILD_SA) == [6.0]
     assert client.counter("child_rekey_volume") == 1
-    (rec,) = client.state.children.values()
+    (rec,) = client.state.children
     assert rec.outbound.counters.packets == 0  # the new SA
 
 
@@ -454,7 +475,7 @@ def test_byte_hard_limit_deletes_the_child(net: Net) -> None:
 
 def test_sequence_number_soft_limit_triggers_a_rekey(net: Net) -> None:
     client, _gw = pair(net)
-    (rec,) = client.state.children.values()
+    (rec,) = client.state.children
     # RFC 4303 §3.3.3: never wrap; the SA reports soft expiry at soft_seq
     rec.outbound.next_seq = rec.outbound.soft_seq
     net.call(client.send_tacacs)
@@ -495,7 +516,7 @@ def test_takeover_with_initial_contact_replaces_the_stale_sa_at_once(net: Net) -
     assert gw.manager.endpoint.counters.get("replaced_by_initial_contact") == 1
     assert len(gw.state.children) == 1
     net.call(standby.send_tacacs)
-    (rec,) = gw.state.children.values()
+    (rec,) = gw.state.children
     assert rec.inbound.counters.packets == 1
 
 
@@ -550,8 +571,8 @@ def test_initial_contact_spares_the_peers_other_handshakes_in_flight(net: Net) -
     # Now B's INITIAL_CONTACT replaced A (established): one IKE SA, one Child SA, B's.
     assert [sa.spi_i for sa in gw.ike_sas()] == [b.spi_i]
     assert gw.manager.endpoint.counters["replaced_by_initial_contact"] == 1
-    ((ike_name, _),) = gw.state.children
-    assert ike_name == gw.ike_sas()[0].name and gw.state.ike_sa is gw.ike_sas()[0]
+    (rec,) = gw.state.children
+    assert rec.ike_name == gw.ike_sas()[0].name and gw.state.ike_sa is gw.ike_sas()[0]
 
 
 @pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])

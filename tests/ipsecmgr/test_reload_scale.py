@@ -123,9 +123,9 @@ def test_sighup_one_map_changed_redoes_one_maps_work(n: int) -> None:
     m = r.manager
     states = dict(m.maps)
     sas = {name: states[name].ike_sa for name in states}
-    children = {name: dict(states[name].children) for name in states}
+    children = {name: states[name].children for name in states}
     outbound = dict(r.datapath.outbound)
-    spis = {name: [c.inbound.spi for c in children[name].values()] for name in children}
+    spis = {name: [c.inbound.spi for c in children[name]] for name in children}
     assert all(len(spis[f"m{i}"]) == 1 for i in range(UP))
 
     # m1 (established) and m7 (idle) get another DPD interval: their SAs must go

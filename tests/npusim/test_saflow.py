@@ -267,19 +267,27 @@ def test_selector_constructors() -> None:
 def _acl_table(rules: list[str]) -> tuple[SaFlowTable, SaFlow, Classifier]:
     """An SA whose selectors are the cross product of the ACL's permit lines
     (as ipsecmgr.translate.selectors_from_acl builds them) and the classifier."""
-    from ipsecmgr.translate import npu_selector, selectors_from_acl
+    from ipsecmgr.translate import npu_selectors, selectors_from_acl
 
     acl = parse_acl("tacacs", rules)
     local, remote = selectors_from_acl(acl)
     table = SaFlowTable()
-    flow = table.add(
-        0x6000,
-        None,
-        [npu_selector(t) for t in remote],
-        [npu_selector(t) for t in local],
-        "foo",
-    )
+    flow = table.add(0x6000, None, npu_selectors(remote), npu_selectors(local), "foo")
     return table, flow, Classifier([CryptoMap("foo", acl)])
+
+
+def test_sa_flows_with_the_same_selectors_share_them() -> None:
+    """Our side's selectors are the same for many peers: their SA-flow entries hold
+    one tuple (ipsecmgr.translate.npu_selectors), each selector converted once."""
+    from ipsecmgr.translate import npu_selectors, selectors_from_acl
+
+    local, remote = selectors_from_acl(parse_acl("t", [f"permit ip host {CLIENT} any"]))
+    table = SaFlowTable()
+    a = table.add(0x6000, None, npu_selectors(remote), npu_selectors(local), "a")
+    b = table.add(0x6001, None, npu_selectors(list(remote)), npu_selectors(list(local)), "b")
+    assert a.dst_selectors is b.dst_selectors and a.src_selectors is b.src_selectors
+    assert a.dst_selectors == (TrafficSelector.from_prefix(CLIENT),)
+    assert a.src_selectors == (TrafficSelector.any(4),)
 
 
 def test_acl_deny_line_drops_what_the_selectors_admit() -> None:
