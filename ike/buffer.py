@@ -2,9 +2,10 @@
 
 Every ``pull_*`` checks what is left before reading and raises
 :class:`BufferReadError` on underrun, so a length read from the wire can never
-index past the datagram. The hot parsers of ``payloads`` (SA, TS, the payload
-chain) read ``span()`` with struct instead, with the same checks in the same
-order; the builders there pack with struct.
+index past the datagram. The hot parsers of ``payloads`` (the payload chain),
+``sa_payload`` and ``ts_payload`` read ``span()`` with struct instead, with the
+same checks in the same order, and raise what ``_underrun`` makes; the builders
+there pack with struct.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ class DecodeError(Exception):
 
 class BufferReadError(DecodeError):
     """Read past the end of the buffer."""
+
+
+def _underrun(pos: int, n: int, end: int) -> BufferReadError:
+    return BufferReadError(f"need {n} bytes, {end - pos} left")
 
 
 _U16 = struct.Struct("!H")

@@ -9,25 +9,21 @@ merges the SAs' datagrams, timers and events.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TypeVar, overload
+from collections.abc import Callable, Iterable, Sequence
 
 from .buffer import DecodeError
 from .caches import EngineCaches
-from .config import Identity, IkeConfig
+from .config import IkeConfig
 from .constants import (
-    IKE_HEADER_LEN,
     NON_ESP_MARKER,
     ExchangeType,
     HeaderFlag,
     NotifyType,
-    PayloadType,
 )
+from .cookies import CookieJar, _cookie_and_nonce
 from .events import IkeEvent, InitialContactReceived, InvalidSpiReceived
 from .invalid_spi import (
     SourceLimit,
@@ -40,142 +36,22 @@ from .payloads import (
     build_plain_message,
     parse_header,
 )
-from .sa import Address, ChildSA, IkeSA, State, UsageFn
-from .timers import TimerHeap
+from .sa import Address, IkeSA, UsageFn
+from .sa_index import ZERO_SPI, SaIndex, _linked
 
-ZERO_SPI = b"\x00" * 8
-_INIT_DONE = State.INIT_DONE  # read per datagram (an enum member via its class: ~0.2 µs)
 ConfigLookup = Callable[[Address, Address | None], IkeConfig | None]
 
 
-class CookieJar:
-    """Stateless COOKIEs (§2.6): Cookie = VersionIDofSecret | Hash(Ni | IPi | SPIi | secret).
-
-    The secret is replaced every ``rotation`` seconds; cookies made with the
-    previous secret stay valid for one more period.
-    """
-
-    def __init__(self, rng: Callable[[int], bytes], rotation: float = 300.0) -> None:
-        self._rng = rng
-        self.rotation = rotation
-        self._version = 0
-        self._secrets: dict[int, bytes] = {}
-        self._rotated_at: float | None = None
-
-    def _rotate(self, now: float) -> None:
-        if self._rotated_at is None or now - self._rotated_at >= self.rotation:
-            self._version = (self._version + 1) & 0xFFFFFFFF
-            self._secrets = {
-                self._version: self._rng(32),
-                **{k: v for k, v in self._secrets.items() if k == self._version - 1},
-            }
-            self._rotated_at = now
-
-    def _make(self, version: int, ni: bytes, ip: str, spi_i: bytes) -> bytes | None:
-        secret = self._secrets.get(version)
-        if secret is None:
-            return None
-        digest = hashlib.sha256(ni + ipaddress.ip_address(ip).packed + spi_i + secret).digest()
-        return version.to_bytes(4, "big") + digest
-
-    def make(self, ni: bytes, ip: str, spi_i: bytes, now: float) -> bytes:
-        self._rotate(now)
-        cookie = self._make(self._version, ni, ip, spi_i)
-        assert cookie is not None
-        return cookie
-
-    def check(self, cookie: bytes, ni: bytes, ip: str, spi_i: bytes, now: float) -> bool:
-        self._rotate(now)
-        if len(cookie) != 36:
-            return False
-        want = self._make(int.from_bytes(cookie[:4], "big"), ni, ip, spi_i)
-        return want is not None and hmac.compare_digest(want, cookie)
-
-
-class Filed:
-    """What one live SA is filed under in the endpoint's indexes, so that a change
-    or its end removes exactly its own entries: one record per SA (in
-    :class:`SaList`) rather than a reverse dict per index, ~150 bytes less per SA."""
-
-    __slots__ = ("children", "init", "peer", "spis")
-
-    def __init__(self) -> None:
-        self.spis: tuple[bytes, ...] = ()  # our IKE SPIs (_by_spi)
-        self.init: tuple[bytes, Address] | None = None  # its _by_init key (a responder)
-        self.peer: PeerKey | None = None  # its _by_peer key; the peer address of...
-        # ...its Child SAs as last indexed: their inbound SPIs (_child_spis) and
-        # (peer address, outbound SPI) (_by_child_out)
-        self.children: tuple[ChildSA, ...] = ()
-
-
-class SaList:
-    """The live IKE SAs in the order they were registered: a list to read, a dict inside
-    (adding and removing one costs the same with 10 or 10,000 SAs), which also holds
-    each SA's :class:`Filed` record."""
-
-    __slots__ = ("_drop", "_sas")
-
-    def __init__(self, drop: Callable[[IkeSA], None]) -> None:
-        self._sas: dict[IkeSA, Filed] = {}
-        self._drop = drop
-
-    def add(self, sa: IkeSA) -> Filed:
-        filed = self._sas[sa] = Filed()
-        return filed
-
-    def discard(self, sa: IkeSA) -> Filed | None:
-        return self._sas.pop(sa, None)
-
-    def filed(self, sa: IkeSA) -> Filed | None:
-        return self._sas.get(sa)
-
-    def __iter__(self) -> Iterator[IkeSA]:
-        return iter(self._sas)
-
-    def __len__(self) -> int:
-        return len(self._sas)
-
-    def __contains__(self, sa: object) -> bool:
-        return sa in self._sas
-
-    @overload
-    def __getitem__(self, index: int) -> IkeSA: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[IkeSA]: ...
-    def __getitem__(self, index: int | slice) -> IkeSA | list[IkeSA]:
-        return list(self._sas)[index]
-
-    def __setitem__(self, index: slice, keep: Iterable[IkeSA]) -> None:
-        """``sas[:] = [...]``: forget every SA not kept (a test's way to tidy up)."""
-        if index != slice(None):
-            raise TypeError("only sas[:] = ... is supported")
-        kept = set(keep)
-        for sa in list(self._sas):
-            if sa not in kept:
-                self._drop(sa)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, SaList):
-            return list(self._sas) == list(other._sas)
-        if isinstance(other, list):
-            return list(self._sas) == other
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"SaList({list(self._sas)!r})"
-
-
-class IkeEndpoint:
+class IkeEndpoint(SaIndex):
     """Owns IKE SAs; the daemon's single entry point to the IKE engine.
 
     Everything looked up per datagram, per handshake or per timer is indexed:
     configs by peer address, SAs by SPI, by name, by peer (identity and
     address) and by config, inbound Child SPIs in a set, half-open responders
-    counted, and each SA's next deadline in a heap (``ike.timers``). The
-    indexes are brought up to date in ``_collect``, which looks only at the SAs
-    that woke up (``IkeSA.wake``).
+    counted, and each SA's next deadline in a heap (``ike.timers``); the SAs'
+    indexes are kept by :class:`ike.sa_index.SaIndex`. The indexes are brought
+    up to date in ``_collect``, which looks only at the SAs that woke up
+    (``IkeSA.wake``).
     """
 
     def __init__(
@@ -198,42 +74,17 @@ class IkeEndpoint:
         self.rng = rng
         self._find_config = find_config
         self.cookies = CookieJar(rng, cookie_rotation)
-        self.sas = SaList(self._drop)
-        self._by_spi: dict[bytes, IkeSA] = {}
-        self._by_init: dict[tuple[bytes, Address], IkeSA] = {}
-        # Two live SAs may share a name (the peer chose the same SPIi twice, from two
-        # addresses): the first registered is the one found, then the next.
-        # (one SA per key is the rule in these three: see _link)
-        self._by_name: dict[str, Group] = {}
-        # (What each live SA is filed under: its Filed record in self.sas)
-        # (remote ID, peer address) -> its SAs (INITIAL_CONTACT, §2.4)
-        self._by_peer: dict[PeerKey, Group] = {}
-        # id(IkeConfig) -> its SAs (IkeConfig is mutable, so not hashable; an SA
-        # holds its config, so the id is not reused while the SA is listed)
-        self._by_config: dict[int, Group] = {}
-        # Inbound Child SPIs in use -> their SA (new SPIs, §2.1 of RFC 4303)
-        self._child_spis: dict[int, IkeSA] = {}
-        # Responders between IKE_SA_INIT and IKE_AUTH (the COOKIE threshold, §2.6)
-        self._half_open: dict[IkeSA, None] = {}
-        # Each live SA's next deadline (IkeSA.get_timer as of its last _collect)
-        self.timers: TimerHeap[IkeSA] = TimerHeap()
-        # SAs that may have news since the last _collect (IkeSA.wake), in that order:
-        # only those are looked at, so a message costs the same with 10 or 10,000 SAs.
-        self._dirty: dict[IkeSA, None] = {}
+        # The live SAs and the indexes they are filed in (ike.sa_index)
+        super().__init__()
         # (datagram, peer, our address it leaves from; None: the engine does not know)
         self._out: list[tuple[bytes, Address, Address | None]] = []
         self._events: deque[IkeEvent] = deque()
         self.counters: dict[str, int] = {}
         self.log = log  # handed to every IkeSA: one line per IKE message
-        # Bound once: each SA holds these, and a bound method is 72 bytes per SA
+        # Bound once: each SA holds it, and a bound method is 72 bytes per SA
         self._spi_taken_fn = self._spi_taken
-        self._wake_fn = self._wake
-        # INVALID_SPI (RFC 7296 §1.5): the rate limit of what we send (§2.21.4), and
-        # the Child SAs by (peer address, SPI we send on) and the established SAs by
-        # peer address, for what we receive and send: O(1) whatever the number of SAs
+        # INVALID_SPI (RFC 7296 §1.5): the rate limit of what we send (§2.21.4)
         self.invalid_spi_limit = SourceLimit()
-        self._by_child_out: dict[tuple[str, int], IkeSA] = {}
-        self._by_peer_ip: dict[str, IkeSA] = {}
         # Told of every live SA that _collect looked at (the daemon's manager follows
         # peers that moved, per SA rather than over all of them)
         self.on_change: Callable[[IkeSA], None] | None = None
@@ -539,45 +390,6 @@ class IkeEndpoint:
         for k, v in sa.counters.items():
             self.counters["sa_" + k] = self.counters.get("sa_" + k, 0) + v
 
-    def _register(self, sa: IkeSA) -> Filed:
-        """A new live SA: listed, found by name and config, looked at by the next _collect."""
-        filed = self.sas.add(sa)
-        _link(self._by_name, sa.name, sa)
-        _link(self._by_config, id(sa.config), sa)
-        sa.wake = self._wake_fn
-        self._dirty[sa] = None
-        return filed
-
-    def _wake(self, sa: IkeSA) -> None:
-        self._dirty[sa] = None
-
-    def _drop(self, sa: IkeSA) -> None:
-        """Forget ``sa`` without a word to anyone (``sas[:] = ...``)."""
-        if sa.wake is not None:
-            self._forget(sa)
-
-    def _forget(self, sa: IkeSA) -> None:
-        """A dead SA leaves the list and every index."""
-        sa.wake = None
-        filed = self.sas.discard(sa) or Filed()
-        self._dirty.pop(sa, None)
-        for spi in filed.spis:
-            if self._by_spi.get(spi) is sa:
-                del self._by_spi[spi]
-        key = filed.init
-        if key is not None and self._by_init.get(key) is sa:
-            del self._by_init[key]
-        _unlink(self._by_name, sa.name, sa)
-        _unlink(self._by_config, id(sa.config), sa)
-        peer = filed.peer
-        if peer is not None:
-            _unlink(self._by_peer, peer, sa)
-            self._unfile_children(sa, peer[1], filed.children, None, ())
-        self._half_open.pop(sa, None)
-        self.timers.cancel(sa)
-        if self._by_peer_ip.get(sa.peer_addr[0]) is sa:
-            del self._by_peer_ip[sa.peer_addr[0]]
-
     def _collect(self) -> None:
         """Pull datagrams and events from the SAs that changed, re-index them, drop the
         dead ones."""
@@ -600,146 +412,8 @@ class IkeEndpoint:
             if self.on_change is not None:
                 self.on_change(sa)
 
-    def _index(self, sa: IkeSA) -> None:
-        """Bring ``sa``'s entries in every index up to date (it is alive)."""
-        filed = self.sas.filed(sa)
-        assert filed is not None
-        if sa.retiring:
-            spis = tuple(spi for spi in sa.local_spis() if spi and spi != ZERO_SPI)
-        else:  # (the common case, without building lists)
-            spi = sa.ch.local_spi
-            spis = (spi,) if spi and spi != ZERO_SPI else ()
-        old = filed.spis
-        if spis != old:
-            for spi in old:
-                if spi not in spis and self._by_spi.get(spi) is sa:
-                    del self._by_spi[spi]
-            for spi in spis:
-                self._by_spi[spi] = sa
-            filed.spis = spis
-        old_peer = filed.peer
-        peer_ip = sa.peer_addr[0]
-        if old_peer is None or old_peer[1] != peer_ip or old_peer[0] is not sa.config.remote_id:
-            if old_peer is not None:
-                _unlink(self._by_peer, old_peer, sa)
-            filed.peer = (sa.config.remote_id, peer_ip)
-            _link(self._by_peer, filed.peer, sa)
-        children = tuple(sa.children.values()) if sa.children else ()
-        if old_peer is None or old_peer[1] != peer_ip or not _same(children, filed.children):
-            if old_peer is not None:
-                self._unfile_children(sa, old_peer[1], filed.children, peer_ip, children)
-            # (peer address, outbound Child SPI) → SA: what an INVALID_SPI is looked
-            # up by (§1.5); inbound Child SPIs → SA: new SPIs are unique (_spi_taken)
-            for c in children:
-                self._child_spis[c.inbound_spi] = sa
-                self._by_child_out[(peer_ip, c.outbound_spi)] = sa
-            filed.children = children
-        if children and sa.established:
-            self._by_peer_ip[peer_ip] = sa
-        if not sa.initiator and sa.state is _INIT_DONE:
-            self._half_open[sa] = None
-        else:
-            self._half_open.pop(sa, None)
-        self.timers.set(sa, sa.get_timer())
-
-    def _unfile_children(
-        self,
-        sa: IkeSA,
-        old_ip: str,
-        old: tuple[ChildSA, ...],
-        new_ip: str | None,
-        new: tuple[ChildSA, ...],
-    ) -> None:
-        """Remove the entries ``sa`` filed for the Child SAs ``old`` with the peer
-        address ``old_ip`` that the ones for ``new`` with ``new_ip`` do not keep
-        (and only where they are still its own)."""
-        for c in old:
-            kept = any(c is n for n in new)
-            if not kept and self._child_spis.get(c.inbound_spi) is sa:
-                del self._child_spis[c.inbound_spi]
-            if not kept or new_ip != old_ip:
-                key = (old_ip, c.outbound_spi)
-                if self._by_child_out.get(key) is sa:
-                    del self._by_child_out[key]
-
-
-def _same(a: tuple[ChildSA, ...], b: tuple[ChildSA, ...]) -> bool:
-    """The same Child SA objects (not equal ones: a ChildSA compares by value)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-PeerKey = tuple[Identity, str]
-_K = TypeVar("_K")
-
-
-# The SAs under one key of an index where one SA per key is the rule (a name, a
-# peer, a config as a rule): that SA itself, or a list of them while there are two
-# or more (in the order they were linked). A list of one would be ~90 bytes per SA.
-Group = IkeSA | list[IkeSA]
-
-
-def _link(index: dict[_K, Group], key: _K, sa: IkeSA) -> None:
-    group = index.get(key)
-    if group is None:
-        index[key] = sa
-    elif isinstance(group, list):
-        group.append(sa)
-    else:
-        index[key] = [group, sa]
-
-
-def _unlink(index: dict[_K, Group], key: _K, sa: IkeSA) -> None:
-    group = index.get(key)
-    if group is sa:
-        del index[key]
-    elif isinstance(group, list) and sa in group:
-        group.remove(sa)
-        if len(group) == 1:
-            index[key] = group[0]
-
-
-def _linked(index: dict[_K, Group], key: _K) -> Sequence[IkeSA]:
-    group = index.get(key)
-    if group is None:
-        return ()
-    return group if isinstance(group, list) else (group,)
-
 
 def _packed(text: str) -> bytes:
     """An address as bytes (a datagram's source may be spelled another way than
     the config's: IPv6 zeros, an IPv4-mapped form is not the same address)."""
     return ipaddress.ip_address(text).packed
-
-
-_NOTIFY = int(PayloadType.NOTIFY)
-_NONCE = int(PayloadType.NONCE)
-_COOKIE = int(NotifyType.COOKIE)
-
-
-def _cookie_and_nonce(body: bytes) -> tuple[bytes | None, bytes]:
-    """The data of a leading N(COOKIE) (§2.6: it is the first payload) and the first
-    nonce of an IKE_SA_INIT request, read from the generic payload headers (§3.2)
-    only: during a storm every request is checked, and the SA and KE payloads
-    need not be decoded for that (the new SA decodes the request once it is let in)."""
-    nxt = body[16]  # (parse_header checked the length: at least the header is there)
-    pos = IKE_HEADER_LEN
-    cookie: bytes | None = None
-    nonce: bytes | None = None
-    first = True
-    while nxt != 0:
-        if pos + 4 > len(body):
-            raise DecodeError("truncated payload header")
-        following = body[pos]
-        length = int.from_bytes(body[pos + 2 : pos + 4], "big")
-        if length < 4 or pos + length > len(body):
-            raise DecodeError(f"payload length {length} at {pos}")
-        if first and nxt == _NOTIFY and length >= 8:
-            spi_size = body[pos + 5]
-            if int.from_bytes(body[pos + 6 : pos + 8], "big") == _COOKIE and 8 + spi_size <= length:
-                cookie = body[pos + 8 + spi_size : pos + length]
-        elif nxt == _NONCE and nonce is None:
-            nonce = body[pos + 4 : pos + length]
-        nxt, pos, first = following, pos + length, False
-    if nonce is None:
-        raise DecodeError("no nonce")
-    return cookie, nonce

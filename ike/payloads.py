@@ -7,46 +7,56 @@ and parses the inner chain with :func:`parse_chain`.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .buffer import Buffer, BufferReadError, DecodeError
+from .buffer import Buffer, DecodeError, _underrun
 from .constants import (
-    ATTR_KEY_LENGTH,
     GENERIC_HEADER_LEN,
     IKE_HEADER_LEN,
     IKE_VERSION,
     HeaderFlag,
     PayloadType,
-    TsType,
 )
+from .sa_payload import Proposal, SAPayload, Transform, _build_sa, _parse_sa
+from .ts_payload import TS_CACHE_MAX, TrafficSelector, TSPayload, _build_ts, _parse_ts
+
+# The SA payload (ike.sa_payload) and the traffic selectors (ike.ts_payload) have
+# their own modules; their types are found here as well, with the other payloads.
+__all__ = [
+    "KNOWN_PAYLOADS",
+    "TS_CACHE_MAX",
+    "AuthPayload",
+    "DeletePayload",
+    "EncryptedBody",
+    "Header",
+    "IDPayload",
+    "KEPayload",
+    "NoncePayload",
+    "NotifyPayload",
+    "Payload",
+    "Proposal",
+    "SAPayload",
+    "TSPayload",
+    "TrafficSelector",
+    "Transform",
+    "UnknownPayload",
+    "VendorPayload",
+    "build_chain",
+    "build_header",
+    "build_plain_message",
+    "find",
+    "find_notify",
+    "notifies",
+    "parse_chain",
+    "parse_header",
+    "parse_message",
+    "summarize",
+]
 
 _T = TypeVar("_T")
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-@dataclass
-class Transform:
-    type: int
-    id: int
-    key_length: int | None = None
-
-
-@dataclass
-class Proposal:
-    number: int
-    protocol: int
-    spi: bytes
-    transforms: list[Transform]
-
-
-@dataclass
-class SAPayload:
-    proposals: list[Proposal]
-    type: int = PayloadType.SA
 
 
 @dataclass
@@ -98,77 +108,6 @@ class DeletePayload:
     type: int = PayloadType.DELETE
 
 
-@dataclass(frozen=True, slots=True)  # one or more per IKE SA
-class TrafficSelector:
-    start_addr: IPAddress
-    end_addr: IPAddress
-    ip_proto: int = 0
-    start_port: int = 0
-    end_port: int = 65535
-    # IP version, start and end as ints, for narrowing (ipaddress converts on every
-    # int() call; these are the address objects' own ints, in slots rather than a
-    # tuple: 48 bytes less per selector, one or two per peer), and the hash, computed
-    # once: the manager looks selectors up in caches for every Child SA, and
-    # ipaddress hashes each address through hex() every time. Ints only, so the hash
-    # is the same in every process (str hashes are salted per process; selectors
-    # travel pickled to the data path workers).
-    version: int = field(init=False, repr=False, compare=False)
-    start: int = field(init=False, repr=False, compare=False)
-    end: int = field(init=False, repr=False, compare=False)
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        version = self.start_addr.version
-        start = int(self.start_addr)
-        end = start if self.end_addr is self.start_addr else int(self.end_addr)
-        # frozen: set once, here
-        object.__setattr__(self, "version", version)
-        object.__setattr__(self, "start", start)
-        object.__setattr__(self, "end", end)
-        object.__setattr__(
-            self,
-            "_hash",
-            hash((version, start, end, self.ip_proto, self.start_port, self.end_port)),
-        )
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    @property
-    def span(self) -> tuple[int, int, int]:
-        """(IP version, start, end) as ints."""
-        return self.version, self.start, self.end
-
-    @property
-    def ts_type(self) -> int:
-        if self.start_addr.version == 4:
-            return TsType.TS_IPV4_ADDR_RANGE
-        return TsType.TS_IPV6_ADDR_RANGE
-
-    @classmethod
-    def from_network(
-        cls, net: str, ip_proto: int = 0, start_port: int = 0, end_port: int = 65535
-    ) -> TrafficSelector:
-        n = ipaddress.ip_network(net, strict=False)
-        return cls(n.network_address, n.broadcast_address, ip_proto, start_port, end_port)
-
-    def __str__(self) -> str:
-        ports = (
-            ""
-            if (self.start_port, self.end_port) == (0, 65535)
-            else (f"[{self.start_port}-{self.end_port}]")
-        )
-        return f"{self.start_addr}-{self.end_addr}/{self.ip_proto}{ports}"
-
-
-@dataclass
-class TSPayload:
-    """TSi (``type`` = 44) or TSr (45)."""
-
-    selectors: list[TrafficSelector]
-    type: int = PayloadType.TSi
-
-
 @dataclass
 class VendorPayload:
     data: bytes
@@ -196,187 +135,14 @@ Payload = (
 )
 
 
-# --- SA payload (§3.3) -------------------------------------------------------
+# --- The chain and the small payloads -----------------------------------------
 #
-# The SA, TS and chain codecs read and write with struct at known offsets (the
-# hot path of every handshake). They check every length before they use it, in
-# the order Buffer's pull_* would (so the same malformed input raises the same
-# error), and raise BufferReadError on an underrun as Buffer does.
+# Read and written with struct at known offsets, with the checks of Buffer, as the
+# SA and TS codecs are (see ike.sa_payload).
 
-_GENERIC = struct.Struct("!BBH")  # next payload / last substructure, flags, length
-_PROPOSAL = struct.Struct("!BBBB")  # number, protocol, SPI size, transform count
-_TRANSFORM = struct.Struct("!BBH")  # type, reserved, id
+_GENERIC = struct.Struct("!BBH")  # next payload, flags, length (and other 1+1+2 heads)
 _U16 = struct.Struct("!H")
 _U16X2 = struct.Struct("!HH")
-_KEY_LENGTH_ATTR = 0x8000 | ATTR_KEY_LENGTH  # TV format (AF bit set), §3.3.5
-# A whole transform in one pack (§3.3.2): generic header + _TRANSFORM [+ key length]
-_TRANSFORM_8 = struct.Struct("!BBHBBH")
-_TRANSFORM_12 = struct.Struct("!BBHBBHHH")
-
-
-def _underrun(pos: int, n: int, end: int) -> BufferReadError:
-    return BufferReadError(f"need {n} bytes, {end - pos} left")
-
-
-def _parse_sa(data: bytes, pos: int, end: int) -> SAPayload:
-    proposals: list[Proposal] = []
-    last = 2
-    while last == 2:
-        if pos >= end:
-            raise _underrun(pos, 1, end)
-        last = data[pos]
-        if last not in (0, 2):
-            raise DecodeError("bad proposal last-substructure")
-        if pos + 4 > end:
-            raise _underrun(pos + 1, 3, end)
-        plen = _U16.unpack_from(data, pos + 2)[0]
-        if plen < 8:
-            raise DecodeError("proposal too short")
-        p, pend = pos + 4, pos + plen
-        if pend > end:
-            raise _underrun(p, plen - 4, end)
-        pos = pend
-        if p + 4 > pend:
-            raise _underrun(p, 4, pend)
-        number, protocol, spi_size, ntrans = _PROPOSAL.unpack_from(data, p)
-        p += 4
-        if p + spi_size > pend:
-            raise _underrun(p, spi_size, pend)
-        spi = data[p : p + spi_size]
-        p += spi_size
-        transforms: list[Transform] = []
-        tlast = 3
-        while tlast == 3:
-            if p >= pend:
-                raise _underrun(p, 1, pend)
-            tlast = data[p]
-            if tlast not in (0, 3):
-                raise DecodeError("bad transform last-substructure")
-            if p + 4 > pend:
-                raise _underrun(p + 1, 3, pend)
-            tlen = _U16.unpack_from(data, p + 2)[0]
-            if tlen < 8:
-                raise DecodeError("transform too short")
-            t, tend = p + 4, p + tlen
-            if tend > pend:
-                raise _underrun(t, tlen - 4, pend)
-            p = tend
-            ttype, _, tid = _TRANSFORM.unpack_from(data, t)  # tlen >= 8: 4 bytes are there
-            t += 4
-            key_length: int | None = None
-            while t < tend:
-                if t + 2 > tend:
-                    raise _underrun(t, 2, tend)
-                atype = _U16.unpack_from(data, t)[0]
-                if t + 4 > tend:
-                    raise _underrun(t + 2, 2, tend)
-                value = _U16.unpack_from(data, t + 2)[0]
-                t += 4
-                if atype & 0x8000:
-                    if atype & 0x7FFF == ATTR_KEY_LENGTH:
-                        key_length = value
-                else:  # TLV attributes: none we know; value is their length
-                    if t + value > tend:
-                        raise _underrun(t, value, tend)
-                    t += value
-            transforms.append(Transform(ttype, tid, key_length))
-        if len(transforms) != ntrans or p != pend:
-            raise DecodeError("transform count/length mismatch")
-        proposals.append(Proposal(number, protocol, spi, transforms))
-    if pos != end:
-        raise DecodeError("trailing bytes in SA payload")
-    return SAPayload(proposals)
-
-
-def _build_sa(p: SAPayload) -> bytes:
-    out = []
-    nprops = len(p.proposals)
-    for i, prop in enumerate(p.proposals):
-        parts = [_PROPOSAL.pack(prop.number, prop.protocol, len(prop.spi), len(prop.transforms))]
-        parts.append(prop.spi)
-        ntrans = len(prop.transforms)
-        for j, t in enumerate(prop.transforms):
-            last = 0 if j == ntrans - 1 else 3
-            if t.key_length is None:
-                parts.append(_TRANSFORM_8.pack(last, 0, 8, t.type, 0, t.id))
-            else:
-                parts.append(
-                    _TRANSFORM_12.pack(last, 0, 12, t.type, 0, t.id, _KEY_LENGTH_ATTR, t.key_length)
-                )
-        body = b"".join(parts)
-        out.append(_GENERIC.pack(0 if i == nprops - 1 else 2, 0, 4 + len(body)))
-        out.append(body)
-    return b"".join(out)
-
-
-# --- Traffic selectors (§3.13) ------------------------------------------------
-
-
-_TS_HEAD = struct.Struct("!BBHHH")  # type, protocol, length, start port, end port
-
-
-# A peer sends the same selectors in every IKE_AUTH and CREATE_CHILD_SA, and
-# building the two ipaddress objects costs more than the rest of the TS payload.
-# TrafficSelector and the addresses are immutable, so one object can be shared:
-# the caller may pass a table wire record (type .. end address) -> TrafficSelector
-# (its endpoint's, ``EngineCaches.selectors``), bounded here (emptied when full)
-# whatever a peer sends.
-TS_CACHE_MAX = 256
-
-
-def _parse_ts(
-    data: bytes, pos: int, end: int, ptype: int, cache: dict[bytes, TrafficSelector] | None
-) -> TSPayload:
-    if pos + 4 > end:
-        raise _underrun(pos, 4 if pos < end else 1, end)
-    count = data[pos]
-    pos += 4
-    selectors: list[TrafficSelector] = []
-    if cache is None:
-        cache = {}
-    for _ in range(count):
-        if pos + 4 > end:
-            raise _underrun(pos, 4, end)
-        ts_type, proto, slen = _GENERIC.unpack_from(data, pos)
-        if ts_type == TsType.TS_IPV4_ADDR_RANGE and slen == 16:
-            cls: type[IPAddress] = ipaddress.IPv4Address
-            alen = 4
-        elif ts_type == TsType.TS_IPV6_ADDR_RANGE and slen == 40:
-            cls, alen = ipaddress.IPv6Address, 16
-        else:
-            raise DecodeError(f"unsupported traffic selector type {ts_type}/len {slen}")
-        if pos + slen > end:
-            raise _underrun(pos + 4, slen - 4, end)
-        record = data[pos : pos + slen]
-        ts = cache.get(record)
-        if ts is None:
-            _, _, _, sp, ep = _TS_HEAD.unpack_from(record)
-            a = cls(record[8 : 8 + alen])
-            # A host (start = end, the usual peer selector) holds one address object
-            b = a if record[8 : 8 + alen] == record[8 + alen :] else cls(record[8 + alen :])
-            ts = TrafficSelector(a, b, proto, sp, ep)
-            if len(cache) >= TS_CACHE_MAX:
-                cache.clear()
-            cache[record] = ts
-        pos += slen
-        selectors.append(ts)
-    if pos != end:
-        raise DecodeError("trailing bytes in TS payload")
-    return TSPayload(selectors, ptype)
-
-
-def _build_ts(p: TSPayload) -> bytes:
-    parts = [bytes([len(p.selectors), 0, 0, 0])]
-    for ts in p.selectors:
-        alen = 4 if ts.start_addr.version == 4 else 16
-        parts.append(_TS_HEAD.pack(ts.ts_type, ts.ip_proto, 8 + 2 * alen, ts.start_port,
-                                   ts.end_port))  # fmt: skip
-        parts.append(ts.start_addr.packed)
-        parts.append(ts.end_addr.packed)
-    return b"".join(parts)
-
-
-# --- The rest ------------------------------------------------------------------
 
 
 def _head4(data: bytes, pos: int, end: int) -> int:
