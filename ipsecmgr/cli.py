@@ -239,8 +239,8 @@ def _run_profiled(run: Callable[[str], int], config: str) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ipsecmgr.config import ConfigError
     from ipsecmgr.control import ControlError
-    from ipsecmgr.daemon import run
     from ipsecmgr.failclosed import AlreadyRunning
+    from ipsecmgr.serve import run
 
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(

@@ -1,11 +1,12 @@
-"""``ipsecmgr run``: the gateway daemon (the only adapter between the pure
-engines and the kernel).
+"""The gateway daemon's :class:`Gateway` (the only adapter between the pure
+engines and the kernel); the process around it (``ipsecmgr run``: lock,
+signals, the loop) is :mod:`ipsecmgr.serve`.
 
 One asyncio loop in one process: readers on the TUN fds, the raw ESP sockets
 and the IKE UDP sockets; one timer re-armed to the IKE engine's next
-deadline; the control socket for ``show``/``clear``. Start-up installs the
+deadline; the control API for ``show``/``clear``. Start-up installs the
 fail-closed routes, then takes over what a crash may have left (our TUNs,
-stale routes; ipsecmgr.failclosed) before creating anything; SIGTERM sends
+stale routes; ipsecmgr.failclosed) before creating anything; stopping sends
 DELETE to every peer and removes the TUNs, leaving the fail-closed block in
 place unless ``[gateway] on_stop = "clear"``.
 """
@@ -14,24 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import ipaddress
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ike
 import npusim
 from ipsecmgr import config as cfg
 from ipsecmgr import reload, sdnotify, show, sockets
-from ipsecmgr.control import ControlServer
 from ipsecmgr.counters import Counters
 from ipsecmgr.datapath import Datapath
-from ipsecmgr.failclosed import InstanceLock, ProtectedPrefixes, sync_blocks, take_over
+from ipsecmgr.failclosed import ProtectedPrefixes, sync_blocks, take_over
 from ipsecmgr.manager import Manager
 from ipsecmgr.mss import mss_limits
 from ipsecmgr.offload import TUN_OFFLOAD_MAX_MTU, tun_offload_pays
@@ -39,22 +36,12 @@ from ipsecmgr.privileges import apply_least_privilege
 from ipsecmgr.records import Address
 from ipsecmgr.routing import Routing, TunRoute, tun_routes
 from ipsecmgr.split_worker import SplitDatapath
-from ipsecmgr.tls.service import TlsService
 from ipsecmgr.trace import PeerTable, Tracer
 from ipsecmgr.tun import Tun
-
-if TYPE_CHECKING:
-    from ipsecmgr.metrics import MetricsServer
 
 log = logging.getLogger("ipsecmgr")
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
-SHUTDOWN_GRACE = 1.0  # seconds SIGTERM waits for the peers to answer our DELETEs
-# The collector's thresholds once up (as the split data path's workers): a
-# handshake allocates a few hundred objects, and with 10,000 peers' SAs alive
-# the default (700, 10, 10) made collections a third of a restart storm's cost
-# (tools/bench/ike_scale.py, docs/performance.md "Many peers").
-GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def parse_acls(config: cfg.Config) -> dict[str, npusim.Acl]:
@@ -85,7 +72,7 @@ def validate_acl(name: str, rules: list[str]) -> list[str]:
     return []
 
 
-def _tun_layout(config: cfg.Config) -> object:
+def tun_layout(config: cfg.Config) -> object:
     return sorted((t.name, t.addresses, t.mtu, t.routes) for t in config.tuns)
 
 
@@ -98,7 +85,8 @@ def _family(address: str) -> int:
 class Gateway:
     """Everything the daemon owns, created in :meth:`start`, removed in :meth:`stop`."""
 
-    #: ``run`` sets it: drop to CAP_NET_* etc. at the end of :meth:`setup` (privileges.py).
+    #: :func:`ipsecmgr.serve.run` sets it: drop to CAP_NET_* etc. at the end of
+    #: :meth:`setup` (privileges.py).
     least_privilege = False
 
     def __init__(self, config: cfg.Config, *, routing: Routing | None = None) -> None:
@@ -251,9 +239,7 @@ class Gateway:
     def reload(self, config: cfg.Config) -> None:
         """SIGHUP: apply a new configuration, keeping the SAs of crypto maps
         whose definition (map, ACL, transform sets, TUN) did not change."""
-        if _tun_layout(config) != _tun_layout(self.config) or (
-            config.gateway != self.config.gateway
-        ):
+        if tun_layout(config) != tun_layout(self.config) or (config.gateway != self.config.gateway):
             log.warning("reload: TUN or gateway settings changed; they need a restart")
             return
         # Only the changed maps are looked at further (ipsecmgr.reload, issue #19.7)
@@ -458,122 +444,3 @@ class Gateway:
 
 def _flatten(groups: dict[str, dict[str, int]]) -> dict[str, int]:
     return {f"{g}/{k}": v for g, counters in groups.items() for k, v in counters.items()}
-
-
-async def serve(gw: Gateway, config_path: str, tls: TlsService | None = None) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    gw.attach(loop)
-    handlers = gw.handlers() | (tls.handlers() if tls is not None else {})
-    control = ControlServer(Path(gw.config.gateway.control_socket), handlers)
-    notify = sdnotify.Notifier.from_environ()
-    exporter: MetricsServer | None = None
-    try:
-        await control.start()
-        if tls is not None:
-            await tls.start()  # [tls_map]: transparent and explicit listeners accept
-        if gw.config.metrics is not None:
-            from ipsecmgr import metrics  # prometheus-client only when configured
-
-            exporter = await metrics.serve(gw, gw.config.metrics, tls)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload_notified, gw, config_path, notify, tls)
-        # Start-up objects (config, pyroute2, asyncio, modules) live as long as we do:
-        # out of the collector's reach, every full collection no longer walks them
-        # (the handshakes allocate enough to trigger collections; see
-        # docs/performance.md, IKE responder).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
-        print("ready", flush=True)
-        notify.ready(gw.status_line())  # TUNs, routes, sockets up; tunnels come on demand
-        notify.start_periodic(loop, gw.status_line)  # WATCHDOG=1 from this loop
-        await stop.wait()
-        notify.stopping()
-        log.info("shutting down: deleting SAs, removing TUNs, routes and rules")
-        await gw.delete_all(SHUTDOWN_GRACE)
-    finally:
-        gw.tracer.close_all()
-        if tls is not None:
-            await tls.close()
-        gw.detach()
-        if exporter is not None:
-            await exporter.close()
-        await control.close()
-        notify.close()
-    return 0
-
-
-def _reload_notified(
-    gw: Gateway, config_path: str, notify: sdnotify.Notifier, tls: TlsService | None = None
-) -> None:
-    """SIGHUP under systemd: RELOADING=1 (with MONOTONIC_USEC) around the reload."""
-    notify.reloading()
-    try:
-        _reload(gw, config_path, tls)
-    finally:
-        notify.ready(gw.status_line())
-
-
-def _reload(gw: Gateway, config_path: str, tls: TlsService | None = None) -> None:
-    try:
-        config = cfg.load_config(config_path, validate_acl=validate_acl)
-    except cfg.ConfigError as exc:
-        log.error("reload refused, keeping the running configuration: %s", exc)
-        return
-    for w in config.warnings:
-        log.warning("%s", w)
-    if (
-        tls is None
-        or config.tls_maps == gw.config.tls_maps
-        or (_tun_layout(config) != _tun_layout(gw.config) or config.gateway != gw.config.gateway)
-    ):
-        gw.reload(config)  # (refuses TUN and gateway changes itself, with a warning)
-        return
-    task = asyncio.get_running_loop().create_task(_reload_with_tls(gw, tls, config))
-    _RELOADS.add(task)  # the loop keeps only a weak reference to a task
-    task.add_done_callback(_RELOADS.discard)
-
-
-_RELOADS: set[asyncio.Task[None]] = set()
-
-
-async def _reload_with_tls(gw: Gateway, tls: TlsService, config: cfg.Config) -> None:
-    """[tls_map] changes: the new captures first, then the crypto maps, then the
-    captures no longer configured go. A server moved between a crypto map and a TLS
-    map (either way) is protected by one or the other at every instant."""
-    try:
-        await tls.reload_begin(config)
-    except Exception as exc:  # a bind or netlink failure: nothing of the new config applies
-        log.error("reload refused, keeping the running configuration: %s", exc)
-        await tls.reload_abort()
-        return
-    gw.reload(config)
-    await tls.reload_end()
-
-
-def run(config_path: str) -> int:
-    config = cfg.load_config(config_path, validate_acl=validate_acl)
-    for w in config.warnings:
-        log.warning("%s", w)
-    gw = Gateway(config)
-    gw.least_privilege = True
-    lock = InstanceLock(gw.routing.table)
-    try:
-        lock.acquire()  # before touching anything: a second instance changes nothing
-    except BaseException:
-        gw.routing.close()
-        raise
-    # [tls_map]: TACACS+ over TLS 1.3 (ipsecmgr.tls); routes in the gateway's table.
-    r = gw.routing
-    tls = TlsService(config, table=r.table, priority=r.priority, mark=r.mark)
-    gw.tracer.targets.append(tls)
-    try:
-        gw.setup()
-        tls.setup()
-        return asyncio.run(serve(gw, config_path, tls))
-    finally:
-        tls.teardown()
-        gw.teardown()
-        lock.release()

@@ -55,11 +55,11 @@ from typing import TYPE_CHECKING
 
 import ike
 from ike import events as ev
-from ipsecmgr.datapath import ip_header_length
+from ipsecmgr.packets import ip_header_length
 
 if TYPE_CHECKING:
-    from ipsecmgr.datapath import OutboundBinding
     from ipsecmgr.manager import Manager
+    from ipsecmgr.packets import OutboundBinding
     from ipsecmgr.records import MapState
 
 log = logging.getLogger("ipsecmgr.ike")

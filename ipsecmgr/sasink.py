@@ -41,7 +41,7 @@ import npusim
 from ipsecmgr.counters import Counters
 
 if TYPE_CHECKING:
-    from ipsecmgr.datapath import OutboundBinding
+    from ipsecmgr.packets import OutboundBinding
 
 Address = tuple[str, int]
 #: ``hook(step, event, packet, **fields)`` (ipsecmgr.trace.Tracer); None: tracing off.

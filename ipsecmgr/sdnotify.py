@@ -6,7 +6,7 @@ namespace), newline-separated ``KEY=VALUE`` assignments. It is a dozen lines,
 so no library: the maintained Python bindings (python-systemd) need libsystemd
 headers to build, and the small pure-Python ones add nothing we need.
 
-What the daemon sends (see :mod:`ipsecmgr.daemon`):
+What the daemon sends (see :mod:`ipsecmgr.serve`):
 
 - ``READY=1`` once its TUNs, routes, rules and sockets are up and the control
   socket listens. Not when a tunnel is up: tunnels are built on demand.

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import esp
 import npusim
 from ipsecmgr.counters import Counters
-from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.datapath import Datapath
+from ipsecmgr.packets import OutboundBinding
 from ipsecmgr.sasink import Address, SaPair, TraceHook
 from ipsecmgr.workers import INBOUND, OUTBOUND, Message, _recv, _send, _worker_main
 

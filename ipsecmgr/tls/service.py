@@ -1,6 +1,6 @@
 """What the daemon runs for the ``[tls_map]`` sections: routes, listeners, relays.
 
-Order (see :mod:`ipsecmgr.daemon`): :meth:`TlsService.setup` after the
+Order (see :mod:`ipsecmgr.serve`): :meth:`TlsService.setup` after the
 gateway's own set-up (its rules and table exist, a stale table was flushed)
 and before the event loop; :meth:`start` on the loop (listeners accept);
 :meth:`close` on leaving it; :meth:`teardown` before the gateway's.

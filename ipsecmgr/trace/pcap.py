@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ipsecmgr.datapath import build_ip_header
+from ipsecmgr.packets import build_ip_header
 from ipsecmgr.trace import Event
 from ipsecmgr.trace.io import open_private
 

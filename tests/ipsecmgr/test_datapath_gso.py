@@ -26,7 +26,8 @@ A, B = "198.51.100.1", "198.51.100.2"
 SENDER = """
 import json, socket, sys
 import esp, npusim
-from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.datapath import Datapath
+from ipsecmgr.packets import OutboundBinding
 from ipsecmgr.sockets import enable_udp_offload, udp_socket
 sizes = json.loads(sys.argv[1])
 sock = udp_socket(socket.AF_INET, sys.argv[2], 4500, 0)

@@ -29,10 +29,11 @@ from ike import IkeSA
 from ike.constants import ExchangeType
 from ipsecmgr import config as cfg
 from ipsecmgr.daemon import parse_acls, validate_acl
-from ipsecmgr.datapath import Datapath, build_ip_header
+from ipsecmgr.datapath import Datapath
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
 from ipsecmgr.manager import Manager
+from ipsecmgr.packets import build_ip_header
 from ipsecmgr.records import Address
 
 A = LabAddresses.for_mode("tunnel")

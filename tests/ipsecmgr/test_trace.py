@@ -19,7 +19,8 @@ from scapy.layers.inet import IP, TCP
 
 import esp
 import npusim
-from ipsecmgr.datapath import Datapath, OutboundBinding
+from ipsecmgr.datapath import Datapath
+from ipsecmgr.packets import OutboundBinding
 from ipsecmgr.trace import Event, Peer, Subscription, Tracer
 from ipsecmgr.workers import OUTBOUND, Worker, _recv
 

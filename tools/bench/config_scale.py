@@ -213,8 +213,9 @@ def reload_in_process(
     m0's DPD interval changed, ``repeat`` times; the best of each, in seconds, of
     the whole reload and of the ``Manager.reconfigure`` inside it. ``daemon_gc``:
     the heap frozen and the collector's thresholds set as the daemon does once
-    ready (``ipsecmgr.daemon.run``), else Python's defaults."""
-    from ipsecmgr.daemon import GC_THRESHOLDS, Gateway
+    ready (``ipsecmgr.serve.run``), else Python's defaults."""
+    from ipsecmgr.daemon import Gateway
+    from ipsecmgr.serve import GC_THRESHOLDS
 
     path = work / "gateway.toml"
     psk = work / "psk"

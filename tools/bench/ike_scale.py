@@ -55,10 +55,11 @@ import ike
 import npusim
 from ike.caches import EngineCaches
 from ipsecmgr import config as cfg
-from ipsecmgr.daemon import GC_THRESHOLDS, parse_acls, validate_acl
+from ipsecmgr.daemon import parse_acls, validate_acl
 from ipsecmgr.datapath import Datapath
 from ipsecmgr.manager import Manager
 from ipsecmgr.records import Address
+from ipsecmgr.serve import GC_THRESHOLDS
 
 GW = "2001:db8::1"
 # The N initiators stand for N peers in this one process: they share one endpoint's
