@@ -1,7 +1,7 @@
 """Ordered peers, dead marking, hold-down with backoff, preemption and fail-fast
 answers (issues #20 and #15.4/#15.5), with a fake clock and no kernel.
 
-Managers talk through an in-memory network that delivers IKE and ESP by
+Managers talk through an in-memory network (memnet.py) that delivers IKE and ESP by
 destination address at once; a gateway in ``net.down`` neither hears nor sends.
 The client is the lab's initiator (198.51.100.1) with ``peers = [A, B]``: A is
 the lab's gw (198.51.100.2), B a second gateway (198.51.100.4) in front of the
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,164 +25,27 @@ from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, IPerror6, IPv6
 
 import ike
-import npusim
-from ike.constants import ExchangeType
 from ipsecmgr import config as cfg
-from ipsecmgr import show
 from ipsecmgr.daemon import parse_acls, validate_acl
-from ipsecmgr.datapath import Datapath
 from ipsecmgr.failover import NOISE_INTERVAL, PREEMPT_GRACE
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Manager
 from ipsecmgr.peers import HoldDown
-from ipsecmgr.records import Address
 from ipsecmgr.reject import icmp_unreachable
 from ipsecmgr.trace import Peer, Tracer
 from ipsecmgr.trace.render import describe
 
+from .memnet import Net, Side
+
 T = LabAddresses.for_mode("tunnel")
 GW_B4 = "198.51.100.4"
 GW_B6 = "2001:db8:100::4"
-IKE_SA_INIT = ExchangeType.IKE_SA_INIT
-CREATE_CHILD_SA = ExchangeType.CREATE_CHILD_SA
-
-
-class FakeSock:
-    def __init__(self, net: Net, side: Side) -> None:
-        self.net, self.side = net, side
-
-    def sendto(self, data: bytes, addr: Address) -> int:
-        self.net.queue.append(("esp", self.side.address, addr[0], data))
-        return len(data)
-
-
-class Side:
-    """One gateway without the kernel; its TUN is one end of a datagram socketpair."""
-
-    def __init__(self, net: Net, name: str, data: dict[str, Any], address: str) -> None:
-        diag = cfg.parse_config(data, base_dir=net.tmp, validate_acl=validate_acl)
-        assert diag.config is not None, diag.errors
-        self.config = diag.config
-        acls = parse_acls(self.config)
-        self.classifier = npusim.Classifier(
-            [
-                npusim.CryptoMap(n, acls[m.match_address], (str(m.peer),))
-                for n, m in self.config.crypto_maps.items()
-            ]
-        )
-        self.saflow = npusim.SaFlowTable()
-        self.name, self.net, self.address = name, net, address
-        sock = FakeSock(net, self)
-        # One fake socket stands for both families' raw ESP sockets.
-        esp_socks: dict[int, Any] = {socket.AF_INET: sock, socket.AF_INET6: sock}
-        self.datapath = Datapath(self.classifier, self.saflow, esp_socks, {}, self._no_sa)
-        self.tun, self.tun_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.tun_peer.setblocking(False)
-        self.datapath.add_tun(self.tun.fileno(), ["tacacs"], None, False)
-        self.manager = Manager(self.config, acls, self.datapath, self._send, jitter=lambda: 0.5)
-
-    @property
-    def state(self) -> Any:
-        return self.manager.maps["tacacs"]
-
-    def counter(self, name: str) -> int:
-        return int(self.state.counters.get(name, 0))
-
-    def _no_sa(self, name: str, packet: bytes) -> None:
-        self.manager.on_no_sa(name, packet, self.net.now)
-
-    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
-        if self.name not in self.net.down:
-            self.net.log.append((self.net.now, self.name, peer[0], data[18], data[19] & 0x20))
-            self.net.queue.append(("ike", self.address, peer[0], data))
-
-    def send(self, packet: bytes) -> None:
-        self.datapath.handle_outbound(packet, self.classifier.classify(packet))
-        self.net.flush()
-
-    def tun_packets(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.tun_peer.recv(65535))
-            except BlockingIOError:
-                return out
-
-    def show(self) -> str:
-        now = self.net.now
-        snap = show.empty_snapshot(self.config, now=now, hostname="t", uptime=0)
-        snap["crypto_maps"] = show.crypto_map_states(
-            self.config,
-            self.manager.map_status(now),
-            self.manager.map_errors(),
-            self.manager.failover.rows(now),
-        )
-        snap["time"] = now
-        return show.format_crypto_map(snap)
-
-
-@dataclass
-class Net:
-    tmp: Path
-    now: float = 0.0
-    sides: dict[str, Side] = field(default_factory=dict)
-    down: set[str] = field(default_factory=set)
-    queue: list[tuple[str, str, str, bytes]] = field(default_factory=list)
-    log: list[tuple[float, str, str, int, int]] = field(default_factory=list)
-
-    def psk(self, content: bytes = b"lab-psk-0123456789") -> Path:
-        path = self.tmp / f"psk-{len(list(self.tmp.iterdir()))}"
-        path.write_bytes(content)
-        path.chmod(0o600)
-        return path
-
-    def add(self, name: str, data: dict[str, Any], address: str) -> Side:
-        side = self.sides[name] = Side(self, name, data, address)
-        return side
-
-    def by_address(self, addr: str) -> Side | None:
-        return next((s for s in self.sides.values() if s.address == addr), None)
-
-    def flush(self) -> None:
-        while self.queue:
-            kind, src, dst, data = self.queue.pop(0)
-            sender, side = self.by_address(src), self.by_address(dst)
-            if side is None or side.name in self.down or (sender and sender.name in self.down):
-                continue
-            if kind == "ike":
-                side.manager.on_ike_datagram(data, (dst, 500), (src, 500), self.now)
-            else:
-                fam = socket.AF_INET6 if ":" in src else socket.AF_INET
-                side.datapath.handle_inbound(data, socket.inet_pton(fam, src), b"", fam)
-
-    def run_until(self, t: float) -> None:
-        while True:
-            live = [s for n, s in self.sides.items() if n not in self.down]
-            due = [(d, s) for s in live if (d := s.manager.next_deadline()) is not None]
-            if not due or min(d for d, _ in due) > t:
-                break
-            when = min(d for d, _ in due)
-            self.now = max(self.now, when)
-            for d, s in due:
-                if d <= when:
-                    s.manager.on_timer(self.now)
-            self.flush()
-        self.now = t
-
-    def inits(self, side: str, to: str | None = None, child: bool = False) -> list[float]:
-        """When ``side`` sent IKE_SA_INIT requests (``child``: or CREATE_CHILD_SA)."""
-        kinds = (IKE_SA_INIT, CREATE_CHILD_SA) if child else (IKE_SA_INIT,)
-        return [
-            t
-            for t, who, dst, ex, resp in self.log
-            if who == side and ex in kinds and not resp and (to is None or dst == to)
-        ]
 
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
-    return Net(tmp_path)
+    # Answers are read from the TUN; no on_esp_out hook (see memnet)
+    return Net(tmp_path, tun=True, esp_out_hook=False)
 
 
 def _config(
@@ -622,7 +483,7 @@ def test_unauthenticated_error_is_the_last_error_of_a_map_that_is_down(net: Net)
 
 
 def test_config_peers_keys(tmp_path: Path) -> None:
-    net = Net(tmp_path)
+    net = Net(tmp_path, tun=True, esp_out_hook=False)
     data = _config(net, "client", map_options={"peers": [T.gw_wan4, GW_B4], "preempt": False})
     diag = cfg.parse_config(data, base_dir=tmp_path, validate_acl=validate_acl)
     assert diag.config is not None

@@ -1,7 +1,7 @@
 """The far end restarts: INVALID_SPI → probe → re-establish (RFC 7296 §1.5), fake clock.
 
-Two :class:`Manager` objects on the in-memory network of test_manager_timers:
-the client (initiator) sends TACACS+, gw answers. "gw restarts" = gw is
+Two :class:`Manager` objects on the in-memory network of memnet.py, set up as in
+test_manager_timers: the client (initiator) sends TACACS+, gw answers. "gw restarts" = gw is
 replaced by a fresh gateway with the same address and configuration and no SA.
 Timers: ``dpd = {interval = 10, timeout = 2, retries = 3}``: dead-peer
 detection alone would find a silent peer 10 + 2 × 4 = 18 s after the last
@@ -28,13 +28,14 @@ from ipsecmgr.invalid_spi import (
     answer_expected,
 )
 
+from .memnet import Net, Side
 from .test_manager_timers import (
     CREATE_CHILD_SA,
     IKE_SA_INIT,
     INFORMATIONAL,
-    Net,
-    Side,
+    add,
     establish,
+    tacacs,
 )
 
 
@@ -47,19 +48,21 @@ def wired(net: Net, side: Side) -> Side:
 
 
 def start(net: Net) -> tuple[Side, Side]:
-    wired(net, net.add("client", "client"))
-    wired(net, net.add("gw", "gw"))
+    wired(net, add(net, "client", "client"))
+    wired(net, add(net, "gw", "gw"))
     return establish(net)
 
 
 def restart_gw(net: Net, at: float) -> Side:
     net.run_until(at)
-    return wired(net, net.add("gw", "gw"))  # same address and config, no SA
+    return wired(net, add(net, "gw", "gw"))  # same address and config, no SA
 
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
-    return Net(tmp_path)
+    # As in test_manager_timers: the daemon's on_esp_out wiring (the silence probes
+    # below depend on it), no TUN (see memnet)
+    return Net(tmp_path, tun=False, esp_out_hook=True)
 
 
 def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: Net) -> None:
@@ -69,7 +72,7 @@ def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: N
     traced: list[tuple[str, dict[str, object]]] = []
     client.manager.trace = lambda step, name, pkt, **f: traced.append((name, f))
     # Only the client sends: its ESP reaches a gw that knows no SPI
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     client.manager.trace = None
     (hint,) = [f for name, f in traced if name == "invalid_spi"]
     assert hint["authenticated"] is False and hint["spi_out"] == old_sa.children[1].outbound_spi
@@ -92,7 +95,7 @@ def test_restarted_peer_is_found_in_under_a_second_and_the_tunnel_rebuilt(net: N
     assert client.state.status == "established" and client.state.ike_sa is not old_sa
     assert gw.state.status == "established"
     # TACACS+ flows again, into gw's new inbound SA
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     (rec,) = gw.state.children
     assert rec.inbound.counters.packets == 1
 
@@ -142,18 +145,18 @@ def test_inside_an_ike_sa_invalid_spi_is_authenticated_and_the_child_sa_is_repla
     client, gw = start(net)
     (rec,) = gw.state.children
     gw.saflow.remove(rec.inbound.spi)
-    net.call(client.send_tacacs)  # at 0: the Child SA is younger than INSTALL_GRACE
+    client.send(tacacs(client))  # at 0: the Child SA is younger than INSTALL_GRACE
     assert client.counter("invalid_spi_ignored") == 1 and client.state.children
     net.run_until(2.0)
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert gw.manager.endpoint.counters["invalid_spi_sent_protected"] == 2
     assert "invalid_spi_sent" not in gw.manager.endpoint.counters
     assert client.counter("invalid_spi_authenticated") == 1
     assert not client.state.children  # deleted (INFORMATIONAL DELETE)
-    net.call(client.send_tacacs)  # the next packet: CREATE_CHILD_SA on the same IKE SA
+    client.send(tacacs(client))  # the next packet: CREATE_CHILD_SA on the same IKE SA
     assert net.sent("client", CREATE_CHILD_SA) == [2.0]
     assert client.counter("child_created_on_demand") == 1
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     (new,) = gw.state.children
     assert new.inbound.counters.packets == 1
 
@@ -162,7 +165,7 @@ def test_unknown_spi_answers_are_rate_limited_per_source(net: Net) -> None:
     client, _gw = start(net)
     gw = restart_gw(net, 5.0)
     for _ in range(20):  # a burst of ESP into the dead SA within the same second
-        client.send_tacacs()
+        client.send(tacacs(client), flush=False)
     net.flush()
     assert gw.datapath.counters["esp_unknown_spi"] == 20
     assert gw.manager.endpoint.counters["invalid_spi_sent"] == 1
@@ -174,8 +177,8 @@ def test_the_responder_side_waits_for_its_peer_after_the_probe(net: Net) -> None
     it drops the dead SA in 0.75 s and does not initiate (the client will)."""
     _client, gw = start(net)
     net.run_until(5.0)
-    client = wired(net, net.add("client", "client"))
-    net.call(gw.send_tacacs)
+    client = wired(net, add(net, "client", "client"))
+    gw.send(tacacs(gw))
     assert gw.counter("invalid_spi_probes") == 1
     net.run_until(8.0)
     assert gw.counter("probe_peer_dead") == 1
@@ -188,15 +191,11 @@ def test_the_responder_side_waits_for_its_peer_after_the_probe(net: Net) -> None
 
 def bare_ack(side: Side) -> bytes:
     """A TCP segment with only ACK set and no data: nothing answers it (RFC 9293 §3.4)."""
-    pkt = bytearray(side.packet()[:40])
+    pkt = bytearray(tacacs(side)[:40])
     pkt[2:4] = (40).to_bytes(2, "big")  # IP total length: headers only
     pkt[10:12] = b"\0\0"
     pkt[32], pkt[33] = 0x50, 0x10  # data offset 5 words, flags ACK
     return bytes(pkt)
-
-
-def send(side: Side, packet: bytes) -> None:
-    side.datapath.handle_outbound(packet, side.classifier.classify(packet))
 
 
 def test_restarted_peer_without_invalid_spi_is_found_by_unanswered_esp(net: Net) -> None:
@@ -205,8 +204,8 @@ def test_restarted_peer_without_invalid_spi_is_found_by_unanswered_esp(net: Net)
     nothing came back by then: the same short probe, dead at 6.25, rebuilt."""
     client, _gw = start(net)
     net.run_until(5.0)
-    gw = net.add("gw", "gw")  # restarted, and (like strongSwan) sends no INVALID_SPI
-    net.call(client.send_tacacs)
+    gw = add(net, "gw", "gw")  # restarted, and (like strongSwan) sends no INVALID_SPI
+    client.send(tacacs(client))
     assert "invalid_spi_sent" not in gw.manager.endpoint.counters
     assert client.manager.deadlines.get(("silence", "tacacs")) == 5.0 + SILENCE
     net.run_until(5.0 + SILENCE - 0.01)
@@ -229,10 +228,10 @@ def test_the_data_path_reports_one_packet_per_watch_and_costs_a_compare_otherwis
     binding = client.datapath.outbound["tacacs"]
     assert binding.watch == "tacacs"  # a new binding watches from birth
     for _ in range(3):
-        net.call(client.send_tacacs)
-    assert seen == [("tacacs", client.packet())] and binding.watch is None
+        client.send(tacacs(client))
+    assert seen == [("tacacs", tacacs(client))] and binding.watch is None
     client.datapath.watch_outbound("tacacs")
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert len(seen) == 2
 
 
@@ -242,9 +241,9 @@ def test_answered_traffic_never_probes_and_one_way_traffic_costs_one_exchange(
     client, gw = start(net)
     for t in range(1, 16):  # request, answer, the client's bare ACK, every second
         net.run_until(float(t))
-        net.call(client.send_tacacs)
-        net.call(gw.send_tacacs)
-        net.call(lambda: send(client, bare_ack(client)))
+        client.send(tacacs(client))
+        gw.send(tacacs(gw))
+        client.send(bare_ack(client))
     assert client.counter("silence_probes") == 0 and gw.counter("silence_probes") == 0
     assert net.sent("client", INFORMATIONAL) == net.sent("gw", INFORMATIONAL) == []
     assert client.counter("silence_armed") == gw.counter("silence_armed") == 15
@@ -256,7 +255,7 @@ def test_answered_traffic_never_probes_and_one_way_traffic_costs_one_exchange(
     # hold-down keeps the next one HOLD_DOWN (5 s) later
     for t in range(16, 24):
         net.run_until(float(t))
-        net.call(client.send_tacacs)
+        client.send(tacacs(client))
     net.run_until(24.0)
     assert client.counter("silence_probes") == 2
     probes = [t for t in net.sent("client", INFORMATIONAL) if t > 15.0]
@@ -270,13 +269,13 @@ def test_a_bare_ack_expects_no_answer(net: Net) -> None:
     transaction would end in one); a segment with data after it does."""
     client, _gw = start(net)
     net.run_until(5.0)
-    net.add("gw", "gw")  # restarted, no INVALID_SPI
+    add(net, "gw", "gw")  # restarted, no INVALID_SPI
     for t in (5.0, 6.0, 7.0):
         net.run_until(t)
-        net.call(lambda: send(client, bare_ack(client)))
+        client.send(bare_ack(client))
     net.run_until(8.0)
     assert net.sent("client", INFORMATIONAL) == [] and client.counter("silence_probes") == 0
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     net.run_until(10.0)
     assert net.sent("client", INFORMATIONAL) == [8.5, 8.75, 9.0]
 
@@ -287,12 +286,12 @@ def test_with_default_timers_the_probe_follows_the_first_unanswered_esp(
     """dpd interval 30 s (dead-peer detection samples every 3 s): the probe does not
     wait for a sample: ESP at 5, probe at 5.5 (before: the sample at 6, then 7)."""
     default = {"dpd": {"interval": 30, "timeout": 10, "retries": 3}}
-    client = wired(net, net.add("client", "client", map_options=default))
-    wired(net, net.add("gw", "gw", map_options=default))
+    client = wired(net, add(net, "client", "client", map_options=default))
+    wired(net, add(net, "gw", "gw", map_options=default))
     establish(net)
     net.run_until(5.0)
-    net.add("gw", "gw", map_options=default)  # restarted, no INVALID_SPI
-    net.call(client.send_tacacs)
+    add(net, "gw", "gw", map_options=default)  # restarted, no INVALID_SPI
+    client.send(tacacs(client))
     net.run_until(10.0)
     assert net.sent("client", INFORMATIONAL) == [5.5, 5.75, 6.0]
     assert net.sent("client", IKE_SA_INIT) == [0.0, 6.25]
@@ -301,10 +300,10 @@ def test_with_default_timers_the_probe_follows_the_first_unanswered_esp(
 
 def queue_pair(net: Net) -> tuple[Side, Side]:
     """``first_packet = "queue"`` on the client: the first packet waits for the SA."""
-    client = wired(net, net.add("client", "client", first_packet="queue"))
-    gw = wired(net, net.add("gw", "gw"))
-    net.call(client.send_tacacs)
-    net.call(gw.send_tacacs)  # answered: no probe
+    client = wired(net, add(net, "client", "client", first_packet="queue"))
+    gw = wired(net, add(net, "gw", "gw"))
+    client.send(tacacs(client))
+    gw.send(tacacs(gw))  # answered: no probe
     assert client.state.status == "established" and client.counter("queued_sent") == 1
     return client, gw
 
@@ -315,13 +314,13 @@ def test_while_the_probe_runs_packets_wait_and_go_on_the_new_sa(net: Net) -> Non
     next retransmission (3 s after the first packet, RFC 6298) is not needed."""
     client, _gw = queue_pair(net)
     net.run_until(5.0)
-    gw = net.add("gw", "gw")  # restarted, no INVALID_SPI
-    net.call(client.send_tacacs)
+    gw = add(net, "gw", "gw")  # restarted, no INVALID_SPI
+    client.send(tacacs(client))
     net.run_until(6.0)
     assert client.counter("probe_holds") == 1 and "tacacs" not in client.datapath.outbound
     traced: list[tuple[str, str, dict[str, object]]] = []
     client.manager.trace = lambda step, name, pkt, **f: traced.append((step, name, f))
-    net.call(client.send_tacacs)  # the retransmission
+    client.send(tacacs(client))  # the retransmission
     client.manager.trace = None
     assert client.counter("first_packet_queued") == 2 and len(client.state.queue) == 1
     ((step, what, fields),) = traced
@@ -349,7 +348,7 @@ def test_a_forged_hint_holds_packets_for_one_answer_only(net: Net) -> None:
         )
     )
     assert client.counter("probe_holds") == 1
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     (rec,) = gw.state.children
     before = rec.inbound.counters.packets
     assert len(client.state.queue) == 1
@@ -374,8 +373,8 @@ def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) 
 
     client.datapath.refresh_inbound = refresh_later  # type: ignore[method-assign]
     net.run_until(5.0)
-    net.call(client.send_tacacs)
-    net.call(gw.send_tacacs)
+    client.send(tacacs(client))
+    gw.send(tacacs(gw))
     (rec,) = client.state.children
     rec.inbound.counters.packets -= 1  # the control's copy has not seen the answer yet
     net.run_until(5.5)
@@ -386,7 +385,7 @@ def test_split_data_path_confirms_silence_with_fresh_inbound_counters(net: Net) 
     assert client.datapath.outbound["tacacs"].watch == "tacacs"
     # Unanswered, confirmed: the probe
     net.run_until(6.0)
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     net.run_until(6.5)
     assert asked == ["tacacs", "tacacs"]
     net.call(lambda: client.manager.on_inbound_counted("tacacs", net.now))

@@ -1,6 +1,6 @@
 """Heartbeats, dead-peer detection, rekeys and takeovers with a fake clock.
 
-Two (or three) :class:`Manager` objects talk through an in-memory network:
+Two (or three) :class:`Manager` objects talk through an in-memory network (memnet.py):
 IKE datagrams and ESP packets are delivered at once, nothing reads a clock,
 and every assertion names the exact time at which something went on the wire.
 The client is the lab's initiator (198.51.100.1), gw its responder
@@ -17,24 +17,18 @@ from __future__ import annotations
 import logging
 import socket
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import npusim
 from ike import IkeSA
 from ike.constants import ExchangeType
-from ipsecmgr import config as cfg
-from ipsecmgr.daemon import parse_acls, validate_acl
-from ipsecmgr.datapath import Datapath
 from ipsecmgr.lab.configs import lab_gateway_config
 from ipsecmgr.lab.topology import LabAddresses
-from ipsecmgr.manager import Manager
 from ipsecmgr.packets import build_ip_header
-from ipsecmgr.records import Address
+
+from .memnet import Net, Side
 
 A = LabAddresses.for_mode("tunnel")
 DPD = {"interval": 10, "timeout": 2, "retries": 3}
@@ -43,183 +37,36 @@ CREATE_CHILD_SA = ExchangeType.CREATE_CHILD_SA
 IKE_SA_INIT = ExchangeType.IKE_SA_INIT
 
 
-@dataclass
-class Sent:
-    time: float
-    side: str
-    exchange: int
-    response: bool
-    size: int
+def add(net: Net, name: str, role: str, **options: Any) -> Side:
+    """A lab gateway: ``role`` "client" (the initiator) or "gw"; ``options`` go to
+    :func:`lab_gateway_config`, the map's ``dpd`` being :data:`DPD` unless given."""
+    options.setdefault("map_options", {})
+    options["map_options"] = {"dpd": DPD, **options["map_options"]}
+    text = lab_gateway_config(
+        A, "client" if role == "client" else "gw", psk_file=net.psk(),
+        management_interface="wan0", **options,
+    )  # fmt: skip
+    address = A.client_wan4 if role == "client" else A.gw_wan4
+    return net.add(name, tomllib.loads(text), address)
 
 
-class FakeSock:
-    """Stands in for the raw ESP socket: ``sendto`` delivers to the peer gateway."""
-
-    def __init__(self, net: Net, side: str) -> None:
-        self.net, self.side = net, side
-
-    def sendto(self, data: bytes, addr: Address) -> int:
-        self.net.esp(self.side, data)
-        return len(data)
-
-
-class Side:
-    """One gateway without the kernel: config, classifier, data path, manager."""
-
-    def __init__(self, net: Net, name: str, role: str, text: str, base: Path) -> None:
-        diag = cfg.parse_config(tomllib.loads(text), base_dir=base, validate_acl=validate_acl)
-        assert diag.config is not None, diag.errors
-        self.config = diag.config
-        acls = parse_acls(self.config)
-        self.classifier = npusim.Classifier(
-            [
-                npusim.CryptoMap(n, acls[m.match_address], (str(m.peer),))
-                for n, m in self.config.crypto_maps.items()
-            ]
-        )
-        self.saflow = npusim.SaFlowTable()
-        self.name, self.role, self.net = name, role, net
-        sock = FakeSock(net, name)
-        esp_socks: dict[int, Any] = {socket.AF_INET: sock}
-        self.datapath = Datapath(
-            self.classifier,
-            self.saflow,
-            esp_socks,
-            {},
-            self._no_sa,
-            # The daemon's wiring: the first ESP after a quiet spell (ipsecmgr.invalid_spi)
-            on_esp_out=lambda m, pkt: self.manager.on_esp_out(m, pkt, net.now),
-        )
-        # The engine's rekey jitter, fixed: its source is part of the engine config
-        self.manager = Manager(self.config, acls, self.datapath, self._send, jitter=lambda: 0.5)
-        self.address = A.client_wan4 if role == "client" else A.gw_wan4
-
-    @property
-    def state(self) -> Any:
-        return self.manager.maps["tacacs"]
-
-    def counter(self, name: str) -> int:
-        return int(self.state.counters.get(name, 0))
-
-    def _no_sa(self, name: str, packet: bytes) -> None:
-        self.manager.on_no_sa(name, packet, self.net.now)
-
-    def _send(self, data: bytes, peer: Address, local: Address | None) -> None:
-        self.net.ike(self.name, data)
-
-    def packet(self) -> bytes:
-        """A TACACS+ segment in the protected direction of this side."""
-        src, dst = (A.src_ip4, A.server4) if self.role == "client" else (A.server4, A.src_ip4)
-        assert src is not None
-        ports = (40000, 49) if self.role == "client" else (49, 40000)
-        tcp = ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big") + bytes(16)
-        return (
-            build_ip_header(
-                socket.AF_INET, socket.inet_aton(src), socket.inet_aton(dst), 6, len(tcp)
-            )
-            + tcp
-        )
-
-    def send_tacacs(self) -> None:
-        pkt = self.packet()
-        self.datapath.handle_outbound(pkt, self.classifier.classify(pkt))
-
-    def ike_sas(self) -> list[Any]:
-        return [sa for sa in self.manager.endpoint.sas if sa.established]
-
-
-@dataclass
-class Net:
-    """Zero-latency network and fake clock; a side in ``down`` neither sends nor hears."""
-
-    tmp: Path
-    now: float = 0.0
-    sides: dict[str, Side] = field(default_factory=dict)
-    active: str = "client"  # which client answers on the shared client address
-    down: set[str] = field(default_factory=set)
-    hold: set[str] = field(default_factory=set)  # IKE from these waits in ``held``
-    held: list[tuple[str, str, bytes]] = field(default_factory=list)
-    log: list[Sent] = field(default_factory=list)
-    _queue: list[tuple[str, str, bytes]] = field(default_factory=list)
-
-    def add(self, name: str, role: str, **options: Any) -> Side:
-        psk = self.tmp / "psk"
-        psk.write_bytes(b"lab-psk-0123456789")
-        psk.chmod(0o600)
-        options.setdefault("map_options", {})
-        options["map_options"] = {"dpd": DPD, **options["map_options"]}
-        text = lab_gateway_config(
-            A, "client" if role == "client" else "gw", psk_file=psk,
-            management_interface="wan0", **options,
-        )  # fmt: skip
-        side = Side(self, name, role, text, self.tmp)
-        self.sides[name] = side
-        return side
-
-    def _peer_of(self, name: str) -> str:
-        return "gw" if self.sides[name].role == "client" else self.active
-
-    def ike(self, sender: str, data: bytes) -> None:
-        if sender in self.down:
-            return
-        self.log.append(Sent(self.now, sender, data[18], bool(data[19] & 0x20), len(data)))
-        (self.held if sender in self.hold else self._queue).append(("ike", sender, data))
-
-    def release(self) -> None:
-        self.hold.clear()
-        self._queue += self.held
-        self.held.clear()
-        self.flush()
-
-    def esp(self, sender: str, data: bytes) -> None:
-        if sender not in self.down:
-            self._queue.append(("esp", sender, data))
-
-    def flush(self) -> None:
-        while self._queue:
-            kind, sender, data = self._queue.pop(0)
-            dest = self._peer_of(sender)
-            if dest in self.down:
-                continue
-            src, dst = self.sides[sender], self.sides[dest]
-            if kind == "ike":
-                dst.manager.on_ike_datagram(data, (dst.address, 500), (src.address, 500), self.now)
-            else:
-                dst.datapath.handle_inbound(
-                    data, socket.inet_aton(src.address), b"", socket.AF_INET
-                )
-
-    def call(self, fn: Callable[[], None]) -> None:
-        fn()
-        self.flush()
-
-    def run_until(self, t: float) -> None:
-        """Fire every timer due up to ``t`` in time order, then set the clock to ``t``."""
-        while True:
-            live = [s for n, s in self.sides.items() if n not in self.down]
-            due = [(d, s) for s in live if (d := s.manager.next_deadline()) is not None]
-            if not due or min(d for d, _ in due) > t:
-                break
-            when = min(d for d, _ in due)
-            self.now = max(self.now, when)
-            for d, s in due:
-                if d <= when:
-                    s.manager.on_timer(self.now)
-            self.flush()
-        self.now = t
-
-    def sent(self, side: str, exchange: int, response: bool = False) -> list[float]:
-        return [
-            s.time
-            for s in self.log
-            if s.side == side and s.exchange == exchange and s.response == response
-        ]
+def tacacs(side: Side) -> bytes:
+    """A TACACS+ segment in the protected direction of ``side``."""
+    client = side.address == A.client_wan4
+    src, dst = (A.src_ip4, A.server4) if client else (A.server4, A.src_ip4)
+    assert src is not None
+    ports = (40000, 49) if client else (49, 40000)
+    tcp = ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big") + bytes(16)
+    return (
+        build_ip_header(socket.AF_INET, socket.inet_aton(src), socket.inet_aton(dst), 6, len(tcp))
+        + tcp
+    )
 
 
 def establish(net: Net) -> tuple[Side, Side]:
     """The first TACACS+ packet at t = 0 brings the tunnel up (reference steps 4-5)."""
     client, gw = net.sides["client"], net.sides["gw"]
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert client.state.status == "established" and gw.state.status == "established"
     assert client.counter("first_packet_drops") == 1
     return client, gw
@@ -227,12 +74,13 @@ def establish(net: Net) -> tuple[Side, Side]:
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
-    return Net(tmp_path)
+    # The daemon's on_esp_out wiring; no TUN (see memnet)
+    return Net(tmp_path, tun=False, esp_out_hook=True)
 
 
 def pair(net: Net, **options: Any) -> tuple[Side, Side]:
-    net.add("client", "client", **options)
-    net.add("gw", "gw", **options)
+    add(net, "client", "client", **options)
+    add(net, "gw", "gw", **options)
     return establish(net)
 
 
@@ -257,7 +105,7 @@ def test_inbound_esp_suppresses_the_heartbeat(net: Net) -> None:
     # The server side answers every second until t = 20: the client hears ESP.
     for t in range(1, 21):
         net.run_until(float(t))
-        net.call(gw.send_tacacs)
+        gw.send(tacacs(gw))
     net.run_until(45.0)
     # The client looks at its inbound counters every interval/10 = 1 s (the timer
     # at t fires before that second's packet): the last look that saw a new packet
@@ -268,8 +116,8 @@ def test_inbound_esp_suppresses_the_heartbeat(net: Net) -> None:
 
 
 def test_the_peers_requests_count_as_heard(net: Net) -> None:
-    net.add("client", "client", map_options={"dpd": {**DPD, "interval": 15}})
-    net.add("gw", "gw")
+    add(net, "client", "client", map_options={"dpd": {**DPD, "interval": 15}})
+    add(net, "gw", "gw")
     establish(net)
     net.run_until(44.0)
     # gw (interval 10) asks at 10, 20, 30, 40; each request is an authenticated
@@ -321,11 +169,11 @@ def test_dead_peer_declared_after_interval_plus_timeout_times_retries_plus_one(
     # The next TACACS+ packet starts a new IKE SA (first packet policy: dropped).
     net.down.discard("gw")
     net.run_until(40.0)
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert net.sent("client", IKE_SA_INIT) == [0.0, 40.0]
     assert client.counter("first_packet_drops") == 2
     assert client.state.status == "established"
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert client.datapath.counters.get("esp_out_packets") == 1
 
 
@@ -344,7 +192,7 @@ def test_dead_time_is_exact_when_the_peer_dies_mid_interval(net: Net) -> None:
 
 def test_child_rekey_once_at_the_engines_soft_lifetime_minus_jitter(net: Net) -> None:
     client, gw = pair(net, ipsec_options={"lifetime_seconds": 100})
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     net.run_until(99.0)
     # The engine's share for the original initiator is 90 %; jitter takes 2.5 %
     # (0.5 × 5 %) of 100 s off: 87.5. gw (93 % - 2.5 % = 90.5) has nothing left to do.
@@ -355,7 +203,7 @@ def test_child_rekey_once_at_the_engines_soft_lifetime_minus_jitter(net: Net) ->
     assert len(client.state.children) == 1 and len(gw.state.children) == 1
     (rec,) = client.state.children
     assert client.datapath.outbound["tacacs"].sa is rec.outbound
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     (gw_rec,) = gw.state.children
     assert gw_rec.inbound.counters.packets == 1
 
@@ -380,8 +228,8 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
     assert gw.state.child(gw_old.ike_name, gw_old.child_id) is gw_old
     # gw answered but the client has not seen the new SA: gw keeps sending on the
     # old one, which the client still decrypts; the client also still sends on its old one.
-    net.call(gw.send_tacacs)
-    net.call(client.send_tacacs)
+    gw.send(tacacs(gw))
+    client.send(tacacs(client))
     assert old.inbound.counters.packets == 1 and gw_old.inbound.counters.packets == 1
     assert gw.counter("rekey_send_deferred") == 1
     #   <-- answer;  INFORMATIONAL { D(ESP, old) } -->  <-- { D(ESP, old) }
@@ -390,20 +238,20 @@ def test_make_before_break_old_inbound_sa_decrypts_until_the_peer_switches(
     (gw_new,) = gw.state.children
     assert new is not old and gw_new is not gw_old
     assert gw.datapath.outbound["tacacs"].sa is gw_new.outbound
-    net.call(gw.send_tacacs)
-    net.call(client.send_tacacs)
+    gw.send(tacacs(gw))
+    client.send(tacacs(client))
     assert new.inbound.counters.packets == 1 and gw_new.inbound.counters.packets == 1
     assert client.datapath.counters.get("esp_unknown_spi") is None
     assert gw.datapath.counters.get("esp_unknown_spi") is None
     # A packet gw sent on the old SA just before it saw the DELETE, read by the
     # client after the DELETE's answer (another socket): still decrypted, for 1 s.
-    late = gw_old.outbound.encapsulate(gw.packet(), 4)
+    late = gw_old.outbound.encapsulate(tacacs(gw), 4)
     src = socket.inet_aton(gw.address)
     client.datapath.handle_inbound(late, src, b"", socket.AF_INET)
     assert old.inbound.counters.packets == 2
     net.run_until(net.now + 1.0)
     client.datapath.handle_inbound(
-        gw_old.outbound.encapsulate(gw.packet(), 4), src, b"", socket.AF_INET
+        gw_old.outbound.encapsulate(tacacs(gw), 4), src, b"", socket.AF_INET
     )
     assert old.inbound.counters.packets == 2
     assert client.datapath.counters.get("esp_unknown_spi") == 1
@@ -420,7 +268,7 @@ def test_ike_rekey_moves_the_child_sas(net: Net) -> None:
     assert client.state.ike_sa.spi_i != spi_before
     (child_after,) = client.state.children
     assert child_after is child_before  # the Child SA lives on under the new IKE SA
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert child_before.outbound.counters.packets == 1
 
 
@@ -434,7 +282,7 @@ def test_rekey_lazy_lets_an_idle_child_expire_and_the_next_packet_recreates_it(
     net.run_until(101.0)
     # Hard lifetime 100 s: the engine deletes it (both sides have the same lifetime).
     assert not client.state.children and client.state.status == "established"
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     assert net.sent("client", CREATE_CHILD_SA) == [101.0]
     assert net.sent("client", IKE_SA_INIT) == [0.0]  # the IKE SA stayed
     assert client.counter("child_created_on_demand") == 1 and client.state.children
@@ -442,7 +290,7 @@ def test_rekey_lazy_lets_an_idle_child_expire_and_the_next_packet_recreates_it(
 
 def test_rekey_lazy_still_rekeys_an_sa_that_carried_traffic(net: Net) -> None:
     client, _gw = pair(net, ipsec_options={"lifetime_seconds": 100, "rekey": "lazy"})
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     net.run_until(99.0)
     assert net.sent("client", CREATE_CHILD_SA) == [87.5]
 
@@ -451,10 +299,10 @@ def test_packet_soft_limit_rekeys_before_the_hard_one(net: Net) -> None:
     client, _gw = pair(net, ipsec_options={"lifetime_packets": 100})
     # soft = 100 × (90 % - 2.5 %) = 87 packets; checked once a second
     for _ in range(86):
-        net.call(client.send_tacacs)
+        client.send(tacacs(client))
     net.run_until(5.0)
     assert net.sent("client", CREATE_CHILD_SA) == []
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     net.run_until(5.5)
     assert net.sent("client", CREATE_CHILD_SA) == []
     net.run_until(6.0)
@@ -467,7 +315,7 @@ def test_packet_soft_limit_rekeys_before_the_hard_one(net: Net) -> None:
 def test_byte_hard_limit_deletes_the_child(net: Net) -> None:
     client, _gw = pair(net, ipsec_options={"lifetime_bytes": 400})
     for _ in range(10):  # 40 bytes each: the hard limit is reached between two looks
-        net.call(client.send_tacacs)
+        client.send(tacacs(client))
     # soft (348 bytes) and hard (400) are both reached before the first look: hard wins
     net.run_until(1.0)
     assert client.counter("child_hard_expired") == 1
@@ -479,7 +327,7 @@ def test_sequence_number_soft_limit_triggers_a_rekey(net: Net) -> None:
     (rec,) = client.state.children
     # RFC 4303 §3.3.3: never wrap; the SA reports soft expiry at soft_seq
     rec.outbound.next_seq = rec.outbound.soft_seq
-    net.call(client.send_tacacs)
+    client.send(tacacs(client))
     net.run_until(4.9)
     assert net.sent("client", CREATE_CHILD_SA) == []
     net.run_until(5.0)  # the sequence number is looked at every 5 s
@@ -502,9 +350,9 @@ def test_clear_sends_delete_and_the_peer_cleans_up_at_once(net: Net) -> None:
 def standby_takeover(net: Net, at: float, **options: Any) -> Side:
     net.run_until(at)
     net.down.add("client")  # the Active is killed
-    net.active = "standby"
-    standby = net.add("standby", "client", **options)
-    net.call(standby.send_tacacs)
+    standby = add(net, "standby", "client", **options)
+    net.takeover("standby")  # it answers on the client's address
+    standby.send(tacacs(standby))
     assert standby.state.status == "established"
     return standby
 
@@ -516,7 +364,7 @@ def test_takeover_with_initial_contact_replaces_the_stale_sa_at_once(net: Net) -
     assert gw.ike_sas() != [old] and len(gw.ike_sas()) == 1
     assert gw.manager.endpoint.counters.get("replaced_by_initial_contact") == 1
     assert len(gw.state.children) == 1
-    net.call(standby.send_tacacs)
+    standby.send(tacacs(standby))
     (rec,) = gw.state.children
     assert rec.inbound.counters.packets == 1
 
@@ -527,7 +375,7 @@ def test_takeover_without_initial_contact_is_cleared_by_dead_peer_detection(net:
     standby = standby_takeover(net, 5.0, map_options={"initial_contact": False})
     assert old in gw.ike_sas() and len(gw.ike_sas()) == 2
     # New traffic flows on the new SA already (its Child SA is the outbound one).
-    net.call(standby.send_tacacs)
+    standby.send(tacacs(standby))
     net.run_until(17.9)
     assert old in gw.ike_sas()
     # The stale SA was last heard at 0: heartbeat at 10, resent at 12, 14, 16 (the
@@ -549,15 +397,15 @@ def test_initial_contact_spares_the_peers_other_handshakes_in_flight(net: Net) -
         B: IKE_AUTH { N(INITIAL_CONTACT) ... } -->   <-- IKE_AUTH   (B was not authenticated
                                                                      when A's arrived: kept)
     """
-    client = net.add("client", "client")  # only for its configuration
-    gw = net.add("gw", "gw")
+    client = add(net, "client", "client")  # only for its configuration
+    gw = add(net, "gw", "gw")
     a, b = (IkeSA(client.state.ike_config, True) for _ in range(2))
 
     def exchange(sa: IkeSA) -> None:
         for data, _ in sa.datagrams_to_send(net.now):
             gw.manager.on_ike_datagram(data, (gw.address, 500), (client.address, 500), net.now)
-        answers, net._queue = net._queue, []
-        for _, sender, data in answers:
+        answers, net.queue = net.queue, []
+        for _, sender, _, data in answers:
             assert sender == "gw"
             sa.receive_datagram(data, (gw.address, 500), net.now)
 
