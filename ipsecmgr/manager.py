@@ -115,6 +115,7 @@ class Manager:
                 self._remove_child(state, rec.ike_name, rec.child_id)
                 work.children_removed += 1
             self.datapath.unbind(state.cmap.name)
+            self.looks.cancel(state)  # (keyed by the object: a rebuilt map has its own)
             log.info("crypto map %s: changed or removed by reload, SAs deleted", state.cmap.name)
         # Responders are matched against the new configs from now on; the IKE SAs
         # of kept maps keep the config object they were built with. Only the built

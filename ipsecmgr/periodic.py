@@ -103,8 +103,6 @@ def _linger_expired(mgr: Manager, spi: int, now: float) -> None:
 
 def _map_due(mgr: Manager, state: MapState, now: float) -> None:
     """The volume look and the liveness looks that are due, then the next deadline."""
-    if mgr.maps.get(state.cmap.name) is not state:
-        return  # a reload dropped the map
     sa, volume_at = state.ike_sa, state.volume_at
     # (no IKE SA up: schedule starts the volume looks again with the next one)
     if sa is not None and sa.established and volume_at is not None and now >= volume_at:

@@ -169,6 +169,10 @@ def test_sighup_one_map_changed_redoes_one_maps_work(n: int) -> None:
         assert m.maps[f"m{i}"].ike_sa is not None and m.maps[f"m{i}"].ike_sa.established
         assert r.datapath.outbound[f"m{i}"] is outbound[f"m{i}"]
     assert "m1" not in r.datapath.outbound
+    # m1's old state had a deadline (its DPD and volume looks): gone with it; the
+    # kept established maps keep theirs
+    assert states["m1"] not in m.looks
+    assert all(m.maps[f"m{i}"] in m.looks for i in (0, 2, 3))
     for i in range(UP):  # the SA-flow table: m1's inbound SPI gone, the others there
         (spi,) = spis[f"m{i}"]
         assert (r.saflow.lookup(spi) is None) == (i == 1)
