@@ -13,10 +13,11 @@ measure the same thing:
 * per restart, ``recovery``: from the restarted daemon's "ready" to the end of
   the first successful login after it, and ``handshake``: that
   daemon's own IKE handshake (log: IKE_SA_INIT sent -> Child SA installed).
-  A probe login starts at "ready": the two threads may both be inside logins
-  that began before the kill, whose TCP retransmissions back off while the
-  daemon is gone (RFC 6298 §5.5) and whose client gives up after 3 s; what they
-  measure then is the client's TCP timers, not the restarted gateway.
+  For each restart whose recovery is measured, a probe login starts at
+  "ready": the two threads may both be inside logins that began before the
+  kill, whose TCP retransmissions back off while the daemon is gone (RFC 6298
+  §5.5) and whose client gives up after 3 s; what they measure then is the
+  client's TCP timers, not the restarted gateway.
 
 Kill moments are random: half the cycles kill 0-0.4 s after "ready" (while the
 first login's handshake runs), the others wait for a successful login (their
@@ -95,7 +96,8 @@ def handshake_time(gw: GatewayProcess) -> float | None:
 
 class _Logins:
     """Two threads logging in back to back (a login stuck in a retransmission does
-    not stop the stream); every fifth goes to the bypass server."""
+    not stop the stream); every fifth login of each goes to the bypass server.
+    :meth:`probe` adds one login in a thread of its own."""
 
     def __init__(self, login: Login, server: str, bypass: str) -> None:
         self.login, self.server, self.bypass = login, server, bypass
